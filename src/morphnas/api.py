@@ -1,0 +1,315 @@
+"""The Python face of morphnas: search, train and evaluate, the same functions the CLI calls.
+
+A run is a directory (DESIGN §5): ``config.yaml`` (the resolved config), ``genotype.json``,
+``metrics.jsonl``, ``summary.json``, ``checkpoints/``, ``models/`` (the retrained weights) and
+``plots/``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from morphnas import cells, config as config_mod, data as data_mod, engine, report, spaces
+from morphnas import genotype as genotype_mod
+from morphnas import strategies
+from morphnas.config import RunConfig
+from morphnas.engine.checkpoint import load as load_checkpoint
+from morphnas.engine.checkpoint import save_atomic
+from morphnas.engine.progress import Progress
+from morphnas.engine.runtime import apply_threads, choose_threads, seed_everything
+from morphnas.errors import UserError
+from morphnas.genotype import Genotype
+from morphnas.tasks.forecasting import ForecastModel, forecast_metrics, predict
+
+SEARCHED = "searched"
+
+
+@dataclass
+class RunResult:
+    """What a command produced: where, the architecture (if any) and one result row per model."""
+
+    run_dir: Path
+    genotype: Genotype | None
+    results: list[dict[str, Any]]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir),
+            "genotype": self.genotype.to_dict() if self.genotype else None,
+            "results": self.results,
+            **self.extra,
+        }
+
+
+def search(config: RunConfig, *, progress: Progress | None = None, force: bool = False) -> RunResult:
+    """Search a cell, derive it, retrain it from scratch beside the baselines, and compare on test."""
+    run_dir = _start_run(config, "search", force)
+    data = _load_windows(config)
+    log = report.MetricsLog(run_dir / "metrics.jsonl")
+    seed_everything(config.seed)
+    n_series = len(data.columns)
+    space = spaces.build(
+        config.space.name, n_series, config.space.hidden, config.space.nodes, **config.space.options
+    )
+    model = ForecastModel(space, config.space.hidden, n_series, config.train.dropout)
+    strategy = strategies.build(
+        config.search.strategy,
+        space,
+        lr=config.search.arch_lr,
+        weight_decay=config.search.arch_weight_decay,
+    )
+    outcome = engine.search(
+        model,
+        strategy,
+        data.train,
+        data.valid,
+        config.search,
+        seed=config.seed,
+        log=log,
+        checkpoint_dir=run_dir / "checkpoints",
+        progress=progress,
+    )
+    genotype = _with_search_metadata(outcome, space, config)
+    genotype.save(run_dir / "genotype.json")
+    report.plot_arch_weights(
+        report.read_metrics(run_dir / "metrics.jsonl"), space.op_names, run_dir / "plots/arch.png"
+    )
+    report.plot_genotype(genotype, run_dir / "plots/genotype.png")
+    models: list[tuple[str, Genotype | str]] = [(SEARCHED, genotype)]
+    models += [(name, name) for name in config.train.baselines]
+    results = _train_and_compare(models, config, data, run_dir, log, progress)
+    extra = {"search_seconds": outcome.seconds, "search_valid_loss": outcome.valid_loss}
+    _write_summary(run_dir, genotype, models, results, extra)
+    return RunResult(run_dir, genotype, results, extra)
+
+
+def train(
+    config: RunConfig,
+    *,
+    genotype: Genotype | None = None,
+    baseline: str | None = None,
+    progress: Progress | None = None,
+    force: bool = False,
+) -> RunResult:
+    """Train one model from scratch (a genotype's cell or a baseline) and evaluate it on test."""
+    if (genotype is None) == (baseline is None):
+        raise UserError("give exactly one of --genotype FILE or --baseline lstm|gru|naive")
+    run_dir = _start_run(config, "train", force)
+    data = _load_windows(config)
+    log = report.MetricsLog(run_dir / "metrics.jsonl")
+    if genotype is not None:
+        genotype.save(run_dir / "genotype.json")
+        report.plot_genotype(genotype, run_dir / "plots/genotype.png")
+    models: list[tuple[str, Genotype | str]] = (
+        [("genotype", genotype)] if genotype is not None else [(str(baseline), str(baseline))]
+    )
+    results = _train_and_compare(models, config, data, run_dir, log, progress)
+    _write_summary(run_dir, genotype, models, results, {})
+    return RunResult(run_dir, genotype, results)
+
+
+def evaluate(run_dir: Path) -> RunResult:
+    """Re-score the saved models of a finished run on its test span (rebuilt from ``config.yaml``)."""
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise UserError(f"{run_dir} is not a finished morphnas run (no summary.json)")
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {summary_path}: {err}") from None
+    config = config_mod.resolve(run_dir / "config.yaml")
+    data = _load_windows(config)
+    genotype = genotype_mod.load(run_dir / "genotype.json") if summary.get("genotype") else None
+    results = []
+    for entry in summary["models"]:
+        name, kind = entry["name"], entry["kind"]
+        architecture: Genotype | str = genotype if kind == "genotype" and genotype else kind
+        if kind == "naive":
+            results.append(_naive_result(data))
+            continue
+        model = _build_model(architecture, config, len(data.columns))
+        state = load_checkpoint(run_dir / "models" / f"{name}.pt")
+        try:
+            model.load_state_dict(state["state_dict"])
+        except (KeyError, RuntimeError) as err:
+            reason = str(err).splitlines()[0]
+            raise UserError(f"models/{name}.pt does not match its architecture: {reason}") from None
+        row = {"model": name, "params": _count_params(model), **_score(model, data)}
+        row["train_seconds"] = next(
+            (r.get("train_seconds") for r in summary["results"] if r["model"] == name), None
+        )
+        results.append(row)
+    return RunResult(run_dir, genotype, results)
+
+
+def _start_run(config: RunConfig, kind: str, force: bool) -> Path:
+    """Create the run directory (refusing to overwrite a run) and save the resolved config."""
+    name = config.data.csv.stem if config.data.csv else config.data.dataset
+    run_dir = config.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{name}"
+    if run_dir.exists() and any(run_dir.iterdir()) and not force:
+        raise UserError(
+            f"output directory {run_dir} already holds files; choose another --out or pass --force"
+        )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_mod.dump(config), encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"cannot write to output directory {run_dir}: {err.strerror}") from None
+    threads = choose_threads(config.space.hidden, config.search.batch_size, config.threads)
+    apply_threads(threads)
+    return run_dir
+
+
+def _load_windows(config: RunConfig) -> data_mod.WindowedSplits:
+    cfg = config.data
+    series = (
+        data_mod.load_csv(cfg.csv, time_col=cfg.time_col, columns=cfg.columns)
+        if cfg.csv is not None
+        else data_mod.load_dataset(cfg.dataset)
+    )
+    return data_mod.make_windows(
+        series, cfg.window, cfg.horizon, fractions=cfg.split, scaler=cfg.scaler
+    )
+
+
+def _with_search_metadata(outcome: engine.SearchOutcome, space: Any, config: RunConfig) -> Genotype:
+    """The derived genotype, carrying the final mixing probabilities and how it was found."""
+    metadata = {
+        "strategy": config.search.strategy,
+        "search_epochs": outcome.epochs,
+        "hidden_size": config.space.hidden,
+        "space_options": config.space.options,
+        "op_names": list(space.op_names),
+        "probabilities": [p.detach().tolist() for p in space.mixing_weights()],
+    }
+    g = outcome.genotype
+    return Genotype(space=g.space, nodes=g.nodes, output=g.output, metadata=metadata)
+
+
+def _cell_options(config: RunConfig) -> dict[str, Any]:
+    """Space options that a discrete cell also takes (dropout and init), others are search-only."""
+    keep = ("dropout_x", "dropout_h", "init_range")
+    return {k: v for k, v in config.space.options.items() if k in keep}
+
+
+def _build_model(architecture: Genotype | str, config: RunConfig, n_series: int) -> nn.Module:
+    hidden = config.space.hidden
+    if isinstance(architecture, Genotype):
+        cell = cells.build(architecture, n_series, hidden, **_cell_options(config))
+    else:
+        cell = cells.baseline(architecture, n_series, hidden)
+    return ForecastModel(cell, hidden, n_series, config.train.dropout)
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _score(model: nn.Module, data: data_mod.WindowedSplits) -> dict[str, float]:
+    return _score_predictions(predict(model, data.valid[0]), predict(model, data.test[0]), data)
+
+
+def _score_predictions(
+    valid_pred: torch.Tensor, test_pred: torch.Tensor, data: data_mod.WindowedSplits
+) -> dict[str, float]:
+    """Valid RSE and the test metrics, in original units and (suffix ``_scaled``) scaled units."""
+    inverse = data.scaler.inverse
+    valid = forecast_metrics(inverse(valid_pred.numpy()), inverse(data.valid[1].numpy()))
+    test = forecast_metrics(inverse(test_pred.numpy()), inverse(data.test[1].numpy()))
+    scaled = forecast_metrics(test_pred.numpy(), data.test[1].numpy())
+    row = {"valid_rse": valid["rse"]}
+    row.update({f"test_{k}": v for k, v in test.items()})
+    row.update({f"test_{k}_scaled": v for k, v in scaled.items()})
+    return row
+
+
+def _naive_predictions(x: torch.Tensor) -> torch.Tensor:
+    """The last observed value of each series: the floor every forecaster must beat."""
+    return x[:, -1, :]
+
+
+def _naive_result(data: data_mod.WindowedSplits) -> dict[str, Any]:
+    scores = _score_predictions(
+        _naive_predictions(data.valid[0]), _naive_predictions(data.test[0]), data
+    )
+    return {"model": "naive", "params": 0, **scores, "train_seconds": 0.0}
+
+
+def _train_and_compare(
+    models: Sequence[tuple[str, Genotype | str]],
+    config: RunConfig,
+    data: data_mod.WindowedSplits,
+    run_dir: Path,
+    log: report.MetricsLog,
+    progress: Progress | None,
+) -> list[dict[str, Any]]:
+    """Train each model from the same seed on the same data; score all on valid and test."""
+    results, test_predictions = [], {}
+    for name, architecture in models:
+        if architecture == "naive":
+            results.append(_naive_result(data))
+            test_predictions[name] = _naive_predictions(data.test[0])
+            continue
+        seed_everything(config.seed)
+        model = _build_model(architecture, config, len(data.columns))
+        outcome = engine.train(
+            model,
+            data.train,
+            data.valid,
+            config.train,
+            name=name,
+            seed=config.seed,
+            log=log,
+            progress=progress,
+        )
+        save_atomic({"state_dict": model.state_dict()}, run_dir / "models" / f"{name}.pt")
+        row = {"model": name, "params": _count_params(model), **_score(model, data)}
+        row.update(
+            train_seconds=outcome.seconds, epochs=outcome.epochs, best_epoch=outcome.best_epoch
+        )
+        results.append(row)
+        test_predictions[name] = predict(model, data.test[0])
+    inverse = data.scaler.inverse
+    report.plot_forecasts(
+        inverse(data.test[1].numpy()),
+        {name: inverse(p.numpy()) for name, p in test_predictions.items()},
+        data.columns,
+        run_dir / "plots/forecast.png",
+        index=data.test_index,
+    )
+    report.plot_learning_curves(
+        report.read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots/learning_curves.png"
+    )
+    return results
+
+
+def _write_summary(
+    run_dir: Path,
+    genotype: Genotype | None,
+    models: Sequence[tuple[str, Genotype | str]],
+    results: list[dict[str, Any]],
+    extra: dict[str, Any],
+) -> None:
+    entries = [
+        {"name": name, "kind": "genotype" if isinstance(arch, Genotype) else arch}
+        for name, arch in models
+    ]
+    report.write_json(
+        run_dir / "summary.json",
+        {
+            "genotype": genotype.to_dict() if genotype else None,
+            "models": entries,
+            "results": results,
+            **extra,
+        },
+    )

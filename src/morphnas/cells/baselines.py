@@ -1,0 +1,24 @@
+"""LSTM and GRU baselines with the cells' interface."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+BASELINES: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU}
+
+
+class RecurrentBaseline(nn.Module):
+    """One ``nn.LSTM``/``nn.GRU`` layer; ``h_last`` is the hidden state (the LSTM cell state stays inside)."""
+
+    def __init__(self, kind: str, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.kind = kind
+        self.rnn = BASELINES[kind](input_size, hidden_size)
+
+    def forward(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        state = None
+        if h0 is not None:
+            h = h0.unsqueeze(0)
+            state = (h, h.new_zeros(h.shape)) if self.kind == "lstm" else h
+        outputs, _ = self.rnn(x, state)
+        return outputs, outputs[-1]

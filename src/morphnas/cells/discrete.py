@@ -1,0 +1,118 @@
+"""Cells built from a genotype: one op per node, its own weights, no architecture parameters.
+
+The formulas are those of the search spaces with the mixture replaced by the chosen op, so a
+derived cell computes what its strongest path in the supernet computed (without BatchNorm, as in
+the DARTS evaluation cell).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from morphnas.genotype import Genotype
+from morphnas.ops import ACTIVATIONS, ADD_OPS, two_input_op
+from morphnas.spaces.base import uniform_parameter, variational_mask
+
+
+class DartsRNNCell(nn.Module):
+    """The DARTS evaluation cell: highway init node, then ``s_i = s_j + c ⊙ (f(g) − s_j)``."""
+
+    def __init__(
+        self,
+        genotype: Genotype,
+        input_size: int,
+        hidden_size: int,
+        dropout_x: float = 0.0,
+        dropout_h: float = 0.0,
+        init_range: float = 0.04,
+    ) -> None:
+        super().__init__()
+        self.genotype = genotype
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.dropout_x, self.dropout_h = dropout_x, dropout_h
+        d = hidden_size
+        self.init_weight = uniform_parameter(input_size + d, 2 * d, bound=init_range)
+        self.node_weights = nn.ParameterList(
+            uniform_parameter(d, 2 * d, bound=init_range) for _ in genotype.nodes
+        )
+
+    def forward(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        steps, batch, _ = x.shape
+        d = self.hidden_size
+        mask_x = variational_mask(batch, self.input_size, self.dropout_x, x, self.training)
+        mask_h = variational_mask(batch, d, self.dropout_h, x, self.training)
+        w_x, w_h = self.init_weight[: self.input_size], self.init_weight[self.input_size :]
+        x_proj = (x if mask_x is None else x * mask_x) @ w_x
+        h = x.new_zeros(batch, d) if h0 is None else h0
+        acts = [ACTIVATIONS[node.op] for node in self.genotype.nodes]
+        outputs = []
+        for t in range(steps):
+            c0, g0 = (x_proj[t] + (h if mask_h is None else h * mask_h) @ w_h).chunk(2, dim=-1)
+            states = [h + torch.sigmoid(c0) * (torch.tanh(g0) - h)]
+            for node, w_node, f in zip(self.genotype.nodes, self.node_weights, acts, strict=True):
+                s_prev = states[node.inputs[0]]
+                c, g = ((s_prev if mask_h is None else s_prev * mask_h) @ w_node).chunk(2, dim=-1)
+                states.append(s_prev + torch.sigmoid(c) * (f(g) - s_prev))
+            h = torch.stack(states[1:]).mean(0)
+            outputs.append(h)
+        return torch.stack(outputs), h
+
+
+class TwoInputCell(nn.Module):
+    """A discrete two-input cell: each node one op on its two input states."""
+
+    def __init__(
+        self,
+        genotype: Genotype,
+        input_size: int,
+        hidden_size: int,
+        dropout_x: float = 0.0,
+        dropout_h: float = 0.0,
+        init_range: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.genotype = genotype
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.dropout_x, self.dropout_h = dropout_x, dropout_h
+        d = hidden_size
+        bound = 1.0 / math.sqrt(d) if init_range is None else init_range
+        self.input_weight = uniform_parameter(input_size, d, bound=bound)
+        # One weight per node: [A; B] (2d x d) for add ops, [C, H] (d x 2d) for highway, else none.
+        self.node_weights = nn.ParameterList()
+        self._weight_slot: list[int | None] = []
+        for node in genotype.nodes:
+            if node.op in ADD_OPS or node.op == "highway":
+                shape = (2 * d, d) if node.op in ADD_OPS else (d, 2 * d)
+                self._weight_slot.append(len(self.node_weights))
+                self.node_weights.append(uniform_parameter(*shape, bound=bound))
+            else:
+                self._weight_slot.append(None)
+
+    def _node(self, i: int, a: Tensor, b: Tensor) -> Tensor:
+        op, slot = self.genotype.nodes[i].op, self._weight_slot[i]
+        if op in ADD_OPS:
+            return two_input_op(op, a, b, pre=torch.cat([a, b], dim=-1) @ self.node_weights[slot])
+        if op == "highway":
+            return two_input_op(op, a, b, gate=b @ self.node_weights[slot])
+        return two_input_op(op, a, b)
+
+    def forward(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        steps, batch, _ = x.shape
+        mask_x = variational_mask(batch, self.input_size, self.dropout_x, x, self.training)
+        mask_h = variational_mask(batch, self.hidden_size, self.dropout_h, x, self.training)
+        u_all = (x if mask_x is None else x * mask_x) @ self.input_weight
+        h = x.new_zeros(batch, self.hidden_size) if h0 is None else h0
+        n = len(self.genotype.nodes)
+        outputs = []
+        for t in range(steps):
+            states = {-1: u_all[t], 0: h if mask_h is None else h * mask_h}
+            for i, node in enumerate(self.genotype.nodes):
+                a, b = (states[j] for j in node.inputs)
+                states[i + 1] = self._node(i, a, b)
+            nodes = [states[i] for i in range(1, n + 1)]
+            h = nodes[-1] if self.genotype.output == "last" else torch.stack(nodes).mean(0)
+            outputs.append(h)
+        return torch.stack(outputs), h

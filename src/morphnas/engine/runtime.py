@@ -1,0 +1,34 @@
+"""Process-level policy: seeds and the number of threads."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch so that a run with the same seed repeats on CPU."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def choose_threads(hidden_size: int, batch_size: int, requested: int | None = None) -> int:
+    """Intra-op threads for a recurrent workload, unless the user asked for a number.
+
+    Recurrent cells run many small kernels; on few cores, splitting a ``batch × hidden`` matmul
+    across threads costs more in synchronisation than it gains until the tensors are large
+    (measured with ``morphnas bench``). Small problems get one thread, large ones every core.
+    """
+    if requested is not None:
+        return requested
+    cores = os.cpu_count() or 1
+    return 1 if batch_size * hidden_size < 64 * 256 else cores
+
+
+def apply_threads(threads: int) -> None:
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

@@ -1,0 +1,185 @@
+"""The architecture as data: the only thing that crosses from search to retraining, plots and export.
+
+A genotype is a list of nodes, each an operation applied to earlier states, plus the rule that turns
+node states into the cell's output. State indices are shared by both recurrent spaces:
+
+* ``darts_rnn``: state 0 is the highway init node ``s_0`` (on ``[x_t, h_{t-1}]``); node ``i``
+  (1-based) applies one activation edge to one earlier state ``j < i``.
+* ``two_input``: state -1 is the projected input ``u_t = W_x x_t``, state 0 is ``h_{t-1}``; node
+  ``i`` applies a two-input operation to two earlier states ``a, b < i``.
+
+The JSON form carries ``format`` and ``version`` so that files written today stay readable, and
+loading validates everything a discrete cell relies on, with messages a person can act on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from morphnas.errors import UserError
+
+FORMAT = "morphnas.genotype"
+VERSION = 1
+
+DARTS_PRIMITIVES = ("none", "tanh", "relu", "sigmoid", "identity")
+TWO_INPUT_OPS = (
+    "none",
+    "add_tanh",
+    "add_sigmoid",
+    "add_relu",
+    "add_identity",
+    "hadamard",
+    "add",
+    "highway",
+)
+
+# Per space: the ops a node may carry (never 'none': derivation skips it), the number of inputs
+# per node, the lowest state index a node may read, and the output rules it supports.
+SPACE_OPS: dict[str, tuple[str, ...]] = {
+    "darts_rnn": DARTS_PRIMITIVES[1:],
+    "two_input": TWO_INPUT_OPS[1:],
+}
+SPACE_ARITY = {"darts_rnn": 1, "two_input": 2}
+SPACE_FIRST_STATE = {"darts_rnn": 0, "two_input": -1}
+OUTPUTS = ("mean", "last")
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node of a discrete cell: ``op`` applied to the states listed in ``inputs``."""
+
+    op: str
+    inputs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Genotype:
+    """A discrete recurrent cell. ``metadata`` (search settings, final probabilities) is informative only."""
+
+    space: str
+    nodes: tuple[Node, ...]
+    output: str = "last"
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "space": self.space,
+            "output": self.output,
+            "nodes": [{"op": n.op, "inputs": list(n.inputs)} for n in self.nodes],
+            "metadata": self.metadata,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
+
+    def ops(self) -> list[str]:
+        return [n.op for n in self.nodes]
+
+    def __str__(self) -> str:
+        """Readable one-line-per-node text, e.g. ``s2 = hadamard(s1, h)``."""
+        names = {-1: "u", 0: "h" if self.space == "two_input" else "s0"}
+
+        def state(i: int) -> str:
+            return names.get(i, f"s{i}")
+
+        lines = [f"{self.space} cell, output = {self.output} of nodes"]
+        for i, node in enumerate(self.nodes, start=1):
+            lines.append(f"  s{i} = {node.op}({', '.join(state(j) for j in node.inputs)})")
+        return "\n".join(lines)
+
+
+def validate(genotype: Genotype) -> None:
+    """Raise ``UserError`` unless every node names a known op and reads only earlier states."""
+    space = genotype.space
+    if space not in SPACE_OPS:
+        raise UserError(f"genotype: unknown space {space!r}; expected one of {sorted(SPACE_OPS)}")
+    if genotype.output not in OUTPUTS:
+        raise UserError(f"genotype: unknown output {genotype.output!r}; expected one of {OUTPUTS}")
+    if not genotype.nodes:
+        raise UserError("genotype: 'nodes' is empty; a cell needs at least one node")
+    arity, first = SPACE_ARITY[space], SPACE_FIRST_STATE[space]
+    for i, node in enumerate(genotype.nodes, start=1):
+        if node.op not in SPACE_OPS[space]:
+            raise UserError(
+                f"genotype: node {i} has unknown op {node.op!r} for space {space}; "
+                f"expected one of {list(SPACE_OPS[space])}"
+            )
+        if len(node.inputs) != arity:
+            raise UserError(
+                f"genotype: node {i} has {len(node.inputs)} inputs; {space} nodes take {arity}"
+            )
+        for j in node.inputs:
+            if not first <= j < i:
+                raise UserError(
+                    f"genotype: node {i} reads state {j}, which does not exist before it "
+                    f"(valid: {first}..{i - 1})"
+                )
+
+
+def from_dict(data: Any) -> Genotype:
+    """Build a genotype from parsed JSON, checking format, version and every field's type."""
+    if not isinstance(data, dict):
+        raise UserError("genotype: expected a JSON object at the top level")
+    if data.get("format") != FORMAT:
+        raise UserError(f"genotype: 'format' must be {FORMAT!r}; is this a morphnas genotype file?")
+    version = data.get("version")
+    if version != VERSION:
+        raise UserError(
+            f"genotype: version {version!r} is not supported (this morphnas reads version {VERSION})"
+        )
+    for key in ("space", "nodes"):
+        if key not in data:
+            raise UserError(f"genotype: missing field {key!r}")
+    if not isinstance(data["nodes"], list):
+        raise UserError("genotype: 'nodes' must be a list of {'op', 'inputs'} objects")
+    nodes = []
+    for i, raw in enumerate(data["nodes"], start=1):
+        if not isinstance(raw, dict) or not {"op", "inputs"} <= raw.keys():
+            raise UserError(f"genotype: node {i} must be an object with 'op' and 'inputs'")
+        inputs = raw["inputs"]
+        if not isinstance(raw["op"], str) or not isinstance(inputs, list) or not all(
+            isinstance(j, int) and not isinstance(j, bool) for j in inputs
+        ):
+            raise UserError(f"genotype: node {i} needs a string 'op' and a list of integer 'inputs'")
+        nodes.append(Node(raw["op"], tuple(inputs)))
+    metadata = data.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise UserError("genotype: 'metadata' must be an object")
+    space, output = data["space"], data.get("output", "last")
+    if not isinstance(space, str) or not isinstance(output, str):
+        raise UserError("genotype: 'space' and 'output' must be strings")
+    return Genotype(space=space, nodes=tuple(nodes), output=output, metadata=metadata)
+
+
+def from_json(text: str) -> Genotype:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"genotype: not valid JSON ({err.msg} at line {err.lineno})") from None
+    return from_dict(data)
+
+
+def load(path: str | Path) -> Genotype:
+    """Read a genotype file; every failure is a one-line ``UserError`` naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"genotype file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read genotype file {path}: {err}") from None
+    try:
+        return from_json(text)
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None

@@ -1,0 +1,638 @@
+"""What a run directory shows a person: ``metrics.jsonl``, plots and the results table.
+
+The engine appends one JSON row per epoch to ``metrics.jsonl`` (:class:`MetricsLog`); the plots are
+drawn from those rows (:func:`read_metrics`), so any run directory (finished, crashed or resumed)
+can be plotted again without its model. Figures are built on ``matplotlib.figure.Figure`` directly,
+never through ``pyplot``: that renders with Agg, never opens a window, and leaves nothing in
+pyplot's global figure registry to close or leak, whatever backend the caller has chosen.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib import dates as mdates
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+from matplotlib.ticker import MaxNLocator
+from rich.table import Table
+from rich.text import Text
+
+from morphnas.errors import UserError
+from morphnas.genotype import Genotype
+
+DPI = 110
+MISSING = "–"
+
+
+# --------------------------------------------------------------------------- metrics files
+
+
+def _to_builtin(value: Any) -> Any:
+    """``json`` fallback: numpy and torch scalars and arrays become Python numbers and lists."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl: one JSON object per line, written whole so a crash loses nothing.
+
+    Each row is written with its newline and the file closed before ``append`` returns. Opening a
+    log whose last line was cut off by a crash drops that partial line, so the next row starts on
+    a line of its own instead of fusing with it into a line nobody can parse.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_partial_last_line(self.path)
+        self.path.touch()
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Write ``row`` as one line; numpy/torch values are converted to plain numbers."""
+        line = json.dumps(row, default=_to_builtin)
+        with self.path.open("a", encoding="utf-8") as file:
+            file.write(line + "\n")
+
+
+def _drop_partial_last_line(path: Path) -> None:
+    """Truncate ``path`` after its last newline, if a crash left a line without one."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as file:
+            file.truncate(data.rfind(b"\n") + 1)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Rows of a metrics.jsonl, skipping a last line cut off mid-write by a crash.
+
+    Any other unreadable line means the file was damaged by something else, which is reported
+    rather than silently dropped.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"metrics file not found: {path} (is this a run directory?)") from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise UserError(
+                f"{path}: line {number} is not valid JSON; the file is damaged"
+            ) from None
+    return rows
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON atomically: readers see the old file or the new, never half.
+
+    The temporary file is created in the target's directory (``os.replace`` is atomic only within
+    one file system) with ``os.open`` rather than ``mkstemp``, so the result gets the usual
+    umask-based permissions instead of mkstemp's owner-only 0600.
+    """
+    path = Path(path)
+    text = json.dumps(data, indent=2, default=_to_builtin) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- shared plot helpers
+
+
+def _by_epoch(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Rows in epoch order, the last written winning: a resumed run may log an epoch twice."""
+    latest = {row["epoch"]: row for row in rows}
+    return [latest[epoch] for epoch in sorted(latest)]
+
+
+def _grid(
+    n_panels: int, panel_size: tuple[float, float], max_cols: int = 3
+) -> tuple[Figure, list[Axes]]:
+    """A figure with ``n_panels`` axes in rows of at most ``max_cols``; spare grid cells removed."""
+    nrows = math.ceil(n_panels / max_cols)
+    ncols = math.ceil(n_panels / nrows)  # balanced rows: 4 panels as 2 x 2, not 3 + 1
+    width, height = panel_size
+    fig = Figure(figsize=(width * ncols + 1.5, height * nrows + 0.8), dpi=DPI, layout="constrained")
+    axes = list(fig.subplots(nrows, ncols, squeeze=False).flat)
+    for ax in axes[n_panels:]:
+        ax.remove()
+    return fig, axes[:n_panels]
+
+
+def _figure_legend(fig: Figure, axes: Sequence[Axes]) -> None:
+    """One legend beside all panels, each label once, instead of a legend covering every panel."""
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    fig.legend(entries.values(), entries.keys(), loc="outside right center")
+
+
+def _png_path(path: Path) -> Path:
+    """Every plot is a PNG; a path with another suffix (or none) gets ``.png`` instead."""
+    return Path(path).with_suffix(".png")
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    out = _png_path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", dpi=DPI)
+    return out
+
+
+# --------------------------------------------------------------------------- architecture weights
+
+
+def _node_op_probabilities(
+    rows: Sequence[Mapping[str, Any]], n_ops: int
+) -> dict[int, tuple[list[int], np.ndarray]]:
+    """Per node (1-based): the epochs it exists in and its op probabilities, averaged over edges.
+
+    Averaging the edge rows gives one "which op does this node prefer" curve per op for both
+    spaces (darts_rnn nodes have one row per candidate input, two_input nodes a single row).
+    """
+    epochs: dict[int, list[int]] = {}
+    probs: dict[int, list[np.ndarray]] = {}
+    for row in rows:
+        for node, edges in enumerate(row["arch"], start=1):
+            edge_probs = np.atleast_2d(np.asarray(edges, dtype=float))
+            if edge_probs.shape[-1] != n_ops:
+                raise ValueError(
+                    f"epoch {row['epoch']}, node {node}: {edge_probs.shape[-1]} op probabilities "
+                    f"but {n_ops} op names"
+                )
+            epochs.setdefault(node, []).append(row["epoch"])
+            probs.setdefault(node, []).append(edge_probs.mean(axis=0))
+    return {node: (epochs[node], np.stack(probs[node])) for node in sorted(epochs)}
+
+
+def plot_arch_weights(rows: list[dict], op_names: Sequence[str], path: Path) -> Path:
+    """One panel per node: how its op probabilities move over the search epochs.
+
+    All panels share the epoch axis, so a node added by growth starts part-way along it, at the
+    epoch it first appears. The dotted line is the uniform probability, 1 / number of ops.
+    """
+    search = _by_epoch([r for r in rows if r.get("phase") == "search" and "arch" in r])
+    if not search:
+        raise UserError("no search rows with architecture weights ('arch') to plot")
+    series = _node_op_probabilities(search, len(op_names))
+    fig, axes = _grid(len(series), panel_size=(3.6, 2.6))
+    colors = [f"C{k}" for k in range(len(op_names))] if len(op_names) <= 10 else None
+    marker = "o" if len(search) <= 20 else None
+    for ax, (node, (epochs, probs)) in zip(axes, series.items(), strict=True):
+        for k, name in enumerate(op_names):
+            color = colors[k] if colors else None
+            ax.plot(epochs, probs[:, k], color=color, marker=marker, markersize=3, label=name)
+        ax.axhline(1 / len(op_names), color="0.5", linestyle=":", linewidth=1, label="uniform")
+        ax.set_title(f"node s{node}")
+        ax.set_ylim(0, 1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax is not axes[0]:
+            ax.sharex(axes[0])
+    fig.suptitle("Architecture weights during search (per node: op probability, mean over edges)")
+    fig.supxlabel("search epoch")
+    fig.supylabel("probability")
+    _figure_legend(fig, axes)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- learning curves
+
+
+def _loss_panels(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """Rows grouped by panel: the search first, then each retrained model in order of appearance."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        if row.get("phase") == "search":
+            key = "search (supernet)"
+        elif row.get("phase") == "train":
+            key = f"retrain: {row.get('model', '?')}"
+        else:
+            continue
+        groups.setdefault(key, []).append(row)
+    order = sorted(groups, key=lambda key: not key.startswith("search"))
+    return {key: _by_epoch(groups[key]) for key in order}
+
+
+def _column(rows: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
+    """``rows[*][key]`` as floats; a missing or null value becomes NaN (a gap in the line)."""
+    return np.array([np.nan if row.get(key) is None else float(row[key]) for row in rows])
+
+
+def _spans_decades(values: np.ndarray, decades: float = 2) -> bool:
+    """Whether positive ``values`` range over more than ``decades`` powers of ten (log y helps)."""
+    finite = values[np.isfinite(values)]
+    return finite.size > 0 and finite.min() > 0 and finite.max() / finite.min() > 10**decades
+
+
+def _plot_losses(ax: Axes, rows: Sequence[Mapping[str, Any]]) -> None:
+    epochs = np.array([row["epoch"] for row in rows])
+    train, valid = _column(rows, "train_loss"), _column(rows, "valid_loss")
+    ax.plot(epochs, train, color="C0", label="train")
+    ax.plot(epochs, valid, color="C1", linestyle="--", label="valid")
+    if np.isfinite(valid).any():
+        best = int(np.nanargmin(valid))
+        ax.plot(epochs[best], valid[best], "*", color="C3", markersize=10, label="best valid")
+    if _spans_decades(np.concatenate([train, valid])):
+        ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def plot_learning_curves(rows: list[dict], path: Path) -> Path:
+    """Train and valid loss per epoch: one panel for the search, one per retrained model.
+
+    Separate panels because the supernet's loss and a retrained cell's are not on one scale;
+    a panel switches to log y when its losses span more than two decades.
+    """
+    panels = _loss_panels(rows)
+    if not panels:
+        raise UserError("no search or train rows to plot learning curves from")
+    fig, axes = _grid(len(panels), panel_size=(4.2, 3.0))
+    for ax, (title, panel_rows) in zip(axes, panels.items(), strict=True):
+        _plot_losses(ax, panel_rows)
+        ax.set_title(title)
+    fig.suptitle("Learning curves")
+    fig.supxlabel("epoch")
+    fig.supylabel("loss")
+    _figure_legend(fig, axes)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- forecasts
+
+
+def _as_2d(values: np.ndarray, name: str) -> np.ndarray:
+    array = np.asarray(values, dtype=float)
+    if array.ndim == 1:
+        return array[:, None]
+    if array.ndim != 2:
+        raise ValueError(f"{name}: expected shape (steps, series), got {array.shape}")
+    return array
+
+
+def _most_variable(values: np.ndarray, k: int) -> list[int]:
+    """Indices of the ``k`` columns with the largest variance, largest first (ties: lower index)."""
+    return [int(j) for j in np.argsort(-values.var(axis=0), kind="stable")[:k]]
+
+
+def plot_forecasts(
+    truth: np.ndarray,
+    predictions: Mapping[str, np.ndarray],
+    columns: Sequence[str],
+    path: Path,
+    index: pd.DatetimeIndex | None = None,
+    n_series: int = 3,
+    last_n: int = 200,
+) -> Path:
+    """Truth (black) against each model's forecast over the last ``last_n`` test steps.
+
+    ``truth`` and every prediction are (steps, series) arrays in original units. The ``n_series``
+    series shown are those whose truth varies most over the plotted window: the first columns of
+    a wide data set are arbitrary, and a nearly flat series shows nothing about a forecast.
+    ``index`` (aligned with the rows of ``truth``) puts dates on the x axis instead of steps.
+    """
+    truth = _as_2d(truth, "truth")
+    preds = {name: _as_2d(pred, f"prediction {name!r}") for name, pred in predictions.items()}
+    n_steps, n_cols = truth.shape
+    for name, pred in preds.items():
+        if pred.shape != truth.shape:
+            raise ValueError(f"prediction {name!r} has shape {pred.shape}; truth has {truth.shape}")
+    if len(columns) != n_cols:
+        raise ValueError(f"{len(columns)} column names for {n_cols} series")
+    if index is not None and len(index) != n_steps:
+        raise ValueError(f"index has {len(index)} entries for {n_steps} steps")
+    window = slice(max(0, n_steps - last_n), n_steps)
+    x = index[window] if index is not None else np.arange(n_steps)[window]
+    shown = _most_variable(truth[window], n_series)
+    fig = Figure(figsize=(10, 2.2 * len(shown) + 1.3), dpi=DPI, layout="constrained")
+    axes = list(fig.subplots(len(shown), 1, sharex=True, squeeze=False)[:, 0])
+    for ax, j in zip(axes, shown, strict=True):
+        ax.plot(x, truth[window, j], color="black", linewidth=1.4, label="truth")
+        for k, (name, pred) in enumerate(preds.items()):
+            ax.plot(x, pred[window, j], color=f"C{k % 10}", linewidth=1.0, alpha=0.9, label=name)
+        ax.set_title(str(columns[j]), loc="left", fontsize=10)
+        ax.grid(alpha=0.3)
+    if index is not None:
+        locator = mdates.AutoDateLocator()
+        axes[-1].xaxis.set_major_locator(locator)
+        axes[-1].xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    axes[-1].set_xlabel("time" if index is not None else "test step")
+    fig.suptitle(
+        f"Test-set forecasts in original units: last {len(x)} steps, "
+        f"the {len(shown)} of {n_cols} series that vary most"
+    )
+    _figure_legend(fig, axes)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- genotype graph
+
+
+@dataclass(frozen=True)
+class _State:
+    """A box in the cell drawing: ``kind`` picks its colour (input, init, node or output)."""
+
+    key: str
+    label: str
+    kind: str
+
+
+_FILL = {"input": "#cfe2f3", "init": "#e6e6e6", "node": "#d9ead3", "output": "#fce5cd"}
+
+
+def _cell_graph(genotype: Genotype) -> tuple[list[_State], list[tuple[str, str, str]]]:
+    """The cell as boxes and labelled arrows ``(source, target, label)``, in topological order.
+
+    Both renderers draw from this, so graphviz and matplotlib pictures always agree.
+    """
+    n = len(genotype.nodes)
+    if genotype.space == "darts_rnn":
+        states = [_State("x", "xₜ", "input"), _State("h", "hₜ₋₁", "input")]
+        states.append(_State("s0", "s0", "init"))
+        edges = [("x", "s0", ""), ("h", "s0", "")]
+        names = {0: "s0"}
+    else:
+        states = [_State("u", "uₜ", "input"), _State("h", "hₜ₋₁", "input")]
+        edges = []
+        names = {-1: "u", 0: "h"}
+    for i, node in enumerate(genotype.nodes, start=1):
+        sources = [names.get(j, f"s{j}") for j in node.inputs]
+        if genotype.space == "darts_rnn":
+            states.append(_State(f"s{i}", f"s{i}", "node"))
+            edges.append((sources[0], f"s{i}", node.op))
+        else:
+            states.append(_State(f"s{i}", f"s{i}\n{node.op}", "node"))
+            edges += [(source, f"s{i}", label) for source, label in zip(sources, "ab", strict=True)]
+    if genotype.output == "mean":
+        states.append(_State("out", f"hₜ\nmean(s1..s{n})" if n > 1 else "hₜ = s1", "output"))
+        edges += [(f"s{i}", "out", "") for i in range(1, n + 1)]
+    else:
+        states.append(_State("out", f"hₜ = s{n}", "output"))
+        edges.append((f"s{n}", "out", ""))
+    return states, edges
+
+
+def _genotype_title(genotype: Genotype) -> str:
+    n = len(genotype.nodes)
+    return f"{genotype.space} cell: {n} node{'s' * (n != 1)}, output = {genotype.output}"
+
+
+def _render_graphviz(genotype: Genotype) -> bytes:
+    """PNG bytes from ``dot``; the library is imported here because it is an optional extra."""
+    import graphviz
+
+    graph = graphviz.Digraph(
+        graph_attr={
+            "rankdir": "LR",
+            "label": _genotype_title(genotype),
+            "labelloc": "t",
+            "dpi": str(DPI),
+        },
+        node_attr={"shape": "box", "style": "rounded,filled", "fontsize": "11"},
+        edge_attr={"fontsize": "10"},
+    )
+    states, edges = _cell_graph(genotype)
+    for state in states:
+        graph.node(state.key, state.label.replace("\n", r"\n"), fillcolor=_FILL[state.kind])
+    for source, target, label in edges:
+        graph.edge(source, target, label=label)
+    return graph.pipe(format="png")
+
+
+def _layers(states: Sequence[_State], edges: Sequence[tuple[str, str, str]]) -> dict[str, int]:
+    """Column of each state: one past the furthest of its sources, inputs in column 0."""
+    sources: dict[str, list[str]] = {}
+    for source, target, _ in edges:
+        sources.setdefault(target, []).append(source)
+    layer: dict[str, int] = {}
+    for state in states:  # topological order: every source already has its layer
+        layer[state.key] = 1 + max((layer[s] for s in sources.get(state.key, [])), default=-1)
+    return layer
+
+
+_COL_GAP, _ROW_GAP = 2.4, 1.3  # data units between box centres
+_INCH_PER_UNIT = 0.75  # the same in x and y, so arcs and their midpoints are computed exactly
+_FONTSIZE = 9
+
+
+def _layout(states: Sequence[_State], layer: Mapping[str, int]) -> dict[str, tuple[float, float]]:
+    """Box centres: one column per layer, each column's boxes centred on y = 0."""
+    columns: dict[int, list[str]] = {}
+    for state in states:
+        columns.setdefault(layer[state.key], []).append(state.key)
+    return {
+        key: (col * _COL_GAP, ((len(keys) - 1) / 2 - row) * _ROW_GAP)
+        for col, keys in columns.items()
+        for row, key in enumerate(keys)
+    }
+
+
+def _box_size(label: str) -> tuple[float, float]:
+    """Width and height in data units that fit ``label`` at the drawing's font size."""
+    lines = label.split("\n")
+    return 0.11 * max(map(len, lines)) + 0.4, 0.28 * len(lines) + 0.25
+
+
+def _edge_curvature(
+    edges: Sequence[tuple[str, str, str]],
+    layer: Mapping[str, int],
+    centre: Mapping[str, tuple[float, float]],
+) -> list[float]:
+    """Arc3 ``rad`` per edge, so that arrows do not run through boxes or over each other.
+
+    An arrow that skips a column bows away from the middle of the drawing (positive ``rad``
+    bends a left-to-right arrow downwards) by about one row, around the boxes in between; two
+    arrows between the same pair of boxes, as in ``hadamard(s1, s1)``, bow apart.
+    """
+    pairs: dict[tuple[str, str], int] = {}
+    for source, target, _ in edges:
+        pairs[source, target] = pairs.get((source, target), 0) + 1
+    seen: dict[tuple[str, str], int] = {}
+    rads = []
+    for source, target, _ in edges:
+        k = seen.get((source, target), 0)
+        seen[source, target] = k + 1
+        base = 0.0
+        if layer[target] - layer[source] > 1:
+            (x0, y0), (x1, y1) = centre[source], centre[target]
+            bulge = min(0.35, 2 * 0.8 * _ROW_GAP / math.hypot(x1 - x0, y1 - y0))
+            base = -bulge if y0 + y1 > 0 else bulge
+        rads.append(base + 0.5 * (k - (pairs[source, target] - 1) / 2))
+    return rads
+
+
+def _arc_midpoint(
+    start: tuple[float, float], end: tuple[float, float], rad: float
+) -> tuple[float, float]:
+    """Midpoint of matplotlib's arc3 curve, the point furthest from the straight line."""
+    (x0, y0), (x1, y1) = start, end
+    return (x0 + x1) / 2 + rad * (y1 - y0) / 2, (y0 + y1) / 2 - rad * (x1 - x0) / 2
+
+
+def _render_matplotlib(genotype: Genotype) -> Figure:
+    """The same graph as graphviz would draw, laid out in columns by dependency depth.
+
+    Box sizes follow their labels and the figure size follows the drawing's extent (arcs
+    included), at a fixed number of inches per data unit, so text always fits its box.
+    """
+    states, edges = _cell_graph(genotype)
+    layer = _layers(states, edges)
+    centre = _layout(states, layer)
+    size = {state.key: _box_size(state.label) for state in states}
+    rads = _edge_curvature(edges, layer, centre)
+    mids = [
+        _arc_midpoint(centre[s], centre[t], r) for (s, t, _), r in zip(edges, rads, strict=True)
+    ]
+    xs = [centre[k][0] + sign * size[k][0] / 2 for k in centre for sign in (-1, 1)]
+    ys = [centre[k][1] + sign * size[k][1] / 2 for k in centre for sign in (-1, 1)]
+    x_lo, x_hi = min(xs + [m[0] for m in mids]) - 0.3, max(xs + [m[0] for m in mids]) + 0.3
+    y_lo, y_hi = min(ys + [m[1] for m in mids]) - 0.3, max(ys + [m[1] for m in mids]) + 0.3
+    spare = max(0.0, 5.0 / _INCH_PER_UNIT - (x_hi - x_lo)) / 2  # room for the title
+    x_lo, x_hi = x_lo - spare, x_hi + spare
+    width, height, title = (x_hi - x_lo) * _INCH_PER_UNIT, (y_hi - y_lo) * _INCH_PER_UNIT, 0.45
+    fig = Figure(figsize=(width, height + title), dpi=DPI)
+    ax = fig.add_axes((0, 0, 1, height / (height + title)))
+    ax.set_xlim(x_lo, x_hi)
+    ax.set_ylim(y_lo, y_hi)
+    ax.set_axis_off()
+    boxes = {}
+    for state in states:
+        (x, y), (w, h) = centre[state.key], size[state.key]
+        boxes[state.key] = FancyBboxPatch(
+            (x - w / 2, y - h / 2),
+            w,
+            h,
+            boxstyle="round,pad=0.05",
+            facecolor=_FILL[state.kind],
+            edgecolor="0.3",
+            zorder=2,
+        )
+        ax.add_patch(boxes[state.key])
+        ax.text(x, y, state.label, ha="center", va="center", fontsize=_FONTSIZE, zorder=3)
+    for (source, target, label), rad, mid in zip(edges, rads, mids, strict=True):
+        arrow = FancyArrowPatch(
+            centre[source],
+            centre[target],
+            arrowstyle="-|>",
+            mutation_scale=12,
+            color="0.25",
+            connectionstyle=f"arc3,rad={rad}",
+            patchA=boxes[source],
+            patchB=boxes[target],
+            zorder=1,
+        )
+        ax.add_patch(arrow)
+        if label:
+            ax.text(
+                *mid,
+                label,
+                ha="center",
+                va="center",
+                fontsize=_FONTSIZE - 1,
+                zorder=4,
+                bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none"},
+            )
+    fig.suptitle(_genotype_title(genotype), fontsize=10)
+    return fig
+
+
+def plot_genotype(genotype: Genotype, path: Path) -> Path:
+    """Draw the derived cell; returns the PNG written (``path`` with its suffix set to ``.png``).
+
+    Uses graphviz when both the ``dot`` binary and the ``graphviz`` package are present (it lays
+    out large cells best), and a matplotlib drawing otherwise, so a plot never needs a system
+    package.
+    """
+    out = _png_path(path)
+    if shutil.which("dot") and importlib.util.find_spec("graphviz"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(_render_graphviz(genotype))
+        return out
+    return _save(_render_matplotlib(genotype), out)
+
+
+# --------------------------------------------------------------------------- results table
+
+_COLUMNS = (
+    ("model", "model"),
+    ("params", "params"),
+    ("valid_rse", "valid RSE"),
+    ("test_rse", "test RSE"),
+    ("test_corr", "test CORR"),
+    ("test_mae", "test MAE"),
+    ("test_rmse", "test RMSE"),
+    ("train_seconds", "train s"),
+)
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float if it is a real number (numpy scalars included, bools not)."""
+    return float(value) if isinstance(value, Real) and not isinstance(value, bool) else None
+
+
+def _format_cell(key: str, value: Any) -> str:
+    """4 significant digits; counts and values from 10,000 up as integers with separators."""
+    if value is None:
+        return MISSING
+    number = _number(value)
+    if number is None or key == "model":
+        return str(value)
+    if not math.isfinite(number):
+        return str(number)
+    if key == "params" or abs(number) >= 1e4:
+        return f"{round(number):,}"
+    return f"{number:.4g}"
+
+
+def results_table(results: Sequence[Mapping[str, Any]], title: str = "results") -> Table:
+    """A rich table of models and their metrics; the best (lowest) test RSE in bold.
+
+    Cells are ``Text`` objects, not markup strings, so a model named like ``[red]`` prints as is.
+    """
+    table = Table(title=title)
+    for key, header in _COLUMNS:
+        table.add_column(header, justify="left" if key == "model" else "right")
+    scores = [_number(result.get("test_rse")) for result in results]
+    finite = [s for s in scores if s is not None and math.isfinite(s)]
+    best = min(finite, default=None)
+    for result, score in zip(results, scores, strict=True):
+        cells = [Text(_format_cell(key, result.get(key))) for key, _ in _COLUMNS]
+        if best is not None and score == best:
+            for position in (0, 3):  # the model's name and its test RSE
+                cells[position].stylize("bold")
+        table.add_row(*cells)
+    return table

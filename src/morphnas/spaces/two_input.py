@@ -1,0 +1,157 @@
+"""The two-input recurrent backbone (Jie & Gao), fused. Our reading of the paper: spec/morphism.md §2.2.
+
+Every candidate op takes two inputs ``(a, b)``. Seeds: ``u_t = W_x x_t`` (state -1) and
+``h_{t-1}`` (state 0). Wiring ``chain``: node ``i`` reads ``(s_{i-1}, s_{i-2})``, so node 1 sees
+``(h_{t-1}, u_t)``; wiring ``input``: node ``i`` reads ``(s_{i-1}, u_t)`` ("input injection").
+A mixed node is ``Σ_k softmax(α_i)_k · o_k(a, b)``; the output is the last node or the mean.
+
+Fused: the input projection runs once for all time steps, the softmax once per forward, the
+``add_*`` ops of a node share one matmul on ``[a, b]`` (one ``2d × n·d`` block), the highway op
+one matmul on ``b``, and the time loop has no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from morphnas.genotype import OUTPUTS, TWO_INPUT_OPS, Genotype, Node
+from morphnas.ops import ACTIVATIONS, ADD_OPS
+from morphnas.spaces.base import ArchitectureMixin, new_alpha, uniform_parameter, variational_mask
+
+WIRINGS = ("chain", "input")
+WEIGHT_SHARING = ("per_op", "per_node")
+
+
+def node_inputs(i: int, wiring: str) -> tuple[int, int]:
+    """The two states node ``i`` (1-based) reads under a wiring."""
+    return (i - 1, i - 2) if wiring == "chain" else (i - 1, -1)
+
+
+class TwoInputNodeWeights(nn.Module):
+    """The weights of one mixed node: ``[A_k; B_k]`` for the add ops, ``[C, H]`` for highway.
+
+    ``per_op``: each add op has its own ``A_k, B_k`` (one ``2d × n·d`` matrix); ``per_node``: the
+    add ops share one ``2d × d`` matrix, the DARTS-like variant with fewer parameters.
+    """
+
+    def __init__(self, hidden_size: int, n_add: int, highway: bool, sharing: str, bound: float):
+        super().__init__()
+        d = hidden_size
+        width = n_add if sharing == "per_op" else min(n_add, 1)
+        self.add_weight = uniform_parameter(2 * d, width * d, bound=bound) if width else None
+        self.highway_weight = uniform_parameter(d, 2 * d, bound=bound) if highway else None
+
+
+class TwoInputSearchCell(ArchitectureMixin, nn.Module):
+    """Two-input supernet. ``arch[i-1]`` has shape ``(len(ops),)``: one mixture per node."""
+
+    space = "two_input"
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        nodes: int = 4,
+        ops: Sequence[str] = TWO_INPUT_OPS,
+        wiring: str = "chain",
+        output: str = "last",
+        weight_sharing: str = "per_op",
+        batchnorm: bool = False,
+        dropout_x: float = 0.0,
+        dropout_h: float = 0.0,
+        init_range: float | None = None,
+    ) -> None:
+        super().__init__()
+        if set(ops) - set(TWO_INPUT_OPS) or not set(ops) - {"none"}:
+            raise ValueError(
+                f"two_input ops must be a subset of {TWO_INPUT_OPS} with at least one op other "
+                f"than none; got {list(ops)}"
+            )
+        for name, value, allowed in (
+            ("wiring", wiring, WIRINGS),
+            ("output", output, OUTPUTS),
+            ("weight_sharing", weight_sharing, WEIGHT_SHARING),
+        ):
+            if value not in allowed:
+                raise ValueError(f"two_input {name} must be one of {allowed}; got {value!r}")
+        if nodes < 1:
+            raise ValueError("two_input needs at least one node")
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.op_names = tuple(ops)
+        self.wiring, self.output, self.weight_sharing = wiring, output, weight_sharing
+        self.dropout_x, self.dropout_h = dropout_x, dropout_h
+        self.init_range = 1.0 / math.sqrt(hidden_size) if init_range is None else init_range
+        self.add_ops = [name for name in self.op_names if name in ADD_OPS]
+        self._op_index = {name: k for k, name in enumerate(self.op_names)}
+        self.input_weight = uniform_parameter(input_size, hidden_size, bound=self.init_range)
+        self.node_weights = nn.ModuleList(self._new_node_weights() for _ in range(nodes))
+        self.bn = nn.BatchNorm1d(hidden_size, affine=False) if batchnorm else None
+        self.arch = nn.ParameterList(new_alpha(len(self.op_names)) for _ in range(nodes))
+
+    def _new_node_weights(self) -> TwoInputNodeWeights:
+        return TwoInputNodeWeights(
+            self.hidden_size,
+            len(self.add_ops),
+            "highway" in self.op_names,
+            self.weight_sharing,
+            self.init_range,
+        )
+
+    @property
+    def nodes(self) -> int:
+        return len(self.node_weights)
+
+    def _mixed(self, p: Tensor, weights: TwoInputNodeWeights, a: Tensor, b: Tensor) -> Tensor:
+        """``Σ_k p_k o_k(a, b)`` for one node; ``p`` indexed like ``op_names``."""
+        index = self._op_index
+        terms = []
+        if weights.add_weight is not None:
+            pre = torch.cat([a, b], dim=-1) @ weights.add_weight
+            chunks = pre.chunk(len(self.add_ops), dim=-1) if self.weight_sharing == "per_op" else None
+            for n, name in enumerate(self.add_ops):
+                z = chunks[n] if chunks is not None else pre
+                terms.append(p[index[name]] * ACTIVATIONS[ADD_OPS[name]](z))
+        if "hadamard" in index:
+            terms.append(p[index["hadamard"]] * (a * b))
+        if "add" in index:
+            terms.append(p[index["add"]] * (a + b))
+        if weights.highway_weight is not None:
+            c, g = (b @ weights.highway_weight).chunk(2, dim=-1)
+            terms.append(p[index["highway"]] * (a + torch.sigmoid(c) * (torch.tanh(g) - a)))
+        return torch.stack(terms).sum(0) if len(terms) > 1 else terms[0]
+
+    def forward(
+        self, x: Tensor, h0: Tensor | None = None, weights: list[Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        steps, batch, _ = x.shape
+        probs = self.mixing_weights() if weights is None else weights
+        mask_x = variational_mask(batch, self.input_size, self.dropout_x, x, self.training)
+        mask_h = variational_mask(batch, self.hidden_size, self.dropout_h, x, self.training)
+        u_all = (x if mask_x is None else x * mask_x) @ self.input_weight  # hoisted
+        h = x.new_zeros(batch, self.hidden_size) if h0 is None else h0
+        outputs = []
+        for t in range(steps):
+            u = u_all[t]
+            states = {-1: u, 0: h if mask_h is None else h * mask_h}
+            for i, node in enumerate(self.node_weights, start=1):
+                a, b = (states[j] for j in node_inputs(i, self.wiring))
+                s = self._mixed(probs[i - 1], node, a, b)
+                states[i] = self.bn(s) if self.bn is not None else s
+            node_states = [states[i] for i in range(1, self.nodes + 1)]
+            h = node_states[-1] if self.output == "last" else torch.stack(node_states).mean(0)
+            outputs.append(h)
+        return torch.stack(outputs), h
+
+    @torch.no_grad()
+    def derive(self) -> Genotype:
+        """Per node, the strongest op other than ``none``; the inputs follow from the wiring."""
+        candidates = [k for k, name in enumerate(self.op_names) if name != "none"]
+        nodes = []
+        for i, p in enumerate(self.mixing_weights(), start=1):
+            k = candidates[int(p[candidates].argmax())]
+            nodes.append(Node(self.op_names[k], node_inputs(i, self.wiring)))
+        return Genotype(space=self.space, nodes=tuple(nodes), output=self.output)

@@ -1,0 +1,150 @@
+"""End-to-end runs of the command line on generated data, and its handling of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+SMALL = ["--epochs", "2", "--retrain-epochs", "3", "--nodes", "2", "--hidden", "8", "--window", "6"]
+RESULT_KEYS = {
+    "model", "params", "valid_rse", "test_rse", "test_corr", "test_mae", "test_rmse",
+    "train_seconds",
+}  # fmt: skip
+
+
+def morphnas(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed console entry point as a user would."""
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "morphnas.cli", *args],
+        capture_output=True, text=True, cwd=cwd, env=env, timeout=600,
+    )  # fmt: skip
+
+
+def test_search_train_evaluate_end_to_end(tmp_path, synthetic_csv):
+    run = tmp_path / "run"
+    done = morphnas("search", "--csv", str(synthetic_csv), *SMALL, "--out", str(run), "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["run_dir"] == str(run)
+    assert out["genotype"]["format"] == "morphnas.genotype"
+    assert [r["model"] for r in out["results"]] == ["searched", "lstm", "gru", "naive"]
+    for row in out["results"]:
+        assert RESULT_KEYS <= row.keys()
+        assert row["test_rse"] > 0 and row["test_rmse"] > 0
+    params = {r["model"]: r["params"] for r in out["results"]}
+    assert params["lstm"] == 4 * (8 * 3 + 8 * 8 + 2 * 8) + 8 * 3 + 3  # nn.LSTM + linear head
+    for name in ("config.yaml", "genotype.json", "metrics.jsonl", "summary.json"):
+        assert (run / name).is_file(), name
+    for name in ("search_last.pt", "search_best.pt"):
+        assert (run / "checkpoints" / name).is_file()
+    for name in ("arch", "genotype", "forecast", "learning_curves"):
+        png = run / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["search"]["epochs"] == 2 and config["space"]["nodes"] == 2
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if r["phase"] == "search"] == [1, 2]
+
+    # Evaluating the saved models reproduces the reported test metrics exactly.
+    again = morphnas("evaluate", str(run), "--json")
+    assert again.returncode == 0, again.stderr
+    for before, after in zip(out["results"], json.loads(again.stdout)["results"], strict=True):
+        assert after["model"] == before["model"]
+        assert after["test_rse"] == pytest.approx(before["test_rse"], rel=1e-6)
+
+    # The derived genotype retrains on its own, and the table is printed for people.
+    trained = morphnas(
+        "train", "--genotype", str(run / "genotype.json"), "--csv", str(synthetic_csv),
+        "--hidden", "8", "--window", "6", "--retrain-epochs", "2", "--out", str(tmp_path / "t"),
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    assert "genotype" in trained.stdout and "test RSE" in trained.stdout
+
+
+def test_config_file_with_flags_overriding(tmp_path, synthetic_csv):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"csv": str(synthetic_csv), "window": 5},
+                "space": {"name": "darts_rnn", "nodes": 3, "hidden": 6},
+                "search": {"epochs": 1},
+                "train": {"epochs": 1, "baselines": ["naive"]},
+            }
+        )
+    )
+    run = tmp_path / "run"
+    done = morphnas("search", "--config", str(cfg), "--nodes", "2", "--out", str(run), "--json")
+    assert done.returncode == 0, done.stderr
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["space"]["nodes"] == 2  # the flag wins
+    assert resolved["space"]["name"] == "darts_rnn" and resolved["data"]["window"] == 5
+    genotype = json.loads(done.stdout)["genotype"]
+    assert genotype["space"] == "darts_rnn" and len(genotype["nodes"]) == 2
+
+
+def _assert_user_error(done: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("content", "fragments"),
+    [
+        ("a,b\n1,2\n3,x\n4,5\n", ("'b'", "row 2")),
+        ("a,b\n1,2\n3,nan\n4,5\n", ("'b'", "row 2")),
+        ("a,b\n1,2\n3,inf\n4,5\n", ("'b'", "row 2")),
+        ("a,b\n1,\n3,\n4,\n", ("'b'",)),
+        ("a,b\n1,7\n3,7\n4,7\n", ("'b'", "constant")),
+    ],
+)
+def test_bad_csv_is_one_line_with_exit_code_2(tmp_path, content, fragments):
+    path = _write(tmp_path / "bad.csv", content)
+    _assert_user_error(morphnas("search", "--csv", str(path), *SMALL), *fragments)
+
+
+def test_too_few_rows_for_the_window(tmp_path):
+    rows = "\n".join(f"{i},{i * i % 7}" for i in range(30))
+    path = _write(tmp_path / "short.csv", "a,b\n" + rows + "\n")
+    _assert_user_error(morphnas("search", "--csv", str(path), "--window", "20"), "window")
+
+
+def test_missing_file_and_bad_flags(tmp_path):
+    _assert_user_error(morphnas("search", "--csv", str(tmp_path / "nope.csv")), "nope.csv")
+    _assert_user_error(morphnas("search", "--dataset", "birth"), "births")
+    _assert_user_error(morphnas("search", "--set", "search.epochs=0"), "search.epochs")
+    _assert_user_error(morphnas("train", "--genotype", str(tmp_path / "g.json")), "g.json")
+    bad = _write(tmp_path / "g.json", '{"format": "morphnas.genotype", "version": 9}')
+    _assert_user_error(morphnas("train", "--genotype", str(bad)), "version")
+    _assert_user_error(morphnas("evaluate", str(tmp_path)), "summary.json")
+
+
+def test_existing_run_directory_is_not_overwritten(tmp_path, synthetic_csv):
+    run = tmp_path / "run"
+    run.mkdir()
+    keep = _write(run / "precious.txt", "do not lose me")
+    _assert_user_error(morphnas("search", "--csv", str(synthetic_csv), "--out", str(run)), "--force")
+    assert keep.read_text() == "do not lose me"
+
+
+def test_datasets_lists_the_registry():
+    done = morphnas("datasets", "--json")
+    assert done.returncode == 0, done.stderr
+    names = {d["name"] for d in json.loads(done.stdout)}
+    assert {"births", "exchange", "elecdemand", "synthetic"} <= names

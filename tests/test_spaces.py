@@ -1,0 +1,772 @@
+"""The fused supernets against slow references written straight from spec/morphism.md §2.1–2.2.
+
+Every reference below loops per time step, per node, per edge and per op, and computes each op from
+its formula; nothing is borrowed from the library except the parameters it reads. Outputs and
+gradients (every parameter, the input and the initial state) must agree.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+from morphnas.cells import DartsRNNCell, TwoInputCell
+from morphnas.genotype import DARTS_PRIMITIVES, TWO_INPUT_OPS, Genotype, Node
+from morphnas.spaces import (
+    SPACES,
+    DartsRNNSearchCell,
+    SearchSpace,
+    TwoInputSearchCell,
+    build,
+)
+
+T, B = 4, 3
+TOL64 = dict(rtol=1e-5, atol=1e-5)
+TOL32 = dict(rtol=1e-4, atol=1e-4)
+
+ACT = {
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+    "sigmoid": torch.sigmoid,
+    "identity": lambda z: z,
+}
+ADD_ACT = {
+    "add_tanh": torch.tanh,
+    "add_sigmoid": torch.sigmoid,
+    "add_relu": torch.relu,
+    "add_identity": lambda z: z,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Slow references
+# --------------------------------------------------------------------------------------------
+
+
+class SlowBatchNorm:
+    """BatchNorm1d without affine, from its definition, with its own copy of the running stats."""
+
+    def __init__(self, bn: torch.nn.BatchNorm1d | None, training: bool) -> None:
+        self.enabled = bn is not None
+        self.training = training
+        if bn is not None:
+            self.eps, self.momentum = bn.eps, bn.momentum
+            self.mean = bn.running_mean.clone()
+            self.var = bn.running_var.clone()
+            self.count = int(bn.num_batches_tracked)
+
+    def __call__(self, s: Tensor) -> Tensor:
+        if not self.enabled:
+            return s
+        if not self.training:
+            return (s - self.mean) / torch.sqrt(self.var + self.eps)
+        n = s.shape[0]
+        mean = s.sum(0) / n
+        var = ((s - mean) ** 2).sum(0) / n
+        with torch.no_grad():
+            m = self.momentum
+            self.mean = (1 - m) * self.mean + m * mean
+            self.var = (1 - m) * self.var + m * var * n / (n - 1)
+            self.count += 1
+        return (s - mean) / torch.sqrt(var + self.eps)
+
+    def check_against(self, bn: torch.nn.BatchNorm1d | None) -> None:
+        if bn is None:
+            return
+        torch.testing.assert_close(bn.running_mean, self.mean, **TOL64)
+        torch.testing.assert_close(bn.running_var, self.var, **TOL64)
+        assert int(bn.num_batches_tracked) == self.count
+
+
+def draw_masks(
+    batch: int, input_size: int, hidden: int, p_x: float, p_h: float, like: Tensor
+) -> tuple[Tensor | None, Tensor | None]:
+    """Variational masks as documented: x's mask first, then h's, each bernoulli(keep) / keep."""
+
+    def one(size: int, p: float) -> Tensor | None:
+        if p <= 0:
+            return None
+        keep = 1 - p
+        return torch.empty(batch, size, dtype=like.dtype).bernoulli_(keep) / keep
+
+    m_x = one(input_size, p_x)
+    m_h = one(hidden, p_h)
+    return m_x, m_h
+
+
+def _mask(v: Tensor, m: Tensor | None) -> Tensor:
+    return v if m is None else v * m
+
+
+def slow_darts(cell, x, h0=None, weights=None, masks=(None, None), bn=None, fresh_masks=None):
+    """DARTS recurrent search cell, one edge and one primitive at a time (spec §2.1).
+
+    ``fresh_masks`` (a callable) draws new masks every time step: the negative control.
+    """
+    steps, batch, n_in = x.shape
+    d = cell.hidden_size
+    n_nodes = len(cell.node_weights)
+    names = cell.op_names
+    if weights is None:
+        weights = [torch.softmax(a, dim=-1) for a in cell.arch]
+    bn = bn if bn is not None else SlowBatchNorm(cell.bn, cell.training)
+    m_x, m_h = masks
+    w0 = cell.init_weight  # rows: x first, then h
+    h = torch.zeros(batch, d, dtype=x.dtype) if h0 is None else h0
+    outs = []
+    for t in range(steps):
+        if fresh_masks is not None:
+            m_x, m_h = fresh_masks()
+        pre = torch.cat([_mask(x[t], m_x), _mask(h, m_h)], dim=-1) @ w0
+        c0, g0 = torch.sigmoid(pre[:, :d]), torch.tanh(pre[:, d:])
+        states = [bn(h + c0 * (g0 - h))]
+        for i in range(n_nodes):
+            w_i = cell.node_weights[i]
+            p = weights[i]
+            assert p.shape == (i + 1, len(names))
+            total = torch.zeros(batch, d, dtype=x.dtype)
+            for j in range(i + 1):
+                s_j = states[j]
+                cg = _mask(s_j, m_h) @ w_i
+                c_ij, g_ij = torch.sigmoid(cg[:, :d]), cg[:, d:]
+                for k, name in enumerate(names):
+                    if name == "none":
+                        continue
+                    edge = s_j + c_ij * (ACT[name](g_ij) - s_j)
+                    total = total + p[j, k] * edge
+            states.append(bn(total))
+        h = sum(states[1:]) / n_nodes
+        outs.append(h)
+    return torch.stack(outs), h
+
+
+def slow_two_input(cell, x, h0=None, weights=None, masks=(None, None), bn=None):
+    """Two-input supernet, one node and one op at a time (spec §2.2)."""
+    steps, batch, _ = x.shape
+    d = cell.hidden_size
+    n_nodes = len(cell.node_weights)
+    names = cell.op_names
+    add_names = [n for n in names if n in ADD_ACT]
+    if weights is None:
+        weights = [torch.softmax(a, dim=-1) for a in cell.arch]
+    bn = bn if bn is not None else SlowBatchNorm(cell.bn, cell.training)
+    m_x, m_h = masks
+    h = torch.zeros(batch, d, dtype=x.dtype) if h0 is None else h0
+    outs = []
+    for t in range(steps):
+        u = _mask(x[t], m_x) @ cell.input_weight
+        states = {-1: u, 0: _mask(h, m_h)}
+        for i in range(1, n_nodes + 1):
+            a = states[i - 1]
+            b = states[i - 2] if cell.wiring == "chain" else states[-1]
+            nw = cell.node_weights[i - 1]
+            p = weights[i - 1]
+            assert p.shape == (len(names),)
+            total = torch.zeros(batch, d, dtype=x.dtype)
+            for k, name in enumerate(names):
+                if name == "none":
+                    o = torch.zeros(batch, d, dtype=x.dtype)
+                elif name in ADD_ACT:
+                    if cell.weight_sharing == "per_op":
+                        q = add_names.index(name)
+                        cols = slice(q * d, (q + 1) * d)
+                    else:
+                        assert nw.add_weight.shape == (2 * d, d)
+                        cols = slice(0, d)
+                    A, Bm = nw.add_weight[:d, cols], nw.add_weight[d:, cols]
+                    o = ADD_ACT[name](a @ A + b @ Bm)
+                elif name == "hadamard":
+                    o = a * b
+                elif name == "add":
+                    o = a + b
+                elif name == "highway":
+                    C, H = nw.highway_weight[:, :d], nw.highway_weight[:, d:]
+                    o = a + torch.sigmoid(b @ C) * (torch.tanh(b @ H) - a)
+                else:
+                    raise AssertionError(name)
+                total = total + p[k] * o
+            states[i] = bn(total)
+        nodes = [states[i] for i in range(1, n_nodes + 1)]
+        h = nodes[-1] if cell.output == "last" else sum(nodes) / n_nodes
+        outs.append(h)
+    return torch.stack(outs), h
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def grads(out: Tensor, h: Tensor, wrt: list[Tensor]) -> list[Tensor]:
+    gen = torch.Generator().manual_seed(123)
+    r1 = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    r2 = torch.randn(h.shape, generator=gen, dtype=h.dtype)
+    loss = (out * r1).sum() + (h * r2).sum()
+    gs = torch.autograd.grad(loss, wrt, allow_unused=True)
+    return [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, gs, strict=True)]
+
+
+def randomise_bn(cell) -> None:
+    """Give eval-mode BatchNorm non-trivial running statistics."""
+    if cell.bn is not None:
+        gen = torch.Generator().manual_seed(7)
+        cell.bn.running_mean.copy_(0.3 * torch.randn(cell.hidden_size, generator=gen))
+        cell.bn.running_var.copy_(0.5 + torch.rand(cell.hidden_size, generator=gen))
+
+
+def inputs(n_in: int, d: int, dtype=torch.float64, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, B, n_in, generator=gen, dtype=dtype).requires_grad_()
+    h0 = (0.5 * torch.randn(B, d, generator=gen, dtype=dtype)).requires_grad_()
+    return x, h0
+
+
+def compare(cell, slow, x, h0, tol, weights=None, seed=0, fused_weights=None):
+    """Fused vs slow: outputs, gradients w.r.t. every parameter, x, h0 (and custom weights)."""
+    params = list(cell.parameters())
+    extra = list(weights) if weights is not None else []
+    wrt = [*params, x, h0, *extra]
+    slow_bn = SlowBatchNorm(cell.bn, cell.training)
+
+    torch.manual_seed(seed)
+    m_x, m_h = draw_masks(B, cell.input_size, cell.hidden_size, cell.dropout_x, cell.dropout_h, x)
+    if not cell.training:
+        m_x = m_h = None
+    ref_out, ref_h = slow(cell, x, h0, weights=weights, masks=(m_x, m_h), bn=slow_bn)
+    ref_g = grads(ref_out, ref_h, wrt)
+
+    torch.manual_seed(seed)
+    out, h = cell(x, h0, weights=weights if fused_weights is None else fused_weights)
+    g = grads(out, h, wrt)
+
+    torch.testing.assert_close(out, ref_out, **tol)
+    torch.testing.assert_close(h, ref_h, **tol)
+    torch.testing.assert_close(h, out[-1], rtol=0, atol=0)
+    names = [n for n, _ in cell.named_parameters()] + ["x", "h0"] + [f"w{i}" for i in extra]
+    for name, a, b in zip(names, g, ref_g, strict=True):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"grad {name}: {m}")
+    slow_bn.check_against(cell.bn)
+    return out
+
+
+def make_darts(n_in, d, nodes, prims, bn, training, dtype=torch.float64, **kw):
+    torch.manual_seed(11)
+    cell = DartsRNNSearchCell(n_in, d, nodes=nodes, primitives=prims, batchnorm=bn, **kw)
+    with torch.no_grad():  # non-trivial architecture parameters
+        for a in cell.arch:
+            a.normal_()
+    cell = cell.to(dtype)
+    randomise_bn(cell)
+    cell.train(training)
+    return cell
+
+
+def make_two(n_in, d, nodes, ops, wiring, output, sharing, bn, training, dtype=torch.float64,
+             **kw):
+    torch.manual_seed(12)
+    cell = TwoInputSearchCell(
+        n_in, d, nodes=nodes, ops=ops, wiring=wiring, output=output, weight_sharing=sharing,
+        batchnorm=bn, **kw,
+    )
+    with torch.no_grad():
+        for a in cell.arch:
+            a.normal_()
+    cell = cell.to(dtype)
+    randomise_bn(cell)
+    cell.train(training)
+    return cell
+
+
+DARTS_PRIM_SETS = [
+    DARTS_PRIMITIVES,
+    ("tanh", "relu", "sigmoid", "identity"),  # no 'none'
+    ("none", "sigmoid"),
+    ("identity",),  # a single op
+    ("relu", "none", "tanh"),  # 'none' not first
+]
+TWO_OP_SETS = [
+    TWO_INPUT_OPS,
+    ("add_tanh", "add_sigmoid", "add_relu", "add_identity", "hadamard", "add", "highway"),
+    ("hadamard",),
+    ("none", "highway", "add_relu"),
+    ("add_sigmoid", "add", "add_tanh"),
+]
+SIZES = [(3, 5), (5, 2)]  # (input_size, hidden)
+
+
+# --------------------------------------------------------------------------------------------
+# DARTS recurrent search cell
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("bn", [True, False], ids=["bn", "nobn"])
+@pytest.mark.parametrize("prims", DARTS_PRIM_SETS, ids=lambda p: "-".join(p))
+@pytest.mark.parametrize("nodes", [1, 2, 5])
+def test_darts_fused_matches_slow(nodes, prims, bn, training):
+    n_in, d = SIZES[nodes % 2]
+    cell = make_darts(n_in, d, nodes, prims, bn, training)
+    x, h0 = inputs(n_in, d)
+    compare(cell, slow_darts, x, h0, TOL64)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("nodes", [1, 3])
+def test_darts_float32(nodes, training):
+    cell = make_darts(4, 5, nodes, DARTS_PRIMITIVES, True, training, dtype=torch.float32)
+    x, h0 = inputs(4, 5, dtype=torch.float32)
+    compare(cell, slow_darts, x, h0, TOL32)
+
+
+def test_darts_default_h0_is_zero():
+    cell = make_darts(3, 5, 2, DARTS_PRIMITIVES, True, True)
+    x, _ = inputs(3, 5)
+    out, h = cell(x)
+    ref_out, ref_h = slow_darts(cell, x, None)
+    torch.testing.assert_close(out, ref_out, **TOL64)
+
+
+@pytest.mark.parametrize("bn", [True, False], ids=["bn", "nobn"])
+@pytest.mark.parametrize("nodes", [1, 3])
+def test_darts_dropout_masks_shared_across_time(nodes, bn):
+    cell = make_darts(3, 5, nodes, DARTS_PRIMITIVES, bn, True, dropout_x=0.4, dropout_h=0.3)
+    x, h0 = inputs(3, 5)
+    out = compare(cell, slow_darts, x, h0, TOL64, seed=5)
+
+    # Negative control: masks redrawn every step give a different answer, so the comparison
+    # above is not vacuous and really pins "one mask per sequence".
+    torch.manual_seed(5)
+
+    def fresh():
+        return draw_masks(B, 3, 5, 0.4, 0.3, x)
+
+    fresh_out, _ = slow_darts(cell, x, h0, fresh_masks=fresh, bn=SlowBatchNorm(cell.bn, True))
+    assert not torch.allclose(out, fresh_out)
+    # And the masks matter at all in training mode.
+    no_drop = copy.deepcopy(cell)
+    no_drop.dropout_x = no_drop.dropout_h = 0.0
+    assert not torch.allclose(out, no_drop(x, h0)[0])
+
+
+@pytest.mark.parametrize("which", ["x", "h"])
+def test_darts_single_dropout(which):
+    kw = {"dropout_x": 0.5} if which == "x" else {"dropout_h": 0.5}
+    cell = make_darts(3, 5, 2, DARTS_PRIMITIVES, False, True, **kw)
+    x, h0 = inputs(3, 5)
+    compare(cell, slow_darts, x, h0, TOL64, seed=9)
+
+
+def test_darts_eval_ignores_dropout():
+    cell = make_darts(3, 5, 3, DARTS_PRIMITIVES, True, False, dropout_x=0.5, dropout_h=0.5)
+    x, h0 = inputs(3, 5)
+    compare(cell, slow_darts, x, h0, TOL64)  # the reference draws no masks in eval mode
+    plain = copy.deepcopy(cell)
+    plain.dropout_x = plain.dropout_h = 0.0
+    torch.manual_seed(0)
+    a = cell(x, h0)[0]
+    b = plain(x, h0)[0]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # eval forward consumes no random numbers
+    torch.manual_seed(3)
+    cell(x, h0)
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    assert torch.equal(after, torch.rand(1))
+
+
+@pytest.mark.parametrize("kind", ["random", "onehot"])
+@pytest.mark.parametrize("bn", [True, False], ids=["bn", "nobn"])
+def test_darts_custom_weights(kind, bn):
+    nodes = 4
+    cell = make_darts(3, 5, nodes, DARTS_PRIMITIVES, bn, True)
+    gen = torch.Generator().manual_seed(4)
+    ws = []
+    for i in range(1, nodes + 1):
+        if kind == "random":
+            w = torch.rand(i, len(DARTS_PRIMITIVES), generator=gen, dtype=torch.float64)
+        else:
+            w = torch.zeros(i, len(DARTS_PRIMITIVES), dtype=torch.float64)
+            w[int(torch.randint(i, (1,), generator=gen)), 1 + (i % 4)] = 1.0
+        ws.append(w.requires_grad_())
+    x, h0 = inputs(3, 5)
+    compare(cell, slow_darts, x, h0, TOL64, weights=ws)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_darts_onehot_equals_discrete_cell(seed, training):
+    nodes, n_in, d = 4, 3, 5
+    gen = torch.Generator().manual_seed(seed)
+    acts = DARTS_PRIMITIVES[1:]
+    genotype_nodes = []
+    for i in range(1, nodes + 1):
+        op = acts[int(torch.randint(4, (1,), generator=gen))]
+        genotype_nodes.append(Node(op, (int(torch.randint(i, (1,), generator=gen)),)))
+    genotype = Genotype("darts_rnn", tuple(genotype_nodes), output="mean")
+
+    kw = dict(dropout_x=0.3, dropout_h=0.2)
+    sup = make_darts(n_in, d, nodes, DARTS_PRIMITIVES, False, training, **kw)
+    disc = DartsRNNCell(genotype, n_in, d, **kw).double().train(training)
+    with torch.no_grad():
+        disc.init_weight.copy_(sup.init_weight)
+        for dw, sw in zip(disc.node_weights, sup.node_weights, strict=True):
+            dw.copy_(sw)
+    onehot = []
+    for i, node in enumerate(genotype.nodes, start=1):
+        w = torch.zeros(i, len(DARTS_PRIMITIVES), dtype=torch.float64)
+        w[node.inputs[0], DARTS_PRIMITIVES.index(node.op)] = 1.0
+        onehot.append(w)
+    x, h0 = inputs(n_in, d)
+    torch.manual_seed(8)
+    out_sup, h_sup = sup(x, h0, weights=onehot)
+    torch.manual_seed(8)
+    out_disc, h_disc = disc(x, h0)
+    torch.testing.assert_close(out_sup, out_disc, **TOL64)
+    torch.testing.assert_close(h_sup, h_disc, **TOL64)
+
+
+# --------------------------------------------------------------------------------------------
+# Two-input supernet
+# --------------------------------------------------------------------------------------------
+
+
+MODES = [(False, True), (True, True), (True, False)]  # (batchnorm, training)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=["nobn-train", "bn-train", "bn-eval"])
+@pytest.mark.parametrize("sharing", ["per_op", "per_node"])
+@pytest.mark.parametrize("output", ["last", "mean"])
+@pytest.mark.parametrize("wiring", ["chain", "input"])
+@pytest.mark.parametrize("ops", TWO_OP_SETS, ids=lambda o: "-".join(o))
+@pytest.mark.parametrize("nodes", [1, 2, 5])
+def test_two_input_fused_matches_slow(nodes, ops, wiring, output, sharing, mode):
+    bn, training = mode
+    n_in, d = SIZES[nodes % 2]
+    cell = make_two(n_in, d, nodes, ops, wiring, output, sharing, bn, training)
+    x, h0 = inputs(n_in, d)
+    compare(cell, slow_two_input, x, h0, TOL64)
+
+
+def test_two_input_eval_without_bn():
+    cell = make_two(3, 5, 3, TWO_INPUT_OPS, "chain", "mean", "per_op", False, False)
+    x, h0 = inputs(3, 5)
+    compare(cell, slow_two_input, x, h0, TOL64)
+
+
+@pytest.mark.parametrize("sharing", ["per_op", "per_node"])
+def test_two_input_weight_shapes(sharing):
+    d = 5
+    ops = ("none", "add_tanh", "hadamard", "add_relu", "highway", "add_identity")
+    cell = TwoInputSearchCell(3, d, nodes=2, ops=ops, weight_sharing=sharing)
+    n_add = 3 if sharing == "per_op" else 1
+    assert cell.input_weight.shape == (3, d)
+    for nw in cell.node_weights:
+        assert nw.add_weight.shape == (2 * d, n_add * d)
+        assert nw.highway_weight.shape == (d, 2 * d)
+    assert [a.shape for a in cell.arch] == [(len(ops),)] * 2
+    no_weights = TwoInputSearchCell(3, d, nodes=1, ops=("hadamard", "add"))
+    assert no_weights.node_weights[0].add_weight is None
+    assert no_weights.node_weights[0].highway_weight is None
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("wiring", ["chain", "input"])
+def test_two_input_float32(wiring, training):
+    cell = make_two(4, 5, 3, TWO_INPUT_OPS, wiring, "mean", "per_op", True, training,
+                    dtype=torch.float32)
+    x, h0 = inputs(4, 5, dtype=torch.float32)
+    compare(cell, slow_two_input, x, h0, TOL32)
+
+
+@pytest.mark.parametrize("bn", [True, False], ids=["bn", "nobn"])
+@pytest.mark.parametrize("wiring", ["chain", "input"])
+def test_two_input_dropout_masks_shared_across_time(wiring, bn):
+    cell = make_two(3, 5, 3, TWO_INPUT_OPS, wiring, "mean", "per_op", bn, True,
+                    dropout_x=0.4, dropout_h=0.3)
+    x, h0 = inputs(3, 5)
+    out = compare(cell, slow_two_input, x, h0, TOL64, seed=5)
+    no_drop = copy.deepcopy(cell)
+    no_drop.dropout_x = no_drop.dropout_h = 0.0
+    assert not torch.allclose(out, no_drop(x, h0)[0])
+
+
+@pytest.mark.parametrize("which", ["x", "h"])
+def test_two_input_single_dropout(which):
+    kw = {"dropout_x": 0.5} if which == "x" else {"dropout_h": 0.5}
+    cell = make_two(3, 5, 2, TWO_INPUT_OPS, "chain", "last", "per_op", False, True, **kw)
+    x, h0 = inputs(3, 5)
+    compare(cell, slow_two_input, x, h0, TOL64, seed=9)
+
+
+def test_two_input_eval_ignores_dropout():
+    cell = make_two(3, 5, 3, TWO_INPUT_OPS, "input", "last", "per_node", True, False,
+                    dropout_x=0.5, dropout_h=0.5)
+    x, h0 = inputs(3, 5)
+    compare(cell, slow_two_input, x, h0, TOL64)
+    plain = copy.deepcopy(cell)
+    plain.dropout_x = plain.dropout_h = 0.0
+    torch.testing.assert_close(cell(x, h0)[0], plain(x, h0)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["random", "onehot"])
+@pytest.mark.parametrize("sharing", ["per_op", "per_node"])
+def test_two_input_custom_weights(kind, sharing):
+    nodes, ops = 4, TWO_INPUT_OPS
+    cell = make_two(3, 5, nodes, ops, "chain", "mean", sharing, True, True)
+    gen = torch.Generator().manual_seed(4)
+    ws = []
+    for _ in range(nodes):
+        if kind == "random":
+            w = torch.rand(len(ops), generator=gen, dtype=torch.float64)
+        else:
+            w = torch.zeros(len(ops), dtype=torch.float64)
+            w[int(torch.randint(1, len(ops), (1,), generator=gen))] = 1.0
+        ws.append(w.requires_grad_())
+    x, h0 = inputs(3, 5)
+    compare(cell, slow_two_input, x, h0, TOL64, weights=ws)
+
+
+# Together the two choices use every op but 'none'.
+ONEHOT_CHOICES = [
+    ("add_tanh", "add_sigmoid", "add_relu", "add_identity"),
+    ("hadamard", "highway", "add", "add_relu"),
+]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("output", ["last", "mean"])
+@pytest.mark.parametrize("wiring", ["chain", "input"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_two_input_onehot_equals_discrete_cell(seed, wiring, output, training):
+    nodes, n_in, d = 4, 3, 5
+    ops = TWO_INPUT_OPS
+    chosen = ONEHOT_CHOICES[seed]
+    inputs_of = (lambda i: (i - 1, i - 2)) if wiring == "chain" else (lambda i: (i - 1, -1))
+    genotype = Genotype(
+        "two_input",
+        tuple(Node(op, inputs_of(i)) for i, op in enumerate(chosen, start=1)),
+        output=output,
+    )
+    kw = dict(dropout_x=0.3, dropout_h=0.2)
+    sup = make_two(n_in, d, nodes, ops, wiring, output, "per_op", False, training, **kw)
+    disc = TwoInputCell(genotype, n_in, d, **kw).double().train(training)
+    add_names = [n for n in ops if n.startswith("add_")]
+    with torch.no_grad():
+        disc.input_weight.copy_(sup.input_weight)
+        slot = 0
+        for node, nw in zip(genotype.nodes, sup.node_weights, strict=True):
+            if node.op in add_names:
+                q = add_names.index(node.op)
+                disc.node_weights[slot].copy_(nw.add_weight[:, q * d : (q + 1) * d])
+                slot += 1
+            elif node.op == "highway":
+                disc.node_weights[slot].copy_(nw.highway_weight)
+                slot += 1
+        assert slot == len(disc.node_weights)
+    onehot = [torch.eye(len(ops), dtype=torch.float64)[ops.index(op)] for op in chosen]
+    x, h0 = inputs(n_in, d)
+    torch.manual_seed(8)
+    out_sup, h_sup = sup(x, h0, weights=onehot)
+    torch.manual_seed(8)
+    out_disc, h_disc = disc(x, h0)
+    torch.testing.assert_close(out_sup, out_disc, **TOL64)
+    torch.testing.assert_close(h_sup, h_disc, **TOL64)
+
+
+# --------------------------------------------------------------------------------------------
+# derive()
+# --------------------------------------------------------------------------------------------
+
+
+def _set_arch(cell, rows) -> None:
+    with torch.no_grad():
+        for a, r in zip(cell.arch, rows, strict=True):
+            a.copy_(torch.tensor(r, dtype=a.dtype))
+
+
+def test_darts_derive_hand_set():
+    cell = DartsRNNSearchCell(3, 4, nodes=3)  # primitives: none tanh relu sigmoid identity
+    _set_arch(
+        cell,
+        [
+            # node 1: 'none' is largest and must be skipped -> relu
+            [[5.0, 1.0, 2.0, 0.0, 0.0]],
+            # node 2: edge 0 has the larger non-none *logit* (tanh 4) but 'none' dominates its
+            # softmax (p ~ 0.0025); edge 1's sigmoid has p ~ 0.83 -> (sigmoid, 1)
+            [[10.0, 4.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 3.0, 0.0]],
+            # node 3: predecessor 1, tanh
+            [[0.0, 0.0, 0.0, 0.0, 1.0], [0.0, 2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]],
+        ],
+    )
+    g = cell.derive()
+    assert g.space == "darts_rnn"
+    assert g.output == "mean"
+    assert g.nodes == (Node("relu", (0,)), Node("sigmoid", (1,)), Node("tanh", (1,)))
+
+
+def test_darts_derive_without_none_and_reordered():
+    cell = DartsRNNSearchCell(3, 4, nodes=2, primitives=("identity", "none", "tanh"))
+    _set_arch(cell, [[[0.0, 9.0, 1.0]], [[2.0, 0.0, 0.0], [0.0, 0.0, 0.5]]])
+    assert cell.derive().nodes == (Node("tanh", (0,)), Node("identity", (0,)))
+    cell = DartsRNNSearchCell(3, 4, nodes=1, primitives=("sigmoid", "identity"))
+    _set_arch(cell, [[[0.0, 0.1]]])
+    assert cell.derive().nodes == (Node("identity", (0,)),)
+
+
+@pytest.mark.parametrize("output", ["last", "mean"])
+@pytest.mark.parametrize("wiring", ["chain", "input"])
+def test_two_input_derive_hand_set(wiring, output):
+    ops = TWO_INPUT_OPS  # none add_tanh add_sigmoid add_relu add_identity hadamard add highway
+    cell = TwoInputSearchCell(3, 4, nodes=3, ops=ops, wiring=wiring, output=output)
+    _set_arch(
+        cell,
+        [
+            [9.0, 0.0, 0.0, 0.0, 0.0, 3.0, 1.0, 2.0],  # 'none' largest -> hadamard
+            [0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # add_sigmoid
+            [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.1],  # highway
+        ],
+    )
+    g = cell.derive()
+    expect_inputs = [(0, -1), (1, 0), (2, 1)] if wiring == "chain" else [(0, -1), (1, -1), (2, -1)]
+    assert g.space == "two_input"
+    assert g.output == output
+    assert g.ops() == ["hadamard", "add_sigmoid", "highway"]
+    assert [n.inputs for n in g.nodes] == expect_inputs
+
+
+def test_two_input_derive_subset_without_none():
+    cell = TwoInputSearchCell(3, 4, nodes=2, ops=("add", "hadamard"))
+    _set_arch(cell, [[0.0, 1.0], [1.0, 0.0]])
+    assert cell.derive().ops() == ["hadamard", "add"]
+
+
+@pytest.mark.parametrize("space", ["darts_rnn", "two_input"])
+def test_derived_genotype_builds_a_discrete_cell(space):
+    from morphnas import cells
+
+    cell = build(space, 3, 4, 3)
+    g = cell.derive()
+    disc = cells.build(g, 3, 4)
+    out, h = disc(torch.randn(T, B, 3))
+    assert out.shape == (T, B, 4) and h.shape == (B, 4)
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters, state_dict, protocol, build
+# --------------------------------------------------------------------------------------------
+
+
+SPACE_CONFIGS = [
+    ("darts_rnn", {}),
+    ("darts_rnn", {"batchnorm": False, "primitives": ("tanh", "none")}),
+    ("two_input", {}),
+    ("two_input", {"weight_sharing": "per_node", "batchnorm": True}),
+    ("two_input", {"ops": ("hadamard", "add")}),
+]
+
+
+@pytest.mark.parametrize(("space", "options"), SPACE_CONFIGS)
+def test_arch_and_weight_parameters_partition(space, options):
+    cell = build(space, 3, 4, 3, **options)
+    arch = cell.arch_parameters()
+    weights = cell.weight_parameters()
+    ids_all = [id(p) for p in cell.parameters()]
+    ids_arch = [id(p) for p in arch]
+    ids_w = [id(p) for p in weights]
+    assert len(ids_arch) == 3
+    assert not set(ids_arch) & set(ids_w)
+    assert sorted(ids_arch + ids_w) == sorted(ids_all)
+    assert len(set(ids_all)) == len(ids_all)
+
+    sd = cell.state_dict()
+    arch_keys = sorted(k for k in sd if k.startswith("arch."))
+    assert arch_keys == [f"arch.{i}" for i in range(3)]
+    by_id = {id(p): n for n, p in cell.named_parameters()}
+    assert sorted(by_id[i] for i in ids_arch) == arch_keys
+    for i, p in enumerate(arch):
+        assert torch.equal(sd[f"arch.{i}"], p.detach())
+    assert all(not by_id[i].startswith("arch.") for i in ids_w)
+    assert isinstance(cell, SearchSpace)
+
+
+@pytest.mark.parametrize("space", ["darts_rnn", "two_input"])
+def test_mixing_weights_are_softmax(space):
+    cell = build(space, 3, 4, 3)
+    for a, w in zip(cell.arch, cell.mixing_weights(), strict=True):
+        torch.testing.assert_close(w, torch.exp(a) / torch.exp(a).sum(-1, keepdim=True))
+
+
+def test_darts_arch_shapes_and_init():
+    cell = DartsRNNSearchCell(3, 4, nodes=5)
+    assert [tuple(a.shape) for a in cell.arch] == [(i, 5) for i in range(1, 6)]
+    assert cell.init_weight.shape == (7, 8)
+    assert all(w.shape == (4, 8) for w in cell.node_weights)
+    assert all(a.abs().max() < 0.02 for a in cell.arch)  # 1e-3 * N(0, 1)
+
+
+def test_build_returns_registered_spaces():
+    assert isinstance(build("darts_rnn", 3, 4, 2), DartsRNNSearchCell)
+    assert isinstance(build("two_input", 3, 4, 2), TwoInputSearchCell)
+    assert set(SPACES) == {"darts_rnn", "two_input"}
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("nope", {}),
+        ("DARTS_RNN", {}),
+        ("darts_rnn", {"primitives": ("tanh", "swish")}),
+        ("darts_rnn", {"primitives": ("none",)}),
+        ("darts_rnn", {"primitives": ()}),
+        ("darts_rnn", {"nodes": 0}),
+        ("two_input", {"ops": ("hadamard", "conv")}),
+        ("two_input", {"ops": ("none",)}),
+        ("two_input", {"wiring": "dag"}),
+        ("two_input", {"output": "max"}),
+        ("two_input", {"weight_sharing": "global"}),
+        ("two_input", {"nodes": 0}),
+        ("two_input", {"nodes": -1}),
+    ],
+)
+def test_build_rejects_bad_name_or_options(name, options):
+    opts = dict(options)
+    nodes = opts.pop("nodes", 2)
+    with pytest.raises(ValueError):
+        build(name, 3, 4, nodes, **opts)
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1])
+@pytest.mark.parametrize("space", ["darts_rnn", "two_input"])
+def test_build_rejects_dropout_out_of_range(space, value):
+    """A dropout probability must lie in [0, 1).
+
+    Today neither space checks it: p = 1 builds, and a training forward returns NaN (the mask is
+    bernoulli(0) / 0); p < 0 silently means no dropout; p > 1 fails only at forward time.
+    """
+    for option in ("dropout_x", "dropout_h"):
+        with pytest.raises(ValueError, match="dropout"):
+            build(space, 3, 4, 2, **{option: value})
+
+
+def test_unknown_space_message_lists_choices():
+    with pytest.raises(ValueError, match="darts_rnn"):
+        build("nope", 3, 4, 2)
+
+
+def test_variational_mask_scale():
+    """Sanity of the reference's assumption: masks are 0 or 1/keep, one per (batch, unit)."""
+    from morphnas.spaces.base import variational_mask
+
+    like = torch.zeros(1, dtype=torch.float64)
+    torch.manual_seed(0)
+    m = variational_mask(200, 7, 0.25, like, True)
+    assert m.shape == (200, 7)
+    vals = set(m.unique().tolist())
+    assert vals <= {0.0, 1 / 0.75}
+    assert math.isclose(m.mean().item(), 1.0, abs_tol=0.1)
+    assert variational_mask(3, 7, 0.25, like, False) is None
+    assert variational_mask(3, 7, 0.0, like, True) is None
