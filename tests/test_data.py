@@ -145,6 +145,7 @@ def test_csv_explicit_time_col_and_column_selection(tmp_path: Path) -> None:
     data = load_csv(_write(tmp_path, text), time_col="when", columns=["b"])
     assert data.columns == ("b",)
     assert data.index[0] == pd.Timestamp("2020-01-03") and data.frequency == "D"
+    assert load_csv(_write(tmp_path, text), columns="b, a").columns == ("b", "a")
 
 
 def test_csv_text_column_is_left_out_and_noted(tmp_path: Path) -> None:
@@ -272,9 +273,7 @@ def test_csv_ragged_row(tmp_path: Path) -> None:
     assert "line 3" in message and "fields" in message
 
 
-@pytest.mark.parametrize(
-    ("header", "words"), [("a,a", "twice"), (",a", "no name")]
-)
+@pytest.mark.parametrize(("header", "words"), [("a,a", "twice"), (",a", "no name")])
 def test_csv_bad_header(tmp_path: Path, header: str, words: str) -> None:
     assert words in _error(load_csv, _write(tmp_path, f"{header}\n1,2\n3,4\n"))
 

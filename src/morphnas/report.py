@@ -202,19 +202,18 @@ def plot_arch_weights(rows: list[dict], op_names: Sequence[str], path: Path) -> 
     """One panel per node: how its op probabilities move over the search epochs.
 
     All panels share the epoch axis, so a node added by growth starts part-way along it, at the
-    epoch it first appears. The dotted line is the uniform probability, 1 / number of ops.
+    epoch it first appears. The dotted line is the uniform probability, 1 / number of ops. Every
+    panel draws the ops in the same order from the same colour cycle, so an op keeps its colour.
     """
     search = _by_epoch([r for r in rows if r.get("phase") == "search" and "arch" in r])
     if not search:
         raise UserError("no search rows with architecture weights ('arch') to plot")
     series = _node_op_probabilities(search, len(op_names))
     fig, axes = _grid(len(series), panel_size=(3.6, 2.6))
-    colors = [f"C{k}" for k in range(len(op_names))] if len(op_names) <= 10 else None
     marker = "o" if len(search) <= 20 else None
     for ax, (node, (epochs, probs)) in zip(axes, series.items(), strict=True):
         for k, name in enumerate(op_names):
-            color = colors[k] if colors else None
-            ax.plot(epochs, probs[:, k], color=color, marker=marker, markersize=3, label=name)
+            ax.plot(epochs, probs[:, k], marker=marker, markersize=3, label=name)
         ax.axhline(1 / len(op_names), color="0.5", linestyle=":", linewidth=1, label="uniform")
         ax.set_title(f"node s{node}")
         ax.set_ylim(0, 1)

@@ -91,8 +91,7 @@ def _info(name: str) -> DatasetInfo:
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.0)
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise UserError(
-        f"unknown dataset {name!r}; {hint}available: {', '.join(names)} "
-        "(or load your own CSV file)"
+        f"unknown dataset {name!r}; {hint}available: {', '.join(names)} (or load your own CSV file)"
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -95,9 +95,7 @@ class Split:
         return (("train", self.train), ("valid", self.valid), ("test", self.test))
 
 
-def chronological_split(
-    n_steps: int, fractions: Sequence[float] = (0.6, 0.2, 0.2)
-) -> Split:
+def chronological_split(n_steps: int, fractions: Sequence[float] = (0.6, 0.2, 0.2)) -> Split:
     """Cut `n_steps` rows into consecutive train/valid/test ranges by `fractions`.
 
     The cut points are rounded (not floored) so that e.g. 0.7 * 10 gives 7 rows despite the
@@ -111,7 +109,7 @@ def chronological_split(
         if part.stop <= part.start:
             raise UserError(
                 f"a series of {n_steps} rows is too short to split by fractions {fracs}: the "
-                f"{name} part gets no rows; use a longer series or larger --fractions for {name}"
+                f"{name} part gets no rows; use a longer series or a larger {name} fraction"
             )
     return split
 
@@ -125,9 +123,7 @@ def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
             f"{tuple(fractions)}; e.g. 0.6,0.2,0.2"
         )
     if not math.isclose(sum(fracs), 1.0, abs_tol=1e-9):
-        raise UserError(
-            f"split fractions {fracs} sum to {sum(fracs):g}, not 1; e.g. 0.6,0.2,0.2"
-        )
+        raise UserError(f"split fractions {fracs} sum to {sum(fracs):g}, not 1; e.g. 0.6,0.2,0.2")
     return fracs[0], fracs[1], fracs[2]
 
 
@@ -245,9 +241,7 @@ def _scaler_class(kind: str) -> type[Scaler]:
         return _SCALERS[kind]
     close = difflib.get_close_matches(kind, list(_SCALERS), n=1, cutoff=0.0)
     hint = f"did you mean '{close[0]}'? " if close else ""
-    raise UserError(
-        f"unknown scaler '{kind}'; {hint}choose one of: {', '.join(_SCALERS)}"
-    )
+    raise UserError(f"unknown scaler '{kind}'; {hint}choose one of: {', '.join(_SCALERS)}")
 
 
 @dataclass
@@ -265,7 +259,7 @@ class WindowedSplits:
     window: int
     horizon: int
     columns: tuple[str, ...]
-    test_index: pd.DatetimeIndex | None = field(default=None)
+    test_index: pd.DatetimeIndex | None = None
 
 
 def make_windows(
