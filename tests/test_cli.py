@@ -34,12 +34,14 @@ def test_search_train_evaluate_end_to_end(tmp_path, synthetic_csv):
     out = json.loads(done.stdout)
     assert out["run_dir"] == str(run)
     assert out["genotype"]["format"] == "morphnas.genotype"
-    assert [r["model"] for r in out["results"]] == ["searched", "lstm", "gru", "naive"]
+    assert [r["model"] for r in out["results"]] == ["searched", "lstm", "gru", "ar", "naive"]
     for row in out["results"]:
-        assert RESULT_KEYS <= row.keys()
+        assert row.keys() >= RESULT_KEYS
         assert row["test_rse"] > 0 and row["test_rmse"] > 0
     params = {r["model"]: r["params"] for r in out["results"]}
-    assert params["lstm"] == 4 * (8 * 3 + 8 * 8 + 2 * 8) + 8 * 3 + 3  # nn.LSTM + linear head
+    # nn.LSTM + linear head + the autoregressive component over the (6-step) window
+    assert params["lstm"] == 4 * (8 * 3 + 8 * 8 + 2 * 8) + (8 * 3 + 3) + (6 + 1)
+    assert params["ar"] == 6 + 1
     for name in ("config.yaml", "genotype.json", "metrics.jsonl", "summary.json"):
         assert (run / name).is_file(), name
     for name in ("search_last.pt", "search_best.pt"):
@@ -139,7 +141,9 @@ def test_existing_run_directory_is_not_overwritten(tmp_path, synthetic_csv):
     run = tmp_path / "run"
     run.mkdir()
     keep = _write(run / "precious.txt", "do not lose me")
-    _assert_user_error(morphnas("search", "--csv", str(synthetic_csv), "--out", str(run)), "--force")
+    _assert_user_error(
+        morphnas("search", "--csv", str(synthetic_csv), "--out", str(run)), "--force"
+    )
     assert keep.read_text() == "do not lose me"
 
 

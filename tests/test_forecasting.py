@@ -1,4 +1,4 @@
-"""Forecasting metrics against hand-computed values, the model head, and the first-order strategy."""
+"""Forecasting metrics against hand-computed values, the model head, the first-order strategy."""
 
 from __future__ import annotations
 
@@ -67,7 +67,9 @@ def test_darts_first_order_step_is_plain_gradient_of_valid_loss(name):
         return loss_fn(model(batch[0], weights=mixing), batch[1])
 
     # Expected: autograd of the validation loss with respect to alpha.
-    expected = torch.autograd.grad(batch_loss((x, y), cell.mixing_weights()), cell.arch_parameters())
+    expected = torch.autograd.grad(
+        batch_loss((x, y), cell.mixing_weights()), cell.arch_parameters()
+    )
     strategy = strategies.build("darts", cell, lr=0.1, weight_decay=0.0)
     before = [p.detach().clone() for p in cell.arch_parameters()]
     weights_before = [p.detach().clone() for p in cell.weight_parameters()]
@@ -77,6 +79,8 @@ def test_darts_first_order_step_is_plain_gradient_of_valid_loss(name):
     # Adam's first step moves every coordinate with a non-zero gradient by lr * sign(g).
     for p, b, g in zip(cell.arch_parameters(), before, expected, strict=True):
         moved = (b - p.detach())[g.abs() > 1e-12]
-        torch.testing.assert_close(moved, 0.1 * torch.sign(g[g.abs() > 1e-12]), rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(
+            moved, 0.1 * torch.sign(g[g.abs() > 1e-12]), rtol=1e-3, atol=1e-5
+        )
     for p, b in zip(cell.weight_parameters(), weights_before, strict=True):
         assert p.grad is None and torch.equal(p, b)

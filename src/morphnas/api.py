@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from morphnas import cells, config as config_mod, data as data_mod, engine, report, spaces
+from morphnas import cells, engine, report, spaces, strategies
+from morphnas import config as config_mod
+from morphnas import data as data_mod
 from morphnas import genotype as genotype_mod
-from morphnas import strategies
 from morphnas.config import RunConfig
 from morphnas.engine.checkpoint import load as load_checkpoint
 from morphnas.engine.checkpoint import save_atomic
@@ -50,17 +51,26 @@ class RunResult:
         }
 
 
-def search(config: RunConfig, *, progress: Progress | None = None, force: bool = False) -> RunResult:
-    """Search a cell, derive it, retrain it from scratch beside the baselines, and compare on test."""
+def search(
+    config: RunConfig, *, progress: Progress | None = None, force: bool = False
+) -> RunResult:
+    """Search a cell, derive it, retrain it beside the baselines, and compare them on test."""
     run_dir = _start_run(config, "search", force)
     data = _load_windows(config)
     log = report.MetricsLog(run_dir / "metrics.jsonl")
     seed_everything(config.seed)
     n_series = len(data.columns)
-    space = spaces.build(
-        config.space.name, n_series, config.space.hidden, config.space.nodes, **config.space.options
-    )
-    model = ForecastModel(space, config.space.hidden, n_series, config.train.dropout)
+    try:
+        space = spaces.build(
+            config.space.name,
+            n_series,
+            config.space.hidden,
+            config.space.nodes,
+            **config.space.options,
+        )
+    except (TypeError, ValueError) as err:
+        raise UserError(f"space.options: {err}") from None
+    model = _forecaster(space, config, n_series)
     strategy = strategies.build(
         config.search.strategy,
         space,
@@ -118,7 +128,7 @@ def train(
 
 
 def evaluate(run_dir: Path) -> RunResult:
-    """Re-score the saved models of a finished run on its test span (rebuilt from ``config.yaml``)."""
+    """Re-score a finished run's saved models on its test span (data rebuilt from its config)."""
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
@@ -203,12 +213,25 @@ def _cell_options(config: RunConfig) -> dict[str, Any]:
 
 
 def _build_model(architecture: Genotype | str, config: RunConfig, n_series: int) -> nn.Module:
+    """A genotype's cell, a recurrent baseline, or ``ar`` (the linear part alone), in one head."""
     hidden = config.space.hidden
     if isinstance(architecture, Genotype):
         cell = cells.build(architecture, n_series, hidden, **_cell_options(config))
+    elif architecture == "ar":
+        if config.train.ar_window < 1:
+            raise UserError("the 'ar' baseline needs train.ar_window >= 1")
+        cell = None
     else:
         cell = cells.baseline(architecture, n_series, hidden)
-    return ForecastModel(cell, hidden, n_series, config.train.dropout)
+    return _forecaster(cell, config, n_series)
+
+
+def _forecaster(cell: nn.Module | None, config: RunConfig, n_series: int) -> ForecastModel:
+    """The same head for every model of a run, searched or baseline."""
+    ar = min(config.train.ar_window, config.data.window)
+    return ForecastModel(
+        cell, config.space.hidden, n_series, config.train.dropout, ar, config.train.window_norm
+    )
 
 
 def _count_params(model: nn.Module) -> int:

@@ -20,7 +20,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
-from morphnas import api, config as config_mod, data, report
+from morphnas import api, data, report
+from morphnas import config as config_mod
 from morphnas import genotype as genotype_mod
 from morphnas.errors import UserError
 
@@ -90,7 +91,9 @@ def _parse_set(assignments: list[str]) -> dict[str, Any]:
     for item in assignments:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise UserError(f"--set expects KEY=VALUE (e.g. space.options.wiring=input), got {item!r}")
+            raise UserError(
+                f"--set expects KEY=VALUE (e.g. space.options.wiring=input), got {item!r}"
+            )
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
@@ -206,7 +209,7 @@ def search(
 @_friendly
 def train(
     genotype: Annotated[Path | None, typer.Option(help="genotype.json of a searched cell")] = None,
-    baseline: Annotated[str | None, typer.Option(help="lstm | gru | naive")] = None,
+    baseline: Annotated[str | None, typer.Option(help="lstm | gru | ar | naive")] = None,
     config: ConfigOpt = None,
     dataset: DatasetOpt = None,
     csv: CsvOpt = None,
@@ -224,8 +227,8 @@ def train(
     force: ForceOpt = False,
 ) -> None:
     """Train one model from scratch (a genotype's cell or a baseline) and score it on test."""
-    if baseline is not None and baseline not in ("lstm", "gru", "naive"):
-        raise UserError(f"--baseline must be lstm, gru or naive, got {baseline!r}")
+    if baseline is not None and baseline not in ("lstm", "gru", "ar", "naive"):
+        raise UserError(f"--baseline must be lstm, gru, ar or naive, got {baseline!r}")
     cfg = _resolve(
         config, set_, dataset=dataset, csv=csv, time_col=time_col, columns=columns, hidden=hidden,
         retrain_epochs=retrain_epochs, window=window, horizon=horizon, seed=seed, out=out,

@@ -51,9 +51,9 @@ class SpaceConfig(_Strict):
 
 class SearchConfig(_Strict):
     strategy: str = "darts"
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(20, ge=1)
     batch_size: int = Field(64, ge=2)
-    lr: float = Field(1e-3, gt=0, description="weight learning rate (Adam)")
+    lr: float = Field(3e-3, gt=0, description="weight learning rate (Adam)")
     weight_decay: float = Field(0.0, ge=0)
     arch_lr: float = Field(3e-3, gt=0)
     arch_weight_decay: float = Field(1e-3, ge=0)
@@ -61,14 +61,20 @@ class SearchConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(30, ge=1, description="retraining epochs (upper bound; early stopping)")
+    epochs: int = Field(40, ge=1, description="retraining epochs (upper bound; early stopping)")
     batch_size: int = Field(64, ge=2)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     patience: int = Field(5, ge=1, description="epochs without a better valid loss before stopping")
     clip: float = Field(10.0, gt=0)
     dropout: float = Field(0.2, ge=0, lt=1, description="dropout before the forecasting head")
-    baselines: list[Literal["lstm", "gru", "naive"]] = ["lstm", "gru", "naive"]
+    ar_window: int = Field(
+        28, ge=0, description="LSTNet autoregressive component over the last k steps (0: none)"
+    )
+    window_norm: Literal["none", "last", "mean"] = Field(
+        "last", description="subtract each window's last value or mean, add it to the forecast"
+    )
+    baselines: list[Literal["lstm", "gru", "ar", "naive"]] = ["lstm", "gru", "ar", "naive"]
 
 
 class RunConfig(_Strict):

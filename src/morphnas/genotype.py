@@ -1,4 +1,4 @@
-"""The architecture as data: the only thing that crosses from search to retraining, plots and export.
+"""The architecture as data: the only thing that crosses from search to retraining and plots.
 
 A genotype is a list of nodes, each an operation applied to earlier states, plus the rule that turns
 node states into the cell's output. State indices are shared by both recurrent spaces:
@@ -45,6 +45,9 @@ SPACE_OPS: dict[str, tuple[str, ...]] = {
 SPACE_ARITY = {"darts_rnn": 1, "two_input": 2}
 SPACE_FIRST_STATE = {"darts_rnn": 0, "two_input": -1}
 OUTPUTS = ("mean", "last")
+# Squashing applied to the combined node states to form h_t: "tanh" keeps the recurrent state
+# bounded whatever ops a cell uses (a cell of parameter-free adds otherwise grows without bound).
+OUTPUT_ACTIVATIONS = ("identity", "tanh")
 
 
 @dataclass(frozen=True)
@@ -57,11 +60,12 @@ class Node:
 
 @dataclass(frozen=True)
 class Genotype:
-    """A discrete recurrent cell. ``metadata`` (search settings, final probabilities) is informative only."""
+    """A discrete recurrent cell; ``metadata`` (how it was found) is informative only."""
 
     space: str
     nodes: tuple[Node, ...]
     output: str = "last"
+    output_activation: str = "identity"
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -73,6 +77,7 @@ class Genotype:
             "version": VERSION,
             "space": self.space,
             "output": self.output,
+            "output_activation": self.output_activation,
             "nodes": [{"op": n.op, "inputs": list(n.inputs)} for n in self.nodes],
             "metadata": self.metadata,
         }
@@ -93,7 +98,8 @@ class Genotype:
         def state(i: int) -> str:
             return names.get(i, f"s{i}")
 
-        lines = [f"{self.space} cell, output = {self.output} of nodes"]
+        squash = "" if self.output_activation == "identity" else f"{self.output_activation} of "
+        lines = [f"{self.space} cell, output = {squash}{self.output} of nodes"]
         for i, node in enumerate(self.nodes, start=1):
             lines.append(f"  s{i} = {node.op}({', '.join(state(j) for j in node.inputs)})")
         return "\n".join(lines)
@@ -106,6 +112,11 @@ def validate(genotype: Genotype) -> None:
         raise UserError(f"genotype: unknown space {space!r}; expected one of {sorted(SPACE_OPS)}")
     if genotype.output not in OUTPUTS:
         raise UserError(f"genotype: unknown output {genotype.output!r}; expected one of {OUTPUTS}")
+    if genotype.output_activation not in OUTPUT_ACTIVATIONS:
+        raise UserError(
+            f"genotype: unknown output_activation {genotype.output_activation!r}; "
+            f"expected one of {OUTPUT_ACTIVATIONS}"
+        )
     if not genotype.nodes:
         raise UserError("genotype: 'nodes' is empty; a cell needs at least one node")
     arity, first = SPACE_ARITY[space], SPACE_FIRST_STATE[space]
@@ -134,9 +145,9 @@ def from_dict(data: Any) -> Genotype:
     if data.get("format") != FORMAT:
         raise UserError(f"genotype: 'format' must be {FORMAT!r}; is this a morphnas genotype file?")
     version = data.get("version")
-    if version != VERSION:
+    if isinstance(version, bool) or version != VERSION:
         raise UserError(
-            f"genotype: version {version!r} is not supported (this morphnas reads version {VERSION})"
+            f"genotype: version {version!r} is not supported (this morphnas reads {VERSION})"
         )
     for key in ("space", "nodes"):
         if key not in data:
@@ -148,18 +159,25 @@ def from_dict(data: Any) -> Genotype:
         if not isinstance(raw, dict) or not {"op", "inputs"} <= raw.keys():
             raise UserError(f"genotype: node {i} must be an object with 'op' and 'inputs'")
         inputs = raw["inputs"]
-        if not isinstance(raw["op"], str) or not isinstance(inputs, list) or not all(
-            isinstance(j, int) and not isinstance(j, bool) for j in inputs
+        if (
+            not isinstance(raw["op"], str)
+            or not isinstance(inputs, list)
+            or not all(isinstance(j, int) and not isinstance(j, bool) for j in inputs)
         ):
-            raise UserError(f"genotype: node {i} needs a string 'op' and a list of integer 'inputs'")
+            raise UserError(
+                f"genotype: node {i} needs a string 'op' and a list of integer 'inputs'"
+            )
         nodes.append(Node(raw["op"], tuple(inputs)))
     metadata = data.get("metadata", {})
     if not isinstance(metadata, dict):
         raise UserError("genotype: 'metadata' must be an object")
     space, output = data["space"], data.get("output", "last")
-    if not isinstance(space, str) or not isinstance(output, str):
-        raise UserError("genotype: 'space' and 'output' must be strings")
-    return Genotype(space=space, nodes=tuple(nodes), output=output, metadata=metadata)
+    squash = data.get("output_activation", "identity")
+    if not all(isinstance(v, str) for v in (space, output, squash)):
+        raise UserError("genotype: 'space', 'output' and 'output_activation' must be strings")
+    return Genotype(
+        space=space, nodes=tuple(nodes), output=output, output_activation=squash, metadata=metadata
+    )
 
 
 def from_json(text: str) -> Genotype:

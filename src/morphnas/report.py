@@ -396,18 +396,21 @@ def _cell_graph(genotype: Genotype) -> tuple[list[_State], list[tuple[str, str, 
         else:
             states.append(_State(f"s{i}", f"s{i}\n{node.op}", "node"))
             edges += [(source, f"s{i}", label) for source, label in zip(sources, "ab", strict=True)]
-    if genotype.output == "mean":
-        states.append(_State("out", f"hₜ\nmean(s1..s{n})" if n > 1 else "hₜ = s1", "output"))
-        edges += [(f"s{i}", "out", "") for i in range(1, n + 1)]
-    else:
-        states.append(_State("out", f"hₜ = s{n}", "output"))
-        edges.append((f"s{n}", "out", ""))
+    combined = f"mean(s1..s{n})" if genotype.output == "mean" and n > 1 else f"s{n}"
+    if genotype.output_activation != "identity":
+        combined = f"{genotype.output_activation}({combined})"
+    states.append(
+        _State("out", f"hₜ =\n{combined}" if len(combined) > 8 else f"hₜ = {combined}", "output")
+    )
+    sources = range(1, n + 1) if genotype.output == "mean" else [n]
+    edges += [(f"s{i}", "out", "") for i in sources]
     return states, edges
 
 
 def _genotype_title(genotype: Genotype) -> str:
     n = len(genotype.nodes)
-    return f"{genotype.space} cell: {n} node{'s' * (n != 1)}, output = {genotype.output}"
+    squash = "" if genotype.output_activation == "identity" else f"{genotype.output_activation} of "
+    return f"{genotype.space} cell: {n} node{'s' * (n != 1)}, output = {squash}{genotype.output}"
 
 
 def _render_graphviz(genotype: Genotype) -> bytes:
@@ -624,7 +627,10 @@ def results_table(results: Sequence[Mapping[str, Any]], title: str = "results") 
     """
     table = Table(title=title)
     for key, header in _COLUMNS:
-        table.add_column(header, justify="left" if key == "model" else "right")
+        if key == "model":  # names are never cut; numbers may wrap their headers instead
+            table.add_column(header, justify="left", no_wrap=True, min_width=8)
+        else:
+            table.add_column(header, justify="right")
     scores = [_number(result.get("test_rse")) for result in results]
     finite = [s for s in scores if s is not None and math.isfinite(s)]
     best = min(finite, default=None)

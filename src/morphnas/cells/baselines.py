@@ -8,7 +8,7 @@ BASELINES: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU}
 
 
 class RecurrentBaseline(nn.Module):
-    """One ``nn.LSTM``/``nn.GRU`` layer; ``h_last`` is the hidden state (the LSTM cell state stays inside)."""
+    """An ``nn.LSTM`` or ``nn.GRU``; ``h_last`` is the hidden state, not the LSTM cell state."""
 
     def __init__(self, kind: str, input_size: int, hidden_size: int) -> None:
         super().__init__()

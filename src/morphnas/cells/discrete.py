@@ -14,11 +14,14 @@ from torch import Tensor, nn
 
 from morphnas.genotype import Genotype
 from morphnas.ops import ACTIVATIONS, ADD_OPS, two_input_op
-from morphnas.spaces.base import uniform_parameter, variational_mask
+from morphnas.spaces.base import check_dropout, uniform_parameter, variational_mask
 
 
 class DartsRNNCell(nn.Module):
-    """The DARTS evaluation cell: highway init node, then ``s_i = s_j + c ⊙ (f(g) − s_j)``."""
+    """The DARTS evaluation cell: highway init node, then ``s_i = s_j + c ⊙ (f(g) − s_j)``.
+
+    The output is the genotype's: DARTS derives ``mean`` (of nodes 1..N) with no squashing.
+    """
 
     def __init__(
         self,
@@ -32,6 +35,7 @@ class DartsRNNCell(nn.Module):
         super().__init__()
         self.genotype = genotype
         self.input_size, self.hidden_size = input_size, hidden_size
+        check_dropout(dropout_x=dropout_x, dropout_h=dropout_h)
         self.dropout_x, self.dropout_h = dropout_x, dropout_h
         d = hidden_size
         self.init_weight = uniform_parameter(input_size + d, 2 * d, bound=init_range)
@@ -48,6 +52,7 @@ class DartsRNNCell(nn.Module):
         x_proj = (x if mask_x is None else x * mask_x) @ w_x
         h = x.new_zeros(batch, d) if h0 is None else h0
         acts = [ACTIVATIONS[node.op] for node in self.genotype.nodes]
+        squash = ACTIVATIONS[self.genotype.output_activation]
         outputs = []
         for t in range(steps):
             c0, g0 = (x_proj[t] + (h if mask_h is None else h * mask_h) @ w_h).chunk(2, dim=-1)
@@ -56,7 +61,8 @@ class DartsRNNCell(nn.Module):
                 s_prev = states[node.inputs[0]]
                 c, g = ((s_prev if mask_h is None else s_prev * mask_h) @ w_node).chunk(2, dim=-1)
                 states.append(s_prev + torch.sigmoid(c) * (f(g) - s_prev))
-            h = torch.stack(states[1:]).mean(0)
+            h = states[-1] if self.genotype.output == "last" else torch.stack(states[1:]).mean(0)
+            h = squash(h)
             outputs.append(h)
         return torch.stack(outputs), h
 
@@ -76,6 +82,7 @@ class TwoInputCell(nn.Module):
         super().__init__()
         self.genotype = genotype
         self.input_size, self.hidden_size = input_size, hidden_size
+        check_dropout(dropout_x=dropout_x, dropout_h=dropout_h)
         self.dropout_x, self.dropout_h = dropout_x, dropout_h
         d = hidden_size
         bound = 1.0 / math.sqrt(d) if init_range is None else init_range
@@ -106,6 +113,7 @@ class TwoInputCell(nn.Module):
         u_all = (x if mask_x is None else x * mask_x) @ self.input_weight
         h = x.new_zeros(batch, self.hidden_size) if h0 is None else h0
         n = len(self.genotype.nodes)
+        squash = ACTIVATIONS[self.genotype.output_activation]
         outputs = []
         for t in range(steps):
             states = {-1: u_all[t], 0: h if mask_h is None else h * mask_h}
@@ -114,5 +122,6 @@ class TwoInputCell(nn.Module):
                 states[i + 1] = self._node(i, a, b)
             nodes = [states[i] for i in range(1, n + 1)]
             h = nodes[-1] if self.genotype.output == "last" else torch.stack(nodes).mean(0)
+            h = squash(h)
             outputs.append(h)
         return torch.stack(outputs), h

@@ -14,7 +14,9 @@ from morphnas.tasks.forecasting import batches
 Batch = tuple[Tensor, Tensor]
 
 
-def endless_batches(x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+def endless_batches(
+    x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator
+) -> Iterator[Batch]:
     """Shuffled batches of ``(x, y)`` forever: the validation stream of the architecture step."""
     while True:
         for idx in batches(len(x), batch_size, generator):

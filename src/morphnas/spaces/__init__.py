@@ -1,7 +1,8 @@
-"""Search spaces: supernets with architecture parameters, a mixing-weight forward and ``derive()``."""
+"""Search spaces: supernets with architecture parameters, a mixing forward and ``derive()``."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import nn
@@ -17,9 +18,15 @@ SPACES: dict[str, type[nn.Module]] = {
 
 
 def build(name: str, input_size: int, hidden_size: int, nodes: int, **options: Any) -> nn.Module:
-    """Build the supernet ``name`` for inputs of ``input_size`` features and ``hidden_size`` state."""
+    """The supernet ``name`` for ``input_size`` features and a ``hidden_size`` state."""
     if name not in SPACES:
         raise ValueError(f"unknown search space {name!r}; expected one of {sorted(SPACES)}")
+    accepted = set(inspect.signature(SPACES[name]).parameters) - {"input_size", "hidden_size"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(
+            f"unknown {name} option(s) {unknown}; accepted: {sorted(accepted - {'nodes'})}"
+        )
     return SPACES[name](input_size, hidden_size, nodes=nodes, **options)
 
 

@@ -64,7 +64,16 @@ def uniform_parameter(*shape: int, bound: float) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
 
 
-def variational_mask(batch: int, size: int, p: float, like: Tensor, training: bool) -> Tensor | None:
+def check_dropout(**probabilities: float) -> None:
+    """Dropout probabilities must lie in [0, 1): ``p = 1`` would divide the mask by zero."""
+    for name, p in probabilities.items():
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {p}")
+
+
+def variational_mask(
+    batch: int, size: int, p: float, like: Tensor, training: bool
+) -> Tensor | None:
     """One dropout mask per sequence, shared by every time step (locked / variational dropout)."""
     if not training or p <= 0.0:
         return None

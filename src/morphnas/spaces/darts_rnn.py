@@ -22,11 +22,17 @@ from torch import Tensor, nn
 
 from morphnas.genotype import DARTS_PRIMITIVES, Genotype, Node
 from morphnas.ops import ACTIVATIONS
-from morphnas.spaces.base import ArchitectureMixin, new_alpha, uniform_parameter, variational_mask
+from morphnas.spaces.base import (
+    ArchitectureMixin,
+    check_dropout,
+    new_alpha,
+    uniform_parameter,
+    variational_mask,
+)
 
 
 class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
-    """DARTS recurrent supernet. ``arch[i-1]`` has shape ``(i, len(primitives))``: node i's edges."""
+    """DARTS recurrent supernet; ``arch[i-1]`` is ``(i, len(primitives))``: node i's edges."""
 
     space = "darts_rnn"
 
@@ -52,6 +58,7 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
             raise ValueError("darts_rnn needs at least one node")
         self.input_size, self.hidden_size = input_size, hidden_size
         self.op_names = tuple(primitives)
+        check_dropout(dropout_x=dropout_x, dropout_h=dropout_h)
         self.dropout_x, self.dropout_h = dropout_x, dropout_h
         d = hidden_size
         self.init_weight = uniform_parameter(input_size + d, 2 * d, bound=init_range)

@@ -1,9 +1,12 @@
-"""The two-input recurrent backbone (Jie & Gao), fused. Our reading of the paper: spec/morphism.md §2.2.
+"""The two-input recurrent backbone (Jie & Gao), fused; our reading of the paper (morphism.md §2.2).
 
 Every candidate op takes two inputs ``(a, b)``. Seeds: ``u_t = W_x x_t`` (state -1) and
 ``h_{t-1}`` (state 0). Wiring ``chain``: node ``i`` reads ``(s_{i-1}, s_{i-2})``, so node 1 sees
 ``(h_{t-1}, u_t)``; wiring ``input``: node ``i`` reads ``(s_{i-1}, u_t)`` ("input injection").
-A mixed node is ``Σ_k softmax(α_i)_k · o_k(a, b)``; the output is the last node or the mean.
+A mixed node is ``Σ_k softmax(α_i)_k · o_k(a, b)``; the output is the last node or the mean,
+squashed by ``tanh`` by default (``output_activation``): LSTM and GRU keep their state bounded by
+construction, and without a squash a cell of parameter-free ``add`` nodes (``s2 = s1 + h``)
+multiplies the state at every step and overflows within a few dozen steps.
 
 Fused: the input projection runs once for all time steps, the softmax once per forward, the
 ``add_*`` ops of a node share one matmul on ``[a, b]`` (one ``2d × n·d`` block), the highway op
@@ -18,9 +21,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from morphnas.genotype import OUTPUTS, TWO_INPUT_OPS, Genotype, Node
+from morphnas.genotype import OUTPUT_ACTIVATIONS, OUTPUTS, TWO_INPUT_OPS, Genotype, Node
 from morphnas.ops import ACTIVATIONS, ADD_OPS
-from morphnas.spaces.base import ArchitectureMixin, new_alpha, uniform_parameter, variational_mask
+from morphnas.spaces.base import (
+    ArchitectureMixin,
+    check_dropout,
+    new_alpha,
+    uniform_parameter,
+    variational_mask,
+)
 
 WIRINGS = ("chain", "input")
 WEIGHT_SHARING = ("per_op", "per_node")
@@ -59,6 +68,7 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         ops: Sequence[str] = TWO_INPUT_OPS,
         wiring: str = "chain",
         output: str = "last",
+        output_activation: str = "tanh",
         weight_sharing: str = "per_op",
         batchnorm: bool = False,
         dropout_x: float = 0.0,
@@ -74,6 +84,7 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         for name, value, allowed in (
             ("wiring", wiring, WIRINGS),
             ("output", output, OUTPUTS),
+            ("output_activation", output_activation, OUTPUT_ACTIVATIONS),
             ("weight_sharing", weight_sharing, WEIGHT_SHARING),
         ):
             if value not in allowed:
@@ -83,6 +94,9 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         self.input_size, self.hidden_size = input_size, hidden_size
         self.op_names = tuple(ops)
         self.wiring, self.output, self.weight_sharing = wiring, output, weight_sharing
+        self.output_activation = output_activation
+        self._squash = ACTIVATIONS[output_activation]
+        check_dropout(dropout_x=dropout_x, dropout_h=dropout_h)
         self.dropout_x, self.dropout_h = dropout_x, dropout_h
         self.init_range = 1.0 / math.sqrt(hidden_size) if init_range is None else init_range
         self.add_ops = [name for name in self.op_names if name in ADD_OPS]
@@ -111,7 +125,9 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         terms = []
         if weights.add_weight is not None:
             pre = torch.cat([a, b], dim=-1) @ weights.add_weight
-            chunks = pre.chunk(len(self.add_ops), dim=-1) if self.weight_sharing == "per_op" else None
+            chunks = (
+                pre.chunk(len(self.add_ops), dim=-1) if self.weight_sharing == "per_op" else None
+            )
             for n, name in enumerate(self.add_ops):
                 z = chunks[n] if chunks is not None else pre
                 terms.append(p[index[name]] * ACTIVATIONS[ADD_OPS[name]](z))
@@ -143,6 +159,7 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
                 states[i] = self.bn(s) if self.bn is not None else s
             node_states = [states[i] for i in range(1, self.nodes + 1)]
             h = node_states[-1] if self.output == "last" else torch.stack(node_states).mean(0)
+            h = self._squash(h)
             outputs.append(h)
         return torch.stack(outputs), h
 
@@ -154,4 +171,9 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         for i, p in enumerate(self.mixing_weights(), start=1):
             k = candidates[int(p[candidates].argmax())]
             nodes.append(Node(self.op_names[k], node_inputs(i, self.wiring)))
-        return Genotype(space=self.space, nodes=tuple(nodes), output=self.output)
+        return Genotype(
+            space=self.space,
+            nodes=tuple(nodes),
+            output=self.output,
+            output_activation=self.output_activation,
+        )

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from morphnas.spaces.base import SearchSpace
 
-# A loss on one batch under given mixing weights: the strategy decides the weights, the task the loss.
+# A loss on one batch under given mixing weights: the strategy picks the weights, the task the loss.
 BatchLoss = Callable[[Any, list[Tensor]], Tensor]
 
 

@@ -1,4 +1,4 @@
-"""DARTS, first order (Liu et al. 2019): the architecture gradient is ∂L_val/∂α at the current weights."""
+"""First-order DARTS (Liu et al. 2019): the architecture gradient is ∂L_val/∂α at fixed weights."""
 
 from __future__ import annotations
 

@@ -16,26 +16,69 @@ from torch import Tensor, nn
 
 
 class ForecastModel(nn.Module):
-    """``window (B, P, m) -> forecast (B, m)``: the cell's last hidden state through dropout and a linear head.
+    """``window (B, P, m) -> forecast (B, m)``: the cell's last hidden state through dropout and a
+    linear head, plus (``ar_window > 0``) LSTNet's linear autoregressive "highway" component.
 
-    Keyword arguments of ``forward`` go to the cell, so a supernet receives a strategy's mixing
-    weights while discrete cells and baselines take none.
+    The autoregressive part is one linear map over the last ``ar_window`` values, shared by all
+    series: it carries the level and the seasonality a bounded recurrent state extrapolates badly
+    when the test span drifts away from the training span, and leaves the cell the nonlinear rest.
+    Every model of a comparison gets the same head; ``cell=None`` is the linear baseline ``ar``
+    that shows what the recurrent part adds. Keyword arguments of ``forward`` go to the
+    cell, so a supernet receives a strategy's mixing weights while discrete cells take none.
     """
 
-    def __init__(self, cell: nn.Module, hidden_size: int, n_series: int, dropout: float = 0.0):
+    def __init__(
+        self,
+        cell: nn.Module | None,
+        hidden_size: int,
+        n_series: int,
+        dropout: float = 0.0,
+        ar_window: int = 0,
+        window_norm: str = "none",
+    ):
         super().__init__()
+        if cell is None and ar_window <= 0:
+            raise ValueError("a forecaster needs a cell, an autoregressive window, or both")
         self.cell = cell
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(hidden_size, n_series)
+        self.head = nn.Linear(hidden_size, n_series) if cell is not None else None
+        self.ar_window = ar_window
+        if window_norm not in WINDOW_NORMS:
+            raise ValueError(f"window_norm must be one of {WINDOW_NORMS}, got {window_norm!r}")
+        self.window_norm = window_norm
+        self.autoregressive = nn.Linear(ar_window, 1) if ar_window > 0 else None
 
     def forward(self, window: Tensor, **cell_kwargs: Any) -> Tensor:
-        _, h_last = self.cell(window.transpose(0, 1), **cell_kwargs)
-        return self.head(self.dropout(h_last))
+        reference = _window_reference(window, self.window_norm)
+        if reference is not None:
+            window = window - reference.unsqueeze(1)
+        forecast = window.new_zeros(window.shape[0], window.shape[2])
+        if self.cell is not None:
+            _, h_last = self.cell(window.transpose(0, 1), **cell_kwargs)
+            forecast = self.head(self.dropout(h_last))
+        if self.autoregressive is not None:
+            recent = window[:, -self.ar_window :, :].transpose(1, 2)  # (B, m, ar_window)
+            forecast = forecast + self.autoregressive(recent).squeeze(-1)
+        return forecast if reference is None else forecast + reference
 
 
-def batches(
-    n: int, batch_size: int, generator: torch.Generator | None = None
-) -> Iterator[Tensor]:
+WINDOW_NORMS = ("none", "last", "mean")
+
+
+def _window_reference(window: Tensor, kind: str) -> Tensor | None:
+    """The per-window, per-series level removed before the model and added back after.
+
+    ``last`` (NLinear) and ``mean`` (RevIN without scale) make every model forecast a change
+    relative to its own window, which survives a drift of levels between the spans.
+    """
+    if kind == "last":
+        return window[:, -1, :]
+    if kind == "mean":
+        return window.mean(dim=1)
+    return None
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Tensor]:
     """Index batches over ``n`` samples: shuffled with ``generator``, in order without one."""
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     yield from order.split(batch_size)
@@ -53,8 +96,10 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = 512, **cell_kwargs: A
 
 
 def rse(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Root relative squared error (LSTNet): error energy over the target's energy about its mean."""
-    return float(np.sqrt(((pred - truth) ** 2).sum()) / np.sqrt(((truth - truth.mean()) ** 2).sum()))
+    """LSTNet RSE: the error's energy over the target's energy about its mean."""
+    return float(
+        np.sqrt(((pred - truth) ** 2).sum()) / np.sqrt(((truth - truth.mean()) ** 2).sum())
+    )
 
 
 def corr(pred: np.ndarray, truth: np.ndarray) -> float:
