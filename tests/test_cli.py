@@ -152,3 +152,15 @@ def test_datasets_lists_the_registry():
     assert done.returncode == 0, done.stderr
     names = {d["name"] for d in json.loads(done.stdout)}
     assert {"births", "exchange", "elecdemand", "synthetic"} <= names
+
+
+def test_search_keeps_the_derived_output_rule(tmp_path, synthetic_csv):
+    """The genotype saved by a search carries the space's output squashing to retraining."""
+    run = tmp_path / "run"
+    done = morphnas(
+        "search", "--csv", str(synthetic_csv), *SMALL, "--out", str(run), "--json",
+        "--set", "train.baselines=[]", "--set", "space.options.output_activation=tanh",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["genotype"]["output_activation"] == "tanh"
+    assert json.loads((run / "genotype.json").read_text())["output_activation"] == "tanh"

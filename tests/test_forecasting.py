@@ -84,3 +84,24 @@ def test_darts_first_order_step_is_plain_gradient_of_valid_loss(name):
         )
     for p, b in zip(cell.weight_parameters(), weights_before, strict=True):
         assert p.grad is None and torch.equal(p, b)
+
+
+@pytest.mark.parametrize(
+    ("norm", "level"), [("last", lambda w: w[:, -1]), ("mean", lambda w: w.mean(1))]
+)
+def test_window_norm_forecasts_relative_to_the_window(norm, level):
+    """With the learned parts silenced, the forecast is exactly the window's reference level."""
+    model = ForecastModel(None, 4, 3, ar_window=5, window_norm=norm)
+    torch.nn.init.zeros_(model.autoregressive.weight)
+    torch.nn.init.zeros_(model.autoregressive.bias)
+    window = torch.randn(6, 5, 3) + 10.0
+    torch.testing.assert_close(model(window), level(window))
+    # The autoregressive part sees the window minus its level: a shift of the window shifts the
+    # forecast by exactly the same amount whatever the weights.
+    torch.nn.init.normal_(model.autoregressive.weight)
+    torch.testing.assert_close(model(window + 3.0), model(window) + 3.0)
+
+
+def test_ar_only_model_needs_a_window():
+    with pytest.raises(ValueError, match="autoregressive"):
+        ForecastModel(None, 4, 3, ar_window=0)

@@ -7,6 +7,7 @@ A run is a directory (DESIGN §5): ``config.yaml`` (the resolved config), ``geno
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -202,8 +203,7 @@ def _with_search_metadata(outcome: engine.SearchOutcome, space: Any, config: Run
         "op_names": list(space.op_names),
         "probabilities": [p.detach().tolist() for p in space.mixing_weights()],
     }
-    g = outcome.genotype
-    return Genotype(space=g.space, nodes=g.nodes, output=g.output, metadata=metadata)
+    return dataclasses.replace(outcome.genotype, metadata=metadata)
 
 
 def _cell_options(config: RunConfig) -> dict[str, Any]:

