@@ -79,7 +79,7 @@ def test_json_has_format_and_version():
     d = json.loads(LSTM_LIKE.to_json())
     assert d["format"] == gt.FORMAT == "morphnas.genotype"
     assert d["version"] == gt.VERSION == 1
-    assert d["nodes"][2] == {"op": "hadamard", "inputs": [1, 2]}
+    assert d["nodes"][2] == {"op": "hadamard", "inputs": [1, 2], "residual": False}
     assert d["output"] == "last" and d["output_activation"] == "tanh"
 
 
@@ -116,7 +116,7 @@ def test_equality_sees_output_activation():
 def test_str_is_readable():
     text = str(LSTM_LIKE)
     lines = text.splitlines()
-    assert lines[0] == "two_input cell, output = tanh of last of nodes"
+    assert lines[0] == "two_input cell, h_t = tanh(last node)"
     assert lines[1:] == [
         "  s1 = add_sigmoid(h, u)",
         "  s2 = add_tanh(h, u)",
@@ -125,7 +125,7 @@ def test_str_is_readable():
         "  s5 = add(u, u)",
     ]
     darts = str(DARTS_V2).splitlines()
-    assert darts[0] == "darts_rnn cell, output = mean of nodes"
+    assert darts[0] == "darts_rnn cell, h_t = mean of nodes"
     assert darts[1] == "  s1 = sigmoid(s0)"
     assert darts[6] == "  s6 = sigmoid(s5)"
     assert len(darts) == 9

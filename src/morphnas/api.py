@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,7 @@ def search(
             config.space.name,
             n_series,
             config.space.hidden,
-            config.space.nodes,
+            config.nodes_initial,
             **config.space.options,
         )
     except (TypeError, ValueError) as err:
@@ -87,6 +87,9 @@ def search(
         seed=config.seed,
         log=log,
         checkpoint_dir=run_dir / "checkpoints",
+        growth=config.growth,
+        nodes_max=config.nodes_max,
+        history_path=run_dir / "history.json",
         progress=progress,
     )
     genotype = _with_search_metadata(outcome, space, config)
@@ -95,10 +98,27 @@ def search(
         report.read_metrics(run_dir / "metrics.jsonl"), space.op_names, run_dir / "plots/arch.png"
     )
     report.plot_genotype(genotype, run_dir / "plots/genotype.png")
+    if outcome.events:
+        report.plot_growth(
+            report.read_metrics(run_dir / "metrics.jsonl"),
+            [e.to_dict() for e in outcome.events],
+            run_dir / "plots/growth.png",
+        )
     models: list[tuple[str, Genotype | str]] = [(SEARCHED, genotype)]
     models += [(name, name) for name in config.train.baselines]
+    one_shot = []
+    if config.growth.mode == "grow-and-prune":
+        # The pruned supernet is the final cell with inherited weights: score it as it is.
+        scores = _score(model, data)
+        one_shot = [{"model": "one-shot", "params": _count_params(model, space.arch), **scores}]
     results = _train_and_compare(models, config, data, run_dir, log, progress)
-    extra = {"search_seconds": outcome.seconds, "search_valid_loss": outcome.valid_loss}
+    results[1:1] = one_shot
+    extra = {
+        "search_seconds": outcome.seconds,
+        "search_valid_loss": outcome.valid_loss,
+        "nodes": len(genotype.nodes),
+        "growth_events": len(outcome.events),
+    }
     _write_summary(run_dir, genotype, models, results, extra)
     return RunResult(run_dir, genotype, results, extra)
 
@@ -163,6 +183,56 @@ def evaluate(run_dir: Path) -> RunResult:
     return RunResult(run_dir, genotype, results)
 
 
+COMPARE_METRICS = (
+    "search_seconds", "search_valid_loss", "nodes", "params", "valid_rse", "test_rse", "test_corr",
+)  # fmt: skip
+
+
+def compare(
+    config: RunConfig,
+    variants: Sequence[tuple[str, dict[str, Any]]],
+    seeds: Sequence[int],
+    *,
+    progress: Progress | None = None,
+    force: bool = False,
+) -> RunResult:
+    """Run one search (and retraining of its cell) per variant and seed on the same data and
+    budget; report every run and, per variant, the mean and standard deviation over seeds.
+
+    ``variants`` are ``(name, config overrides)`` pairs, e.g. one per growth mode. The runs go to
+    ``<out>/<variant>-seed<k>``; the table to ``<out>/compare.json``.
+    """
+    base_dir = _start_run(config, "compare", force)
+    runs = []
+    for name, overrides in variants:
+        for seed in seeds:
+            run_config = config_mod.resolve(
+                base=config,
+                overrides=config_mod.merge(
+                    overrides, {"seed": seed, "out": str(base_dir / f"{name}-seed{seed}")}
+                ),
+            )
+            result = search(run_config, progress=progress, force=force)
+            searched = next(r for r in result.results if r["model"] == SEARCHED)
+            runs.append({"variant": name, "seed": seed, **result.extra, **searched})
+    table = [_aggregate(name, [r for r in runs if r["variant"] == name]) for name, _ in variants]
+    report.write_json(base_dir / "compare.json", {"runs": runs, "table": table})
+    return RunResult(base_dir, None, table, {"runs": runs})
+
+
+def _aggregate(variant: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and (sample) standard deviation of each metric over a variant's seeds."""
+    row: dict[str, Any] = {"variant": variant, "seeds": len(runs)}
+    for key in COMPARE_METRICS:
+        values = [float(r[key]) for r in runs if r.get(key) is not None]
+        if values:
+            mean = sum(values) / len(values)
+            var = sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)
+            row[key] = mean
+            row[f"{key}_std"] = var**0.5 if len(values) > 1 else 0.0
+    return row
+
+
 def _start_run(config: RunConfig, kind: str, force: bool) -> Path:
     """Create the run directory (refusing to overwrite a run) and save the resolved config."""
     name = config.data.csv.stem if config.data.csv else config.data.dataset
@@ -198,6 +268,7 @@ def _with_search_metadata(outcome: engine.SearchOutcome, space: Any, config: Run
     metadata = {
         "strategy": config.search.strategy,
         "search_epochs": outcome.epochs,
+        "growth": config.growth.mode,
         "hidden_size": config.space.hidden,
         "space_options": config.space.options,
         "op_names": list(space.op_names),
@@ -234,8 +305,10 @@ def _forecaster(cell: nn.Module | None, config: RunConfig, n_series: int) -> For
     )
 
 
-def _count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def _count_params(model: nn.Module, exclude: Iterable[nn.Parameter] = ()) -> int:
+    """Trainable weights of a model; architecture parameters passed in ``exclude`` don't count."""
+    skip = {id(p) for p in exclude}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
 def _score(model: nn.Module, data: data_mod.WindowedSplits) -> dict[str, float]:

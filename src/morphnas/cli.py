@@ -24,6 +24,7 @@ from morphnas import api, data, report
 from morphnas import config as config_mod
 from morphnas import genotype as genotype_mod
 from morphnas.errors import UserError
+from morphnas.growth import MODES as GROWTH_MODES
 
 app = typer.Typer(
     add_completion=False,
@@ -120,6 +121,12 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         "hidden": ("space", "hidden"),
         "epochs": ("search", "epochs"),
         "retrain_epochs": ("train", "epochs"),
+        "growth": ("growth", "mode"),
+        "nodes_start": ("growth", "nodes_start"),
+        "nodes_max": ("growth", "nodes_max"),
+        "trigger": ("growth", "trigger"),
+        "grow_every": ("growth", "every"),
+        "stream": ("search", "stream"),
         "seed": ("seed",),
         "out": ("out",),
         "threads": ("threads",),
@@ -150,9 +157,11 @@ def _finish(result: api.RunResult, as_json: bool, title: str) -> None:
     if result.genotype is not None:
         stdout.print(str(result.genotype), highlight=False)
     if "search_seconds" in result.extra:
+        events = result.extra.get("growth_events", 0)
+        growth = f", {events} growth/prune events (history.json)" if events else ""
         stdout.print(
             f"search: {result.extra['search_seconds']:.0f} s, "
-            f"final valid loss {result.extra['search_valid_loss']:.4g}",
+            f"final valid loss {result.extra['search_valid_loss']:.4g}{growth}",
             highlight=False,
         )
     stdout.print(report.results_table(result.results, title=title))
@@ -175,6 +184,16 @@ ThreadsOpt = Annotated[int | None, typer.Option(help="torch threads (default: by
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="any config key, e.g. space.options.wiring=input")
 ]
+GrowthOpt = Annotated[
+    str | None, typer.Option(help="none | grow-then-prune | grow-and-prune (growing backbone)")
+]
+NodesStartOpt = Annotated[int | None, typer.Option(help="nodes when a growing search starts")]
+NodesMaxOpt = Annotated[int | None, typer.Option(help="growth stops here (default --nodes)")]
+TriggerOpt = Annotated[str | None, typer.Option(help="schedule | plateau (when to grow)")]
+GrowEveryOpt = Annotated[int | None, typer.Option(help="epochs between growths (schedule)")]
+StreamOpt = Annotated[
+    int | None, typer.Option(help="feed the training span in K chronological chunks (online)")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="write into an existing run directory")]
 
@@ -191,6 +210,12 @@ def search(
     nodes: Annotated[int | None, typer.Option(help="intermediate nodes of the cell")] = None,
     hidden: HiddenOpt = None,
     epochs: Annotated[int | None, typer.Option(help="search epochs")] = None,
+    growth: GrowthOpt = None,
+    nodes_start: NodesStartOpt = None,
+    nodes_max: NodesMaxOpt = None,
+    trigger: TriggerOpt = None,
+    grow_every: GrowEveryOpt = None,
+    stream: StreamOpt = None,
     retrain_epochs: RetrainOpt = None,
     window: WindowOpt = None,
     horizon: HorizonOpt = None,
@@ -205,7 +230,9 @@ def search(
     cfg = _resolve(
         config, set_, dataset=dataset, csv=csv, time_col=time_col, columns=columns, space=space,
         nodes=nodes, hidden=hidden, epochs=epochs, retrain_epochs=retrain_epochs, window=window,
-        horizon=horizon, seed=seed, out=out, threads=threads,
+        horizon=horizon, seed=seed, out=out, threads=threads, growth=growth,
+        nodes_start=nodes_start, nodes_max=nodes_max, trigger=trigger, grow_every=grow_every,
+        stream=stream,
     )  # fmt: skip
     result = api.search(cfg, progress=BarProgress(), force=force)
     _finish(result, as_json, "searched cell vs baselines (test span)")
@@ -243,6 +270,49 @@ def train(
     cell = genotype_mod.load(genotype) if genotype is not None else None
     result = api.train(cfg, genotype=cell, baseline=baseline, progress=BarProgress(), force=force)
     _finish(result, as_json, "trained from scratch (test span)")
+
+
+@app.command()
+@_friendly
+def compare(
+    growth: Annotated[
+        str, typer.Option(help="comma-separated growth modes to compare")
+    ] = "none,grow-then-prune,grow-and-prune",
+    seeds: Annotated[int, typer.Option(help="seeds per variant (0, 1, ...)", min=1)] = 3,
+    config: ConfigOpt = None,
+    dataset: DatasetOpt = None,
+    csv: CsvOpt = None,
+    space: Annotated[str | None, typer.Option(help="two_input | darts_rnn")] = None,
+    nodes: Annotated[int | None, typer.Option(help="maximum nodes of the cell")] = None,
+    hidden: HiddenOpt = None,
+    epochs: Annotated[int | None, typer.Option(help="search epochs (same for all)")] = None,
+    retrain_epochs: RetrainOpt = None,
+    window: WindowOpt = None,
+    horizon: HorizonOpt = None,
+    out: OutOpt = None,
+    threads: ThreadsOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Compare growth modes (and the fixed-size control) over seeds, same data and budget."""
+    modes = [m.strip() for m in growth.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in GROWTH_MODES]
+    if unknown or not modes:
+        raise UserError(f"--growth takes modes from {', '.join(GROWTH_MODES)}; got {growth!r}")
+    cfg = _resolve(
+        config, set_, dataset=dataset, csv=csv, space=space, nodes=nodes, hidden=hidden,
+        epochs=epochs, retrain_epochs=retrain_epochs, window=window, horizon=horizon, out=out,
+        threads=threads,
+    )  # fmt: skip
+    cfg = config_mod.resolve(base=cfg, overrides={"train": {"baselines": []}})
+    variants = [(mode, {"growth": {"mode": mode}}) for mode in modes]
+    result = api.compare(cfg, variants, list(range(seeds)), progress=BarProgress(), force=force)
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), default=str))
+        return
+    stdout.print(report.compare_table(result.results, title=f"growth modes over {seeds} seeds"))
+    stdout.print(f"runs and table: {result.run_dir}", highlight=False)
 
 
 @app.command()

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from morphnas.errors import UserError
 
@@ -49,6 +56,20 @@ class SpaceConfig(_Strict):
     )
 
 
+class GrowthConfig(_Strict):
+    """How the backbone grows during search (our reading of Jie & Gao; docs/method.md)."""
+
+    mode: Literal["none", "grow-then-prune", "grow-and-prune"] = "none"
+    nodes_start: int = Field(1, ge=1, description="nodes at the start of a growing search")
+    nodes_max: int | None = Field(None, ge=1, description="growth stops here (default space.nodes)")
+    trigger: Literal["schedule", "plateau"] = "schedule"
+    every: int | None = Field(None, ge=1, description="epochs between growths (schedule)")
+    patience: int = Field(3, ge=1, description="epochs without improvement (plateau)")
+    min_delta: float = Field(0.005, ge=0, description="relative improvement that counts (plateau)")
+    alpha_init: Literal["random", "mean"] = "random"
+    tolerance: float = Field(1e-5, gt=0, description="max output change a growth may cause")
+
+
 class SearchConfig(_Strict):
     strategy: str = "darts"
     epochs: int = Field(20, ge=1)
@@ -58,6 +79,9 @@ class SearchConfig(_Strict):
     arch_lr: float = Field(3e-3, gt=0)
     arch_weight_decay: float = Field(1e-3, ge=0)
     clip: float = Field(10.0, gt=0)
+    stream: int = Field(
+        1, ge=1, description="feed the training span in this many chronological chunks (online)"
+    )
 
 
 class TrainConfig(_Strict):
@@ -84,7 +108,27 @@ class RunConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     space: SpaceConfig = Field(default_factory=SpaceConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
+    growth: GrowthConfig = Field(default_factory=GrowthConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _growth_fits_the_space(self) -> RunConfig:
+        if self.growth.mode != "none" and self.growth.nodes_start > self.nodes_max:
+            raise ValueError(
+                f"growth.nodes_start ({self.growth.nodes_start}) exceeds the maximum node count "
+                f"({self.nodes_max}); raise --nodes-max or lower --nodes-start"
+            )
+        return self
+
+    @property
+    def nodes_max(self) -> int:
+        """The largest cell the search may reach: growth.nodes_max, else space.nodes."""
+        return self.growth.nodes_max or self.space.nodes
+
+    @property
+    def nodes_initial(self) -> int:
+        """Nodes of the supernet when the search starts."""
+        return self.space.nodes if self.growth.mode == "none" else self.growth.nodes_start
 
 
 def merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -99,9 +143,12 @@ def merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
 
 def _one_line(err: ValidationError, origin: str) -> str:
     first = err.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "config"
+    where = ".".join(str(part) for part in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    got = "" if isinstance(value, dict) or not where else f" (got {value!r})"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{origin}: {where}: {first['msg']} (got {first.get('input')!r}){more}"
+    return f"{origin}: {where + ': ' if where else ''}{message}{got}{more}"
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

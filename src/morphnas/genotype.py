@@ -52,10 +52,17 @@ OUTPUT_ACTIVATIONS = ("identity", "tanh")
 
 @dataclass(frozen=True)
 class Node:
-    """One node of a discrete cell: ``op`` applied to the states listed in ``inputs``."""
+    """One node of a discrete cell: ``op`` applied to the states listed in ``inputs``.
+
+    A ``residual`` node (one added by growth) computes ``base + γ ⊙ op(...)``, where ``base`` is
+    the cell's output rule applied to the nodes before it (``s_{i-1}`` for ``last``, the mean of
+    ``s_1..s_{i-1}`` for ``mean``) and ``γ`` a learned vector that starts at zero: appending such a
+    node leaves the cell's function unchanged, which is what makes growth a morphism.
+    """
 
     op: str
     inputs: tuple[int, ...]
+    residual: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,9 @@ class Genotype:
             "space": self.space,
             "output": self.output,
             "output_activation": self.output_activation,
-            "nodes": [{"op": n.op, "inputs": list(n.inputs)} for n in self.nodes],
+            "nodes": [
+                {"op": n.op, "inputs": list(n.inputs), "residual": n.residual} for n in self.nodes
+            ],
             "metadata": self.metadata,
         }
 
@@ -98,10 +107,16 @@ class Genotype:
         def state(i: int) -> str:
             return names.get(i, f"s{i}")
 
-        squash = "" if self.output_activation == "identity" else f"{self.output_activation} of "
-        lines = [f"{self.space} cell, output = {squash}{self.output} of nodes"]
+        rule = "last node" if self.output == "last" else "mean of nodes"
+        if self.output_activation != "identity":
+            rule = f"{self.output_activation}({rule})"
+        lines = [f"{self.space} cell, h_t = {rule}"]
         for i, node in enumerate(self.nodes, start=1):
-            lines.append(f"  s{i} = {node.op}({', '.join(state(j) for j in node.inputs)})")
+            op = f"{node.op}({', '.join(state(j) for j in node.inputs)})"
+            if node.residual:
+                base = f"s{i - 1}" if self.output == "last" else f"mean(s1..s{i - 1})"
+                op = f"{base} + γ{i} ⊙ {op}"
+            lines.append(f"  s{i} = {op}")
         return "\n".join(lines)
 
 
@@ -129,6 +144,12 @@ def validate(genotype: Genotype) -> None:
         if len(node.inputs) != arity:
             raise UserError(
                 f"genotype: node {i} has {len(node.inputs)} inputs; {space} nodes take {arity}"
+            )
+        if not isinstance(node.residual, bool):
+            raise UserError(f"genotype: node {i} 'residual' must be true or false")
+        if node.residual and i == 1:
+            raise UserError(
+                "genotype: node 1 cannot be residual (there is no cell output before it)"
             )
         for j in node.inputs:
             if not first <= j < i:
@@ -167,7 +188,7 @@ def from_dict(data: Any) -> Genotype:
             raise UserError(
                 f"genotype: node {i} needs a string 'op' and a list of integer 'inputs'"
             )
-        nodes.append(Node(raw["op"], tuple(inputs)))
+        nodes.append(Node(raw["op"], tuple(inputs), raw.get("residual", False)))
     metadata = data.get("metadata", {})
     if not isinstance(metadata, dict):
         raise UserError("genotype: 'metadata' must be an object")

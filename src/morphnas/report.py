@@ -291,6 +291,41 @@ def plot_learning_curves(rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+# --------------------------------------------------------------------------- growth timeline
+
+
+def plot_growth(rows: list[dict], events: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Nodes and validation loss over the search epochs, every growth and prune event marked.
+
+    The node count is read from the search rows (``nodes``, else the length of ``arch``) so the
+    plot shows what the supernet actually was at each epoch; events come from ``history.json``.
+    """
+    search = _by_epoch([row for row in rows if row.get("phase") == "search"])
+    if not search:
+        raise UserError("no search rows to plot the growth timeline from")
+    epochs = [row["epoch"] for row in search]
+    nodes = [row.get("nodes", len(row.get("arch", []))) for row in search]
+    fig = Figure(figsize=(7.5, 5.0), dpi=DPI, layout="constrained")
+    ax_nodes, ax_loss = fig.subplots(2, 1, sharex=True)
+    ax_nodes.step(epochs, nodes, where="post", color="tab:blue", label="nodes")
+    ax_nodes.set_ylabel("nodes")
+    ax_nodes.yaxis.get_major_locator().set_params(integer=True)
+    ax_loss.plot(epochs, _column(search, "valid_loss"), marker=".", color="black", label="valid")
+    ax_loss.plot(epochs, _column(search, "train_loss"), ls="--", color="grey", label="train")
+    ax_loss.set_ylabel("loss")
+    styles = {"grow": ("tab:green", "-", "growth"), "prune": ("tab:red", ":", "prune")}
+    for event in events:
+        colour, style, label = styles.get(event["kind"], ("tab:grey", "-.", event["kind"]))
+        for ax in (ax_nodes, ax_loss):
+            ax.axvline(event["epoch"], color=colour, ls=style, lw=1.2, label=label)
+    for ax in (ax_nodes, ax_loss):
+        ax.grid(alpha=0.3)
+    ax_loss.set_xlabel("search epoch")
+    fig.suptitle("Growth timeline: the supernet's size and loss (events after the epoch's end)")
+    _figure_legend(fig, [ax_nodes, ax_loss])
+    return _save(fig, path)
+
+
 # --------------------------------------------------------------------------- forecasts
 
 
@@ -639,5 +674,39 @@ def results_table(results: Sequence[Mapping[str, Any]], title: str = "results") 
         if best is not None and score == best:
             for position in (0, 3):  # the model's name and its test RSE
                 cells[position].stylize("bold")
+        table.add_row(*cells)
+    return table
+
+
+# --------------------------------------------------------------------------- comparison table
+
+_COMPARE_COLUMNS = (
+    ("search_seconds", "search s"),
+    ("search_valid_loss", "valid loss"),
+    ("nodes", "nodes"),
+    ("params", "params"),
+    ("test_rse", "test RSE"),
+    ("test_corr", "test CORR"),
+)
+
+
+def compare_table(rows: Sequence[Mapping[str, Any]], title: str = "comparison") -> Table:
+    """Variants side by side, each metric as ``mean ± std`` over seeds."""
+    table = Table(title=title)
+    table.add_column("variant", no_wrap=True)
+    table.add_column("seeds", justify="right")
+    for _, header in _COMPARE_COLUMNS:
+        table.add_column(header, justify="right", no_wrap=True)
+    for row in rows:
+        cells = [Text(str(row["variant"])), Text(str(row.get("seeds", "–")))]
+        for key, _ in _COMPARE_COLUMNS:
+            mean = row.get(key)
+            if mean is None:
+                cells.append(Text("–"))
+                continue
+            text = _format_cell(key, mean) if key == "params" else f"{mean:.4g}"
+            if row.get(f"{key}_std") is not None and row.get("seeds", 1) > 1:
+                text += f"±{row[f'{key}_std']:.2g}"
+            cells.append(Text(text))
         table.add_row(*cells)
     return table

@@ -13,8 +13,14 @@ import torch
 from torch import Tensor, nn
 
 from morphnas.genotype import Genotype
-from morphnas.ops import ACTIVATIONS, ADD_OPS, two_input_op
-from morphnas.spaces.base import check_dropout, uniform_parameter, variational_mask
+from morphnas.ops import ACTIVATIONS, apply_two_input, two_input_weight_shape
+from morphnas.spaces.base import (
+    check_dropout,
+    combine_nodes,
+    residual_gammas,
+    uniform_parameter,
+    variational_mask,
+)
 
 
 class DartsRNNCell(nn.Module):
@@ -42,6 +48,7 @@ class DartsRNNCell(nn.Module):
         self.node_weights = nn.ParameterList(
             uniform_parameter(d, 2 * d, bound=init_range) for _ in genotype.nodes
         )
+        self.gammas = residual_gammas(genotype.nodes, d)
 
     def forward(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
         steps, batch, _ = x.shape
@@ -57,12 +64,16 @@ class DartsRNNCell(nn.Module):
         for t in range(steps):
             c0, g0 = (x_proj[t] + (h if mask_h is None else h * mask_h) @ w_h).chunk(2, dim=-1)
             states = [h + torch.sigmoid(c0) * (torch.tanh(g0) - h)]
-            for node, w_node, f in zip(self.genotype.nodes, self.node_weights, acts, strict=True):
+            for i, (node, w_node, f) in enumerate(
+                zip(self.genotype.nodes, self.node_weights, acts, strict=True), start=1
+            ):
                 s_prev = states[node.inputs[0]]
                 c, g = ((s_prev if mask_h is None else s_prev * mask_h) @ w_node).chunk(2, dim=-1)
-                states.append(s_prev + torch.sigmoid(c) * (f(g) - s_prev))
-            h = states[-1] if self.genotype.output == "last" else torch.stack(states[1:]).mean(0)
-            h = squash(h)
+                s = s_prev + torch.sigmoid(c) * (f(g) - s_prev)
+                if node.residual:
+                    s = combine_nodes(states[1:], self.genotype.output) + self.gammas[str(i)] * s
+                states.append(s)
+            h = squash(combine_nodes(states[1:], self.genotype.output))
             outputs.append(h)
         return torch.stack(outputs), h
 
@@ -91,20 +102,18 @@ class TwoInputCell(nn.Module):
         self.node_weights = nn.ParameterList()
         self._weight_slot: list[int | None] = []
         for node in genotype.nodes:
-            if node.op in ADD_OPS or node.op == "highway":
-                shape = (2 * d, d) if node.op in ADD_OPS else (d, 2 * d)
+            shape = two_input_weight_shape(node.op, d)
+            if shape is not None:
                 self._weight_slot.append(len(self.node_weights))
                 self.node_weights.append(uniform_parameter(*shape, bound=bound))
             else:
                 self._weight_slot.append(None)
+        self.gammas = residual_gammas(genotype.nodes, d)
 
     def _node(self, i: int, a: Tensor, b: Tensor) -> Tensor:
-        op, slot = self.genotype.nodes[i].op, self._weight_slot[i]
-        if op in ADD_OPS:
-            return two_input_op(op, a, b, pre=torch.cat([a, b], dim=-1) @ self.node_weights[slot])
-        if op == "highway":
-            return two_input_op(op, a, b, gate=b @ self.node_weights[slot])
-        return two_input_op(op, a, b)
+        slot = self._weight_slot[i]
+        weight = self.node_weights[slot] if slot is not None else None
+        return apply_two_input(self.genotype.nodes[i].op, weight, a, b)
 
     def forward(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
         steps, batch, _ = x.shape
@@ -112,16 +121,21 @@ class TwoInputCell(nn.Module):
         mask_h = variational_mask(batch, self.hidden_size, self.dropout_h, x, self.training)
         u_all = (x if mask_x is None else x * mask_x) @ self.input_weight
         h = x.new_zeros(batch, self.hidden_size) if h0 is None else h0
-        n = len(self.genotype.nodes)
         squash = ACTIVATIONS[self.genotype.output_activation]
         outputs = []
         for t in range(steps):
             states = {-1: u_all[t], 0: h if mask_h is None else h * mask_h}
+            node_states: list[Tensor] = []
             for i, node in enumerate(self.genotype.nodes):
                 a, b = (states[j] for j in node.inputs)
-                states[i + 1] = self._node(i, a, b)
-            nodes = [states[i] for i in range(1, n + 1)]
-            h = nodes[-1] if self.genotype.output == "last" else torch.stack(nodes).mean(0)
-            h = squash(h)
+                s = self._node(i, a, b)
+                if node.residual:
+                    s = (
+                        combine_nodes(node_states, self.genotype.output)
+                        + self.gammas[str(i + 1)] * s
+                    )
+                states[i + 1] = s
+                node_states.append(s)
+            h = squash(combine_nodes(node_states, self.genotype.output))
             outputs.append(h)
         return torch.stack(outputs), h

@@ -59,3 +59,25 @@ def two_input_op(
         c, g = gate.chunk(2, dim=-1)
         return a + torch.sigmoid(c) * (torch.tanh(g) - a)
     raise KeyError(name)
+
+
+def apply_two_input(name: str, weight: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
+    """One two-input op with its own weight: ``[A; B]`` (2d × d) for ``add_*``, ``[C, H]``
+    (d × 2d) for ``highway``, ``None`` for the parameter-free ops."""
+    if name in ADD_OPS:
+        assert weight is not None
+        return two_input_op(name, a, b, pre=torch.cat([a, b], dim=-1) @ weight)
+    if name == "highway":
+        assert weight is not None
+        return two_input_op(name, a, b, gate=b @ weight)
+    return two_input_op(name, a, b)
+
+
+def two_input_weight_shape(name: str, hidden_size: int) -> tuple[int, int] | None:
+    """The shape of one op's own weight, or ``None`` for a parameter-free op."""
+    d = hidden_size
+    if name in ADD_OPS:
+        return (2 * d, d)
+    if name == "highway":
+        return (d, 2 * d)
+    return None

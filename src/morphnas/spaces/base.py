@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-from morphnas.genotype import Genotype
+from morphnas.genotype import Genotype, Node
 
 
 @runtime_checkable
@@ -25,7 +26,7 @@ class SearchSpace(Protocol):
 
     def weight_parameters(self) -> list[nn.Parameter]: ...
 
-    def mixing_weights(self) -> list[Tensor]: ...
+    def mixing_weights(self, transform: Callable[[Tensor], Tensor] = ...) -> list[Tensor]: ...
 
     def forward(
         self, x: Tensor, h0: Tensor | None = None, weights: list[Tensor] | None = None
@@ -34,30 +35,76 @@ class SearchSpace(Protocol):
     def derive(self) -> Genotype: ...
 
 
+Transform = Callable[[Tensor], Tensor]
+
+
+def softmax_last(alpha: Tensor) -> Tensor:
+    return torch.softmax(alpha, dim=-1)
+
+
 class ArchitectureMixin:
     """Architecture parameters live in ``self.arch`` (an ``nn.ParameterList``, one entry per node).
 
     Keeping them in their own container puts them in ``state_dict`` under ``arch.*`` and lets the
-    weights be separated from them by identity, never by matching names.
+    weights be separated from them by identity, never by matching names. A node that has been
+    *fixed* (pruned to one op during grow-and-prune search) keeps its entry, frozen, but is no
+    longer searched: it leaves ``arch_parameters()`` and its mixing weight is one-hot.
     """
 
     arch: nn.ParameterList
+    fixed: dict[int, Node]  # 1-based node index -> the op (and inputs) it was fixed to
 
     def arch_parameters(self) -> list[nn.Parameter]:
-        return list(self.arch)
+        return [alpha for i, alpha in enumerate(self.arch, start=1) if i not in self.fixed]
 
     def weight_parameters(self) -> list[nn.Parameter]:
         arch_ids = {id(p) for p in self.arch}
         return [p for p in self.parameters() if id(p) not in arch_ids]  # type: ignore[attr-defined]
 
-    def mixing_weights(self) -> list[Tensor]:
-        """DARTS' continuous relaxation: a softmax over the ops of every node (or edge row)."""
-        return [torch.softmax(alpha, dim=-1) for alpha in self.arch]
+    def mixing_weights(self, transform: Transform = softmax_last) -> list[Tensor]:
+        """One tensor per node: ``transform(α)`` (DARTS: a softmax over the ops of every node or
+        edge row) for searched nodes, the one-hot of the chosen op for fixed nodes."""
+        return [
+            self._one_hot(i) if i in self.fixed else transform(alpha)
+            for i, alpha in enumerate(self.arch, start=1)
+        ]
+
+    def _one_hot(self, i: int) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def mixed_nodes(self) -> list[int]:
+        """1-based indices of the nodes still being searched."""
+        return [i for i in range(1, len(self.arch) + 1) if i not in self.fixed]
+
+
+def combine_nodes(node_states: list[Tensor], output: str) -> Tensor:
+    """A cell's output rule over its node states (before squashing): the last, or the mean.
+
+    The same rule gives a residual node its base, so appending one is function-preserving.
+    """
+    return node_states[-1] if output == "last" else torch.stack(node_states).mean(0)
+
+
+def residual_gammas(nodes: Iterable[Node], hidden_size: int) -> nn.ParameterDict:
+    """``γ_i`` (zeros) for every residual node, keyed by its 1-based index."""
+    return nn.ParameterDict(
+        {
+            str(i): nn.Parameter(torch.zeros(hidden_size))
+            for i, n in enumerate(nodes, 1)
+            if n.residual
+        }
+    )
 
 
 def new_alpha(*shape: int) -> nn.Parameter:
     """Architecture parameters start near uniform, as in DARTS: ``1e-3 * N(0, 1)``."""
     return nn.Parameter(1e-3 * torch.randn(*shape))
+
+
+def parameter_like(ref: Tensor, values: Tensor) -> nn.Parameter:
+    """A new parameter holding ``values`` on ``ref``'s device and dtype (for grown nodes)."""
+    return nn.Parameter(values.detach().to(device=ref.device, dtype=ref.dtype))
 
 
 def uniform_parameter(*shape: int, bound: float) -> nn.Parameter:

@@ -1,4 +1,4 @@
-"""The DARTS recurrent search cell (Liu et al. 2019), fused.
+"""The DARTS recurrent search cell (Liu et al. 2019), fused, and growable.
 
 Exactly the cell of the reference code (spec/morphism.md §2.1): a highway init node on
 ``[x_t, h_{t-1}]``, nodes ``1..N`` mixing all predecessors with one matrix ``W_i`` per node shared
@@ -11,6 +11,9 @@ by its incoming edges, BatchNorm (no affine) on every node during search, output
 * the mixture over activations collapses to one blend per edge, because the edge is linear in
   ``f(g)``: ``Σ_k w_k [s + c ⊙ (f_k(g) − s)] = W s + c ⊙ (Σ_k w_k f_k(g) − W s)``, ``W = Σ_k w_k``;
 * no host synchronisation inside the time loop.
+
+Growth (``grow``) appends a residual node ``s = mean(s_1..s_N) + γ ⊙ BN(mixed)`` with ``γ = 0``,
+which leaves the mean output unchanged; ``prune`` fixes every searched node to its derived edge.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from morphnas.ops import ACTIVATIONS
 from morphnas.spaces.base import (
     ArchitectureMixin,
     check_dropout,
+    combine_nodes,
     new_alpha,
+    parameter_like,
     uniform_parameter,
     variational_mask,
 )
@@ -35,6 +40,7 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
     """DARTS recurrent supernet; ``arch[i-1]`` is ``(i, len(primitives))``: node i's edges."""
 
     space = "darts_rnn"
+    output = "mean"
 
     def __init__(
         self,
@@ -56,10 +62,11 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
             )
         if nodes < 1:
             raise ValueError("darts_rnn needs at least one node")
+        check_dropout(dropout_x=dropout_x, dropout_h=dropout_h)
         self.input_size, self.hidden_size = input_size, hidden_size
         self.op_names = tuple(primitives)
-        check_dropout(dropout_x=dropout_x, dropout_h=dropout_h)
         self.dropout_x, self.dropout_h = dropout_x, dropout_h
+        self.init_range = init_range
         d = hidden_size
         self.init_weight = uniform_parameter(input_size + d, 2 * d, bound=init_range)
         self.node_weights = nn.ParameterList(
@@ -67,6 +74,8 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
         )
         self.bn = nn.BatchNorm1d(d, affine=False) if batchnorm else None
         self.arch = nn.ParameterList(new_alpha(i, len(self.op_names)) for i in range(1, nodes + 1))
+        self.gammas = nn.ParameterDict()
+        self.fixed: dict[int, Node] = {}
         self._activations = [
             (k, ACTIVATIONS[name]) for k, name in enumerate(self.op_names) if name != "none"
         ]
@@ -78,16 +87,31 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
     def _norm(self, s: Tensor) -> Tensor:
         return self.bn(s) if self.bn is not None else s
 
+    def _mixed_node(
+        self, w_node: Tensor, states: list[Tensor], masked: list[Tensor], act_w: Tensor
+    ):
+        """``Σ_j Σ_k w_jk [s_j + c_j ⊙ (f_k(g_j) − s_j)]``, the activation blend collapsed."""
+        prev = torch.stack(states)  # (i, B, d): every predecessor at once
+        c, g = (torch.stack(masked) @ w_node).chunk(2, dim=-1)
+        blend = sum(w * f(g) for w, (_, f) in zip(act_w, self._activations, strict=True))
+        base = act_w.sum(0) * prev
+        return (base + torch.sigmoid(c) * (blend - base)).sum(0)
+
+    @staticmethod
+    def _fixed_node(node: Node, w_node: Tensor, states: list[Tensor], masked: list[Tensor]):
+        j = node.inputs[0]
+        c, g = (masked[j] @ w_node).chunk(2, dim=-1)
+        return states[j] + torch.sigmoid(c) * (ACTIVATIONS[node.op](g) - states[j])
+
     def forward(
         self, x: Tensor, h0: Tensor | None = None, weights: list[Tensor] | None = None
     ) -> tuple[Tensor, Tensor]:
         steps, batch, _ = x.shape
         d = self.hidden_size
         probs = self.mixing_weights() if weights is None else weights
-        # Per node: activation weights shaped (n_act, i, 1, 1) and their sum W (i, 1, 1).
+        # Per node: activation weights shaped (n_act, i, 1, 1), hoisted out of the time loop.
         act_cols = [k for k, _ in self._activations]
         act_w = [p[:, act_cols].T[..., None, None] for p in probs]
-        total_w = [w.sum(0) for w in act_w]
         mask_x = variational_mask(batch, self.input_size, self.dropout_x, x, self.training)
         mask_h = variational_mask(batch, d, self.dropout_h, x, self.training)
         w_x, w_h = self.init_weight[: self.input_size], self.init_weight[self.input_size :]
@@ -99,26 +123,73 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
             s0 = self._norm(h + torch.sigmoid(c0) * (torch.tanh(g0) - h))
             states = [s0]
             masked = [s0 if mask_h is None else s0 * mask_h]
-            for i, w_node in enumerate(self.node_weights):
-                prev = torch.stack(states)  # (i + 1, B, d): every predecessor at once
-                c, g = (torch.stack(masked) @ w_node).chunk(2, dim=-1)
-                blend = sum(w * f(g) for w, (_, f) in zip(act_w[i], self._activations, strict=True))
-                base = total_w[i] * prev
-                s = self._norm((base + torch.sigmoid(c) * (blend - base)).sum(0))
+            for i, w_node in enumerate(self.node_weights, start=1):
+                if i in self.fixed:
+                    s = self._fixed_node(self.fixed[i], w_node, states, masked)
+                else:
+                    s = self._mixed_node(w_node, states, masked, act_w[i - 1])
+                s = self._norm(s)
+                gamma = self.gammas.get(str(i))
+                if gamma is not None:
+                    s = combine_nodes(states[1:], self.output) + gamma * s
                 states.append(s)
                 masked.append(s if mask_h is None else s * mask_h)
-            h = torch.stack(states[1:]).mean(0)
+            h = combine_nodes(states[1:], self.output)
             outputs.append(h)
         return torch.stack(outputs), h
 
+    def _one_hot(self, i: int) -> Tensor:
+        node = self.fixed[i]
+        hot = torch.zeros_like(self.arch[i - 1])
+        hot[node.inputs[0], self.op_names.index(node.op)] = 1.0
+        return hot
+
+    @torch.no_grad()
+    def _derive_node(self, i: int, p: Tensor) -> Node:
+        """The predecessor whose best non-``none`` probability is largest, and that op."""
+        if i in self.fixed:
+            return self.fixed[i]
+        candidates = [k for k, name in enumerate(self.op_names) if name != "none"]
+        best_p, best_k = p[:, candidates].max(dim=1)
+        j = int(best_p.argmax())
+        return Node(self.op_names[candidates[int(best_k[j])]], (j,), str(i) in self.gammas)
+
     @torch.no_grad()
     def derive(self) -> Genotype:
-        """Per node: the predecessor whose best non-``none`` probability is largest, and that op."""
-        names = self.op_names
-        candidates = [k for k, name in enumerate(names) if name != "none"]
-        nodes = []
-        for p in self.mixing_weights():
-            best_p, best_k = p[:, candidates].max(dim=1)
-            j = int(best_p.argmax())
-            nodes.append(Node(names[candidates[int(best_k[j])]], (j,)))
-        return Genotype(space=self.space, nodes=tuple(nodes), output="mean")
+        nodes = [self._derive_node(i, p) for i, p in enumerate(self.mixing_weights(), start=1)]
+        return Genotype(space=self.space, nodes=tuple(nodes), output=self.output)
+
+    def grow(self, alpha_init: str = "random") -> list[nn.Parameter]:
+        """Append node N+1 as a residual node with ``γ = 0``; return the new parameters.
+
+        ``alpha_init``: ``random`` (``1e-3·N(0,1)``, as at the start) or ``mean`` (the mean of
+        the existing rows, so the new node starts from what the search has learnt so far).
+        """
+        n, ref = self.nodes + 1, self.init_weight
+        weight = uniform_parameter(self.hidden_size, 2 * self.hidden_size, bound=self.init_range)
+        alpha = new_alpha(n, len(self.op_names))
+        if alpha_init == "mean":
+            rows = torch.cat([a.detach().cpu() for a in self.arch])
+            alpha.data.copy_(rows.mean(0).expand(n, -1))
+        weight, alpha, gamma = (
+            parameter_like(ref, p) for p in (weight, alpha, torch.zeros(self.hidden_size))
+        )
+        self.node_weights.append(weight)
+        self.arch.append(alpha)
+        self.gammas[str(n)] = gamma
+        return [weight, alpha, gamma]
+
+    @torch.no_grad()
+    def prune(self) -> list[int]:
+        """Fix every searched node to its derived edge and op (weights kept); return their indices.
+
+        ``W_i`` is shared by all of a node's edges, so nothing is dropped but ``α_i``, which is
+        frozen and no longer searched.
+        """
+        pruned = []
+        for i, p in enumerate(self.mixing_weights(), start=1):
+            if i not in self.fixed:
+                self.fixed[i] = self._derive_node(i, p)
+                self.arch[i - 1].requires_grad_(False)
+                pruned.append(i)
+        return pruned

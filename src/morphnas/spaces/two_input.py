@@ -8,6 +8,10 @@ squashed by ``tanh`` by default (``output_activation``): LSTM and GRU keep their
 construction, and without a squash a cell of parameter-free ``add`` nodes (``s2 = s1 + h``)
 multiplies the state at every step and overflows within a few dozen steps.
 
+Growth (``grow``) appends a residual node ``s = base + γ ⊙ mixed(a, b)`` with ``γ = 0``, where
+``base`` is the output rule over the existing nodes, so the cell's function is unchanged;
+``prune`` fixes every searched node to its strongest op, keeping only that op's weights.
+
 Fused: the input projection runs once for all time steps, the softmax once per forward, the
 ``add_*`` ops of a node share one matmul on ``[a, b]`` (one ``2d × n·d`` block), the highway op
 one matmul on ``b``, and the time loop has no host synchronisation.
@@ -22,11 +26,13 @@ import torch
 from torch import Tensor, nn
 
 from morphnas.genotype import OUTPUT_ACTIVATIONS, OUTPUTS, TWO_INPUT_OPS, Genotype, Node
-from morphnas.ops import ACTIVATIONS, ADD_OPS
+from morphnas.ops import ACTIVATIONS, ADD_OPS, apply_two_input
 from morphnas.spaces.base import (
     ArchitectureMixin,
     check_dropout,
+    combine_nodes,
     new_alpha,
+    parameter_like,
     uniform_parameter,
     variational_mask,
 )
@@ -53,6 +59,15 @@ class TwoInputNodeWeights(nn.Module):
         width = n_add if sharing == "per_op" else min(n_add, 1)
         self.add_weight = uniform_parameter(2 * d, width * d, bound=bound) if width else None
         self.highway_weight = uniform_parameter(d, 2 * d, bound=bound) if highway else None
+
+
+class FixedNodeWeights(nn.Module):
+    """A pruned node: one op and only its own weight (``None`` for parameter-free ops)."""
+
+    def __init__(self, op: str, weight: Tensor | None) -> None:
+        super().__init__()
+        self.op = op
+        self.weight = nn.Parameter(weight.detach().clone()) if weight is not None else None
 
 
 class TwoInputSearchCell(ArchitectureMixin, nn.Module):
@@ -105,6 +120,8 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         self.node_weights = nn.ModuleList(self._new_node_weights() for _ in range(nodes))
         self.bn = nn.BatchNorm1d(hidden_size, affine=False) if batchnorm else None
         self.arch = nn.ParameterList(new_alpha(len(self.op_names)) for _ in range(nodes))
+        self.gammas = nn.ParameterDict()
+        self.fixed: dict[int, Node] = {}
 
     def _new_node_weights(self) -> TwoInputNodeWeights:
         return TwoInputNodeWeights(
@@ -153,24 +170,89 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         for t in range(steps):
             u = u_all[t]
             states = {-1: u, 0: h if mask_h is None else h * mask_h}
+            node_states: list[Tensor] = []
             for i, node in enumerate(self.node_weights, start=1):
                 a, b = (states[j] for j in node_inputs(i, self.wiring))
-                s = self._mixed(probs[i - 1], node, a, b)
-                states[i] = self.bn(s) if self.bn is not None else s
-            node_states = [states[i] for i in range(1, self.nodes + 1)]
-            h = node_states[-1] if self.output == "last" else torch.stack(node_states).mean(0)
-            h = self._squash(h)
+                if isinstance(node, FixedNodeWeights):
+                    s = apply_two_input(node.op, node.weight, a, b)
+                else:
+                    s = self._mixed(probs[i - 1], node, a, b)
+                s = self.bn(s) if self.bn is not None else s
+                gamma = self.gammas.get(str(i))
+                if gamma is not None:
+                    s = combine_nodes(node_states, self.output) + gamma * s
+                states[i] = s
+                node_states.append(s)
+            h = self._squash(combine_nodes(node_states, self.output))
             outputs.append(h)
         return torch.stack(outputs), h
 
+    def _one_hot(self, i: int) -> Tensor:
+        hot = torch.zeros_like(self.arch[i - 1])
+        hot[self.op_names.index(self.fixed[i].op)] = 1.0
+        return hot
+
+    @torch.no_grad()
+    def _derive_node(self, i: int, p: Tensor) -> Node:
+        """The strongest op other than ``none``; the inputs follow from the wiring."""
+        if i in self.fixed:
+            return self.fixed[i]
+        candidates = [k for k, name in enumerate(self.op_names) if name != "none"]
+        k = candidates[int(p[candidates].argmax())]
+        return Node(self.op_names[k], node_inputs(i, self.wiring), str(i) in self.gammas)
+
+    def _op_weight(self, node: TwoInputNodeWeights, op: str) -> Tensor | None:
+        """The slice of a mixed node's weights that belongs to one op."""
+        if op == "highway":
+            return node.highway_weight
+        if op not in ADD_OPS:
+            return None
+        if self.weight_sharing == "per_node":
+            return node.add_weight
+        k, d = self.add_ops.index(op), self.hidden_size
+        return node.add_weight[:, k * d : (k + 1) * d]
+
+    def grow(self, alpha_init: str = "random") -> list[nn.Parameter]:
+        """Append node N+1 as a residual node with ``γ = 0``; return the new parameters.
+
+        ``alpha_init``: ``random`` (``1e-3·N(0,1)``) or ``mean`` (the mean of the searched
+        nodes' ``α``, so the new node starts from what the search has learnt so far).
+        """
+        n, ref = self.nodes + 1, self.input_weight
+        node = self._new_node_weights().to(device=ref.device, dtype=ref.dtype)
+        alpha = new_alpha(len(self.op_names))
+        searched = [self.arch[i - 1].detach().cpu() for i in self.mixed_nodes]
+        if alpha_init == "mean" and searched:
+            alpha.data.copy_(torch.stack(searched).mean(0))
+        alpha, gamma = (parameter_like(ref, p) for p in (alpha, torch.zeros(self.hidden_size)))
+        self.node_weights.append(node)
+        self.arch.append(alpha)
+        self.gammas[str(n)] = gamma
+        return [*node.parameters(), alpha, gamma]
+
+    @torch.no_grad()
+    def prune(self) -> list[int]:
+        """Fix every searched node to its strongest op; return their indices.
+
+        The node keeps that op's weights (its slice of the node's matrices) and drops the others'
+        and its ``α``, which is frozen. Pruning is not function-preserving: the other ops'
+        contributions vanish.
+        """
+        pruned = []
+        for i, p in enumerate(self.mixing_weights(), start=1):
+            if i in self.fixed:
+                continue
+            node = self._derive_node(i, p)
+            weights = self.node_weights[i - 1]
+            self.node_weights[i - 1] = FixedNodeWeights(node.op, self._op_weight(weights, node.op))
+            self.fixed[i] = node
+            self.arch[i - 1].requires_grad_(False)
+            pruned.append(i)
+        return pruned
+
     @torch.no_grad()
     def derive(self) -> Genotype:
-        """Per node, the strongest op other than ``none``; the inputs follow from the wiring."""
-        candidates = [k for k, name in enumerate(self.op_names) if name != "none"]
-        nodes = []
-        for i, p in enumerate(self.mixing_weights(), start=1):
-            k = candidates[int(p[candidates].argmax())]
-            nodes.append(Node(self.op_names[k], node_inputs(i, self.wiring)))
+        nodes = [self._derive_node(i, p) for i, p in enumerate(self.mixing_weights(), start=1)]
         return Genotype(
             space=self.space,
             nodes=tuple(nodes),

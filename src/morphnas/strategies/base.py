@@ -35,6 +35,9 @@ class Strategy(ABC):
     def arch_step(self, loss: BatchLoss, train_batch: Any, valid_batch: Any) -> Tensor:
         """Update the architecture parameters; return the (detached) validation loss."""
 
+    def on_space_change(self) -> None:  # noqa: B027 - optional hook, stateless strategies skip it
+        """The space grew or was pruned: follow its new architecture parameters."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from morphnas.optim import rebuild_optimizer
 from morphnas.spaces.base import SearchSpace
 from morphnas.strategies.base import BatchLoss, Strategy
 
@@ -23,6 +24,10 @@ class DartsFirstOrder(Strategy):
     def __init__(self, space: SearchSpace, lr: float = 3e-3, weight_decay: float = 1e-3) -> None:
         super().__init__(space)
         self.optimizer = torch.optim.Adam(space.arch_parameters(), lr=lr, weight_decay=weight_decay)
+
+    def on_space_change(self) -> None:
+        """New nodes' ``α`` get fresh Adam state; surviving ones keep theirs exactly."""
+        self.optimizer = rebuild_optimizer(self.optimizer, self.space.arch_parameters())
 
     def arch_step(self, loss: BatchLoss, train_batch: Any, valid_batch: Any) -> Tensor:
         del train_batch  # first order: the weights are taken as they are

@@ -1,0 +1,176 @@
+"""Growth of the search backbone during one-shot search: triggers, checked morphisms, the two modes.
+
+Our reading of Jie & Gao (spec/morphism.md §3–§4): the unit of growth is one node, appended as a
+residual node whose scale starts at zero, so the supernet's function is unchanged by construction
+— and every growth is *checked*: the cell's output on a fixed probe batch is compared before and
+after, and a difference above the tolerance stops the run as a bug.
+
+* ``grow-then-prune`` (mode 1): grow during search, derive once at the end.
+* ``grow-and-prune`` (mode 2): at each growth event, first fix every searched node to its best op
+  (keeping that op's weights), then append a fresh searched node; at the end fix the last one. The
+  result needs no separate derivation and its weights are the inherited ones.
+* ``none``: fixed-size search, the control of every comparison.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from morphnas.config import GrowthConfig
+
+MODES = ("none", "grow-then-prune", "grow-and-prune")
+
+
+class GrowthCheckError(RuntimeError):
+    """A growth changed the network's function: a bug in a morphism, never a user error."""
+
+
+@dataclass(frozen=True)
+class GrowthEvent:
+    """One transformation of the backbone, as recorded in ``history.json``."""
+
+    epoch: int
+    step: int
+    kind: str  # "grow" or "prune"
+    nodes_before: int
+    nodes_after: int
+    max_abs_diff: float | None  # output change on the probe batch (growth only)
+    valid_loss_before: float
+    valid_loss_after: float
+    pruned_nodes: tuple[int, ...] = ()
+    time: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def growth_interval(config: GrowthConfig, epochs: int, nodes_max: int) -> int:
+    """Epochs between scheduled growths: the configured value, or an even spread of the growths
+    over the search that leaves the last stretch to the full-size cell."""
+    if config.every is not None:
+        return config.every
+    return max(1, epochs // (nodes_max - config.nodes_start + 1))
+
+
+class GrowthTrigger:
+    """Decides after each epoch whether the backbone grows: on a schedule or on a plateau.
+
+    Plateau: the validation loss has not improved on its best by more than ``min_delta``
+    (relative) for ``patience`` epochs. Never at the last epoch, which would leave a node untrained.
+    """
+
+    def __init__(self, config: GrowthConfig, epochs: int, nodes_max: int) -> None:
+        self.config, self.epochs, self.nodes_max = config, epochs, nodes_max
+        self.interval = growth_interval(config, epochs, nodes_max)
+        self.best, self.waited = math.inf, 0
+
+    def __call__(self, epoch: int, valid_loss: float, nodes: int) -> bool:
+        improved = valid_loss < self.best * (1.0 - self.config.min_delta)
+        self.best = min(self.best, valid_loss)
+        self.waited = 0 if improved else self.waited + 1
+        if nodes >= self.nodes_max or epoch >= self.epochs:
+            return False
+        if self.config.trigger == "schedule":
+            return epoch % self.interval == 0
+        if self.waited >= self.config.patience:
+            self.waited = 0
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "waited": self.waited}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.waited = state["best"], state["waited"]
+
+
+@torch.no_grad()
+def probe_output(space: nn.Module, probe: Tensor) -> Tensor:
+    """The cell's outputs over a fixed batch in eval mode (the caller's mode is restored)."""
+    was_training = space.training
+    space.eval()
+    try:
+        return space(probe)[0]
+    finally:
+        space.train(was_training)
+
+
+def grow_checked(
+    space: Any, probe: Tensor, config: GrowthConfig
+) -> tuple[list[nn.Parameter], float]:
+    """Append one node and prove the function did not change; return (new params, max |Δ|)."""
+    before = probe_output(space, probe)
+    new_params = space.grow(alpha_init=config.alpha_init)
+    after = probe_output(space, probe)
+    diff = float((after - before).abs().max())
+    if not diff <= config.tolerance:  # also catches NaN
+        raise GrowthCheckError(
+            f"growth to {space.nodes} nodes changed the cell's output by {diff:.3g} "
+            f"(tolerance {config.tolerance:g}): the morphism is broken, please report this"
+        )
+    return new_params, diff
+
+
+class Growth:
+    """Applies a growth mode to a space during search and records every event."""
+
+    def __init__(
+        self,
+        space: Any,
+        config: GrowthConfig,
+        epochs: int,
+        nodes_max: int,
+        probe: Tensor,
+        valid_loss: Callable[[], float],
+    ) -> None:
+        self.space, self.config, self.probe = space, config, probe
+        self.valid_loss = valid_loss
+        self.trigger = GrowthTrigger(config, epochs, nodes_max)
+        self.events: list[GrowthEvent] = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.mode != "none"
+
+    def after_epoch(self, epoch: int, step: int, valid_loss: float) -> bool:
+        """Transform the backbone if the trigger fires; return whether anything changed."""
+        if not self.enabled or not self.trigger(epoch, valid_loss, self.space.nodes):
+            return False
+        if self.config.mode == "grow-and-prune":
+            valid_loss = self.prune(epoch, step, valid_loss)
+        nodes_before = self.space.nodes
+        _, diff = grow_checked(self.space, self.probe, self.config)
+        self.events.append(
+            GrowthEvent(
+                epoch, step, "grow", nodes_before, self.space.nodes, diff,
+                valid_loss, self.valid_loss(), time=time.time(),
+            )
+        )  # fmt: skip
+        return True
+
+    def prune(self, epoch: int, step: int, valid_loss: float) -> float:
+        """Fix every searched node to its best op; log the loss before and after (no morphism)."""
+        pruned = self.space.prune()
+        after = self.valid_loss()
+        nodes = self.space.nodes
+        self.events.append(
+            GrowthEvent(
+                epoch, step, "prune", nodes, nodes, None, valid_loss, after, tuple(pruned),
+                time.time(),
+            )
+        )  # fmt: skip
+        return after
+
+    def finish(self, epoch: int, step: int, valid_loss: float) -> bool:
+        """Mode 2 ends by fixing the last searched node(s); return whether anything changed."""
+        if self.config.mode != "grow-and-prune" or not self.space.mixed_nodes:
+            return False
+        self.prune(epoch, step, valid_loss)
+        return True
