@@ -1,0 +1,158 @@
+"""Growth in the search loop: triggers, checks, optimizer surgery, history, modes, compare."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from morphnas import api, config, spaces
+from morphnas.config import GrowthConfig
+from morphnas.engine.search import streamed_size
+from morphnas.growth import GrowthCheckError, GrowthTrigger, grow_checked, growth_interval
+from morphnas.optim import rebuild_optimizer
+from morphnas.report import plot_growth, read_metrics
+
+TINY = {
+    "data": {"dataset": "synthetic", "window": 6},
+    "space": {"nodes": 3, "hidden": 6},
+    "search": {"epochs": 4, "batch_size": 128},
+    "train": {"epochs": 2, "baselines": []},
+}
+
+
+def tiny(tmp_path, **growth):
+    overrides = config.merge(TINY, {"out": str(tmp_path / "run"), "growth": growth})
+    return config.resolve(overrides=overrides)
+
+
+def test_schedule_spreads_growths_and_never_fires_at_the_end():
+    cfg = GrowthConfig(mode="grow-then-prune", nodes_start=1)
+    assert growth_interval(cfg, epochs=20, nodes_max=4) == 5
+    trigger = GrowthTrigger(cfg, epochs=20, nodes_max=4)
+    nodes, fired = 1, []
+    for epoch in range(1, 21):
+        if trigger(epoch, 1.0, nodes):
+            nodes += 1
+            fired.append(epoch)
+    assert fired == [5, 10, 15] and nodes == 4
+    assert not GrowthTrigger(GrowthConfig(every=1), epochs=3, nodes_max=9)(3, 1.0, 1)
+
+
+def test_plateau_fires_after_patience_epochs_without_relative_improvement():
+    trigger = GrowthTrigger(
+        GrowthConfig(trigger="plateau", patience=2, min_delta=0.1), epochs=50, nodes_max=5
+    )
+    losses = [1.0, 0.8, 0.75, 0.74, 0.5, 0.49, 0.48]
+    fired = [e for e, loss in enumerate(losses, 1) if trigger(e, loss, 1)]
+    # 0.75 and 0.74 are within 10% of 0.8: the second of them fires; 0.49, 0.48 of 0.5 likewise.
+    assert fired == [4, 7]
+
+
+def test_streamed_size_grows_to_the_full_span():
+    sizes = [streamed_size(1000, 4, e, 8) for e in range(1, 9)]
+    assert sizes == sorted(sizes) and sizes[0] == 250 and sizes[-1] == 1000
+    assert [streamed_size(10, 1, e, 3) for e in (1, 2, 3)] == [10, 10, 10]
+
+
+def test_rebuild_optimizer_keeps_survivors_state_exactly():
+    keep, drop = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))
+    opt = torch.optim.Adam([keep, drop], lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        (keep.sum() ** 2 + drop.sum() ** 2).backward()
+        opt.step()
+    before = {k: v.clone() for k, v in opt.state[keep].items()}
+    new = torch.nn.Parameter(torch.randn(4))
+    rebuilt = rebuild_optimizer(opt, [keep, new])
+    assert rebuilt.defaults == opt.defaults
+    for key, value in before.items():
+        assert torch.equal(rebuilt.state[keep][key], value)
+    assert new not in rebuilt.state and drop not in rebuilt.state
+
+
+def test_a_growth_that_changes_the_function_stops_the_run():
+    space = spaces.build("two_input", 3, 5, 1)
+    real_grow = space.grow
+
+    def broken_grow(alpha_init="random"):
+        params = real_grow(alpha_init)
+        params[-1].data.fill_(0.5)  # gamma no longer zero: not a morphism
+        return params
+
+    space.grow = broken_grow
+    with pytest.raises(GrowthCheckError, match="changed the cell's output"):
+        grow_checked(space, torch.randn(4, 2, 3), GrowthConfig())
+
+
+@pytest.mark.parametrize("space", ["two_input", "darts_rnn"])
+def test_grow_then_prune_records_every_checked_growth(tmp_path, space):
+    cfg = tiny(tmp_path, mode="grow-then-prune", nodes_start=1, every=1)
+    cfg = config.resolve(base=cfg, overrides={"space": {"name": space}})
+    result = api.search(cfg)
+    history = json.loads((result.run_dir / "history.json").read_text())
+    assert [e["kind"] for e in history] == ["grow", "grow"]
+    assert [(e["nodes_before"], e["nodes_after"]) for e in history] == [(1, 2), (2, 3)]
+    for event in history:
+        assert event["max_abs_diff"] <= 1e-5
+        assert event["valid_loss_after"] == pytest.approx(event["valid_loss_before"], rel=1e-4)
+    rows = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if r["phase"] == "search"]
+    assert [r["nodes"] for r in rows] == [1, 2, 3, 3]
+    assert [len(r["arch"]) for r in rows][-1] >= 3
+    genotype = result.genotype
+    assert len(genotype.nodes) == 3
+    assert [n.residual for n in genotype.nodes] == [False, True, True]
+    assert (result.run_dir / "plots" / "growth.png").is_file()
+    assert result.extra["growth_events"] == 2
+
+
+def test_grow_and_prune_fixes_nodes_and_scores_the_one_shot_cell(tmp_path):
+    cfg = tiny(tmp_path, mode="grow-and-prune", nodes_start=1, every=1)
+    result = api.search(cfg)
+    history = json.loads((result.run_dir / "history.json").read_text())
+    assert [e["kind"] for e in history] == ["prune", "grow", "prune", "grow", "prune"]
+    assert [e["pruned_nodes"] for e in history if e["kind"] == "prune"] == [[1], [2], [3]]
+    models = [r["model"] for r in result.results]
+    assert models == ["searched", "one-shot"]
+    one_shot = result.results[1]
+    assert one_shot["test_rse"] > 0 and one_shot["params"] > 0
+    # The one-shot cell and the retrained cell are the same architecture: same weight count.
+    assert one_shot["params"] == result.results[0]["params"]
+
+
+def test_streaming_search_sees_the_span_arrive(tmp_path):
+    cfg = tiny(tmp_path)
+    cfg = config.resolve(base=cfg, overrides={"search": {"stream": 4}})
+    result = api.search(cfg)
+    rows = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if r["phase"] == "search"]
+    windows = [r["train_windows"] for r in rows]
+    assert windows == sorted(windows) and windows[0] < windows[-1]
+
+
+def test_compare_runs_every_variant_and_seed(tmp_path):
+    cfg = tiny(tmp_path)
+    variants = [
+        ("none", {"growth": {"mode": "none"}}),
+        ("g1", {"growth": {"mode": "grow-then-prune"}}),
+    ]
+    result = api.compare(cfg, variants, [0, 1])
+    saved = json.loads((result.run_dir / "compare.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in saved["runs"]] == [
+        ("none", 0), ("none", 1), ("g1", 0), ("g1", 1),
+    ]  # fmt: skip
+    table = {row["variant"]: row for row in saved["table"]}
+    runs = [r["test_rse"] for r in saved["runs"] if r["variant"] == "none"]
+    assert table["none"]["test_rse"] == pytest.approx(sum(runs) / 2)
+    assert table["none"]["test_rse_std"] == pytest.approx(abs(runs[0] - runs[1]) / 2**0.5)
+    assert table["g1"]["seeds"] == 2
+
+
+def test_plot_growth_marks_events(tmp_path):
+    rows = [
+        {"phase": "search", "epoch": e, "train_loss": 1 / e, "valid_loss": 1.1 / e, "nodes": n}
+        for e, n in [(1, 1), (2, 2), (3, 2)]
+    ]
+    events = [{"epoch": 1, "kind": "prune"}, {"epoch": 1, "kind": "grow"}]
+    out = plot_growth(rows, events, tmp_path / "g.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
