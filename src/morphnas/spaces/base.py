@@ -72,6 +72,24 @@ class ArchitectureMixin:
     def _one_hot(self, i: int) -> Tensor:
         raise NotImplementedError
 
+    def _choose(self, i: int, p: Tensor) -> Node:
+        """The discrete node a searched node ``i`` derives to from its mixing weights ``p``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def derive(self) -> Genotype:
+        """The discrete cell: fixed nodes as they were fixed, searched nodes by ``_choose``."""
+        nodes = [
+            self.fixed[i] if i in self.fixed else self._choose(i, p)
+            for i, p in enumerate(self.mixing_weights(), start=1)
+        ]
+        return Genotype(
+            space=self.space,  # type: ignore[attr-defined]
+            nodes=tuple(nodes),
+            output=self.output,  # type: ignore[attr-defined]
+            output_activation=self.output_activation,  # type: ignore[attr-defined]
+        )
+
     @property
     def mixed_nodes(self) -> list[int]:
         """1-based indices of the nodes still being searched."""

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from morphnas.genotype import DARTS_PRIMITIVES, Genotype, Node
+from morphnas.genotype import DARTS_PRIMITIVES, Node
 from morphnas.ops import ACTIVATIONS
 from morphnas.spaces.base import (
     ArchitectureMixin,
@@ -41,6 +41,7 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
 
     space = "darts_rnn"
     output = "mean"
+    output_activation = "identity"
 
     def __init__(
         self,
@@ -145,19 +146,12 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
         return hot
 
     @torch.no_grad()
-    def _derive_node(self, i: int, p: Tensor) -> Node:
+    def _choose(self, i: int, p: Tensor) -> Node:
         """The predecessor whose best non-``none`` probability is largest, and that op."""
-        if i in self.fixed:
-            return self.fixed[i]
         candidates = [k for k, name in enumerate(self.op_names) if name != "none"]
         best_p, best_k = p[:, candidates].max(dim=1)
         j = int(best_p.argmax())
         return Node(self.op_names[candidates[int(best_k[j])]], (j,), str(i) in self.gammas)
-
-    @torch.no_grad()
-    def derive(self) -> Genotype:
-        nodes = [self._derive_node(i, p) for i, p in enumerate(self.mixing_weights(), start=1)]
-        return Genotype(space=self.space, nodes=tuple(nodes), output=self.output)
 
     def grow(self, alpha_init: str = "random") -> list[nn.Parameter]:
         """Append node N+1 as a residual node with ``γ = 0``; return the new parameters.
@@ -189,7 +183,7 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
         pruned = []
         for i, p in enumerate(self.mixing_weights(), start=1):
             if i not in self.fixed:
-                self.fixed[i] = self._derive_node(i, p)
+                self.fixed[i] = self._choose(i, p)
                 self.arch[i - 1].requires_grad_(False)
                 pruned.append(i)
         return pruned

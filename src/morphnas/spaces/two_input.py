@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from morphnas.genotype import OUTPUT_ACTIVATIONS, OUTPUTS, TWO_INPUT_OPS, Genotype, Node
+from morphnas.genotype import OUTPUT_ACTIVATIONS, OUTPUTS, TWO_INPUT_OPS, Node
 from morphnas.ops import ACTIVATIONS, ADD_OPS, apply_two_input
 from morphnas.spaces.base import (
     ArchitectureMixin,
@@ -193,10 +193,8 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         return hot
 
     @torch.no_grad()
-    def _derive_node(self, i: int, p: Tensor) -> Node:
+    def _choose(self, i: int, p: Tensor) -> Node:
         """The strongest op other than ``none``; the inputs follow from the wiring."""
-        if i in self.fixed:
-            return self.fixed[i]
         candidates = [k for k, name in enumerate(self.op_names) if name != "none"]
         k = candidates[int(p[candidates].argmax())]
         return Node(self.op_names[k], node_inputs(i, self.wiring), str(i) in self.gammas)
@@ -242,20 +240,10 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         for i, p in enumerate(self.mixing_weights(), start=1):
             if i in self.fixed:
                 continue
-            node = self._derive_node(i, p)
+            node = self._choose(i, p)
             weights = self.node_weights[i - 1]
             self.node_weights[i - 1] = FixedNodeWeights(node.op, self._op_weight(weights, node.op))
             self.fixed[i] = node
             self.arch[i - 1].requires_grad_(False)
             pruned.append(i)
         return pruned
-
-    @torch.no_grad()
-    def derive(self) -> Genotype:
-        nodes = [self._derive_node(i, p) for i, p in enumerate(self.mixing_weights(), start=1)]
-        return Genotype(
-            space=self.space,
-            nodes=tuple(nodes),
-            output=self.output,
-            output_activation=self.output_activation,
-        )
