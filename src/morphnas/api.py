@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,7 +27,12 @@ from morphnas.config import RunConfig
 from morphnas.engine.checkpoint import load as load_checkpoint
 from morphnas.engine.checkpoint import save_atomic
 from morphnas.engine.progress import Progress
-from morphnas.engine.runtime import apply_threads, choose_threads, seed_everything
+from morphnas.engine.runtime import (
+    apply_threads,
+    choose_threads,
+    resolve_device,
+    seed_everything,
+)
 from morphnas.errors import UserError
 from morphnas.genotype import Genotype
 from morphnas.tasks.forecasting import ForecastModel, forecast_metrics, predict
@@ -252,15 +258,21 @@ def _start_run(config: RunConfig, kind: str, force: bool) -> Path:
 
 
 def _load_windows(config: RunConfig) -> data_mod.WindowedSplits:
+    """The run's windows, already on the run's device (they are small; moved once)."""
     cfg = config.data
     series = (
         data_mod.load_csv(cfg.csv, time_col=cfg.time_col, columns=cfg.columns)
         if cfg.csv is not None
         else data_mod.load_dataset(cfg.dataset)
     )
-    return data_mod.make_windows(
+    windows = data_mod.make_windows(
         series, cfg.window, cfg.horizon, fractions=cfg.split, scaler=cfg.scaler
     )
+    device = resolve_device(config.device)
+    for part in ("train", "valid", "test"):
+        x, y = getattr(windows, part)
+        setattr(windows, part, (x.to(device), y.to(device)))
+    return windows
 
 
 def _with_search_metadata(outcome: engine.SearchOutcome, space: Any, config: RunConfig) -> Genotype:
@@ -300,9 +312,10 @@ def _build_model(architecture: Genotype | str, config: RunConfig, n_series: int)
 def _forecaster(cell: nn.Module | None, config: RunConfig, n_series: int) -> ForecastModel:
     """The same head for every model of a run, searched or baseline."""
     ar = min(config.train.ar_window, config.data.window)
-    return ForecastModel(
+    model = ForecastModel(
         cell, config.space.hidden, n_series, config.train.dropout, ar, config.train.window_norm
     )
+    return model.to(resolve_device(config.device))
 
 
 def _count_params(model: nn.Module, exclude: Iterable[nn.Parameter] = ()) -> int:
@@ -320,13 +333,17 @@ def _score_predictions(
 ) -> dict[str, float]:
     """Valid RSE and the test metrics, in original units and (suffix ``_scaled``) scaled units."""
     inverse = data.scaler.inverse
-    valid = forecast_metrics(inverse(valid_pred.numpy()), inverse(data.valid[1].numpy()))
-    test = forecast_metrics(inverse(test_pred.numpy()), inverse(data.test[1].numpy()))
-    scaled = forecast_metrics(test_pred.numpy(), data.test[1].numpy())
+    valid = forecast_metrics(inverse(_numpy(valid_pred)), inverse(_numpy(data.valid[1])))
+    test = forecast_metrics(inverse(_numpy(test_pred)), inverse(_numpy(data.test[1])))
+    scaled = forecast_metrics(_numpy(test_pred), _numpy(data.test[1]))
     row = {"valid_rse": valid["rse"]}
     row.update({f"test_{k}": v for k, v in test.items()})
     row.update({f"test_{k}_scaled": v for k, v in scaled.items()})
     return row
+
+
+def _numpy(values: torch.Tensor) -> np.ndarray:
+    return values.detach().cpu().numpy()
 
 
 def _naive_predictions(x: torch.Tensor) -> torch.Tensor:
@@ -377,8 +394,8 @@ def _train_and_compare(
         test_predictions[name] = predict(model, data.test[0])
     inverse = data.scaler.inverse
     report.plot_forecasts(
-        inverse(data.test[1].numpy()),
-        {name: inverse(p.numpy()) for name, p in test_predictions.items()},
+        inverse(_numpy(data.test[1])),
+        {name: inverse(_numpy(p)) for name, p in test_predictions.items()},
         data.columns,
         run_dir / "plots/forecast.png",
         index=data.test_index,

@@ -130,6 +130,7 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         "seed": ("seed",),
         "out": ("out",),
         "threads": ("threads",),
+        "device": ("device",),
     }
     result: dict[str, Any] = {}
     for name, value in flags.items():
@@ -181,6 +182,7 @@ RetrainOpt = Annotated[int | None, typer.Option(help="max training epochs (early
 SeedOpt = Annotated[int | None, typer.Option(help="random seed")]
 OutOpt = Annotated[Path | None, typer.Option(help="run directory (default runs/<time>-...)")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="torch threads (default: by size)")]
+DeviceOpt = Annotated[str | None, typer.Option(help="auto | cpu | cuda")]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="any config key, e.g. space.options.wiring=input")
 ]
@@ -222,6 +224,7 @@ def search(
     seed: SeedOpt = None,
     out: OutOpt = None,
     threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
     set_: SetOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
@@ -230,7 +233,7 @@ def search(
     cfg = _resolve(
         config, set_, dataset=dataset, csv=csv, time_col=time_col, columns=columns, space=space,
         nodes=nodes, hidden=hidden, epochs=epochs, retrain_epochs=retrain_epochs, window=window,
-        horizon=horizon, seed=seed, out=out, threads=threads, growth=growth,
+        horizon=horizon, seed=seed, out=out, threads=threads, device=device, growth=growth,
         nodes_start=nodes_start, nodes_max=nodes_max, trigger=trigger, grow_every=grow_every,
         stream=stream,
     )  # fmt: skip
@@ -255,6 +258,7 @@ def train(
     seed: SeedOpt = None,
     out: OutOpt = None,
     threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
     set_: SetOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
@@ -265,7 +269,7 @@ def train(
     cfg = _resolve(
         config, set_, dataset=dataset, csv=csv, time_col=time_col, columns=columns, hidden=hidden,
         retrain_epochs=retrain_epochs, window=window, horizon=horizon, seed=seed, out=out,
-        threads=threads,
+        threads=threads, device=device,
     )  # fmt: skip
     cell = genotype_mod.load(genotype) if genotype is not None else None
     result = api.train(cfg, genotype=cell, baseline=baseline, progress=BarProgress(), force=force)
@@ -291,6 +295,7 @@ def compare(
     horizon: HorizonOpt = None,
     out: OutOpt = None,
     threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
     set_: SetOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
@@ -303,7 +308,7 @@ def compare(
     cfg = _resolve(
         config, set_, dataset=dataset, csv=csv, space=space, nodes=nodes, hidden=hidden,
         epochs=epochs, retrain_epochs=retrain_epochs, window=window, horizon=horizon, out=out,
-        threads=threads,
+        threads=threads, device=device,
     )  # fmt: skip
     cfg = config_mod.resolve(base=cfg, overrides={"train": {"baselines": []}})
     variants = [(mode, {"growth": {"mode": mode}}) for mode in modes]

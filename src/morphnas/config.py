@@ -105,6 +105,7 @@ class RunConfig(_Strict):
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch threads; None chooses by size")
     out: Path | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig = Field(default_factory=DataConfig)
     space: SpaceConfig = Field(default_factory=SpaceConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)

@@ -8,6 +8,8 @@ import random
 import numpy as np
 import torch
 
+from morphnas.errors import UserError
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch so that a run with the same seed repeats on CPU."""
@@ -33,3 +35,12 @@ def choose_threads(hidden_size: int, batch_size: int, requested: int | None = No
 def apply_threads(threads: int) -> None:
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when there is a GPU; asking for CUDA without one is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
+    return torch.device(name)

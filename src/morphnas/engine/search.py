@@ -105,7 +105,7 @@ def search(
         n_train = streamed_size(len(x_train), config.stream, epoch, config.epochs)
         steps = -(-n_train // config.batch_size)
         progress.start(f"search epoch {epoch}/{config.epochs} ({space.nodes} nodes)", steps)
-        total = torch.zeros(())
+        total = torch.zeros((), device=x_train.device)
         for idx in batches(n_train, config.batch_size, generator):
             batch = (x_train[idx], y_train[idx])
             if space.arch_parameters():

@@ -50,7 +50,7 @@ def train(
     progress.start(f"train {name}", config.epochs)
     for epoch in range(1, config.epochs + 1):
         model.train()
-        total = torch.zeros(())
+        total = torch.zeros((), device=x_train.device)
         for idx in batches(len(x_train), config.batch_size, generator):
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(x_train[idx]), y_train[idx])
