@@ -161,13 +161,13 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
         """
         n, ref = self.nodes + 1, self.init_weight
         weight = uniform_parameter(self.hidden_size, 2 * self.hidden_size, bound=self.init_range)
-        alpha = new_alpha(n, len(self.op_names))
-        if alpha_init == "mean":
-            rows = torch.cat([a.detach().cpu() for a in self.arch])
-            alpha.data.copy_(rows.mean(0).expand(n, -1))
         weight, alpha, gamma = (
-            parameter_like(ref, p) for p in (weight, alpha, torch.zeros(self.hidden_size))
+            parameter_like(ref, p)
+            for p in (weight, new_alpha(n, len(self.op_names)), torch.zeros(self.hidden_size))
         )
+        if alpha_init == "mean":
+            with torch.no_grad():
+                alpha.copy_(torch.cat(list(self.arch)).mean(0).expand(n, -1))
         self.node_weights.append(weight)
         self.arch.append(alpha)
         self.gammas[str(n)] = gamma
@@ -184,6 +184,6 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
         for i, p in enumerate(self.mixing_weights(), start=1):
             if i not in self.fixed:
                 self.fixed[i] = self._choose(i, p)
-                self.arch[i - 1].requires_grad_(False)
+                self.arch[i - 1].requires_grad_(False).grad = None
                 pruned.append(i)
         return pruned

@@ -116,6 +116,11 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         self.init_range = 1.0 / math.sqrt(hidden_size) if init_range is None else init_range
         self.add_ops = [name for name in self.op_names if name in ADD_OPS]
         self._op_index = {name: k for k, name in enumerate(self.op_names)}
+        # The order in which _mixed produces op outputs ('none' produces none).
+        term_ops = [*self.add_ops, *(op for op in ("hadamard", "add", "highway") if op in ops)]
+        self._term_order = [self._op_index[name] for name in term_ops]
+        n_add = len(self.add_ops) if weight_sharing == "per_op" else min(len(self.add_ops), 1)
+        self._add_width = n_add * hidden_size
         self.input_weight = uniform_parameter(input_size, hidden_size, bound=self.init_range)
         self.node_weights = nn.ModuleList(self._new_node_weights() for _ in range(nodes))
         self.bn = nn.BatchNorm1d(hidden_size, affine=False) if batchnorm else None
@@ -136,26 +141,47 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
     def nodes(self) -> int:
         return len(self.node_weights)
 
-    def _mixed(self, p: Tensor, weights: TwoInputNodeWeights, a: Tensor, b: Tensor) -> Tensor:
-        """``Σ_k p_k o_k(a, b)`` for one node; ``p`` indexed like ``op_names``."""
-        index = self._op_index
-        terms = []
+    def _node_plan(self, p: Tensor, weights: TwoInputNodeWeights) -> tuple[Tensor | None, Tensor]:
+        """Once per forward: the node's merged matrix and its op weights in term order.
+
+        ``[A_1..A_n | 0; B_1..B_n | C H]`` (``2d × (n·d + 2d)``) lets one matmul on ``[a, b]``
+        serve every weighted op of the node at each step; the op weights are gathered once
+        instead of being indexed at every step.
+        """
+        blocks = []
         if weights.add_weight is not None:
-            pre = torch.cat([a, b], dim=-1) @ weights.add_weight
-            chunks = (
-                pre.chunk(len(self.add_ops), dim=-1) if self.weight_sharing == "per_op" else None
-            )
-            for n, name in enumerate(self.add_ops):
-                z = chunks[n] if chunks is not None else pre
-                terms.append(p[index[name]] * ACTIVATIONS[ADD_OPS[name]](z))
-        if "hadamard" in index:
-            terms.append(p[index["hadamard"]] * (a * b))
-        if "add" in index:
-            terms.append(p[index["add"]] * (a + b))
+            blocks.append(weights.add_weight)
         if weights.highway_weight is not None:
-            c, g = (b @ weights.highway_weight).chunk(2, dim=-1)
-            terms.append(p[index["highway"]] * (a + torch.sigmoid(c) * (torch.tanh(g) - a)))
-        return torch.stack(terms).sum(0) if len(terms) > 1 else terms[0]
+            zeros = weights.highway_weight.new_zeros(self.hidden_size, 2 * self.hidden_size)
+            blocks.append(torch.cat([zeros, weights.highway_weight], dim=0))
+        merged = torch.cat(blocks, dim=1) if len(blocks) > 1 else (blocks[0] if blocks else None)
+        return merged, p[self._term_order]
+
+    def _mixed(self, plan: tuple[Tensor | None, Tensor], a: Tensor, b: Tensor) -> Tensor:
+        """``Σ_k p_k o_k(a, b)`` for one node: every op's output, then one weighted reduction."""
+        merged, op_weights = plan
+        terms = []
+        if merged is not None:
+            pre = torch.cat([a, b], dim=-1) @ merged
+            width = self._add_width
+            chunks = (
+                pre[:, :width].chunk(len(self.add_ops), dim=-1)
+                if self.weight_sharing == "per_op"
+                else [pre[:, :width]] * len(self.add_ops)
+            )
+            terms += [
+                ACTIVATIONS[ADD_OPS[name]](z) for name, z in zip(self.add_ops, chunks, strict=True)
+            ]
+        if "hadamard" in self._op_index:
+            terms.append(a * b)
+        if "add" in self._op_index:
+            terms.append(a + b)
+        if "highway" in self._op_index:
+            c, g = pre[:, self._add_width :].chunk(2, dim=-1)
+            terms.append(torch.lerp(a, torch.tanh(g), torch.sigmoid(c)))
+        if len(terms) == 1:
+            return op_weights[0] * terms[0]
+        return torch.tensordot(op_weights, torch.stack(terms), dims=1)
 
     def forward(
         self, x: Tensor, h0: Tensor | None = None, weights: list[Tensor] | None = None
@@ -165,6 +191,10 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         mask_x = variational_mask(batch, self.input_size, self.dropout_x, x, self.training)
         mask_h = variational_mask(batch, self.hidden_size, self.dropout_h, x, self.training)
         u_all = (x if mask_x is None else x * mask_x) @ self.input_weight  # hoisted
+        plans = [
+            None if isinstance(node, FixedNodeWeights) else self._node_plan(p, node)
+            for p, node in zip(probs, self.node_weights, strict=True)
+        ]
         h = x.new_zeros(batch, self.hidden_size) if h0 is None else h0
         outputs = []
         for t in range(steps):
@@ -176,7 +206,7 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
                 if isinstance(node, FixedNodeWeights):
                     s = apply_two_input(node.op, node.weight, a, b)
                 else:
-                    s = self._mixed(probs[i - 1], node, a, b)
+                    s = self._mixed(plans[i - 1], a, b)
                 s = self.bn(s) if self.bn is not None else s
                 gamma = self.gammas.get(str(i))
                 if gamma is not None:
@@ -218,11 +248,14 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         """
         n, ref = self.nodes + 1, self.input_weight
         node = self._new_node_weights().to(device=ref.device, dtype=ref.dtype)
-        alpha = new_alpha(len(self.op_names))
-        searched = [self.arch[i - 1].detach().cpu() for i in self.mixed_nodes]
+        searched = [self.arch[i - 1] for i in self.mixed_nodes]
+        alpha, gamma = (
+            parameter_like(ref, p)
+            for p in (new_alpha(len(self.op_names)), torch.zeros(self.hidden_size))
+        )
         if alpha_init == "mean" and searched:
-            alpha.data.copy_(torch.stack(searched).mean(0))
-        alpha, gamma = (parameter_like(ref, p) for p in (alpha, torch.zeros(self.hidden_size)))
+            with torch.no_grad():
+                alpha.copy_(torch.stack(searched).mean(0))
         self.node_weights.append(node)
         self.arch.append(alpha)
         self.gammas[str(n)] = gamma
@@ -244,6 +277,6 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
             weights = self.node_weights[i - 1]
             self.node_weights[i - 1] = FixedNodeWeights(node.op, self._op_weight(weights, node.op))
             self.fixed[i] = node
-            self.arch[i - 1].requires_grad_(False)
+            self.arch[i - 1].requires_grad_(False).grad = None
             pruned.append(i)
         return pruned
