@@ -93,16 +93,16 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
     ):
         """``Σ_j Σ_k w_jk [s_j + c_j ⊙ (f_k(g_j) − s_j)]``, the activation blend collapsed."""
         prev = torch.stack(states)  # (i, B, d): every predecessor at once
-        c, g = (torch.stack(masked) @ w_node).chunk(2, dim=-1)
-        blend = sum(w * f(g) for w, (_, f) in zip(act_w, self._activations, strict=True))
-        base = act_w.sum(0) * prev
-        return (base + torch.sigmoid(c) * (blend - base)).sum(0)
+        inputs = prev if masked is states else torch.stack(masked)
+        c, g = (inputs @ w_node).chunk(2, dim=-1)
+        blend = (act_w * torch.stack([f(g) for _, f in self._activations])).sum(0)
+        return torch.lerp(act_w.sum(0) * prev, blend, torch.sigmoid(c)).sum(0)
 
     @staticmethod
     def _fixed_node(node: Node, w_node: Tensor, states: list[Tensor], masked: list[Tensor]):
         j = node.inputs[0]
         c, g = (masked[j] @ w_node).chunk(2, dim=-1)
-        return states[j] + torch.sigmoid(c) * (ACTIVATIONS[node.op](g) - states[j])
+        return torch.lerp(states[j], ACTIVATIONS[node.op](g), torch.sigmoid(c))
 
     def forward(
         self, x: Tensor, h0: Tensor | None = None, weights: list[Tensor] | None = None
@@ -121,9 +121,9 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
         outputs = []
         for t in range(steps):
             c0, g0 = (x_proj[t] + (h if mask_h is None else h * mask_h) @ w_h).chunk(2, dim=-1)
-            s0 = self._norm(h + torch.sigmoid(c0) * (torch.tanh(g0) - h))
+            s0 = self._norm(torch.lerp(h, torch.tanh(g0), torch.sigmoid(c0)))
             states = [s0]
-            masked = [s0 if mask_h is None else s0 * mask_h]
+            masked = states if mask_h is None else [s0 * mask_h]
             for i, w_node in enumerate(self.node_weights, start=1):
                 if i in self.fixed:
                     s = self._fixed_node(self.fixed[i], w_node, states, masked)
@@ -134,7 +134,8 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
                 if gamma is not None:
                     s = combine_nodes(states[1:], self.output) + gamma * s
                 states.append(s)
-                masked.append(s if mask_h is None else s * mask_h)
+                if mask_h is not None:
+                    masked.append(s * mask_h)
             h = combine_nodes(states[1:], self.output)
             outputs.append(h)
         return torch.stack(outputs), h
