@@ -100,16 +100,7 @@ def search(
     )
     genotype = _with_search_metadata(outcome, space, config)
     genotype.save(run_dir / "genotype.json")
-    report.plot_arch_weights(
-        report.read_metrics(run_dir / "metrics.jsonl"), space.op_names, run_dir / "plots/arch.png"
-    )
-    report.plot_genotype(genotype, run_dir / "plots/genotype.png")
-    if outcome.events:
-        report.plot_growth(
-            report.read_metrics(run_dir / "metrics.jsonl"),
-            [e.to_dict() for e in outcome.events],
-            run_dir / "plots/growth.png",
-        )
+    _plot_search(run_dir, space.op_names, genotype, outcome.events)
     models: list[tuple[str, Genotype | str]] = [(SEARCHED, genotype)]
     models += [(name, name) for name in config.train.baselines]
     one_shot = []
@@ -127,6 +118,17 @@ def search(
     }
     _write_summary(run_dir, genotype, models, results, extra)
     return RunResult(run_dir, genotype, results, extra)
+
+
+def _plot_search(
+    run_dir: Path, op_names: Sequence[str], genotype: Genotype, events: Sequence[Any]
+) -> None:
+    """The search's plots: mixing weights over epochs, the derived cell, the growth timeline."""
+    rows = report.read_metrics(run_dir / "metrics.jsonl")
+    report.plot_arch_weights(rows, op_names, run_dir / "plots/arch.png")
+    report.plot_genotype(genotype, run_dir / "plots/genotype.png")
+    if events:
+        report.plot_growth(rows, [e.to_dict() for e in events], run_dir / "plots/growth.png")
 
 
 def train(
