@@ -322,6 +322,32 @@ def compare(
 
 @app.command()
 @_friendly
+def bench(
+    parts: Annotated[str, typer.Option(help="comma-separated: supernet,cell,search")] = (
+        "supernet,cell,search"
+    ),
+    quick: Annotated[bool, typer.Option("--quick", help="tiny sizes, seconds not minutes")] = False,
+    device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "cpu",
+    repeats: Annotated[int | None, typer.Option(help="timed repeats per implementation")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure the supernet against the reference loop and the machine, cells against LSTM/GRU."""
+    from morphnas import bench as bench_mod  # imported on demand: only this command needs it
+
+    names = [p.strip() for p in parts.split(",") if p.strip()]
+    try:
+        result = bench_mod.run_bench(names, quick=quick, device=device, repeats=repeats)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if as_json:
+        typer.echo(json.dumps(result, default=str))
+        return
+    for table in bench_mod.bench_table(result):
+        stdout.print(table)
+
+
+@app.command()
+@_friendly
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
     as_json: JsonOpt = False,

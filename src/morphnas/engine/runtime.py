@@ -41,6 +41,11 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when there is a GPU; asking for CUDA without one is a user error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UserError(f"unknown device {name!r}; use auto, cpu or cuda")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu or cuda") from None

@@ -1,0 +1,795 @@
+"""Measured, side-by-side performance figures (``morphnas bench``; DESIGN §6, docs/benchmarks.md).
+
+Three parts, each a comparison measured in one process so that the ratios mean something on a
+noisy, shared machine:
+
+* ``supernet``: one training step of our fused ``DartsRNNSearchCell`` against the loop of the DARTS
+  reference code (``ReferenceDartsCell`` below, same parameters, checked to compute the same
+  function), both against the machine's own dense-matmul throughput;
+* ``cell``: derived discrete cells against ``torch.nn.LSTM``/``GRU`` (fused kernels) per FLOP;
+* ``search``: seconds per epoch of the real search engine, per strategy and space.
+
+Timings are medians of interleaved repeats after a warm-up, each implementation at its faster
+thread count; FLOPs are counted analytically (matmuls only). Nothing here asserts a time: the
+numbers are for people, the tests only check that they exist and that the reference is right.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import platform
+import re
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.table import Table
+from torch import Tensor, nn
+
+from morphnas import cells, spaces, strategies
+from morphnas.config import SearchConfig
+from morphnas.data import make_windows, synthetic_series
+from morphnas.engine.runtime import choose_threads, resolve_device
+from morphnas.engine.search import search as run_search
+from morphnas.genotype import DARTS_PRIMITIVES, Genotype, Node
+from morphnas.report import MetricsLog
+from morphnas.spaces import DartsRNNSearchCell
+from morphnas.tasks.forecasting import ForecastModel
+
+PARTS = ("supernet", "cell", "search")
+AGREEMENT_TOL = 1e-4  # float32, outputs of ours vs the reference before any timing ...
+AGREEMENT_STEPS = 10  # ... on the first steps: later, the recurrence amplifies float32 rounding
+PROBE_STEPS = 5  # time steps of the short sequence that picks an implementation's thread count
+DARTS_DROPOUT_X, DARTS_DROPOUT_H = 0.75, 0.25  # DARTS search defaults (rnn/train_search.py)
+SGD_LR = 1e-3  # small, so that repeated steps keep the weights (and the timings) ordinary
+
+# DARTS_V2, the recurrent cell of the DARTS paper (quark0/darts rnn/genotypes.py), concat 1..8.
+DARTS_V2 = Genotype(
+    space="darts_rnn",
+    nodes=tuple(
+        Node(op, (j,))
+        for op, j in [
+            ("sigmoid", 0),
+            ("relu", 1),
+            ("relu", 1),
+            ("identity", 1),
+            ("tanh", 2),
+            ("sigmoid", 5),
+            ("tanh", 3),
+            ("relu", 5),
+        ]
+    ),
+    output="mean",
+)
+# A gated two-input cell in the spirit of GRU: gate ⊙ candidate, then a highway onto h.
+TWO_INPUT_GATED = Genotype(
+    space="two_input",
+    nodes=(
+        Node("add_sigmoid", (0, -1)),  # s1 = σ(A h + B u)      a gate
+        Node("add_tanh", (0, -1)),  # s2 = tanh(A h + B u)      a candidate
+        Node("hadamard", (1, 2)),  # s3 = s1 ⊙ s2
+        Node("highway", (3, 0)),  # s4 = s3 + σ(C h) ⊙ (tanh(H h) − s3)
+    ),
+    output="last",
+    output_activation="tanh",
+)
+
+
+@dataclass(frozen=True)
+class SupernetConfig:
+    """One supernet workload; ``input_size = hidden`` as in DARTS language modelling."""
+
+    batch: int
+    hidden: int
+    bptt: int
+    nodes: int
+
+    @property
+    def input_size(self) -> int:
+        return self.hidden
+
+
+@dataclass(frozen=True)
+class CellConfig:
+    batch: int
+    hidden: int
+    bptt: int
+
+
+SUPERNET_CONFIGS = {
+    "small": SupernetConfig(batch=64, hidden=64, bptt=35, nodes=8),
+    "darts": SupernetConfig(batch=256, hidden=300, bptt=35, nodes=8),
+}
+QUICK_SUPERNET_CONFIGS = {
+    "small": SupernetConfig(batch=16, hidden=32, bptt=6, nodes=3),
+    "darts": SupernetConfig(batch=32, hidden=48, bptt=6, nodes=4),
+}
+CELL_CONFIGS = {
+    "small": CellConfig(batch=64, hidden=64, bptt=35),
+    "large": CellConfig(batch=64, hidden=300, bptt=35),
+}
+QUICK_CELL_CONFIGS = {
+    "small": CellConfig(batch=8, hidden=16, bptt=6),
+    "large": CellConfig(batch=8, hidden=48, bptt=6),
+}
+# Defaults; ``repeats=`` overrides all of them. The big supernet steps take seconds each.
+REPEATS = {"supernet:small": 7, "supernet:darts": 3, "cell": 5, "search": 3, "matmul": 5}
+QUICK_REPEATS = {"supernet:small": 2, "supernet:darts": 2, "cell": 2, "search": 1, "matmul": 2}
+SEARCH_SETUP = {"hidden": 32, "nodes": 4, "window": 24, "n_series": 8, "batch_size": 64}
+
+
+# --------------------------------------------------------------------------- the reference
+
+
+def _identity(z: Tensor) -> Tensor:
+    return z
+
+
+REFERENCE_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+    "sigmoid": torch.sigmoid,
+    "identity": _identity,
+}
+
+
+class ReferenceDartsCell(nn.Module):
+    """The DARTS search cell written as the reference code runs it (``rnn/model_search.py``).
+
+    Kept deliberately straightforward, because it is the yardstick our fused cell is measured
+    against: per time step the softmax of ``α`` is recomputed, ``x_t`` and ``h_{t-1}`` are
+    concatenated for one init GEMM; per node the dropout mask is re-applied to the whole stack of
+    predecessor states (one GEMM over the stack, as the reference does), then per primitive a
+    full highway blend over every predecessor edge and a probability-weighted sum over the edges;
+    BatchNorm; ``torch.cat`` grows the state stack. Masks are drawn like ours (same RNG calls), so
+    with the same seed both cells compute the same function.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        nodes: int = 8,
+        dropout_x: float = 0.0,
+        dropout_h: float = 0.0,
+    ) -> None:
+        super().__init__()
+        d = hidden_size
+        self.input_size, self.hidden_size, self.steps = input_size, hidden_size, nodes
+        self.dropout_x, self.dropout_h = dropout_x, dropout_h
+        self._W0 = nn.Parameter(torch.zeros(input_size + d, 2 * d))
+        self._Ws = nn.ParameterList(nn.Parameter(torch.zeros(d, 2 * d)) for _ in range(nodes))
+        self.weights = nn.Parameter(torch.zeros(nodes * (nodes + 1) // 2, len(DARTS_PRIMITIVES)))
+        self.bn = nn.BatchNorm1d(d, affine=False)
+
+    @classmethod
+    def copy_of(cls, cell: DartsRNNSearchCell) -> ReferenceDartsCell:
+        """A reference cell holding copies of ``cell``'s parameters (its ``α`` rows stacked)."""
+        if cell.op_names != DARTS_PRIMITIVES or cell.fixed or len(cell.gammas) or cell.bn is None:
+            raise ValueError("the reference covers the plain DARTS supernet only")
+        ref = cls(cell.input_size, cell.hidden_size, cell.nodes, cell.dropout_x, cell.dropout_h)
+        ref = ref.to(device=cell.init_weight.device, dtype=cell.init_weight.dtype)
+        with torch.no_grad():
+            ref._W0.copy_(cell.init_weight)
+            for mine, theirs in zip(ref._Ws, cell.node_weights, strict=True):
+                mine.copy_(theirs)
+            ref.weights.copy_(torch.cat(list(cell.arch)))
+        return ref
+
+    def _mask(self, batch: int, size: int, p: float, like: Tensor) -> Tensor | None:
+        if not self.training or p <= 0.0:
+            return None
+        return like.new_empty(batch, size).bernoulli_(1.0 - p) / (1.0 - p)
+
+    def _init_state(
+        self, x: Tensor, h_prev: Tensor, x_mask: Tensor | None, h_mask: Tensor | None
+    ) -> Tensor:
+        xm = x if x_mask is None else x * x_mask
+        hm = h_prev if h_mask is None else h_prev * h_mask
+        c0, h0 = torch.split(torch.cat([xm, hm], dim=-1).mm(self._W0), self.hidden_size, dim=-1)
+        return h_prev + c0.sigmoid() * (h0.tanh() - h_prev)
+
+    def cell(
+        self, x: Tensor, h_prev: Tensor, x_mask: Tensor | None, h_mask: Tensor | None
+    ) -> Tensor:
+        d = self.hidden_size
+        s0 = self.bn(self._init_state(x, h_prev, x_mask, h_mask))
+        probs = torch.softmax(self.weights, dim=-1)
+        offset, states = 0, s0.unsqueeze(0)
+        for i in range(self.steps):
+            masked = states if h_mask is None else states * h_mask.unsqueeze(0)
+            ch = masked.view(-1, d).mm(self._Ws[i]).view(i + 1, -1, 2 * d)
+            c, h = torch.split(ch, d, dim=-1)
+            c = c.sigmoid()
+            s = torch.zeros_like(s0)
+            for k, name in enumerate(DARTS_PRIMITIVES):
+                if name == "none":
+                    continue
+                unweighted = states + c * (REFERENCE_ACTIVATIONS[name](h) - states)
+                s += torch.sum(probs[offset : offset + i + 1, k, None, None] * unweighted, dim=0)
+            s = self.bn(s)
+            states = torch.cat([states, s.unsqueeze(0)], 0)
+            offset += i + 1
+        return torch.mean(states[-self.steps :], dim=0)
+
+    def forward(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        steps, batch, _ = x.shape
+        x_mask = self._mask(batch, self.input_size, self.dropout_x, x)
+        h_mask = self._mask(batch, self.hidden_size, self.dropout_h, x)
+        hidden = x.new_zeros(batch, self.hidden_size) if h0 is None else h0
+        hiddens = []
+        for t in range(steps):
+            hidden = self.cell(x[t], hidden, x_mask, h_mask)
+            hiddens.append(hidden)
+        return torch.stack(hiddens), hidden
+
+
+# --------------------------------------------------------------------------- FLOP counts
+
+
+def supernet_flops(batch: int, input_size: int, hidden: int, bptt: int, nodes: int) -> int:
+    """Matmul FLOPs of one training step of the DARTS supernet (forward ×3 for the backward).
+
+    Per time step: the init GEMM ``(B, in+d) @ (in+d, 2d)``, and for node ``i`` one
+    ``(B, d) @ (d, 2d)`` per predecessor (``i`` of them). A multiply-add is 2 FLOPs. Elementwise
+    work (activations, blends, BatchNorm) is not counted.
+    """
+    d = hidden
+    init = 2 * batch * (input_size + d) * 2 * d
+    node_edges = nodes * (nodes + 1) // 2
+    edges = node_edges * 2 * batch * d * 2 * d
+    return 3 * bptt * (init + edges)
+
+
+def cell_flops(model: Genotype | str, batch: int, input_size: int, hidden: int, bptt: int) -> int:
+    """Matmul FLOPs of one forward+backward of a discrete cell or ``lstm``/``gru`` (×3 forward).
+
+    LSTM: ``(B, in) @ (in, 4d)`` and ``(B, d) @ (d, 4d)`` per step; GRU the same with 3 gates.
+    DARTS cell: the init GEMM plus one ``(B, d) @ (d, 2d)`` per node. Two-input cell: the input
+    projection ``(B, in) @ (in, d)``, ``[a, b] @ (2d, d)`` per ``add_*`` node and
+    ``b @ (d, 2d)`` per ``highway`` node; ``hadamard``/``add`` have no matmul.
+    """
+    d = hidden
+    gates = {"lstm": 4, "gru": 3}
+    if isinstance(model, str):
+        per_step = 2 * batch * (input_size + d) * gates[model] * d
+    elif model.space == "darts_rnn":
+        per_step = 2 * batch * (input_size + d) * 2 * d + len(model.nodes) * 2 * batch * d * 2 * d
+    else:
+        weighted = sum(node.op.startswith("add_") or node.op == "highway" for node in model.nodes)
+        per_step = 2 * batch * input_size * d + weighted * 2 * batch * 2 * d * d
+    return 3 * bptt * per_step
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of ``fn`` with the device drained before and after (GPU work is asynchronous)."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def thread_candidates(device: torch.device, quick: bool = False) -> list[int]:
+    """1 and every core on CPU: small recurrent kernels often lose from threading, large ones
+    gain. One thread only in quick mode: on a busy machine an oversubscribed thread pool can make
+    a tiny step 100× slower, which would turn a seconds-long smoke run into minutes. On CUDA the
+    host threads barely matter, so the current count only."""
+    if device.type == "cuda":
+        return [torch.get_num_threads()]
+    if quick:
+        return [1]
+    return sorted({1, os.cpu_count() or 1})
+
+
+def _set_threads(threads: int) -> None:
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def _proc_status_kb(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    if match is None:
+        raise OSError(f"{field} not in /proc/self/status")
+    return int(match.group(1))
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap pages back to the OS, so the next step's allocations show up in RSS."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _cpu_peak_mb(fn: Callable[[], object]) -> float | None:
+    """Resident memory one call adds at its peak: VmHWM after the call minus VmRSS before it.
+
+    Freed memory is first returned to the OS (``gc.collect``, ``malloc_trim``) and the high-water
+    mark reset to the current RSS (``"5"`` into ``/proc/self/clear_refs``), so what is counted is
+    the memory this call touched beyond what was already resident (weights, inputs, the other
+    implementation). ``None`` where ``/proc`` does not offer this (not Linux).
+    """
+    gc.collect()
+    _malloc_trim()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        base = _proc_status_kb("VmRSS")
+    except OSError:
+        return None
+    fn()
+    return (_proc_status_kb("VmHWM") - base) / 1024
+
+
+def _cuda_peak_mb(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak allocated by the caching allocator during the call, above what was allocated before."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def _peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    return _cuda_peak_mb(fn, device) if device.type == "cuda" else _cpu_peak_mb(fn)
+
+
+@dataclass
+class Workload:
+    """One implementation's training step on a fixed batch: MSE on all outputs, backward, and
+    (with an optimizer) a step on every parameter, architecture parameters included."""
+
+    module: nn.Module
+    x: Tensor
+    target: Tensor
+    optimizer: torch.optim.Optimizer | None = None
+
+    def step(self, bptt: int | None = None) -> None:
+        """One step on the whole sequence, or on its first ``bptt`` steps (the thread probe)."""
+        x, target = (self.x, self.target) if bptt is None else (self.x[:bptt], self.target[:bptt])
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.module.zero_grad(set_to_none=True)
+        outputs, _ = self.module(x)
+        F.mse_loss(outputs, target).backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+
+
+def _best_threads(work: Workload, device: torch.device, candidates: Sequence[int]) -> int:
+    """The faster thread count on a short prefix of the sequence (cost is linear in its length,
+    so the ranking carries over, and the probe stays cheap at the DARTS size).
+
+    A count already twice as slow as the best after one probe is not timed again: a thread pool
+    fighting other processes for the cores can take seconds per tiny step. The first probe step
+    is a warm-up, also with a single candidate: one-time costs (kernel selection, the cuBLAS
+    workspace) stay out of the probe and out of the memory measured next.
+    """
+    probe = min(PROBE_STEPS, work.x.shape[0])
+    _set_threads(candidates[0])
+    work.step(probe)
+    if len(candidates) == 1:
+        return candidates[0]
+    timings: dict[int, float] = {}
+    for threads in candidates:
+        _set_threads(threads)
+        seconds = _seconds(lambda: work.step(probe), device)
+        if seconds <= 2 * min(timings.values(), default=seconds):
+            seconds = min(seconds, _seconds(lambda: work.step(probe), device))
+        timings[threads] = seconds
+    return min(timings, key=timings.__getitem__)
+
+
+def measure(
+    workloads: dict[str, Workload],
+    device: torch.device,
+    repeats: int,
+    candidates: Sequence[int],
+) -> dict[str, Any]:
+    """Per workload: ``seconds`` (median), ``threads`` and ``peak_mb``, timed side by side.
+
+    Order: thread probe per workload; then one full step per workload under the memory meter,
+    which is also its full-length warm-up; then ``repeats`` rounds of one step of each workload
+    in turn (A, B, A, B, ...), so that drifting load on a shared machine hits all alike.
+    """
+    threads = {name: _best_threads(work, device, candidates) for name, work in workloads.items()}
+    peaks = {}
+    for name, work in workloads.items():
+        _set_threads(threads[name])
+        peaks[name] = _peak_mb(work.step, device)
+    times: dict[str, list[float]] = {name: [] for name in workloads}
+    for _ in range(repeats):
+        for name, work in workloads.items():
+            _set_threads(threads[name])
+            times[name].append(_seconds(work.step, device))
+    return {
+        name: {
+            "seconds": statistics.median(times[name]),
+            "threads": threads[name],
+            "peak_mb": peaks[name],
+        }
+        for name in workloads
+    }
+
+
+def _with_throughput(entry: dict[str, Any], flops: int, matmul_gflops: float) -> dict[str, Any]:
+    gflops = flops / entry["seconds"] / 1e9
+    return {**entry, "gflops": gflops, "fraction_of_matmul": gflops / matmul_gflops}
+
+
+def measure_matmul(
+    device: torch.device, size: int, repeats: int, candidates: Sequence[int]
+) -> dict[str, Any]:
+    """The machine's dense float32 matmul throughput: the best of ``repeats`` at each thread
+    count, the better count kept. The best (not the median) because this is the ceiling."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    best: dict[int, float] = {}
+    for threads in candidates:
+        _set_threads(threads)
+        a @ b  # warm-up
+        best[threads] = min(_seconds(lambda: a @ b, device) for _ in range(repeats))
+    threads = min(best, key=best.__getitem__)
+    return {"size": size, "threads": threads, "gflops": 2 * size**3 / best[threads] / 1e9}
+
+
+# --------------------------------------------------------------------------- the parts
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every part's measurement shares: the device, the thread counts to try, the ceiling."""
+
+    device: torch.device
+    threads: tuple[int, ...]
+    matmul_gflops: float
+
+
+def _sequence(
+    cfg: SupernetConfig | CellConfig, input_size: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    x = torch.randn(cfg.bptt, cfg.batch, input_size, device=device)
+    return x, torch.randn(cfg.bptt, cfg.batch, cfg.hidden, device=device)
+
+
+def check_agreement(ours: DartsRNNSearchCell, reference: ReferenceDartsCell, x: Tensor) -> float:
+    """Max |ours − reference| over the outputs of the first ``AGREEMENT_STEPS`` time steps, same
+    seed (so the same dropout masks), training mode.
+
+    Only a prefix, because this recurrence is badly conditioned: by step 35 of the DARTS
+    configuration both float32 implementations are ~1e-3 away from a float64 run (and from each
+    other), so a full-length float32 comparison would test the cell's conditioning, not the code.
+    Any error in a formula shows at the first step; exactness over whole sequences, gradients
+    included, is tested in float64 (tests/test_bench.py).
+    """
+    x = x[:AGREEMENT_STEPS]
+    with torch.no_grad():
+        torch.manual_seed(1)
+        mine, _ = ours(x)
+        torch.manual_seed(1)
+        theirs, _ = reference(x)
+    return float((mine - theirs).abs().max())
+
+
+def bench_supernet_config(cfg: SupernetConfig, ctx: Context, repeats: int) -> dict[str, Any]:
+    """Ours vs the reference on one configuration, after checking they compute the same thing."""
+    torch.manual_seed(0)
+    ours = DartsRNNSearchCell(
+        cfg.input_size,
+        cfg.hidden,
+        nodes=cfg.nodes,
+        dropout_x=DARTS_DROPOUT_X,
+        dropout_h=DARTS_DROPOUT_H,
+    ).to(ctx.device)
+    reference = ReferenceDartsCell.copy_of(ours)
+    x, target = _sequence(cfg, cfg.input_size, ctx.device)
+    _set_threads(ctx.threads[0])
+    diff = check_agreement(ours, reference, x)
+    if not diff <= AGREEMENT_TOL:
+        raise RuntimeError(f"reference and fused supernet disagree by {diff:.2e} ({cfg})")
+    workloads = {
+        name: Workload(module, x, target, torch.optim.SGD(module.parameters(), lr=SGD_LR))
+        for name, module in (("ours", ours), ("reference", reference))
+    }
+    measured = measure(workloads, ctx.device, repeats, ctx.threads)
+    flops = supernet_flops(cfg.batch, cfg.input_size, cfg.hidden, cfg.bptt, cfg.nodes)
+    result: dict[str, Any] = {
+        "config": asdict(cfg),
+        "gflop": flops / 1e9,
+        "max_abs_diff": diff,
+        "agreement_steps": min(AGREEMENT_STEPS, cfg.bptt),
+    }
+    for name, entry in measured.items():
+        result[name] = _with_throughput(entry, flops, ctx.matmul_gflops)
+    result["speedup"] = result["reference"]["seconds"] / result["ours"]["seconds"]
+    return result
+
+
+CELL_MODELS: dict[str, Genotype | str] = {
+    "darts": DARTS_V2,
+    "two_input": TWO_INPUT_GATED,
+    "lstm": "lstm",
+    "gru": "gru",
+}
+
+
+def _cell_module(model: Genotype | str, size: int) -> nn.Module:
+    if isinstance(model, Genotype):
+        return cells.build(model, size, size)
+    return cells.baseline(model, size, size)
+
+
+def bench_cell_config(cfg: CellConfig, ctx: Context, repeats: int) -> dict[str, Any]:
+    """Derived cells vs LSTM/GRU at one size: forward+backward, input size = hidden size."""
+    torch.manual_seed(0)
+    x, target = _sequence(cfg, cfg.hidden, ctx.device)
+    workloads = {
+        name: Workload(_cell_module(model, cfg.hidden).to(ctx.device), x, target)
+        for name, model in CELL_MODELS.items()
+    }
+    measured = measure(workloads, ctx.device, repeats, ctx.threads)
+    result: dict[str, Any] = {"config": asdict(cfg)}
+    for name, model in CELL_MODELS.items():
+        flops = cell_flops(model, cfg.batch, cfg.hidden, cfg.hidden, cfg.bptt)
+        result[name] = _with_throughput(measured[name], flops, ctx.matmul_gflops)
+        result[name]["gflop"] = flops / 1e9
+    lstm = result["lstm"]["gflops"]
+    result["gflops_vs_lstm"] = {name: result[name]["gflops"] / lstm for name in CELL_MODELS}
+    return result
+
+
+def _search_epoch_seconds(
+    strategy_name: str, space_name: str, data: Any, device: torch.device
+) -> tuple[float, int]:
+    """One epoch of the real search loop (arch step + weight step per batch, the epoch's
+    validation pass and checkpoint included); returns seconds and batches."""
+    setup = SEARCH_SETUP
+    torch.manual_seed(0)
+    n_series = setup["n_series"]
+    space = spaces.build(space_name, n_series, setup["hidden"], setup["nodes"])
+    model = ForecastModel(space, setup["hidden"], n_series).to(device)
+    strategy = strategies.build(strategy_name, space)
+    train = tuple(t.to(device) for t in data.train)
+    valid = tuple(t.to(device) for t in data.valid)
+    config = SearchConfig(strategy=strategy_name, epochs=1, batch_size=setup["batch_size"])
+    with tempfile.TemporaryDirectory(prefix="morphnas-bench-") as tmp:
+        outcome = run_search(
+            model,
+            strategy,
+            train,  # type: ignore[arg-type]
+            valid,  # type: ignore[arg-type]
+            config,
+            seed=0,
+            log=MetricsLog(Path(tmp) / "metrics.jsonl"),
+            checkpoint_dir=Path(tmp) / "checkpoints",
+        )
+    batches = -(-len(data.train[0]) // setup["batch_size"])
+    return outcome.seconds, batches
+
+
+def bench_search(device: torch.device, repeats: int, quick: bool) -> dict[str, Any]:
+    """Seconds per first-order search epoch for every strategy and space, on synthetic data,
+    with the thread count the project's own policy picks for this size."""
+    setup = SEARCH_SETUP
+    series = synthetic_series(n_steps=400 if quick else 2000, n_series=setup["n_series"], seed=0)
+    data = make_windows(series, setup["window"], 1)
+    threads = choose_threads(setup["hidden"], setup["batch_size"])
+    if device.type == "cpu":
+        _set_threads(threads)
+    result: dict[str, Any] = {}
+    for strategy_name in strategies.STRATEGIES:
+        result[strategy_name] = {}
+        for space_name in spaces.SPACES:
+            runs = [
+                _search_epoch_seconds(strategy_name, space_name, data, device)
+                for _ in range(repeats)
+            ]
+            result[strategy_name][space_name] = {
+                "seconds_per_epoch": statistics.median(seconds for seconds, _ in runs),
+                "batches_per_epoch": runs[0][1],
+                "threads": torch.get_num_threads(),
+                "config": {**setup, "train_windows": len(data.train[0])},
+            }
+    return result
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _cpu_name() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    match = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    return match.group(1).strip() if match else platform.processor() or "unknown"
+
+
+def machine_info(device: torch.device, quick: bool) -> dict[str, Any]:
+    """Where the figures come from; the load average says whether the CPU was shared."""
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        load = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {
+        "device": str(device),
+        "device_name": name,
+        "cpu_name": _cpu_name(),
+        "cpu_count": os.cpu_count() or 1,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "load_average_1min": load,
+        "quick": quick,
+    }
+
+
+def _repeats(key: str, quick: bool, repeats: int | None) -> int:
+    if repeats is not None:
+        return repeats
+    return (QUICK_REPEATS if quick else REPEATS)[key]
+
+
+def run_bench(
+    parts: Sequence[str] = PARTS,
+    *,
+    quick: bool = False,
+    device: str = "cpu",
+    repeats: int | None = None,
+) -> dict[str, Any]:
+    """Measure the requested parts; a JSON-serialisable dict with stable keys (see
+    docs/benchmarks.md, "Output keys"). The caller's thread count and RNG state are restored."""
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ValueError(f"unknown bench part(s) {unknown}; expected some of {list(PARTS)}")
+    if repeats is not None and repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    dev = resolve_device(device)
+    threads_before = torch.get_num_threads()
+    rng_devices = [dev] if dev.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=rng_devices):
+            return _run_parts(parts, dev, quick, repeats)
+    finally:
+        _set_threads(threads_before)
+
+
+def _run_parts(
+    parts: Sequence[str], device: torch.device, quick: bool, repeats: int | None
+) -> dict[str, Any]:
+    result: dict[str, Any] = {"machine": machine_info(device, quick)}
+    candidates = thread_candidates(device, quick)
+    size = 512 if quick else 2048
+    result["matmul"] = measure_matmul(device, size, _repeats("matmul", quick, repeats), candidates)
+    result["matmul_gflops"] = result["matmul"]["gflops"]
+    ctx = Context(device, tuple(candidates), result["matmul_gflops"])
+    if "supernet" in parts:
+        configs = QUICK_SUPERNET_CONFIGS if quick else SUPERNET_CONFIGS
+        result["supernet"] = {
+            name: bench_supernet_config(cfg, ctx, _repeats(f"supernet:{name}", quick, repeats))
+            for name, cfg in configs.items()
+        }
+    if "cell" in parts:
+        cell_configs = QUICK_CELL_CONFIGS if quick else CELL_CONFIGS
+        result["cell"] = {
+            name: bench_cell_config(cfg, ctx, _repeats("cell", quick, repeats))
+            for name, cfg in cell_configs.items()
+        }
+    if "search" in parts:
+        result["search"] = bench_search(device, _repeats("search", quick, repeats), quick)
+    return result
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}g}"
+
+
+def _supernet_table(result: dict[str, Any]) -> Table:
+    table = Table(title="Supernet training step: fused (ours) vs DARTS reference loop")
+    for column in ("config", "impl", "threads", "s/step", "GFLOP/s", "% matmul", "peak MB"):
+        table.add_column(column, justify="left" if column in ("config", "impl") else "right")
+    table.add_column("speedup", justify="right")
+    for name, entry in result["supernet"].items():
+        c = entry["config"]
+        label = f"{name} B{c['batch']} H{c['hidden']} T{c['bptt']} N{c['nodes']}"
+        for impl in ("ours", "reference"):
+            e = entry[impl]
+            table.add_row(
+                label if impl == "ours" else "",
+                impl,
+                str(e["threads"]),
+                _fmt(e["seconds"]),
+                _fmt(e["gflops"]),
+                f"{100 * e['fraction_of_matmul']:.1f}",
+                _fmt(e["peak_mb"], 4),
+                f"{entry['speedup']:.2f}×" if impl == "ours" else "",
+            )
+    return table
+
+
+def _cell_table(result: dict[str, Any]) -> Table:
+    table = Table(title="Discrete cells vs LSTM/GRU: forward + backward")
+    for column in ("config", "model", "threads", "s/step", "GFLOP/s", "% matmul", "× LSTM GFLOP/s"):
+        table.add_column(column, justify="left" if column in ("config", "model") else "right")
+    for name, entry in result["cell"].items():
+        c = entry["config"]
+        for i, model in enumerate(CELL_MODELS):
+            e = entry[model]
+            table.add_row(
+                f"{name} B{c['batch']} H{c['hidden']} T{c['bptt']}" if i == 0 else "",
+                model,
+                str(e["threads"]),
+                _fmt(e["seconds"]),
+                _fmt(e["gflops"]),
+                f"{100 * e['fraction_of_matmul']:.1f}",
+                f"{entry['gflops_vs_lstm'][model]:.2f}",
+            )
+    return table
+
+
+def _search_table(result: dict[str, Any]) -> Table:
+    table = Table(title="Search: seconds per epoch (real engine, synthetic data)")
+    for column in ("strategy", "space", "threads", "batches", "s/epoch"):
+        table.add_column(column, justify="left" if column in ("strategy", "space") else "right")
+    for strategy_name, by_space in result["search"].items():
+        for space_name, e in by_space.items():
+            table.add_row(
+                strategy_name,
+                space_name,
+                str(e["threads"]),
+                str(e["batches_per_epoch"]),
+                _fmt(e["seconds_per_epoch"]),
+            )
+    return table
+
+
+def bench_table(result: dict[str, Any]) -> list[Table]:
+    """Human-readable tables of a ``run_bench`` result: machine, then one table per part."""
+    m = result["machine"]
+    machine = Table(title="Machine")
+    for column in ("device", "cores", "torch", "load (1 min)", "matmul GFLOP/s", "matmul threads"):
+        machine.add_column(column)
+    machine.add_row(
+        f"{m['device']} ({m['device_name']})",
+        str(m["cpu_count"]),
+        m["torch"],
+        _fmt(m["load_average_1min"], 2),
+        _fmt(result["matmul_gflops"]),
+        str(result["matmul"]["threads"]),
+    )
+    tables = [machine]
+    builders = {"supernet": _supernet_table, "cell": _cell_table, "search": _search_table}
+    tables += [build(result) for part, build in builders.items() if part in result]
+    return tables
+
+
+__all__ = [
+    "DARTS_V2",
+    "PARTS",
+    "TWO_INPUT_GATED",
+    "ReferenceDartsCell",
+    "bench_table",
+    "cell_flops",
+    "run_bench",
+    "supernet_flops",
+]

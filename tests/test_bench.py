@@ -1,0 +1,202 @@
+"""The benchmark: its reference is right, its FLOP counts are right, its output is complete.
+
+No wall-clock assertions: timings depend on the machine and on whatever else runs on it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from rich.console import Console
+from torch.utils.flop_counter import FlopCounterMode
+
+from morphnas import cells
+from morphnas.bench import (
+    CELL_MODELS,
+    DARTS_V2,
+    PARTS,
+    TWO_INPUT_GATED,
+    ReferenceDartsCell,
+    bench_table,
+    cell_flops,
+    run_bench,
+    supernet_flops,
+)
+from morphnas.errors import UserError
+from morphnas.spaces import DartsRNNSearchCell
+from morphnas.strategies import STRATEGIES
+
+TOL64 = dict(rtol=1e-5, atol=1e-5)
+
+# The documented keys (docs/benchmarks.md, "Output keys"), leaf by leaf.
+MACHINE_KEYS = {
+    "device", "device_name", "cpu_name", "cpu_count", "torch", "python", "platform", "date",
+    "load_average_1min", "quick",
+}  # fmt: skip
+IMPL_KEYS = {"seconds", "threads", "peak_mb", "gflops", "fraction_of_matmul"}
+SUPERNET_KEYS = {"config", "gflop", "max_abs_diff", "agreement_steps", "ours", "reference"}
+SEARCH_KEYS = {"seconds_per_epoch", "batches_per_epoch", "threads", "config"}
+
+
+def _pair(seed: int = 0, **options) -> tuple[DartsRNNSearchCell, ReferenceDartsCell]:
+    torch.manual_seed(seed)
+    ours = DartsRNNSearchCell(5, 6, nodes=3, **options).double()
+    return ours, ReferenceDartsCell.copy_of(ours)
+
+
+def _run(module: torch.nn.Module, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)  # the same dropout masks in both cells
+    return module(x)
+
+
+def test_reference_computes_the_fused_cell_outputs_and_gradients():
+    ours, reference = _pair(dropout_x=0.3, dropout_h=0.2)
+    x = torch.randn(4, 7, 5, dtype=torch.float64)
+    probe = torch.randn(4, 7, 6, dtype=torch.float64)
+    out_ours, h_ours = _run(ours, x, seed=3)
+    out_ref, h_ref = _run(reference, x, seed=3)
+    torch.testing.assert_close(out_ours, out_ref, **TOL64)
+    torch.testing.assert_close(h_ours, h_ref, **TOL64)
+
+    (out_ours * probe).sum().backward()
+    (out_ref * probe).sum().backward()
+    torch.testing.assert_close(ours.init_weight.grad, reference._W0.grad, **TOL64)
+    for mine, theirs in zip(ours.node_weights, reference._Ws, strict=True):
+        torch.testing.assert_close(mine.grad, theirs.grad, **TOL64)
+    arch_grad = torch.cat([alpha.grad for alpha in ours.arch])
+    torch.testing.assert_close(arch_grad, reference.weights.grad, **TOL64)
+
+
+def test_reference_agrees_in_eval_mode_without_dropout_masks():
+    ours, reference = _pair(seed=1, dropout_x=0.5, dropout_h=0.5)
+    ours.eval()
+    reference.eval()
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    h0 = torch.randn(4, 6, dtype=torch.float64)
+    torch.testing.assert_close(ours(x, h0)[0], reference(x, h0)[0], **TOL64)
+
+
+def test_reference_refuses_a_grown_supernet():
+    ours, _ = _pair()
+    ours.grow()
+    with pytest.raises(ValueError, match="plain DARTS supernet"):
+        ReferenceDartsCell.copy_of(ours)
+
+
+def test_supernet_flops_equal_a_hand_count():
+    # B=2, input 3, hidden 3, 2 nodes, one step. Init GEMM (2×6)@(6×6): 72 multiply-adds;
+    # node 1, one edge (2×3)@(3×6): 36; node 2, two edges: 72. 180 MACs = 360 FLOPs forward,
+    # ×3 with the backward.
+    assert supernet_flops(batch=2, input_size=3, hidden=3, bptt=1, nodes=2) == 1080
+    assert supernet_flops(batch=2, input_size=3, hidden=3, bptt=4, nodes=2) == 4 * 1080
+
+
+def test_cell_flops_equal_a_hand_count():
+    # LSTM, B=2, input 3, hidden 4: (2×3)@(3×16) + (2×4)@(4×16) = 96 + 128 MACs = 448 FLOPs.
+    assert cell_flops("lstm", batch=2, input_size=3, hidden=4, bptt=1) == 3 * 448
+    assert cell_flops("gru", batch=2, input_size=3, hidden=4, bptt=1) == 3 * 336
+    # Two-input gated cell, B=2, input 3, hidden 4: input projection (2×3)@(3×4) = 24 MACs;
+    # add_sigmoid, add_tanh: (2×8)@(8×4) = 64 each; hadamard: none; highway (2×4)@(4×8) = 64.
+    assert cell_flops(TWO_INPUT_GATED, batch=2, input_size=3, hidden=4, bptt=1) == 3 * 2 * 216
+
+
+def _forward_flops(module: torch.nn.Module, x: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        module(x)
+    return counter.get_total_flops()
+
+
+def test_flop_formulas_match_pytorchs_counter_on_the_forward():
+    """The counted forward is a third of the formula (the ×3 is the backward convention)."""
+    ours, reference = _pair()
+    x = torch.randn(3, 2, 5, dtype=torch.float64)
+    expected = supernet_flops(batch=2, input_size=5, hidden=6, bptt=3, nodes=3) // 3
+    assert _forward_flops(ours, x) == expected
+    assert _forward_flops(reference, x) == expected
+    for genotype in (DARTS_V2, TWO_INPUT_GATED):
+        cell = cells.build(genotype, 5, 6).double()
+        assert _forward_flops(cell, x) == cell_flops(genotype, 2, 5, 6, 3) // 3
+
+
+def test_run_bench_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown bench part"):
+        run_bench(["nope"], quick=True)
+    with pytest.raises(UserError, match="device"):
+        run_bench(quick=True, device="tpu")
+    with pytest.raises(ValueError, match="repeats"):
+        run_bench(quick=True, repeats=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
+def test_cuda_without_cuda_is_a_clear_error():
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        run_bench(quick=True, device="cuda")
+
+
+@pytest.fixture(scope="module")
+def quick_result():
+    threads = torch.get_num_threads()
+    result = run_bench(quick=True)
+    assert torch.get_num_threads() == threads  # the caller's thread count is restored
+    return result
+
+
+def _positive(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+def _check_impl(entry: dict) -> None:
+    assert set(entry) >= IMPL_KEYS
+    assert all(_positive(entry[k]) for k in IMPL_KEYS - {"peak_mb"})
+    # A tiny step can fit in pages that are already resident; never negative, though.
+    assert entry["peak_mb"] is not None and entry["peak_mb"] >= 0
+
+
+def test_quick_run_has_every_documented_key(quick_result):
+    r = quick_result
+    assert set(r) == {"machine", "matmul", "matmul_gflops", *PARTS}
+    assert set(r["machine"]) == MACHINE_KEYS
+    assert set(r["matmul"]) == {"size", "threads", "gflops"}
+    assert _positive(r["matmul_gflops"])
+    for name in ("small", "darts"):
+        entry = r["supernet"][name]
+        assert set(entry) == SUPERNET_KEYS | {"speedup"}
+        assert set(entry["config"]) == {"batch", "hidden", "bptt", "nodes"}
+        assert _positive(entry["gflop"]) and _positive(entry["speedup"])
+        assert 0 <= entry["max_abs_diff"] <= 1e-4
+        for impl in ("ours", "reference"):
+            _check_impl(entry[impl])
+    for name in ("small", "large"):
+        entry = r["cell"][name]
+        assert set(entry) == {"config", "gflops_vs_lstm", *CELL_MODELS}
+        for model in CELL_MODELS:
+            _check_impl(entry[model])
+            assert _positive(entry[model]["gflop"])
+            assert _positive(entry["gflops_vs_lstm"][model])
+        assert entry["gflops_vs_lstm"]["lstm"] == 1.0
+    assert set(r["search"]) == set(STRATEGIES)
+    for by_space in r["search"].values():
+        assert set(by_space) == {"darts_rnn", "two_input"}
+        for entry in by_space.values():
+            assert set(entry) == SEARCH_KEYS
+            assert all(_positive(entry[k]) for k in SEARCH_KEYS - {"config"})
+    json.dumps(r, allow_nan=False)  # plain JSON, no NaN
+
+
+def test_bench_table_renders(quick_result):
+    console = Console(file=io.StringIO(), width=160)
+    tables = bench_table(quick_result)
+    assert len(tables) == 1 + len(PARTS)
+    for table in tables:
+        console.print(table)
+    text = console.file.getvalue()
+    for word in ("Machine", "reference", "lstm", "two_input", "darts_rnn", "s/epoch"):
+        assert word in text
+
+
+def test_bench_table_shows_only_the_parts_run(quick_result):
+    partial = {k: v for k, v in quick_result.items() if k not in ("supernet", "cell")}
+    assert len(bench_table(partial)) == 2
