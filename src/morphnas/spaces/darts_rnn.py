@@ -80,6 +80,9 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
         self._activations = [
             (k, ACTIVATIONS[name]) for k, name in enumerate(self.op_names) if name != "none"
         ]
+        # On the module's device, so gathering the activations' weights copies nothing from host.
+        act_cols = torch.tensor([k for k, _ in self._activations])
+        self.register_buffer("_act_cols", act_cols, persistent=False)
 
     @property
     def nodes(self) -> int:
@@ -111,8 +114,7 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
         d = self.hidden_size
         probs = self.mixing_weights() if weights is None else weights
         # Per node: activation weights shaped (n_act, i, 1, 1), hoisted out of the time loop.
-        act_cols = [k for k, _ in self._activations]
-        act_w = [p[:, act_cols].T[..., None, None] for p in probs]
+        act_w = [p.index_select(1, self._act_cols).T[..., None, None] for p in probs]
         mask_x = variational_mask(batch, self.input_size, self.dropout_x, x, self.training)
         mask_h = variational_mask(batch, d, self.dropout_h, x, self.training)
         w_x, w_h = self.init_weight[: self.input_size], self.init_weight[self.input_size :]

@@ -118,7 +118,8 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         self._op_index = {name: k for k, name in enumerate(self.op_names)}
         # The order in which _mixed produces op outputs ('none' produces none).
         term_ops = [*self.add_ops, *(op for op in ("hadamard", "add", "highway") if op in ops)]
-        self._term_order = [self._op_index[name] for name in term_ops]
+        term_index = torch.tensor([self._op_index[name] for name in term_ops])
+        self.register_buffer("_term_index", term_index, persistent=False)
         n_add = len(self.add_ops) if weight_sharing == "per_op" else min(len(self.add_ops), 1)
         self._add_width = n_add * hidden_size
         self.input_weight = uniform_parameter(input_size, hidden_size, bound=self.init_range)
@@ -155,7 +156,7 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
             zeros = weights.highway_weight.new_zeros(self.hidden_size, 2 * self.hidden_size)
             blocks.append(torch.cat([zeros, weights.highway_weight], dim=0))
         merged = torch.cat(blocks, dim=1) if len(blocks) > 1 else (blocks[0] if blocks else None)
-        return merged, p[self._term_order]
+        return merged, p.index_select(0, self._term_index)
 
     def _mixed(self, plan: tuple[Tensor | None, Tensor], a: Tensor, b: Tensor) -> Tensor:
         """``Σ_k p_k o_k(a, b)`` for one node: every op's output, then one weighted reduction."""
