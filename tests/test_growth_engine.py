@@ -139,7 +139,7 @@ def test_compare_runs_every_variant_and_seed(tmp_path):
     result = api.compare(cfg, variants, [0, 1])
     saved = json.loads((result.run_dir / "compare.json").read_text())
     assert [(r["variant"], r["seed"]) for r in saved["runs"]] == [
-        ("none", 0), ("none", 1), ("g1", 0), ("g1", 1),
+        ("none", 0), ("g1", 0), ("none", 1), ("g1", 1),
     ]  # fmt: skip
     table = {row["variant"]: row for row in saved["table"]}
     runs = [r["test_rse"] for r in saved["runs"] if r["variant"] == "none"]

@@ -212,8 +212,9 @@ def compare(
     """
     base_dir = _start_run(config, "compare", force)
     runs = []
-    for name, overrides in variants:
-        for seed in seeds:
+    # Seed-major order: drifting load on a shared machine hits every variant alike.
+    for seed in seeds:
+        for name, overrides in variants:
             run_config = config_mod.resolve(
                 base=config,
                 overrides=config_mod.merge(
