@@ -10,9 +10,17 @@ import torch
 from morphnas import api, config, spaces
 from morphnas.config import GrowthConfig
 from morphnas.engine.search import streamed_size
-from morphnas.growth import GrowthCheckError, GrowthTrigger, grow_checked, growth_interval
+from morphnas.growth import (
+    GrowthCheckError,
+    GrowthTrigger,
+    grow_checked,
+    growth_interval,
+    widen_checked,
+)
 from morphnas.optim import rebuild_optimizer
 from morphnas.report import plot_growth, read_metrics
+from morphnas.spaces.base import Widening
+from morphnas.tasks.forecasting import ForecastModel
 
 TINY = {
     "data": {"dataset": "synthetic", "window": 6},
@@ -156,3 +164,53 @@ def test_plot_growth_marks_events(tmp_path):
     events = [{"epoch": 1, "kind": "prune"}, {"epoch": 1, "kind": "grow"}]
     out = plot_growth(rows, events, tmp_path / "g.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+WIDEN_CASES = [
+    ("darts_rnn", {}),
+    ("darts_rnn", {"batchnorm": False}),
+    ("two_input", {}),
+    ("two_input", {"wiring": "input", "output": "mean", "batchnorm": True}),
+    ("two_input", {"weight_sharing": "per_node", "output_activation": "identity"}),
+]
+
+
+@pytest.mark.parametrize(("name", "options"), WIDEN_CASES)
+@pytest.mark.parametrize("training", [False, True])
+def test_widening_preserves_the_forecasts(name, options, training):
+    """Net2WiderNet on a grown, partly pruned supernet and its head: same forecasts, wider state."""
+    torch.manual_seed(0)
+    space = spaces.build(name, 3, 6, 2, **options).double()
+    space.grow()
+    space.prune()
+    space.grow()
+    for gamma in space.gammas.values():
+        torch.nn.init.normal_(gamma)  # earlier growths have trained: non-zero scales
+    model = ForecastModel(space, 6, 3, ar_window=4).double().train(training)
+    windows = torch.randn(5, 7, 3, dtype=torch.float64)
+    before = model(windows)
+    cfg = GrowthConfig(width_step=4, width_noise=0.2)
+    diff = widen_checked(model, windows, cfg, torch.Generator().manual_seed(1))
+    assert space.hidden_size == 10 and model.head.weight.shape == (3, 10)
+    assert diff < 1e-10
+    torch.testing.assert_close(model(windows), before, rtol=0, atol=1e-10)
+    # The copies' readers differ (noise), so the copies can drift apart when trained.
+    grads = torch.autograd.grad(model(windows).sum(), model.head.weight)[0]
+    assert grads.shape == (3, 10)
+
+
+def test_widening_shares_sum_to_one_per_unit():
+    w = Widening.random(5, 7, noise=0.3, generator=torch.Generator().manual_seed(0))
+    totals = torch.zeros(5, dtype=torch.float64).index_add_(0, w.index, w.share)
+    torch.testing.assert_close(totals, torch.ones(5, dtype=torch.float64))
+    assert torch.equal(w.index[:5], torch.arange(5))
+
+
+def test_width_growth_in_search_retrains_at_the_found_width(tmp_path):
+    cfg = tiny(tmp_path, mode="grow-then-prune", nodes_start=1, every=1, width_step=2, width_max=9)
+    result = api.search(cfg)
+    history = json.loads((result.run_dir / "history.json").read_text())
+    widths = [(e["width_before"], e["width_after"]) for e in history if e["kind"] == "widen"]
+    assert widths == [(6, 8), (8, 9)]
+    assert all(e["max_abs_diff"] <= 1e-5 for e in history)
+    assert result.extra["hidden"] == 9 and result.genotype.metadata["hidden_size"] == 9

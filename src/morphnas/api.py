@@ -108,9 +108,13 @@ def search(
         # The pruned supernet is the final cell with inherited weights: score it as it is.
         scores = _score(model, data)
         one_shot = [{"model": "one-shot", "params": _count_params(model, space.arch), **scores}]
+    if space.hidden_size != config.space.hidden:
+        # Width growth found the size: every model is retrained at it (equal hidden sizes).
+        config = config_mod.resolve(base=config, overrides={"space": {"hidden": space.hidden_size}})
     results = _train_and_compare(models, config, data, run_dir, log, progress)
     results[1:1] = one_shot
     extra = {
+        "hidden": space.hidden_size,
         "search_seconds": outcome.seconds,
         "search_valid_loss": outcome.valid_loss,
         "nodes": len(genotype.nodes),
@@ -284,7 +288,7 @@ def _with_search_metadata(outcome: engine.SearchOutcome, space: Any, config: Run
         "strategy": config.search.strategy,
         "search_epochs": outcome.epochs,
         "growth": config.growth.mode,
-        "hidden_size": config.space.hidden,
+        "hidden_size": space.hidden_size,
         "space_options": config.space.options,
         "op_names": list(space.op_names),
         "probabilities": [p.detach().tolist() for p in space.mixing_weights()],

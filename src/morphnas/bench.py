@@ -553,7 +553,6 @@ class CudaGraphed(nn.Module):
         return self._graphed(x) if replay else self._eager(x)
 
 
-
 CELL_MODELS: dict[str, Genotype | str] = {
     "darts": DARTS_V2,
     "two_input": TWO_INPUT_GATED,

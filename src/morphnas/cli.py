@@ -126,6 +126,7 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         "nodes_max": ("growth", "nodes_max"),
         "trigger": ("growth", "trigger"),
         "grow_every": ("growth", "every"),
+        "grow_width": ("growth", "width_step"),
         "stream": ("search", "stream"),
         "seed": ("seed",),
         "out": ("out",),
@@ -193,6 +194,9 @@ NodesStartOpt = Annotated[int | None, typer.Option(help="nodes when a growing se
 NodesMaxOpt = Annotated[int | None, typer.Option(help="growth stops here (default --nodes)")]
 TriggerOpt = Annotated[str | None, typer.Option(help="schedule | plateau (when to grow)")]
 GrowEveryOpt = Annotated[int | None, typer.Option(help="epochs between growths (schedule)")]
+GrowWidthOpt = Annotated[
+    int | None, typer.Option(help="also widen the hidden state by K units at each growth")
+]
 StreamOpt = Annotated[
     int | None, typer.Option(help="feed the training span in K chronological chunks (online)")
 ]
@@ -217,6 +221,7 @@ def search(
     nodes_max: NodesMaxOpt = None,
     trigger: TriggerOpt = None,
     grow_every: GrowEveryOpt = None,
+    grow_width: GrowWidthOpt = None,
     stream: StreamOpt = None,
     retrain_epochs: RetrainOpt = None,
     window: WindowOpt = None,
@@ -235,7 +240,7 @@ def search(
         nodes=nodes, hidden=hidden, epochs=epochs, retrain_epochs=retrain_epochs, window=window,
         horizon=horizon, seed=seed, out=out, threads=threads, device=device, growth=growth,
         nodes_start=nodes_start, nodes_max=nodes_max, trigger=trigger, grow_every=grow_every,
-        stream=stream,
+        grow_width=grow_width, stream=stream,
     )  # fmt: skip
     result = api.search(cfg, progress=BarProgress(), force=force)
     _finish(result, as_json, "searched cell vs baselines (test span)")

@@ -68,6 +68,11 @@ class GrowthConfig(_Strict):
     min_delta: float = Field(0.005, ge=0, description="relative improvement that counts (plateau)")
     alpha_init: Literal["random", "mean"] = "random"
     tolerance: float = Field(1e-5, gt=0, description="max output change a growth may cause")
+    width_step: int = Field(0, ge=0, description="hidden units added at each growth (0: none)")
+    width_max: int | None = Field(None, ge=1, description="width growth stops here")
+    width_noise: float = Field(
+        0.05, ge=0, lt=1, description="spread of the copies' reader shares (breaks symmetry)"
+    )
 
 
 class SearchConfig(_Strict):

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from morphnas.config import GrowthConfig
+from morphnas.spaces.base import Widening
 
 MODES = ("none", "grow-then-prune", "grow-and-prune")
 
@@ -38,13 +39,15 @@ class GrowthEvent:
 
     epoch: int
     step: int
-    kind: str  # "grow" or "prune"
+    kind: str  # "grow", "widen" or "prune"
     nodes_before: int
     nodes_after: int
     max_abs_diff: float | None  # output change on the probe batch (growth only)
     valid_loss_before: float
     valid_loss_after: float
     pruned_nodes: tuple[int, ...] = ()
+    width_before: int | None = None
+    width_after: int | None = None
     time: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,21 +121,48 @@ def grow_checked(
     return new_params, diff
 
 
+def widen_checked(
+    model: nn.Module, probe: Tensor, config: GrowthConfig, generator: torch.Generator
+) -> float:
+    """Widen the cell's hidden state (and the head that reads it) by ``width_step`` units and
+    prove the forecasts did not change; return max |Δ| on the probe windows."""
+    space = model.cell
+    extra = config.width_step
+    if config.width_max is not None:
+        extra = min(extra, config.width_max - space.hidden_size)
+    before = probe_output(model, probe)
+    widening = Widening.random(space.hidden_size, extra, config.width_noise, generator)
+    space.widen(widening)
+    model.head.weight = widening.reader(model.head.weight, 0, dim=1)
+    after = probe_output(model, probe)
+    diff = float((after - before).abs().max())
+    if not diff <= config.tolerance:
+        raise GrowthCheckError(
+            f"widening to {space.hidden_size} units changed the forecasts by {diff:.3g} "
+            f"(tolerance {config.tolerance:g}): the morphism is broken, please report this"
+        )
+    return diff
+
+
 class Growth:
     """Applies a growth mode to a space during search and records every event."""
 
     def __init__(
         self,
-        space: Any,
+        model: nn.Module,
         config: GrowthConfig,
         epochs: int,
         nodes_max: int,
         probe: Tensor,
         valid_loss: Callable[[], float],
+        seed: int = 0,
     ) -> None:
-        self.space, self.config, self.probe = space, config, probe
+        """``probe``: a fixed batch of windows ``(B, P, m)``; the cell's check runs on it too."""
+        self.model, self.space, self.config = model, model.cell, config
+        self.probe = probe
         self.valid_loss = valid_loss
         self.trigger = GrowthTrigger(config, epochs, nodes_max)
+        self.generator = torch.Generator().manual_seed(seed)
         self.events: list[GrowthEvent] = []
 
     @property
@@ -146,14 +176,29 @@ class Growth:
         if self.config.mode == "grow-and-prune":
             valid_loss = self.prune(epoch, step, valid_loss)
         nodes_before = self.space.nodes
-        _, diff = grow_checked(self.space, self.probe, self.config)
+        _, diff = grow_checked(self.space, self.probe.transpose(0, 1), self.config)
+        valid_after = self.valid_loss()
         self.events.append(
             GrowthEvent(
                 epoch, step, "grow", nodes_before, self.space.nodes, diff,
-                valid_loss, self.valid_loss(), time=time.time(),
+                valid_loss, valid_after, time=time.time(),
             )
         )  # fmt: skip
+        if self._may_widen():
+            width_before = self.space.hidden_size
+            diff = widen_checked(self.model, self.probe, self.config, self.generator)
+            self.events.append(
+                GrowthEvent(
+                    epoch, step, "widen", self.space.nodes, self.space.nodes, diff,
+                    valid_after, self.valid_loss(), width_before=width_before,
+                    width_after=self.space.hidden_size, time=time.time(),
+                )
+            )  # fmt: skip
         return True
+
+    def _may_widen(self) -> bool:
+        limit = self.config.width_max
+        return self.config.width_step > 0 and (limit is None or self.space.hidden_size < limit)
 
     def prune(self, epoch: int, step: int, valid_loss: float) -> float:
         """Fix every searched node to its best op; log the loss before and after (no morphism)."""

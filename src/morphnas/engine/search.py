@@ -91,12 +91,13 @@ def search(
         return float(loss_fn(predict(model, valid[0], weights=mixing), valid[1]))
 
     grower = Growth(
-        space,
+        model,
         growth,
         config.epochs,
         nodes_max or space.nodes,
-        probe=valid[0][:PROBE_SIZE].transpose(0, 1),
+        probe=valid[0][:PROBE_SIZE],
         valid_loss=valid_loss_now,
+        seed=seed,
     )
     x_train, y_train = train
     best, started, valid_loss, step = float("inf"), time.perf_counter(), float("nan"), 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -144,3 +145,61 @@ def variational_mask(
         return None
     keep = 1.0 - p
     return like.new_empty(batch, size).bernoulli_(keep) / keep
+
+
+@dataclass(frozen=True)
+class Widening:
+    """A function-preserving widening of the hidden state (Net2WiderNet, Chen et al. 2016).
+
+    New unit ``j`` copies old unit ``index[j]`` (the first ``old`` units map to themselves).
+    Every weight that *produces* hidden units copies their columns; every weight that *reads*
+    them takes unit ``index[j]``'s row times ``share[j]``, where the shares of one old unit's
+    copies sum to 1. Copies then carry equal values, their readers add up to the old reader, and
+    the network computes the same function. Unequal shares (Net2Net's noise, here centred so each
+    group still sums to 1) break the symmetry that would otherwise keep the copies identical.
+    """
+
+    old: int
+    index: Tensor  # (new,) the old unit each new unit copies
+    share: Tensor  # (new,) float64: the reader weight of each new unit
+
+    @classmethod
+    def random(
+        cls, old: int, extra: int, noise: float = 0.0, generator: torch.Generator | None = None
+    ) -> Widening:
+        index = torch.cat([torch.arange(old), torch.randint(old, (extra,), generator=generator)])
+        counts = torch.bincount(index, minlength=old).double()
+        jitter = noise * (torch.rand(old + extra, generator=generator, dtype=torch.float64) - 0.5)
+        group_mean = torch.zeros(old, dtype=torch.float64).index_add_(0, index, jitter) / counts
+        share = 1.0 / counts[index] + jitter - group_mean[index]
+        return cls(old, index, share)
+
+    @property
+    def new(self) -> int:
+        return len(self.index)
+
+    def producer(self, w: Tensor, blocks: int = 1, dim: int = -1) -> nn.Parameter:
+        """``w`` with each of its ``blocks`` unit blocks along ``dim`` widened by copying."""
+        idx = torch.cat([b * self.old + self.index for b in range(blocks)]).to(w.device)
+        return nn.Parameter(w.detach().index_select(dim, idx).clone())
+
+    def reader(self, w: Tensor, start: int = 0, dim: int = 0) -> nn.Parameter:
+        """``w`` with its unit block ``start .. start+old`` along ``dim`` widened by sharing."""
+        rest = w.shape[dim] - start - self.old
+        before, units, after = w.detach().split([start, self.old, rest], dim)
+        shape = [1] * w.dim()
+        shape[dim] = -1
+        widened = units.index_select(dim, self.index.to(w.device)) * self.share.to(w).view(shape)
+        return nn.Parameter(torch.cat([before, widened, after], dim))
+
+    def batchnorm(self, bn: nn.BatchNorm1d) -> nn.BatchNorm1d:
+        """A BatchNorm over the new units whose running statistics copy the old ones."""
+        wider = nn.BatchNorm1d(self.new, affine=False, momentum=bn.momentum, eps=bn.eps)
+        wider = wider.to(device=bn.running_mean.device, dtype=bn.running_mean.dtype)
+        wider.train(bn.training)
+        with torch.no_grad():
+            idx = self.index.to(bn.running_mean.device)
+            wider.running_mean.copy_(bn.running_mean[idx])
+            wider.running_var.copy_(bn.running_var[idx])
+            wider.num_batches_tracked.copy_(bn.num_batches_tracked)
+        return wider

@@ -27,6 +27,7 @@ from morphnas.genotype import DARTS_PRIMITIVES, Node
 from morphnas.ops import ACTIVATIONS
 from morphnas.spaces.base import (
     ArchitectureMixin,
+    Widening,
     check_dropout,
     combine_nodes,
     new_alpha,
@@ -155,6 +156,21 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
         best_p, best_k = p[:, candidates].max(dim=1)
         j = int(best_p.argmax())
         return Node(self.op_names[candidates[int(best_k[j])]], (j,), str(i) in self.gammas)
+
+    def widen(self, widening: Widening) -> None:
+        """Widen the hidden state in place, function-preserving (see ``Widening``).
+
+        Every widened weight is a new parameter: optimizers must be rebuilt (fresh state).
+        """
+        w = widening
+        self.init_weight = w.producer(w.reader(self.init_weight, self.input_size), blocks=2)
+        for i, weight in enumerate(self.node_weights):
+            self.node_weights[i] = w.producer(w.reader(weight, 0), blocks=2)
+        for key, gamma in self.gammas.items():
+            self.gammas[key] = w.producer(gamma, dim=0)
+        if self.bn is not None:
+            self.bn = w.batchnorm(self.bn)
+        self.hidden_size = w.new
 
     def grow(self, alpha_init: str = "random") -> list[nn.Parameter]:
         """Append node N+1 as a residual node with ``γ = 0``; return the new parameters.

@@ -29,6 +29,7 @@ from morphnas.genotype import OUTPUT_ACTIVATIONS, OUTPUTS, TWO_INPUT_OPS, Node
 from morphnas.ops import ACTIVATIONS, ADD_OPS, apply_two_input
 from morphnas.spaces.base import (
     ArchitectureMixin,
+    Widening,
     check_dropout,
     combine_nodes,
     new_alpha,
@@ -240,6 +241,37 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
             return node.add_weight
         k, d = self.add_ops.index(op), self.hidden_size
         return node.add_weight[:, k * d : (k + 1) * d]
+
+    def widen(self, widening: Widening) -> None:
+        """Widen the hidden state in place, function-preserving (see ``Widening``).
+
+        Every widened weight is a new parameter: optimizers must be rebuilt (fresh state).
+        """
+        w = widening
+        self.input_weight = w.producer(self.input_weight, dim=1)
+        for node in self.node_weights:
+            if isinstance(node, FixedNodeWeights):
+                if node.weight is not None:
+                    node.weight = self._widen_matrix(w, node.weight, node.op != "highway")
+                continue
+            if node.add_weight is not None:
+                node.add_weight = self._widen_matrix(w, node.add_weight, True)
+            if node.highway_weight is not None:
+                node.highway_weight = self._widen_matrix(w, node.highway_weight, False)
+        for key, gamma in self.gammas.items():
+            self.gammas[key] = w.producer(gamma, dim=0)
+        if self.bn is not None:
+            self.bn = w.batchnorm(self.bn)
+        self.hidden_size = w.new
+        self._add_width = self._add_width // w.old * w.new
+
+    @staticmethod
+    def _widen_matrix(w: Widening, matrix: Tensor, reads_a_and_b: bool) -> nn.Parameter:
+        """``[A; B]`` (reads a and b, ``2d × k·d``) or ``[C, H]`` (reads b, ``d × 2d``)."""
+        rows = w.reader(matrix, 0)
+        if reads_a_and_b:
+            rows = w.reader(rows, w.new)
+        return w.producer(rows, blocks=matrix.shape[1] // w.old, dim=1)
 
     def grow(self, alpha_init: str = "random") -> list[nn.Parameter]:
         """Append node N+1 as a residual node with ``γ = 0``; return the new parameters.
