@@ -121,6 +121,7 @@ def test_grow_and_prune_fixes_nodes_and_scores_the_one_shot_cell(tmp_path):
     history = json.loads((result.run_dir / "history.json").read_text())
     assert [e["kind"] for e in history] == ["prune", "grow", "prune", "grow", "prune"]
     assert [e["pruned_nodes"] for e in history if e["kind"] == "prune"] == [[1], [2], [3]]
+    assert all(e["width_before"] is None and e["time"] > 1e9 for e in history)
     models = [r["model"] for r in result.results]
     assert models == ["searched", "one-shot"]
     one_shot = result.results[1]

@@ -207,8 +207,8 @@ class Growth:
         nodes = self.space.nodes
         self.events.append(
             GrowthEvent(
-                epoch, step, "prune", nodes, nodes, None, valid_loss, after, tuple(pruned),
-                time.time(),
+                epoch, step, "prune", nodes, nodes, None, valid_loss, after,
+                pruned_nodes=tuple(pruned), time=time.time(),
             )
         )  # fmt: skip
         return after
