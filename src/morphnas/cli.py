@@ -99,12 +99,18 @@ def _parse_set(assignments: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
-        node = nested
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        _set_path(nested, key.split("."), value)
     return nested
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    """``tree[path[0]][path[1]]... = value``, creating sections on the way."""
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {'.'.join(path)}: {part!r} is a value, not a section")
+    node[path[-1]] = value
 
 
 def _overrides(**flags: Any) -> dict[str, Any]:
@@ -139,11 +145,7 @@ def _overrides(**flags: Any) -> dict[str, Any]:
             continue
         if name == "columns":
             value = [c.strip() for c in value.split(",") if c.strip()]
-        node = result
-        *parents, leaf = where[name]
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        _set_path(result, list(where[name]), value)
     return result
 
 
