@@ -164,3 +164,16 @@ def test_search_keeps_the_derived_output_rule(tmp_path, synthetic_csv):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["genotype"]["output_activation"] == "tanh"
     assert json.loads((run / "genotype.json").read_text())["output_activation"] == "tanh"
+
+
+def test_a_failed_start_leaves_no_run_directory_behind(tmp_path, synthetic_csv):
+    """Fixing a typo and running again must not be refused because of the failed attempt."""
+    run = tmp_path / "run"
+    _assert_user_error(morphnas("search", "--csv", str(tmp_path / "typo.csv"), "--out", str(run)))
+    assert not run.exists()
+    bad_option = morphnas(
+        "search", "--csv", str(synthetic_csv), "--set", "space.options.wirng=input",
+        "--out", str(run),
+    )  # fmt: skip
+    _assert_user_error(bad_option, "wirng")
+    assert not run.exists()

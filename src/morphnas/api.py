@@ -62,9 +62,10 @@ def search(
     config: RunConfig, *, progress: Progress | None = None, force: bool = False
 ) -> RunResult:
     """Search a cell, derive it, retrain it beside the baselines, and compare them on test."""
-    run_dir = _start_run(config, "search", force)
+    # Everything a person can get wrong is checked before the run directory exists, so a
+    # failed start leaves nothing behind that would block the corrected command.
+    run_dir = _claim_run_dir(config, "search", force)
     data = _load_windows(config)
-    log = report.MetricsLog(run_dir / "metrics.jsonl")
     seed_everything(config.seed)
     n_series = len(data.columns)
     try:
@@ -77,6 +78,8 @@ def search(
         )
     except (TypeError, ValueError) as err:
         raise UserError(f"space.options: {err}") from None
+    _start_run(run_dir, config)
+    log = report.MetricsLog(run_dir / "metrics.jsonl")
     model = _forecaster(space, config, n_series)
     strategy = strategies.build(
         config.search.strategy,
@@ -146,8 +149,9 @@ def train(
     """Train one model from scratch (a genotype's cell or a baseline) and evaluate it on test."""
     if (genotype is None) == (baseline is None):
         raise UserError("give exactly one of --genotype FILE or --baseline lstm|gru|naive")
-    run_dir = _start_run(config, "train", force)
+    run_dir = _claim_run_dir(config, "train", force)
     data = _load_windows(config)
+    _start_run(run_dir, config)
     log = report.MetricsLog(run_dir / "metrics.jsonl")
     if genotype is not None:
         genotype.save(run_dir / "genotype.json")
@@ -214,7 +218,8 @@ def compare(
     ``variants`` are ``(name, config overrides)`` pairs, e.g. one per growth mode. The runs go to
     ``<out>/<variant>-seed<k>``; the table to ``<out>/compare.json``.
     """
-    base_dir = _start_run(config, "compare", force)
+    base_dir = _claim_run_dir(config, "compare", force)
+    _start_run(base_dir, config)
     runs = []
     # Seed-major order: drifting load on a shared machine hits every variant alike.
     for seed in seeds:
@@ -246,14 +251,21 @@ def _aggregate(variant: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
-def _start_run(config: RunConfig, kind: str, force: bool) -> Path:
-    """Create the run directory (refusing to overwrite a run) and save the resolved config."""
+def _claim_run_dir(config: RunConfig, kind: str, force: bool) -> Path:
+    """The run directory this command will write: refused if it already holds a run."""
     name = config.data.csv.stem if config.data.csv else config.data.dataset
     run_dir = config.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{name}"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output path {run_dir} is a file; choose a directory with --out")
     if run_dir.exists() and any(run_dir.iterdir()) and not force:
         raise UserError(
             f"output directory {run_dir} already holds files; choose another --out or pass --force"
         )
+    return run_dir
+
+
+def _start_run(run_dir: Path, config: RunConfig) -> None:
+    """Create the run directory, save the resolved config, and set the thread policy."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_mod.dump(config), encoding="utf-8")
@@ -261,7 +273,6 @@ def _start_run(config: RunConfig, kind: str, force: bool) -> Path:
         raise UserError(f"cannot write to output directory {run_dir}: {err.strerror}") from None
     threads = choose_threads(config.space.hidden, config.search.batch_size, config.threads)
     apply_threads(threads)
-    return run_dir
 
 
 def _load_windows(config: RunConfig) -> data_mod.WindowedSplits:
