@@ -177,3 +177,21 @@ def test_a_failed_start_leaves_no_run_directory_behind(tmp_path, synthetic_csv):
     )  # fmt: skip
     _assert_user_error(bad_option, "wirng")
     assert not run.exists()
+
+
+def test_published_darts_cell_as_a_baseline_and_by_name(tmp_path, synthetic_csv):
+    done = morphnas(
+        "search", "--csv", str(synthetic_csv), *SMALL, "--out", str(tmp_path / "s"), "--json",
+        "--set", "train.baselines=[darts_v2]",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert [r["model"] for r in json.loads(done.stdout)["results"]] == ["searched", "darts_v2"]
+    again = morphnas("evaluate", str(tmp_path / "s"), "--json")
+    assert again.returncode == 0, again.stderr
+    trained = morphnas(
+        "train", "--genotype", "darts_v2", "--csv", str(synthetic_csv), "--hidden", "8",
+        "--window", "6", "--retrain-epochs", "1", "--out", str(tmp_path / "t"), "--json",
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    genotype = json.loads(trained.stdout)["genotype"]
+    assert genotype["space"] == "darts_rnn" and len(genotype["nodes"]) == 8

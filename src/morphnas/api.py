@@ -316,6 +316,8 @@ def _cell_options(config: RunConfig) -> dict[str, Any]:
 def _build_model(architecture: Genotype | str, config: RunConfig, n_series: int) -> nn.Module:
     """A genotype's cell, a recurrent baseline, or ``ar`` (the linear part alone), in one head."""
     hidden = config.space.hidden
+    if architecture in genotype_mod.KNOWN:
+        architecture = genotype_mod.KNOWN[architecture]
     if isinstance(architecture, Genotype):
         cell = cells.build(architecture, n_series, hidden, **_cell_options(config))
     elif architecture == "ar":

@@ -41,7 +41,7 @@ from morphnas.config import SearchConfig
 from morphnas.data import make_windows, synthetic_series
 from morphnas.engine.runtime import choose_threads, resolve_device
 from morphnas.engine.search import search as run_search
-from morphnas.genotype import DARTS_PRIMITIVES, Genotype, Node
+from morphnas.genotype import DARTS_PRIMITIVES, KNOWN, Genotype, Node
 from morphnas.report import MetricsLog
 from morphnas.spaces import DartsRNNSearchCell
 from morphnas.tasks.forecasting import ForecastModel
@@ -54,23 +54,7 @@ DARTS_DROPOUT_X, DARTS_DROPOUT_H = 0.75, 0.25  # DARTS search defaults (rnn/trai
 SGD_LR = 1e-3  # small, so that repeated steps keep the weights (and the timings) ordinary
 
 # DARTS_V2, the recurrent cell of the DARTS paper (quark0/darts rnn/genotypes.py), concat 1..8.
-DARTS_V2 = Genotype(
-    space="darts_rnn",
-    nodes=tuple(
-        Node(op, (j,))
-        for op, j in [
-            ("sigmoid", 0),
-            ("relu", 1),
-            ("relu", 1),
-            ("identity", 1),
-            ("tanh", 2),
-            ("sigmoid", 5),
-            ("tanh", 3),
-            ("relu", 5),
-        ]
-    ),
-    output="mean",
-)
+DARTS_V2 = KNOWN["darts_v2"]  # the 8-node cell of the DARTS paper
 # A gated two-input cell in the spirit of GRU: gate ⊙ candidate, then a highway onto h.
 TWO_INPUT_GATED = Genotype(
     space="two_input",

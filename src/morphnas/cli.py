@@ -251,7 +251,9 @@ def search(
 @app.command()
 @_friendly
 def train(
-    genotype: Annotated[Path | None, typer.Option(help="genotype.json of a searched cell")] = None,
+    genotype: Annotated[
+        Path | None, typer.Option(help="genotype.json of a searched cell, or darts_v2")
+    ] = None,
     baseline: Annotated[str | None, typer.Option(help="lstm | gru | ar | naive")] = None,
     config: ConfigOpt = None,
     dataset: DatasetOpt = None,
@@ -278,7 +280,7 @@ def train(
         retrain_epochs=retrain_epochs, window=window, horizon=horizon, seed=seed, out=out,
         threads=threads, device=device,
     )  # fmt: skip
-    cell = genotype_mod.load(genotype) if genotype is not None else None
+    cell = genotype_mod.load_or_known(genotype) if genotype is not None else None
     result = api.train(cfg, genotype=cell, baseline=baseline, progress=BarProgress(), force=force)
     _finish(result, as_json, "trained from scratch (test span)")
 

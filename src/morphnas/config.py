@@ -103,7 +103,12 @@ class TrainConfig(_Strict):
     window_norm: Literal["none", "last", "mean"] = Field(
         "last", description="subtract each window's last value or mean, add it to the forecast"
     )
-    baselines: list[Literal["lstm", "gru", "ar", "naive"]] = ["lstm", "gru", "ar", "naive"]
+    baselines: list[Literal["lstm", "gru", "darts_v2", "ar", "naive"]] = [
+        "lstm",
+        "gru",
+        "ar",
+        "naive",
+    ]
 
 
 class RunConfig(_Strict):

@@ -222,3 +222,31 @@ def load(path: str | Path) -> Genotype:
         return from_json(text)
     except UserError as err:
         raise UserError(f"{path}: {err}") from None
+
+
+# Published cells, usable as baselines (``train.baselines``) and by name in ``train --genotype``.
+KNOWN: dict[str, Genotype] = {
+    # The recurrent cell DARTS found on Penn Treebank (Liu et al. 2019, rnn/genotypes.py).
+    "darts_v2": Genotype(
+        "darts_rnn",
+        (
+            Node("sigmoid", (0,)),
+            Node("relu", (1,)),
+            Node("relu", (1,)),
+            Node("identity", (1,)),
+            Node("tanh", (2,)),
+            Node("sigmoid", (5,)),
+            Node("tanh", (3,)),
+            Node("relu", (5,)),
+        ),
+        output="mean",
+        metadata={"source": "DARTS (Liu et al. 2019), PTB search, rnn/genotypes.py DARTS_V2"},
+    ),
+}
+
+
+def load_or_known(reference: str | Path) -> Genotype:
+    """A genotype file, or the name of a published cell in ``KNOWN`` when no such file exists."""
+    if not Path(reference).exists() and str(reference) in KNOWN:
+        return KNOWN[str(reference)]
+    return load(reference)

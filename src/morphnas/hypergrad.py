@@ -1,0 +1,275 @@
+"""One functional bilevel engine for architecture hypergradients (DESIGN.md §3).
+
+Differentiable NAS solves ``min_α L_val(w*(α), α)`` with ``w*(α) = argmin_w L_train(w, α)``.
+Every method in spec/methods.md needs the same few derivative products, so they live here, once:
+
+* ``first_order``  — DARTS ξ = 0: ``∇_α L_val(w, α)``.
+* ``unrolled``     — DARTS second order (Liu et al., ICLR 2019, §2.3): one virtual SGD step
+  ``w' = w − ξ ∇_w L_train(w, α)`` and
+  ``∇_α L_val(w', α) − ξ ∇²_{α,w} L_train(w, α) ∇_{w'} L_val(w', α)``; the mixed product is taken
+  around the *original* ``w`` (the fixed version of quark0/darts#21).
+* ``neumann``      — iDARTS (Zhang et al., ICML 2021): implicit-function-theorem gradient at
+  ``w_T`` (after ``T`` inner SGD steps) with ``H⁻¹ ≈ γ Σ_{k=0}^{K} (I − γH)^k``, γ = ``lr``.
+  ``T = 1, K = 0`` is *almost* DARTS second order (the mixed term is evaluated at ``w_T``, not ``w``).
+* ``cg``           — the same implicit gradient, ``H⁻¹ v`` by ``K`` conjugate-gradient iterations.
+* ``exact``        — the same implicit gradient with a dense Hessian and a direct solve (tests and
+  toy problems only: it costs O(n²) memory in the number of weights).
+
+Why torch.func: all products (Hessian–vector by forward-over-reverse ``jvp``, mixed products by
+``vjp`` of the weight gradient) are computed on *functional* weights, so nothing is perturbed in
+place.  Public ports of DARTS perturb ``w`` in place (+εv, −2εv, +εv; quark0/darts#52) and leave
+floating-point drift behind; here the caller's tensors are never written, so they stay bit-identical.
+The finite-difference denominator is ``(2 * eps)`` with brackets (NNI #3044, pt.darts#43).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.func import grad, hessian, jvp, vjp
+
+__all__ = ["HVP_MODES", "METHODS", "hypergradient"]
+
+Tensors = tuple[Tensor, ...]
+Loss = Callable[[Tensors, Tensors], Tensor]
+
+METHODS = ("first_order", "unrolled", "neumann", "cg", "exact")
+HVP_MODES = ("exact", "finite")
+
+_FD_SCALE = 0.01  # DARTS cnn/architect.py: eps = 0.01 / ||v||
+
+
+# --------------------------------------------------------------------------- tuple arithmetic
+
+
+def _axpy(a: float | Tensor, x: Tensors, y: Tensors) -> Tensors:
+    """``a·x + y`` elementwise over tuples, out of place (never touches the caller's tensors)."""
+    return tuple(a * xi + yi for xi, yi in zip(x, y, strict=True))
+
+
+def _dot(x: Tensors, y: Tensors) -> Tensor:
+    """Inner product of two tuples viewed as one flat vector."""
+    return sum((torch.sum(xi * yi) for xi, yi in zip(x, y, strict=True)), torch.zeros(()))
+
+
+def _norm(x: Tensors) -> Tensor:
+    """Euclidean norm of a tuple viewed as one flat vector."""
+    return torch.sqrt(sum((torch.sum(xi * xi) for xi in x), torch.zeros(())))
+
+
+def _flatten(x: Tensors) -> Tensor:
+    """Concatenate a tuple into one vector (for the dense ``exact`` solve)."""
+    return torch.cat([xi.reshape(-1) for xi in x])
+
+
+def _unflatten(flat: Tensor, like: Tensors) -> Tensors:
+    """Split a flat vector back into tensors shaped like ``like``."""
+    out, start = [], 0
+    for t in like:
+        out.append(flat[start : start + t.numel()].reshape(t.shape))
+        start += t.numel()
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- derivative products
+
+
+def _grad_w(loss: Loss, weights: Tensors, arch: Tensors) -> Tensors:
+    """``∇_w loss(w, α)``."""
+    return grad(loss, argnums=0)(weights, arch)
+
+
+def _grad_a(loss: Loss, weights: Tensors, arch: Tensors) -> Tensors:
+    """``∇_α loss(w, α)``."""
+    return grad(loss, argnums=1)(weights, arch)
+
+
+def _hvp(loss: Loss, weights: Tensors, arch: Tensors, v: Tensors) -> Tensors:
+    """``∇²_{ww} loss · v`` by forward-over-reverse (one jvp of the weight gradient)."""
+    _, out = jvp(lambda w: _grad_w(loss, w, arch), (weights,), (v,))
+    return out
+
+
+def _mixed_exact(loss: Loss, weights: Tensors, arch: Tensors, v: Tensors) -> Tensors:
+    """``∇²_{α,w} loss · v = ∇_α ⟨∇_w loss(w, α), v⟩`` by a vjp (double backward)."""
+    _, pull = vjp(lambda a: _grad_w(loss, weights, a), arch)
+    (out,) = pull(v)
+    return out
+
+
+def _mixed_finite(
+    loss: Loss, weights: Tensors, arch: Tensors, v: Tensors, eps: float | None
+) -> Tensors:
+    """DARTS central difference ``[∇_α L(w+εv) − ∇_α L(w−εv)] / (2ε)``, ``ε = 0.01/‖v‖``.
+
+    ``w±`` are new tensors, so no restore step exists that could drift (quark0/darts#52).
+    """
+    norm = float(_norm(v))
+    if norm == 0.0:  # zero direction: the product is exactly zero, and 0.01/0 would be inf
+        return tuple(torch.zeros_like(a) for a in arch)
+    step = eps if eps is not None else _FD_SCALE / norm
+    g_plus = _grad_a(loss, _axpy(step, v, weights), arch)
+    g_minus = _grad_a(loss, _axpy(-step, v, weights), arch)
+    return tuple((gp - gm) / (2 * step) for gp, gm in zip(g_plus, g_minus, strict=True))
+
+
+def _mixed(
+    loss: Loss, weights: Tensors, arch: Tensors, v: Tensors, hvp: str, eps: float | None
+) -> Tensors:
+    """Dispatch the mixed second-derivative–vector product on ``hvp`` mode."""
+    if hvp == "exact":
+        return _mixed_exact(loss, weights, arch, v)
+    return _mixed_finite(loss, weights, arch, v, eps)
+
+
+# --------------------------------------------------------------------------- inverse-Hessian solves
+
+
+def _inner_sgd(train_loss: Loss, weights: Tensors, arch: Tensors, lr: float, steps: int) -> Tensors:
+    """``T`` plain SGD steps on ``L_train`` at fixed α (iDARTS inner loop), on copies."""
+    w = weights
+    for _ in range(steps):
+        w = _axpy(-lr, _grad_w(train_loss, w, arch), w)
+    return w
+
+
+def _neumann(
+    train_loss: Loss, weights: Tensors, arch: Tensors, v: Tensors, lr: float, terms: int
+) -> Tensors:
+    """``γ Σ_{k=0}^{K} (I − γH)^k v`` with γ = ``lr`` (iDARTS; converges to H⁻¹v if γ < 2/λ_max)."""
+    p, acc = v, v
+    for _ in range(terms):
+        p = _axpy(-lr, _hvp(train_loss, weights, arch, p), p)
+        acc = _axpy(1.0, p, acc)
+    return tuple(lr * a for a in acc)
+
+
+def _cg(train_loss: Loss, weights: Tensors, arch: Tensors, v: Tensors, iters: int) -> Tensors:
+    """``H⁻¹ v`` by ``iters`` conjugate-gradient iterations (H symmetric positive definite)."""
+    x = tuple(torch.zeros_like(t) for t in v)
+    r, d = v, v
+    rr = _dot(r, r)
+    for _ in range(iters):
+        if float(rr) == 0.0:  # converged exactly; another step would divide by zero
+            break
+        hd = _hvp(train_loss, weights, arch, d)
+        step = rr / _dot(d, hd)
+        x = _axpy(step, d, x)
+        r = _axpy(-step, hd, r)
+        rr_new = _dot(r, r)
+        d = _axpy(rr_new / rr, d, r)
+        rr = rr_new
+    return x
+
+
+def _dense_solve(train_loss: Loss, weights: Tensors, arch: Tensors, v: Tensors) -> Tensors:
+    """``H⁻¹ v`` from the dense Hessian over the flattened weights and ``torch.linalg.solve``."""
+    flat = _flatten(weights)
+    h = hessian(lambda f: train_loss(_unflatten(f, weights), arch))(flat)
+    return _unflatten(torch.linalg.solve(h, _flatten(v)), weights)
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def _first_order(val_loss: Loss, weights: Tensors, arch: Tensors) -> Tensors:
+    """DARTS first order: ``∂L_val/∂α`` at the current weights."""
+    return _grad_a(val_loss, weights, arch)
+
+
+def _unrolled(
+    train_loss: Loss, val_loss: Loss, weights: Tensors, arch: Tensors,
+    lr: float, hvp: str, eps: float | None,
+) -> Tensors:
+    """DARTS second order: one virtual step, mixed term around the original ``w`` (darts#21)."""
+    w_virtual = _inner_sgd(train_loss, weights, arch, lr, 1)
+    g_w, g_a = grad(val_loss, argnums=(0, 1))(w_virtual, arch)
+    mixed = _mixed(train_loss, weights, arch, g_w, hvp, eps)
+    return _axpy(-lr, mixed, g_a)
+
+
+def _implicit(
+    train_loss: Loss, val_loss: Loss, weights: Tensors, arch: Tensors,
+    method: str, lr: float, steps: int, terms: int, hvp: str, eps: float | None,
+) -> Tensors:
+    """IFT gradient ``∇_α L_val − ∇²_{αw} L_train · H⁻¹ · ∇_w L_val`` at ``w_T`` (iDARTS)."""
+    w_t = _inner_sgd(train_loss, weights, arch, lr, steps)
+    g_w, g_a = grad(val_loss, argnums=(0, 1))(w_t, arch)
+    if method == "neumann":
+        p = _neumann(train_loss, w_t, arch, g_w, lr, terms)
+    elif method == "cg":
+        p = _cg(train_loss, w_t, arch, g_w, terms)
+    else:
+        p = _dense_solve(train_loss, w_t, arch, g_w)
+    mixed = _mixed(train_loss, w_t, arch, p, hvp, eps)
+    return _axpy(-1.0, mixed, g_a)
+
+
+def _validate(
+    weights: Tensors, arch: Tensors, method: str, lr: float, steps: int, terms: int,
+    eps: float | None, hvp: str,
+) -> None:
+    """Reject bad arguments with a ValueError that names the argument and the allowed values."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if hvp not in HVP_MODES:
+        raise ValueError(f"unknown hvp {hvp!r}; expected one of {HVP_MODES}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if isinstance(terms, bool) or not isinstance(terms, int) or terms < 0:
+        raise ValueError(f"terms must be an integer >= 0, got {terms!r}")
+    if not lr > 0:  # also rejects NaN
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if eps is not None and not eps > 0:
+        raise ValueError(f"eps must be > 0 or None, got {eps!r}")
+    for name, group in (("weights", weights), ("arch", arch)):
+        if not isinstance(group, tuple) or not group:
+            raise ValueError(f"{name} must be a non-empty tuple of tensors")
+        if not all(isinstance(t, Tensor) for t in group):
+            raise ValueError(f"{name} must contain only tensors")
+
+
+def hypergradient(
+    train_loss: Loss,
+    val_loss: Loss,
+    weights: Tensors,
+    arch: Tensors,
+    *,
+    method: str,
+    lr: float,
+    steps: int = 1,
+    terms: int = 2,
+    eps: float | None = None,
+    hvp: str = "exact",
+) -> Tensors:
+    """Hypergradient of ``val_loss`` with respect to ``arch``, shaped like ``arch``.
+
+    Args:
+        train_loss, val_loss: ``f(weights, arch) -> scalar``, both taking tuples of tensors.
+            They must be pure functions of their arguments (torch.func transforms them).
+        weights, arch: tuples of tensors. Never modified; they are bit-identical afterwards.
+        method: one of :data:`METHODS` (see the module docstring).
+        lr: ξ of DARTS's virtual step, and γ of iDARTS (inner SGD step and Neumann scale).
+        steps: inner SGD steps ``T`` before the implicit methods (``neumann``, ``cg``, ``exact``).
+        terms: Neumann depth ``K`` (sum over k = 0..K) or the number of CG iterations.
+        eps: finite-difference step; ``None`` means ``0.01 / ‖v‖`` as in the DARTS code.
+        hvp: ``"exact"`` (double backward) or ``"finite"`` (DARTS central difference) for the
+            mixed ``∇²_{α,w}`` product. Hessian–vector products inside Neumann/CG are always exact.
+
+    Returns:
+        Detached tensors, one per ``arch`` entry.
+
+    Raises:
+        ValueError: unknown ``method``/``hvp``, ``steps < 1``, ``terms < 0``, ``lr <= 0``,
+            ``eps <= 0``, or ``weights``/``arch`` not non-empty tuples of tensors.
+    """
+    _validate(weights, arch, method, lr, steps, terms, eps, hvp)
+    if method == "first_order":
+        out = _first_order(val_loss, weights, arch)
+    elif method == "unrolled":
+        out = _unrolled(train_loss, val_loss, weights, arch, lr, hvp, eps)
+    else:
+        out = _implicit(train_loss, val_loss, weights, arch, method, lr, steps, terms, hvp, eps)
+    return tuple(t.detach() for t in out)
