@@ -61,6 +61,14 @@ def test_search_train_evaluate_end_to_end(tmp_path, synthetic_csv):
         assert after["model"] == before["model"]
         assert after["test_rse"] == pytest.approx(before["test_rse"], rel=1e-6)
 
+    # Plots can be redrawn from the run's files alone.
+    for png in (run / "plots").glob("*.png"):
+        png.unlink()
+    redrawn = morphnas("plot", str(run))
+    assert redrawn.returncode == 0, redrawn.stderr
+    for name in ("arch", "genotype", "learning_curves"):
+        assert (run / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
+
     # The derived genotype retrains on its own, and the table is printed for people.
     trained = morphnas(
         "train", "--genotype", str(run / "genotype.json"), "--csv", str(synthetic_csv),

@@ -251,6 +251,30 @@ def _aggregate(variant: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
+def plot(run_dir: Path) -> list[Path]:
+    """Redraw a run's plots from its files (metrics, genotype, growth history); return them."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise UserError(f"{run_dir} is not a morphnas run directory (no metrics.jsonl)")
+    rows = report.read_metrics(metrics)
+    written = []
+    if any(row.get("phase") in ("search", "train") for row in rows):
+        written.append(report.plot_learning_curves(rows, run_dir / "plots/learning_curves.png"))
+    genotype_path = run_dir / "genotype.json"
+    genotype = genotype_mod.load(genotype_path) if genotype_path.is_file() else None
+    if genotype is not None:
+        written.append(report.plot_genotype(genotype, run_dir / "plots/genotype.png"))
+        op_names = genotype.metadata.get("op_names")
+        if op_names and any(row.get("phase") == "search" for row in rows):
+            written.append(report.plot_arch_weights(rows, op_names, run_dir / "plots/arch.png"))
+    history = run_dir / "history.json"
+    if history.is_file():
+        events = json.loads(history.read_text(encoding="utf-8"))
+        written.append(report.plot_growth(rows, events, run_dir / "plots/growth.png"))
+    return written
+
+
 def _claim_run_dir(config: RunConfig, kind: str, force: bool) -> Path:
     """The run directory this command will write: refused if it already holds a run."""
     name = config.data.csv.stem if config.data.csv else config.data.dataset

@@ -367,6 +367,14 @@ def evaluate(
 
 @app.command()
 @_friendly
+def plot(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+    """Redraw a run's plots from its metrics, genotype and growth history."""
+    for path in api.plot(run_dir):
+        stdout.print(str(path), highlight=False)
+
+
+@app.command()
+@_friendly
 def datasets(as_json: JsonOpt = False) -> None:
     """List the bundled datasets (the real ones come with the `data` extra)."""
     infos = data.list_datasets()
