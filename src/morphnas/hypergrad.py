@@ -10,7 +10,7 @@ Every method in spec/methods.md needs the same few derivative products, so they 
   around the *original* ``w`` (the fixed version of quark0/darts#21).
 * ``neumann``      — iDARTS (Zhang et al., ICML 2021): implicit-function-theorem gradient at
   ``w_T`` (after ``T`` inner SGD steps) with ``H⁻¹ ≈ γ Σ_{k=0}^{K} (I − γH)^k``, γ = ``lr``.
-  ``T = 1, K = 0`` is *almost* DARTS second order (the mixed term is evaluated at ``w_T``, not ``w``).
+  ``T = 1, K = 0`` is *almost* DARTS second order (the mixed term is taken at ``w_T``, not ``w``).
 * ``cg``           — the same implicit gradient, ``H⁻¹ v`` by ``K`` conjugate-gradient iterations.
 * ``exact``        — the same implicit gradient with a dense Hessian and a direct solve (tests and
   toy problems only: it costs O(n²) memory in the number of weights).
@@ -18,7 +18,7 @@ Every method in spec/methods.md needs the same few derivative products, so they 
 Why torch.func: all products (Hessian–vector by forward-over-reverse ``jvp``, mixed products by
 ``vjp`` of the weight gradient) are computed on *functional* weights, so nothing is perturbed in
 place.  Public ports of DARTS perturb ``w`` in place (+εv, −2εv, +εv; quark0/darts#52) and leave
-floating-point drift behind; here the caller's tensors are never written, so they stay bit-identical.
+floating-point drift behind; here the caller's tensors are never written: they stay bit-identical.
 The finite-difference denominator is ``(2 * eps)`` with brackets (NNI #3044, pt.darts#43).
 """
 
@@ -51,12 +51,12 @@ def _axpy(a: float | Tensor, x: Tensors, y: Tensors) -> Tensors:
 
 def _dot(x: Tensors, y: Tensors) -> Tensor:
     """Inner product of two tuples viewed as one flat vector."""
-    return sum((torch.sum(xi * yi) for xi, yi in zip(x, y, strict=True)), torch.zeros(()))
+    return sum(torch.sum(xi * yi) for xi, yi in zip(x, y, strict=True))
 
 
 def _norm(x: Tensors) -> Tensor:
     """Euclidean norm of a tuple viewed as one flat vector."""
-    return torch.sqrt(sum((torch.sum(xi * xi) for xi in x), torch.zeros(())))
+    return torch.sqrt(_dot(x, x))
 
 
 def _flatten(x: Tensors) -> Tensor:
@@ -180,8 +180,13 @@ def _first_order(val_loss: Loss, weights: Tensors, arch: Tensors) -> Tensors:
 
 
 def _unrolled(
-    train_loss: Loss, val_loss: Loss, weights: Tensors, arch: Tensors,
-    lr: float, hvp: str, eps: float | None,
+    train_loss: Loss,
+    val_loss: Loss,
+    weights: Tensors,
+    arch: Tensors,
+    lr: float,
+    hvp: str,
+    eps: float | None,
 ) -> Tensors:
     """DARTS second order: one virtual step, mixed term around the original ``w`` (darts#21)."""
     w_virtual = _inner_sgd(train_loss, weights, arch, lr, 1)
@@ -191,8 +196,16 @@ def _unrolled(
 
 
 def _implicit(
-    train_loss: Loss, val_loss: Loss, weights: Tensors, arch: Tensors,
-    method: str, lr: float, steps: int, terms: int, hvp: str, eps: float | None,
+    train_loss: Loss,
+    val_loss: Loss,
+    weights: Tensors,
+    arch: Tensors,
+    method: str,
+    lr: float,
+    steps: int,
+    terms: int,
+    hvp: str,
+    eps: float | None,
 ) -> Tensors:
     """IFT gradient ``∇_α L_val − ∇²_{αw} L_train · H⁻¹ · ∇_w L_val`` at ``w_T`` (iDARTS)."""
     w_t = _inner_sgd(train_loss, weights, arch, lr, steps)
@@ -208,8 +221,14 @@ def _implicit(
 
 
 def _validate(
-    weights: Tensors, arch: Tensors, method: str, lr: float, steps: int, terms: int,
-    eps: float | None, hvp: str,
+    weights: Tensors,
+    arch: Tensors,
+    method: str,
+    lr: float,
+    steps: int,
+    terms: int,
+    eps: float | None,
+    hvp: str,
 ) -> None:
     """Reject bad arguments with a ValueError that names the argument and the allowed values."""
     if method not in METHODS:
@@ -266,6 +285,10 @@ def hypergradient(
             ``eps <= 0``, or ``weights``/``arch`` not non-empty tuples of tensors.
     """
     _validate(weights, arch, method, lr, steps, terms, eps, hvp)
+    # torch.func needs no requires_grad; detaching (a view, never a write) keeps the caller's
+    # autograd graph out of every product and saves its memory.
+    weights = tuple(t.detach() for t in weights)
+    arch = tuple(t.detach() for t in arch)
     if method == "first_order":
         out = _first_order(val_loss, weights, arch)
     elif method == "unrolled":

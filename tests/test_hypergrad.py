@@ -1,0 +1,283 @@
+"""Every hypergradient in ``morphnas.hypergrad`` checked against brute force (DESIGN.md §3).
+
+* ``unrolled`` against plain autograd *through* one explicit SGD step (create_graph=True).
+* ``neumann``/``cg``/``exact`` against the closed-form implicit gradient of a ridge problem whose
+  inner optimum ``w*(α)`` is a linear solve, so ``dL_val(w*(α))/dα`` is exact by autograd.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import Tensor
+
+from morphnas.hypergrad import HVP_MODES, METHODS, hypergradient
+
+DTYPE = torch.float64
+
+
+def _rel_err(got: tuple[Tensor, ...], want: tuple[Tensor, ...]) -> float:
+    g = torch.cat([t.reshape(-1) for t in got])
+    w = torch.cat([t.reshape(-1) for t in want])
+    return float(torch.linalg.norm(g - w) / torch.linalg.norm(w))
+
+
+# --------------------------------------------------------------------------- a tiny mixed-op net
+
+
+class MixedNet:
+    """Two-layer net whose hidden layer is a softmax(α)-weighted mix of three ops (a DARTS edge)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.x_t = torch.randn(16, 3, generator=gen, dtype=DTYPE)
+        self.y_t = torch.randn(16, 1, generator=gen, dtype=DTYPE)
+        self.x_v = torch.randn(12, 3, generator=gen, dtype=DTYPE)
+        self.y_v = torch.randn(12, 1, generator=gen, dtype=DTYPE)
+        self.weights = (
+            0.5 * torch.randn(3, 4, generator=gen, dtype=DTYPE),
+            0.5 * torch.randn(4, 1, generator=gen, dtype=DTYPE),
+        )
+        self.arch = (0.3 * torch.randn(3, generator=gen, dtype=DTYPE),)
+
+    @staticmethod
+    def _forward(weights: tuple[Tensor, ...], arch: tuple[Tensor, ...], x: Tensor) -> Tensor:
+        w1, w2 = weights
+        mix = torch.softmax(arch[0], dim=0)
+        z = x @ w1
+        hidden = mix[0] * torch.tanh(z) + mix[1] * z + mix[2] * torch.sigmoid(z)
+        return hidden @ w2
+
+    def train_loss(self, weights: tuple[Tensor, ...], arch: tuple[Tensor, ...]) -> Tensor:
+        return torch.mean((self._forward(weights, arch, self.x_t) - self.y_t) ** 2)
+
+    def val_loss(self, weights: tuple[Tensor, ...], arch: tuple[Tensor, ...]) -> Tensor:
+        return torch.mean((self._forward(weights, arch, self.x_v) - self.y_v) ** 2)
+
+
+def _autograd_through_sgd_step(net: MixedNet, lr: float) -> tuple[Tensor, ...]:
+    """Brute force: build w' = w − lr ∇_w L_train with a graph and differentiate L_val(w') in α."""
+    w = tuple(t.clone().requires_grad_(True) for t in net.weights)
+    a = tuple(t.clone().requires_grad_(True) for t in net.arch)
+    g = torch.autograd.grad(net.train_loss(w, a), w, create_graph=True)
+    w_next = tuple(wi - lr * gi for wi, gi in zip(w, g, strict=True))
+    return torch.autograd.grad(net.val_loss(w_next, a), a)
+
+
+def test_first_order_equals_plain_autograd() -> None:
+    net = MixedNet()
+    a = tuple(t.clone().requires_grad_(True) for t in net.arch)
+    want = torch.autograd.grad(net.val_loss(net.weights, a), a)
+    got = hypergradient(
+        net.train_loss, net.val_loss, net.weights, net.arch, method="first_order", lr=0.1
+    )
+    assert _rel_err(got, want) < 1e-12
+
+
+@pytest.mark.parametrize(("hvp", "tol"), [("exact", 1e-4), ("finite", 1e-2)])
+def test_unrolled_equals_autograd_through_one_sgd_step(hvp: str, tol: float) -> None:
+    net = MixedNet()
+    lr = 0.5
+    want = _autograd_through_sgd_step(net, lr)
+    got = hypergradient(
+        net.train_loss, net.val_loss, net.weights, net.arch, method="unrolled", lr=lr, hvp=hvp
+    )
+    assert _rel_err(got, want) < tol
+    # The implicit term must matter here, or the test could not tell second from first order
+    # (the silent degradation of NeroLoh/darts-tensorflow#1).
+    first = hypergradient(
+        net.train_loss, net.val_loss, net.weights, net.arch, method="first_order", lr=lr
+    )
+    assert _rel_err(first, want) > 100 * tol
+
+
+def test_unrolled_finite_uses_bracketed_denominator() -> None:
+    """A ``/ 2.*eps`` port (NNI #3044) is off by a factor 4ε²; an explicit eps exposes it."""
+    net = MixedNet()
+    exact = hypergradient(
+        net.train_loss, net.val_loss, net.weights, net.arch, method="unrolled", lr=0.5, hvp="exact"
+    )
+    finite = hypergradient(
+        net.train_loss,
+        net.val_loss,
+        net.weights,
+        net.arch,
+        method="unrolled",
+        lr=0.5,
+        hvp="finite",
+        eps=1e-4,
+    )
+    assert _rel_err(finite, exact) < 1e-6
+
+
+# --------------------------------------------------------------------------- ridge regression
+
+
+class Ridge:
+    """L_train = ‖X_t w − y_t‖²/n + Σ exp(α_i) w_i², L_val = ‖X_v w − y_v‖²/n.
+
+    ``w`` is split into two tensors so the tuple handling is exercised.
+    """
+
+    def __init__(self, d: int = 5, seed: int = 1) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.d = d
+        self.x_t = torch.randn(40, d, generator=gen, dtype=DTYPE)
+        self.y_t = torch.randn(40, generator=gen, dtype=DTYPE)
+        self.x_v = torch.randn(30, d, generator=gen, dtype=DTYPE)
+        self.y_v = torch.randn(30, generator=gen, dtype=DTYPE)
+        self.arch = (0.5 * torch.randn(d, generator=gen, dtype=DTYPE),)
+
+    @staticmethod
+    def _w(weights: tuple[Tensor, ...]) -> Tensor:
+        return torch.cat(weights)
+
+    def _split(self, w: Tensor) -> tuple[Tensor, ...]:
+        return (w[:2].clone(), w[2:].clone())
+
+    def train_loss(self, weights: tuple[Tensor, ...], arch: tuple[Tensor, ...]) -> Tensor:
+        w = self._w(weights)
+        fit = torch.sum((self.x_t @ w - self.y_t) ** 2) / self.x_t.shape[0]
+        return fit + torch.sum(torch.exp(arch[0]) * w**2)
+
+    def val_loss(self, weights: tuple[Tensor, ...], arch: tuple[Tensor, ...]) -> Tensor:
+        w = self._w(weights)
+        return torch.sum((self.x_v @ w - self.y_v) ** 2) / self.x_v.shape[0]
+
+    def w_star(self, alpha: Tensor) -> Tensor:
+        """Closed form: (X_tᵀX_t/n + diag e^α) w = X_tᵀy_t/n."""
+        n = self.x_t.shape[0]
+        lhs = self.x_t.T @ self.x_t / n + torch.diag(torch.exp(alpha))
+        return torch.linalg.solve(lhs, self.x_t.T @ self.y_t / n)
+
+    def optimum(self) -> tuple[Tensor, ...]:
+        return self._split(self.w_star(self.arch[0]).detach())
+
+    def true_hypergradient(self) -> tuple[Tensor, ...]:
+        """dL_val(w*(α))/dα by autograd through the closed-form linear solve."""
+        alpha = self.arch[0].clone().requires_grad_(True)
+        w = self.w_star(alpha)
+        return torch.autograd.grad(self.val_loss(self._split(w), (alpha,)), (alpha,))
+
+    def safe_lr(self) -> float:
+        """γ = 1/λ_max(H), H = 2 X_tᵀX_t/n + 2 diag e^α, so ‖I − γH‖ < 1 (Neumann converges)."""
+        n = self.x_t.shape[0]
+        h = 2 * self.x_t.T @ self.x_t / n + 2 * torch.diag(torch.exp(self.arch[0]))
+        return float(1.0 / torch.linalg.eigvalsh(h).max())
+
+
+@pytest.fixture(scope="module")
+def ridge() -> Ridge:
+    return Ridge()
+
+
+def _ridge_call(ridge: Ridge, **kwargs: object) -> tuple[Tensor, ...]:
+    return hypergradient(ridge.train_loss, ridge.val_loss, ridge.optimum(), ridge.arch, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"method": "neumann", "terms": 200, "steps": 1},
+        {"method": "cg", "terms": 5},  # d = 5 weights: CG is exact in 5 iterations
+        {"method": "exact"},
+    ],
+    ids=["neumann", "cg", "exact"],
+)
+def test_implicit_methods_match_closed_form(ridge: Ridge, kwargs: dict[str, object]) -> None:
+    got = _ridge_call(ridge, lr=ridge.safe_lr(), **kwargs)
+    assert _rel_err(got, ridge.true_hypergradient()) < 1e-3
+
+
+def test_implicit_methods_with_finite_mixed_product(ridge: Ridge) -> None:
+    want = ridge.true_hypergradient()
+    for method in ("neumann", "cg", "exact"):
+        got = _ridge_call(ridge, method=method, lr=ridge.safe_lr(), terms=200, hvp="finite")
+        assert _rel_err(got, want) < 1e-3, method
+
+
+def test_neumann_error_shrinks_with_depth(ridge: Ridge) -> None:
+    want = ridge.true_hypergradient()
+    lr = ridge.safe_lr()
+    errors = [
+        _rel_err(_ridge_call(ridge, method="neumann", lr=lr, terms=k), want)
+        for k in (0, 1, 5, 20, 100)
+    ]
+    assert all(b < a for a, b in itertools.pairwise(errors)), errors
+    assert errors[-1] < 1e-3 * errors[0], errors
+
+
+# --------------------------------------------------------------------------- purity
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("hvp", HVP_MODES)
+def test_inputs_bit_identical_after_call(method: str, hvp: str) -> None:
+    net = MixedNet()
+    weights = tuple(t.clone().requires_grad_(True) for t in net.weights)
+    arch = tuple(t.clone() for t in net.arch)
+    w_before = tuple(t.detach().clone() for t in weights)
+    a_before = tuple(t.clone() for t in arch)
+    out = hypergradient(
+        net.train_loss,
+        net.val_loss,
+        weights,
+        arch,
+        method=method,
+        lr=0.3,
+        steps=2,
+        terms=3,
+        hvp=hvp,
+    )
+    assert all(torch.equal(a, b) for a, b in zip(weights, w_before, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(arch, a_before, strict=True))
+    assert all(weights[i].grad is None for i in range(len(weights)))
+    assert [o.shape for o in out] == [a.shape for a in arch]
+    assert all(torch.isfinite(o).all() and not o.requires_grad for o in out)
+
+
+def test_inputs_bit_identical_after_failure() -> None:
+    net = MixedNet()
+    before = tuple(t.clone() for t in net.weights)
+
+    def broken(weights: tuple[Tensor, ...], arch: tuple[Tensor, ...]) -> Tensor:
+        net.train_loss(weights, arch)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        hypergradient(broken, net.val_loss, net.weights, net.arch, method="unrolled", lr=0.3)
+    assert all(torch.equal(a, b) for a, b in zip(net.weights, before, strict=True))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"method": "bogus", "lr": 0.1}, "method"),
+        ({"method": "unrolled", "lr": 0.1, "hvp": "bogus"}, "hvp"),
+        ({"method": "neumann", "lr": 0.1, "steps": 0}, "steps"),
+        ({"method": "neumann", "lr": 0.1, "terms": -1}, "terms"),
+        ({"method": "unrolled", "lr": 0.0}, "lr"),
+        ({"method": "unrolled", "lr": -1.0}, "lr"),
+        ({"method": "unrolled", "lr": float("nan")}, "lr"),
+        ({"method": "unrolled", "lr": 0.1, "eps": 0.0}, "eps"),
+    ],
+)
+def test_argument_validation(kwargs: dict[str, object], match: str) -> None:
+    net = MixedNet()
+    with pytest.raises(ValueError, match=match):
+        hypergradient(net.train_loss, net.val_loss, net.weights, net.arch, **kwargs)
+
+
+def test_rejects_non_tuple_inputs() -> None:
+    net = MixedNet()
+    with pytest.raises(ValueError, match="weights"):
+        hypergradient(
+            net.train_loss, net.val_loss, list(net.weights), net.arch, method="first_order", lr=0.1
+        )
+    with pytest.raises(ValueError, match="arch"):
+        hypergradient(net.train_loss, net.val_loss, net.weights, (), method="first_order", lr=0.1)
