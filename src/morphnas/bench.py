@@ -42,6 +42,7 @@ from morphnas.data import make_windows, synthetic_series
 from morphnas.engine.runtime import choose_threads, resolve_device
 from morphnas.engine.search import search as run_search
 from morphnas.genotype import DARTS_PRIMITIVES, KNOWN, Genotype, Node
+from morphnas.ops import ACTIVATIONS
 from morphnas.report import MetricsLog
 from morphnas.spaces import DartsRNNSearchCell
 from morphnas.tasks.forecasting import ForecastModel
@@ -113,18 +114,6 @@ SEARCH_SETUP = {"hidden": 32, "nodes": 4, "window": 24, "n_series": 8, "batch_si
 
 
 # --------------------------------------------------------------------------- the reference
-
-
-def _identity(z: Tensor) -> Tensor:
-    return z
-
-
-REFERENCE_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "tanh": torch.tanh,
-    "relu": torch.relu,
-    "sigmoid": torch.sigmoid,
-    "identity": _identity,
-}
 
 
 class ReferenceDartsCell(nn.Module):
@@ -199,7 +188,7 @@ class ReferenceDartsCell(nn.Module):
             for k, name in enumerate(DARTS_PRIMITIVES):
                 if name == "none":
                     continue
-                unweighted = states + c * (REFERENCE_ACTIVATIONS[name](h) - states)
+                unweighted = states + c * (ACTIVATIONS[name](h) - states)
                 s += torch.sum(probs[offset : offset + i + 1, k, None, None] * unweighted, dim=0)
             s = self.bn(s)
             states = torch.cat([states, s.unsqueeze(0)], 0)

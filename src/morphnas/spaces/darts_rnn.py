@@ -94,7 +94,7 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
 
     def _mixed_node(
         self, w_node: Tensor, states: list[Tensor], masked: list[Tensor], act_w: Tensor
-    ):
+    ) -> Tensor:
         """``Σ_j Σ_k w_jk [s_j + c_j ⊙ (f_k(g_j) − s_j)]``, the activation blend collapsed."""
         prev = torch.stack(states)  # (i, B, d): every predecessor at once
         inputs = prev if masked is states else torch.stack(masked)
@@ -103,7 +103,9 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
         return torch.lerp(act_w.sum(0) * prev, blend, torch.sigmoid(c)).sum(0)
 
     @staticmethod
-    def _fixed_node(node: Node, w_node: Tensor, states: list[Tensor], masked: list[Tensor]):
+    def _fixed_node(
+        node: Node, w_node: Tensor, states: list[Tensor], masked: list[Tensor]
+    ) -> Tensor:
         j = node.inputs[0]
         c, g = (masked[j] @ w_node).chunk(2, dim=-1)
         return torch.lerp(states[j], ACTIVATIONS[node.op](g), torch.sigmoid(c))
