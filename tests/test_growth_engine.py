@@ -215,3 +215,5 @@ def test_width_growth_in_search_retrains_at_the_found_width(tmp_path):
     assert widths == [(6, 8), (8, 9)]
     assert all(e["max_abs_diff"] <= 1e-5 for e in history)
     assert result.extra["hidden"] == 9 and result.genotype.metadata["hidden_size"] == 9
+    rescored = api.evaluate(result.run_dir)  # the saved models are rebuilt at the found width
+    assert rescored.results[0]["test_rse"] == pytest.approx(result.results[0]["test_rse"])

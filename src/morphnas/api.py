@@ -175,6 +175,8 @@ def evaluate(run_dir: Path) -> RunResult:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"cannot read {summary_path}: {err}") from None
     config = config_mod.resolve(run_dir / "config.yaml")
+    if "hidden" in summary:  # width growth retrains every model at the width it found
+        config = config_mod.resolve(base=config, overrides={"space": {"hidden": summary["hidden"]}})
     data = _load_windows(config)
     genotype = genotype_mod.load(run_dir / "genotype.json") if summary.get("genotype") else None
     results = []
