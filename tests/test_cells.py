@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from morphnas import cells
 from morphnas.cells import BASELINES, DartsRNNCell, TwoInputCell
 from morphnas.errors import UserError
-from morphnas.genotype import Genotype, Node
+from morphnas.genotype import KNOWN, Genotype, Node
 
 T, B = 4, 3
 TOL64 = dict(rtol=1e-5, atol=1e-5)
@@ -137,20 +137,7 @@ def compare(cell, slow, x, h0, tol, seed=0):
 DARTS_GENOTYPES = [
     Genotype("darts_rnn", (Node("tanh", (0,)),), output="mean"),
     Genotype("darts_rnn", (Node("relu", (0,)), Node("sigmoid", (1,))), output="mean"),
-    Genotype(
-        "darts_rnn",
-        (
-            Node("sigmoid", (0,)),
-            Node("relu", (1,)),
-            Node("relu", (1,)),
-            Node("identity", (1,)),
-            Node("tanh", (2,)),
-            Node("sigmoid", (5,)),
-            Node("tanh", (3,)),
-            Node("relu", (5,)),
-        ),
-        output="mean",
-    ),  # the DARTS_V2 recurrent genotype
+    KNOWN["darts_v2"],  # the DARTS_V2 recurrent genotype
 ]
 TWO_GENOTYPES = [
     Genotype("two_input", (Node("hadamard", (0, -1)),), output="last"),
