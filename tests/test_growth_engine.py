@@ -9,7 +9,7 @@ import torch
 
 from morphnas import api, config, spaces
 from morphnas.config import GrowthConfig
-from morphnas.engine.search import streamed_size
+from morphnas.engine.search import streamed_fraction
 from morphnas.growth import (
     GrowthCheckError,
     GrowthTrigger,
@@ -58,10 +58,10 @@ def test_plateau_fires_after_patience_epochs_without_relative_improvement():
     assert fired == [4, 7]
 
 
-def test_streamed_size_grows_to_the_full_span():
-    sizes = [streamed_size(1000, 4, e, 8) for e in range(1, 9)]
-    assert sizes == sorted(sizes) and sizes[0] == 250 and sizes[-1] == 1000
-    assert [streamed_size(10, 1, e, 3) for e in (1, 2, 3)] == [10, 10, 10]
+def test_streamed_fraction_grows_to_the_full_span():
+    shares = [streamed_fraction(4, e, 8) for e in range(1, 9)]
+    assert shares == sorted(shares) and shares[0] == 0.25 and shares[-1] == 1.0
+    assert [streamed_fraction(1, e, 3) for e in (1, 2, 3)] == [1.0, 1.0, 1.0]
 
 
 def test_rebuild_optimizer_keeps_survivors_state_exactly():

@@ -156,14 +156,33 @@ class Growth:
         probe: Tensor,
         valid_loss: Callable[[], float],
         seed: int = 0,
+        cell_probe: Tensor | None = None,
     ) -> None:
-        """``probe``: a fixed batch of windows ``(B, P, m)``; the cell's check runs on it too."""
+        """``probe``: a fixed batch of model inputs (widening checks the model's output on it);
+        ``cell_probe``: the same batch as the cell's input sequence (growth checks the cell's
+        outputs at every step on it). Without it, ``probe`` is taken as windows ``(B, P, m)``."""
         self.model, self.space, self.config = model, model.cell, config
         self.probe = probe
+        self.cell_probe = probe.transpose(0, 1) if cell_probe is None else cell_probe
         self.valid_loss = valid_loss
         self.trigger = GrowthTrigger(config, epochs, nodes_max)
         self.generator = torch.Generator().manual_seed(seed)
         self.events: list[GrowthEvent] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Trigger, width-noise generator and the events so far (for an exact resume)."""
+        return {
+            "trigger": self.trigger.state_dict(),
+            "generator": self.generator.get_state(),
+            "events": [event.to_dict() for event in self.events],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.trigger.load_state_dict(state["trigger"])
+        self.generator.set_state(state["generator"])
+        self.events = [
+            GrowthEvent(**{**e, "pruned_nodes": tuple(e["pruned_nodes"])}) for e in state["events"]
+        ]
 
     @property
     def enabled(self) -> bool:
@@ -176,7 +195,7 @@ class Growth:
         if self.config.mode == "grow-and-prune":
             valid_loss = self.prune(epoch, step, valid_loss)
         nodes_before = self.space.nodes
-        _, diff = grow_checked(self.space, self.probe.transpose(0, 1), self.config)
+        _, diff = grow_checked(self.space, self.cell_probe, self.config)
         valid_after = self.valid_loss()
         self.events.append(
             GrowthEvent(

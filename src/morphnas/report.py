@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
@@ -67,6 +67,15 @@ class MetricsLog:
         line = json.dumps(row, default=_to_builtin)
         with self.path.open("a", encoding="utf-8") as file:
             file.write(line + "\n")
+
+    def keep(self, predicate: Callable[[dict[str, Any]], bool]) -> None:
+        """Keep only the rows ``predicate`` accepts (a resumed run drops the rows it will write
+        again); the file is replaced atomically."""
+        rows = [row for row in read_metrics(self.path) if predicate(row)]
+        text = "".join(json.dumps(row, default=_to_builtin) + "\n" for row in rows)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, self.path)
 
 
 def _drop_partial_last_line(path: Path) -> None:
@@ -634,6 +643,18 @@ _COLUMNS = (
     ("test_rmse", "test RMSE"),
     ("train_seconds", "train s"),
 )
+# Language modelling: perplexities, and the sizes a parameter-matched comparison rests on.
+_LM_COLUMNS = (
+    ("model", "model"),
+    ("params", "params"),
+    ("recurrent_params", "non-emb params"),
+    ("hidden", "hidden"),
+    ("valid_ppl", "valid ppl"),
+    ("test_ppl", "test ppl"),
+    ("train_tokens_per_s", "train tok/s"),
+    ("eval_tokens_per_s", "eval tok/s"),
+    ("train_seconds", "train s"),
+)
 
 
 def _number(value: Any) -> float | None:
@@ -656,23 +677,27 @@ def _format_cell(key: str, value: Any) -> str:
 
 
 def results_table(results: Sequence[Mapping[str, Any]], title: str = "results") -> Table:
-    """A rich table of models and their metrics; the best (lowest) test RSE in bold.
+    """A rich table of models and their metrics; the best (lowest) test RSE in bold (test
+    perplexity for language models).
 
     Cells are ``Text`` objects, not markup strings, so a model named like ``[red]`` prints as is.
     """
     table = Table(title=title)
-    for key, header in _COLUMNS:
+    lm = any("test_ppl" in result for result in results)
+    columns, best_key = (_LM_COLUMNS, "test_ppl") if lm else (_COLUMNS, "test_rse")
+    best_position = [key for key, _ in columns].index(best_key)
+    for key, header in columns:
         if key == "model":  # names are never cut; numbers may wrap their headers instead
             table.add_column(header, justify="left", no_wrap=True, min_width=8)
         else:
             table.add_column(header, justify="right")
-    scores = [_number(result.get("test_rse")) for result in results]
+    scores = [_number(result.get(best_key)) for result in results]
     finite = [s for s in scores if s is not None and math.isfinite(s)]
     best = min(finite, default=None)
     for result, score in zip(results, scores, strict=True):
-        cells = [Text(_format_cell(key, result.get(key))) for key, _ in _COLUMNS]
+        cells = [Text(_format_cell(key, result.get(key))) for key, _ in columns]
         if best is not None and score == best:
-            for position in (0, 3):  # the model's name and its test RSE
+            for position in (0, best_position):  # the model's name and its test score
                 cells[position].stylize("bold")
         table.add_row(*cells)
     return table
@@ -688,6 +713,7 @@ _COMPARE_COLUMNS = (
     ("test_rse", "test RSE"),
     ("test_corr", "test CORR"),
 )
+_LM_COMPARE_COLUMNS = (*_COMPARE_COLUMNS[:4], ("valid_ppl", "valid ppl"), ("test_ppl", "test ppl"))
 
 
 def compare_table(rows: Sequence[Mapping[str, Any]], title: str = "comparison") -> Table:
@@ -695,11 +721,13 @@ def compare_table(rows: Sequence[Mapping[str, Any]], title: str = "comparison") 
     table = Table(title=title)
     table.add_column("variant", no_wrap=True)
     table.add_column("seeds", justify="right")
-    for _, header in _COMPARE_COLUMNS:
+    lm = any("test_ppl" in row for row in rows)  # language models: perplexities, not RSE
+    columns = _LM_COMPARE_COLUMNS if lm else _COMPARE_COLUMNS
+    for _, header in columns:
         table.add_column(header, justify="right", no_wrap=True)
     for row in rows:
         cells = [Text(str(row["variant"])), Text(str(row.get("seeds", "–")))]
-        for key, _ in _COMPARE_COLUMNS:
+        for key, _ in columns:
             mean = row.get(key)
             if mean is None:
                 cells.append(Text("–"))

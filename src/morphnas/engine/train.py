@@ -1,19 +1,36 @@
-"""Training a discrete model from scratch with early stopping on the validation loss."""
+"""Training a discrete model from scratch with early stopping on the validation loss.
+
+Like the search, training checkpoints every epoch (and at a stop request, mid-epoch) everything
+needed to continue exactly: weights, optimizer, the best epoch's weights, random states and the
+position inside the epoch.
+"""
 
 from __future__ import annotations
 
 import copy
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from morphnas.config import TrainConfig
-from morphnas.engine.loops import Batch, check_finite
+from morphnas.engine.checkpoint import save_atomic
+from morphnas.engine.faults import crash_point
+from morphnas.engine.loops import check_finite
 from morphnas.engine.progress import Progress, Silent
+from morphnas.engine.resume import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    StopFlag,
+    StopRequested,
+    restore_rng,
+    rng_state,
+)
 from morphnas.report import MetricsLog
-from morphnas.tasks.forecasting import batches, predict
+from morphnas.tasks.base import Task
 
 
 @dataclass(frozen=True)
@@ -26,41 +43,100 @@ class TrainOutcome:
 
 def train(
     model: nn.Module,
-    train: Batch,
-    valid: Batch,
+    task: Task,
     config: TrainConfig,
     *,
     name: str,
     seed: int,
     log: MetricsLog,
     progress: Progress | None = None,
+    checkpoint_path: Path | None = None,
+    resume: dict[str, Any] | None = None,
+    stop: StopFlag | None = None,
 ) -> TrainOutcome:
     """Adam on all parameters; stop after ``patience`` epochs without a better valid loss.
 
-    The model is left holding the weights of its best validation epoch.
+    The model is left holding the weights of its best validation epoch. With ``checkpoint_path``
+    the state is saved after every epoch; ``resume`` continues from such a checkpoint.
     """
     progress = progress or Silent()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    loss_fn = nn.MSELoss()
-    x_train, y_train = train
-    best, best_epoch, best_state = float("inf"), 0, copy.deepcopy(model.state_dict())
+    run: dict[str, Any] = {"epoch": 1, "position": 0, "best": float("inf"), "best_epoch": 0}
+    run["elapsed"], best_state = 0.0, copy.deepcopy(model.state_dict())
+    epoch_start, totals = generator.get_state(), None
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        best_state = resume["best_state"]
+        restore_rng(resume["rng"])
+        generator.set_state(resume["generator"])
+        epoch_start = resume["epoch_generator"]
+        task.load_state_dict(resume.get("task", {}))  # e.g. a language model's carried state
+        complete = resume["position"] is None
+        run.update({k: resume[k] for k in ("best", "best_epoch", "elapsed")})
+        run["epoch"] = resume["epoch"] + 1 if complete else resume["epoch"]
+        run["position"] = 0 if complete else resume["position"]
+        totals = None if complete else resume
+
+    def checkpoint(position: int | None, total: torch.Tensor, count: int) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "kind": "train",
+            "name": name,
+            **{k: run[k] for k in ("epoch", "best", "best_epoch")},
+            "position": position,
+            "elapsed": run["elapsed"] + time.perf_counter() - started,
+            "totals": [total.detach().cpu(), count],
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "best_state": best_state,
+            "rng": rng_state(),
+            "generator": generator.get_state(),
+            "epoch_generator": epoch_start,
+            "task": task.state_dict(),
+        }
+
+    device = next(model.parameters()).device
     started = time.perf_counter()
-    epoch = 0
+    epoch = run["epoch"] - 1
     progress.start(f"train {name}", config.epochs)
-    for epoch in range(1, config.epochs + 1):
+    progress.advance(epoch)
+    stopped_early = run["epoch"] - run["best_epoch"] > config.patience and run["best_epoch"] > 0
+    while not stopped_early and run["epoch"] <= config.epochs:
+        epoch = run["epoch"]
         model.train()
-        total = torch.zeros((), device=x_train.device)
-        for idx in batches(len(x_train), config.batch_size, generator):
+        if totals is not None:  # resuming inside this epoch
+            generator.set_state(epoch_start)
+            epoch_batches = task.epoch_batches(generator)
+            generator.set_state(totals["generator"])
+            total, count = totals["totals"][0].to(device), totals["totals"][1]
+            totals = None
+        else:
+            epoch_start = generator.get_state()
+            epoch_batches = task.epoch_batches(generator)
+            total, count = torch.zeros((), device=device), 0
+        for k in range(run["position"], len(epoch_batches)):
+            batch = epoch_batches[k]
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x_train[idx]), y_train[idx])
+            loss = task.loss(model, batch)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), config.clip)
             optimizer.step()
-            total += loss.detach() * len(idx)
-        train_loss = float(total) / len(x_train)
+            size = task.batch_weight(batch)
+            total, count = total + loss.detach() * size, count + size
+            crash_point("train-step")
+            if stop is not None and stop.requested and k + 1 < len(epoch_batches):
+                progress.stop()
+                if checkpoint_path is not None:
+                    save_atomic(checkpoint(k + 1, total, count), checkpoint_path)
+                raise StopRequested(str(checkpoint_path))
+        run["position"] = 0
+        train_loss = float(total) / count
         check_finite(train_loss, f"{name}'s training loss", epoch)
-        valid_loss = float(loss_fn(predict(model, valid[0]), valid[1]))
+        valid_loss = task.valid_loss(model)
+        check_finite(valid_loss, f"{name}'s validation loss", epoch)
         log.append(
             {
                 "phase": "train",
@@ -68,14 +144,21 @@ def train(
                 "epoch": epoch,
                 "train_loss": train_loss,
                 "valid_loss": valid_loss,
-                "seconds": time.perf_counter() - started,
+                "seconds": run["elapsed"] + time.perf_counter() - started,
             }
         )
         progress.advance(valid_loss=valid_loss)
-        if valid_loss < best:
-            best, best_epoch, best_state = valid_loss, epoch, copy.deepcopy(model.state_dict())
-        elif epoch - best_epoch >= config.patience:
-            break
+        if valid_loss < run["best"]:
+            run["best"], run["best_epoch"] = valid_loss, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        stopped_early = epoch - run["best_epoch"] >= config.patience
+        if checkpoint_path is not None:
+            save_atomic(checkpoint(None, total, count), checkpoint_path)
+        if stop is not None and stop.requested and not stopped_early and epoch < config.epochs:
+            progress.stop()
+            raise StopRequested(str(checkpoint_path))
+        run["epoch"] += 1
     progress.stop()
     model.load_state_dict(best_state)
-    return TrainOutcome(time.perf_counter() - started, epoch, best_epoch, best)
+    seconds = run["elapsed"] + time.perf_counter() - started
+    return TrainOutcome(seconds, epoch, run["best_epoch"], run["best"])

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from morphnas.tasks.base import IndexStream
+
 
 class ForecastModel(nn.Module):
     """``window (B, P, m) -> forecast (B, m)``: the cell's last hidden state through dropout and a
@@ -63,6 +65,63 @@ class ForecastModel(nn.Module):
 
 
 WINDOW_NORMS = ("none", "last", "mean")
+
+Batch = tuple[Tensor, Tensor]
+
+
+class _WindowStream:
+    """Endless shuffled ``(x, y)`` batches of the validation windows (see ``IndexStream``)."""
+
+    def __init__(self, data: Batch, batch_size: int, generator: torch.Generator) -> None:
+        self.data = data
+        self.indices = IndexStream(len(data[0]), batch_size, generator)
+
+    def __next__(self) -> Batch:
+        idx = next(self.indices)
+        return self.data[0][idx], self.data[1][idx]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.indices.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.indices.load_state_dict(state)
+
+
+class ForecastTask:
+    """Windows → next values under MSE: the ``Task`` the engine runs for forecasting."""
+
+    probe_size = 64
+
+    def __init__(self, train: Batch, valid: Batch, batch_size: int) -> None:
+        self.train, self.valid, self.batch_size = train, valid, batch_size
+        self._mse = nn.MSELoss()
+
+    def epoch_batches(self, generator: torch.Generator, fraction: float = 1.0) -> list[Batch]:
+        x, y = self.train
+        n = max(1, round(len(x) * fraction))
+        return [(x[idx], y[idx]) for idx in batches(n, self.batch_size, generator)]
+
+    def valid_stream(self, generator: torch.Generator) -> _WindowStream:
+        return _WindowStream(self.valid, self.batch_size, generator)
+
+    def loss(self, model: nn.Module, batch: Batch, **model_kwargs: Any) -> Tensor:
+        return self._mse(model(batch[0], **model_kwargs), batch[1])
+
+    def batch_weight(self, batch: Batch) -> int:
+        return len(batch[0])
+
+    def valid_loss(self, model: nn.Module, **model_kwargs: Any) -> float:
+        return float(self._mse(predict(model, self.valid[0], **model_kwargs), self.valid[1]))
+
+    def probe(self) -> tuple[Tensor, Tensor]:
+        windows = self.valid[0][: self.probe_size]
+        return windows, windows.transpose(0, 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
 
 
 def _window_reference(window: Tensor, kind: str) -> Tensor | None:

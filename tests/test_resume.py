@@ -1,0 +1,252 @@
+"""Crash and resume: a run killed at any moment and resumed ends exactly as an uninterrupted one.
+
+The kills are real (SIGKILL or SIGTERM to a subprocess), placed deterministically by the
+``MORPHNAS_CRASH_AT`` fault-injection hook (``morphnas.engine.faults``): mid-epoch, just after a
+growth event, during a checkpoint write, and during retraining.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from morphnas import api, config
+from morphnas.engine.checkpoint import load
+from morphnas.errors import UserError
+
+RUN = [
+    "search", "--csv", "", "--window", "6", "--hidden", "6", "--epochs", "4",
+    "--growth", "grow-then-prune", "--nodes-start", "1", "--nodes-max", "3", "--grow-every", "1",
+    "--retrain-epochs", "3", "--threads", "1", "--set", "search.batch_size=32",
+    "--set", "train.baselines=[lstm]", "--json",
+]  # fmt: skip
+
+
+def morphnas(*args: str, crash: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "MORPHNAS_CRASH_AT"}
+    if crash:
+        env["MORPHNAS_CRASH_AT"] = crash
+    return subprocess.run(
+        [sys.executable, "-m", "morphnas.cli", *args],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+
+
+def start(csv: Path, out: Path, crash: str | None = None) -> subprocess.CompletedProcess[str]:
+    args = [str(csv) if a == "" else a for a in RUN]
+    return morphnas(*args, "--out", str(out), crash=crash)
+
+
+def without_times(value):
+    """A run's record with wall-clock fields removed (they differ between any two runs)."""
+    if isinstance(value, dict):
+        return {k: without_times(v) for k, v in value.items() if "seconds" not in k and k != "time"}
+    if isinstance(value, list):
+        return [without_times(v) for v in value]
+    return value
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def outcome(run: Path) -> dict:
+    metrics = rows(run)
+    arch = {
+        k: v for k, v in load(run / "checkpoints" / "search_last.pt")["model"].items()
+        if k.startswith("cell.arch.")
+    }  # fmt: skip
+    return {
+        "genotype": json.loads((run / "genotype.json").read_text()),
+        "summary": without_times(json.loads((run / "summary.json").read_text())),
+        "metrics": without_times(metrics),
+        "history": without_times(json.loads((run / "history.json").read_text())),
+        "arch": arch,
+    }
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a["genotype"] == b["genotype"]
+    assert a["summary"] == b["summary"]
+    assert a["metrics"] == b["metrics"]
+    assert a["history"] == b["history"]
+    assert a["arch"].keys() == b["arch"].keys()
+    for key in a["arch"]:
+        assert torch.equal(a["arch"][key], b["arch"][key]), key
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, request):
+    csv = request.getfixturevalue("module_csv")
+    out = tmp_path_factory.mktemp("reference") / "run"
+    done = start(csv, out)
+    assert done.returncode == 0, done.stderr
+    return outcome(out)
+
+
+@pytest.fixture(scope="module")
+def module_csv(tmp_path_factory):
+    import pandas as pd
+
+    from morphnas.data import synthetic_series
+
+    series = synthetic_series(n_steps=300, n_series=3, seed=1)
+    frame = pd.DataFrame(series.values, columns=series.columns)
+    path = tmp_path_factory.mktemp("data") / "series.csv"
+    frame.to_csv(path, index=False, float_format="%.6f")
+    return path
+
+
+def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, module_csv, reference):
+    out = tmp_path / "run"
+    # One run, killed four times at different kinds of moment, resumed after each.
+    crashes = ["step:5", "growth:1", "checkpoint:3", "train-step:4"]
+    done = start(module_csv, out, crash=crashes[0])
+    assert done.returncode == -9
+    for crash in [*crashes[1:], None]:
+        done = morphnas("search", "--resume", str(out), "--json", crash=crash)
+        assert done.returncode == (-9 if crash else 0), done.stderr
+    assert_same(outcome(out), reference)
+
+
+@pytest.mark.parametrize("strategy", ["gdas", "msdarts"])
+def test_sampling_strategies_resume_exactly(tmp_path, module_csv, strategy):
+    """Gumbel samples and mean-shift perturbations draw from the saved random states."""
+    args = [str(module_csv) if a == "" else a for a in RUN]
+    extra = ["--strategy", strategy, "--retrain-epochs", "1"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert morphnas(*args, *extra, "--out", str(whole)).returncode == 0
+    assert morphnas(*args, *extra, "--out", str(cut), crash="step:8").returncode == -9
+    done = morphnas("search", "--resume", str(cut), "--json")
+    assert done.returncode == 0, done.stderr
+    assert_same(outcome(cut), outcome(whole))
+
+
+def test_sigterm_saves_mid_epoch_and_resume_is_exact(tmp_path, module_csv, reference):
+    out = tmp_path / "run"
+    done = start(module_csv, out, crash="step:4:TERM")
+    assert done.returncode == 130
+    line = done.stderr.strip()
+    assert "\n" not in line and "--resume" in line and "Traceback" not in done.stderr
+    state = load(out / "checkpoints" / "search_last.pt")
+    assert state["position"] is not None  # saved inside the epoch, not at its end
+    done = morphnas("search", "--resume", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    assert_same(outcome(out), reference)
+
+
+def test_resume_rebuilds_a_pruned_and_widened_darts_supernet(tmp_path, module_csv):
+    """grow-and-prune on the DARTS space with width growth: the resumed run must rebuild fixed
+    nodes and a wider hidden state from the checkpoint before loading it."""
+    extra = [
+        "--space", "darts_rnn", "--growth", "grow-and-prune", "--grow-width", "2",
+        "--retrain-epochs", "1",
+    ]  # fmt: skip
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    args = [str(module_csv) if a == "" else a for a in RUN]
+    assert morphnas(*args, *extra, "--out", str(whole)).returncode == 0
+    killed = morphnas(*args, *extra, "--out", str(cut), crash="step:9")
+    assert killed.returncode == -9
+    state = load(cut / "checkpoints" / "search_last.pt")
+    assert state["shape"]["fixed"] and state["shape"]["hidden"] > 6  # grown, pruned, widened
+    done = morphnas("search", "--resume", str(cut), "--json")
+    assert done.returncode == 0, done.stderr
+    assert_same(outcome(cut), outcome(whole))
+
+
+@pytest.mark.parametrize(("crash", "code"), [("train-step:9", -9), ("train-step:5:TERM", 130)])
+def test_train_resume_equals_an_uninterrupted_run(tmp_path, module_csv, crash, code):
+    args = [
+        "train", "--baseline", "gru", "--csv", str(module_csv), "--window", "6", "--hidden", "6",
+        "--retrain-epochs", "4", "--threads", "1", "--json",
+    ]  # fmt: skip
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert morphnas(*args, "--out", str(whole)).returncode == 0
+    assert morphnas(*args, "--out", str(cut), crash=crash).returncode == code
+    done = morphnas("train", "--resume", str(cut), "--json")
+    assert done.returncode == 0, done.stderr
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (cut, whole)]
+    assert without_times(summaries[0]) == without_times(summaries[1])
+    assert without_times(rows(cut)) == without_times(rows(whole))
+
+
+def test_resume_refuses_a_finished_run_and_extra_flags(tmp_path, module_csv):
+    missing = morphnas("search", "--resume", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "no config.yaml" in missing.stderr
+    cfg_dir = tmp_path / "run"
+    cfg_dir.mkdir()
+    (cfg_dir / "config.yaml").write_text("seed: 0\n")
+    extra = morphnas("search", "--resume", str(cfg_dir), "--epochs", "3")
+    assert extra.returncode == 2 and "drop --epochs" in extra.stderr
+    (cfg_dir / "summary.json").write_text("{}")
+    finished = morphnas("search", "--resume", str(cfg_dir))
+    assert finished.returncode == 2 and "nothing to resume" in finished.stderr
+
+
+def test_an_existing_run_is_never_overwritten_without_force(tmp_path, module_csv):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    done = start(module_csv, out)
+    assert done.returncode == 2 and "--resume" in done.stderr and "--force" in done.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+TINY = {
+    "data": {"dataset": "synthetic", "window": 6},
+    "space": {"nodes": 2, "hidden": 6},
+    "search": {"epochs": 3, "batch_size": 128},
+    "train": {"epochs": 2, "baselines": []},
+    "threads": 1,
+}
+
+
+def _poison_after(monkeypatch, calls: int) -> None:
+    """Make the forecasting loss non-finite from the ``calls``-th training-mode call on."""
+    from morphnas.tasks import forecasting
+
+    original, seen = forecasting.ForecastTask.loss, {"n": 0}
+
+    def loss(self, model, batch, **kwargs):
+        value = original(self, model, batch, **kwargs)
+        if model.training and "weights" in kwargs:
+            seen["n"] += 1
+            if calls <= seen["n"] < calls + 4:  # a short burst: a retry gets past it
+                return value * math.nan
+        return value
+
+    monkeypatch.setattr(forecasting.ForecastTask, "loss", loss)
+
+
+def test_nan_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
+    _poison_after(monkeypatch, calls=30)
+    cfg = config.resolve(overrides={**TINY, "out": str(tmp_path / "run")})
+    with pytest.raises(UserError) as err:
+        api.search(cfg)
+    message = str(err.value)
+    assert "diverged" in message and "search_last.pt" in message and "\n" not in message
+    state = load(tmp_path / "run" / "checkpoints" / "search_last.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_nan_retry_restarts_from_the_checkpoint_at_half_the_rates(tmp_path, monkeypatch):
+    _poison_after(monkeypatch, calls=30)
+    overrides = config.merge(TINY, {"out": str(tmp_path / "run")})
+    overrides["search"] = {**TINY["search"], "nan_policy": "retry"}
+    cfg = config.resolve(overrides=overrides)
+    result = api.search(cfg)
+    logged = rows(tmp_path / "run")
+    retries = [r for r in logged if r.get("event") == "nan-retry"]
+    assert retries and retries[0]["lr_scale"] == 0.5
+    epochs = [r["epoch"] for r in logged if r.get("phase") == "search" and "train_loss" in r]
+    assert epochs == [1, 2, 3]
+    assert math.isfinite(result.extra["search_valid_loss"])
+    state = load(tmp_path / "run" / "checkpoints" / "search_last.pt")
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(cfg.search.lr / 2)
