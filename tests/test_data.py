@@ -174,10 +174,10 @@ def test_csv_directory(tmp_path: Path) -> None:
 def test_csv_unreadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _write(tmp_path, "a\n1\n2\n")
 
-    def refuse(self: Path) -> bytes:
+    def refuse(self: Path, *args: object, **kwargs: object) -> None:
         raise PermissionError(13, "Permission denied", str(self))
 
-    monkeypatch.setattr(Path, "read_bytes", refuse)  # chmod would not stop root
+    monkeypatch.setattr(Path, "open", refuse)  # chmod would not stop root
     message = _error(load_csv, path)
     assert "cannot read" in message and "Permission denied" in message
 

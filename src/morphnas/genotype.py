@@ -14,7 +14,10 @@ loading validates everything a discrete cell relies on, with messages a person c
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,10 @@ from morphnas.errors import UserError
 
 FORMAT = "morphnas.genotype"
 VERSION = 1
+# The fields of the JSON form; anything else is refused, because a misspelt optional field
+# ("ouptut") would otherwise be ignored and the cell silently built with the default.
+FIELDS = ("format", "version", "space", "output", "output_activation", "nodes", "metadata")
+NODE_FIELDS = ("op", "inputs", "residual")
 
 DARTS_PRIMITIVES = ("none", "tanh", "relu", "sigmoid", "identity")
 TWO_INPUT_OPS = (
@@ -95,7 +102,21 @@ class Genotype:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
+        """Write the JSON atomically (temp file + rename): a full disk leaves the old file."""
+        path = Path(path)
+        tmp: str | None = None
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(self.to_json() + "\n")
+            os.replace(tmp, path)
+        except OSError as err:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            raise UserError(
+                f"cannot save genotype {path}: {err.strerror or err}; check that the directory "
+                "exists, is writable and has free space"
+            ) from None
 
     def ops(self) -> list[str]:
         return [n.op for n in self.nodes]
@@ -124,12 +145,16 @@ def validate(genotype: Genotype) -> None:
     """Raise ``UserError`` unless every node names a known op and reads only earlier states."""
     space = genotype.space
     if space not in SPACE_OPS:
-        raise UserError(f"genotype: unknown space {space!r}; expected one of {sorted(SPACE_OPS)}")
+        raise UserError(
+            f"genotype: unknown space {_short(space)}; expected one of {sorted(SPACE_OPS)}"
+        )
     if genotype.output not in OUTPUTS:
-        raise UserError(f"genotype: unknown output {genotype.output!r}; expected one of {OUTPUTS}")
+        raise UserError(
+            f"genotype: unknown output {_short(genotype.output)}; expected one of {OUTPUTS}"
+        )
     if genotype.output_activation not in OUTPUT_ACTIVATIONS:
         raise UserError(
-            f"genotype: unknown output_activation {genotype.output_activation!r}; "
+            f"genotype: unknown output_activation {_short(genotype.output_activation)}; "
             f"expected one of {OUTPUT_ACTIVATIONS}"
         )
     if not genotype.nodes:
@@ -138,7 +163,8 @@ def validate(genotype: Genotype) -> None:
     for i, node in enumerate(genotype.nodes, start=1):
         if node.op not in SPACE_OPS[space]:
             raise UserError(
-                f"genotype: node {i} has unknown op {node.op!r} for space {space}; "
+                f"genotype: node {i} has unknown op {_short(node.op)} for space {space}; "
+                f"{_did_you_mean(node.op, SPACE_OPS[space])}"
                 f"expected one of {list(SPACE_OPS[space])}"
             )
         if len(node.inputs) != arity:
@@ -152,10 +178,16 @@ def validate(genotype: Genotype) -> None:
                 "genotype: node 1 cannot be residual (there is no cell output before it)"
             )
         for j in node.inputs:
-            if not first <= j < i:
+            if j >= i:
+                later = "itself" if j == i else f"node {j}, which comes after it"
                 raise UserError(
-                    f"genotype: node {i} reads state {j}, which does not exist before it "
-                    f"(valid: {first}..{i - 1})"
+                    f"genotype: node {i} reads state {j}, i.e. {later} (a cell is computed in "
+                    f"order); node {i} may read states {first}..{i - 1}"
+                )
+            if j < first:
+                raise UserError(
+                    f"genotype: node {i} reads state {j}, which does not exist (states of "
+                    f"{space} start at {first}); node {i} may read states {first}..{i - 1}"
                 )
 
 
@@ -165,11 +197,8 @@ def from_dict(data: Any) -> Genotype:
         raise UserError("genotype: expected a JSON object at the top level")
     if data.get("format") != FORMAT:
         raise UserError(f"genotype: 'format' must be {FORMAT!r}; is this a morphnas genotype file?")
-    version = data.get("version")
-    if isinstance(version, bool) or version != VERSION:
-        raise UserError(
-            f"genotype: version {version!r} is not supported (this morphnas reads {VERSION})"
-        )
+    _check_version(data.get("version"))
+    _check_fields(data, FIELDS, "the top level")
     for key in ("space", "nodes"):
         if key not in data:
             raise UserError(f"genotype: missing field {key!r}")
@@ -179,6 +208,7 @@ def from_dict(data: Any) -> Genotype:
     for i, raw in enumerate(data["nodes"], start=1):
         if not isinstance(raw, dict) or not {"op", "inputs"} <= raw.keys():
             raise UserError(f"genotype: node {i} must be an object with 'op' and 'inputs'")
+        _check_fields(raw, NODE_FIELDS, f"node {i}")
         inputs = raw["inputs"]
         if (
             not isinstance(raw["op"], str)
@@ -201,11 +231,53 @@ def from_dict(data: Any) -> Genotype:
     )
 
 
+def _check_version(version: Any) -> None:
+    """Only this version is read; a newer one is named as such, so the fix (upgrade) is clear."""
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise UserError(
+            f"genotype: 'version' must be an integer, got {_short(version)} (this morphnas "
+            f"reads version {VERSION})"
+        )
+    if version > VERSION:
+        raise UserError(
+            f"genotype: written by a newer morphnas (genotype version {version}; this one reads "
+            f"version {VERSION}); upgrade morphnas (pip install -U morphnas)"
+        )
+    if version != VERSION:
+        raise UserError(
+            f"genotype: version {version} is not a genotype version this morphnas reads "
+            f"({VERSION}); write the file again with morphnas"
+        )
+
+
+def _check_fields(data: dict[Any, Any], known: tuple[str, ...], where: str) -> None:
+    for key in data:
+        if key not in known:
+            raise UserError(
+                f"genotype: unknown field {_short(key)} at {where}; "
+                f"{_did_you_mean(str(key), known)}fields are {', '.join(known)}"
+            )
+
+
+def _did_you_mean(word: str, choices: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def _short(value: Any) -> str:
+    """A value's repr cut to a length that keeps an error message on one readable line."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def from_json(text: str) -> Genotype:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(f"genotype: not valid JSON ({err.msg} at line {err.lineno})") from None
+    except (ValueError, RecursionError) as err:  # e.g. a 5000-digit integer, or deep nesting
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise UserError(f"genotype: not usable JSON ({_short(reason)[1:-1]})") from None
     return from_dict(data)
 
 
@@ -215,9 +287,18 @@ def load(path: str | Path) -> Genotype:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"genotype file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read genotype file {path}: {err}") from None
+        raise UserError(f"genotype file not found: {path}{_known_hint(str(path))}") from None
+    except IsADirectoryError:
+        raise UserError(
+            f"cannot read genotype file {path}: it is a directory; give the genotype.json inside it"
+        ) from None
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"cannot read genotype file {path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} "
+            f"at offset {err.start}); give the genotype.json a search wrote"
+        ) from None
+    except OSError as err:
+        raise UserError(f"cannot read genotype file {path}: {err.strerror or err}") from None
     try:
         return from_json(text)
     except UserError as err:
@@ -250,3 +331,11 @@ def load_or_known(reference: str | Path) -> Genotype:
     if not Path(reference).exists() and str(reference) in KNOWN:
         return KNOWN[str(reference)]
     return load(reference)
+
+
+def _known_hint(reference: str) -> str:
+    """For a missing file: the published cells, nearest first, since the name may be one."""
+    close = difflib.get_close_matches(reference, list(KNOWN), n=1)
+    if close:
+        return f"; did you mean the published cell {close[0]!r}?"
+    return f" (or name a published cell: {', '.join(KNOWN)})"

@@ -84,14 +84,18 @@ def load_dataset(name: str = "births") -> SeriesData:
 
 
 def _info(name: str) -> DatasetInfo:
+    """The registry entry for `name`; a typo gets the closest name (only a plausible one:
+    suggesting 'births' for 'weather' would send a person the wrong way)."""
     for info in _INFOS:
         if info.name == name:
             return info
     names = [info.name for info in _INFOS]
-    close = difflib.get_close_matches(name, names, n=1, cutoff=0.0)
-    hint = f"did you mean {close[0]!r}? " if close else ""
+    lowered = {n.lower(): n for n in names}
+    close = difflib.get_close_matches(str(name).lower(), list(lowered), n=1, cutoff=0.6)
+    hint = f"did you mean {lowered[close[0]]!r}? " if close else ""
     raise UserError(
-        f"unknown dataset {name!r}; {hint}available: {', '.join(names)} (or load your own CSV file)"
+        f"unknown dataset {name!r}; {hint}available: {', '.join(names)} "
+        "(`morphnas datasets` describes them; use --csv for your own file)"
     )
 
 
