@@ -12,6 +12,10 @@ by its incoming edges, BatchNorm (no affine) on every node during search, output
   ``f(g)``: ``Σ_k w_k [s + c ⊙ (f_k(g) − s)] = W s + c ⊙ (Σ_k w_k f_k(g) − W s)``, ``W = Σ_k w_k``;
 * no host synchronisation inside the time loop.
 
+That loop is the fallback and the specification: when it can (``fused=True``, the default), the
+forward hands the whole sequence to the hand-written kernel of ``spaces.fused_darts`` (one
+``autograd.Function``, backward written out; tests/test_fused.py checks it against both).
+
 Growth (``grow``) appends a residual node ``s = mean(s_1..s_N) + γ ⊙ BN(mixed)`` with ``γ = 0``,
 which leaves the mean output unchanged; ``prune`` fixes every searched node to its derived edge.
 """
@@ -27,13 +31,22 @@ from morphnas.genotype import DARTS_PRIMITIVES, Node
 from morphnas.ops import ACTIVATIONS
 from morphnas.spaces.base import (
     ArchitectureMixin,
+    SampledMixing,
     Widening,
     check_dropout,
     combine_nodes,
     new_alpha,
     parameter_like,
+    sampled_scales,
     uniform_parameter,
     variational_mask,
+)
+from morphnas.spaces.fused_darts import (
+    FusedDartsSequence,
+    NodeSpec,
+    Plan,
+    supports_batchnorm,
+    transforms_active,
 )
 
 
@@ -54,6 +67,7 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
         dropout_x: float = 0.0,
         dropout_h: float = 0.0,
         init_range: float = 0.04,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         unknown = set(primitives) - set(DARTS_PRIMITIVES)
@@ -69,6 +83,7 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
         self.op_names = tuple(primitives)
         self.dropout_x, self.dropout_h = dropout_x, dropout_h
         self.init_range = init_range
+        self.fused = fused
         d = hidden_size
         self.init_weight = uniform_parameter(input_size + d, 2 * d, bound=init_range)
         self.node_weights = nn.ParameterList(
@@ -92,6 +107,18 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
     def _norm(self, s: Tensor) -> Tensor:
         return self.bn(s) if self.bn is not None else s
 
+    def _norm_batch_stats(self, s: Tensor) -> Tensor:
+        """BatchNorm by the batch's own statistics, running statistics untouched.
+
+        Scoring one sampled architecture (GDAS, SNAS, random search) in eval mode: the running
+        statistics average over the many architectures sampled in training, and the recurrence
+        amplifies their mismatch with the scored one step after step (a derived cell's valid
+        forecasts reached 1e19). Like the BN recalibration of one-shot NAS, the scored cell is
+        normalised by statistics of its own states.
+        """
+        assert self.bn is not None
+        return nn.functional.batch_norm(s, None, None, training=True, eps=self.bn.eps)
+
     def _mixed_node(
         self, w_node: Tensor, states: list[Tensor], masked: list[Tensor], act_w: Tensor
     ) -> Tensor:
@@ -110,12 +137,82 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
         c, g = (masked[j] @ w_node).chunk(2, dim=-1)
         return torch.lerp(states[j], ACTIVATIONS[node.op](g), torch.sigmoid(c))
 
+    def _sampled_node(
+        self,
+        choice: int,
+        scales: tuple[Tensor, Tensor],
+        w_node: Tensor,
+        states: list[Tensor],
+        masked: list[Tensor],
+    ) -> Tensor:
+        """Only the sampled (predecessor, op) edge runs, scaled by its straight-through weight
+        (see ``SampledMixing``): one matmul on one predecessor and one activation."""
+        j, k = divmod(choice, len(self.op_names))
+        op = self.op_names[k]
+        s = (
+            torch.zeros_like(states[0])
+            if op == "none"
+            else self._fixed_node(Node(op, (j,)), w_node, states, masked)
+        )
+        return scales[0] * s + scales[1]
+
+    def _can_fuse(self, batch: int, probs: list[Tensor]) -> bool:
+        """Whether the hand-written sequence kernel (``fused_darts``) runs this forward.
+
+        Not when the user chose the eager path (``fused=False``), not for a sampled mixing (one
+        op per node, already cheap eagerly), not under ``torch.func`` transforms (second-order
+        methods differentiate twice; the kernel's backward is hand-written and once-only), and
+        not for BatchNorm settings it does not reproduce.
+        """
+        return (
+            self.fused
+            and not isinstance(probs, SampledMixing)
+            and not transforms_active()
+            and supports_batchnorm(self.bn, batch)
+        )
+
+    def _fused_forward(
+        self, x: Tensor, h0: Tensor | None, probs: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """The same function as the eager loop, by ``FusedDartsSequence``: masks drawn in the
+        same order, the input projection hoisted here (autograd differentiates it), a fixed node
+        as a single edge with its one activation at weight 1."""
+        batch = x.shape[1]
+        mask_x = variational_mask(batch, self.input_size, self.dropout_x, x, self.training)
+        mask_h = variational_mask(batch, self.hidden_size, self.dropout_h, x, self.training)
+        w_x, w_h = self.init_weight[: self.input_size], self.init_weight[self.input_size :]
+        x_proj = (x if mask_x is None else x * mask_x) @ w_x
+        h = x.new_zeros(batch, self.hidden_size) if h0 is None else h0
+        act_names = tuple(self.op_names[k] for k, _ in self._activations)
+        specs, act_w = [], []
+        for i, p in enumerate(probs, start=1):
+            residual = str(i) in self.gammas
+            node = self.fixed.get(i)
+            if node is None:
+                specs.append(NodeSpec(0, i, act_names, residual))
+                act_w.append(p.index_select(1, self._act_cols))
+            else:
+                j = node.inputs[0]
+                specs.append(NodeSpec(j, j + 1, (node.op,), residual))
+                act_w.append(x.new_ones(1, 1))
+        gammas = [self.gammas.get(str(i)) for i in range(1, self.nodes + 1)]
+        plan = Plan(tuple(specs), self.bn)
+        outputs = FusedDartsSequence.apply(
+            plan, x_proj, h, w_h, mask_h, *self.node_weights, *act_w, *gammas
+        )
+        return outputs, outputs[-1]
+
     def forward(
         self, x: Tensor, h0: Tensor | None = None, weights: list[Tensor] | None = None
     ) -> tuple[Tensor, Tensor]:
         steps, batch, _ = x.shape
         d = self.hidden_size
         probs = self.mixing_weights() if weights is None else weights
+        if self._can_fuse(batch, probs):
+            return self._fused_forward(x, h0, probs)
+        sampled = sampled_scales(probs) if isinstance(probs, SampledMixing) else None
+        own_stats = sampled is not None and not self.training and self.bn is not None
+        norm = self._norm_batch_stats if own_stats else self._norm
         # Per node: activation weights shaped (n_act, i, 1, 1), hoisted out of the time loop.
         act_w = [p.index_select(1, self._act_cols).T[..., None, None] for p in probs]
         mask_x = variational_mask(batch, self.input_size, self.dropout_x, x, self.training)
@@ -126,15 +223,18 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
         outputs = []
         for t in range(steps):
             c0, g0 = (x_proj[t] + (h if mask_h is None else h * mask_h) @ w_h).chunk(2, dim=-1)
-            s0 = self._norm(torch.lerp(h, torch.tanh(g0), torch.sigmoid(c0)))
+            s0 = norm(torch.lerp(h, torch.tanh(g0), torch.sigmoid(c0)))
             states = [s0]
             masked = states if mask_h is None else [s0 * mask_h]
             for i, w_node in enumerate(self.node_weights, start=1):
                 if i in self.fixed:
                     s = self._fixed_node(self.fixed[i], w_node, states, masked)
+                elif sampled is not None and sampled[i - 1] is not None:
+                    choice = probs.choices[i - 1]
+                    s = self._sampled_node(choice, sampled[i - 1], w_node, states, masked)
                 else:
                     s = self._mixed_node(w_node, states, masked, act_w[i - 1])
-                s = self._norm(s)
+                s = norm(s)
                 gamma = self.gammas.get(str(i))
                 if gamma is not None:
                     s = combine_nodes(states[1:], self.output) + gamma * s
@@ -158,6 +258,16 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
         best_p, best_k = p[:, candidates].max(dim=1)
         j = int(best_p.argmax())
         return Node(self.op_names[candidates[int(best_k[j])]], (j,), str(i) in self.gammas)
+
+    def op_cost(self, op: str) -> tuple[int, int]:
+        """(parameters, FLOPs per sample and time step) ``op`` adds to a derived node.
+
+        Every activation uses the node's whole ``W_i`` (``d × 2d``): ``2d²`` parameters, a matmul
+        of ``4d²`` FLOPs, and about ``6d`` elementwise FLOPs (sigmoid gate, activation, lerp);
+        ``none`` costs nothing.
+        """
+        d = self.hidden_size
+        return (0, 0) if op == "none" else (2 * d * d, 4 * d * d + 6 * d)
 
     def widen(self, widening: Widening) -> None:
         """Widen the hidden state in place, function-preserving (see ``Widening``).
@@ -204,7 +314,12 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
         pruned = []
         for i, p in enumerate(self.mixing_weights(), start=1):
             if i not in self.fixed:
-                self.fixed[i] = self._choose(i, p)
-                self.arch[i - 1].requires_grad_(False).grad = None
+                self.fix(i, self._choose(i, p))
                 pruned.append(i)
         return pruned
+
+    @torch.no_grad()
+    def fix(self, i: int, node: Node) -> None:
+        """Fix searched node ``i`` to ``node`` (pruning, or rebuilding a pruned cell on resume)."""
+        self.fixed[i] = node
+        self.arch[i - 1].requires_grad_(False).grad = None

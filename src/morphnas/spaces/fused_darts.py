@@ -1,0 +1,376 @@
+"""A hand-written forward and backward for a whole sequence of the DARTS search cell.
+
+Why: at the sizes a search runs at on a CPU, the eager cell is bound by the *number* of ATen ops
+(about 1,900 per time step with autograd's bookkeeping, ~5 µs each), not by its FLOPs
+(docs/benchmarks.md). Here the forward runs without autograd recording, writes every state into
+preallocated buffers (no ``stack``/``cat``), and one ``backward`` walks the sequence in reverse
+with one kernel per formula (``tanh_backward``, ``native_batch_norm_backward``, one ``bmm`` for
+each reduction over the activations): about a fifth of the ops, and no graph.
+
+The cell (spec/morphism.md §2.1), per time step, with ``m`` the ``dropout_h`` mask (or 1):
+
+* init node: ``[c₀ | g₀] = x̂_t + (m ⊙ h) W_h``, ``s₀ = BN(h + σ(c₀) ⊙ (tanh(g₀) − h))``;
+* node ``i`` over its predecessors ``j`` (all of ``0..i−1`` when mixed, the chosen one when
+  fixed), with activation weights ``w_jk`` and ``W_j = Σ_k w_jk``:
+  ``[c | g]_j = (m ⊙ s_j) W_i``, ``F_j = Σ_k w_jk f_k(g_j)``,
+  ``r_i = Σ_j W_j s_j + σ(c_j) ⊙ (F_j − W_j s_j)``, ``y_i = BN(r_i)``;
+  ``s_i = y_i``, or for a grown residual node ``s_i = mean(s_1..s_{i−1}) + γ_i ⊙ y_i``;
+* ``h_t = mean(s_1..s_N)``.
+
+BatchNorm (no affine) is ``aten.native_batch_norm``, the kernel ``nn.BatchNorm1d`` itself calls,
+on the module's own running buffers, so running statistics follow the same updates in the same
+order. Differentiable once: a backward with ``create_graph=True`` raises (rather than return
+gradients missing the kernel's part), so second-order methods use the eager path
+(``fused=False``), which ``DartsRNNSearchCell`` also picks by itself under ``torch.func``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
+
+from morphnas.spaces.fused_ops import (
+    activation_backward_into,
+    activation_into,
+    aten,
+    sigmoid_backward_into,
+    tanh_backward_into,
+    tanh_into,
+)
+
+DOUBLE_BACKWARD = (
+    "the fused DARTS kernel is differentiable once (create_graph=True was asked); build the "
+    "space with fused=False for higher-order gradients"
+)
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One node: its predecessors ``start..stop−1`` (state 0 is the init node), the activations
+    blended on each edge (columns of its activation weights) and whether it is residual."""
+
+    start: int
+    stop: int
+    acts: tuple[str, ...]
+    residual: bool
+
+    @property
+    def edges(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """What the kernel needs besides tensors: the nodes and the BatchNorm (``None``: none)."""
+
+    nodes: tuple[NodeSpec, ...]
+    bn: nn.BatchNorm1d | None
+
+
+def transforms_active() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vjp``, ``jvp``, ``vmap``) is running: the
+    kernel is differentiable once and has no ``setup_context``, so callers fall back to eager."""
+    return bool(torch._C._are_functorch_transforms_active())
+
+
+def supports_batchnorm(bn: nn.BatchNorm1d | None, batch: int) -> bool:
+    """Whether the kernel reproduces ``bn``: running statistics with a fixed momentum, no
+    affine, and more than one sample when it normalises by batch statistics."""
+    if bn is None:
+        return True
+    return (
+        bn.track_running_stats
+        and bn.momentum is not None
+        and not bn.affine
+        and (not bn.training or batch > 1)
+    )
+
+
+class _Norm:
+    """BatchNorm (no affine) of state ``k`` at step ``t``, as ``nn.BatchNorm1d`` computes it.
+
+    Training: ``torch.native_batch_norm`` (the kernel ``F.batch_norm`` calls) on the module's own
+    running buffers, keeping the raw input, mean and inverse std for the backward. Evaluation:
+    the running statistics. ``None``: the identity. Per-step views are made once (``unbind``),
+    because at these sizes making a view costs about as much as a small kernel.
+    """
+
+    def __init__(self, bn: nn.BatchNorm1d | None, like: Tensor, states: int) -> None:
+        self.bn = bn
+        if bn is None:
+            return
+        steps, batch, d = like.shape[0], like.shape[1], like.shape[2] // 2
+        self.pre = [row.unbind(0) for row in like.new_empty(steps, states, batch, d).unbind(0)]
+        if bn.training:
+            stats = like.new_empty(2, steps, states, d)
+            self.mean = [row.unbind(0) for row in stats[0].unbind(0)]
+            self.invstd = [row.unbind(0) for row in stats[1].unbind(0)]
+        else:
+            assert bn.running_var is not None
+            self.scale = torch.rsqrt(bn.running_var + bn.eps)
+
+    def raw(self, t: int, k: int, out: Tensor) -> Tensor:
+        """Where the raw (pre-BN) state goes: ``out`` itself without BatchNorm."""
+        return out if self.bn is None else self.pre[t][k]
+
+    def forward(self, t: int, k: int, out: Tensor) -> None:
+        bn = self.bn
+        if bn is None:
+            return
+        if bn.training:
+            torch.native_batch_norm(
+                self.pre[t][k],
+                None,
+                None,
+                bn.running_mean,
+                bn.running_var,
+                True,
+                bn.momentum,  # type: ignore[arg-type]  # checked by supports_batchnorm
+                bn.eps,
+                out=(out, self.mean[t][k], self.invstd[t][k]),
+            )
+        else:
+            torch.sub(self.pre[t][k], bn.running_mean, out=out).mul_(self.scale)
+
+    def backward(self, t: int, k: int, grad: Tensor) -> Tensor:
+        bn = self.bn
+        if bn is None:
+            return grad
+        if not bn.training:
+            return grad * self.scale
+        return aten.native_batch_norm_backward.default(
+            grad,
+            self.pre[t][k],
+            None,
+            bn.running_mean,
+            bn.running_var,
+            self.mean[t][k],
+            self.invstd[t][k],
+            True,
+            bn.eps,
+            [True, False, False],
+        )[0]
+
+
+class _Node:
+    """One node's buffers over the sequence and their per-step views.
+
+    ``z``: ``[σ(c) | g]`` per edge; ``acts``: ``f_k(g)`` per edge and activation; ``blend``:
+    ``F − W s`` per edge; ``normed``: the BN output of a residual node (before ``γ``).
+    """
+
+    def __init__(self, spec: NodeSpec, i: int, states: Tensor, masked: Tensor) -> None:
+        steps, _, batch, d = states.shape
+        m, n_acts = spec.edges, len(spec.acts)
+        self.spec, self.index, self.m, self.n_acts = spec, i, m, n_acts
+        new = states.new_empty
+        self.z = new(steps, m, batch, 2 * d)
+        self.acts = new(steps, m, n_acts, batch, d)
+        self.blend = new(steps, m, batch, d).unbind(0)
+        self.z2d = self.z.view(steps, m * batch, 2 * d).unbind(0)
+        self.c, self.g = self.z[..., :d].unbind(0), self.z[..., d:].unbind(0)
+        self.act_k = [self.acts[:, :, k].unbind(0) for k in range(n_acts)]
+        self.acts3 = self.acts.view(steps, m, n_acts, batch * d).unbind(0)
+        self.inputs = masked[:, spec.start : spec.stop].reshape(steps, m * batch, d).unbind(0)
+        self.prev = states[:, spec.start : spec.stop].unbind(0)
+        self.state = states[:, i + 1].unbind(0)
+        self.masked = masked[:, i + 1].unbind(0)
+        self.base = states[:, 1 : i + 1].unbind(0)
+        self.normed = new(steps, batch, d).unbind(0) if spec.residual else self.state
+        self.mixed = new(m, 1, batch * d)
+        self.mixed3 = self.mixed.view(m, batch, d)
+
+
+class FusedDartsSequence(torch.autograd.Function):
+    """``outputs = cell(x̂, h0)`` over a whole sequence; see the module docstring.
+
+    Inputs: ``plan``; ``x_proj`` ``(T, B, 2d)``, the input half of the init projection (already
+    masked and multiplied, outside, where autograd handles it); ``h0`` ``(B, d)``; ``w_h``
+    ``(d, 2d)``; ``mask_h`` ``(B, d)`` or ``None``; then per node its weight ``(d, 2d)``, per node
+    its activation weights ``(edges, len(acts))``, per node its ``γ`` ``(d,)`` or ``None``.
+    Output: ``(T, B, d)``, the ``h_t``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx,
+        plan: Plan,
+        x_proj: Tensor,
+        h0: Tensor,
+        w_h: Tensor,
+        mask_h: Tensor | None,
+        *per_node: Tensor | None,
+    ) -> Tensor:
+        n = len(plan.nodes)
+        weights, act_w, gammas = per_node[:n], per_node[n : 2 * n], per_node[2 * n :]
+        steps, batch, two_d = x_proj.shape
+        d = two_d // 2
+        states = x_proj.new_empty(steps, n + 1, batch, d)  # s_0..s_N (after BN and residual)
+        masked = states if mask_h is None else torch.empty_like(states)
+        hs = x_proj.new_empty(steps + 1, batch, d)  # h_{t-1} of every step, then the last h
+        init = x_proj.new_empty(steps, batch, two_d)  # [σ(c₀) | tanh(g₀)]
+        norm = _Norm(plan.bn, x_proj, n + 1)
+        nodes = [_Node(spec, i, states, masked) for i, spec in enumerate(plan.nodes)]
+        one = x_proj.new_ones(())
+        edge_sums = [w.sum(1).view(-1, 1, 1) for w in act_w if w is not None]
+        mix_w = [w.unsqueeze(1) for w in act_w if w is not None]
+        h_t, xp_t, init_t = hs.unbind(0), x_proj.unbind(0), init.unbind(0)
+        c0_t, g0_t = init[..., :d].unbind(0), init[..., d:].unbind(0)
+        s0_t, ms0_t, tail_t = (
+            states[:, 0].unbind(0),
+            masked[:, 0].unbind(0),
+            states[:, 1:].unbind(0),
+        )
+        h_t[0].copy_(h0)
+        for t in range(steps):
+            h = h_t[t]
+            torch.addmm(xp_t[t], h if mask_h is None else h * mask_h, w_h, out=init_t[t])
+            c0_t[t].sigmoid_()
+            tanh_into(g0_t[t], g0_t[t], one)
+            torch.lerp(h, g0_t[t], c0_t[t], out=norm.raw(t, 0, s0_t[t]))
+            norm.forward(t, 0, s0_t[t])
+            if mask_h is not None:
+                torch.mul(s0_t[t], mask_h, out=ms0_t[t])
+            for i, node in enumerate(nodes):
+                torch.mm(node.inputs[t], weights[i], out=node.z2d[t])  # type: ignore[arg-type]
+                node.c[t].sigmoid_()
+                for k, name in enumerate(node.spec.acts):
+                    activation_into(name, node.g[t], node.act_k[k][t], one)
+                torch.bmm(mix_w[i], node.acts3[t], out=node.mixed)
+                carried = node.prev[t] * edge_sums[i]
+                torch.sub(node.mixed3, carried, out=node.blend[t])
+                raw = norm.raw(t, i + 1, node.normed[t])
+                torch.sum(carried.addcmul_(node.c[t], node.blend[t]), 0, out=raw)
+                norm.forward(t, i + 1, node.normed[t])
+                if node.spec.residual:
+                    base = node.base[t].mean(0)
+                    torch.addcmul(base, gammas[i], node.normed[t], out=node.state[t])  # type: ignore[arg-type]
+                if mask_h is not None:
+                    torch.mul(node.state[t], mask_h, out=node.masked[t])
+            torch.mean(tail_t[t], 0, out=h_t[t + 1])
+        if plan.bn is not None and plan.bn.training:
+            assert plan.bn.num_batches_tracked is not None
+            plan.bn.num_batches_tracked.add_(steps * (n + 1))
+        ctx.plan, ctx.norm, ctx.nodes = plan, norm, nodes  # type: ignore[attr-defined]
+        ctx.states, ctx.hs, ctx.init = states, hs, init  # type: ignore[attr-defined]
+        ctx.save_for_backward(w_h, mask_h, *per_node)
+        return hs[1:].clone()
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True: a silently partial graph would be wrong
+            raise RuntimeError(DOUBLE_BACKWARD)
+        plan: Plan = ctx.plan  # type: ignore[attr-defined]
+        norm: _Norm = ctx.norm  # type: ignore[attr-defined]
+        nodes: list[_Node] = ctx.nodes  # type: ignore[attr-defined]
+        states: Tensor = ctx.states  # type: ignore[attr-defined]
+        hs: Tensor = ctx.hs  # type: ignore[attr-defined]
+        init: Tensor = ctx.init  # type: ignore[attr-defined]
+        w_h, mask_h, *per_node = ctx.saved_tensors  # type: ignore[attr-defined]
+        n = len(plan.nodes)
+        weights, act_w, gammas = per_node[:n], per_node[n : 2 * n], per_node[2 * n :]
+        steps, _, batch, d = states.shape
+        new = grad_out.new_empty
+        edge_sums = [w.sum(1).view(-1, 1, 1) for w in act_w]
+        mix_w = [w.unsqueeze(1) for w in act_w]
+        weights_t = [w.T for w in weights]
+        d_init = new(steps, batch, 2 * d)
+        d_init_t, d_c0_t, d_g0_t = (
+            d_init.unbind(0),
+            d_init[..., :d].unbind(0),
+            d_init[..., d:].unbind(0),
+        )
+        d_weights = [torch.zeros_like(w) for w in weights]
+        d_mixed = [new(steps, node.m, batch, d) for node in nodes]  # dF, for the arch gradient
+        d_carried = [new(steps, node.m, batch, d) for node in nodes]  # d(W s)
+        d_mixed_t = [buf.unbind(0) for buf in d_mixed]
+        d_carried_t = [buf.unbind(0) for buf in d_carried]
+        d_gammas = {i: new(steps, d) for i, node in enumerate(nodes) if node.spec.residual}
+        d_gammas_t = {i: buf.unbind(0) for i, buf in d_gammas.items()}
+        d_states = new(n + 1, batch, d)
+        rows = d_states.unbind(0)
+        grad_scaled = (grad_out / n).unbind(0)
+        carry = grad_out.new_zeros(batch, d)
+        scratch = [_Scratch(node, d_states) for node in nodes]
+        c0_t, g0_t, h_t = init[..., :d].unbind(0), init[..., d:].unbind(0), hs.unbind(0)
+        for t in reversed(range(steps)):
+            torch.add(grad_scaled[t], carry, alpha=1.0 / n, out=rows[1])
+            d_states[2:].copy_(rows[1].expand(n - 1, batch, d))
+            rows[0].zero_()
+            for i in reversed(range(n)):
+                node, work = nodes[i], scratch[i]
+                d_state = rows[i + 1]
+                if node.spec.residual:
+                    torch.sum(d_state * node.normed[t], 0, out=d_gammas_t[i][t])
+                    if i > 0:
+                        work.d_base.add_(d_state, alpha=1.0 / i)
+                    d_state = d_state * gammas[i]
+                d_raw = norm.backward(t, i + 1, d_state)
+                d_f = torch.mul(node.c[t], d_raw, out=d_mixed_t[i][t])
+                sigmoid_backward_into(node.blend[t] * d_raw, node.c[t], work.dzc)
+                for k, name in enumerate(node.spec.acts):
+                    activation_backward_into(name, d_f, node.act_k[k][t], node.g[t], work.da_k[k])
+                torch.bmm(mix_w[i], work.da3, out=work.dg)
+                work.dzg.copy_(work.dg3)
+                d_c = torch.sub(d_raw, d_f, out=d_carried_t[i][t])
+                work.d_prev.addcmul_(d_c, edge_sums[i])
+                d_weights[i].addmm_(node.inputs[t].T, work.dz2d)
+                torch.mm(work.dz2d, weights_t[i], out=work.d_in2d)
+                if mask_h is None:
+                    work.d_prev.add_(work.d_in)
+                else:
+                    work.d_prev.addcmul_(work.d_in, mask_h)
+            d_raw = norm.backward(t, 0, rows[0])
+            c0, g0 = c0_t[t], g0_t[t]
+            d_g0 = d_raw * c0
+            tanh_backward_into(d_g0, g0, d_g0_t[t])
+            sigmoid_backward_into(d_raw * (g0 - h_t[t]), c0, d_c0_t[t])
+            carry = d_raw - d_g0
+            d_h_in = torch.mm(d_init_t[t], w_h.T)
+            if mask_h is None:
+                carry.add_(d_h_in)
+            else:
+                carry.addcmul_(d_h_in, mask_h)
+        h_in = hs[:steps] if mask_h is None else hs[:steps] * mask_h
+        d_w_h = h_in.reshape(steps * batch, d).T @ d_init.view(steps * batch, 2 * d)
+        d_act_w = [
+            _activation_weight_grad(node, d_mixed[i], d_carried[i], states)
+            for i, node in enumerate(nodes)
+        ]
+        d_gamma = [d_gammas[i].sum(0) if i in d_gammas else None for i in range(n)]
+        return None, d_init, carry, d_w_h, None, *d_weights, *d_act_w, *d_gamma
+
+
+class _Scratch:
+    """One node's backward work buffers, reused at every step."""
+
+    def __init__(self, node: _Node, d_states: Tensor) -> None:
+        m, n_acts, (_, batch, d) = node.m, node.n_acts, d_states.shape
+        new = d_states.new_empty
+        self.dz = new(m, batch, 2 * d)
+        self.dz2d = self.dz.view(m * batch, 2 * d)
+        self.dzc, self.dzg = self.dz[..., :d], self.dz[..., d:]
+        self.da = new(m, n_acts, batch, d)
+        self.da_k = self.da.unbind(1)
+        self.da3 = self.da.view(m, n_acts, batch * d)
+        self.dg = new(m, 1, batch * d)
+        self.dg3 = self.dg.view(m, batch, d)
+        self.d_in = new(m, batch, d)
+        self.d_in2d = self.d_in.view(m * batch, d)
+        self.d_prev = d_states[node.spec.start : node.spec.stop]
+        self.d_base = d_states[1 : node.index + 1]  # a residual node's base: s_1..s_{i-1}
+
+
+def _activation_weight_grad(
+    node: _Node, d_mixed: Tensor, d_carried: Tensor, states: Tensor
+) -> Tensor:
+    """``∂L/∂w_jk = Σ ⟨dF_j, f_k(g_j)⟩ + Σ ⟨d(W_j s_j), s_j⟩`` over steps, batch and units,
+    reduced once per sequence rather than once per step."""
+    spec = node.spec
+    prev = states[:, spec.start : spec.stop]
+    per_edge = (d_carried * prev).sum((0, 2, 3))
+    per_act = [(node.acts[:, :, k] * d_mixed).sum((0, 2, 3)) for k in range(node.n_acts)]
+    return torch.stack(per_act, 1) + per_edge.unsqueeze(1)
