@@ -15,7 +15,7 @@ Every method in spec/methods.md needs the same few derivative products, so they 
 * ``exact``        — the same implicit gradient with a dense Hessian and a direct solve (tests and
   toy problems only: it costs O(n²) memory in the number of weights).
 
-Why torch.func: all products (Hessian–vector by forward-over-reverse ``jvp``, mixed products by
+Why torch.func: all products (Hessian–vector by reverse-over-reverse ``vjp``, mixed products by
 ``vjp`` of the weight gradient) are computed on *functional* weights, so nothing is perturbed in
 place.  Public ports of DARTS perturb ``w`` in place (+εv, −2εv, +εv; quark0/darts#52) and leave
 floating-point drift behind; here the caller's tensors are never written: they stay bit-identical.
@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.func import grad, hessian, jvp, vjp
+from torch.func import grad, hessian, vjp
 
 __all__ = ["HVP_MODES", "METHODS", "hypergradient"]
 
@@ -87,8 +87,15 @@ def _grad_a(loss: Loss, weights: Tensors, arch: Tensors) -> Tensors:
 
 
 def _hvp(loss: Loss, weights: Tensors, arch: Tensors, v: Tensors) -> Tensors:
-    """``∇²_{ww} loss · v`` by forward-over-reverse (one jvp of the weight gradient)."""
-    _, out = jvp(lambda w: _grad_w(loss, w, arch), (weights,), (v,))
+    """``∇²_{ww} loss · v`` by reverse-over-reverse (a vjp of the weight gradient; H = Hᵀ).
+
+    Not forward-over-reverse (``jvp``): in torch 2.13 the forward-mode formula of
+    ``mse_loss``'s backward writes into the zero tangent of a target that has none ("ZeroTensors
+    are immutable"), so a task using ``nn.MSELoss`` could not be differentiated. Every op with
+    a double backward works here, the same requirement as the exact mixed product.
+    """
+    _, pull = vjp(lambda w: _grad_w(loss, w, arch), weights)
+    (out,) = pull(v)
     return out
 
 

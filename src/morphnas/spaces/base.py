@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 from morphnas.genotype import Genotype, Node
 
+Transform = Callable[[Tensor], Tensor]
+
 
 @runtime_checkable
 class SearchSpace(Protocol):
@@ -18,16 +20,24 @@ class SearchSpace(Protocol):
 
     A strategy never looks inside a space: it reads ``arch_parameters()``, turns them into mixing
     weights (one tensor per node, the last axis over the space's ``op_names``), and passes those to
-    ``forward``. ``derive()`` discretises the current architecture parameters.
+    ``forward``. ``derive()`` discretises the current architecture parameters. ``read_out`` is the
+    map from ``α`` to the probabilities that ``derive``, ``prune`` and the logs read (a softmax per
+    row unless the strategy sets another, e.g. one categorical over a whole node). ``op_cost``
+    gives the parameters and FLOPs (per sample and time step) one op adds to a derived node, for
+    resource penalties. A ``SampledMixing`` passed as ``weights`` runs only the sampled op of every
+    node (GDAS, random search).
     """
 
     op_names: tuple[str, ...]
+    read_out: Callable[[Tensor], Tensor]
+    arch: nn.ParameterList  # every node's α, searched or fixed (mixing weights follow this order)
+    fixed: dict[int, Node]  # nodes no longer searched (1-based), see ArchitectureMixin
 
     def arch_parameters(self) -> list[nn.Parameter]: ...
 
     def weight_parameters(self) -> list[nn.Parameter]: ...
 
-    def mixing_weights(self, transform: Callable[[Tensor], Tensor] = ...) -> list[Tensor]: ...
+    def mixing_weights(self, transform: Transform | None = ...) -> list[Tensor]: ...
 
     def forward(
         self, x: Tensor, h0: Tensor | None = None, weights: list[Tensor] | None = None
@@ -35,8 +45,7 @@ class SearchSpace(Protocol):
 
     def derive(self) -> Genotype: ...
 
-
-Transform = Callable[[Tensor], Tensor]
+    def op_cost(self, op: str) -> tuple[int, int]: ...
 
 
 def softmax_last(alpha: Tensor) -> Tensor:
@@ -62,9 +71,14 @@ class ArchitectureMixin:
         arch_ids = {id(p) for p in self.arch}
         return [p for p in self.parameters() if id(p) not in arch_ids]  # type: ignore[attr-defined]
 
-    def mixing_weights(self, transform: Transform = softmax_last) -> list[Tensor]:
-        """One tensor per node: ``transform(α)`` (DARTS: a softmax over the ops of every node or
-        edge row) for searched nodes, the one-hot of the chosen op for fixed nodes."""
+    # How derive/prune/logs read α (a strategy may replace it on its space; see SearchSpace).
+    read_out: Transform = staticmethod(softmax_last)
+
+    def mixing_weights(self, transform: Transform | None = None) -> list[Tensor]:
+        """One tensor per node: ``transform(α)`` (default ``read_out``; DARTS: a softmax over the
+        ops of every node or edge row) for searched nodes, the one-hot of the chosen op for fixed
+        nodes."""
+        transform = transform or self.read_out
         return [
             self._one_hot(i) if i in self.fixed else transform(alpha)
             for i, alpha in enumerate(self.arch, start=1)
@@ -95,6 +109,54 @@ class ArchitectureMixin:
     def mixed_nodes(self) -> list[int]:
         """1-based indices of the nodes still being searched."""
         return [i for i in range(1, len(self.arch) + 1) if i not in self.fixed]
+
+
+def joint_softmax(alpha: Tensor) -> Tensor:
+    """One categorical over *all* entries of a node's ``α``, shaped like ``α``.
+
+    For ``darts_rnn`` that is a distribution over every (predecessor, op) pair: the one edge a
+    node keeps, which is what a sampling strategy draws."""
+    return torch.softmax(alpha.reshape(-1), dim=0).reshape(alpha.shape)
+
+
+class SampledMixing(list):
+    """Mixing weights of one hard sample: a space that receives it runs only the sampled op.
+
+    The list holds, per node, a tensor shaped like that node's ``α`` whose value is one-hot
+    (a straight-through sample: value 1 at the choice, gradient to ``α`` through all entries);
+    ``choices[i]`` is the flat index of node ``i+1``'s hot entry (``None`` for fixed nodes, which
+    run their own op anyway). The node computes ``w[c] · op_c(inputs) + Σ_{k≠c} w[k]``: the value
+    of the chosen op alone, while every ``w[k]`` still gets a gradient (GDAS's trick of adding the
+    unsampled weights as constants, D-X-Y/AutoDL-Projects#36). Choices are host integers, read
+    once per sample, so the time loop has no host synchronisation.
+    """
+
+    def __init__(self, weights: Iterable[Tensor], choices: Iterable[int | None]) -> None:
+        super().__init__(weights)
+        self.choices: list[int | None] = list(choices)
+        if len(self.choices) != len(self):
+            raise ValueError("SampledMixing needs one choice per node")
+
+    def detach(self) -> SampledMixing:
+        """The same sample as constants (the weight step must not move ``α``)."""
+        return SampledMixing([w.detach() for w in self], self.choices)
+
+
+def sampled_scales(weights: SampledMixing) -> list[tuple[Tensor, Tensor] | None]:
+    """Per node, ``(w[c], Σ_{k≠c} w[k])`` of a ``SampledMixing`` (hoisted out of the time loop).
+
+    The rest is a sum of exact zeros in value, so the node's value is the chosen op's alone.
+    """
+    scales: list[tuple[Tensor, Tensor] | None] = []
+    for w, c in zip(weights, weights.choices, strict=True):
+        if c is None:
+            scales.append(None)
+            continue
+        flat = w.reshape(-1)
+        keep = torch.ones_like(flat)
+        keep[c] = 0.0
+        scales.append((flat[c], (flat * keep).sum()))
+    return scales
 
 
 def combine_nodes(node_states: list[Tensor], output: str) -> Tensor:

@@ -29,11 +29,13 @@ from morphnas.genotype import OUTPUT_ACTIVATIONS, OUTPUTS, TWO_INPUT_OPS, Node
 from morphnas.ops import ACTIVATIONS, ADD_OPS, apply_two_input
 from morphnas.spaces.base import (
     ArchitectureMixin,
+    SampledMixing,
     Widening,
     check_dropout,
     combine_nodes,
     new_alpha,
     parameter_like,
+    sampled_scales,
     uniform_parameter,
     variational_mask,
 )
@@ -190,6 +192,7 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
     ) -> tuple[Tensor, Tensor]:
         steps, batch, _ = x.shape
         probs = self.mixing_weights() if weights is None else weights
+        sampled = sampled_scales(probs) if isinstance(probs, SampledMixing) else None
         mask_x = variational_mask(batch, self.input_size, self.dropout_x, x, self.training)
         mask_h = variational_mask(batch, self.hidden_size, self.dropout_h, x, self.training)
         u_all = (x if mask_x is None else x * mask_x) @ self.input_weight  # hoisted
@@ -207,6 +210,8 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
                 a, b = (states[j] for j in node_inputs(i, self.wiring))
                 if isinstance(node, FixedNodeWeights):
                     s = apply_two_input(node.op, node.weight, a, b)
+                elif sampled is not None and sampled[i - 1] is not None:
+                    s = self._sampled(probs.choices[i - 1], sampled[i - 1], node, a, b)
                 else:
                     s = self._mixed(plans[i - 1], a, b)
                 s = self.bn(s) if self.bn is not None else s
@@ -218,6 +223,33 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
             h = self._squash(combine_nodes(node_states, self.output))
             outputs.append(h)
         return torch.stack(outputs), h
+
+    def _sampled(
+        self,
+        choice: int,
+        scales: tuple[Tensor, Tensor],
+        node: TwoInputNodeWeights,
+        a: Tensor,
+        b: Tensor,
+    ) -> Tensor:
+        """Only the sampled op runs (with only its own weight slice), scaled by its
+        straight-through weight (see ``SampledMixing``)."""
+        op = self.op_names[choice]
+        return scales[0] * apply_two_input(op, self._op_weight(node, op), a, b) + scales[1]
+
+    def op_cost(self, op: str) -> tuple[int, int]:
+        """(parameters, FLOPs per sample and time step) ``op`` adds to a derived node.
+
+        ``add_*``: its own ``[A; B]`` (``2d × d``), a ``4d²`` matmul and ``2d`` elementwise;
+        ``highway``: ``[C, H]`` (``d × 2d``), a ``4d²`` matmul and about ``6d`` elementwise;
+        ``hadamard``/``add``: ``d`` FLOPs and no parameters; ``none``: nothing.
+        """
+        d = self.hidden_size
+        if op in ADD_OPS:
+            return 2 * d * d, 4 * d * d + 2 * d
+        if op == "highway":
+            return 2 * d * d, 4 * d * d + 6 * d
+        return (0, d) if op in ("hadamard", "add") else (0, 0)
 
     def _one_hot(self, i: int) -> Tensor:
         hot = torch.zeros_like(self.arch[i - 1])
@@ -306,10 +338,14 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         for i, p in enumerate(self.mixing_weights(), start=1):
             if i in self.fixed:
                 continue
-            node = self._choose(i, p)
-            weights = self.node_weights[i - 1]
-            self.node_weights[i - 1] = FixedNodeWeights(node.op, self._op_weight(weights, node.op))
-            self.fixed[i] = node
-            self.arch[i - 1].requires_grad_(False).grad = None
+            self.fix(i, self._choose(i, p))
             pruned.append(i)
         return pruned
+
+    @torch.no_grad()
+    def fix(self, i: int, node: Node) -> None:
+        """Fix searched node ``i`` to ``node`` (pruning, or rebuilding a pruned cell on resume)."""
+        weights = self.node_weights[i - 1]
+        self.node_weights[i - 1] = FixedNodeWeights(node.op, self._op_weight(weights, node.op))
+        self.fixed[i] = node
+        self.arch[i - 1].requires_grad_(False).grad = None

@@ -1,46 +1,116 @@
-"""First-order DARTS (Liu et al. 2019): the architecture gradient is ∂L_val/∂α at fixed weights."""
+"""DARTS (Liu, Simonyan, Yang, ICLR 2019): softmax mixing, Adam on ``α`` with validation batches.
+
+* ``order=1``: ``∇_α L_val(w, α)`` at the current weights (ξ = 0).
+* ``order=2``: the unrolled gradient of ``morphnas.hypergrad`` with ξ = the weight learning rate:
+  ``∇_α L_val(w', α) − ξ ∇²_{α,w} L_train(w, α) ∇_{w'} L_val(w', α)``,
+  ``w' = w − ξ ∇_w L_train(w, α)``; the mixed product by the paper's central difference
+  (``hvp="finite"``, ε = 0.01/‖v‖) or exactly (``hvp="exact"``, double backward).
+
+Our virtual step is plain SGD with ξ, while our weights train with Adam: the DARTS code copies its
+own optimizer (momentum, weight decay) into the virtual step, but an Adam step is not a function
+whose derivative the paper's formula describes, so we keep the paper's SGD form (spec 1f).
+``perturb_unrolled=True`` reproduces the original code's bug of taking the mixed product around
+``w'`` instead of ``w`` (quark0/darts#21); never the default.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
+from torch.func import grad
 
-from morphnas.optim import rebuild_optimizer
+from morphnas.hypergrad import HVP_MODES, _inner_sgd, _mixed, hypergradient
 from morphnas.spaces.base import SearchSpace
-from morphnas.strategies.base import BatchLoss, Strategy
+from morphnas.strategies.base import BatchLoss, Objective, Strategy, draw_seed
 
 
-class DartsFirstOrder(Strategy):
-    """Adam on the architecture parameters with validation batches (DARTS RNN: lr 3e-3, wd 1e-3).
+def require_objective(objective: Objective | BatchLoss, who: str) -> Objective:
+    """Bilevel methods need the loss as a function of the weights, not a bare closure."""
+    if not isinstance(objective, Objective):
+        raise TypeError(f"{who} needs an Objective (model, loss, weights), not a bare loss closure")
+    return objective
 
-    Only the architecture gradient is computed (``torch.autograd.grad`` on ``α``), so the weights'
-    ``.grad`` fields are never touched by the architecture step.
+
+class Darts(Strategy):
+    """DARTS first or second order on a recurrent supernet (RNN search: Adam lr 3e-3, wd 1e-3).
+
+    Only ``α`` gets gradients (``autograd.grad`` or ``hypergrad``), so the arch step never writes
+    the weights or their ``.grad``.
     """
 
     name = "darts"
 
-    def __init__(self, space: SearchSpace, lr: float = 3e-3, weight_decay: float = 1e-3) -> None:
-        super().__init__(space)
-        self.optimizer = torch.optim.Adam(space.arch_parameters(), lr=lr, weight_decay=weight_decay)
+    def __init__(
+        self,
+        space: SearchSpace,
+        *,
+        order: int = 1,
+        hvp: str = "finite",
+        eps: float | None = None,
+        perturb_unrolled: bool = False,
+        **common: Any,
+    ) -> None:
+        super().__init__(space, **common)
+        if order not in (1, 2):
+            raise ValueError(f"order must be 1 or 2, got {order!r}")
+        if hvp not in HVP_MODES:
+            raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
+        if eps is not None and not eps > 0:
+            raise ValueError(f"eps must be > 0 or None, got {eps!r}")
+        self.order, self.hvp, self.eps = order, hvp, eps
+        self.perturb_unrolled = perturb_unrolled
 
-    def on_space_change(self) -> None:
-        """New nodes' ``α`` get fresh Adam state; surviving ones keep theirs exactly."""
-        self.optimizer = rebuild_optimizer(self.optimizer, self.space.arch_parameters())
+    def arch_step(
+        self, objective: Objective | BatchLoss, train_batch: Any, valid_batch: Any
+    ) -> Tensor:
+        if self.order == 1:
+            return self._first_order_step(objective, valid_batch)
+        objective = require_objective(objective, "DARTS second order")
+        arch = tuple(self.space.arch_parameters())
+        weights = tuple(objective.weights)
+        seed = draw_seed()
 
-    def arch_step(self, loss: BatchLoss, train_batch: Any, valid_batch: Any) -> Tensor:
-        del train_batch  # first order: the weights are taken as they are
-        params = self.space.arch_parameters()
-        value = loss(valid_batch, self.space.mixing_weights())
-        grads = torch.autograd.grad(value, params)
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g
-        self.optimizer.step()
-        return value.detach()
+        def mixing() -> list[Tensor]:
+            return self.space.mixing_weights(self.transform)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict()}
+        train_loss = objective.functional(train_batch, mixing, arch, seed)
+        val_loss = objective.functional(valid_batch, mixing, arch, seed)
+        if self.perturb_unrolled:
+            grads = _unrolled_around_virtual(
+                train_loss, val_loss, weights, arch, self.weight_lr, self.hvp, self.eps
+            )
+        else:
+            grads = hypergradient(
+                train_loss,
+                val_loss,
+                weights,
+                arch,
+                method="unrolled",
+                lr=self.weight_lr,
+                hvp=self.hvp,
+                eps=self.eps,
+            )
+        self._apply_hypergradient(grads)
+        return self._valid_value(objective, valid_batch)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+
+def _unrolled_around_virtual(
+    train_loss: Any,
+    val_loss: Any,
+    weights: tuple[Tensor, ...],
+    arch: tuple[Tensor, ...],
+    lr: float,
+    hvp: str,
+    eps: float | None,
+) -> tuple[Tensor, ...]:
+    """The original DARTS code's variant: the mixed product taken around ``w'`` (darts#21)."""
+    weights = tuple(w.detach() for w in weights)
+    arch = tuple(a.detach() for a in arch)
+    w_virtual = _inner_sgd(train_loss, weights, arch, lr, 1)
+    g_w, g_a = grad(val_loss, argnums=(0, 1))(w_virtual, arch)
+    mixed = _mixed(train_loss, w_virtual, arch, g_w, hvp, eps)
+    return tuple((a - lr * m).detach() for a, m in zip(g_a, mixed, strict=True))
+
+
+DartsFirstOrder = Darts  # the name the first version of the package exported
