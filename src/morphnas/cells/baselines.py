@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+RNNState = Tensor | tuple[Tensor, ...]
+
 BASELINES: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU}
 
 
@@ -22,3 +24,12 @@ class RecurrentBaseline(nn.Module):
             state = (h, h.new_zeros(h.shape)) if self.kind == "lstm" else h
         outputs, _ = self.rnn(x, state)
         return outputs, outputs[-1]
+
+    def forward_with_state(
+        self, x: Tensor, state: RNNState | None = None
+    ) -> tuple[Tensor, RNNState]:
+        """The outputs and PyTorch's own final state, ``(h, c)`` for an LSTM: a language model
+        carries it across BPTT windows, and dropping the LSTM's memory cell there would handicap
+        the baseline (``forward`` keeps the cells' one-tensor interface for forecasting)."""
+        outputs, final = self.rnn(x, state)
+        return outputs, final
