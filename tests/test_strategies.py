@@ -290,7 +290,7 @@ def test_proximity_pulls_towards_the_derived_cell():
     strategy = strategies.build("darts", space, proximity=100.0, lr=0.05)
     strategy.start_epoch(4, 4)
     best = [int(torch.softmax(a, -1).argmax()) for a in space.arch_parameters()]
-    top = [float(torch.softmax(a, -1).max()) for a in space.arch_parameters()]
+    top = [float(torch.softmax(a.detach(), -1).max()) for a in space.arch_parameters()]
     for _ in range(10):
         strategy.arch_step(objective, train, valid)
     after = [torch.softmax(a, -1) for a in space.arch_parameters()]

@@ -211,6 +211,17 @@ class Strategy(ABC):
     def mode(self) -> SampledMixing:
         """The most likely architecture (the derived one: best non-``none`` entry per node) as a
         hard sample, so scoring it runs only its ops."""
+
+        def best(alpha: Tensor) -> int:
+            none = none_mask(self.space, alpha)
+            scores = self.space.read_out(alpha.detach()).masked_fill(none, -math.inf)
+            return int(scores.reshape(-1).argmax())
+
+        return self.discrete_sample(best)
+
+    def discrete_sample(self, choose: Callable[[Tensor], int]) -> SampledMixing:
+        """One discrete architecture as a ``SampledMixing``: ``choose(α)`` gives each searched
+        node's flat entry; fixed nodes keep their own one-hot."""
         current = self.space.mixing_weights()
         weights, choices = [], []
         for i, alpha in enumerate(self.space.arch, start=1):
@@ -218,9 +229,7 @@ class Strategy(ABC):
                 weights.append(current[i - 1].detach())
                 choices.append(None)
                 continue
-            none = none_mask(self.space, alpha)
-            scores = self.space.read_out(alpha.detach()).masked_fill(none, -math.inf)
-            choice = int(scores.reshape(-1).argmax())
+            choice = choose(alpha)
             weights.append(one_hot_like(alpha, choice))
             choices.append(choice)
         return SampledMixing(weights, choices)
@@ -271,6 +280,21 @@ class Strategy(ABC):
             [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
         )
         return value.detach()
+
+    def _bilevel(
+        self, objective: Objective, train_batch: Any, valid_batch: Any
+    ) -> tuple[FunctionalLoss, FunctionalLoss, Tensors, Tensors]:
+        """The train and validation losses as pure functions of ``(weights, arch)`` for
+        ``hypergrad``, sharing one random seed (same dropout masks), and the current tensors."""
+        arch = tuple(self.space.arch_parameters())
+        seed = draw_seed()
+
+        def mixing() -> list[Tensor]:
+            return self.space.mixing_weights(self.transform)
+
+        train_loss = objective.functional(train_batch, mixing, arch, seed)
+        val_loss = objective.functional(valid_batch, mixing, arch, seed)
+        return train_loss, val_loss, tuple(objective.weights), arch
 
     def _apply_hypergradient(self, grads: Sequence[Tensor]) -> None:
         """Step ``α`` by a bilevel hypergradient plus the regularisers' own gradients."""

@@ -22,7 +22,7 @@ from torch.func import grad
 
 from morphnas.hypergrad import HVP_MODES, _inner_sgd, _mixed, hypergradient
 from morphnas.spaces.base import SearchSpace
-from morphnas.strategies.base import BatchLoss, Objective, Strategy, draw_seed
+from morphnas.strategies.base import BatchLoss, Objective, Strategy
 
 
 def require_objective(objective: Objective | BatchLoss, who: str) -> Objective:
@@ -67,15 +67,7 @@ class Darts(Strategy):
         if self.order == 1:
             return self._first_order_step(objective, valid_batch)
         objective = require_objective(objective, "DARTS second order")
-        arch = tuple(self.space.arch_parameters())
-        weights = tuple(objective.weights)
-        seed = draw_seed()
-
-        def mixing() -> list[Tensor]:
-            return self.space.mixing_weights(self.transform)
-
-        train_loss = objective.functional(train_batch, mixing, arch, seed)
-        val_loss = objective.functional(valid_batch, mixing, arch, seed)
+        train_loss, val_loss, weights, arch = self._bilevel(objective, train_batch, valid_batch)
         if self.perturb_unrolled:
             grads = _unrolled_around_virtual(
                 train_loss, val_loss, weights, arch, self.weight_lr, self.hvp, self.eps

@@ -26,7 +26,7 @@ from torch.func import grad
 
 from morphnas.hypergrad import HVP_MODES, _inner_sgd, _neumann, hypergradient
 from morphnas.spaces.base import SearchSpace
-from morphnas.strategies.base import BatchLoss, Objective, Strategy, draw_seed
+from morphnas.strategies.base import BatchLoss, Objective, Strategy
 from morphnas.strategies.darts import require_objective
 
 
@@ -66,15 +66,7 @@ class IDarts(Strategy):
         self, objective: Objective | BatchLoss, train_batch: Any, valid_batch: Any
     ) -> Tensor:
         objective = require_objective(objective, "iDARTS")
-        arch = tuple(self.space.arch_parameters())
-        weights = tuple(objective.weights)
-        seed = draw_seed()
-
-        def mixing() -> list[Tensor]:
-            return self.space.mixing_weights(self.transform)
-
-        train_loss = objective.functional(train_batch, mixing, arch, seed)
-        val_loss = objective.functional(valid_batch, mixing, arch, seed)
+        train_loss, val_loss, weights, arch = self._bilevel(objective, train_batch, valid_batch)
         grads = hypergradient(
             train_loss,
             val_loss,

@@ -43,22 +43,13 @@ class RandomSearch(Strategy):
 
     def sample(self) -> SampledMixing:
         """One uniformly random discrete architecture (searched nodes), as a hard sample."""
-        current = self.space.mixing_weights()
-        n_ops = len(self.space.op_names)
-        weights, choices = [], []
-        for i, alpha in enumerate(self.space.arch, start=1):
-            if i in self.space.fixed:
-                weights.append(current[i - 1].detach())
-                choices.append(None)
-                continue
-            rows = alpha.numel() // n_ops
-            entry = int(torch.randint(rows * len(self._allowed), (1,)))
-            choice = (entry // len(self._allowed)) * n_ops + self._allowed[
-                entry % len(self._allowed)
-            ]
-            weights.append(one_hot_like(alpha.detach(), choice))
-            choices.append(choice)
-        return SampledMixing(weights, choices)
+        n_ops, allowed = len(self.space.op_names), self._allowed
+
+        def uniform(alpha: Tensor) -> int:
+            entry = int(torch.randint(alpha.numel() // n_ops * len(allowed), (1,)))
+            return (entry // len(allowed)) * n_ops + allowed[entry % len(allowed)]
+
+        return self.discrete_sample(uniform).detach()
 
     def mixing_weights(self) -> list[Tensor]:
         return self.sample()
