@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from morphnas.config import GrowthConfig, SearchConfig
 from morphnas.engine.checkpoint import load, save_atomic
 from morphnas.engine.faults import crash_point
+from morphnas.engine.loops import draw_epoch
 from morphnas.engine.progress import Progress, Silent
 from morphnas.engine.resume import (
     CHECKPOINT_FORMAT,
@@ -131,7 +132,7 @@ def search(
         "valid_loss": math.nan, "retries": 0,
     }  # fmt: skip
     epoch_start = generator.get_state()
-    saved_epoch: dict[str, Any] | None = None
+    saved_epoch: dict[str, Any] | None = None  # a checkpoint from inside the epoch to continue
 
     def checkpoint(position: int | None, totals: tuple[Tensor, int], started: float) -> dict:
         """Everything needed to continue; ``position`` None: the epoch is complete."""
@@ -156,7 +157,7 @@ def search(
         }
 
     def restore(state: dict[str, Any], lr_scale: float = 1.0) -> None:
-        nonlocal weights, optimizer, epoch_start, saved_epoch
+        nonlocal weights, optimizer, saved_epoch
         reshape_space(space, state["shape"])
         model.load_state_dict(state["model"])
         weights = _weights(model)
@@ -173,7 +174,6 @@ def search(
         restore_rng(state["rng"])
         generator.set_state(state["generator"])
         valid_stream.load_state_dict(state["valid_stream"])
-        epoch_start = state["epoch_generator"]
         complete = state["position"] is None
         run.update(
             {k: state[k] for k in ("step", "best", "valid_loss", "elapsed", "retries")},
@@ -190,18 +190,11 @@ def search(
         model.train()
         strategy.start_epoch(epoch, config.epochs)
         fraction = streamed_fraction(config.stream, epoch, config.epochs)
-        if saved_epoch is not None:  # resuming inside this epoch: redraw its batches, skip done
-            generator.set_state(epoch_start)
-            epoch_batches = task.epoch_batches(generator, fraction)
-            generator.set_state(saved_epoch["generator"])
-            total, count = saved_epoch["totals"]
-            total = total.to(next(model.parameters()).device)
-            saved_epoch = None
-        else:
-            epoch_start = generator.get_state()
-            epoch_batches = task.epoch_batches(generator, fraction)
-            total, count = torch.zeros(()), 0
-            total = total.to(next(model.parameters()).device)
+        device = next(model.parameters()).device
+        epoch_batches, epoch_start, total, count = draw_epoch(
+            task, generator, device, fraction, saved_epoch
+        )
+        saved_epoch = None
         first = run["position"]
         progress.start(
             f"search epoch {epoch}/{config.epochs} ({space.nodes} nodes)", len(epoch_batches)

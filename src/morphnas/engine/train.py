@@ -19,7 +19,7 @@ from torch import nn
 from morphnas.config import TrainConfig
 from morphnas.engine.checkpoint import save_atomic
 from morphnas.engine.faults import crash_point
-from morphnas.engine.loops import check_finite
+from morphnas.engine.loops import check_finite, draw_epoch
 from morphnas.engine.progress import Progress, Silent
 from morphnas.engine.resume import (
     CHECKPOINT_FORMAT,
@@ -64,20 +64,20 @@ def train(
     generator = torch.Generator().manual_seed(seed)
     run: dict[str, Any] = {"epoch": 1, "position": 0, "best": float("inf"), "best_epoch": 0}
     run["elapsed"], best_state = 0.0, copy.deepcopy(model.state_dict())
-    epoch_start, totals = generator.get_state(), None
+    epoch_start = generator.get_state()
+    saved_epoch: dict[str, Any] | None = None  # a checkpoint from inside the epoch to continue
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         best_state = resume["best_state"]
         restore_rng(resume["rng"])
         generator.set_state(resume["generator"])
-        epoch_start = resume["epoch_generator"]
         task.load_state_dict(resume.get("task", {}))  # e.g. a language model's carried state
         complete = resume["position"] is None
         run.update({k: resume[k] for k in ("best", "best_epoch", "elapsed")})
         run["epoch"] = resume["epoch"] + 1 if complete else resume["epoch"]
         run["position"] = 0 if complete else resume["position"]
-        totals = None if complete else resume
+        saved_epoch = None if complete else resume
 
     def checkpoint(position: int | None, total: torch.Tensor, count: int) -> dict[str, Any]:
         return {
@@ -107,16 +107,10 @@ def train(
     while not stopped_early and run["epoch"] <= config.epochs:
         epoch = run["epoch"]
         model.train()
-        if totals is not None:  # resuming inside this epoch
-            generator.set_state(epoch_start)
-            epoch_batches = task.epoch_batches(generator)
-            generator.set_state(totals["generator"])
-            total, count = totals["totals"][0].to(device), totals["totals"][1]
-            totals = None
-        else:
-            epoch_start = generator.get_state()
-            epoch_batches = task.epoch_batches(generator)
-            total, count = torch.zeros((), device=device), 0
+        epoch_batches, epoch_start, total, count = draw_epoch(
+            task, generator, device, saved=saved_epoch
+        )
+        saved_epoch = None
         for k in range(run["position"], len(epoch_batches)):
             batch = epoch_batches[k]
             optimizer.zero_grad(set_to_none=True)

@@ -31,6 +31,7 @@ from torch.nn import functional as F
 
 from morphnas.cells.baselines import RecurrentBaseline
 from morphnas.data.corpus import Corpus, check_lengths, load_corpus
+from morphnas.spaces.base import check_dropout, variational_mask
 
 if TYPE_CHECKING:
     from morphnas.config import RunConfig
@@ -95,10 +96,8 @@ def windows(data: Tensor, lengths: list[int], stream: str) -> list[LMBatch]:
 
 def locked_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """Dropout on ``(T, B, D)`` with one mask per sequence shared by all ``T`` steps."""
-    if not training or p <= 0.0:
-        return x
-    mask = x.new_empty(1, x.shape[1], x.shape[2]).bernoulli_(1.0 - p) / (1.0 - p)
-    return x * mask
+    mask = variational_mask(x.shape[1], x.shape[2], p, x, training)
+    return x if mask is None else x * mask
 
 
 def embedding_dropout(embedding: nn.Embedding, tokens: Tensor, p: float, training: bool) -> Tensor:
@@ -144,9 +143,7 @@ class LanguageModel(nn.Module):
         tie: bool = True,
     ) -> None:
         super().__init__()
-        for name, p in (("dropout", dropout), ("dropout_i", dropout_i), ("dropout_e", dropout_e)):
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {p}")
+        check_dropout(dropout=dropout, dropout_i=dropout_i, dropout_e=dropout_e)
         self.cell = cell
         self.vocab_size, self.emb_size, self.hidden_size = vocab_size, emb_size, hidden_size
         self.dropout, self.dropout_i, self.dropout_e = dropout, dropout_i, dropout_e
