@@ -10,6 +10,7 @@ import torch
 from morphnas import api, config, spaces
 from morphnas.config import GrowthConfig
 from morphnas.engine.search import streamed_fraction
+from morphnas.errors import UserError
 from morphnas.growth import (
     GrowthCheckError,
     GrowthTrigger,
@@ -155,6 +156,46 @@ def test_compare_runs_every_variant_and_seed(tmp_path):
     assert table["none"]["test_rse"] == pytest.approx(sum(runs) / 2)
     assert table["none"]["test_rse_std"] == pytest.approx(abs(runs[0] - runs[1]) / 2**0.5)
     assert table["g1"]["seeds"] == 2
+
+
+def test_compare_in_processes_gives_the_sequential_runs(tmp_path):
+    """``jobs=2`` runs the same searches in spawned processes: same figures, planned order."""
+    variants = [
+        ("none", {"growth": {"mode": "none"}}),
+        ("g1", {"growth": {"mode": "grow-then-prune"}}),
+    ]
+    results = {}
+    for jobs in (1, 2):
+        cfg = config.resolve(base=tiny(tmp_path / f"j{jobs}"), overrides={"threads": 1})
+        results[jobs] = api.compare(cfg, variants, [0], jobs=jobs).extra["runs"]
+    for sequential, parallel in zip(results[1], results[2], strict=True):
+        assert (parallel["variant"], parallel["seed"]) == (
+            sequential["variant"],
+            sequential["seed"],
+        )
+        for key in ("search_valid_loss", "params", "valid_rse", "test_rse", "test_corr", "nodes"):
+            assert parallel[key] == sequential[key], key
+    assert all(r["search_cpu_seconds"] > 0 for r in results[2])
+
+
+def test_compare_reuse_keeps_finished_runs_and_refuses_another_config(tmp_path):
+    """``reuse`` extends a compare by a seed without rerunning the first; a run of another
+    config in the way is an error, never overwritten."""
+    variants = [("none", {"growth": {"mode": "none"}})]
+    cfg = tiny(tmp_path)
+    first = api.compare(cfg, variants, [0]).extra["runs"][0]
+    genotype = (tmp_path / "run" / "none-seed0" / "genotype.json").read_text()
+    stamp = (tmp_path / "run" / "none-seed0" / "summary.json").stat().st_mtime_ns
+    result = api.compare(cfg, variants, [0, 1], reuse=True)
+    kept, added = result.extra["runs"]
+    assert (tmp_path / "run" / "none-seed0" / "summary.json").stat().st_mtime_ns == stamp
+    assert kept["test_rse"] == first["test_rse"] and kept["params"] == first["params"]
+    assert added["seed"] == 1 and (tmp_path / "run" / "none-seed1" / "summary.json").is_file()
+    assert (tmp_path / "run" / "none-seed0" / "genotype.json").read_text() == genotype
+    longer = config.resolve(base=cfg, overrides={"search": {"epochs": 5}})
+    with pytest.raises(UserError, match="another config"):
+        api.compare(longer, variants, [0], reuse=True)
+    assert (tmp_path / "run" / "none-seed0" / "genotype.json").read_text() == genotype
 
 
 def test_plot_growth_marks_events(tmp_path):

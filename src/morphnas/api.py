@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import os
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from morphnas.engine.resume import (
 from morphnas.engine.runtime import (
     apply_threads,
     choose_threads,
+    cpu_cores,
     resolve_device,
     seed_everything,
 )
@@ -141,6 +144,7 @@ def search(
     extra = {
         "hidden": space.hidden_size,
         "search_seconds": outcome.seconds,
+        "search_cpu_seconds": outcome.cpu_seconds,
         "search_valid_loss": outcome.valid_loss,
         "nodes": len(genotype.nodes),
         "growth_events": len(outcome.events),
@@ -292,8 +296,8 @@ def evaluate(run_dir: Path) -> RunResult:
 
 
 COMPARE_METRICS = (
-    "search_seconds", "search_valid_loss", "nodes", "params", "valid_rse", "test_rse", "test_corr",
-    "valid_ppl", "test_ppl",
+    "search_seconds", "search_cpu_seconds", "search_valid_loss", "nodes", "params",
+    "valid_rse", "test_rse", "test_corr", "valid_ppl", "test_ppl",
 )  # fmt: skip
 
 
@@ -304,31 +308,107 @@ def compare(
     *,
     progress: Progress | None = None,
     force: bool = False,
+    jobs: int = 1,
+    reuse: bool = False,
 ) -> RunResult:
     """Run one search (and retraining of its cell) per variant and seed on the same data and
     budget; report every run and, per variant, the mean and standard deviation over seeds.
 
     ``variants`` are ``(name, config overrides)`` pairs, e.g. one per growth mode. The runs go to
-    ``<out>/<variant>-seed<k>``; the table to ``<out>/compare.json``.
+    ``<out>/<variant>-seed<k>``; the table to ``<out>/compare.json``. ``jobs`` > 1 runs that many
+    searches at once in separate processes, each on its share of the cores unless ``threads``
+    is set; every run is the one ``jobs=1`` would give (each seeds itself).
+
+    ``reuse``: ``out`` may hold an earlier compare; a run there with the same config (threads
+    aside) is kept if finished and resumed if stopped, so a compare can be continued, or extended
+    with seeds or variants, without redoing work.
     """
-    base_dir = _claim_run_dir(config, "compare", force)
+    base_dir = _claim_run_dir(config, "compare", force or (reuse and config.out is not None))
     _start_run(base_dir, config)
-    runs = []
+    share = {} if config.threads or jobs == 1 else {"threads": max(1, cpu_cores() // jobs)}
     # Seed-major order: drifting load on a shared machine hits every variant alike.
-    for seed in seeds:
-        for name, overrides in variants:
-            run_config = config_mod.resolve(
-                base=config,
-                overrides=config_mod.merge(
-                    overrides, {"seed": seed, "out": str(base_dir / f"{name}-seed{seed}")}
-                ),
-            )
-            result = search(run_config, progress=progress, force=force)
-            searched = next(r for r in result.results if r["model"] == SEARCHED)
-            runs.append({"variant": name, "seed": seed, **result.extra, **searched})
+    planned = [
+        (name, seed, config_mod.resolve(
+            base=config,
+            overrides=config_mod.merge(
+                overrides, {"seed": seed, "out": str(base_dir / f"{name}-seed{seed}"), **share}
+            ),
+        ))
+        for seed in seeds
+        for name, overrides in variants
+    ]  # fmt: skip
+    rows = [_finished(cfg) if reuse else None for _, _, cfg in planned]
+    todo = [i for i, row in enumerate(rows) if row is None]
+    pending = [(planned[i][2], reuse and _stopped(planned[i][2])) for i in todo]
+    if jobs == 1:
+        fresh = [_compare_run(cfg, force, resume, progress) for cfg, resume in pending]
+    else:
+        fresh = _in_processes(pending, force, jobs, progress)
+    for i, row in zip(todo, fresh, strict=True):
+        rows[i] = row
+    runs = [
+        {"variant": name, "seed": seed, **row}
+        for (name, seed, _), row in zip(planned, rows, strict=True)
+    ]
     table = [_aggregate(name, [r for r in runs if r["variant"] == name]) for name, _ in variants]
     report.write_json(base_dir / "compare.json", {"runs": runs, "table": table})
     return RunResult(base_dir, None, table, {"runs": runs})
+
+
+def _compare_run(
+    config: RunConfig, force: bool, resume: bool, progress: Progress | None
+) -> dict[str, Any]:
+    """One compare run: the search's figures and its retrained cell's row."""
+    result = search(config, progress=progress, force=force, resume=resume)
+    searched = next(r for r in result.results if r["model"] == SEARCHED)
+    return {**result.extra, **searched}
+
+
+def _in_processes(
+    runs: list[tuple[RunConfig, bool]], force: bool, jobs: int, progress: Progress | None
+) -> list[dict[str, Any]]:
+    """The runs ``jobs`` at a time in fresh (spawned) processes, in the given order."""
+    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = [pool.submit(_compare_run, cfg, force, resume, None) for cfg, resume in runs]
+        if progress is not None:
+            progress.start(f"compare: {len(runs)} runs, {jobs} at a time", len(runs))
+            for _ in as_completed(futures):
+                progress.advance()
+            progress.stop()
+        return [future.result() for future in futures]
+
+
+def _same_run(config: RunConfig) -> bool:
+    """Whether ``config.out`` holds a run of this very config (the thread count aside: it only
+    changes the order of float sums); a different one there is an error, not overwritten."""
+    saved_path = Path(config.out) / "config.yaml"
+    if not saved_path.is_file():
+        return False
+    saved = config_mod.resolve(saved_path, overrides={"out": str(config.out)})
+    saved = saved.model_copy(update={"threads": config.threads})
+    if config_mod.dump(saved) != config_mod.dump(config):
+        raise UserError(
+            f"{config.out} holds a run with another config than this compare plans; "
+            "use a new --out, or drop --reuse and pass --force to overwrite"
+        )
+    return True
+
+
+def _finished(config: RunConfig) -> dict[str, Any] | None:
+    """The compare row of a finished run of this config in ``config.out``, else None."""
+    summary_path = Path(config.out) / "summary.json"
+    if not (_same_run(config) and summary_path.is_file()):
+        return None
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    searched = next(r for r in summary["results"] if r["model"] == SEARCHED)
+    extra = {k: v for k, v in summary.items() if k not in ("genotype", "models", "results")}
+    return {**extra, **searched}
+
+
+def _stopped(config: RunConfig) -> bool:
+    """Whether ``config.out`` holds an unfinished run of this config (to resume)."""
+    return _same_run(config) and not (Path(config.out) / "summary.json").is_file()
 
 
 def _aggregate(variant: str, runs: list[dict[str, Any]]) -> dict[str, Any]:

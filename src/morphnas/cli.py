@@ -424,6 +424,18 @@ def compare(
         typer.Option(help="comma-separated strategies, e.g. darts,darts2,idarts,gdas,random"),
     ] = None,
     seeds: Annotated[int, typer.Option(help="seeds per variant (0, 1, ...)", min=1)] = 3,
+    jobs: Annotated[
+        int,
+        typer.Option(help="runs at once, in separate processes sharing the cores", min=1),
+    ] = 1,
+    reuse: Annotated[
+        bool,
+        typer.Option(
+            "--reuse",
+            help="continue or extend the compare in --out: keep its finished runs of the same "
+            "config, resume its stopped ones, run the rest",
+        ),
+    ] = False,
     config: ConfigOpt = None,
     dataset: DatasetOpt = None,
     csv: CsvOpt = None,
@@ -466,7 +478,15 @@ def compare(
             for g_name, g_over in growths
         ]
         what = "strategies × growth modes"
-    result = api.compare(cfg, variants, list(range(seeds)), progress=BarProgress(), force=force)
+    result = api.compare(
+        cfg,
+        variants,
+        list(range(seeds)),
+        progress=BarProgress(),
+        force=force,
+        jobs=jobs,
+        reuse=reuse,
+    )
     if as_json:
         typer.echo(json.dumps(result.to_json(), default=str))
         return

@@ -707,13 +707,14 @@ def results_table(results: Sequence[Mapping[str, Any]], title: str = "results") 
 
 _COMPARE_COLUMNS = (
     ("search_seconds", "search s"),
+    ("search_cpu_seconds", "CPU s"),
     ("search_valid_loss", "valid loss"),
     ("nodes", "nodes"),
     ("params", "params"),
     ("test_rse", "test RSE"),
     ("test_corr", "test CORR"),
 )
-_LM_COMPARE_COLUMNS = (*_COMPARE_COLUMNS[:4], ("valid_ppl", "valid ppl"), ("test_ppl", "test ppl"))
+_LM_COMPARE_COLUMNS = (*_COMPARE_COLUMNS[:5], ("valid_ppl", "valid ppl"), ("test_ppl", "test ppl"))
 
 
 def compare_table(rows: Sequence[Mapping[str, Any]], title: str = "comparison") -> Table:

@@ -18,6 +18,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def cpu_cores() -> int:
+    """The machine's logical cores (1 when Python cannot tell)."""
+    return os.cpu_count() or 1
+
+
 def choose_threads(hidden_size: int, batch_size: int, requested: int | None = None) -> int:
     """Intra-op threads for a recurrent workload, unless the user asked for a number.
 
@@ -28,8 +33,7 @@ def choose_threads(hidden_size: int, batch_size: int, requested: int | None = No
     """
     if requested is not None:
         return requested
-    cores = os.cpu_count() or 1
-    return 1 if batch_size * hidden_size < 64 * 256 else cores
+    return 1 if batch_size * hidden_size < 64 * 256 else cpu_cores()
 
 
 def apply_threads(threads: int) -> None:

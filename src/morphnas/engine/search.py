@@ -49,6 +49,7 @@ class SearchOutcome:
     genotype: Genotype
     seconds: float
     valid_loss: float
+    cpu_seconds: float  # process CPU time: robust to other jobs sharing the machine
     epochs: int
     events: list[GrowthEvent] = field(default_factory=list)
 
@@ -128,7 +129,7 @@ def search(
     weights = _weights(model)
     optimizer = torch.optim.Adam(weights, lr=config.lr, weight_decay=config.weight_decay)
     run: dict[str, Any] = {
-        "epoch": 1, "position": 0, "step": 0, "best": math.inf, "elapsed": 0.0,
+        "epoch": 1, "position": 0, "step": 0, "best": math.inf, "elapsed": 0.0, "cpu": 0.0,
         "valid_loss": math.nan, "retries": 0,
     }  # fmt: skip
     epoch_start = generator.get_state()
@@ -143,6 +144,7 @@ def search(
             **{k: run[k] for k in ("epoch", "step", "best", "valid_loss", "retries")},
             "position": position,
             "elapsed": run["elapsed"] + time.perf_counter() - started,
+            "cpu": run["cpu"] + time.process_time() - started_cpu,
             "totals": [totals[0].detach().cpu(), totals[1]],
             "model": model.state_dict(),
             "shape": space_shape(space),
@@ -177,6 +179,7 @@ def search(
         complete = state["position"] is None
         run.update(
             {k: state[k] for k in ("step", "best", "valid_loss", "elapsed", "retries")},
+            cpu=state.get("cpu", 0.0),
             epoch=state["epoch"] + 1 if complete else state["epoch"],
             position=0 if complete else state["position"],
         )
@@ -184,7 +187,7 @@ def search(
 
     if resume is not None:
         restore(resume)
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     while run["epoch"] <= config.epochs:
         epoch = run["epoch"]
         model.train()
@@ -269,6 +272,7 @@ def search(
     return SearchOutcome(
         genotype=strategy.derive(),
         seconds=run["elapsed"] + time.perf_counter() - started,
+        cpu_seconds=run["cpu"] + time.process_time() - started_cpu,
         valid_loss=run["valid_loss"],
         epochs=config.epochs,
         events=list(grower.events),
@@ -300,6 +304,5 @@ def _check_retry(
         else f"{retries} retries at lower learning rates did not help; lower --lr"
     )
     raise UserError(
-        f"the search diverged at epoch {epoch} ({what}); {usable}; {advice}, "
-        "or change the seed"
+        f"the search diverged at epoch {epoch} ({what}); {usable}; {advice}, or change the seed"
     )
