@@ -20,11 +20,15 @@ from morphnas.bench import (
     PARTS,
     TWO_INPUT_GATED,
     ReferenceDartsCell,
+    SupernetConfig,
     bench_table,
     cell_flops,
+    multithread_crossover,
     run_bench,
     supernet_flops,
+    thread_point,
 )
+from morphnas.engine.runtime import MULTITHREAD_FROM, choose_threads
 from morphnas.errors import UserError
 from morphnas.spaces import DartsRNNSearchCell
 from morphnas.strategies import STRATEGIES
@@ -39,6 +43,13 @@ MACHINE_KEYS = {
 IMPL_KEYS = {"seconds", "threads", "peak_mb", "gflops", "fraction_of_matmul"}
 SUPERNET_KEYS = {"config", "gflop", "max_abs_diff", "agreement_steps", "ours", "reference"}
 SEARCH_KEYS = {"seconds_per_epoch", "batches_per_epoch", "threads", "config"}
+THREADS_KEYS = {
+    "config", "candidates", "points", "crossover_product", "multithread_from", "policy_mismatches",
+}  # fmt: skip
+THREAD_POINT_KEYS = {
+    "batch", "hidden", "product", "seconds", "faster_threads", "all_cores_faster",
+    "speedup_all_cores", "policy_threads", "policy_agrees",
+}  # fmt: skip
 
 
 def _pair(seed: int = 0, **options) -> tuple[DartsRNNSearchCell, ReferenceDartsCell]:
@@ -191,6 +202,70 @@ def test_quick_run_has_every_documented_key(quick_result):
     json.dumps(r, allow_nan=False)  # plain JSON, no NaN
 
 
+def test_quick_threads_part_is_consistent(quick_result):
+    part = quick_result["threads"]
+    assert set(part) == THREADS_KEYS
+    assert set(part["config"]) == {"bptt", "nodes"}
+    assert part["multithread_from"] == MULTITHREAD_FROM
+    candidates = part["candidates"]
+    assert candidates and all(isinstance(t, int) and t >= 1 for t in candidates)
+    assert len(part["points"]) >= 2
+    for point in part["points"]:
+        assert set(point) == THREAD_POINT_KEYS
+        assert point["product"] == point["batch"] * point["hidden"]
+        assert set(point["seconds"]) == {str(t) for t in candidates}  # JSON keys: strings
+        assert all(_positive(s) for s in point["seconds"].values())
+        assert point["faster_threads"] in candidates
+        fastest = min(point["seconds"].values())
+        assert point["seconds"][str(point["faster_threads"])] == fastest
+        assert _positive(point["speedup_all_cores"])
+        assert point["policy_threads"] == choose_threads(point["hidden"], point["batch"])
+        if point["policy_threads"] in candidates:
+            assert point["policy_agrees"] == (point["policy_threads"] == point["faster_threads"])
+        else:
+            assert point["policy_agrees"] is None
+    assert part["crossover_product"] == multithread_crossover(part["points"])
+    assert part["policy_mismatches"] == sum(p["policy_agrees"] is False for p in part["points"])
+
+
+def _point(batch: int, hidden: int, one: float, two: float, policy: int = 1) -> dict:
+    """A grid point from hand-made seconds at one and two threads."""
+    return thread_point(SupernetConfig(batch, hidden, bptt=35, nodes=8), {1: one, 2: two}, policy)
+
+
+def test_thread_point_summarises_hand_made_timings():
+    point = _point(64, 128, one=0.6, two=0.4, policy=1)
+    assert point["product"] == 8192
+    assert point["seconds"] == {"1": 0.6, "2": 0.4}
+    assert point["faster_threads"] == 2 and point["all_cores_faster"]
+    assert point["speedup_all_cores"] == pytest.approx(1.5)
+    assert point["policy_agrees"] is False
+    tie = _point(32, 32, one=0.2, two=0.2, policy=1)
+    assert tie["faster_threads"] == 1 and not tie["all_cores_faster"] and tie["policy_agrees"]
+    # A count the policy picks but the grid did not time cannot be judged.
+    assert thread_point(SupernetConfig(8, 8, 4, 2), {1: 0.1}, 2)["policy_agrees"] is None
+
+
+def test_crossover_is_the_smallest_product_with_all_cores_winning_from_there_up():
+    points = [
+        _point(32, 32, one=0.20, two=0.25),  # 1,024: one thread
+        _point(64, 32, one=0.30, two=0.28),  # 2,048: all cores, but ...
+        _point(32, 64, one=0.30, two=0.33),  # 2,048: ... one thread at the same product
+        _point(64, 64, one=0.40, two=0.45),  # 4,096: one thread
+        _point(64, 128, one=0.60, two=0.40),  # 8,192: all cores from here up
+        _point(256, 64, one=0.90, two=0.60),  # 16,384
+        _point(256, 128, one=1.80, two=1.20),  # 32,768
+    ]
+    assert multithread_crossover(points) == 8192
+    assert multithread_crossover(points[::-1]) == 8192  # the order of the grid does not matter
+    assert multithread_crossover(points[:4]) is None  # one thread won at the largest product
+    assert multithread_crossover(points[1:2] + points[4:]) == 2048  # all cores won everywhere
+    assert multithread_crossover(points[:3]) is None  # a tie at the top product is not a win
+    assert multithread_crossover([]) is None
+    single = [thread_point(SupernetConfig(8, 8, 4, 2), {1: 0.1}, 1)]
+    assert multithread_crossover(single) is None  # nothing compared, no crossover
+
+
 def test_bench_table_renders(quick_result):
     console = Console(file=io.StringIO(), width=160)
     tables = bench_table(quick_result)
@@ -198,10 +273,10 @@ def test_bench_table_renders(quick_result):
     for table in tables:
         console.print(table)
     text = console.file.getvalue()
-    for word in ("Machine", "reference", "lstm", "two_input", "darts_rnn", "s/epoch"):
+    for word in ("Machine", "reference", "lstm", "two_input", "darts_rnn", "s/epoch", "crossover"):
         assert word in text
 
 
 def test_bench_table_shows_only_the_parts_run(quick_result):
-    partial = {k: v for k, v in quick_result.items() if k not in ("supernet", "cell")}
+    partial = {k: v for k, v in quick_result.items() if k not in ("supernet", "cell", "threads")}
     assert len(bench_table(partial)) == 2

@@ -30,6 +30,7 @@ from morphnas.config import RunConfig
 from morphnas.data.corpus import Corpus
 from morphnas.engine.checkpoint import load as load_checkpoint
 from morphnas.engine.checkpoint import save_atomic
+from morphnas.engine.compiled import compile_cell, wants_compile
 from morphnas.engine.progress import Progress
 from morphnas.engine.resume import (
     CHECKPOINT_FORMAT,
@@ -709,6 +710,16 @@ def _naive_result(data: data_mod.WindowedSplits) -> dict[str, Any]:
     return {"model": "naive", "params": 0, **scores, "train_seconds": 0.0}
 
 
+def _compile_cell(model: nn.Module, task: Task, config: RunConfig) -> float | None:
+    """``train.compile``: the retrained cell compiled in place; the compile seconds, or None
+    (not asked, or the backend failed and the cell runs eagerly)."""
+    device = next(model.parameters()).device
+    if not wants_compile(config.train.compile, device):
+        return None
+    _, cell_input = task.probe()
+    return compile_cell(model.cell, cell_input.to(device))
+
+
 def _train_and_compare(
     models: Sequence[tuple[str, Genotype | str]],
     config: RunConfig,
@@ -735,10 +746,13 @@ def _train_and_compare(
         model = _build_model(architecture, config, data, reference=reference)
         final_path = run_dir / "models" / f"{name}.pt"
         checkpoint_path = run_dir / "checkpoints" / f"train_{name}.pt"
+        compile_seconds = None
         if final_path.is_file() and "outcome" in (saved := load_checkpoint(final_path)):
             model.load_state_dict(saved["state_dict"])
             outcome = engine.TrainOutcome(**saved["outcome"])
         else:
+            if isinstance(architecture, Genotype):
+                compile_seconds = _compile_cell(model, task, config)
             outcome = engine.train(
                 model,
                 task,
@@ -761,6 +775,8 @@ def _train_and_compare(
         row.update(
             train_seconds=outcome.seconds, epochs=outcome.epochs, best_epoch=outcome.best_epoch
         )
+        if compile_seconds is not None:
+            row["compile_seconds"] = compile_seconds
         if isinstance(task, language.LanguageTask):
             # Training throughput, the per-epoch validation included (what a user waits for).
             row["hidden"] = model.hidden_size

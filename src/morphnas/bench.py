@@ -1,17 +1,20 @@
 """Measured, side-by-side performance figures (``morphnas bench``; DESIGN §6, docs/benchmarks.md).
 
-Three parts, each a comparison measured in one process so that the ratios mean something on a
+Four parts, each a comparison measured in one process so that the ratios mean something on a
 noisy, shared machine:
 
 * ``supernet``: one training step of our fused ``DartsRNNSearchCell`` against the loop of the DARTS
   reference code (``ReferenceDartsCell`` below, same parameters, checked to compute the same
   function), both against the machine's own dense-matmul throughput;
 * ``cell``: derived discrete cells against ``torch.nn.LSTM``/``GRU`` (fused kernels) per FLOP;
-* ``search``: seconds per epoch of the real search engine, per strategy and space.
+* ``search``: seconds per epoch of the real search engine, per strategy and space;
+* ``threads``: the fused supernet's training step at one thread and at every core over a grid of
+  ``batch × hidden``, the measurement behind ``engine.runtime.MULTITHREAD_FROM``.
 
 Timings are medians of interleaved repeats after a warm-up, each implementation at its faster
-thread count; FLOPs are counted analytically (matmuls only). Nothing here asserts a time: the
-numbers are for people, the tests only check that they exist and that the reference is right.
+thread count (the ``threads`` part times every count); FLOPs are counted analytically (matmuls
+only). Nothing here asserts a time: the numbers are for people, the tests only check that they
+exist and that the reference is right.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from torch import Tensor, nn
 from morphnas import cells, spaces, strategies
 from morphnas.config import SearchConfig
 from morphnas.data import make_windows, synthetic_series
-from morphnas.engine.runtime import choose_threads, resolve_device
+from morphnas.engine.runtime import MULTITHREAD_FROM, choose_threads, resolve_device
 from morphnas.engine.search import search as run_search
 from morphnas.genotype import DARTS_PRIMITIVES, KNOWN, Genotype, Node
 from morphnas.ops import ACTIVATIONS
@@ -47,7 +50,7 @@ from morphnas.report import MetricsLog
 from morphnas.spaces import DartsRNNSearchCell
 from morphnas.tasks.forecasting import ForecastModel, ForecastTask
 
-PARTS = ("supernet", "cell", "search")
+PARTS = ("supernet", "cell", "search", "threads")
 AGREEMENT_TOL = 1e-4  # float32, outputs of ours vs the reference before any timing ...
 AGREEMENT_STEPS = 10  # ... on the first steps: later, the recurrence amplifies float32 rounding
 PROBE_STEPS = 5  # time steps of the short sequence that picks an implementation's thread count
@@ -84,6 +87,18 @@ class SupernetConfig:
         return self.hidden
 
 
+def _grid(
+    batches: Sequence[int],
+    hiddens: Sequence[int],
+    bptt: int,
+    nodes: int,
+    skip: frozenset[tuple[int, int]] = frozenset(),
+) -> tuple[SupernetConfig, ...]:
+    """Every ``(batch, hidden)`` pair but those in ``skip``, smallest batch first."""
+    pairs = [(b, h) for b in batches for h in hiddens if (b, h) not in skip]
+    return tuple(SupernetConfig(b, h, bptt, nodes) for b, h in pairs)
+
+
 @dataclass(frozen=True)
 class CellConfig:
     batch: int
@@ -107,9 +122,20 @@ QUICK_CELL_CONFIGS = {
     "small": CellConfig(batch=8, hidden=16, bptt=6),
     "large": CellConfig(batch=8, hidden=48, bptt=6),
 }
+# The thread-policy grid: products from 1,024 to 32,768 around the threshold, at the DARTS bptt
+# and node count. Batch 256 × hidden 300 (the supernet part's ``darts``, already timed there at
+# its faster count, 4–6 s a step) would cost as much as the rest of the grid together.
+THREADS_CONFIGS = _grid(
+    (32, 64, 256), (32, 64, 128, 300), bptt=35, nodes=8, skip=frozenset({(256, 300)})
+)
+QUICK_THREADS_CONFIGS = _grid((8, 16), (16, 32), bptt=6, nodes=3)
 # Defaults; ``repeats=`` overrides all of them. The big supernet steps take seconds each.
-REPEATS = {"supernet:small": 7, "supernet:darts": 3, "cell": 5, "search": 3, "matmul": 5}
-QUICK_REPEATS = {"supernet:small": 2, "supernet:darts": 2, "cell": 2, "search": 1, "matmul": 2}
+REPEATS = {
+    "supernet:small": 7, "supernet:darts": 3, "cell": 5, "search": 3, "threads": 3, "matmul": 5,
+}  # fmt: skip
+QUICK_REPEATS = {
+    "supernet:small": 2, "supernet:darts": 2, "cell": 2, "search": 1, "threads": 2, "matmul": 2,
+}  # fmt: skip
 SEARCH_SETUP = {"hidden": 32, "nodes": 4, "window": 24, "n_series": 8, "batch_size": 64}
 
 
@@ -389,19 +415,26 @@ def measure(
     for name, work in workloads.items():
         _set_threads(threads[name])
         peaks[name] = _peak_mb(work.step, device)
-    times: dict[str, list[float]] = {name: [] for name in workloads}
-    for _ in range(repeats):
-        for name, work in workloads.items():
-            _set_threads(threads[name])
-            times[name].append(_seconds(work.step, device))
+    runs = {name: (work, threads[name]) for name, work in workloads.items()}
+    seconds = _interleaved(runs, device, repeats)
     return {
-        name: {
-            "seconds": statistics.median(times[name]),
-            "threads": threads[name],
-            "peak_mb": peaks[name],
-        }
+        name: {"seconds": seconds[name], "threads": threads[name], "peak_mb": peaks[name]}
         for name in workloads
     }
+
+
+def _interleaved(
+    runs: dict[str, tuple[Workload, int]], device: torch.device, repeats: int
+) -> dict[str, float]:
+    """Median seconds of one full step per run (a workload at a thread count), timed in
+    ``repeats`` rounds of one step of each run in turn (A, B, A, B, ...): drifting load on a
+    shared machine then hits all alike, which a block of A's then a block of B's would not."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (work, threads) in runs.items():
+            _set_threads(threads)
+            times[name].append(_seconds(work.step, device))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _with_throughput(entry: dict[str, Any], flops: int, matmul_gflops: float) -> dict[str, Any]:
@@ -463,16 +496,26 @@ def check_agreement(ours: DartsRNNSearchCell, reference: ReferenceDartsCell, x: 
     return float((mine - theirs).abs().max())
 
 
-def bench_supernet_config(cfg: SupernetConfig, ctx: Context, repeats: int) -> dict[str, Any]:
-    """Ours vs the reference on one configuration, after checking they compute the same thing."""
-    torch.manual_seed(0)
-    ours = DartsRNNSearchCell(
+def _supernet(cfg: SupernetConfig, device: torch.device) -> DartsRNNSearchCell:
+    """Our search cell at ``cfg`` with the DARTS search dropouts, on its default fused path."""
+    return DartsRNNSearchCell(
         cfg.input_size,
         cfg.hidden,
         nodes=cfg.nodes,
         dropout_x=DARTS_DROPOUT_X,
         dropout_h=DARTS_DROPOUT_H,
-    ).to(ctx.device)
+    ).to(device)
+
+
+def _sgd_workload(module: nn.Module, x: Tensor, target: Tensor) -> Workload:
+    """A full training step: the supernet parts time the optimizer step as well."""
+    return Workload(module, x, target, torch.optim.SGD(module.parameters(), lr=SGD_LR))
+
+
+def bench_supernet_config(cfg: SupernetConfig, ctx: Context, repeats: int) -> dict[str, Any]:
+    """Ours vs the reference on one configuration, after checking they compute the same thing."""
+    torch.manual_seed(0)
+    ours = _supernet(cfg, ctx.device)
     reference = ReferenceDartsCell.copy_of(ours)
     x, target = _sequence(cfg, cfg.input_size, ctx.device)
     _set_threads(ctx.threads[0])
@@ -482,10 +525,7 @@ def bench_supernet_config(cfg: SupernetConfig, ctx: Context, repeats: int) -> di
     modules = {"ours": ours, "reference": reference}
     if ctx.device.type == "cuda":
         modules["ours_cuda_graph"] = CudaGraphed(copy.deepcopy(ours), x)
-    workloads = {
-        name: Workload(module, x, target, torch.optim.SGD(module.parameters(), lr=SGD_LR))
-        for name, module in modules.items()
-    }
+    workloads = {name: _sgd_workload(module, x, target) for name, module in modules.items()}
     measured = measure(workloads, ctx.device, repeats, ctx.threads)
     flops = supernet_flops(cfg.batch, cfg.input_size, cfg.hidden, cfg.bptt, cfg.nodes)
     result: dict[str, Any] = {
@@ -593,9 +633,7 @@ def bench_search(device: torch.device, repeats: int, quick: bool) -> dict[str, A
     setup = SEARCH_SETUP
     series = synthetic_series(n_steps=400 if quick else 2000, n_series=setup["n_series"], seed=0)
     data = make_windows(series, setup["window"], 1)
-    threads = choose_threads(setup["hidden"], setup["batch_size"])
-    if device.type == "cpu":
-        _set_threads(threads)
+    _set_threads(choose_threads(setup["hidden"], setup["batch_size"], device=device))
     result: dict[str, Any] = {}
     for strategy_name in strategies.STRATEGIES:
         result[strategy_name] = {}
@@ -604,8 +642,7 @@ def bench_search(device: torch.device, repeats: int, quick: bool) -> dict[str, A
         count = repeats if strategy_name == "darts" else 1
         for space_name in spaces.SPACES:
             runs = [
-                _search_epoch_seconds(strategy_name, space_name, data, device)
-                for _ in range(count)
+                _search_epoch_seconds(strategy_name, space_name, data, device) for _ in range(count)
             ]
             result[strategy_name][space_name] = {
                 "seconds_per_epoch": statistics.median(seconds for seconds, _ in runs),
@@ -614,6 +651,77 @@ def bench_search(device: torch.device, repeats: int, quick: bool) -> dict[str, A
                 "config": {**setup, "train_windows": len(data.train[0])},
             }
     return result
+
+
+def thread_point(
+    cfg: SupernetConfig, seconds: dict[int, float], policy_threads: int
+) -> dict[str, Any]:
+    """One grid point's entry from its median seconds per thread count (pure, so testable on
+    hand-made numbers). Ties go to fewer threads: they leave cores to other processes."""
+    counts = sorted(seconds)
+    faster = min(counts, key=seconds.__getitem__)
+    return {
+        "batch": cfg.batch,
+        "hidden": cfg.hidden,
+        "product": cfg.batch * cfg.hidden,
+        "seconds": {str(t): seconds[t] for t in counts},  # JSON object keys are strings
+        "faster_threads": faster,
+        "all_cores_faster": len(counts) > 1 and faster == counts[-1],
+        "speedup_all_cores": seconds[counts[0]] / seconds[counts[-1]],
+        "policy_threads": policy_threads,
+        "policy_agrees": policy_threads == faster if policy_threads in seconds else None,
+    }
+
+
+def multithread_crossover(points: Sequence[dict[str, Any]]) -> int | None:
+    """The smallest measured ``batch × hidden`` from which every point at that product or above
+    ran faster on all cores: the value for ``MULTITHREAD_FROM`` that agrees with the whole upper
+    end of the grid (points below it may still go either way). ``None`` when all cores lost at
+    the largest product (the crossover, if any, lies above the grid) or were not tried."""
+    losses = [p["product"] for p in points if not p["all_cores_faster"]]
+    above = [p["product"] for p in points if p["product"] > max(losses, default=0)]
+    return min(above, default=None)
+
+
+def _time_thread_counts(
+    cfg: SupernetConfig, device: torch.device, repeats: int, candidates: Sequence[int]
+) -> dict[int, float]:
+    """Median seconds of one training step of the fused supernet at each thread count.
+
+    The same module and batch at every count, so only the thread count differs; one full step
+    per count first as a warm-up (the thread pool's start, the full-length allocations)."""
+    torch.manual_seed(0)
+    x, target = _sequence(cfg, cfg.input_size, device)
+    work = _sgd_workload(_supernet(cfg, device), x, target)
+    for threads in candidates:
+        _set_threads(threads)
+        work.step()
+    runs = {str(threads): (work, threads) for threads in candidates}
+    seconds = _interleaved(runs, device, repeats)
+    return {threads: seconds[str(threads)] for threads in candidates}
+
+
+def bench_threads(configs: Sequence[SupernetConfig], ctx: Context, repeats: int) -> dict[str, Any]:
+    """One thread vs every core over a grid of sizes, against what ``choose_threads`` picks.
+
+    Each implementation elsewhere runs at its faster count, which hides how much the wrong count
+    costs and where the crossover lies; here every count is timed at every size."""
+    points = [
+        thread_point(
+            cfg,
+            _time_thread_counts(cfg, ctx.device, repeats, ctx.threads),
+            choose_threads(cfg.hidden, cfg.batch, device=ctx.device),
+        )
+        for cfg in configs
+    ]
+    return {
+        "config": {"bptt": configs[0].bptt, "nodes": configs[0].nodes},
+        "candidates": list(ctx.threads),
+        "points": points,
+        "crossover_product": multithread_crossover(points),
+        "multithread_from": MULTITHREAD_FROM,
+        "policy_mismatches": sum(p["policy_agrees"] is False for p in points),
+    }
 
 
 # --------------------------------------------------------------------------- entry points
@@ -702,6 +810,9 @@ def _run_parts(
         }
     if "search" in parts:
         result["search"] = bench_search(device, _repeats("search", quick, repeats), quick)
+    if "threads" in parts:
+        configs = QUICK_THREADS_CONFIGS if quick else THREADS_CONFIGS
+        result["threads"] = bench_threads(configs, ctx, _repeats("threads", quick, repeats))
     return result
 
 
@@ -770,6 +881,37 @@ def _search_table(result: dict[str, Any]) -> Table:
     return table
 
 
+def _threads_table(result: dict[str, Any]) -> Table:
+    part = result["threads"]
+    c = part["config"]
+    caption = (
+        f"crossover (all cores faster from this B×H up): {part['crossover_product'] or '–'}; "
+        f"policy MULTITHREAD_FROM = {part['multithread_from']}, "
+        f"{part['policy_mismatches']} point(s) where it picks the slower count"
+    )
+    table = Table(
+        title=f"Threads: fused supernet training step (T{c['bptt']} N{c['nodes']})",
+        caption=caption,
+    )
+    counts = [str(t) for t in part["candidates"]]
+    columns = ["batch", "hidden", "B×H", *(f"s @{t}" for t in counts)]
+    for column in (*columns, "faster", "all-core speedup", "policy", "agrees"):
+        table.add_column(column, justify="right")
+    for p in part["points"]:
+        agrees = {True: "yes", False: "NO", None: "–"}[p["policy_agrees"]]
+        table.add_row(
+            str(p["batch"]),
+            str(p["hidden"]),
+            str(p["product"]),
+            *(_fmt(p["seconds"][t]) for t in counts),
+            str(p["faster_threads"]),
+            f"{p['speedup_all_cores']:.2f}×",
+            str(p["policy_threads"]),
+            agrees,
+        )
+    return table
+
+
 def bench_table(result: dict[str, Any]) -> list[Table]:
     """Human-readable tables of a ``run_bench`` result: machine, then one table per part."""
     m = result["machine"]
@@ -785,7 +927,12 @@ def bench_table(result: dict[str, Any]) -> list[Table]:
         str(result["matmul"]["threads"]),
     )
     tables = [machine]
-    builders = {"supernet": _supernet_table, "cell": _cell_table, "search": _search_table}
+    builders = {
+        "supernet": _supernet_table,
+        "cell": _cell_table,
+        "search": _search_table,
+        "threads": _threads_table,
+    }
     tables += [build(result) for part, build in builders.items() if part in result]
     return tables
 
@@ -797,6 +944,8 @@ __all__ = [
     "ReferenceDartsCell",
     "bench_table",
     "cell_flops",
+    "multithread_crossover",
     "run_bench",
     "supernet_flops",
+    "thread_point",
 ]

@@ -182,6 +182,7 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         "out": ("out",),
         "threads": ("threads",),
         "device": ("device",),
+        "compile": ("train", "compile"),
     }
     result: dict[str, Any] = {}
     for name, value in flags.items():
@@ -270,6 +271,12 @@ CorpusOpt = Annotated[
 ]
 LevelOpt = Annotated[str | None, typer.Option(help="--task lm: word | char tokens")]
 BpttOpt = Annotated[int | None, typer.Option(help="--task lm: mean BPTT window length")]
+CompileOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--compile", help="auto | on | off: torch.compile the retrained cell (auto: CUDA)"
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="write into an existing run directory")]
 
@@ -337,6 +344,7 @@ def search(
     out: OutOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
+    compile_: CompileOpt = None,
     set_: SetOpt = None,
     resume: ResumeOpt = None,
     as_json: JsonOpt = False,
@@ -350,7 +358,7 @@ def search(
         nodes_start=nodes_start, nodes_max=nodes_max, trigger=trigger, grow_every=grow_every,
         grow_width=grow_width, stream=stream, nan_policy=nan_policy, task=task, corpus=corpus,
         level=level, bptt=bptt, strategy=strategy, order=order, penalty=penalty,
-        penalty_weight=penalty_weight,
+        penalty_weight=penalty_weight, compile=compile_,
     )  # fmt: skip
     if resume is not None:
         cfg = _resumed(resume, config=config, set_=set_, force=force or None, **flags)
@@ -384,6 +392,7 @@ def train(
     out: OutOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
+    compile_: CompileOpt = None,
     set_: SetOpt = None,
     resume: ResumeOpt = None,
     as_json: JsonOpt = False,
@@ -394,6 +403,7 @@ def train(
         dataset=dataset, csv=csv, time_col=time_col, columns=columns, hidden=hidden,
         retrain_epochs=retrain_epochs, window=window, horizon=horizon, seed=seed, out=out,
         threads=threads, device=device, task=task, corpus=corpus, level=level, bptt=bptt,
+        compile=compile_,
     )  # fmt: skip
     if resume is not None:
         given = dict(genotype=genotype, baseline=baseline, config=config, set_=set_, **flags)
@@ -497,9 +507,9 @@ def compare(
 @app.command()
 @_friendly
 def bench(
-    parts: Annotated[str, typer.Option(help="comma-separated: supernet,cell,search")] = (
-        "supernet,cell,search"
-    ),
+    parts: Annotated[
+        str, typer.Option(help="comma-separated: supernet,cell,search,threads")
+    ] = "supernet,cell,search,threads",
     quick: Annotated[bool, typer.Option("--quick", help="tiny sizes, seconds not minutes")] = False,
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "cpu",
     repeats: Annotated[int | None, typer.Option(help="timed repeats per implementation")] = None,

@@ -115,8 +115,9 @@ class SearchConfig(_Strict):
         return self
 
     nan_policy: Literal["stop", "retry"] = Field(
-        "stop", description="a non-finite loss stops, or restarts from the last checkpoint at "
-        "half the learning rates (at most 3 times)"
+        "stop",
+        description="a non-finite loss stops, or restarts from the last checkpoint at "
+        "half the learning rates (at most 3 times)",
     )
 
 
@@ -133,6 +134,9 @@ class TrainConfig(_Strict):
     )
     window_norm: Literal["none", "last", "mean"] = Field(
         "last", description="subtract each window's last value or mean, add it to the forecast"
+    )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the retrained cell (auto: on CUDA only)"
     )
     baselines: list[Literal["lstm", "gru", "darts_v2", "ar", "naive"]] = [
         "lstm",
@@ -229,8 +233,7 @@ class RunConfig(_Strict):
             raise ValueError("--task lm reads text: give it with --corpus FILE, not --csv")
         if self.growth.width_step > 0:
             raise ValueError(
-                "width growth (growth.width_step) is not supported for --task lm; "
-                "grow nodes only"
+                "width growth (growth.width_step) is not supported for --task lm; grow nodes only"
             )
         tabular = sorted(set(self.train.baselines) & {"ar", "naive"})
         if tabular:

@@ -23,17 +23,37 @@ def cpu_cores() -> int:
     return os.cpu_count() or 1
 
 
-def choose_threads(hidden_size: int, batch_size: int, requested: int | None = None) -> int:
+MULTITHREAD_FROM = 64 * 256
+"""``batch × hidden`` from which a workload gets every core; below it, one intra-op thread.
+
+To be set from ``crossover_product`` of the ``threads`` bench part (``morphnas bench --parts
+threads``, docs/benchmarks.md) run on a quiet machine: the smallest measured product from which
+every larger one ran faster on all cores. 64 × 256 predates that measurement (an earlier spot
+check, see ``choose_threads``).
+"""
+
+
+def choose_threads(
+    hidden_size: int,
+    batch_size: int,
+    requested: int | None = None,
+    *,
+    device: torch.device | None = None,
+) -> int:
     """Intra-op threads for a recurrent workload, unless the user asked for a number.
 
     Recurrent cells run many small kernels; on few cores, splitting a ``batch × hidden`` matmul
     across threads costs more in synchronisation than it gains until the tensors are large (on
     the 2-core CI machines, the default two-input search step at batch 64, hidden 32 took 117 ms
-    on one thread and 127 ms on two). Small problems get one thread, large ones every core.
+    on one thread and 127 ms on two). Problems below ``MULTITHREAD_FROM`` get one thread, larger
+    ones every core. On a CUDA ``device`` the host threads only launch kernels, so the current
+    count is kept rather than changed for nothing.
     """
     if requested is not None:
         return requested
-    return 1 if batch_size * hidden_size < 64 * 256 else cpu_cores()
+    if device is not None and device.type == "cuda":
+        return torch.get_num_threads()
+    return cpu_cores() if batch_size * hidden_size >= MULTITHREAD_FROM else 1
 
 
 def apply_threads(threads: int) -> None:
