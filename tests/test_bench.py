@@ -12,13 +12,16 @@ import pytest
 import torch
 from rich.console import Console
 from torch.utils.flop_counter import FlopCounterMode
+from typer.testing import CliRunner
 
-from morphnas import cells
+from morphnas import bench, cells
 from morphnas.bench import (
     CELL_MODELS,
+    COMPILED_SUFFIX,
     DARTS_V2,
     PARTS,
     TWO_INPUT_GATED,
+    CellConfig,
     ReferenceDartsCell,
     SupernetConfig,
     bench_table,
@@ -28,8 +31,10 @@ from morphnas.bench import (
     supernet_flops,
     thread_point,
 )
+from morphnas.cli import app
 from morphnas.engine.runtime import MULTITHREAD_FROM, choose_threads
 from morphnas.errors import UserError
+from morphnas.genotype import Genotype
 from morphnas.spaces import DartsRNNSearchCell
 from morphnas.strategies import STRATEGIES
 
@@ -46,6 +51,9 @@ SEARCH_KEYS = {"seconds_per_epoch", "batches_per_epoch", "threads", "config"}
 THREADS_KEYS = {
     "config", "candidates", "points", "crossover_product", "multithread_from", "policy_mismatches",
 }  # fmt: skip
+# ``compile=True`` adds a compiled copy of every derived cell (LSTM/GRU are fused already).
+COMPILED = {name + COMPILED_SUFFIX for name, m in CELL_MODELS.items() if isinstance(m, Genotype)}
+COMPILED_KEYS = IMPL_KEYS | {"gflop", "compiled", "compile_seconds", "max_abs_diff"}
 THREAD_POINT_KEYS = {
     "batch", "hidden", "product", "seconds", "faster_threads", "all_cores_faster",
     "speedup_all_cores", "policy_threads", "policy_agrees",
@@ -280,3 +288,61 @@ def test_bench_table_renders(quick_result):
 def test_bench_table_shows_only_the_parts_run(quick_result):
     partial = {k: v for k, v in quick_result.items() if k not in ("supernet", "cell", "threads")}
     assert len(bench_table(partial)) == 2
+
+
+def test_without_compile_there_are_no_compiled_keys(quick_result):
+    assert sorted(COMPILED) == ["darts_compiled", "two_input_compiled"]
+    for entry in quick_result["cell"].values():
+        assert not COMPILED & set(entry)
+        assert not COMPILED & set(entry["gflops_vs_lstm"])
+        assert not any("compile" in key for model in CELL_MODELS for key in entry[model])
+
+
+def test_compile_adds_the_compiled_cells_to_the_cell_part(monkeypatch):
+    # aot_eager traces like inductor (Dynamo, AOT autograd) without generating C++, and one short
+    # configuration: tracing cost grows with the unroll, seconds here rather than minutes.
+    monkeypatch.setattr(
+        bench, "QUICK_CELL_CONFIGS", {"small": CellConfig(batch=4, hidden=8, bptt=3)}
+    )
+    result = run_bench(["cell"], quick=True, compile=True, compile_backend="aot_eager")
+    assert set(result) == {"machine", "matmul", "matmul_gflops", "cell"}
+    for entry in result["cell"].values():
+        assert set(entry) == {"config", "gflops_vs_lstm", *CELL_MODELS, *COMPILED}
+        assert set(entry["gflops_vs_lstm"]) == {*CELL_MODELS, *COMPILED}
+        for name in COMPILED:
+            compiled, eager = entry[name], entry[name.removesuffix(COMPILED_SUFFIX)]
+            assert set(compiled) == COMPILED_KEYS
+            _check_impl(compiled)
+            assert compiled["compiled"] is True and _positive(compiled["compile_seconds"])
+            assert compiled["gflop"] == eager["gflop"]
+            assert _positive(entry["gflops_vs_lstm"][name])
+            # The compiled copy computes the eager cell's function (same weights, same masks).
+            assert 0 <= compiled["max_abs_diff"] <= 1e-5
+    json.dumps(result, allow_nan=False)
+
+    # A backend that failed: the copy ran eagerly, and the table says so.
+    fell_back = json.loads(json.dumps(result))
+    for entry in fell_back["cell"].values():
+        for name in COMPILED:
+            entry[name].update(compiled=False, compile_seconds=None)
+    console = Console(file=io.StringIO(), width=200)
+    for table in bench_table(fell_back):
+        console.print(table)
+    text = console.file.getvalue()
+    assert "darts_compiled" in text and "two_input_compiled" in text
+    assert "eager fallback" in text and "compile s" in text
+
+
+def test_cli_compile_flag_reaches_run_bench(monkeypatch):
+    calls = []
+
+    def fake_run_bench(parts, **options):
+        calls.append(options["compile"])
+        return {"parts": parts}
+
+    monkeypatch.setattr(bench, "run_bench", fake_run_bench)
+    for flags in ([], ["--compile"]):
+        done = CliRunner().invoke(app, ["bench", "--parts", "cell", "--quick", *flags, "--json"])
+        assert done.exit_code == 0, done.output
+        assert json.loads(done.stdout) == {"parts": ["cell"]}
+    assert calls == [False, True]

@@ -6,7 +6,8 @@ noisy, shared machine:
 * ``supernet``: one training step of our fused ``DartsRNNSearchCell`` against the loop of the DARTS
   reference code (``ReferenceDartsCell`` below, same parameters, checked to compute the same
   function), both against the machine's own dense-matmul throughput;
-* ``cell``: derived discrete cells against ``torch.nn.LSTM``/``GRU`` (fused kernels) per FLOP;
+* ``cell``: derived discrete cells against ``torch.nn.LSTM``/``GRU`` (fused kernels) per FLOP,
+  and with ``compile=True`` the same cells under ``torch.compile`` as well;
 * ``search``: seconds per epoch of the real search engine, per strategy and space;
 * ``threads``: the fused supernet's training step at one thread and at every core over a grid of
   ``batch × hidden``, the measurement behind ``engine.runtime.MULTITHREAD_FROM``.
@@ -42,6 +43,7 @@ from torch import Tensor, nn
 from morphnas import cells, spaces, strategies
 from morphnas.config import SearchConfig
 from morphnas.data import make_windows, synthetic_series
+from morphnas.engine.compiled import compile_cell
 from morphnas.engine.runtime import MULTITHREAD_FROM, choose_threads, resolve_device
 from morphnas.engine.search import search as run_search
 from morphnas.genotype import DARTS_PRIMITIVES, KNOWN, Genotype, Node
@@ -354,12 +356,19 @@ def _peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
 @dataclass
 class Workload:
     """One implementation's training step on a fixed batch: MSE on all outputs, backward, and
-    (with an optimizer) a step on every parameter, architecture parameters included."""
+    (with an optimizer) a step on every parameter, architecture parameters included.
+
+    ``threads`` pins the thread count instead of probing for it. Compiled modules need that:
+    inductor bakes the thread count of compile time into its CPU kernels (so timing other
+    counts would time a mix), and the unroll is specialised on the sequence length (so the
+    probe's shorter prefix would compile the module all over again).
+    """
 
     module: nn.Module
     x: Tensor
     target: Tensor
     optimizer: torch.optim.Optimizer | None = None
+    threads: int | None = None
 
     def step(self, bptt: int | None = None) -> None:
         """One step on the whole sequence, or on its first ``bptt`` steps (the thread probe)."""
@@ -383,6 +392,8 @@ def _best_threads(work: Workload, device: torch.device, candidates: Sequence[int
     is a warm-up, also with a single candidate: one-time costs (kernel selection, the cuBLAS
     workspace) stay out of the probe and out of the memory measured next.
     """
+    if work.threads is not None:
+        return work.threads  # warmed up already (compiled modules are, by ``compile_cell``)
     probe = min(PROBE_STEPS, work.x.shape[0])
     _set_threads(candidates[0])
     work.step(probe)
@@ -463,11 +474,14 @@ def measure_matmul(
 
 @dataclass(frozen=True)
 class Context:
-    """What every part's measurement shares: the device, the thread counts to try, the ceiling."""
+    """What every part's measurement shares: the device, the thread counts to try, the ceiling,
+    and whether (with which backend) the ``cell`` part also times its cells compiled."""
 
     device: torch.device
     threads: tuple[int, ...]
     matmul_gflops: float
+    compile: bool = False
+    compile_backend: str = "inductor"
 
 
 def _sequence(
@@ -580,22 +594,77 @@ def _cell_module(model: Genotype | str, size: int) -> nn.Module:
     return cells.baseline(model, size, size)
 
 
+COMPILED_SUFFIX = "_compiled"  # ``cell.<config>.<model>_compiled``: the model under torch.compile
+
+
+def _output_diff(module: nn.Module, other: nn.Module, x: Tensor) -> float:
+    """Max |module(x) − other(x)| over all outputs, same seed (same dropout masks), training mode.
+
+    Each forward is followed by a backward, as in a timed step: a compiled module is guarded on
+    the grad mode (``no_grad`` would compile it again) and its CUDA graphs expect the backward.
+    """
+    outputs = []
+    for cell in (module, other):
+        torch.manual_seed(1)
+        out, _ = cell(x)
+        outputs.append(out.detach().clone())  # a CUDA graph's replay overwrites its outputs
+        out.sum().backward()
+        cell.zero_grad(set_to_none=True)
+    return float((outputs[0] - outputs[1]).abs().max())
+
+
+def _compiled_workloads(
+    cfg: CellConfig, ctx: Context, modules: dict[str, nn.Module], x: Tensor, target: Tensor
+) -> tuple[dict[str, Workload], dict[str, dict[str, Any]]]:
+    """A compiled deep copy of every derived cell in ``modules``, and per copy whether it
+    compiled, the compile seconds (``None`` after an eager fallback) and ``max_abs_diff``, its
+    output's distance to the eager cell's on ``x``.
+
+    The copies run at the thread count the project's policy picks for this size (if among the
+    candidates), fixed at compile time (``Workload.threads`` says why)."""
+    threads = choose_threads(cfg.hidden, cfg.batch, device=ctx.device)
+    threads = threads if threads in ctx.threads else ctx.threads[0]
+    _set_threads(threads)  # before compiling: inductor reads it while generating kernels
+    workloads: dict[str, Workload] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for name, model in CELL_MODELS.items():
+        if not isinstance(model, Genotype):  # LSTM/GRU are cuDNN/ATen kernels already
+            continue
+        module = copy.deepcopy(modules[name])
+        seconds = compile_cell(module, x, backend=ctx.compile_backend)
+        workloads[name + COMPILED_SUFFIX] = Workload(module, x, target, threads=threads)
+        info[name + COMPILED_SUFFIX] = {
+            "compiled": seconds is not None,
+            "compile_seconds": seconds,
+            "max_abs_diff": _output_diff(module, modules[name], x),
+        }
+    return workloads, info
+
+
 def bench_cell_config(cfg: CellConfig, ctx: Context, repeats: int) -> dict[str, Any]:
-    """Derived cells vs LSTM/GRU at one size: forward+backward, input size = hidden size."""
+    """Derived cells vs LSTM/GRU at one size: forward+backward, input size = hidden size; with
+    ``ctx.compile`` also the derived cells compiled, timed in the same interleaved rounds."""
     torch.manual_seed(0)
     x, target = _sequence(cfg, cfg.hidden, ctx.device)
-    workloads = {
-        name: Workload(_cell_module(model, cfg.hidden).to(ctx.device), x, target)
-        for name, model in CELL_MODELS.items()
+    modules = {
+        name: _cell_module(model, cfg.hidden).to(ctx.device) for name, model in CELL_MODELS.items()
     }
+    workloads = {name: Workload(module, x, target) for name, module in modules.items()}
+    models = dict(CELL_MODELS)
+    compiled: dict[str, dict[str, Any]] = {}
+    if ctx.compile:
+        compiled_workloads, compiled = _compiled_workloads(cfg, ctx, modules, x, target)
+        workloads.update(compiled_workloads)
+        models.update({name: CELL_MODELS[name.removesuffix(COMPILED_SUFFIX)] for name in compiled})
     measured = measure(workloads, ctx.device, repeats, ctx.threads)
     result: dict[str, Any] = {"config": asdict(cfg)}
-    for name, model in CELL_MODELS.items():
+    for name, model in models.items():
         flops = cell_flops(model, cfg.batch, cfg.hidden, cfg.hidden, cfg.bptt)
         result[name] = _with_throughput(measured[name], flops, ctx.matmul_gflops)
         result[name]["gflop"] = flops / 1e9
+        result[name].update(compiled.get(name, {}))
     lstm = result["lstm"]["gflops"]
-    result["gflops_vs_lstm"] = {name: result[name]["gflops"] / lstm for name in CELL_MODELS}
+    result["gflops_vs_lstm"] = {name: result[name]["gflops"] / lstm for name in models}
     return result
 
 
@@ -769,9 +838,15 @@ def run_bench(
     quick: bool = False,
     device: str = "cpu",
     repeats: int | None = None,
+    compile: bool = False,
+    compile_backend: str = "inductor",
 ) -> dict[str, Any]:
     """Measure the requested parts; a JSON-serialisable dict with stable keys (see
-    docs/benchmarks.md, "Output keys"). The caller's thread count and RNG state are restored."""
+    docs/benchmarks.md, "Output keys"). The caller's thread count and RNG state are restored.
+
+    ``compile`` adds the derived cells under ``torch.compile`` to the ``cell`` part. Opt-in:
+    on CPU, compiling a 35-step unroll takes minutes. ``compile_backend`` is for the tests
+    (``"aot_eager"`` traces in seconds); the figures are inductor's."""
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise ValueError(f"unknown bench part(s) {unknown}; expected some of {list(PARTS)}")
@@ -782,20 +857,25 @@ def run_bench(
     rng_devices = [dev] if dev.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=rng_devices):
-            return _run_parts(parts, dev, quick, repeats)
+            return _run_parts(parts, dev, quick, repeats, compile, compile_backend)
     finally:
         _set_threads(threads_before)
 
 
 def _run_parts(
-    parts: Sequence[str], device: torch.device, quick: bool, repeats: int | None
+    parts: Sequence[str],
+    device: torch.device,
+    quick: bool,
+    repeats: int | None,
+    compile: bool,
+    compile_backend: str,
 ) -> dict[str, Any]:
     result: dict[str, Any] = {"machine": machine_info(device, quick)}
     candidates = thread_candidates(device, quick)
     size = 512 if quick else 2048
     result["matmul"] = measure_matmul(device, size, _repeats("matmul", quick, repeats), candidates)
     result["matmul_gflops"] = result["matmul"]["gflops"]
-    ctx = Context(device, tuple(candidates), result["matmul_gflops"])
+    ctx = Context(device, tuple(candidates), result["matmul_gflops"], compile, compile_backend)
     if "supernet" in parts:
         configs = QUICK_SUPERNET_CONFIGS if quick else SUPERNET_CONFIGS
         result["supernet"] = {
@@ -846,13 +926,27 @@ def _supernet_table(result: dict[str, Any]) -> Table:
 
 
 def _cell_table(result: dict[str, Any]) -> Table:
+    """One row per model and config; the compile columns only when compiled cells were run."""
     table = Table(title="Discrete cells vs LSTM/GRU: forward + backward")
-    for column in ("config", "model", "threads", "s/step", "GFLOP/s", "% matmul", "× LSTM GFLOP/s"):
+    columns = ["config", "model", "threads", "s/step", "GFLOP/s", "% matmul", "× LSTM GFLOP/s"]
+    with_compile = any(
+        model.endswith(COMPILED_SUFFIX)
+        for entry in result["cell"].values()
+        for model in entry["gflops_vs_lstm"]
+    )
+    if with_compile:
+        columns += ["compile s", "max |Δ|"]
+    for column in columns:
         table.add_column(column, justify="left" if column in ("config", "model") else "right")
     for name, entry in result["cell"].items():
         c = entry["config"]
-        for i, model in enumerate(CELL_MODELS):
+        for i, model in enumerate(entry["gflops_vs_lstm"]):  # CELL_MODELS, then compiled ones
             e = entry[model]
+            compile_cells = []
+            if with_compile:
+                compiled = e.get("compiled")
+                seconds = "eager fallback" if compiled is False else _fmt(e.get("compile_seconds"))
+                compile_cells = [seconds, _fmt(e.get("max_abs_diff"), 2)]
             table.add_row(
                 f"{name} B{c['batch']} H{c['hidden']} T{c['bptt']}" if i == 0 else "",
                 model,
@@ -861,6 +955,7 @@ def _cell_table(result: dict[str, Any]) -> Table:
                 _fmt(e["gflops"]),
                 f"{100 * e['fraction_of_matmul']:.1f}",
                 f"{entry['gflops_vs_lstm'][model]:.2f}",
+                *compile_cells,
             )
     return table
 

@@ -513,6 +513,14 @@ def bench(
     quick: Annotated[bool, typer.Option("--quick", help="tiny sizes, seconds not minutes")] = False,
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "cpu",
     repeats: Annotated[int | None, typer.Option(help="timed repeats per implementation")] = None,
+    compile_cells: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="cell part: also time the derived cells under torch.compile "
+            "(opt-in: compiling takes minutes on CPU)",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure the supernet against the reference loop and the machine, cells against LSTM/GRU."""
@@ -520,7 +528,9 @@ def bench(
 
     names = [p.strip() for p in parts.split(",") if p.strip()]
     try:
-        result = bench_mod.run_bench(names, quick=quick, device=device, repeats=repeats)
+        result = bench_mod.run_bench(
+            names, quick=quick, device=device, repeats=repeats, compile=compile_cells
+        )
     except ValueError as err:
         raise UserError(str(err)) from None
     if as_json:
