@@ -177,6 +177,32 @@ def test_train_resume_equals_an_uninterrupted_run(tmp_path, module_csv, crash, c
     assert without_times(rows(cut)) == without_times(rows(whole))
 
 
+COMPARE = [
+    "compare", "--csv", "", "--window", "6", "--hidden", "6", "--epochs", "2", "--growth", "none",
+    "--seeds", "2", "--retrain-epochs", "2", "--threads", "1", "--set", "search.batch_size=32",
+    "--json",
+]  # fmt: skip
+
+
+def test_a_killed_compare_continues_with_reuse(tmp_path, module_csv):
+    """``compare --reuse`` resumes the run a kill stopped and runs the rest: the same table as
+    a compare never stopped."""
+    args = [str(module_csv) if a == "" else a for a in COMPARE]
+    done = morphnas(*args, "--out", str(tmp_path / "whole"))
+    assert done.returncode == 0, done.stderr
+    killed = tmp_path / "killed"
+    assert morphnas(*args, "--out", str(killed), crash="step:7").returncode == -9
+    assert not (killed / "none-seed0" / "summary.json").exists()
+    done = morphnas(*args, "--out", str(killed), "--reuse")
+    assert done.returncode == 0, done.stderr
+    tables = [
+        without_times(json.loads((tmp_path / run / "compare.json").read_text()))
+        for run in ("whole", "killed")
+    ]
+    assert tables[0] == tables[1]
+    assert [r["seed"] for r in tables[1]["runs"]] == [0, 1]
+
+
 def test_resume_refuses_a_finished_run_and_extra_flags(tmp_path, module_csv):
     missing = morphnas("search", "--resume", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "no config.yaml" in missing.stderr
