@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
 
-from morphnas import cells
+from morphnas import api, cells, config
 from morphnas.engine.compiled import compile_cell, wants_compile
 from morphnas.genotype import Genotype, Node
 
@@ -78,3 +79,28 @@ def test_auto_compiles_on_cuda_only():
     )
     with pytest.raises(ValueError, match="compile must be"):
         wants_compile("yes", torch.device("cpu"))
+
+
+def test_search_with_compile_on_retrains_the_same_cell(tmp_path, monkeypatch):
+    """``train.compile: on`` end to end: the searched cell is compiled before retraining (the
+    compile seconds reported) and scores as the eager run does. The cheap ``aot_eager`` backend
+    stands in for inductor (checked above) to keep this fast."""
+    monkeypatch.setattr(api, "compile_cell", functools.partial(compile_cell, backend="aot_eager"))
+    rows = {}
+    for setting in ("off", "on"):
+        cfg = config.resolve(
+            overrides={
+                "data": {"dataset": "synthetic", "window": 6},
+                "space": {"nodes": 2, "hidden": 6},
+                "search": {"epochs": 1, "batch_size": 128},
+                "train": {"epochs": 2, "baselines": ["gru"], "compile": setting},
+                "threads": 1,
+                "out": str(tmp_path / setting),
+            }
+        )
+        rows[setting] = {r["model"]: r for r in api.search(cfg).results}
+    assert "compile_seconds" not in rows["off"]["searched"]
+    assert rows["on"]["searched"]["compile_seconds"] > 0
+    assert "compile_seconds" not in rows["on"]["gru"]  # baselines are fused kernels already
+    for model in ("searched", "gru"):
+        assert rows["on"][model]["test_rse"] == pytest.approx(rows["off"][model]["test_rse"], 1e-5)
