@@ -23,13 +23,13 @@ def cpu_cores() -> int:
     return os.cpu_count() or 1
 
 
-MULTITHREAD_FROM = 64 * 256
+MULTITHREAD_FROM = 8192
 """``batch × hidden`` from which a workload gets every core; below it, one intra-op thread.
 
-To be set from ``crossover_product`` of the ``threads`` bench part (``morphnas bench --parts
-threads``, docs/benchmarks.md) run on a quiet machine: the smallest measured product from which
-every larger one ran faster on all cores. 64 × 256 predates that measurement (an earlier spot
-check, see ``choose_threads``).
+The ``crossover_product`` of the ``threads`` bench part (``morphnas bench --parts threads``,
+docs/benchmarks.md), measured on the 2-core CPU with the other jobs paused (2026-11-23): the
+fused supernet's step at batch × hidden ≤ 4096 ran up to 17 % slower on two threads, from 8192
+up it ran 1.0–1.6× faster. Re-measure on other machines; ``--threads`` overrides it.
 """
 
 
@@ -44,8 +44,8 @@ def choose_threads(
 
     Recurrent cells run many small kernels; on few cores, splitting a ``batch × hidden`` matmul
     across threads costs more in synchronisation than it gains until the tensors are large (on
-    the 2-core CI machines, the default two-input search step at batch 64, hidden 32 took 117 ms
-    on one thread and 127 ms on two). Problems below ``MULTITHREAD_FROM`` get one thread, larger
+    the 2-core CI machines, the supernet step at batch 64, hidden 64 took 0.28 s on one thread
+    and 0.31 s on two). Problems below ``MULTITHREAD_FROM`` get one thread, larger
     ones every core. On a CUDA ``device`` the host threads only launch kernels, so the current
     count is kept rather than changed for nothing.
     """
