@@ -318,7 +318,7 @@ def compare(
     ``variants`` are ``(name, config overrides)`` pairs, e.g. one per growth mode. The runs go to
     ``<out>/<variant>-seed<k>``; the table to ``<out>/compare.json``. ``jobs`` > 1 runs that many
     searches at once in separate processes, each on its share of the cores unless ``threads``
-    is set; every run is the one ``jobs=1`` would give (each seeds itself).
+    is set; each run seeds itself, so it gives what ``jobs=1`` gives at the same thread count.
 
     ``reuse``: ``out`` may hold an earlier compare; a run there with the same config (threads
     aside) is kept if finished and resumed if stopped, so a compare can be continued, or extended
