@@ -81,26 +81,38 @@ def test_auto_compiles_on_cuda_only():
         wants_compile("yes", torch.device("cpu"))
 
 
-def test_search_with_compile_on_retrains_the_same_cell(tmp_path, monkeypatch):
+FORECAST = {
+    "data": {"dataset": "synthetic", "window": 6},
+    "space": {"nodes": 2, "hidden": 6},
+    "search": {"epochs": 1, "batch_size": 128},
+    "train": {"epochs": 2, "baselines": ["gru"]},
+}
+LM = {
+    "task": "lm", "data": {"dataset": "tiny"}, "space": {"nodes": 2, "hidden": 8},
+    "search": {"epochs": 1, "batch_size": 8},
+    "train": {"epochs": 1, "batch_size": 8, "baselines": ["gru"]},
+    "lm": {"bptt": 8, "train_tokens": 1600},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("task", [FORECAST, LM], ids=["forecast", "lm"])
+def test_search_with_compile_on_retrains_the_same_cell(tmp_path, monkeypatch, task):
     """``train.compile: on`` end to end: the searched cell is compiled before retraining (the
-    compile seconds reported) and scores as the eager run does. The cheap ``aot_eager`` backend
-    stands in for inductor (checked above) to keep this fast."""
+    compile seconds reported) and scores as the eager run does, the LM's carried hidden state
+    included. The cheap ``aot_eager`` backend stands in for inductor (checked above)."""
     monkeypatch.setattr(api, "compile_cell", functools.partial(compile_cell, backend="aot_eager"))
+    metric = "test_ppl" if task is LM else "test_rse"
     rows = {}
     for setting in ("off", "on"):
-        cfg = config.resolve(
-            overrides={
-                "data": {"dataset": "synthetic", "window": 6},
-                "space": {"nodes": 2, "hidden": 6},
-                "search": {"epochs": 1, "batch_size": 128},
-                "train": {"epochs": 2, "baselines": ["gru"], "compile": setting},
-                "threads": 1,
-                "out": str(tmp_path / setting),
-            }
+        overrides = config.merge(
+            task,
+            {"train": {"compile": setting}, "threads": 1, "out": str(tmp_path / setting)},
         )
-        rows[setting] = {r["model"]: r for r in api.search(cfg).results}
+        rows[setting] = {
+            r["model"]: r for r in api.search(config.resolve(overrides=overrides)).results
+        }
     assert "compile_seconds" not in rows["off"]["searched"]
     assert rows["on"]["searched"]["compile_seconds"] > 0
     assert "compile_seconds" not in rows["on"]["gru"]  # baselines are fused kernels already
     for model in ("searched", "gru"):
-        assert rows["on"][model]["test_rse"] == pytest.approx(rows["off"][model]["test_rse"], 1e-5)
+        assert rows["on"][model][metric] == pytest.approx(rows["off"][model][metric], rel=1e-5)
