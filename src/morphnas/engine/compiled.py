@@ -3,7 +3,7 @@
 A derived cell unrolled over a window is hundreds of small kernels per step; compiling the whole
 unroll fuses the elementwise work (and on CUDA, ``reduce-overhead`` replays it as one CUDA
 graph, the fixed-length path the launch overhead asks for). Compiling costs time up front: on
-the 2-core CPU, minutes for a 35-step unroll against a 1.9× faster step (docs/benchmarks.md), so
+the 2-core CPU, minutes for a 35-step unroll against a ≈1.45× faster step (docs/benchmarks.md), so
 ``auto`` compiles on CUDA only. Search supernets are not compiled: their fused kernel is already a
 hand-written sequence autograd function, and growth changes their shapes.
 
