@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, hessian, vjp
 
-__all__ = ["HVP_MODES", "METHODS", "hypergradient"]
+__all__ = ["HVP_MODES", "METHODS", "check_hvp_options", "hypergradient"]
 
 Tensors = tuple[Tensor, ...]
 Loss = Callable[[Tensors, Tensors], Tensor]
@@ -39,6 +39,15 @@ METHODS = ("first_order", "unrolled", "neumann", "cg", "exact")
 HVP_MODES = ("exact", "finite")
 
 _FD_SCALE = 0.01  # DARTS cnn/architect.py: eps = 0.01 / ||v||
+
+
+def check_hvp_options(hvp: str, eps: float | None) -> None:
+    """Raise ``ValueError`` for a Hessian–vector product mode or finite-difference step that
+    ``hypergradient`` cannot use; strategies call it when built, before any run starts."""
+    if hvp not in HVP_MODES:
+        raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
+    if eps is not None and not eps > 0:
+        raise ValueError(f"eps must be > 0 or None, got {eps!r}")
 
 
 # --------------------------------------------------------------------------- tuple arithmetic

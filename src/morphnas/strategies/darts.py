@@ -20,7 +20,7 @@ from typing import Any
 from torch import Tensor
 from torch.func import grad
 
-from morphnas.hypergrad import HVP_MODES, _inner_sgd, _mixed, hypergradient
+from morphnas.hypergrad import _inner_sgd, _mixed, check_hvp_options, hypergradient
 from morphnas.spaces.base import SearchSpace
 from morphnas.strategies.base import BatchLoss, Objective, Strategy
 
@@ -54,10 +54,7 @@ class Darts(Strategy):
         super().__init__(space, **common)
         if order not in (1, 2):
             raise ValueError(f"order must be 1 or 2, got {order!r}")
-        if hvp not in HVP_MODES:
-            raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
-        if eps is not None and not eps > 0:
-            raise ValueError(f"eps must be > 0 or None, got {eps!r}")
+        check_hvp_options(hvp, eps)
         self.order, self.hvp, self.eps = order, hvp, eps
         self.perturb_unrolled = perturb_unrolled
 

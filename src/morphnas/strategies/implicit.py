@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.func import grad
 
-from morphnas.hypergrad import HVP_MODES, _inner_sgd, _neumann, hypergradient
+from morphnas.hypergrad import _inner_sgd, _neumann, check_hvp_options, hypergradient
 from morphnas.spaces.base import SearchSpace
 from morphnas.strategies.base import BatchLoss, Objective, Strategy
 from morphnas.strategies.darts import require_objective
@@ -55,10 +55,7 @@ class IDarts(Strategy):
             raise ValueError(f"steps (T) must be an integer >= 1, got {steps!r}")
         if isinstance(terms, bool) or not isinstance(terms, int) or terms < 0:
             raise ValueError(f"terms (K) must be an integer >= 0, got {terms!r}")
-        if hvp not in HVP_MODES:
-            raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
-        if eps is not None and not eps > 0:
-            raise ValueError(f"eps must be > 0 or None, got {eps!r}")
+        check_hvp_options(hvp, eps)
         self.steps, self.terms, self.hvp, self.eps = steps, terms, hvp, eps
         self.residual_noise = residual_noise
 
