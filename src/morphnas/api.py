@@ -340,7 +340,8 @@ def compare(
     ]  # fmt: skip
     rows = [_finished(cfg) if reuse else None for _, _, cfg in planned]
     todo = [i for i, row in enumerate(rows) if row is None]
-    pending = [(planned[i][2], reuse and _stopped(planned[i][2])) for i in todo]
+    # Not finished but there with this config: stopped, to resume.
+    pending = [(planned[i][2], reuse and _same_run(planned[i][2])) for i in todo]
     if jobs == 1:
         fresh = [_compare_run(cfg, force, resume, progress) for cfg, resume in pending]
     else:
@@ -405,11 +406,6 @@ def _finished(config: RunConfig) -> dict[str, Any] | None:
     searched = next(r for r in summary["results"] if r["model"] == SEARCHED)
     extra = {k: v for k, v in summary.items() if k not in ("genotype", "models", "results")}
     return {**extra, **searched}
-
-
-def _stopped(config: RunConfig) -> bool:
-    """Whether ``config.out`` holds an unfinished run of this config (to resume)."""
-    return _same_run(config) and not (Path(config.out) / "summary.json").is_file()
 
 
 def _aggregate(variant: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
