@@ -9,7 +9,8 @@ fixes every searched node to its derived op. These tests pin:
 2. the ReZero-style gradient flow into a grown node;
 3. that growing leaves an optimiser's existing state untouched;
 4. ``grow(alpha_init="mean")``;
-5. the fused supernet with residual (and fixed) nodes against a slow per-op reference;
+5. the supernet, kernel and eager paths, with residual (and fixed) nodes against a slow per-op
+   reference;
 6. ``prune()`` and a grow-and-prune sequence;
 7. the final pruned supernet against the discrete cell with inherited weights;
 8. genotypes with residual nodes in JSON.
@@ -541,11 +542,12 @@ REF_CASES = [
 ]
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "eager"])
 @pytest.mark.parametrize("pruned", [False, True], ids=["searched", "pruned"])
 @pytest.mark.parametrize("config,training", REF_CASES)
-def test_fused_supernet_matches_slow_reference_with_residual_nodes(config, training, pruned):
+def test_supernet_matches_slow_reference_with_residual_nodes(config, training, pruned, fused):
     dtype = torch.float64
-    space = make_space(config, dtype, nodes=2)
+    space = make_space(config, dtype, nodes=2, fused=fused)
     perturb(space)
     if pruned:
         space.prune()
@@ -557,17 +559,17 @@ def test_fused_supernet_matches_slow_reference_with_residual_nodes(config, train
     x, h0 = inputs(dtype)
     probe = torch.randn(T, B, D, dtype=dtype)
     saved = bn_buffers(space)
-    fused = space(x, h0)[0]
-    fused_grads = grads(space, fused, probe)
+    out = space(x, h0)[0]
+    out_grads = grads(space, out, probe)
     restore_bn(space, saved)
     reference = slow(space, x, h0)
     reference_grads = grads(space, reference, probe)
     tol = REF_TOL[dtype]
-    torch.testing.assert_close(fused, reference, rtol=tol, atol=tol)
-    assert fused_grads.keys() == reference_grads.keys()
-    for name, g in fused_grads.items():
+    torch.testing.assert_close(out, reference, rtol=tol, atol=tol)
+    assert out_grads.keys() == reference_grads.keys()
+    for name, g in out_grads.items():
         torch.testing.assert_close(g, reference_grads[name], rtol=tol, atol=tol, msg=name)
-    assert any(name.startswith("gammas.") for name in fused_grads)
+    assert any(name.startswith("gammas.") for name in out_grads)
 
 
 @pytest.mark.parametrize("config", [DARTS_CONFIGS[0], TWO_INPUT_CONFIGS[3]], ids=config_id)

@@ -460,12 +460,24 @@ VARIANTS = [("per_op", "tanh"), ("per_node", "identity")]
 @pytest.mark.parametrize("wiring", ["chain", "input"])
 @pytest.mark.parametrize("ops", TWO_OP_SETS, ids=lambda o: "-".join(o))
 @pytest.mark.parametrize("nodes", [1, 2, 5])
-def test_two_input_fused_matches_slow(nodes, ops, wiring, output, variant, mode):
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "eager"])
+def test_two_input_matches_slow(fused, nodes, ops, wiring, output, variant, mode):
+    """Both paths of the supernet, the hand-written sequence kernel and the eager loop."""
     bn, training = mode
     sharing, squash = variant
     n_in, d = SIZES[nodes % 2]
     cell = make_two(
-        n_in, d, nodes, ops, wiring, output, sharing, bn, training, output_activation=squash
+        n_in,
+        d,
+        nodes,
+        ops,
+        wiring,
+        output,
+        sharing,
+        bn,
+        training,
+        output_activation=squash,
+        fused=fused,
     )
     x, h0 = inputs(n_in, d)
     compare(cell, slow_two_input, x, h0, TOL64)

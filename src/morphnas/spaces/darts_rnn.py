@@ -45,9 +45,8 @@ from morphnas.spaces.fused_darts import (
     FusedDartsSequence,
     NodeSpec,
     Plan,
-    supports_batchnorm,
-    transforms_active,
 )
+from morphnas.spaces.fused_ops import supports_batchnorm, transforms_active
 
 
 class DartsRNNSearchCell(ArchitectureMixin, nn.Module):

@@ -33,9 +33,9 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 from morphnas.spaces.fused_ops import (
+    SequenceNorm,
     activation_backward_into,
     activation_into,
-    aten,
     sigmoid_backward_into,
     tanh_backward_into,
     tanh_into,
@@ -68,91 +68,6 @@ class Plan:
 
     nodes: tuple[NodeSpec, ...]
     bn: nn.BatchNorm1d | None
-
-
-def transforms_active() -> bool:
-    """Whether a ``torch.func`` transform (``grad``, ``vjp``, ``jvp``, ``vmap``) is running: the
-    kernel is differentiable once and has no ``setup_context``, so callers fall back to eager."""
-    return bool(torch._C._are_functorch_transforms_active())
-
-
-def supports_batchnorm(bn: nn.BatchNorm1d | None, batch: int) -> bool:
-    """Whether the kernel reproduces ``bn``: running statistics with a fixed momentum, no
-    affine, and more than one sample when it normalises by batch statistics."""
-    if bn is None:
-        return True
-    return (
-        bn.track_running_stats
-        and bn.momentum is not None
-        and not bn.affine
-        and (not bn.training or batch > 1)
-    )
-
-
-class _Norm:
-    """BatchNorm (no affine) of state ``k`` at step ``t``, as ``nn.BatchNorm1d`` computes it.
-
-    Training: ``torch.native_batch_norm`` (the kernel ``F.batch_norm`` calls) on the module's own
-    running buffers, keeping the raw input, mean and inverse std for the backward. Evaluation:
-    the running statistics. ``None``: the identity. Per-step views are made once (``unbind``),
-    because at these sizes making a view costs about as much as a small kernel.
-    """
-
-    def __init__(self, bn: nn.BatchNorm1d | None, like: Tensor, states: int) -> None:
-        self.bn = bn
-        if bn is None:
-            return
-        steps, batch, d = like.shape[0], like.shape[1], like.shape[2] // 2
-        self.pre = [row.unbind(0) for row in like.new_empty(steps, states, batch, d).unbind(0)]
-        if bn.training:
-            stats = like.new_empty(2, steps, states, d)
-            self.mean = [row.unbind(0) for row in stats[0].unbind(0)]
-            self.invstd = [row.unbind(0) for row in stats[1].unbind(0)]
-        else:
-            assert bn.running_var is not None
-            self.scale = torch.rsqrt(bn.running_var + bn.eps)
-
-    def raw(self, t: int, k: int, out: Tensor) -> Tensor:
-        """Where the raw (pre-BN) state goes: ``out`` itself without BatchNorm."""
-        return out if self.bn is None else self.pre[t][k]
-
-    def forward(self, t: int, k: int, out: Tensor) -> None:
-        bn = self.bn
-        if bn is None:
-            return
-        if bn.training:
-            torch.native_batch_norm(
-                self.pre[t][k],
-                None,
-                None,
-                bn.running_mean,
-                bn.running_var,
-                True,
-                bn.momentum,  # type: ignore[arg-type]  # checked by supports_batchnorm
-                bn.eps,
-                out=(out, self.mean[t][k], self.invstd[t][k]),
-            )
-        else:
-            torch.sub(self.pre[t][k], bn.running_mean, out=out).mul_(self.scale)
-
-    def backward(self, t: int, k: int, grad: Tensor) -> Tensor:
-        bn = self.bn
-        if bn is None:
-            return grad
-        if not bn.training:
-            return grad * self.scale
-        return aten.native_batch_norm_backward.default(
-            grad,
-            self.pre[t][k],
-            None,
-            bn.running_mean,
-            bn.running_var,
-            self.mean[t][k],
-            self.invstd[t][k],
-            True,
-            bn.eps,
-            [True, False, False],
-        )[0]
 
 
 class _Node:
@@ -212,7 +127,7 @@ class FusedDartsSequence(torch.autograd.Function):
         masked = states if mask_h is None else torch.empty_like(states)
         hs = x_proj.new_empty(steps + 1, batch, d)  # h_{t-1} of every step, then the last h
         init = x_proj.new_empty(steps, batch, two_d)  # [σ(c₀) | tanh(g₀)]
-        norm = _Norm(plan.bn, x_proj, n + 1)
+        norm = SequenceNorm(plan.bn, x_proj[..., :d], n + 1)
         nodes = [_Node(spec, i, states, masked) for i, spec in enumerate(plan.nodes)]
         one = x_proj.new_ones(())
         edge_sums = [w.sum(1).view(-1, 1, 1) for w in act_w if w is not None]
@@ -264,7 +179,7 @@ class FusedDartsSequence(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a silently partial graph would be wrong
             raise RuntimeError(DOUBLE_BACKWARD)
         plan: Plan = ctx.plan  # type: ignore[attr-defined]
-        norm: _Norm = ctx.norm  # type: ignore[attr-defined]
+        norm: SequenceNorm = ctx.norm  # type: ignore[attr-defined]
         nodes: list[_Node] = ctx.nodes  # type: ignore[attr-defined]
         states: Tensor = ctx.states  # type: ignore[attr-defined]
         hs: Tensor = ctx.hs  # type: ignore[attr-defined]

@@ -1,4 +1,4 @@
-"""Elementwise building blocks of the hand-written recurrent kernels (``fused_darts``).
+"""Building blocks of the hand-written recurrent kernels (``fused_darts``, ``fused_two_input``).
 
 Each writes into a caller's buffer (``out=``) so that a time step allocates almost nothing, and
 each backward is one ATen kernel (``tanh_backward`` etc.) instead of autograd's chain of small
@@ -9,7 +9,7 @@ derivative is cheaper from them (``tanh``, ``sigmoid``), the pre-activation for 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 aten = torch.ops.aten
 
@@ -65,3 +65,89 @@ def sigmoid_backward_into(grad: Tensor, value: Tensor, out: Tensor) -> Tensor:
 def tanh_backward_into(grad: Tensor, value: Tensor, out: Tensor) -> Tensor:
     """``grad · tanh'`` from ``value = tanh(z)``, into ``out``."""
     return aten.tanh_backward.grad_input(grad, value, grad_input=out)
+
+
+def transforms_active() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vjp``, ``jvp``, ``vmap``) is running: the
+    kernel is differentiable once and has no ``setup_context``, so callers fall back to eager."""
+    return bool(torch._C._are_functorch_transforms_active())
+
+
+def supports_batchnorm(bn: nn.BatchNorm1d | None, batch: int) -> bool:
+    """Whether the kernel reproduces ``bn``: running statistics with a fixed momentum, no
+    affine, and more than one sample when it normalises by batch statistics."""
+    if bn is None:
+        return True
+    return (
+        bn.track_running_stats
+        and bn.momentum is not None
+        and not bn.affine
+        and (not bn.training or batch > 1)
+    )
+
+
+class SequenceNorm:
+    """BatchNorm (no affine) of state ``k`` at step ``t``, as ``nn.BatchNorm1d`` computes it;
+    ``like`` is any ``(steps, batch, d)`` tensor of the sequence's dtype and device.
+
+    Training: ``torch.native_batch_norm`` (the kernel ``F.batch_norm`` calls) on the module's own
+    running buffers, keeping the raw input, mean and inverse std for the backward. Evaluation:
+    the running statistics. ``None``: the identity. Per-step views are made once (``unbind``),
+    because at these sizes making a view costs about as much as a small kernel.
+    """
+
+    def __init__(self, bn: nn.BatchNorm1d | None, like: Tensor, states: int) -> None:
+        self.bn = bn
+        if bn is None:
+            return
+        steps, batch, d = like.shape
+        self.pre = [row.unbind(0) for row in like.new_empty(steps, states, batch, d).unbind(0)]
+        if bn.training:
+            stats = like.new_empty(2, steps, states, d)
+            self.mean = [row.unbind(0) for row in stats[0].unbind(0)]
+            self.invstd = [row.unbind(0) for row in stats[1].unbind(0)]
+        else:
+            assert bn.running_var is not None
+            self.scale = torch.rsqrt(bn.running_var + bn.eps)
+
+    def raw(self, t: int, k: int, out: Tensor) -> Tensor:
+        """Where the raw (pre-BN) state goes: ``out`` itself without BatchNorm."""
+        return out if self.bn is None else self.pre[t][k]
+
+    def forward(self, t: int, k: int, out: Tensor) -> None:
+        bn = self.bn
+        if bn is None:
+            return
+        if bn.training:
+            torch.native_batch_norm(
+                self.pre[t][k],
+                None,
+                None,
+                bn.running_mean,
+                bn.running_var,
+                True,
+                bn.momentum,  # type: ignore[arg-type]  # checked by supports_batchnorm
+                bn.eps,
+                out=(out, self.mean[t][k], self.invstd[t][k]),
+            )
+        else:
+            torch.sub(self.pre[t][k], bn.running_mean, out=out).mul_(self.scale)
+
+    def backward(self, t: int, k: int, grad: Tensor) -> Tensor:
+        bn = self.bn
+        if bn is None:
+            return grad
+        if not bn.training:
+            return grad * self.scale
+        return aten.native_batch_norm_backward.default(
+            grad,
+            self.pre[t][k],
+            None,
+            bn.running_mean,
+            bn.running_var,
+            self.mean[t][k],
+            self.invstd[t][k],
+            True,
+            bn.eps,
+            [True, False, False],
+        )[0]

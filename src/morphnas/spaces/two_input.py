@@ -39,6 +39,12 @@ from morphnas.spaces.base import (
     uniform_parameter,
     variational_mask,
 )
+from morphnas.spaces.fused_ops import supports_batchnorm, transforms_active
+from morphnas.spaces.fused_two_input import (
+    FusedTwoInputSequence,
+    TwoInputNodeSpec,
+    TwoInputPlan,
+)
 
 WIRINGS = ("chain", "input")
 WEIGHT_SHARING = ("per_op", "per_node")
@@ -92,6 +98,7 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         dropout_x: float = 0.0,
         dropout_h: float = 0.0,
         init_range: float | None = None,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         if set(ops) - set(TWO_INPUT_OPS) or not set(ops) - {"none"}:
@@ -117,11 +124,15 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         check_dropout(dropout_x=dropout_x, dropout_h=dropout_h)
         self.dropout_x, self.dropout_h = dropout_x, dropout_h
         self.init_range = 1.0 / math.sqrt(hidden_size) if init_range is None else init_range
+        self.fused = fused
         self.add_ops = [name for name in self.op_names if name in ADD_OPS]
         self._op_index = {name: k for k, name in enumerate(self.op_names)}
         # The order in which _mixed produces op outputs ('none' produces none).
-        term_ops = [*self.add_ops, *(op for op in ("hadamard", "add", "highway") if op in ops)]
-        term_index = torch.tensor([self._op_index[name] for name in term_ops])
+        self._term_ops = (
+            *self.add_ops,
+            *(op for op in ("hadamard", "add", "highway") if op in ops),
+        )
+        term_index = torch.tensor([self._op_index[name] for name in self._term_ops])
         self.register_buffer("_term_index", term_index, persistent=False)
         n_add = len(self.add_ops) if weight_sharing == "per_op" else min(len(self.add_ops), 1)
         self._add_width = n_add * hidden_size
@@ -187,11 +198,75 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
             return op_weights[0] * terms[0]
         return torch.tensordot(op_weights, torch.stack(terms), dims=1)
 
+    def _can_fuse(self, batch: int, probs: list[Tensor]) -> bool:
+        """Whether the hand-written sequence kernel (``fused_two_input``) runs this forward.
+
+        Not when the user chose the eager path (``fused=False``), not for a sampled mixing (one
+        op per node, already cheap eagerly), not under ``torch.func`` transforms (second-order
+        methods differentiate twice; the kernel's backward is hand-written and once-only), and
+        not for BatchNorm settings it does not reproduce.
+        """
+        return (
+            self.fused
+            and not isinstance(probs, SampledMixing)
+            and not transforms_active()
+            and supports_batchnorm(self.bn, batch)
+        )
+
+    def _fused_spec(self, i: int) -> TwoInputNodeSpec:
+        """Node ``i``'s terms and column blocks, mixed (every op) or fixed (its one op)."""
+        a, b = node_inputs(i, self.wiring)
+        residual, d = str(i) in self.gammas, self.hidden_size
+        fixed = self.fixed.get(i)
+        if fixed is not None:
+            terms = () if fixed.op == "none" else (fixed.op,)
+            add_columns = (0,) if fixed.op in ADD_OPS else ()
+            highway = 0 if fixed.op == "highway" else None
+            return TwoInputNodeSpec(a, b, terms, add_columns, highway, residual)
+        per_op = self.weight_sharing == "per_op"
+        add_columns = tuple(k * d if per_op else 0 for k in range(len(self.add_ops)))
+        highway = self._add_width if "highway" in self._op_index else None
+        return TwoInputNodeSpec(a, b, self._term_ops, add_columns, highway, residual)
+
+    def _fused_forward(
+        self, x: Tensor, h0: Tensor | None, probs: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """The same function as the eager loop, by ``FusedTwoInputSequence``: masks drawn in
+        the same order, the input projection and each node's merged matrix built here (autograd
+        differentiates them), a fixed node as its one op at weight 1."""
+        batch = x.shape[1]
+        mask_x = variational_mask(batch, self.input_size, self.dropout_x, x, self.training)
+        mask_h = variational_mask(batch, self.hidden_size, self.dropout_h, x, self.training)
+        u_all = (x if mask_x is None else x * mask_x) @ self.input_weight
+        h = x.new_zeros(batch, self.hidden_size) if h0 is None else h0
+        specs, weights, op_weights = [], [], []
+        for i, (p, node) in enumerate(zip(probs, self.node_weights, strict=True), start=1):
+            spec = self._fused_spec(i)
+            if isinstance(node, FixedNodeWeights):
+                weight = node.weight
+                if node.op == "highway" and weight is not None:  # [0; C H]: reads b only
+                    weight = torch.cat([torch.zeros_like(weight), weight])
+                weights.append(weight)
+                op_weights.append(x.new_ones(len(spec.terms)))
+            else:
+                merged, op_w = self._node_plan(p, node)
+                weights.append(merged)
+                op_weights.append(op_w)
+            specs.append(spec)
+        gammas = [self.gammas.get(str(i)) for i in range(1, self.nodes + 1)]
+        plan = TwoInputPlan(tuple(specs), self.output, self.output_activation, self.bn)
+        outputs = FusedTwoInputSequence.apply(
+            plan, u_all, h, mask_h, *weights, *op_weights, *gammas
+        )
+        return outputs, outputs[-1]
+
     def forward(
         self, x: Tensor, h0: Tensor | None = None, weights: list[Tensor] | None = None
     ) -> tuple[Tensor, Tensor]:
         steps, batch, _ = x.shape
         probs = self.mixing_weights() if weights is None else weights
+        if self._can_fuse(batch, probs):
+            return self._fused_forward(x, h0, probs)
         sampled = sampled_scales(probs) if isinstance(probs, SampledMixing) else None
         mask_x = variational_mask(batch, self.input_size, self.dropout_x, x, self.training)
         mask_h = variational_mask(batch, self.hidden_size, self.dropout_h, x, self.training)

@@ -1,0 +1,221 @@
+"""The hand-written two-input sequence kernel (``spaces.fused_two_input``) against the eager loop.
+
+Its values and gradients against slow per-op references are in tests/test_spaces.py
+(``test_two_input_matches_slow``, both paths) and tests/test_growth_morphism.py (residual and
+fixed nodes). Here: the kernel against the eager path of the same module on what those grids do
+not cross (grown, pruned and widened cells with dropout and BatchNorm, the mixing weights'
+gradient, BN running statistics), finite differences, and which path runs when.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor
+
+from morphnas.genotype import TWO_INPUT_OPS
+from morphnas.spaces import TwoInputSearchCell, build
+from morphnas.spaces.base import SampledMixing, Widening
+
+T, B, N_IN, D = 5, 4, 3, 5
+TOL = dict(rtol=1e-7, atol=1e-9)
+
+
+def make_cell(
+    nodes: int = 3,
+    ops=TWO_INPUT_OPS,
+    grow: int = 0,
+    prune: bool = False,
+    widen: int = 0,
+    training: bool = True,
+    **options,
+) -> TwoInputSearchCell:
+    """A float64 cell with random α, grown nodes with non-zero γ, maybe pruned and widened."""
+    torch.manual_seed(5)
+    options = {"dropout_x": 0.3, "dropout_h": 0.2, **options}
+    cell = TwoInputSearchCell(N_IN, D, nodes=nodes, ops=ops, **options).double()
+    if prune:
+        cell.prune()
+    for _ in range(grow):
+        cell.grow()
+    if widen:
+        cell.widen(Widening.random(D, widen, noise=0.1, generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        for alpha in cell.arch:
+            alpha.normal_()
+        for gamma in cell.gammas.values():
+            gamma.normal_()
+        if cell.bn is not None:
+            cell.bn.running_mean.normal_()
+            cell.bn.running_var.uniform_(0.5, 2.0)
+    return cell.train(training)
+
+
+def run(cell: TwoInputSearchCell, x: Tensor, h0: Tensor, weights: list[Tensor], probe: Tensor):
+    """Outputs, last state, the gradients of (trainable parameters, x, h0, weights), RNG state."""
+    torch.manual_seed(9)  # the same dropout masks on both paths
+    out, h = cell(x, h0, weights=weights)
+    rng = torch.get_rng_state()  # what the forward drew: the same masks in the same order
+    loss = (out * probe).sum() + (h * probe[-1]).sum()
+    wrt = [*(p for p in cell.parameters() if p.requires_grad), x, h0, *weights]
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    grads = [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, grads, strict=True)]
+    return out, h, grads, rng
+
+
+def kernel_vs_eager(cell: TwoInputSearchCell, seed: int = 3) -> None:
+    """Same values, gradients (weights, x, h0, mixing weights) and BN statistics on both paths."""
+    assert cell.fused
+    eager = copy.deepcopy(cell)
+    eager.fused = False
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, B, N_IN, generator=gen, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(B, cell.hidden_size, generator=gen, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(T, B, cell.hidden_size, generator=gen, dtype=torch.float64)
+    mixing = [w.detach() for w in cell.mixing_weights()]
+    out, h, grads, rng = run(cell, x, h0, [w.clone().requires_grad_() for w in mixing], probe)
+    ref_out, ref_h, ref_grads, ref_rng = run(
+        eager, x, h0, [w.clone().requires_grad_() for w in mixing], probe
+    )
+    assert type(out.grad_fn).__name__ == "FusedTwoInputSequenceBackward"
+    assert type(ref_out.grad_fn).__name__ != "FusedTwoInputSequenceBackward"
+    torch.testing.assert_close(out, ref_out, **TOL)
+    torch.testing.assert_close(h, ref_h, **TOL)
+    names = [n for n, p in cell.named_parameters() if p.requires_grad] + ["x", "h0"]
+    names += [f"weights[{i}]" for i in range(len(mixing))]
+    for name, g, r in zip(names, grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+    if cell.bn is not None:
+        for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(cell.bn, buffer), getattr(eager.bn, buffer))
+    assert torch.equal(rng, ref_rng)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("bn", [True, False], ids=["bn", "nobn"])
+@pytest.mark.parametrize("output", ["last", "mean"])
+@pytest.mark.parametrize("wiring", ["chain", "input"])
+def test_kernel_matches_eager_on_grown_cells(wiring, output, bn, training):
+    """Two residual nodes with non-zero γ on three searched ones, dropout on both inputs."""
+    kernel_vs_eager(
+        make_cell(grow=2, wiring=wiring, output=output, batchnorm=bn, training=training)
+    )
+
+
+@pytest.mark.parametrize("sharing", ["per_op", "per_node"])
+@pytest.mark.parametrize("output", ["last", "mean"])
+def test_kernel_matches_eager_on_pruned_then_grown_cells(output, sharing):
+    """Fixed nodes (one op, its own weight slice) under searched residual ones."""
+    cell = make_cell(prune=True, grow=2, output=output, weight_sharing=sharing, batchnorm=True)
+    assert len(cell.fixed) == 3 and len(cell.mixed_nodes) == 2
+    kernel_vs_eager(cell)
+
+
+@pytest.mark.parametrize("op", ["add_tanh", "add_relu", "add_identity", "highway", "hadamard"])
+def test_kernel_matches_eager_on_each_fixed_op(op):
+    cell = make_cell(nodes=2, grow=1, output="mean")
+    cell.fix(1, cell._choose(1, cell.mixing_weights()[0]).__class__(op, (0, -1)))
+    kernel_vs_eager(cell)
+
+
+def test_kernel_matches_eager_after_widening():
+    """A widened cell (Net2WiderNet copies, unequal shares) under both sharing modes."""
+    for sharing in ("per_op", "per_node"):
+        kernel_vs_eager(make_cell(grow=1, widen=3, weight_sharing=sharing, batchnorm=True))
+
+
+@pytest.mark.parametrize(
+    "ops", [("add_relu", "add_identity"), ("hadamard", "add"), ("none", "highway")], ids=str
+)
+def test_kernel_matches_eager_on_op_subsets(ops):
+    """Per-node sharing with two add ops writing one block; no weights at all; highway alone."""
+    kernel_vs_eager(make_cell(ops=ops, weight_sharing="per_node", grow=1))
+
+
+def test_kernel_passes_gradcheck():
+    """Finite differences through the whole kernel, every differentiable input at once."""
+    cell = make_cell(nodes=2, grow=1, batchnorm=True, wiring="chain", output="mean")
+    x = torch.randn(2, 2, N_IN, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, D, dtype=torch.float64, requires_grad=True)
+    weights = [w.detach().requires_grad_() for w in cell.mixing_weights()]
+    names = [name for name, _ in cell.named_parameters()]
+
+    def fn(x, h0, *tensors):
+        params = dict(zip(names, tensors[: len(names)], strict=True))
+        torch.manual_seed(0)  # the same dropout masks at every evaluation
+        mixing = list(tensors[len(names) :])
+        return torch.func.functional_call(cell, params, (x, h0), {"weights": mixing})[0]
+
+    cell.bn.eval()  # running statistics would move between finite-difference evaluations
+    leaves = [p.detach().clone().requires_grad_() for p in cell.parameters()]
+    out = fn(x, h0, *leaves, *weights)
+    assert type(out.grad_fn).__name__ == "FusedTwoInputSequenceBackward"
+    assert torch.autograd.gradcheck(fn, (x, h0, *leaves, *weights), eps=1e-6, atol=1e-5)
+
+
+def test_eager_is_selectable_and_sampled_mixing_runs_eagerly():
+    cell = make_cell()
+    x = torch.randn(T, B, N_IN, dtype=torch.float64)
+    assert type(cell(x)[0].grad_fn).__name__ == "FusedTwoInputSequenceBackward"
+    sample = SampledMixing([torch.eye(len(cell.op_names))[1].double()] * 3, [1, 1, 1])
+    assert type(cell(x, weights=sample)[0].grad_fn).__name__ != "FusedTwoInputSequenceBackward"
+    cell.fused = False
+    assert type(cell(x)[0].grad_fn).__name__ != "FusedTwoInputSequenceBackward"
+    assert build("two_input", 2, 4, 2, fused=False).fused is False
+    assert build("two_input", 2, 4, 2).fused is True
+
+
+def test_no_grad_forward_matches():
+    cell = make_cell(grow=1, batchnorm=True)
+    eager = copy.deepcopy(cell)
+    eager.fused = False
+    x = torch.randn(T, B, N_IN, dtype=torch.float64)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = cell(x)[0]
+        torch.manual_seed(1)
+        b = eager(x)[0]
+    torch.testing.assert_close(a, b, **TOL)
+    torch.testing.assert_close(cell.bn.running_mean, eager.bn.running_mean)
+
+
+def test_torch_func_transforms_fall_back_to_eager():
+    """Second-order methods (hypergrad) differentiate through torch.func: same gradient."""
+    cell = make_cell(dropout_x=0.0, dropout_h=0.0, grow=1)
+    x = torch.randn(T, B, N_IN, dtype=torch.float64)
+    params = {k: v.detach() for k, v in cell.named_parameters()}
+
+    def loss(p):
+        return torch.func.functional_call(cell, p, (x,))[0].pow(2).sum()
+
+    by_func = torch.func.grad(loss)(params)
+    by_autograd = torch.autograd.grad(cell(x)[0].pow(2).sum(), list(cell.parameters()))
+    for (name, _), g in zip(cell.named_parameters(), by_autograd, strict=True):
+        torch.testing.assert_close(by_func[name], g, **TOL)
+
+
+def test_double_backward_through_the_kernel_is_refused():
+    """The backward is hand-written and once-only: create_graph must fail loudly rather than
+    return a gradient whose graph silently lacks the kernel's part."""
+    cell = make_cell()
+    x = torch.randn(T, B, N_IN, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(cell(x)[0].sum(), cell.input_weight, create_graph=True)
+    cell.fused = False
+    (grad,) = torch.autograd.grad(cell(x)[0].sum(), cell.input_weight, create_graph=True)
+    assert grad.requires_grad
+
+
+def test_float32_kernel_matches_eager():
+    """The dtype searches run in: agreement at float32 rounding over a short sequence."""
+    cell = make_cell(grow=1).float()
+    eager = copy.deepcopy(cell)
+    eager.fused = False
+    x = torch.randn(T, B, N_IN)
+    torch.manual_seed(2)
+    a = cell(x)[0]
+    torch.manual_seed(2)
+    b = eager(x)[0]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
