@@ -181,7 +181,7 @@ def _check_impl(entry: dict) -> None:
 
 def test_quick_run_has_every_documented_key(quick_result):
     r = quick_result
-    assert set(r) == {"machine", "matmul", "matmul_gflops", *PARTS}
+    assert set(r) == {"machine", "matmul", "matmul_gflops", "supernet_two_input", *PARTS}
     assert set(r["machine"]) == MACHINE_KEYS
     assert set(r["matmul"]) == {"size", "threads", "gflops"}
     assert _positive(r["matmul_gflops"])
@@ -193,6 +193,12 @@ def test_quick_run_has_every_documented_key(quick_result):
         assert 0 <= entry["max_abs_diff"] <= 1e-4
         for impl in ("ours", "reference"):
             _check_impl(entry[impl])
+    entry = r["supernet_two_input"]["small"]
+    assert set(entry) == {"config", "max_abs_diff", "kernel", "eager", "speedup"}
+    assert 0 <= entry["max_abs_diff"] <= 1e-4 and _positive(entry["speedup"])
+    for impl in ("kernel", "eager"):
+        assert set(entry[impl]) == {"seconds", "threads", "peak_mb"}
+        assert _positive(entry[impl]["seconds"]) and entry[impl]["peak_mb"] >= 0
     for name in ("small", "large"):
         entry = r["cell"][name]
         assert set(entry) == {"config", "gflops_vs_lstm", *CELL_MODELS}
@@ -277,16 +283,18 @@ def test_crossover_is_the_smallest_product_with_all_cores_winning_from_there_up(
 def test_bench_table_renders(quick_result):
     console = Console(file=io.StringIO(), width=160)
     tables = bench_table(quick_result)
-    assert len(tables) == 1 + len(PARTS)
+    assert len(tables) == 2 + len(PARTS)  # the supernet part has two tables
     for table in tables:
         console.print(table)
     text = console.file.getvalue()
-    for word in ("Machine", "reference", "lstm", "two_input", "darts_rnn", "s/epoch", "crossover"):
+    words = ("Machine", "reference", "kernel", "lstm", "two_input", "darts_rnn", "s/epoch")
+    for word in (*words, "crossover"):
         assert word in text
 
 
 def test_bench_table_shows_only_the_parts_run(quick_result):
-    partial = {k: v for k, v in quick_result.items() if k not in ("supernet", "cell", "threads")}
+    dropped = ("supernet", "supernet_two_input", "cell", "threads")
+    partial = {k: v for k, v in quick_result.items() if k not in dropped}
     assert len(bench_table(partial)) == 2
 
 

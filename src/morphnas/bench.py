@@ -5,7 +5,8 @@ noisy, shared machine:
 
 * ``supernet``: one training step of our fused ``DartsRNNSearchCell`` against the loop of the DARTS
   reference code (``ReferenceDartsCell`` below, same parameters, checked to compute the same
-  function), both against the machine's own dense-matmul throughput;
+  function), both against the machine's own dense-matmul throughput; and (``supernet_two_input``)
+  the two-input supernet's sequence kernel against its own eager loop;
 * ``cell``: derived discrete cells against ``torch.nn.LSTM``/``GRU`` (fused kernels) per FLOP,
   and with ``compile=True`` the same cells under ``torch.compile`` as well;
 * ``search``: seconds per epoch of the real search engine, per strategy and space;
@@ -116,6 +117,13 @@ QUICK_SUPERNET_CONFIGS = {
     "small": SupernetConfig(batch=16, hidden=32, bptt=6, nodes=3),
     "darts": SupernetConfig(batch=32, hidden=48, bptt=6, nodes=4),
 }
+# The two-input supernet's kernel against its own eager loop: the supernet part's small size and
+# the search default (hidden 32, 4 nodes, window 24, batch 64; ``SEARCH_SETUP``).
+TWO_INPUT_CONFIGS = {
+    "small": SUPERNET_CONFIGS["small"],
+    "search": SupernetConfig(batch=64, hidden=32, bptt=24, nodes=4),
+}
+QUICK_TWO_INPUT_CONFIGS = {"small": QUICK_SUPERNET_CONFIGS["small"]}
 CELL_CONFIGS = {
     "small": CellConfig(batch=64, hidden=64, bptt=35),
     "large": CellConfig(batch=64, hidden=300, bptt=35),
@@ -557,6 +565,29 @@ def bench_supernet_config(cfg: SupernetConfig, ctx: Context, repeats: int) -> di
     return result
 
 
+def bench_two_input_config(cfg: SupernetConfig, ctx: Context, repeats: int) -> dict[str, Any]:
+    """The two-input supernet (every op, chain wiring) on its sequence kernel against the same
+    module's eager loop (``fused=False``): no outside reference exists for this space, so the
+    figure is what the kernel buys. Checked to agree (whole sequence; the output is squashed)."""
+    torch.manual_seed(0)
+    kernel = spaces.TwoInputSearchCell(cfg.input_size, cfg.hidden, nodes=cfg.nodes).to(ctx.device)
+    eager = copy.deepcopy(kernel)
+    eager.fused = False
+    x, target = _sequence(cfg, cfg.input_size, ctx.device)
+    _set_threads(ctx.threads[0])
+    with torch.no_grad():
+        diff = float((kernel(x)[0] - eager(x)[0]).abs().max())
+    if not diff <= AGREEMENT_TOL:
+        raise RuntimeError(f"two-input kernel and eager loop disagree by {diff:.2e} ({cfg})")
+    workloads = {
+        "kernel": _sgd_workload(kernel, x, target),
+        "eager": _sgd_workload(eager, x, target),
+    }
+    measured = measure(workloads, ctx.device, repeats, ctx.threads)
+    speedup = measured["eager"]["seconds"] / measured["kernel"]["seconds"]
+    return {"config": asdict(cfg), "max_abs_diff": diff, **measured, "speedup": speedup}
+
+
 class CudaGraphed(nn.Module):
     """A module whose forward and backward over one input shape replay CUDA graphs.
 
@@ -882,6 +913,11 @@ def _run_parts(
             name: bench_supernet_config(cfg, ctx, _repeats(f"supernet:{name}", quick, repeats))
             for name, cfg in configs.items()
         }
+        two_input = QUICK_TWO_INPUT_CONFIGS if quick else TWO_INPUT_CONFIGS
+        result["supernet_two_input"] = {
+            name: bench_two_input_config(cfg, ctx, _repeats("supernet:small", quick, repeats))
+            for name, cfg in two_input.items()
+        }
     if "cell" in parts:
         cell_configs = QUICK_CELL_CONFIGS if quick else CELL_CONFIGS
         result["cell"] = {
@@ -921,6 +957,26 @@ def _supernet_table(result: dict[str, Any]) -> Table:
                 f"{100 * e['fraction_of_matmul']:.1f}",
                 _fmt(e["peak_mb"], 4),
                 f"{entry[speedups[impl]]:.2f}×" if impl in speedups else "",
+            )
+    return table
+
+
+def _two_input_table(result: dict[str, Any]) -> Table:
+    table = Table(title="Two-input supernet training step: sequence kernel vs eager loop")
+    for column in ("config", "impl", "threads", "s/step", "peak MB", "speedup"):
+        table.add_column(column, justify="left" if column in ("config", "impl") else "right")
+    for name, entry in result["supernet_two_input"].items():
+        c = entry["config"]
+        label = f"{name} B{c['batch']} H{c['hidden']} T{c['bptt']} N{c['nodes']}"
+        for impl in ("kernel", "eager"):
+            e = entry[impl]
+            table.add_row(
+                label if impl == "kernel" else "",
+                impl,
+                str(e["threads"]),
+                _fmt(e["seconds"]),
+                _fmt(e["peak_mb"], 4),
+                f"{entry['speedup']:.2f}×" if impl == "kernel" else "",
             )
     return table
 
@@ -1024,6 +1080,7 @@ def bench_table(result: dict[str, Any]) -> list[Table]:
     tables = [machine]
     builders = {
         "supernet": _supernet_table,
+        "supernet_two_input": _two_input_table,
         "cell": _cell_table,
         "search": _search_table,
         "threads": _threads_table,
