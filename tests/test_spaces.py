@@ -26,7 +26,10 @@ from morphnas.spaces import (
 
 T, B = 4, 3
 TOL64 = dict(rtol=1e-5, atol=1e-5)
-TOL32 = dict(rtol=1e-3, atol=1e-4)  # BN on a batch of 3 amplifies float32 rounding
+# BN on a batch of 3 amplifies float32 rounding: a different summation order alone (the two-input
+# kernel's, at one thread) moved one input_weight gradient entry of ~0.5 by 7.8e-4. The formulas
+# are checked in float64 (TOL64).
+TOL32 = dict(rtol=1e-3, atol=1e-3)
 
 ACT = {
     "tanh": torch.tanh,

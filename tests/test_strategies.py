@@ -16,6 +16,8 @@ from morphnas import spaces, strategies
 from morphnas.cli import app
 from morphnas.ops import recurrent
 from morphnas.spaces.base import SampledMixing
+from morphnas.spaces.fused_darts import FusedDartsSequence
+from morphnas.spaces.fused_two_input import FusedTwoInputSequence
 from morphnas.strategies import Objective
 from morphnas.tasks.forecasting import ForecastModel
 
@@ -31,13 +33,18 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+# Both spaces have a sequence kernel: the tests ask for the eager path where they count its op
+# calls or differentiate a gradient again (the kernels' backward is once-differentiable).
+EAGER = {"fused": False}
+
+
 def _setup(space_name: str = "two_input", nodes: int = 2, dtype=torch.float32, seed: int = 0):
     """A tiny supernet in a forecaster (no dropout), its Objective and a train/valid batch.
 
     Eager spaces: a fused kernel's hand-written backward is once-differentiable, and the
     brute-force references below differentiate through a gradient."""
     torch.manual_seed(seed)
-    space = spaces.build(space_name, N_SERIES, HIDDEN, nodes, **_eager(space_name))
+    space = spaces.build(space_name, N_SERIES, HIDDEN, nodes, **EAGER)
     model = ForecastModel(space, HIDDEN, N_SERIES, 0.0, 3, "last").to(dtype)
     arch_ids = {id(p) for p in space.arch}
     weights = [p for p in model.parameters() if id(p) not in arch_ids]
@@ -86,15 +93,37 @@ def test_unrolled_strategy_equals_autograd_through_one_sgd_step(space_name, hvp,
         out = functional_call(model, tensors, (batch[0],), {"weights": space.mixing_weights()})
         return torch.mean((out - batch[1]) ** 2)
 
-    # Brute force: dL_val(w − ξ ∇_w L_train(w, α), α)/dα by autograd through the SGD step.
+    # Brute force: dL_val(w − ξ ∇_w L_train(w, α), α)/dα by autograd through the SGD step, on
+    # the eager path (the sequence kernels are differentiable once); the strategy runs fused.
+    space.fused = False
     g_train = torch.autograd.grad(loss_at(weights, train), weights, create_graph=True)
     virtual = [w - xi * g for w, g in zip(weights, g_train, strict=True)]
     want = torch.autograd.grad(loss_at(virtual, valid), arch)
+    space.fused = True
 
     strategy = strategies.build("darts", space, order=2, hvp=hvp, weight_lr=xi)
     got = _captured_grads(strategy, objective, train, valid)
     for g, w in zip(got, want, strict=True):
         assert torch.allclose(g, w, rtol=tol, atol=tol * float(w.abs().max()))
+
+
+@pytest.mark.parametrize("space_name", ["two_input", "darts_rnn"])
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("darts", {"order": 2, "hvp": "finite"}), ("idarts", {"steps": 1, "terms": 1})],
+)
+def test_bilevel_steps_run_the_sequence_kernel(monkeypatch, space_name, name, options):
+    """The hypergradient's first-order products use autograd, so the kernels run there; the
+    exact Hessian products (iDARTS's default) differentiate twice and take the eager path."""
+    space, _, _, objective, train, valid = _setup(space_name)
+    space.fused = True
+    kernel = FusedTwoInputSequence if space_name == "two_input" else FusedDartsSequence
+    calls = []
+    apply = kernel.apply
+    monkeypatch.setattr(kernel, "apply", lambda *args: calls.append(1) or apply(*args))
+    grads = _captured_grads(strategies.build(name, space, **options), objective, train, valid)
+    assert len(calls) >= 3  # e.g. DARTS: ∇_w L_train, ∇ L_val at w', ∇_α L_train at w ± εv
+    assert all(torch.isfinite(g).all() for g in grads)
 
 
 def test_second_order_term_is_not_zero():
@@ -210,7 +239,7 @@ def test_gdas_runs_only_the_sampled_op(space_name, monkeypatch):
 
         monkeypatch.setitem(recurrent.ACTIVATIONS, op_name, counted)
     torch.manual_seed(0)
-    space = spaces.build(space_name, N_SERIES, HIDDEN, 2, **_eager(space_name))
+    space = spaces.build(space_name, N_SERIES, HIDDEN, 2, **EAGER)
     n_ops = len(space.op_names)
     if space_name == "two_input":
         ops = ["add_relu", "add_sigmoid"]
@@ -235,11 +264,6 @@ def test_gdas_runs_only_the_sampled_op(space_name, monkeypatch):
     dense, _ = space(x, weights=weights)
     assert sum(calls.values()) > 4 * WINDOW  # the dense path runs every candidate
     assert torch.allclose(sampled, dense, atol=1e-6)
-
-
-def _eager(space_name: str) -> dict:
-    """The DARTS space has a fused path: ask for the eager one, whose calls the test counts."""
-    return {"fused": False} if space_name == "darts_rnn" else {}
 
 
 def test_gdas_gradient_reaches_every_alpha():

@@ -538,7 +538,11 @@ def _continue_run(run_dir: Path, config: RunConfig, saved: dict[str, Any] | None
 
 
 def _apply_thread_policy(config: RunConfig) -> None:
-    threads = choose_threads(config.space.hidden, config.search.batch_size, config.threads)
+    """Threads for this run's size on its device (on CUDA the host count is left as it is)."""
+    device = resolve_device(config.device)
+    threads = choose_threads(
+        config.space.hidden, config.search.batch_size, config.threads, device=device
+    )
     apply_threads(threads)
 
 

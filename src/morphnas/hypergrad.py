@@ -15,9 +15,11 @@ Every method in spec/methods.md needs the same few derivative products, so they 
 * ``exact``        — the same implicit gradient with a dense Hessian and a direct solve (tests and
   toy problems only: it costs O(n²) memory in the number of weights).
 
-Why torch.func: all products (Hessian–vector by reverse-over-reverse ``vjp``, mixed products by
-``vjp`` of the weight gradient) are computed on *functional* weights, so nothing is perturbed in
-place.  Public ports of DARTS perturb ``w`` in place (+εv, −2εv, +εv; quark0/darts#52) and leave
+All products are computed on *functional* weights, so nothing is perturbed in place: the
+products that differentiate a gradient again (Hessian–vector by reverse-over-reverse ``vjp``,
+exact mixed products by ``vjp`` of the weight gradient) by torch.func, the first-order ones by
+autograd on fresh leaves, where the supernets' once-differentiable sequence kernels can run.
+Public ports of DARTS perturb ``w`` in place (+εv, −2εv, +εv; quark0/darts#52) and leave
 floating-point drift behind; here the caller's tensors are never written: they stay bit-identical.
 The finite-difference denominator is ``(2 * eps)`` with brackets (NNI #3044, pt.darts#43).
 """
@@ -29,6 +31,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 from torch.func import grad, hessian, vjp
+
+from morphnas.spaces.fused_ops import transforms_active
 
 __all__ = ["HVP_MODES", "METHODS", "check_hvp_options", "hypergradient"]
 
@@ -85,14 +89,42 @@ def _unflatten(flat: Tensor, like: Tensors) -> Tensors:
 # --------------------------------------------------------------------------- derivative products
 
 
+def _grads(
+    loss: Loss, weights: Tensors, arch: Tensors, argnums: tuple[int, ...] = (0, 1)
+) -> tuple[Tensors, ...]:
+    """The gradients of ``loss(w, α)`` with respect to the arguments ``argnums`` (0: ``w``,
+    1: ``α``), one tuple each, by reverse-mode autograd when it can.
+
+    Under a torch.func transform (an exact product differentiates this gradient again) it is
+    ``torch.func.grad``. At the top level it is ``torch.autograd.grad`` on fresh leaves (views of
+    the inputs, never written): the same gradient, but the spaces' sequence kernels, which are
+    differentiable once and step aside under torch.func, run here, and functorch's per-op
+    wrapping is skipped. Unused inputs get zeros, as torch.func gives them.
+    """
+    if transforms_active():
+        return grad(loss, argnums=argnums)(weights, arch)
+    args = [weights, arch]
+    with torch.enable_grad():
+        for n in argnums:
+            args[n] = tuple(t.detach().requires_grad_() for t in args[n])
+        leaves = [t for n in argnums for t in args[n]]
+        found = torch.autograd.grad(loss(*args), leaves, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, found, strict=True)]
+    out, start = [], 0
+    for n in argnums:
+        out.append(tuple(grads[start : start + len(args[n])]))
+        start += len(args[n])
+    return tuple(out)
+
+
 def _grad_w(loss: Loss, weights: Tensors, arch: Tensors) -> Tensors:
     """``∇_w loss(w, α)``."""
-    return grad(loss, argnums=0)(weights, arch)
+    return _grads(loss, weights, arch, (0,))[0]
 
 
 def _grad_a(loss: Loss, weights: Tensors, arch: Tensors) -> Tensors:
     """``∇_α loss(w, α)``."""
-    return grad(loss, argnums=1)(weights, arch)
+    return _grads(loss, weights, arch, (1,))[0]
 
 
 def _hvp(loss: Loss, weights: Tensors, arch: Tensors, v: Tensors) -> Tensors:
@@ -206,7 +238,7 @@ def _unrolled(
 ) -> Tensors:
     """DARTS second order: one virtual step, mixed term around the original ``w`` (darts#21)."""
     w_virtual = _inner_sgd(train_loss, weights, arch, lr, 1)
-    g_w, g_a = grad(val_loss, argnums=(0, 1))(w_virtual, arch)
+    g_w, g_a = _grads(val_loss, w_virtual, arch)
     mixed = _mixed(train_loss, weights, arch, g_w, hvp, eps)
     return _axpy(-lr, mixed, g_a)
 
@@ -225,7 +257,7 @@ def _implicit(
 ) -> Tensors:
     """IFT gradient ``∇_α L_val − ∇²_{αw} L_train · H⁻¹ · ∇_w L_val`` at ``w_T`` (iDARTS)."""
     w_t = _inner_sgd(train_loss, weights, arch, lr, steps)
-    g_w, g_a = grad(val_loss, argnums=(0, 1))(w_t, arch)
+    g_w, g_a = _grads(val_loss, w_t, arch)
     if method == "neumann":
         p = _neumann(train_loss, w_t, arch, g_w, lr, terms)
     elif method == "cg":

@@ -166,9 +166,9 @@ class FusedDartsSequence(torch.autograd.Function):
                 if mask_h is not None:
                     torch.mul(node.state[t], mask_h, out=node.masked[t])
             torch.mean(tail_t[t], 0, out=h_t[t + 1])
-        if plan.bn is not None and plan.bn.training:
-            assert plan.bn.num_batches_tracked is not None
-            plan.bn.num_batches_tracked.add_(steps * (n + 1))
+        counter = None if plan.bn is None or not plan.bn.training else plan.bn.num_batches_tracked
+        if counter is not None:  # None also under a functional call that freezes the statistics
+            counter.add_(steps * (n + 1))
         ctx.plan, ctx.norm, ctx.nodes = plan, norm, nodes  # type: ignore[attr-defined]
         ctx.states, ctx.hs, ctx.init = states, hs, init  # type: ignore[attr-defined]
         ctx.save_for_backward(w_h, mask_h, *per_node)

@@ -216,9 +216,9 @@ class FusedTwoInputSequence(torch.autograd.Function):
                 tanh_into(last, h, one)
             elif plan.output == "last":
                 h.copy_(last)
-        if plan.bn is not None and plan.bn.training:
-            assert plan.bn.num_batches_tracked is not None
-            plan.bn.num_batches_tracked.add_(steps * n)
+        counter = None if plan.bn is None or not plan.bn.training else plan.bn.num_batches_tracked
+        if counter is not None:  # None also under a functional call that freezes the statistics
+            counter.add_(steps * n)
         ctx.plan, ctx.norm, ctx.nodes = plan, norm, nodes  # type: ignore[attr-defined]
         ctx.seq, ctx.hs = seq, hs  # type: ignore[attr-defined]
         ctx.save_for_backward(mask_h, *per_node)

@@ -330,9 +330,7 @@ class LanguageTask:
 
 
 @torch.no_grad()
-def stream_nll(
-    model: nn.Module, data: Tensor, bptt: int, **model_kwargs: Any
-) -> tuple[float, int]:
+def stream_nll(model: nn.Module, data: Tensor, bptt: int, **model_kwargs: Any) -> tuple[float, int]:
     """Summed token NLL and token count over a batchified stream, fixed ``bptt`` windows, the
     state carried through, in eval mode (the caller's mode is restored)."""
     was_training = model.training
