@@ -159,9 +159,9 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
         """Whether the hand-written sequence kernel (``fused_darts``) runs this forward.
 
         Not when the user chose the eager path (``fused=False``), not for a sampled mixing (one
-        op per node, already cheap eagerly), not under ``torch.func`` transforms (second-order
-        methods differentiate twice; the kernel's backward is hand-written and once-only), and
-        not for BatchNorm settings it does not reproduce.
+        op per node, already cheap eagerly), not under ``torch.func`` transforms (the exact
+        Hessian products of ``hypergrad`` differentiate twice; the kernel's backward is
+        hand-written and once-only), and not for BatchNorm settings it does not reproduce.
         """
         return (
             self.fused

@@ -53,9 +53,10 @@ DOUBLE_BACKWARD = (
 
 @dataclass(frozen=True)
 class TwoInputNodeSpec:
-    """One node: the states it reads (``-1`` is ``u``, ``0`` is ``h``), its terms in the order of
-    its op weights, for each ``add_*`` term the first column of its block of ``pre``, the first
-    column of the highway block (``None``: no highway) and whether it is residual."""
+    """One node: the states it reads (``a ≥ 0``, its predecessor; ``b`` may be ``-1``, which is
+    ``u``; ``0`` is ``h``), its terms in the order of its op weights, for each ``add_*`` term the
+    first column of its block of ``pre``, the first column of the highway block (``None``: no
+    highway) and whether it is residual."""
 
     a: int
     b: int

@@ -14,7 +14,10 @@ Growth (``grow``) appends a residual node ``s = base + γ ⊙ mixed(a, b)`` with
 
 Fused: the input projection runs once for all time steps, the softmax once per forward, the
 ``add_*`` ops of a node share one matmul on ``[a, b]`` (one ``2d × n·d`` block), the highway op
-one matmul on ``b``, and the time loop has no host synchronisation.
+one matmul on ``b``, and the time loop has no host synchronisation. That eager loop is the
+fallback and the specification: when it can (``fused=True``, the default), the forward hands the
+whole sequence to the hand-written kernel of ``spaces.fused_two_input`` (one
+``autograd.Function``, backward written out; tests/test_fused_two_input.py checks it).
 """
 
 from __future__ import annotations
@@ -202,9 +205,9 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         """Whether the hand-written sequence kernel (``fused_two_input``) runs this forward.
 
         Not when the user chose the eager path (``fused=False``), not for a sampled mixing (one
-        op per node, already cheap eagerly), not under ``torch.func`` transforms (second-order
-        methods differentiate twice; the kernel's backward is hand-written and once-only), and
-        not for BatchNorm settings it does not reproduce.
+        op per node, already cheap eagerly), not under ``torch.func`` transforms (the exact
+        Hessian products of ``hypergrad`` differentiate twice; the kernel's backward is
+        hand-written and once-only), and not for BatchNorm settings it does not reproduce.
         """
         return (
             self.fused
