@@ -46,7 +46,7 @@ from morphnas.spaces.fused_darts import (
     NodeSpec,
     Plan,
 )
-from morphnas.spaces.fused_ops import supports_batchnorm, transforms_active
+from morphnas.spaces.fused_ops import kernel_applies
 
 
 class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
@@ -156,19 +156,8 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
         return scales[0] * s + scales[1]
 
     def _can_fuse(self, batch: int, probs: list[Tensor]) -> bool:
-        """Whether the hand-written sequence kernel (``fused_darts``) runs this forward.
-
-        Not when the user chose the eager path (``fused=False``), not for a sampled mixing (one
-        op per node, already cheap eagerly), not under ``torch.func`` transforms (the exact
-        Hessian products of ``hypergrad`` differentiate twice; the kernel's backward is
-        hand-written and once-only), and not for BatchNorm settings it does not reproduce.
-        """
-        return (
-            self.fused
-            and not isinstance(probs, SampledMixing)
-            and not transforms_active()
-            and supports_batchnorm(self.bn, batch)
-        )
+        """Whether the sequence kernel runs this forward (``fused_ops.kernel_applies``)."""
+        return kernel_applies(self.fused, self.bn, batch, probs)
 
     def _fused_forward(
         self, x: Tensor, h0: Tensor | None, probs: list[Tensor]

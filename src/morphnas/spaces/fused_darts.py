@@ -36,14 +36,10 @@ from morphnas.spaces.fused_ops import (
     SequenceNorm,
     activation_backward_into,
     activation_into,
+    refuse_double_backward,
     sigmoid_backward_into,
     tanh_backward_into,
     tanh_into,
-)
-
-DOUBLE_BACKWARD = (
-    "the fused DARTS kernel is differentiable once (create_graph=True was asked); build the "
-    "space with fused=False for higher-order gradients"
 )
 
 
@@ -176,8 +172,7 @@ class FusedDartsSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        if torch.is_grad_enabled():  # create_graph=True: a silently partial graph would be wrong
-            raise RuntimeError(DOUBLE_BACKWARD)
+        refuse_double_backward("DARTS")
         plan: Plan = ctx.plan  # type: ignore[attr-defined]
         norm: SequenceNorm = ctx.norm  # type: ignore[attr-defined]
         nodes: list[_Node] = ctx.nodes  # type: ignore[attr-defined]

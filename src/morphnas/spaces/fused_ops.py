@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from morphnas.spaces.base import SampledMixing
+
 aten = torch.ops.aten
 
 
@@ -71,6 +73,32 @@ def transforms_active() -> bool:
     """Whether a ``torch.func`` transform (``grad``, ``vjp``, ``jvp``, ``vmap``) is running: the
     kernel is differentiable once and has no ``setup_context``, so callers fall back to eager."""
     return bool(torch._C._are_functorch_transforms_active())
+
+
+def refuse_double_backward(kernel: str) -> None:
+    """Raise inside a kernel's hand-written backward when it runs with ``create_graph=True``:
+    its formulas are not recorded, so a second derivative would silently lack its part."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"the fused {kernel} kernel is differentiable once (create_graph=True was asked); "
+            "build the space with fused=False for higher-order gradients"
+        )
+
+
+def kernel_applies(fused: bool, bn: nn.BatchNorm1d | None, batch: int, mixing: object) -> bool:
+    """Whether a space's sequence kernel runs this forward.
+
+    Not when the user chose the eager path (``fused=False``), not for a sampled mixing (one op
+    per node, already cheap eagerly), not under ``torch.func`` transforms (the exact Hessian
+    products of ``hypergrad`` differentiate twice; a kernel's backward is hand-written and
+    once-only), and not for BatchNorm settings the kernels do not reproduce.
+    """
+    return (
+        fused
+        and not isinstance(mixing, SampledMixing)
+        and not transforms_active()
+        and supports_batchnorm(bn, batch)
+    )
 
 
 def supports_batchnorm(bn: nn.BatchNorm1d | None, batch: int) -> bool:

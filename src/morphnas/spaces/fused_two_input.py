@@ -40,14 +40,10 @@ from morphnas.spaces.fused_ops import (
     SequenceNorm,
     activation_backward_into,
     activation_into,
+    refuse_double_backward,
     sigmoid_backward_into,
     tanh_backward_into,
     tanh_into,
-)
-
-DOUBLE_BACKWARD = (
-    "the fused two-input kernel is differentiable once (create_graph=True was asked); build the "
-    "space with fused=False for higher-order gradients"
 )
 
 
@@ -227,8 +223,7 @@ class FusedTwoInputSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        if torch.is_grad_enabled():  # create_graph=True: a silently partial graph would be wrong
-            raise RuntimeError(DOUBLE_BACKWARD)
+        refuse_double_backward("two-input")
         plan: TwoInputPlan = ctx.plan  # type: ignore[attr-defined]
         norm: SequenceNorm = ctx.norm  # type: ignore[attr-defined]
         nodes: list[_Node] = ctx.nodes  # type: ignore[attr-defined]

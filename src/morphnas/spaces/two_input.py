@@ -42,7 +42,7 @@ from morphnas.spaces.base import (
     uniform_parameter,
     variational_mask,
 )
-from morphnas.spaces.fused_ops import supports_batchnorm, transforms_active
+from morphnas.spaces.fused_ops import kernel_applies
 from morphnas.spaces.fused_two_input import (
     FusedTwoInputSequence,
     TwoInputNodeSpec,
@@ -202,19 +202,8 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         return torch.tensordot(op_weights, torch.stack(terms), dims=1)
 
     def _can_fuse(self, batch: int, probs: list[Tensor]) -> bool:
-        """Whether the hand-written sequence kernel (``fused_two_input``) runs this forward.
-
-        Not when the user chose the eager path (``fused=False``), not for a sampled mixing (one
-        op per node, already cheap eagerly), not under ``torch.func`` transforms (the exact
-        Hessian products of ``hypergrad`` differentiate twice; the kernel's backward is
-        hand-written and once-only), and not for BatchNorm settings it does not reproduce.
-        """
-        return (
-            self.fused
-            and not isinstance(probs, SampledMixing)
-            and not transforms_active()
-            and supports_batchnorm(self.bn, batch)
-        )
+        """Whether the sequence kernel runs this forward (``fused_ops.kernel_applies``)."""
+        return kernel_applies(self.fused, self.bn, batch, probs)
 
     def _fused_spec(self, i: int) -> TwoInputNodeSpec:
         """Node ``i``'s terms and column blocks, mixed (every op) or fixed (its one op)."""
