@@ -32,6 +32,7 @@ from torch.nn import functional as F
 from morphnas.cells.baselines import RecurrentBaseline
 from morphnas.data.corpus import Corpus, check_lengths, load_corpus
 from morphnas.spaces.base import check_dropout, variational_mask
+from morphnas.spaces.fused_ops import transforms_active
 
 if TYPE_CHECKING:
     from morphnas.config import RunConfig
@@ -179,12 +180,6 @@ def _state_to(state: State, device: torch.device) -> State:
     return tuple(s.to(device) for s in state) if isinstance(state, tuple) else state.to(device)
 
 
-def _in_functorch_transform() -> bool:
-    """Inside ``torch.func.grad`` & co. (second-order strategies) a state must not be kept: it
-    would be a wrapped tensor that outlives its transform."""
-    return bool(torch._C._are_functorch_transforms_active())
-
-
 class _WindowStream:
     """An endless walk of BPTT windows over the validation columns (the architecture steps'
     batches): when the walk reaches the end it starts again at the top, from a zero state."""
@@ -296,7 +291,9 @@ class LanguageTask:
                 loss = loss + self.ar * out.dropped.pow(2).mean()
             if self.tar > 0 and len(out.raw) > 1:
                 loss = loss + self.tar * (out.raw[1:] - out.raw[:-1]).pow(2).mean()
-        if not _in_functorch_transform():
+        # Inside a torch.func transform (exact Hessian products) a state must not be kept: it
+        # would be a wrapped tensor that outlives its transform.
+        if not transforms_active():
             self.carry[batch.stream] = {
                 "index": batch.index,
                 "start": start,
