@@ -174,13 +174,17 @@ def make(kind, genotype, n_in, d, training, dtype=torch.float64, **kw):
     return cls(genotype, n_in, d, **extra, **kw).to(dtype).train(training)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "eager"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("sizes", [(3, 5), (5, 2)])
 @pytest.mark.parametrize("genotype", DARTS_GENOTYPES, ids=["n1", "n2", "darts_v2"])
-def test_darts_cell_matches_slow(genotype, sizes, dropout, training):
+def test_darts_cell_matches_slow(genotype, sizes, dropout, training, fused):
+    """Both paths of the DARTS cell: the sequence kernel (the default) and the eager loop."""
     n_in, d = sizes
-    cell = make("darts", genotype, n_in, d, training, dropout_x=dropout, dropout_h=dropout / 2)
+    cell = make(
+        "darts", genotype, n_in, d, training, dropout_x=dropout, dropout_h=dropout / 2, fused=fused
+    )
     x, h0 = inputs(n_in, d)
     compare(cell, slow_darts_cell, x, h0, TOL64, seed=4)
 
@@ -230,10 +234,11 @@ def test_cells_default_h0_is_zero(kind):
     torch.testing.assert_close(cell(x)[0], slow(cell, x)[0], **TOL64)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "eager"])
 @pytest.mark.parametrize(
     ("output", "squash"), [("last", "identity"), ("mean", "tanh"), ("last", "tanh")]
 )
-def test_darts_cell_honours_genotype_output(output, squash):
+def test_darts_cell_honours_genotype_output(output, squash, fused):
     """A darts_rnn genotype may say ``output='last'`` (the Genotype default) or
     ``output_activation='tanh'``: the cell must follow it, or the genotype must be refused.
     Today Genotype accepts both and DartsRNNCell ignores both (always the plain mean)."""
@@ -242,7 +247,7 @@ def test_darts_cell_honours_genotype_output(output, squash):
         genotype = Genotype("darts_rnn", nodes, output=output, output_activation=squash)
     except UserError:  # refusing them for darts_rnn would also be consistent
         return
-    cell = make("darts", genotype, 3, 5, False)
+    cell = make("darts", genotype, 3, 5, False, fused=fused)
     x, h0 = inputs(3, 5)
     torch.testing.assert_close(cell(x, h0)[0], slow_darts_cell(cell, x, h0)[0], **TOL64)
 

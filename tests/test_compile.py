@@ -51,6 +51,7 @@ def test_compiled_cell_matches_eager_with_dropout(genotype):
     out_eager, grads_eager = _run(eager, x)
     out_compiled, grads_compiled = _run(compiled, x)
     assert not compiled.forward.failed
+    assert not getattr(compiled, "fused", False)  # the compiler fuses the eager loop
     torch.testing.assert_close(out_compiled, out_eager, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads_compiled, grads_eager, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -66,6 +67,7 @@ def test_a_failing_backend_falls_back_to_eager():
     with pytest.warns(RuntimeWarning, match="torch.compile failed .*running eagerly"):
         assert compile_cell(cell, torch.randn(5, 2, 3), backend=broken) is None
     assert "forward" not in vars(cell)  # the class's eager forward again
+    assert cell.fused  # and its sequence kernel
     x = torch.randn(4, 2, 3)
     torch.testing.assert_close(cell(x)[0], eager(x)[0], rtol=0, atol=0)
 

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from morphnas.cells.fused_darts_cell import CellPlan, FusedDartsCellSequence, group_weight
 from morphnas.genotype import Genotype
 from morphnas.ops import ACTIVATIONS, apply_two_input, two_input_weight_shape
 from morphnas.spaces.base import (
@@ -21,12 +22,15 @@ from morphnas.spaces.base import (
     uniform_parameter,
     variational_mask,
 )
+from morphnas.spaces.fused_ops import transforms_active
 
 
 class DartsRNNCell(nn.Module):
     """The DARTS evaluation cell: highway init node, then ``s_i = s_j + c ⊙ (f(g) − s_j)``.
 
     The output is the genotype's: DARTS derives ``mean`` (of nodes 1..N) with no squashing.
+    With ``fused=True`` (the default) the sequence runs on ``cells.fused_darts_cell``'s kernel
+    whenever it can; the eager loop below is its specification and fallback.
     """
 
     def __init__(
@@ -37,12 +41,15 @@ class DartsRNNCell(nn.Module):
         dropout_x: float = 0.0,
         dropout_h: float = 0.0,
         init_range: float = 0.04,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         self.genotype = genotype
         self.input_size, self.hidden_size = input_size, hidden_size
         check_dropout(dropout_x=dropout_x, dropout_h=dropout_h)
         self.dropout_x, self.dropout_h = dropout_x, dropout_h
+        self.fused = fused
+        self._plan = CellPlan.of(genotype)
         d = hidden_size
         self.init_weight = uniform_parameter(input_size + d, 2 * d, bound=init_range)
         self.node_weights = nn.ParameterList(
@@ -58,6 +65,8 @@ class DartsRNNCell(nn.Module):
         w_x, w_h = self.init_weight[: self.input_size], self.init_weight[self.input_size :]
         x_proj = (x if mask_x is None else x * mask_x) @ w_x
         h = x.new_zeros(batch, d) if h0 is None else h0
+        if self.fused and not transforms_active():
+            return self._fused_forward(x_proj, h, mask_h)
         acts = [ACTIVATIONS[node.op] for node in self.genotype.nodes]
         squash = ACTIVATIONS[self.genotype.output_activation]
         outputs = []
@@ -76,6 +85,21 @@ class DartsRNNCell(nn.Module):
             h = squash(combine_nodes(states[1:], self.genotype.output))
             outputs.append(h)
         return torch.stack(outputs), h
+
+    def _fused_forward(
+        self, x_proj: Tensor, h0: Tensor, mask_h: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        d = self.hidden_size
+        blocks = [
+            group_weight([self.node_weights[i] for i in children], d)
+            for _, children in self._plan.groups
+        ]
+        gammas = [self.gammas[str(i)] for i, n in enumerate(self.genotype.nodes, 1) if n.residual]
+        w_h = self.init_weight[self.input_size :]
+        outputs = FusedDartsCellSequence.apply(
+            self._plan, x_proj, h0, w_h, mask_h, *blocks, *gammas
+        )
+        return outputs, outputs[-1]
 
 
 class TwoInputCell(nn.Module):

@@ -64,6 +64,12 @@ def compile_cell(cell: nn.Module, probe: Tensor, *, backend: str = "inductor") -
     Returns the warm-up's wall seconds (the compile time, the probe's own compute being
     negligible), or None when compiling failed and the cell stays eager.
     """
+    # The compiler fuses the eager loop itself; a cell's hand-written sequence kernel (a once-only
+    # autograd.Function with a Python loop inside) is for uncompiled runs, and comes back if
+    # compiling fails.
+    kernel = getattr(cell, "fused", None)
+    if kernel:
+        cell.fused = False
     eager = cell.forward
     mode = "reduce-overhead" if probe.device.type == "cuda" else None
     # Compiled random ops draw from torch's generator as eager ones do: same dropout masks.
@@ -84,5 +90,7 @@ def compile_cell(cell: nn.Module, probe: Tensor, *, backend: str = "inductor") -
                 parameter.grad = None
     if compiled.failed:
         del cell.forward  # the class's eager forward again
+        if kernel:
+            cell.fused = True
         return None
     return time.perf_counter() - started

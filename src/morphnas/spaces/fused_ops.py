@@ -39,8 +39,8 @@ def activation_into(name: str, z: Tensor, out: Tensor, one: Tensor) -> Tensor:
         return torch.sigmoid(z, out=out)
     if name == "relu":
         return torch.clamp_min(z, 0.0, out=out)
-    if name == "identity":
-        return out.copy_(z)
+    if name == "identity":  # in place (``out is z``) there is nothing to do
+        return out if out is z else out.copy_(z)
     raise KeyError(name)
 
 
@@ -55,7 +55,7 @@ def activation_backward_into(
     if name == "relu":
         return aten.threshold_backward.grad_input(grad, pre, 0.0, grad_input=out)
     if name == "identity":
-        return out.copy_(grad)
+        return out if out is grad else out.copy_(grad)
     raise KeyError(name)
 
 

@@ -1,0 +1,317 @@
+"""A hand-written forward and backward for a whole sequence of a derived DARTS cell.
+
+Why: retraining a derived cell runs thousands of sequences of it, and eagerly each time step is
+about a hundred small ATen ops plus autograd's bookkeeping for every one of them. Two changes
+make the kernel cheaper than that loop (docs/benchmarks.md, ``cell``):
+
+* **Nodes that read the same state share one matmul.** The weights of all children of state
+  ``j`` are concatenated as ``[C_1 … C_k | G_1 … G_k]``, so one ``mm`` gives every child's
+  ``[c | g]`` and one ``sigmoid`` every child's gate (DARTS_V2: five matmuls a step, not eight).
+* **Weight gradients are one ``mm`` per weight per sequence**, over all ``T·B`` rows at once,
+  instead of autograd's one per step with only ``B`` rows; the backward walks the sequence once
+  in reverse with one kernel per formula (``sigmoid_backward`` etc.) and no graph.
+
+The cell (``cells.discrete.DartsRNNCell``, the specification and the fallback), per time step,
+with ``m`` the ``dropout_h`` mask (or 1):
+
+* init node: ``[c₀ | g₀] = x̂_t + (m ⊙ h) W_h``, ``s₀ = h + σ(c₀) ⊙ (tanh(g₀) − h)``;
+* node ``i`` with parent ``j``: ``[c | g] = (m ⊙ s_j) W_i``,
+  ``y_i = s_j + σ(c) ⊙ (f_i(g) − s_j)``; ``s_i = y_i``, or for a grown residual node
+  ``s_i = base(s_1..s_{i−1}) + γ_i ⊙ y_i`` with ``base`` the output rule;
+* ``h_t = squash(base(s_1..s_N))``.
+
+Differentiable once (``fused_ops.refuse_double_backward``); callers fall back to the eager loop
+under ``torch.func`` transforms.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx
+
+from morphnas.genotype import Genotype
+from morphnas.spaces.fused_ops import (
+    activation_backward_into,
+    activation_into,
+    refuse_double_backward,
+    sigmoid_backward_into,
+    tanh_backward_into,
+    tanh_into,
+)
+
+
+@dataclass(frozen=True)
+class CellPlan:
+    """A derived DARTS cell as the kernel runs it.
+
+    ``parents[i]`` is node ``i+1``'s input state, ``acts[i]`` its activation, ``residual[i]``
+    whether it is a grown residual node; ``groups`` lists, for every state with children, the
+    state and its children (0-based node indices), in the column order of its weight block.
+    """
+
+    parents: tuple[int, ...]
+    acts: tuple[str, ...]
+    residual: tuple[bool, ...]
+    output: str
+    squash: str
+
+    @classmethod
+    def of(cls, genotype: Genotype) -> CellPlan:
+        return cls(
+            parents=tuple(node.inputs[0] for node in genotype.nodes),
+            acts=tuple(node.op for node in genotype.nodes),
+            residual=tuple(node.residual for node in genotype.nodes),
+            output=genotype.output,
+            squash=genotype.output_activation,
+        )
+
+    @property
+    def groups(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """Per state with children: the state, and its children ordered by activation (so
+        that children with the same activation are adjacent columns: one op for all of them)."""
+        return tuple(
+            (j, tuple(sorted((i for i, p in enumerate(self.parents) if p == j), key=self._act)))
+            for j in sorted(set(self.parents))
+        )
+
+    def _act(self, i: int) -> tuple[str, int]:
+        return self.acts[i], i
+
+
+def group_weight(weights: list[Tensor], d: int) -> Tensor:
+    """The children's ``(d, 2d)`` weights ``[C_i | G_i]`` as one ``(d, 2dk)`` block
+    ``[C_1 … C_k | G_1 … G_k]`` (autograd splits its gradient back)."""
+    return torch.cat([w[:, :d] for w in weights] + [w[:, d:] for w in weights], dim=1)
+
+
+class _Group:
+    """One parent state's children over the sequence: ``z`` holds ``[σ(c) | f(g)]`` per step
+    (the forward's values, which is all the backward needs), ``dz`` their gradients."""
+
+    def __init__(
+        self, parent: int, children: tuple[int, ...], acts: tuple[str, ...], like: Tensor
+    ) -> None:
+        steps, batch, d = like.shape
+        k = len(children)
+        self.parent, self.children, self.k = parent, children, k
+        self.z = like.new_empty(steps, batch, 2 * d * k)
+        self.dz = like.new_empty(steps, batch, 2 * d * k)
+        self.z_t, self.dz_t = self.z.unbind(0), self.dz.unbind(0)
+        self.gates_t, self.d_gates_t = (
+            self.z[..., : d * k].unbind(0),
+            self.dz[..., : d * k].unbind(0),
+        )
+        # Per child r: its gate and value columns, per step.
+        self.c = [self.z[..., r * d : (r + 1) * d].unbind(0) for r in range(k)]
+        self.f = [self.z[..., (k + r) * d : (k + r + 1) * d].unbind(0) for r in range(k)]
+        self.dc = [self.dz[..., r * d : (r + 1) * d].unbind(0) for r in range(k)]
+        self.df = [self.dz[..., (k + r) * d : (k + r + 1) * d].unbind(0) for r in range(k)]
+        # Runs of adjacent children with one activation: (name, values per step, grads per step).
+        self.runs = []
+        for name, run in itertools.groupby(range(k), key=lambda r: acts[children[r]]):
+            cols = list(run)
+            lo, hi = (k + cols[0]) * d, (k + cols[-1] + 1) * d
+            self.runs.append((name, self.z[..., lo:hi].unbind(0), self.dz[..., lo:hi].unbind(0)))
+
+    def activate(self, t: int, one: Tensor) -> None:
+        """``[σ(c) | f(g)]`` in place at step ``t``, once its matmul has written ``[c | g]``."""
+        self.gates_t[t].sigmoid_()
+        for name, values, _ in self.runs:
+            activation_into(name, values[t], values[t], one)
+
+    def activate_backward(self, t: int) -> None:
+        """``dz`` from ``d σ(c)`` and ``d f(g)``, in place, once every child has added its part."""
+        sigmoid_backward_into(self.d_gates_t[t], self.gates_t[t], self.d_gates_t[t])
+        for name, values, grads in self.runs:
+            activation_backward_into(name, grads[t], values[t], values[t], grads[t])
+
+
+@dataclass(frozen=True)
+class _Node:
+    """What one node's step needs, looked up once per sequence rather than once per step."""
+
+    group: _Group
+    column: int  # its place among its group's children
+    parent: int
+    gamma: Tensor | None
+
+
+def _nodes(plan: CellPlan, groups: list[_Group], gammas: tuple[Tensor, ...]) -> list[_Node]:
+    slot = {i: (g, r) for g in groups for r, i in enumerate(g.children)}
+    gamma_iter = iter(gammas)
+    return [
+        _Node(*slot[i], plan.parents[i], next(gamma_iter) if res else None)
+        for i, res in enumerate(plan.residual)
+    ]
+
+
+def _per_step_rows(buffer: Tensor) -> list[tuple[Tensor, ...]]:
+    """``buffer[t][j]`` as views made once: at these sizes a view costs as much as a small op."""
+    return [step.unbind(0) for step in buffer.unbind(0)]
+
+
+class FusedDartsCellSequence(torch.autograd.Function):
+    """``outputs = cell(x̂, h0)`` over a whole sequence; see the module docstring.
+
+    Inputs: ``plan``; ``x_proj`` ``(T, B, 2d)``, the input half of the init projection (masked
+    and multiplied outside, where autograd handles it); ``h0`` ``(B, d)``; ``w_h`` ``(d, 2d)``;
+    ``mask_h`` ``(B, d)`` or ``None``; one weight block per group (``group_weight``); one ``γ``
+    ``(d,)`` per residual node. Output: ``(T, B, d)``, the ``h_t``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx,
+        plan: CellPlan,
+        x_proj: Tensor,
+        h0: Tensor,
+        w_h: Tensor,
+        mask_h: Tensor | None,
+        *blocks_and_gammas: Tensor,
+    ) -> Tensor:
+        n_groups = len(plan.groups)
+        blocks, gammas = blocks_and_gammas[:n_groups], blocks_and_gammas[n_groups:]
+        steps, batch, two_d = x_proj.shape
+        d, n = two_d // 2, len(plan.parents)
+        states = x_proj.new_empty(steps, n + 1, batch, d)  # s_0..s_N
+        masked = states if mask_h is None else torch.empty_like(states)
+        # Residual nodes' op output, before γ (a placeholder when there are none).
+        ys = x_proj.new_empty(steps, n if any(plan.residual) else 0, batch, d)
+        hs = x_proj.new_empty(steps + 1, batch, d)  # h_{t−1} of every step, then the last h
+        init = x_proj.new_empty(steps, batch, two_d)  # [σ(c₀) | tanh(g₀)]
+        groups = [_Group(j, kids, plan.acts, x_proj[..., :d]) for j, kids in plan.groups]
+        children_of: list[tuple[_Group, Tensor] | None] = [None] * (n + 1)
+        for group, block in zip(groups, blocks, strict=True):
+            children_of[group.parent] = (group, block)
+        nodes = _nodes(plan, groups, gammas)
+        one = x_proj.new_ones(())
+        state_t, masked_t, ys_t = _per_step_rows(states), _per_step_rows(masked), _per_step_rows(ys)
+        h_t, xp_t, init_t = hs.unbind(0), x_proj.unbind(0), init.unbind(0)
+        c0_t, g0_t = init[..., :d].unbind(0), init[..., d:].unbind(0)
+        h_t[0].copy_(h0)
+        for t in range(steps):
+            h, row, masked_row = h_t[t], state_t[t], masked_t[t]
+            torch.addmm(xp_t[t], h if mask_h is None else h * mask_h, w_h, out=init_t[t])
+            c0_t[t].sigmoid_()
+            tanh_into(g0_t[t], g0_t[t], one)
+            torch.lerp(h, g0_t[t], c0_t[t], out=row[0])
+            for j in range(n + 1):
+                if j > 0:  # node j−1 computes state j
+                    node = nodes[j - 1]
+                    value, gate = node.group.f[node.column][t], node.group.c[node.column][t]
+                    if node.gamma is None:
+                        torch.lerp(row[node.parent], value, gate, out=row[j])
+                    else:
+                        y = torch.lerp(row[node.parent], value, gate, out=ys_t[t][j - 1])
+                        torch.addcmul(
+                            _base(states[t], j - 1, plan.output), node.gamma, y, out=row[j]
+                        )
+                if mask_h is not None:
+                    torch.mul(row[j], mask_h, out=masked_row[j])
+                children = children_of[j]
+                if children is not None:  # state j is final: its children's matmul
+                    group, block = children
+                    torch.mm(masked_row[j], block, out=group.z_t[t])
+                    group.activate(t, one)
+            activation_into(plan.squash, _base(states[t], n, plan.output), h_t[t + 1], one)
+        ctx.plan, ctx.groups, ctx.nodes = plan, groups, nodes  # type: ignore[attr-defined]
+        ctx.states, ctx.masked, ctx.ys = states, masked, ys  # type: ignore[attr-defined]
+        ctx.hs, ctx.init = hs, init  # type: ignore[attr-defined]
+        ctx.save_for_backward(w_h, mask_h, *blocks, *gammas)
+        return hs[1:].clone()
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        refuse_double_backward("derived DARTS cell")
+        plan: CellPlan = ctx.plan  # type: ignore[attr-defined]
+        groups: list[_Group] = ctx.groups  # type: ignore[attr-defined]
+        nodes: list[_Node] = ctx.nodes  # type: ignore[attr-defined]
+        states: Tensor = ctx.states  # type: ignore[attr-defined]
+        masked: Tensor = ctx.masked  # type: ignore[attr-defined]
+        ys: Tensor = ctx.ys  # type: ignore[attr-defined]
+        hs: Tensor = ctx.hs  # type: ignore[attr-defined]
+        init: Tensor = ctx.init  # type: ignore[attr-defined]
+        w_h, mask_h, *blocks = ctx.saved_tensors[: 2 + len(groups)]  # type: ignore[attr-defined]
+        steps, n1, batch, d = states.shape
+        n = n1 - 1
+        new = grad_out.new_empty
+        children_of: list[tuple[_Group, Tensor] | None] = [None] * (n + 1)
+        for group, block in zip(groups, blocks, strict=True):
+            children_of[group.parent] = (group, block.T)
+        d_init = new(steps, batch, 2 * d)
+        d_init_t = d_init.unbind(0)
+        d_c0_t, d_g0_t = d_init[..., :d].unbind(0), d_init[..., d:].unbind(0)
+        d_states = new(n + 1, batch, d)
+        rows = d_states.unbind(0)
+        d_res = torch.zeros_like(ys)  # d s_i of residual nodes, for γ's gradient at the end
+        d_res_t = _per_step_rows(d_res)
+        d_y, d_in, d_base = new(batch, d), new(batch, d), new(batch, d)
+        state_t, h_t, out_t = _per_step_rows(states), hs.unbind(0), grad_out.unbind(0)
+        c0_t, g0_t = init[..., :d].unbind(0), init[..., d:].unbind(0)
+        carry = grad_out.new_zeros(batch, d)
+        for t in reversed(range(steps)):
+            row = state_t[t]
+            torch.add(out_t[t], carry, out=d_base)
+            activation_backward_into(plan.squash, d_base, h_t[t + 1], h_t[t + 1], d_base)
+            d_states.zero_()
+            _base_backward(d_states, n, plan.output, d_base)
+            for j in reversed(range(n + 1)):
+                children = children_of[j]
+                if children is not None:  # all children of state j are done: d(m ⊙ s_j)
+                    group, block_t = children
+                    group.activate_backward(t)
+                    if mask_h is None:
+                        rows[j].addmm_(group.dz_t[t], block_t)
+                    else:
+                        rows[j].addcmul_(torch.mm(group.dz_t[t], block_t, out=d_in), mask_h)
+                if j == 0:
+                    break
+                node = nodes[j - 1]
+                d_state = rows[j]
+                if node.gamma is not None:
+                    d_res_t[t][j - 1].copy_(d_state)
+                    _base_backward(d_states, j - 1, plan.output, d_state)
+                    d_state = torch.mul(d_state, node.gamma, out=d_y)
+                gate, value = node.group.c[node.column][t], node.group.f[node.column][t]
+                d_value = torch.mul(d_state, gate, out=node.group.df[node.column][t])
+                d_gate = node.group.dc[node.column][t]  # σ', f' follow for the whole group
+                torch.sub(value, row[node.parent], out=d_gate).mul_(d_state)
+                rows[node.parent].add_(d_state).sub_(d_value)
+            c0, g0, d_s0 = c0_t[t], g0_t[t], rows[0]
+            d_g0 = torch.mul(d_s0, c0, out=d_g0_t[t])
+            torch.sub(g0, h_t[t], out=d_c0_t[t]).mul_(d_s0)
+            sigmoid_backward_into(d_c0_t[t], c0, d_c0_t[t])
+            carry = d_s0 - d_g0
+            tanh_backward_into(d_g0, g0, d_g0)
+            if mask_h is None:
+                carry.addmm_(d_init_t[t], w_h.T)
+            else:
+                carry.addcmul_(torch.mm(d_init_t[t], w_h.T, out=d_in), mask_h)
+        flat = steps * batch
+        h_in = hs[:steps] if mask_h is None else hs[:steps] * mask_h
+        d_w_h = h_in.reshape(flat, d).T @ d_init.view(flat, 2 * d)
+        d_blocks = [
+            masked[:, g.parent].reshape(flat, d).T @ g.dz.view(flat, 2 * d * g.k) for g in groups
+        ]
+        d_gammas = [
+            (ys[:, i] * d_res[:, i]).sum((0, 1)) for i, res in enumerate(plan.residual) if res
+        ]
+        return None, d_init, carry, d_w_h, None, *d_blocks, *d_gammas
+
+
+def _base(states: Tensor, count: int, output: str) -> Tensor:
+    """The output rule over ``s_1..s_count`` of one step's ``(N+1, B, d)`` states: the last, or
+    the mean (``spaces.base.combine_nodes``)."""
+    return states[count] if output == "last" else states[1 : count + 1].mean(0)
+
+
+def _base_backward(d_states: Tensor, count: int, output: str, grad: Tensor) -> None:
+    """Add ``grad``, the gradient of ``_base(states, count)``, into ``d_states``."""
+    if output == "last":
+        d_states[count].add_(grad)
+    else:
+        d_states[1 : count + 1].add_(grad, alpha=1.0 / count)

@@ -1,0 +1,178 @@
+"""The derived DARTS cell's sequence kernel (``cells.fused_darts_cell``) against its eager loop.
+
+Both paths against the slow reference written from the formulas are in tests/test_cells.py
+(``test_darts_cell_matches_slow``, ``fused`` both ways). Here: the kernel against the eager loop
+on what that reference does not cover (grown residual nodes, every output rule and squash,
+shared parents in every arrangement), finite differences, the weight layout, and which path runs
+when.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor
+
+from morphnas.cells import DartsRNNCell
+from morphnas.cells.fused_darts_cell import CellPlan, group_weight
+from morphnas.genotype import KNOWN, Genotype, Node
+
+T, B, N_IN, D = 5, 3, 4, 6
+TOL = dict(rtol=1e-9, atol=1e-10)
+KERNEL = "FusedDartsCellSequenceBackward"
+
+GENOTYPES = {
+    "darts_v2": KNOWN["darts_v2"],
+    "chain_last_tanh": Genotype(
+        "darts_rnn",
+        (Node("tanh", (0,)), Node("relu", (1,)), Node("identity", (2,))),
+        output="last",
+        output_activation="tanh",
+    ),
+    "one_parent": Genotype(  # every node reads the init state: one matmul for all of them
+        "darts_rnn",
+        (Node("sigmoid", (0,)), Node("relu", (0,)), Node("sigmoid", (0,)), Node("tanh", (0,))),
+        output="mean",
+    ),
+    "grown_mean": Genotype(
+        "darts_rnn",
+        (
+            Node("relu", (0,)),
+            Node("tanh", (1,)),
+            Node("identity", (1,), residual=True),
+            Node("sigmoid", (3,), residual=True),
+        ),
+        output="mean",
+        output_activation="tanh",
+    ),
+    "grown_last": Genotype(
+        "darts_rnn",
+        (Node("tanh", (0,)), Node("relu", (0,), residual=True), Node("tanh", (2,), residual=True)),
+        output="last",
+        output_activation="identity",
+    ),
+}
+
+
+def make_cell(genotype: Genotype, dropout: float = 0.3, fused: bool = True) -> DartsRNNCell:
+    """A float64 cell with weights large enough for the gates to matter and non-zero γ."""
+    torch.manual_seed(3)
+    cell = DartsRNNCell(
+        genotype, N_IN, D, dropout_x=dropout, dropout_h=dropout, init_range=0.5, fused=fused
+    ).double()
+    with torch.no_grad():
+        for gamma in cell.gammas.values():
+            gamma.normal_()
+    return cell
+
+
+def run(cell: DartsRNNCell, x: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Outputs, last state, and the gradients of (parameters, x, h0) of a random projection."""
+    torch.manual_seed(9)  # the same dropout masks on both paths
+    out, h = cell(x, h0)
+    gen = torch.Generator().manual_seed(4)
+    loss = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum() + h.sum()
+    wrt = [*cell.parameters(), x] + ([] if h0 is None else [h0])
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    return (
+        out,
+        h,
+        [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, grads, strict=True)],
+    )
+
+
+@pytest.mark.parametrize("with_h0", [True, False], ids=["h0", "zero_h0"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("name", list(GENOTYPES))
+def test_kernel_matches_eager_loop(name, dropout, training, with_h0):
+    cell = make_cell(GENOTYPES[name], dropout).train(training)
+    eager = copy.deepcopy(cell)
+    eager.fused = False
+    x = torch.randn(T, B, N_IN, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(B, D, dtype=torch.float64, requires_grad=True) if with_h0 else None
+    out, h, grads = run(cell, x, h0)
+    assert type(out.grad_fn).__name__ == KERNEL
+    ref_out, ref_h, ref_grads = run(eager, x, h0)
+    assert type(ref_out.grad_fn).__name__ != KERNEL
+    torch.testing.assert_close(out, ref_out, **TOL)
+    torch.testing.assert_close(h, ref_h, **TOL)
+    names = [n for n, _ in cell.named_parameters()] + ["x", "h0"][: 1 + with_h0]
+    for label, a, b in zip(names, grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m, label=label: f"grad {label}: {m}")
+
+
+def test_kernel_passes_gradcheck():
+    """Finite differences through the whole kernel: every parameter, x and h0 at once."""
+    cell = make_cell(GENOTYPES["grown_mean"], dropout=0.3)
+    x = torch.randn(3, 2, N_IN, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, D, dtype=torch.float64, requires_grad=True)
+    names = [name for name, _ in cell.named_parameters()]
+    leaves = [p.detach().clone().requires_grad_() for p in cell.parameters()]
+
+    def fn(x, h0, *tensors):
+        torch.manual_seed(0)  # the same dropout masks at every evaluation
+        params = dict(zip(names, tensors, strict=True))
+        return torch.func.functional_call(cell, params, (x, h0))[0]
+
+    assert type(fn(x, h0, *leaves).grad_fn).__name__ == KERNEL
+    assert torch.autograd.gradcheck(fn, (x, h0, *leaves), eps=1e-6, atol=1e-5)
+
+
+def test_children_of_one_state_share_a_block_ordered_by_activation():
+    """DARTS_V2: eight nodes, five parent states, so five matmuls a step; the children of a
+    state are ordered by activation so that each activation is one op over adjacent columns."""
+    plan = CellPlan.of(KNOWN["darts_v2"])
+    # by activation: (identity, relu, relu) under state 1, (relu, sigmoid) under state 5
+    assert plan.groups == ((0, (0,)), (1, (3, 1, 2)), (2, (4,)), (3, (6,)), (5, (7, 5)))
+    shuffled = CellPlan.of(GENOTYPES["one_parent"])
+    assert shuffled.groups == ((0, (1, 0, 2, 3)),)  # relu, sigmoid, sigmoid, tanh
+    weights = [torch.randn(D, 2 * D) for _ in range(2)]
+    block = group_weight(weights, D)
+    x = torch.randn(B, D)
+    z = x @ block
+    for r, w in enumerate(weights):  # child r: [c | g] = x W_r
+        c, g = (x @ w).chunk(2, dim=-1)
+        torch.testing.assert_close(z[:, r * D : (r + 1) * D], c)
+        torch.testing.assert_close(z[:, (2 + r) * D : (3 + r) * D], g)
+
+
+def test_eager_is_selectable_and_torch_func_falls_back():
+    cell = make_cell(GENOTYPES["grown_mean"], dropout=0.0)
+    x = torch.randn(T, B, N_IN, dtype=torch.float64)
+    params = {k: v.detach() for k, v in cell.named_parameters()}
+
+    def loss(p):
+        return torch.func.functional_call(cell, p, (x,))[0].pow(2).sum()
+
+    by_func = torch.func.grad(loss)(params)  # under a transform: the eager loop
+    by_kernel = torch.autograd.grad(cell(x)[0].pow(2).sum(), list(cell.parameters()))
+    for (name, _), g in zip(cell.named_parameters(), by_kernel, strict=True):
+        torch.testing.assert_close(by_func[name], g, **TOL)
+    cell.fused = False
+    assert type(cell(x)[0].grad_fn).__name__ != KERNEL
+
+
+def test_double_backward_through_the_kernel_is_refused():
+    cell = make_cell(KNOWN["darts_v2"])
+    x = torch.randn(T, B, N_IN, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(cell(x)[0].sum(), cell.init_weight, create_graph=True)
+    cell.fused = False
+    (grad,) = torch.autograd.grad(cell(x)[0].sum(), cell.init_weight, create_graph=True)
+    assert grad.requires_grad
+
+
+def test_no_grad_and_float32_match_the_eager_loop():
+    cell = make_cell(GENOTYPES["grown_mean"]).float()
+    eager = copy.deepcopy(cell)
+    eager.fused = False
+    x = torch.randn(T, B, N_IN)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = cell(x)[0]
+        torch.manual_seed(1)
+        b = eager(x)[0]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
