@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from morphnas import bench, cells
 from morphnas.bench import (
     CELL_MODELS,
+    COMPILABLE,
     COMPILED_SUFFIX,
     DARTS_V2,
     PARTS,
@@ -34,7 +35,6 @@ from morphnas.bench import (
 from morphnas.cli import app
 from morphnas.engine.runtime import MULTITHREAD_FROM, choose_threads
 from morphnas.errors import UserError
-from morphnas.genotype import Genotype
 from morphnas.spaces import DartsRNNSearchCell
 from morphnas.strategies import STRATEGIES
 
@@ -52,7 +52,7 @@ THREADS_KEYS = {
     "config", "candidates", "points", "crossover_product", "multithread_from", "policy_mismatches",
 }  # fmt: skip
 # ``compile=True`` adds a compiled copy of every derived cell (LSTM/GRU are fused already).
-COMPILED = {name + COMPILED_SUFFIX for name, m in CELL_MODELS.items() if isinstance(m, Genotype)}
+COMPILED = {name + COMPILED_SUFFIX for name in COMPILABLE}
 COMPILED_KEYS = IMPL_KEYS | {"gflop", "compiled", "compile_seconds", "max_abs_diff"}
 THREAD_POINT_KEYS = {
     "batch", "hidden", "product", "seconds", "faster_threads", "all_cores_faster",
@@ -120,6 +120,15 @@ def test_cell_flops_equal_a_hand_count():
     # Two-input gated cell, B=2, input 3, hidden 4: input projection (2×3)@(3×4) = 24 MACs;
     # add_sigmoid, add_tanh: (2×8)@(8×4) = 64 each; hadamard: none; highway (2×4)@(4×8) = 64.
     assert cell_flops(TWO_INPUT_GATED, batch=2, input_size=3, hidden=4, bptt=1) == 3 * 2 * 216
+
+
+def test_darts_eager_is_the_same_cell_without_its_kernel():
+    """``cell.<config>.darts_eager`` is the kernel's side-by-side baseline: same genotype and
+    FLOPs, eager loop; only the kernel-backed cell is compiled under ``--compile``."""
+    assert CELL_MODELS["darts_eager"] is CELL_MODELS["darts"] is DARTS_V2
+    assert bench._cell_module("darts", DARTS_V2, 4).fused
+    assert not bench._cell_module("darts_eager", DARTS_V2, 4).fused
+    assert COMPILABLE == ("darts", "two_input")
 
 
 # Matmuls on the states. The fused kernel also mixes each edge's activations with a ``bmm`` of
@@ -199,6 +208,7 @@ def test_quick_run_has_every_documented_key(quick_result):
     for impl in ("kernel", "eager"):
         assert set(entry[impl]) == {"seconds", "threads", "peak_mb"}
         assert _positive(entry[impl]["seconds"]) and entry[impl]["peak_mb"] >= 0
+    assert set(CELL_MODELS) == {"darts", "darts_eager", "two_input", "lstm", "gru"}
     for name in ("small", "large"):
         entry = r["cell"][name]
         assert set(entry) == {"config", "gflops_vs_lstm", *CELL_MODELS}

@@ -611,21 +611,31 @@ class CudaGraphed(nn.Module):
         return self._graphed(x) if replay else self._eager(x)
 
 
+EAGER_SUFFIX = "_eager"  # ``cell.<config>.darts_eager``: the same cell on its eager loop
 CELL_MODELS: dict[str, Genotype | str] = {
     "darts": DARTS_V2,
+    "darts" + EAGER_SUFFIX: DARTS_V2,  # the kernel's gain, measured side by side
     "two_input": TWO_INPUT_GATED,
     "lstm": "lstm",
     "gru": "gru",
 }
 
 
-def _cell_module(model: Genotype | str, size: int) -> nn.Module:
+def _cell_module(name: str, model: Genotype | str, size: int) -> nn.Module:
     if isinstance(model, Genotype):
-        return cells.build(model, size, size)
+        eager = {"fused": False} if name.endswith(EAGER_SUFFIX) else {}
+        return cells.build(model, size, size, **eager)
     return cells.baseline(model, size, size)
 
 
 COMPILED_SUFFIX = "_compiled"  # ``cell.<config>.<model>_compiled``: the model under torch.compile
+# The derived cells (LSTM/GRU are cuDNN/ATen kernels already; a compiled cell runs its eager loop,
+# so ``darts_eager`` would be ``darts`` again).
+COMPILABLE = tuple(
+    name
+    for name, model in CELL_MODELS.items()
+    if isinstance(model, Genotype) and not name.endswith(EAGER_SUFFIX)
+)
 
 
 def _output_diff(module: nn.Module, other: nn.Module, x: Tensor) -> float:
@@ -658,9 +668,7 @@ def _compiled_workloads(
     _set_threads(threads)  # before compiling: inductor reads it while generating kernels
     workloads: dict[str, Workload] = {}
     info: dict[str, dict[str, Any]] = {}
-    for name, model in CELL_MODELS.items():
-        if not isinstance(model, Genotype):  # LSTM/GRU are cuDNN/ATen kernels already
-            continue
+    for name in COMPILABLE:
         module = copy.deepcopy(modules[name])
         seconds = compile_cell(module, x, backend=ctx.compile_backend)
         workloads[name + COMPILED_SUFFIX] = Workload(module, x, target, threads=threads)
@@ -678,7 +686,8 @@ def bench_cell_config(cfg: CellConfig, ctx: Context, repeats: int) -> dict[str, 
     torch.manual_seed(0)
     x, target = _sequence(cfg, cfg.hidden, ctx.device)
     modules = {
-        name: _cell_module(model, cfg.hidden).to(ctx.device) for name, model in CELL_MODELS.items()
+        name: _cell_module(name, model, cfg.hidden).to(ctx.device)
+        for name, model in CELL_MODELS.items()
     }
     workloads = {name: Workload(module, x, target) for name, module in modules.items()}
     models = dict(CELL_MODELS)
