@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import pytest
 import torch
@@ -364,3 +365,29 @@ def test_cli_compile_flag_reaches_run_bench(monkeypatch):
         assert done.exit_code == 0, done.output
         assert json.loads(done.stdout) == {"parts": ["cell"]}
     assert calls == [False, True]
+
+
+class _ThreadBound:
+    """A stand-in workload whose step is fast only at one thread count (it sleeps otherwise)."""
+
+    threads = None
+
+    def __init__(self, fast_at: int) -> None:
+        self.fast_at, self.counts = fast_at, []
+
+    def step(self, bptt: int | None = None) -> None:
+        self.counts.append(torch.get_num_threads())
+        if torch.get_num_threads() != self.fast_at:
+            time.sleep(0.05)
+
+
+def test_measure_without_probe_times_every_count_and_keeps_the_faster():
+    before = torch.get_num_threads()
+    try:
+        works = {"one": _ThreadBound(1), "two": _ThreadBound(2)}
+        result = bench.measure(works, torch.device("cpu"), 3, (1, 2), probe=False)
+    finally:
+        torch.set_num_threads(before)
+    assert result["one"]["threads"] == 1 and result["two"]["threads"] == 2
+    for work in works.values():  # the memory step, then three interleaved rounds at each count
+        assert work.counts == [1] + [1, 2] * 3

@@ -578,9 +578,11 @@ def _with_search_metadata(outcome: engine.SearchOutcome, space: Any, config: Run
     return dataclasses.replace(outcome.genotype, metadata=metadata)
 
 
-def _cell_options(config: RunConfig) -> dict[str, Any]:
-    """Space options that a discrete cell also takes (dropout and init), others are search-only."""
+def _cell_options(config: RunConfig, genotype: Genotype) -> dict[str, Any]:
+    """Space options that a discrete cell also takes (dropout and init; ``fused`` for the DARTS
+    cell, the one with a sequence kernel); the others are search-only."""
     keep = ("dropout_x", "dropout_h", "init_range")
+    keep += ("fused",) if genotype.space == "darts_rnn" else ()
     return {k: v for k, v in config.space.options.items() if k in keep}
 
 
@@ -597,7 +599,7 @@ def _build_model(
     if architecture in genotype_mod.KNOWN:
         architecture = genotype_mod.KNOWN[architecture]
     if isinstance(architecture, Genotype):
-        cell = cells.build(architecture, n_series, hidden, **_cell_options(config))
+        cell = cells.build(architecture, n_series, hidden, **_cell_options(config, architecture))
     elif architecture == "ar":
         if config.train.ar_window < 1:
             raise UserError("the 'ar' baseline needs train.ar_window >= 1")

@@ -422,33 +422,49 @@ def measure(
     device: torch.device,
     repeats: int,
     candidates: Sequence[int],
+    probe: bool = True,
 ) -> dict[str, Any]:
     """Per workload: ``seconds`` (median), ``threads`` and ``peak_mb``, timed side by side.
 
     Order: thread probe per workload; then one full step per workload under the memory meter,
     which is also its full-length warm-up; then ``repeats`` rounds of one step of each workload
     in turn (A, B, A, B, ...), so that drifting load on a shared machine hits all alike.
+
+    ``probe=False`` (for steps cheap enough to time twice): no prefix probe; every workload is
+    timed at every thread count in the interleaved rounds and keeps its faster median, so a noisy
+    probe cannot pick the wrong count.
     """
-    threads = {name: _best_threads(work, device, candidates) for name, work in workloads.items()}
+    if probe:
+        counts = {
+            name: [_best_threads(work, device, candidates)] for name, work in workloads.items()
+        }
+    else:
+        counts = {
+            name: list(candidates) if work.threads is None else [work.threads]
+            for name, work in workloads.items()
+        }
     peaks = {}
     for name, work in workloads.items():
-        _set_threads(threads[name])
+        _set_threads(counts[name][0])
         peaks[name] = _peak_mb(work.step, device)
-    runs = {name: (work, threads[name]) for name, work in workloads.items()}
+    runs = {(name, t): (work, t) for name, work in workloads.items() for t in counts[name]}
     seconds = _interleaved(runs, device, repeats)
+    best = {
+        name: min(counts[name], key=lambda t, name=name: seconds[name, t]) for name in workloads
+    }
     return {
-        name: {"seconds": seconds[name], "threads": threads[name], "peak_mb": peaks[name]}
+        name: {"seconds": seconds[name, best[name]], "threads": best[name], "peak_mb": peaks[name]}
         for name in workloads
     }
 
 
 def _interleaved(
-    runs: dict[str, tuple[Workload, int]], device: torch.device, repeats: int
-) -> dict[str, float]:
+    runs: dict[Any, tuple[Workload, int]], device: torch.device, repeats: int
+) -> dict[Any, float]:
     """Median seconds of one full step per run (a workload at a thread count), timed in
     ``repeats`` rounds of one step of each run in turn (A, B, A, B, ...): drifting load on a
     shared machine then hits all alike, which a block of A's then a block of B's would not."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    times: dict[Any, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, (work, threads) in runs.items():
             _set_threads(threads)
@@ -583,7 +599,7 @@ def bench_two_input_config(cfg: SupernetConfig, ctx: Context, repeats: int) -> d
         "kernel": _sgd_workload(kernel, x, target),
         "eager": _sgd_workload(eager, x, target),
     }
-    measured = measure(workloads, ctx.device, repeats, ctx.threads)
+    measured = measure(workloads, ctx.device, repeats, ctx.threads, probe=False)  # cheap steps
     speedup = measured["eager"]["seconds"] / measured["kernel"]["seconds"]
     return {"config": asdict(cfg), "max_abs_diff": diff, **measured, "speedup": speedup}
 
@@ -696,7 +712,7 @@ def bench_cell_config(cfg: CellConfig, ctx: Context, repeats: int) -> dict[str, 
         compiled_workloads, compiled = _compiled_workloads(cfg, ctx, modules, x, target)
         workloads.update(compiled_workloads)
         models.update({name: CELL_MODELS[name.removesuffix(COMPILED_SUFFIX)] for name in compiled})
-    measured = measure(workloads, ctx.device, repeats, ctx.threads)
+    measured = measure(workloads, ctx.device, repeats, ctx.threads, probe=False)  # cheap steps
     result: dict[str, Any] = {"config": asdict(cfg)}
     for name, model in models.items():
         flops = cell_flops(model, cfg.batch, cfg.hidden, cfg.hidden, cfg.bptt)
