@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -90,43 +91,49 @@ def group_weight(weights: list[Tensor], d: int) -> Tensor:
 
 class _Group:
     """One parent state's children over the sequence: ``z`` holds ``[σ(c) | f(g)]`` per step
-    (the forward's values, which is all the backward needs), ``dz`` their gradients."""
+    (the forward's values, which is all the backward needs), ``dz`` their gradients (allocated
+    by the backward: an evaluation pass never needs them)."""
 
     def __init__(
         self, parent: int, children: tuple[int, ...], acts: tuple[str, ...], like: Tensor
     ) -> None:
         steps, batch, d = like.shape
         k = len(children)
-        self.parent, self.children, self.k = parent, children, k
-        self.z = like.new_empty(steps, batch, 2 * d * k)
-        self.dz = like.new_empty(steps, batch, 2 * d * k)
-        self.z_t, self.dz_t = self.z.unbind(0), self.dz.unbind(0)
-        self.gates_t, self.d_gates_t = (
-            self.z[..., : d * k].unbind(0),
-            self.dz[..., : d * k].unbind(0),
-        )
-        # Per child r: its gate and value columns, per step.
-        self.c = [self.z[..., r * d : (r + 1) * d].unbind(0) for r in range(k)]
-        self.f = [self.z[..., (k + r) * d : (k + r + 1) * d].unbind(0) for r in range(k)]
-        self.dc = [self.dz[..., r * d : (r + 1) * d].unbind(0) for r in range(k)]
-        self.df = [self.dz[..., (k + r) * d : (k + r + 1) * d].unbind(0) for r in range(k)]
-        # Runs of adjacent children with one activation: (name, values per step, grads per step).
+        self.parent, self.children, self.k, self.d = parent, children, k, d
+        # Runs of adjacent children with one activation: (name, first column, end column).
         self.runs = []
         for name, run in itertools.groupby(range(k), key=lambda r: acts[children[r]]):
             cols = list(run)
-            lo, hi = (k + cols[0]) * d, (k + cols[-1] + 1) * d
-            self.runs.append((name, self.z[..., lo:hi].unbind(0), self.dz[..., lo:hi].unbind(0)))
+            self.runs.append((name, (k + cols[0]) * d, (k + cols[-1] + 1) * d))
+        self.z = like.new_empty(steps, batch, 2 * d * k)
+        self.z_t, self.gates_t, self.c, self.f, self.values = self._views(self.z)
+
+    def _views(self, buffer: Tensor) -> tuple[Any, ...]:
+        """Per-step views of ``buffer``: whole, all gates, each child's gate and value columns,
+        and each activation run."""
+        k, d = self.k, self.d
+        return (
+            buffer.unbind(0),
+            buffer[..., : d * k].unbind(0),
+            [buffer[..., r * d : (r + 1) * d].unbind(0) for r in range(k)],
+            [buffer[..., (k + r) * d : (k + r + 1) * d].unbind(0) for r in range(k)],
+            [buffer[..., lo:hi].unbind(0) for _, lo, hi in self.runs],
+        )
 
     def activate(self, t: int, one: Tensor) -> None:
         """``[σ(c) | f(g)]`` in place at step ``t``, once its matmul has written ``[c | g]``."""
         self.gates_t[t].sigmoid_()
-        for name, values, _ in self.runs:
+        for (name, _, _), values in zip(self.runs, self.values, strict=True):
             activation_into(name, values[t], values[t], one)
+
+    def prepare_backward(self) -> None:
+        self.dz = torch.empty_like(self.z)
+        self.dz_t, self.d_gates_t, self.dc, self.df, self.grads = self._views(self.dz)
 
     def activate_backward(self, t: int) -> None:
         """``dz`` from ``d σ(c)`` and ``d f(g)``, in place, once every child has added its part."""
         sigmoid_backward_into(self.d_gates_t[t], self.gates_t[t], self.d_gates_t[t])
-        for name, values, grads in self.runs:
+        for (name, _, _), values, grads in zip(self.runs, self.values, self.grads, strict=True):
             activation_backward_into(name, grads[t], values[t], values[t], grads[t])
 
 
@@ -241,6 +248,7 @@ class FusedDartsCellSequence(torch.autograd.Function):
         new = grad_out.new_empty
         children_of: list[tuple[_Group, Tensor] | None] = [None] * (n + 1)
         for group, block in zip(groups, blocks, strict=True):
+            group.prepare_backward()
             children_of[group.parent] = (group, block.T)
         d_init = new(steps, batch, 2 * d)
         d_init_t = d_init.unbind(0)
