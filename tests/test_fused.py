@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from morphnas.genotype import DARTS_PRIMITIVES, Node
+from morphnas import cells
+from morphnas.genotype import DARTS_PRIMITIVES, KNOWN, Node
 from morphnas.spaces import DartsRNNSearchCell, build
 
 T, B, N_IN, D = 4, 3, 3, 5
@@ -252,13 +253,23 @@ def test_torch_func_transforms_fall_back_to_eager():
         torch.testing.assert_close(by_func[name], g, **TOL)
 
 
-def test_double_backward_through_the_kernel_is_refused():
-    """The backward is hand-written and once-only: create_graph must fail loudly rather than
-    return a gradient whose graph silently lacks the kernel's part."""
-    cell = make_cell()
+KERNEL_CELLS = {
+    "darts_supernet": lambda: build("darts_rnn", N_IN, D, 2),
+    "two_input_supernet": lambda: build("two_input", N_IN, D, 2),
+    "darts_cell": lambda: cells.build(KNOWN["darts_v2"], N_IN, D),
+}
+
+
+@pytest.mark.parametrize("name", list(KERNEL_CELLS))
+def test_double_backward_through_any_kernel_is_refused(name):
+    """Every sequence kernel's backward is hand-written and once-only: create_graph must fail
+    loudly rather than return a gradient whose graph silently lacks the kernel's part, and the
+    eager path (``fused=False``) must then give the second-order graph."""
+    cell = KERNEL_CELLS[name]().double()
+    weight = next(cell.parameters())
     x = torch.randn(T, B, N_IN, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="differentiable once"):
-        torch.autograd.grad(cell(x)[0].sum(), cell.init_weight, create_graph=True)
+        torch.autograd.grad(cell(x)[0].sum(), weight, create_graph=True)
     cell.fused = False
-    (grad,) = torch.autograd.grad(cell(x)[0].sum(), cell.init_weight, create_graph=True)
+    (grad,) = torch.autograd.grad(cell(x)[0].sum(), weight, create_graph=True)
     assert grad.requires_grad

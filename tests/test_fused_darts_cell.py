@@ -157,16 +157,6 @@ def test_eager_is_selectable_and_torch_func_falls_back():
     assert type(cell(x)[0].grad_fn).__name__ != KERNEL
 
 
-def test_double_backward_through_the_kernel_is_refused():
-    cell = make_cell(KNOWN["darts_v2"])
-    x = torch.randn(T, B, N_IN, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="differentiable once"):
-        torch.autograd.grad(cell(x)[0].sum(), cell.init_weight, create_graph=True)
-    cell.fused = False
-    (grad,) = torch.autograd.grad(cell(x)[0].sum(), cell.init_weight, create_graph=True)
-    assert grad.requires_grad
-
-
 def test_no_grad_and_float32_match_the_eager_loop():
     cell = make_cell(GENOTYPES["grown_mean"]).float()
     eager = copy.deepcopy(cell)

@@ -196,18 +196,6 @@ def test_torch_func_transforms_fall_back_to_eager():
         torch.testing.assert_close(by_func[name], g, **TOL)
 
 
-def test_double_backward_through_the_kernel_is_refused():
-    """The backward is hand-written and once-only: create_graph must fail loudly rather than
-    return a gradient whose graph silently lacks the kernel's part."""
-    cell = make_cell()
-    x = torch.randn(T, B, N_IN, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="differentiable once"):
-        torch.autograd.grad(cell(x)[0].sum(), cell.input_weight, create_graph=True)
-    cell.fused = False
-    (grad,) = torch.autograd.grad(cell(x)[0].sum(), cell.input_weight, create_graph=True)
-    assert grad.requires_grad
-
-
 def test_float32_kernel_matches_eager():
     """The dtype searches run in: agreement at float32 rounding over a short sequence."""
     cell = make_cell(grow=1).float()
