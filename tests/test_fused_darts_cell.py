@@ -157,6 +157,18 @@ def test_eager_is_selectable_and_torch_func_falls_back():
     assert type(cell(x)[0].grad_fn).__name__ != KERNEL
 
 
+def test_a_second_backward_gives_the_same_gradient():
+    """The first backward turns the forward's values into its factors in place; a second one
+    (``retain_graph=True``, as Jacobians and ``gradcheck`` do) must reuse them, not redo it."""
+    cell = make_cell(GENOTYPES["grown_mean"])
+    x = torch.randn(T, B, N_IN, dtype=torch.float64, requires_grad=True)
+    out = cell(x)[0]
+    first = torch.autograd.grad(out.sum(), [x, *cell.parameters()], retain_graph=True)
+    second = torch.autograd.grad(out.sum(), [x, *cell.parameters()])
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_no_grad_and_float32_match_the_eager_loop():
     cell = make_cell(GENOTYPES["grown_mean"]).float()
     eager = copy.deepcopy(cell)

@@ -8,8 +8,11 @@ make the kernel cheaper than that loop (docs/benchmarks.md, ``cell``):
   ``j`` are concatenated as ``[C_1 … C_k | G_1 … G_k]``, so one ``mm`` gives every child's
   ``[c | g]`` and one ``sigmoid`` every child's gate (DARTS_V2: five matmuls a step, not eight).
 * **Weight gradients are one ``mm`` per weight per sequence**, over all ``T·B`` rows at once,
-  instead of autograd's one per step with only ``B`` rows; the backward walks the sequence once
-  in reverse with one kernel per formula (``sigmoid_backward`` etc.) and no graph.
+  instead of autograd's one per step with only ``B`` rows.
+* **What does not depend on the incoming gradient is computed once per sequence**: the local
+  derivatives ``∂s_i/∂c``, ``∂s_i/∂g`` and ``∂s_i/∂s_j`` of every node and step are a few
+  whole-sequence ops before the reverse walk, so a node's backward step is three elementwise
+  ops and its children's matmul; no graph is recorded.
 
 The cell (``cells.discrete.DartsRNNCell``, the specification and the fallback), per time step,
 with ``m`` the ``dropout_h`` mask (or 1):
@@ -39,8 +42,6 @@ from morphnas.spaces.fused_ops import (
     activation_backward_into,
     activation_into,
     refuse_double_backward,
-    sigmoid_backward_into,
-    tanh_backward_into,
     tanh_into,
 )
 
@@ -91,8 +92,8 @@ def group_weight(weights: list[Tensor], d: int) -> Tensor:
 
 class _Group:
     """One parent state's children over the sequence: ``z`` holds ``[σ(c) | f(g)]`` per step
-    (the forward's values, which is all the backward needs), ``dz`` their gradients (allocated
-    by the backward: an evaluation pass never needs them)."""
+    after the forward and the backward's factors after ``to_factors``; ``dz`` their gradients
+    (allocated by the backward: an evaluation pass never needs them)."""
 
     def __init__(
         self, parent: int, children: tuple[int, ...], acts: tuple[str, ...], like: Tensor
@@ -126,15 +127,56 @@ class _Group:
         for (name, _, _), values in zip(self.runs, self.values, strict=True):
             activation_into(name, values[t], values[t], one)
 
-    def prepare_backward(self) -> None:
-        self.dz = torch.empty_like(self.z)
-        self.dz_t, self.d_gates_t, self.dc, self.df, self.grads = self._views(self.dz)
+    def to_factors(self, parent: Tensor) -> None:
+        """Turn ``z`` into the factors of the backward that do not depend on the incoming
+        gradient, for the whole sequence at once, so that a child's step is three ops.
 
-    def activate_backward(self, t: int) -> None:
-        """``dz`` from ``d σ(c)`` and ``d f(g)``, in place, once every child has added its part."""
-        sigmoid_backward_into(self.d_gates_t[t], self.gates_t[t], self.d_gates_t[t])
-        for (name, _, _), values, grads in zip(self.runs, self.values, self.grads, strict=True):
-            activation_backward_into(name, grads[t], values[t], values[t], grads[t])
+        With ``y = s + σ(c)(f(g) − s)`` and ``s`` the parent state (``parent``, ``(T, B, d)``):
+        ``∂y/∂c = (f − s) σ(1 − σ)`` replaces ``σ(c)``, ``∂y/∂g = σ f'(g)`` replaces ``f(g)``,
+        and ``∂y/∂s = 1 − σ`` goes to ``keep``. In place, once: the backward needs the forward's
+        values only through these factors, so later backwards (``retain_graph``) reuse them.
+        """
+        k, d = self.k, self.d
+        steps, batch, _ = self.z.shape
+        gates, values = self.z[..., : d * k], self.z[..., d * k :]
+        spread = values.view(steps, batch, k, d) - parent.unsqueeze(2)  # f − s per child
+        self.keep = torch.sub(1.0, gates)
+        for name, lo, hi in self.runs:
+            _slope_(name, self.z[..., lo:hi])
+        values.mul_(gates)
+        gates.mul_(self.keep).mul_(spread.view(steps, batch, k * d))
+        self.keep_t = [self.keep[..., r * d : (r + 1) * d].unbind(0) for r in range(k)]
+
+    def grad_buffers(self) -> None:
+        """Fresh gradient buffers ``dz`` (and their per-step views) for one backward."""
+        self.dz = torch.empty_like(self.z)
+        self.dz_t, _, self.dc, self.df, _ = self._views(self.dz)
+
+
+def _init_factors(init: Tensor, h_prev: Tensor) -> tuple[tuple[Tensor, ...], ...]:
+    """The init node's factors, per step, as ``_Group.to_factors`` (in place in ``init``):
+    ``∂s₀/∂c₀ = (tanh g₀ − h) σ(1 − σ)``, ``∂s₀/∂g₀ = σ (1 − tanh² g₀)``, ``∂s₀/∂h = 1 − σ``."""
+    d = h_prev.shape[-1]
+    c0, g0 = init[..., :d], init[..., d:]
+    spread = g0 - h_prev
+    keep = torch.sub(1.0, c0)
+    g0.square_().neg_().add_(1.0).mul_(c0)
+    c0.mul_(keep).mul_(spread)
+    return c0.unbind(0), g0.unbind(0), keep.unbind(0)
+
+
+def _slope_(name: str, value: Tensor) -> None:
+    """``f'`` from ``value = f(g)``, in place: ``1 − f²``, ``f(1 − f)``, ``[f > 0]`` or 1."""
+    if name == "tanh":
+        value.square_().neg_().add_(1.0)
+    elif name == "sigmoid":
+        value.mul_(torch.sub(1.0, value))
+    elif name == "relu":
+        value.copy_(value > 0)
+    elif name == "identity":
+        value.fill_(1.0)
+    else:
+        raise KeyError(name)
 
 
 @dataclass(frozen=True)
@@ -227,7 +269,7 @@ class FusedDartsCellSequence(torch.autograd.Function):
             activation_into(plan.squash, _base(states[t], n, plan.output), h_t[t + 1], one)
         ctx.plan, ctx.groups, ctx.nodes = plan, groups, nodes  # type: ignore[attr-defined]
         ctx.states, ctx.masked, ctx.ys = states, masked, ys  # type: ignore[attr-defined]
-        ctx.hs, ctx.init = hs, init  # type: ignore[attr-defined]
+        ctx.hs, ctx.init, ctx.init_factors = hs, init, None  # type: ignore[attr-defined]
         ctx.save_for_backward(w_h, mask_h, *blocks, *gammas)
         return hs[1:].clone()
 
@@ -246,9 +288,14 @@ class FusedDartsCellSequence(torch.autograd.Function):
         steps, n1, batch, d = states.shape
         n = n1 - 1
         new = grad_out.new_empty
+        if ctx.init_factors is None:  # type: ignore[attr-defined]  # the first backward
+            for group in groups:
+                group.to_factors(states[:, group.parent])
+            ctx.init_factors = _init_factors(init, hs[:steps])  # type: ignore[attr-defined]
+        c0_t, g0_t, keep0_t = ctx.init_factors  # type: ignore[attr-defined]
         children_of: list[tuple[_Group, Tensor] | None] = [None] * (n + 1)
         for group, block in zip(groups, blocks, strict=True):
-            group.prepare_backward()
+            group.grad_buffers()
             children_of[group.parent] = (group, block.T)
         d_init = new(steps, batch, 2 * d)
         d_init_t = d_init.unbind(0)
@@ -258,11 +305,9 @@ class FusedDartsCellSequence(torch.autograd.Function):
         d_res = torch.zeros_like(ys)  # d s_i of residual nodes, for γ's gradient at the end
         d_res_t = _per_step_rows(d_res)
         d_y, d_in, d_base = new(batch, d), new(batch, d), new(batch, d)
-        state_t, h_t, out_t = _per_step_rows(states), hs.unbind(0), grad_out.unbind(0)
-        c0_t, g0_t = init[..., :d].unbind(0), init[..., d:].unbind(0)
+        h_t, out_t = hs.unbind(0), grad_out.unbind(0)
         carry = grad_out.new_zeros(batch, d)
         for t in reversed(range(steps)):
-            row = state_t[t]
             torch.add(out_t[t], carry, out=d_base)
             activation_backward_into(plan.squash, d_base, h_t[t + 1], h_t[t + 1], d_base)
             d_states.zero_()
@@ -271,7 +316,6 @@ class FusedDartsCellSequence(torch.autograd.Function):
                 children = children_of[j]
                 if children is not None:  # all children of state j are done: d(m ⊙ s_j)
                     group, block_t = children
-                    group.activate_backward(t)
                     if mask_h is None:
                         rows[j].addmm_(group.dz_t[t], block_t)
                     else:
@@ -284,17 +328,14 @@ class FusedDartsCellSequence(torch.autograd.Function):
                     d_res_t[t][j - 1].copy_(d_state)
                     _base_backward(d_states, j - 1, plan.output, d_state)
                     d_state = torch.mul(d_state, node.gamma, out=d_y)
-                gate, value = node.group.c[node.column][t], node.group.f[node.column][t]
-                d_value = torch.mul(d_state, gate, out=node.group.df[node.column][t])
-                d_gate = node.group.dc[node.column][t]  # σ', f' follow for the whole group
-                torch.sub(value, row[node.parent], out=d_gate).mul_(d_state)
-                rows[node.parent].add_(d_state).sub_(d_value)
-            c0, g0, d_s0 = c0_t[t], g0_t[t], rows[0]
-            d_g0 = torch.mul(d_s0, c0, out=d_g0_t[t])
-            torch.sub(g0, h_t[t], out=d_c0_t[t]).mul_(d_s0)
-            sigmoid_backward_into(d_c0_t[t], c0, d_c0_t[t])
-            carry = d_s0 - d_g0
-            tanh_backward_into(d_g0, g0, d_g0)
+                group, r = node.group, node.column  # z holds ∂y/∂c, ∂y/∂g by now
+                torch.mul(d_state, group.c[r][t], out=group.dc[r][t])
+                torch.mul(d_state, group.f[r][t], out=group.df[r][t])
+                rows[node.parent].addcmul_(d_state, group.keep_t[r][t])
+            d_s0 = rows[0]
+            torch.mul(d_s0, c0_t[t], out=d_c0_t[t])
+            torch.mul(d_s0, g0_t[t], out=d_g0_t[t])
+            carry = d_s0 * keep0_t[t]
             if mask_h is None:
                 carry.addmm_(d_init_t[t], w_h.T)
             else:
