@@ -123,12 +123,15 @@ def test_cell_flops_equal_a_hand_count():
     assert cell_flops(TWO_INPUT_GATED, batch=2, input_size=3, hidden=4, bptt=1) == 3 * 2 * 216
 
 
-def test_darts_eager_is_the_same_cell_without_its_kernel():
-    """``cell.<config>.darts_eager`` is the kernel's side-by-side baseline: same genotype and
-    FLOPs, eager loop; only the kernel-backed cell is compiled under ``--compile``."""
-    assert CELL_MODELS["darts_eager"] is CELL_MODELS["darts"] is DARTS_V2
-    assert bench._cell_module("darts", DARTS_V2, 4).fused
-    assert not bench._cell_module("darts_eager", DARTS_V2, 4).fused
+@pytest.mark.parametrize(
+    ("name", "genotype"), [("darts", DARTS_V2), ("two_input", TWO_INPUT_GATED)]
+)
+def test_eager_models_are_the_same_cells_without_their_kernels(name, genotype):
+    """``cell.<config>.<model>_eager`` is the kernel's side-by-side baseline: same genotype and
+    FLOPs, eager loop; only the kernel-backed cells are compiled under ``--compile``."""
+    assert CELL_MODELS[name + "_eager"] is CELL_MODELS[name] is genotype
+    assert bench._cell_module(name, genotype, 4).fused
+    assert not bench._cell_module(name + "_eager", genotype, 4).fused
     assert COMPILABLE == ("darts", "two_input")
 
 
@@ -209,7 +212,14 @@ def test_quick_run_has_every_documented_key(quick_result):
     for impl in ("kernel", "eager"):
         assert set(entry[impl]) == {"seconds", "threads", "peak_mb"}
         assert _positive(entry[impl]["seconds"]) and entry[impl]["peak_mb"] >= 0
-    assert set(CELL_MODELS) == {"darts", "darts_eager", "two_input", "lstm", "gru"}
+    assert set(CELL_MODELS) == {
+        "darts",
+        "darts_eager",
+        "two_input",
+        "two_input_eager",
+        "lstm",
+        "gru",
+    }
     for name in ("small", "large"):
         entry = r["cell"][name]
         assert set(entry) == {"config", "gflops_vs_lstm", *CELL_MODELS}

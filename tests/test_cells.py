@@ -189,13 +189,17 @@ def test_darts_cell_matches_slow(genotype, sizes, dropout, training, fused):
     compare(cell, slow_darts_cell, x, h0, TOL64, seed=4)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "eager"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("sizes", [(3, 5), (5, 2)])
 @pytest.mark.parametrize("genotype", TWO_GENOTYPES, ids=["n1", "lstm_like", "mixed_mean"])
-def test_two_input_cell_matches_slow(genotype, sizes, dropout, training):
+def test_two_input_cell_matches_slow(genotype, sizes, dropout, training, fused):
+    """Both paths of the two-input cell: the sequence kernel (the default) and the eager loop."""
     n_in, d = sizes
-    cell = make("two", genotype, n_in, d, training, dropout_x=dropout, dropout_h=dropout / 2)
+    cell = make(
+        "two", genotype, n_in, d, training, dropout_x=dropout, dropout_h=dropout / 2, fused=fused
+    )
     x, h0 = inputs(n_in, d)
     compare(cell, slow_two_input_cell, x, h0, TOL64, seed=4)
 

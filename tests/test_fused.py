@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from morphnas import cells
+from morphnas.bench import TWO_INPUT_GATED
 from morphnas.genotype import DARTS_PRIMITIVES, KNOWN, Node
 from morphnas.spaces import DartsRNNSearchCell, build
 
@@ -257,6 +258,7 @@ KERNEL_CELLS = {
     "darts_supernet": lambda: build("darts_rnn", N_IN, D, 2),
     "two_input_supernet": lambda: build("two_input", N_IN, D, 2),
     "darts_cell": lambda: cells.build(KNOWN["darts_v2"], N_IN, D),
+    "two_input_cell": lambda: cells.build(TWO_INPUT_GATED, N_IN, D),
 }
 
 

@@ -182,10 +182,7 @@ def test_no_grad_and_float32_match_the_eager_loop():
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_the_space_option_fused_reaches_the_darts_cell_only():
-    """``space.options.fused: false`` keeps retraining on the eager loop too; the two-input
-    cell has no kernel and takes no such option."""
+def test_the_space_option_fused_reaches_the_discrete_cells():
+    """``space.options.fused: false`` keeps retraining on the eager loop too."""
     config = resolve(overrides={"space": {"options": {"fused": False, "dropout_h": 0.2}}})
-    assert _cell_options(config, KNOWN["darts_v2"]) == {"fused": False, "dropout_h": 0.2}
-    two_input = Genotype("two_input", (Node("hadamard", (0, -1)),))
-    assert _cell_options(config, two_input) == {"dropout_h": 0.2}
+    assert _cell_options(config) == {"fused": False, "dropout_h": 0.2}

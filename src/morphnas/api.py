@@ -578,11 +578,10 @@ def _with_search_metadata(outcome: engine.SearchOutcome, space: Any, config: Run
     return dataclasses.replace(outcome.genotype, metadata=metadata)
 
 
-def _cell_options(config: RunConfig, genotype: Genotype) -> dict[str, Any]:
-    """Space options that a discrete cell also takes (dropout and init; ``fused`` for the DARTS
-    cell, the one with a sequence kernel); the others are search-only."""
-    keep = ("dropout_x", "dropout_h", "init_range")
-    keep += ("fused",) if genotype.space == "darts_rnn" else ()
+def _cell_options(config: RunConfig) -> dict[str, Any]:
+    """Space options that a discrete cell also takes (dropout, init, and ``fused``: whether it
+    runs its sequence kernel); the others are search-only."""
+    keep = ("dropout_x", "dropout_h", "init_range", "fused")
     return {k: v for k, v in config.space.options.items() if k in keep}
 
 
@@ -599,7 +598,7 @@ def _build_model(
     if architecture in genotype_mod.KNOWN:
         architecture = genotype_mod.KNOWN[architecture]
     if isinstance(architecture, Genotype):
-        cell = cells.build(architecture, n_series, hidden, **_cell_options(config, architecture))
+        cell = cells.build(architecture, n_series, hidden, **_cell_options(config))
     elif architecture == "ar":
         if config.train.ar_window < 1:
             raise UserError("the 'ar' baseline needs train.ar_window >= 1")

@@ -630,8 +630,9 @@ class CudaGraphed(nn.Module):
 EAGER_SUFFIX = "_eager"  # ``cell.<config>.darts_eager``: the same cell on its eager loop
 CELL_MODELS: dict[str, Genotype | str] = {
     "darts": DARTS_V2,
-    "darts" + EAGER_SUFFIX: DARTS_V2,  # the kernel's gain, measured side by side
+    "darts" + EAGER_SUFFIX: DARTS_V2,  # the kernels' gains, measured side by side
     "two_input": TWO_INPUT_GATED,
+    "two_input" + EAGER_SUFFIX: TWO_INPUT_GATED,
     "lstm": "lstm",
     "gru": "gru",
 }
@@ -646,7 +647,7 @@ def _cell_module(name: str, model: Genotype | str, size: int) -> nn.Module:
 
 COMPILED_SUFFIX = "_compiled"  # ``cell.<config>.<model>_compiled``: the model under torch.compile
 # The derived cells (LSTM/GRU are cuDNN/ATen kernels already; a compiled cell runs its eager loop,
-# so ``darts_eager`` would be ``darts`` again).
+# so ``<model>_eager`` would be ``<model>`` again).
 COMPILABLE = tuple(
     name
     for name, model in CELL_MODELS.items()

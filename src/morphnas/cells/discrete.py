@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from morphnas.cells.fused_darts_cell import CellPlan, FusedDartsCellSequence, group_weight
+from morphnas.cells.fused_two_input_cell import FusedTwoInputCellSequence, TwoInputCellPlan
 from morphnas.genotype import Genotype
 from morphnas.ops import ACTIVATIONS, apply_two_input, two_input_weight_shape
 from morphnas.spaces.base import (
@@ -103,7 +104,11 @@ class DartsRNNCell(nn.Module):
 
 
 class TwoInputCell(nn.Module):
-    """A discrete two-input cell: each node one op on its two input states."""
+    """A discrete two-input cell: each node one op on its two input states.
+
+    With ``fused=True`` (the default) the sequence runs on ``cells.fused_two_input_cell``'s
+    kernel whenever it can; the eager loop below is its specification and fallback.
+    """
 
     def __init__(
         self,
@@ -113,12 +118,15 @@ class TwoInputCell(nn.Module):
         dropout_x: float = 0.0,
         dropout_h: float = 0.0,
         init_range: float | None = None,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         self.genotype = genotype
         self.input_size, self.hidden_size = input_size, hidden_size
         check_dropout(dropout_x=dropout_x, dropout_h=dropout_h)
         self.dropout_x, self.dropout_h = dropout_x, dropout_h
+        self.fused = fused
+        self._plan = TwoInputCellPlan.of(genotype)
         d = hidden_size
         bound = 1.0 / math.sqrt(d) if init_range is None else init_range
         self.input_weight = uniform_parameter(input_size, d, bound=bound)
@@ -145,6 +153,8 @@ class TwoInputCell(nn.Module):
         mask_h = variational_mask(batch, self.hidden_size, self.dropout_h, x, self.training)
         u_all = (x if mask_x is None else x * mask_x) @ self.input_weight
         h = x.new_zeros(batch, self.hidden_size) if h0 is None else h0
+        if self.fused and not transforms_active():
+            return self._fused_forward(u_all, h, mask_h)
         squash = ACTIVATIONS[self.genotype.output_activation]
         outputs = []
         for t in range(steps):
@@ -163,3 +173,11 @@ class TwoInputCell(nn.Module):
             h = squash(combine_nodes(node_states, self.genotype.output))
             outputs.append(h)
         return torch.stack(outputs), h
+
+    def _fused_forward(
+        self, u_all: Tensor, h0: Tensor, mask_h: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        weights = [None if slot is None else self.node_weights[slot] for slot in self._weight_slot]
+        gammas = [self.gammas[str(i)] for i, n in enumerate(self.genotype.nodes, 1) if n.residual]
+        outputs = FusedTwoInputCellSequence.apply(self._plan, u_all, h0, mask_h, *weights, *gammas)
+        return outputs, outputs[-1]

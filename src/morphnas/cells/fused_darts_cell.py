@@ -41,6 +41,9 @@ from morphnas.genotype import Genotype
 from morphnas.spaces.fused_ops import (
     activation_backward_into,
     activation_into,
+    output_rule,
+    output_rule_backward,
+    per_step_rows,
     refuse_double_backward,
     tanh_into,
 )
@@ -198,11 +201,6 @@ def _nodes(plan: CellPlan, groups: list[_Group], gammas: tuple[Tensor, ...]) -> 
     ]
 
 
-def _per_step_rows(buffer: Tensor) -> list[tuple[Tensor, ...]]:
-    """``buffer[t][j]`` as views made once: at these sizes a view costs as much as a small op."""
-    return [step.unbind(0) for step in buffer.unbind(0)]
-
-
 class FusedDartsCellSequence(torch.autograd.Function):
     """``outputs = cell(x̂, h0)`` over a whole sequence; see the module docstring.
 
@@ -238,7 +236,7 @@ class FusedDartsCellSequence(torch.autograd.Function):
             children_of[group.parent] = (group, block)
         nodes = _nodes(plan, groups, gammas)
         one = x_proj.new_ones(())
-        state_t, masked_t, ys_t = _per_step_rows(states), _per_step_rows(masked), _per_step_rows(ys)
+        state_t, masked_t, ys_t = per_step_rows(states), per_step_rows(masked), per_step_rows(ys)
         h_t, xp_t, init_t = hs.unbind(0), x_proj.unbind(0), init.unbind(0)
         c0_t, g0_t = init[..., :d].unbind(0), init[..., d:].unbind(0)
         h_t[0].copy_(h0)
@@ -257,7 +255,7 @@ class FusedDartsCellSequence(torch.autograd.Function):
                     else:
                         y = torch.lerp(row[node.parent], value, gate, out=ys_t[t][j - 1])
                         torch.addcmul(
-                            _base(states[t], j - 1, plan.output), node.gamma, y, out=row[j]
+                            output_rule(states[t], j - 1, plan.output), node.gamma, y, out=row[j]
                         )
                 if mask_h is not None:
                     torch.mul(row[j], mask_h, out=masked_row[j])
@@ -266,7 +264,7 @@ class FusedDartsCellSequence(torch.autograd.Function):
                     group, block = children
                     torch.mm(masked_row[j], block, out=group.z_t[t])
                     group.activate(t, one)
-            activation_into(plan.squash, _base(states[t], n, plan.output), h_t[t + 1], one)
+            activation_into(plan.squash, output_rule(states[t], n, plan.output), h_t[t + 1], one)
         ctx.plan, ctx.groups, ctx.nodes = plan, groups, nodes  # type: ignore[attr-defined]
         ctx.states, ctx.masked, ctx.ys = states, masked, ys  # type: ignore[attr-defined]
         ctx.hs, ctx.init, ctx.init_factors = hs, init, None  # type: ignore[attr-defined]
@@ -303,7 +301,7 @@ class FusedDartsCellSequence(torch.autograd.Function):
         d_states = new(n + 1, batch, d)
         rows = d_states.unbind(0)
         d_res = torch.zeros_like(ys)  # d s_i of residual nodes, for γ's gradient at the end
-        d_res_t = _per_step_rows(d_res)
+        d_res_t = per_step_rows(d_res)
         d_y, d_in, d_base = new(batch, d), new(batch, d), new(batch, d)
         h_t, out_t = hs.unbind(0), grad_out.unbind(0)
         carry = grad_out.new_zeros(batch, d)
@@ -311,7 +309,7 @@ class FusedDartsCellSequence(torch.autograd.Function):
             torch.add(out_t[t], carry, out=d_base)
             activation_backward_into(plan.squash, d_base, h_t[t + 1], h_t[t + 1], d_base)
             d_states.zero_()
-            _base_backward(d_states, n, plan.output, d_base)
+            output_rule_backward(d_states, n, plan.output, d_base)
             for j in reversed(range(n + 1)):
                 children = children_of[j]
                 if children is not None:  # all children of state j are done: d(m ⊙ s_j)
@@ -326,7 +324,7 @@ class FusedDartsCellSequence(torch.autograd.Function):
                 d_state = rows[j]
                 if node.gamma is not None:
                     d_res_t[t][j - 1].copy_(d_state)
-                    _base_backward(d_states, j - 1, plan.output, d_state)
+                    output_rule_backward(d_states, j - 1, plan.output, d_state)
                     d_state = torch.mul(d_state, node.gamma, out=d_y)
                 group, r = node.group, node.column  # z holds ∂y/∂c, ∂y/∂g by now
                 torch.mul(d_state, group.c[r][t], out=group.dc[r][t])
@@ -350,17 +348,3 @@ class FusedDartsCellSequence(torch.autograd.Function):
             (ys[:, i] * d_res[:, i]).sum((0, 1)) for i, res in enumerate(plan.residual) if res
         ]
         return None, d_init, carry, d_w_h, None, *d_blocks, *d_gammas
-
-
-def _base(states: Tensor, count: int, output: str) -> Tensor:
-    """The output rule over ``s_1..s_count`` of one step's ``(N+1, B, d)`` states: the last, or
-    the mean (``spaces.base.combine_nodes``)."""
-    return states[count] if output == "last" else states[1 : count + 1].mean(0)
-
-
-def _base_backward(d_states: Tensor, count: int, output: str, grad: Tensor) -> None:
-    """Add ``grad``, the gradient of ``_base(states, count)``, into ``d_states``."""
-    if output == "last":
-        d_states[count].add_(grad)
-    else:
-        d_states[1 : count + 1].add_(grad, alpha=1.0 / count)

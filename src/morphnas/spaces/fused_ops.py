@@ -69,6 +69,25 @@ def tanh_backward_into(grad: Tensor, value: Tensor, out: Tensor) -> Tensor:
     return aten.tanh_backward.grad_input(grad, value, grad_input=out)
 
 
+def per_step_rows(buffer: Tensor) -> list[tuple[Tensor, ...]]:
+    """``buffer[t][j]`` as views made once: at these sizes a view costs as much as a small op."""
+    return [step.unbind(0) for step in buffer.unbind(0)]
+
+
+def output_rule(states: Tensor, count: int, output: str) -> Tensor:
+    """A cell's output rule over ``s_1..s_count`` of one step's states (index 0 is not a node):
+    the last, or the mean (``spaces.base.combine_nodes``)."""
+    return states[count] if output == "last" else states[1 : count + 1].mean(0)
+
+
+def output_rule_backward(d_states: Tensor, count: int, output: str, grad: Tensor) -> None:
+    """Add ``grad``, the gradient of ``output_rule(states, count)``, into ``d_states``."""
+    if output == "last":
+        d_states[count].add_(grad)
+    else:
+        d_states[1 : count + 1].add_(grad, alpha=1.0 / count)
+
+
 def transforms_active() -> bool:
     """Whether a ``torch.func`` transform (``grad``, ``vjp``, ``jvp``, ``vmap``) is running: the
     kernel is differentiable once and has no ``setup_context``, so callers fall back to eager."""
