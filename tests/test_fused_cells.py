@@ -1,10 +1,12 @@
-"""The derived DARTS cell's sequence kernel (``cells.fused_darts_cell``) against its eager loop.
+"""The derived cells' sequence kernels (``cells.fused_darts_cell``, ``cells.fused_two_input_cell``)
+against their eager loops.
 
-Both paths against the slow reference written from the formulas are in tests/test_cells.py
-(``test_darts_cell_matches_slow``, ``fused`` both ways). Here: the kernel against the eager loop
-on what that reference does not cover (grown residual nodes, every output rule and squash,
-shared parents in every arrangement), finite differences, the weight layout, and which path runs
-when.
+Both paths against the slow references written from the formulas are in tests/test_cells.py
+(``test_darts_cell_matches_slow``, ``test_two_input_cell_matches_slow``, ``fused`` both ways);
+the refused double backward is in tests/test_fused.py. Here: each kernel against its eager loop
+on what those references do not cover (grown residual nodes, every output rule and squash,
+shared parents in every arrangement, every op reading ``u``, ``h`` and nodes), finite
+differences, the DARTS kernel's weight layout, and which path runs when.
 """
 
 from __future__ import annotations
@@ -13,32 +15,36 @@ import copy
 
 import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from morphnas import cells
 from morphnas.api import _cell_options
-from morphnas.cells import DartsRNNCell
+from morphnas.bench import TWO_INPUT_GATED
 from morphnas.cells.fused_darts_cell import CellPlan, group_weight
 from morphnas.config import resolve
 from morphnas.genotype import KNOWN, Genotype, Node
 
 T, B, N_IN, D = 5, 3, 4, 6
 TOL = dict(rtol=1e-9, atol=1e-10)
-KERNEL = "FusedDartsCellSequenceBackward"
+KERNEL = {
+    "darts_rnn": "FusedDartsCellSequenceBackward",
+    "two_input": "FusedTwoInputCellSequenceBackward",
+}
 
 GENOTYPES = {
     "darts_v2": KNOWN["darts_v2"],
-    "chain_last_tanh": Genotype(
+    "darts_chain_last_tanh": Genotype(
         "darts_rnn",
         (Node("tanh", (0,)), Node("relu", (1,)), Node("identity", (2,))),
         output="last",
         output_activation="tanh",
     ),
-    "one_parent": Genotype(  # every node reads the init state: one matmul for all of them
+    "darts_one_parent": Genotype(  # every node reads the init state: one matmul for all of them
         "darts_rnn",
         (Node("sigmoid", (0,)), Node("relu", (0,)), Node("sigmoid", (0,)), Node("tanh", (0,))),
         output="mean",
     ),
-    "grown_mean": Genotype(
+    "darts_grown_mean": Genotype(
         "darts_rnn",
         (
             Node("relu", (0,)),
@@ -49,28 +55,70 @@ GENOTYPES = {
         output="mean",
         output_activation="tanh",
     ),
-    "grown_last": Genotype(
+    "darts_grown_last": Genotype(
         "darts_rnn",
         (Node("tanh", (0,)), Node("relu", (0,), residual=True), Node("tanh", (2,), residual=True)),
         output="last",
         output_activation="identity",
     ),
+    "two_input_gated": TWO_INPUT_GATED,  # LSTM-like
+    "two_input_every_input": Genotype(  # u on both sides, u as a highway's gate input, a node twice
+        "two_input",
+        (
+            Node("add_relu", (-1, -1)),
+            Node("highway", (1, -1)),
+            Node("add_identity", (2, 0)),
+            Node("add", (3, 1)),
+            Node("hadamard", (4, 4)),
+            Node("highway", (0, 5)),
+        ),
+        output="mean",
+        output_activation="tanh",
+    ),
+    "two_input_grown_mean": Genotype(
+        "two_input",
+        (
+            Node("add_tanh", (0, -1)),
+            Node("add_sigmoid", (1, 0)),
+            Node("highway", (2, 1), residual=True),
+            Node("add", (3, -1), residual=True),
+        ),
+        output="mean",
+        output_activation="identity",
+    ),
+    "two_input_grown_last": Genotype(
+        "two_input",
+        (
+            Node("hadamard", (0, -1)),
+            Node("add_relu", (1, 0), residual=True),
+            Node("add_sigmoid", (2, -1), residual=True),
+        ),
+        output="last",
+        output_activation="tanh",
+    ),
 }
+SPACES = ["darts_rnn", "two_input"]
+GROWN = {"darts_rnn": "darts_grown_mean", "two_input": "two_input_grown_mean"}
 
 
-def make_cell(genotype: Genotype, dropout: float = 0.3, fused: bool = True) -> DartsRNNCell:
-    """A float64 cell with weights large enough for the gates to matter and non-zero γ."""
+def make_cell(genotype: Genotype, dropout: float = 0.3) -> nn.Module:
+    """A float64 cell with non-zero γ (so residual branches carry value and gradient); DARTS
+    weights large enough for its gates to matter."""
     torch.manual_seed(3)
-    cell = DartsRNNCell(
-        genotype, N_IN, D, dropout_x=dropout, dropout_h=dropout, init_range=0.5, fused=fused
-    ).double()
+    extra = {"init_range": 0.5} if genotype.space == "darts_rnn" else {}
+    cell = cells.build(genotype, N_IN, D, dropout_x=dropout, dropout_h=dropout, **extra)
+    cell = cell.double()
     with torch.no_grad():
         for gamma in cell.gammas.values():
             gamma.normal_()
     return cell
 
 
-def run(cell: DartsRNNCell, x: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor, list[Tensor]]:
+def kernel_of(cell: nn.Module) -> str:
+    return KERNEL[cell.genotype.space]
+
+
+def run(cell: nn.Module, x: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Outputs, last state, and the gradients of (parameters, x, h0) of a random projection."""
     torch.manual_seed(9)  # the same dropout masks on both paths
     out, h = cell(x, h0)
@@ -96,9 +144,9 @@ def test_kernel_matches_eager_loop(name, dropout, training, with_h0):
     x = torch.randn(T, B, N_IN, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(B, D, dtype=torch.float64, requires_grad=True) if with_h0 else None
     out, h, grads = run(cell, x, h0)
-    assert type(out.grad_fn).__name__ == KERNEL
+    assert type(out.grad_fn).__name__ == kernel_of(cell)
     ref_out, ref_h, ref_grads = run(eager, x, h0)
-    assert type(ref_out.grad_fn).__name__ != KERNEL
+    assert type(ref_out.grad_fn).__name__ != kernel_of(cell)
     torch.testing.assert_close(out, ref_out, **TOL)
     torch.testing.assert_close(h, ref_h, **TOL)
     names = [n for n, _ in cell.named_parameters()] + ["x", "h0"][: 1 + with_h0]
@@ -106,9 +154,10 @@ def test_kernel_matches_eager_loop(name, dropout, training, with_h0):
         torch.testing.assert_close(a, b, **TOL, msg=lambda m, label=label: f"grad {label}: {m}")
 
 
-def test_kernel_passes_gradcheck():
+@pytest.mark.parametrize("space", SPACES)
+def test_kernel_passes_gradcheck(space):
     """Finite differences through the whole kernel: every parameter, x and h0 at once."""
-    cell = make_cell(GENOTYPES["grown_mean"], dropout=0.3)
+    cell = make_cell(GENOTYPES[GROWN[space]], dropout=0.3)
     x = torch.randn(3, 2, N_IN, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(2, D, dtype=torch.float64, requires_grad=True)
     names = [name for name, _ in cell.named_parameters()]
@@ -119,7 +168,7 @@ def test_kernel_passes_gradcheck():
         params = dict(zip(names, tensors, strict=True))
         return torch.func.functional_call(cell, params, (x, h0))[0]
 
-    assert type(fn(x, h0, *leaves).grad_fn).__name__ == KERNEL
+    assert type(fn(x, h0, *leaves).grad_fn).__name__ == kernel_of(cell)
     assert torch.autograd.gradcheck(fn, (x, h0, *leaves), eps=1e-6, atol=1e-5)
 
 
@@ -129,7 +178,7 @@ def test_children_of_one_state_share_a_block_ordered_by_activation():
     plan = CellPlan.of(KNOWN["darts_v2"])
     # by activation: (identity, relu, relu) under state 1, (relu, sigmoid) under state 5
     assert plan.groups == ((0, (0,)), (1, (3, 1, 2)), (2, (4,)), (3, (6,)), (5, (7, 5)))
-    shuffled = CellPlan.of(GENOTYPES["one_parent"])
+    shuffled = CellPlan.of(GENOTYPES["darts_one_parent"])
     assert shuffled.groups == ((0, (1, 0, 2, 3)),)  # relu, sigmoid, sigmoid, tanh
     weights = [torch.randn(D, 2 * D) for _ in range(2)]
     block = group_weight(weights, D)
@@ -141,8 +190,9 @@ def test_children_of_one_state_share_a_block_ordered_by_activation():
         torch.testing.assert_close(z[:, (2 + r) * D : (3 + r) * D], g)
 
 
-def test_eager_is_selectable_and_torch_func_falls_back():
-    cell = make_cell(GENOTYPES["grown_mean"], dropout=0.0)
+@pytest.mark.parametrize("space", SPACES)
+def test_eager_is_selectable_and_torch_func_falls_back(space):
+    cell = make_cell(GENOTYPES[GROWN[space]], dropout=0.0)
     x = torch.randn(T, B, N_IN, dtype=torch.float64)
     params = {k: v.detach() for k, v in cell.named_parameters()}
 
@@ -154,13 +204,15 @@ def test_eager_is_selectable_and_torch_func_falls_back():
     for (name, _), g in zip(cell.named_parameters(), by_kernel, strict=True):
         torch.testing.assert_close(by_func[name], g, **TOL)
     cell.fused = False
-    assert type(cell(x)[0].grad_fn).__name__ != KERNEL
+    assert type(cell(x)[0].grad_fn).__name__ != kernel_of(cell)
 
 
-def test_a_second_backward_gives_the_same_gradient():
-    """The first backward turns the forward's values into its factors in place; a second one
-    (``retain_graph=True``, as Jacobians and ``gradcheck`` do) must reuse them, not redo it."""
-    cell = make_cell(GENOTYPES["grown_mean"])
+@pytest.mark.parametrize("space", SPACES)
+def test_a_second_backward_gives_the_same_gradient(space):
+    """A second backward (``retain_graph=True``, as Jacobians and ``gradcheck`` do) gives the
+    same gradient: the DARTS kernel's first backward turns the forward's values into its
+    factors in place, and the second must reuse them, not redo it."""
+    cell = make_cell(GENOTYPES[GROWN[space]])
     x = torch.randn(T, B, N_IN, dtype=torch.float64, requires_grad=True)
     out = cell(x)[0]
     first = torch.autograd.grad(out.sum(), [x, *cell.parameters()], retain_graph=True)
@@ -169,8 +221,9 @@ def test_a_second_backward_gives_the_same_gradient():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_no_grad_and_float32_match_the_eager_loop():
-    cell = make_cell(GENOTYPES["grown_mean"]).float()
+@pytest.mark.parametrize("space", SPACES)
+def test_no_grad_and_float32_match_the_eager_loop(space):
+    cell = make_cell(GENOTYPES[GROWN[space]]).float()
     eager = copy.deepcopy(cell)
     eager.fused = False
     x = torch.randn(T, B, N_IN)
