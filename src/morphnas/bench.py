@@ -627,7 +627,7 @@ class CudaGraphed(nn.Module):
         return self._graphed(x) if replay else self._eager(x)
 
 
-EAGER_SUFFIX = "_eager"  # ``cell.<config>.darts_eager``: the same cell on its eager loop
+EAGER_SUFFIX = "_eager"  # ``cell.<config>.<model>_eager``: the same cell on its eager loop
 CELL_MODELS: dict[str, Genotype | str] = {
     "darts": DARTS_V2,
     "darts" + EAGER_SUFFIX: DARTS_V2,  # the kernels' gains, measured side by side
