@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -74,7 +75,7 @@ class CellPlan:
             squash=genotype.output_activation,
         )
 
-    @property
+    @cached_property  # read by the cell and the kernel at every forward
     def groups(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
         """Per state with children: the state, and its children ordered by activation (so
         that children with the same activation are adjacent columns: one op for all of them)."""
@@ -139,16 +140,9 @@ class _Group:
         and ``∂y/∂s = 1 − σ`` goes to ``keep``. In place, once: the backward needs the forward's
         values only through these factors, so later backwards (``retain_graph``) reuse them.
         """
-        k, d = self.k, self.d
-        steps, batch, _ = self.z.shape
-        gates, values = self.z[..., : d * k], self.z[..., d * k :]
-        spread = values.view(steps, batch, k, d) - parent.unsqueeze(2)  # f − s per child
-        self.keep = torch.sub(1.0, gates)
-        for name, lo, hi in self.runs:
-            _slope_(name, self.z[..., lo:hi])
-        values.mul_(gates)
-        gates.mul_(self.keep).mul_(spread.view(steps, batch, k * d))
-        self.keep_t = [self.keep[..., r * d : (r + 1) * d].unbind(0) for r in range(k)]
+        self.keep = _highway_factors(self.z, parent, self.runs, self.k)
+        d = self.d
+        self.keep_t = [self.keep[..., r * d : (r + 1) * d].unbind(0) for r in range(self.k)]
 
     def grad_buffers(self) -> None:
         """Fresh gradient buffers ``dz`` (and their per-step views) for one backward."""
@@ -156,16 +150,28 @@ class _Group:
         self.dz_t, _, self.dc, self.df, _ = self._views(self.dz)
 
 
+def _highway_factors(z: Tensor, parent: Tensor, runs: list[tuple[str, int, int]], k: int) -> Tensor:
+    """``z``, ``[σ(c_1..c_k) | f(g_1..g_k)]`` of ``k`` highway blends of ``parent`` (``(T, B,
+    d)``), turned in place into ``[∂y/∂c | ∂y/∂g]``: ``(f − s) σ(1 − σ)`` and ``σ f'(g)``, with
+    ``f`` given per column run ``(name, first, end)``; returns ``∂y/∂s = 1 − σ``."""
+    steps, batch, width = z.shape
+    d = parent.shape[-1]
+    gates, values = z[..., : width // 2], z[..., width // 2 :]
+    spread = values.view(steps, batch, k, d) - parent.unsqueeze(2)  # f − s per child
+    keep = torch.sub(1.0, gates)
+    for name, lo, hi in runs:
+        _slope_(name, z[..., lo:hi])
+    values.mul_(gates)
+    gates.mul_(keep).mul_(spread.view(steps, batch, k * d))
+    return keep
+
+
 def _init_factors(init: Tensor, h_prev: Tensor) -> tuple[tuple[Tensor, ...], ...]:
-    """The init node's factors, per step, as ``_Group.to_factors`` (in place in ``init``):
-    ``∂s₀/∂c₀ = (tanh g₀ − h) σ(1 − σ)``, ``∂s₀/∂g₀ = σ (1 − tanh² g₀)``, ``∂s₀/∂h = 1 − σ``."""
+    """The init node's factors, per step, as ``_Group.to_factors`` (in place in ``init``): the
+    init node is one highway blend of ``h`` with ``tanh``."""
     d = h_prev.shape[-1]
-    c0, g0 = init[..., :d], init[..., d:]
-    spread = g0 - h_prev
-    keep = torch.sub(1.0, c0)
-    g0.square_().neg_().add_(1.0).mul_(c0)
-    c0.mul_(keep).mul_(spread)
-    return c0.unbind(0), g0.unbind(0), keep.unbind(0)
+    keep = _highway_factors(init, h_prev, [("tanh", d, 2 * d)], 1)
+    return init[..., :d].unbind(0), init[..., d:].unbind(0), keep.unbind(0)
 
 
 def _slope_(name: str, value: Tensor) -> None:
