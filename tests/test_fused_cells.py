@@ -239,3 +239,14 @@ def test_the_space_option_fused_reaches_the_discrete_cells():
     """``space.options.fused: false`` keeps retraining on the eager loop too."""
     config = resolve(overrides={"space": {"options": {"fused": False, "dropout_h": 0.2}}})
     assert _cell_options(config) == {"fused": False, "dropout_h": 0.2}
+
+
+def test_a_node_weight_changed_before_the_backward_is_refused():
+    """The two-input kernel reads its node weights again in the backward: changing one in place
+    in between (an optimizer step too early) must fail as autograd fails eagerly."""
+    cell = make_cell(GENOTYPES["two_input_gated"])
+    loss = cell(torch.randn(T, B, N_IN, dtype=torch.float64))[0].sum()
+    with torch.no_grad():
+        cell.node_weights[0].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -72,10 +72,17 @@ class _Node:
     or ``[σ(c) | tanh(g)]`` of a highway (starting as the hoisted ``u`` products), ``y`` the
     op's output of a residual node (before ``γ``)."""
 
-    def __init__(self, plan: TwoInputCellPlan, i: int, weight: Tensor | None, u: Tensor) -> None:
+    def __init__(
+        self,
+        plan: TwoInputCellPlan,
+        i: int,
+        weight: Tensor | None,
+        gamma: Tensor | None,
+        u: Tensor,
+    ) -> None:
         steps, batch, d = u.shape
         self.op, (self.a, self.b) = plan.ops[i], plan.inputs[i]
-        self.slot, self.weight, self.residual = i + 2, weight, plan.residual[i]
+        self.slot, self.weight, self.gamma = i + 2, weight, gamma
         # (input slot, weight rows) of every matmul; those on u are hoisted out of the loop.
         if self.op in ADD_OPS:
             assert weight is not None
@@ -98,7 +105,7 @@ class _Node:
         self.z_t = self.z.unbind(0)
         if self.op == "highway":
             self.gate_t, self.cand_t = self.z[..., :d].unbind(0), self.z[..., d:].unbind(0)
-        self.y = u.new_empty(steps, batch, d) if self.residual else None
+        self.y = u.new_empty(steps, batch, d) if gamma is not None else None
         self.y_t = self.y.unbind(0) if self.y is not None else None
 
 
@@ -121,12 +128,15 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
     ) -> Tensor:
         n = len(plan.ops)
         weights, gammas = weights_and_gammas[:n], iter(weights_and_gammas[n:])
+        node_gammas = [next(gammas) if residual else None for residual in plan.residual]
         steps, batch, d = u.shape
         states = u.new_empty(steps, n + 2, batch, d)  # u, m ⊙ h, s_1..s_N
         states[:, U].copy_(u)
         hs = u.new_empty(steps + 1, batch, d)  # h_{t−1} of every step, then the last h
-        nodes = [_Node(plan, i, w, u) for i, w in enumerate(weights)]
-        node_gammas = [next(gammas) if node.residual else None for node in nodes]
+        nodes = [
+            _Node(plan, i, w, g, u)
+            for i, (w, g) in enumerate(zip(weights, node_gammas, strict=True))
+        ]
         one = u.new_ones(())
         rows, h_t = per_step_rows(states), hs.unbind(0)
         h_t[0].copy_(h0)
@@ -136,18 +146,20 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
                 row[H].copy_(h_t[t])
             else:
                 torch.mul(h_t[t], mask_h, out=row[H])
-            for node, gamma in zip(nodes, node_gammas, strict=True):
-                out = row[node.slot] if gamma is None else node.y_t[t]  # type: ignore[index]
+            for node in nodes:
+                out = row[node.slot] if node.y_t is None else node.y_t[t]
                 _op_forward(node, row, t, out, one)
-                if gamma is not None:
+                if node.gamma is not None:
                     base = output_rule(states[t, 1:], node.slot - 2, plan.output)
-                    torch.addcmul(base, gamma, out, out=row[node.slot])
+                    torch.addcmul(base, node.gamma, out, out=row[node.slot])
             activation_into(
                 plan.squash, output_rule(states[t, 1:], n, plan.output), h_t[t + 1], one
             )
         ctx.plan, ctx.nodes = plan, nodes  # type: ignore[attr-defined]
         ctx.states, ctx.hs = states, hs  # type: ignore[attr-defined]
-        ctx.save_for_backward(mask_h, *(g for g in node_gammas if g is not None))
+        # The nodes hold the weights and γ; saving them too makes autograd refuse a backward
+        # after they were changed in place.
+        ctx.save_for_backward(mask_h, *weights_and_gammas)
         return hs[1:].clone()
 
     @staticmethod
@@ -157,9 +169,7 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
         nodes: list[_Node] = ctx.nodes  # type: ignore[attr-defined]
         states: Tensor = ctx.states  # type: ignore[attr-defined]
         hs: Tensor = ctx.hs  # type: ignore[attr-defined]
-        mask_h, *gammas = ctx.saved_tensors  # type: ignore[attr-defined]
-        gamma_iter = iter(gammas)
-        node_gammas = [next(gamma_iter) if node.residual else None for node in nodes]
+        mask_h = ctx.saved_tensors[0]  # type: ignore[attr-defined]
         steps, n2, batch, d = states.shape
         n = n2 - 2
         new = grad_out.new_empty
@@ -182,12 +192,12 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
             d_states.zero_()
             output_rule_backward(d_node_states, n, plan.output, d_out)
             for i in reversed(range(n)):
-                node, gamma = nodes[i], node_gammas[i]
+                node = nodes[i]
                 d_s = d_rows[node.slot]
-                if gamma is not None:
+                if node.gamma is not None:
                     d_res[i][t].copy_(d_s)  # type: ignore[index]
                     output_rule_backward(d_node_states, i, plan.output, d_s)
-                    d_s = torch.mul(d_s, gamma, out=d_y)
+                    d_s = torch.mul(d_s, node.gamma, out=d_y)
                 _op_backward(node, row, d_rows, d_s, t, dz_t[i][t] if dz[i].numel() else None)
                 for slot, w_t in recurrent_t[i]:
                     d_rows[slot].addmm_(dz_t[i][t], w_t)
@@ -208,7 +218,7 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
         d_gammas = [
             (node.y * d_r).sum((0, 1))
             for node, d_r in zip(nodes, d_res, strict=True)
-            if node.residual
+            if node.y is not None
         ]
         return None, d_u, carry, None, *d_weights, *d_gammas
 
