@@ -174,20 +174,21 @@ def test_kernel_passes_gradcheck(space):
 
 def test_children_of_one_state_share_a_block_ordered_by_activation():
     """DARTS_V2: eight nodes, five parent states, so five matmuls a step; the children of a
-    state are ordered by activation so that each activation is one op over adjacent columns."""
+    state are ordered sigmoid, tanh, relu, identity so that the gates' ``sigmoid_`` also covers
+    the sigmoid and tanh values, and each other activation is one op over adjacent columns."""
     plan = CellPlan.of(KNOWN["darts_v2"])
-    # by activation: (identity, relu, relu) under state 1, (relu, sigmoid) under state 5
-    assert plan.groups == ((0, (0,)), (1, (3, 1, 2)), (2, (4,)), (3, (6,)), (5, (7, 5)))
+    # (relu, relu, identity) under state 1, (sigmoid, relu) under state 5
+    assert plan.groups == ((0, (0,)), (1, (1, 2, 3)), (2, (4,)), (3, (6,)), (5, (5, 7)))
     shuffled = CellPlan.of(GENOTYPES["darts_one_parent"])
-    assert shuffled.groups == ((0, (1, 0, 2, 3)),)  # relu, sigmoid, sigmoid, tanh
-    weights = [torch.randn(D, 2 * D) for _ in range(2)]
-    block = group_weight(weights, D)
+    assert shuffled.groups == ((0, (0, 2, 3, 1)),)  # sigmoid, sigmoid, tanh, relu
+    weights = [torch.randn(D, 2 * D) for _ in range(3)]
+    block = group_weight(weights, ["sigmoid", "tanh", "relu"], D)
     x = torch.randn(B, D)
     z = x @ block
-    for r, w in enumerate(weights):  # child r: [c | g] = x W_r
+    for r, (w, scale) in enumerate(zip(weights, (1, 2, 1), strict=True)):  # [c | g] = x W_r
         c, g = (x @ w).chunk(2, dim=-1)
         torch.testing.assert_close(z[:, r * D : (r + 1) * D], c)
-        torch.testing.assert_close(z[:, (2 + r) * D : (3 + r) * D], g)
+        torch.testing.assert_close(z[:, (3 + r) * D : (4 + r) * D], scale * g)  # tanh: 2g
 
 
 @pytest.mark.parametrize("space", SPACES)

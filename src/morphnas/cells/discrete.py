@@ -12,7 +12,12 @@ import math
 import torch
 from torch import Tensor, nn
 
-from morphnas.cells.fused_darts_cell import CellPlan, FusedDartsCellSequence, group_weight
+from morphnas.cells.fused_darts_cell import (
+    CellPlan,
+    FusedDartsCellSequence,
+    doubled_tanh_half,
+    group_weight,
+)
 from morphnas.cells.fused_two_input_cell import FusedTwoInputCellSequence, TwoInputCellPlan
 from morphnas.genotype import Genotype
 from morphnas.ops import ACTIVATIONS, apply_two_input, two_input_weight_shape
@@ -64,10 +69,11 @@ class DartsRNNCell(nn.Module):
         mask_x = variational_mask(batch, self.input_size, self.dropout_x, x, self.training)
         mask_h = variational_mask(batch, d, self.dropout_h, x, self.training)
         w_x, w_h = self.init_weight[: self.input_size], self.init_weight[self.input_size :]
-        x_proj = (x if mask_x is None else x * mask_x) @ w_x
+        x_in = x if mask_x is None else x * mask_x
         h = x.new_zeros(batch, d) if h0 is None else h0
         if self.fused and not transforms_active():
-            return self._fused_forward(x_proj, h, mask_h)
+            return self._fused_forward(x_in, h, mask_h)
+        x_proj = x_in @ w_x
         acts = [ACTIVATIONS[node.op] for node in self.genotype.nodes]
         squash = ACTIVATIONS[self.genotype.output_activation]
         outputs = []
@@ -88,15 +94,18 @@ class DartsRNNCell(nn.Module):
         return torch.stack(outputs), h
 
     def _fused_forward(
-        self, x_proj: Tensor, h0: Tensor, mask_h: Tensor | None
+        self, x_in: Tensor, h0: Tensor, mask_h: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        d = self.hidden_size
+        d, plan = self.hidden_size, self._plan
         blocks = [
-            group_weight([self.node_weights[i] for i in children], d)
-            for _, children in self._plan.groups
+            group_weight(
+                [self.node_weights[i] for i in children], [plan.acts[i] for i in children], d
+            )
+            for _, children in plan.groups
         ]
         gammas = [self.gammas[str(i)] for i, n in enumerate(self.genotype.nodes, 1) if n.residual]
-        w_h = self.init_weight[self.input_size :]
+        init_weight = doubled_tanh_half(self.init_weight)  # the kernel's tanh(g₀) = 2σ(2g₀) − 1
+        x_proj, w_h = x_in @ init_weight[: self.input_size], init_weight[self.input_size :]
         outputs = FusedDartsCellSequence.apply(
             self._plan, x_proj, h0, w_h, mask_h, *blocks, *gammas
         )

@@ -6,7 +6,12 @@ make the kernel cheaper than that loop (docs/benchmarks.md, ``cell``):
 
 * **Nodes that read the same state share one matmul.** The weights of all children of state
   ``j`` are concatenated as ``[C_1 … C_k | G_1 … G_k]``, so one ``mm`` gives every child's
-  ``[c | g]`` and one ``sigmoid`` every child's gate (DARTS_V2: five matmuls a step, not eight).
+  ``[c | g]`` (DARTS_V2: five matmuls a step, not eight).
+* **One ``sigmoid`` per matmul.** Children are ordered ``sigmoid``, ``tanh``, ``relu``,
+  ``identity``, so the gates and the ``sigmoid`` and ``tanh`` values are adjacent columns; a
+  ``tanh`` child's ``G`` is doubled in the block (the init node's by the caller), so the
+  matmul yields ``2g`` and ``tanh(g) = 2σ(2g) − 1`` is the shared ``sigmoid_`` plus one
+  kernel. Doubling is exact in floating point.
 * **Weight gradients are one ``mm`` per weight per sequence**, over all ``T·B`` rows at once,
   instead of autograd's one per step with only ``B`` rows.
 * **What does not depend on the incoming gradient is computed once per sequence**: the local
@@ -32,7 +37,6 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,12 +45,11 @@ from torch.autograd.function import FunctionCtx
 from morphnas.genotype import Genotype
 from morphnas.spaces.fused_ops import (
     activation_backward_into,
-    activation_into,
     output_rule,
     output_rule_backward,
     per_step_rows,
     refuse_double_backward,
-    tanh_into,
+    sigmoid_to_tanh_,
 )
 
 
@@ -77,21 +80,42 @@ class CellPlan:
 
     @cached_property  # read by the cell and the kernel at every forward
     def groups(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
-        """Per state with children: the state, and its children ordered by activation (so
-        that children with the same activation are adjacent columns: one op for all of them)."""
+        """Per state with children: the state, and its children in ``ACTIVATION_ORDER`` (so
+        that children with the same activation are adjacent columns, one op for all of them,
+        and those the gates' ``sigmoid_`` computes come first)."""
         return tuple(
             (j, tuple(sorted((i for i, p in enumerate(self.parents) if p == j), key=self._act)))
             for j in sorted(set(self.parents))
         )
 
-    def _act(self, i: int) -> tuple[str, int]:
-        return self.acts[i], i
+    def _act(self, i: int) -> tuple[int, int]:
+        return ACTIVATION_ORDER[self.acts[i]], i
 
 
-def group_weight(weights: list[Tensor], d: int) -> Tensor:
+ACTIVATION_ORDER = {"sigmoid": 0, "tanh": 1, "relu": 2, "identity": 3}
+BY_SIGMOID = ("sigmoid", "tanh")  # the activations the gates' ``sigmoid_`` computes
+
+
+def group_weight(weights: list[Tensor], acts: list[str], d: int) -> Tensor:
     """The children's ``(d, 2d)`` weights ``[C_i | G_i]`` as one ``(d, 2dk)`` block
-    ``[C_1 … C_k | G_1 … G_k]`` (autograd splits its gradient back)."""
-    return torch.cat([w[:, :d] for w in weights] + [w[:, d:] for w in weights], dim=1)
+    ``[C_1 … C_k | G_1 … G_k]``, a ``tanh`` child's ``G`` doubled (``doubled_tanh_half``);
+    autograd splits the gradient back (and doubles it for those columns)."""
+    values = [
+        doubled(w[:, d:]) if act == "tanh" else w[:, d:]
+        for w, act in zip(weights, acts, strict=True)
+    ]
+    return torch.cat([w[:, :d] for w in weights] + values, dim=1)
+
+
+def doubled_tanh_half(weight: Tensor) -> Tensor:
+    """``[C | G]`` as ``[C | 2G]``: the kernel takes ``tanh(g)`` as ``2σ(2g) − 1`` from the
+    matmul's ``2g``; the init node's weight (and input projection) go in this way."""
+    d = weight.shape[-1] // 2
+    return torch.cat([weight[..., :d], doubled(weight[..., d:])], dim=-1)
+
+
+def doubled(weight: Tensor) -> Tensor:
+    return weight + weight  # exact: doubling only moves the exponent
 
 
 class _Group:
@@ -110,30 +134,29 @@ class _Group:
         for name, run in itertools.groupby(range(k), key=lambda r: acts[children[r]]):
             cols = list(run)
             self.runs.append((name, (k + cols[0]) * d, (k + cols[-1] + 1) * d))
+        by_sigmoid = sum(acts[i] in BY_SIGMOID for i in children)
         self.z = like.new_empty(steps, batch, 2 * d * k)
-        self.z_t, self.gates_t, self.c, self.f, self.values = self._views(self.z)
+        self.z_t = self.z.unbind(0)
+        self.c = [self.z[..., r * d : (r + 1) * d].unbind(0) for r in range(k)]
+        self.f = [self.z[..., (k + r) * d : (k + r + 1) * d].unbind(0) for r in range(k)]
+        self.sigmoid_t = self.z[..., : (k + by_sigmoid) * d].unbind(0)  # gates, σ and tanh
+        self.finish = [
+            (FINISH[name], self.z[..., lo:hi].unbind(0))
+            for name, lo, hi in self.runs
+            if name in FINISH
+        ]
 
-    def _views(self, buffer: Tensor) -> tuple[Any, ...]:
-        """Per-step views of ``buffer``: whole, all gates, each child's gate and value columns,
-        and each activation run."""
-        k, d = self.k, self.d
-        return (
-            buffer.unbind(0),
-            buffer[..., : d * k].unbind(0),
-            [buffer[..., r * d : (r + 1) * d].unbind(0) for r in range(k)],
-            [buffer[..., (k + r) * d : (k + r + 1) * d].unbind(0) for r in range(k)],
-            [buffer[..., lo:hi].unbind(0) for _, lo, hi in self.runs],
-        )
-
-    def activate(self, t: int, one: Tensor) -> None:
-        """``[σ(c) | f(g)]`` in place at step ``t``, once its matmul has written ``[c | g]``."""
-        self.gates_t[t].sigmoid_()
-        for (name, _, _), values in zip(self.runs, self.values, strict=True):
-            activation_into(name, values[t], values[t], one)
+    def activate(self, t: int, minus_one: Tensor) -> None:
+        """``[σ(c) | f(g)]`` in place at step ``t``, once its matmul has written ``[c | g]``
+        (``2g`` in a ``tanh`` child's columns)."""
+        self.sigmoid_t[t].sigmoid_()
+        for finish, values in self.finish:
+            finish(values[t], minus_one)
 
     def to_factors(self, parent: Tensor) -> None:
         """Turn ``z`` into the factors of the backward that do not depend on the incoming
-        gradient, for the whole sequence at once, so that a child's step is three ops.
+        gradient, for the whole sequence at once, so that the children's step is one op for
+        all their ``[dc | dg]`` and one per child for the parent's share.
 
         With ``y = s + σ(c)(f(g) − s)`` and ``s`` the parent state (``parent``, ``(T, B, d)``):
         ``∂y/∂c = (f − s) σ(1 − σ)`` replaces ``σ(c)``, ``∂y/∂g = σ f'(g)`` replaces ``f(g)``,
@@ -141,13 +164,43 @@ class _Group:
         values only through these factors, so later backwards (``retain_graph``) reuse them.
         """
         self.keep = _highway_factors(self.z, parent, self.runs, self.k)
-        d = self.d
-        self.keep_t = [self.keep[..., r * d : (r + 1) * d].unbind(0) for r in range(self.k)]
+        k, d = self.k, self.d
+        self.keep_t = [self.keep[..., r * d : (r + 1) * d].unbind(0) for r in range(k)]
+        self.factors_t = _pairs(self.z, k)
 
-    def grad_buffers(self) -> None:
-        """Fresh gradient buffers ``dz`` (and their per-step views) for one backward."""
+    def grad_buffers(self, d_states: Tensor) -> None:
+        """Fresh gradient buffers ``dz`` for one backward, and the children's rows of
+        ``d_states`` (``(N + 1, B, d)``, row ``i + 1`` node ``i``'s) in column order: a view
+        when they are evenly spaced (always, for one child), else gathered (``index``) at
+        every step into ``picked``."""
         self.dz = torch.empty_like(self.z)
-        self.dz_t, _, self.dc, self.df, _ = self._views(self.dz)
+        self.dz_t, self.d_pairs_t = self.dz.unbind(0), _pairs(self.dz, self.k)
+        rows = [i + 1 for i in self.children]
+        stride = rows[1] - rows[0] if self.k > 1 else 1
+        self.index: Tensor | None = None
+        if stride > 0 and rows == list(range(rows[0], rows[-1] + 1, stride)):
+            picked = d_states[rows[0] : rows[-1] + 1 : stride]
+        else:
+            self.index = torch.tensor(rows, device=d_states.device)
+            picked = self.picked = d_states.new_empty(self.k, *d_states.shape[1:])
+        self.d_children = picked.unbind(0)
+        self.d_children_b = picked.transpose(0, 1).unsqueeze(1)  # (B, 1, k, d) against _pairs
+
+    def backward_step(self, t: int, d_states: Tensor, d_parent: Tensor) -> None:
+        """The children's ``[dc | dg]`` at step ``t`` (from their final rows of ``d_states``)
+        and their share ``Σ_r d s_r ∂y_r/∂s`` of the parent's gradient (the matmul's share is
+        the caller's)."""
+        if self.index is not None:
+            torch.index_select(d_states, 0, self.index, out=self.picked)
+        torch.mul(self.d_children_b, self.factors_t[t], out=self.d_pairs_t[t])
+        for d_child, keep in zip(self.d_children, self.keep_t, strict=True):
+            d_parent.addcmul_(d_child, keep[t])
+
+
+def _pairs(buffer: Tensor, k: int) -> tuple[Tensor, ...]:
+    """``(T, B, 2dk)`` ``[C_1 … C_k | G_1 … G_k]`` columns as per-step ``(B, 2, k, d)``."""
+    steps, batch, width = buffer.shape
+    return buffer.view(steps, batch, 2, k, width // (2 * k)).unbind(0)
 
 
 def _highway_factors(z: Tensor, parent: Tensor, runs: list[tuple[str, int, int]], k: int) -> Tensor:
@@ -168,16 +221,23 @@ def _highway_factors(z: Tensor, parent: Tensor, runs: list[tuple[str, int, int]]
 
 def _init_factors(init: Tensor, h_prev: Tensor) -> tuple[tuple[Tensor, ...], ...]:
     """The init node's factors, per step, as ``_Group.to_factors`` (in place in ``init``): the
-    init node is one highway blend of ``h`` with ``tanh``."""
+    init node is one highway blend of ``h`` with ``tanh``. Per step ``[∂y/∂c | ∂y/∂g]`` as
+    ``(B, 2, 1, d)`` and ``∂y/∂h``."""
     d = h_prev.shape[-1]
     keep = _highway_factors(init, h_prev, [("tanh", d, 2 * d)], 1)
-    return init[..., :d].unbind(0), init[..., d:].unbind(0), keep.unbind(0)
+    return _pairs(init, 1), keep.unbind(0)
+
+
+FINISH = {"tanh": sigmoid_to_tanh_, "relu": lambda value, _: value.clamp_min_(0.0)}
+"""What a column run needs after the gates' ``sigmoid_`` (``sigmoid``: nothing more;
+``identity``: nothing at all)."""
 
 
 def _slope_(name: str, value: Tensor) -> None:
-    """``f'`` from ``value = f(g)``, in place: ``1 − f²``, ``f(1 − f)``, ``[f > 0]`` or 1."""
+    """The slope of ``value = f(g)`` in its matmul column, in place: ``(1 − f²)/2`` for
+    ``tanh`` (the column holds ``2g``), ``f(1 − f)``, ``[f > 0]`` or 1."""
     if name == "tanh":
-        value.square_().neg_().add_(1.0)
+        value.square_().sub_(1.0).mul_(-0.5)
     elif name == "sigmoid":
         value.mul_(torch.sub(1.0, value))
     elif name == "relu":
@@ -207,13 +267,43 @@ def _nodes(plan: CellPlan, groups: list[_Group], gammas: tuple[Tensor, ...]) -> 
     ]
 
 
+class _Output:
+    """``h_t = squash(base(s_1..s_N))`` into ``hs[t + 1]`` in at most three kernels: the mean
+    is one matmul with a row of ``1/N`` (``2/N`` under ``tanh``, which is then ``2σ(2x) − 1``),
+    where ``torch.mean`` plus ``tanh_into`` were six."""
+
+    def __init__(self, plan: CellPlan, states: Tensor, hs: Tensor) -> None:
+        steps, n1, batch, d = states.shape
+        n = n1 - 1
+        self.tanh, self.mean = plan.squash == "tanh", plan.output == "mean"
+        self.out_t = hs[1:].view(steps, 1, batch * d).unbind(0)
+        if self.mean:
+            self.average = states.new_full((1, n), (2.0 if self.tanh else 1.0) / n)
+            self.nodes_t = [step[1:].view(n, batch * d) for step in states.unbind(0)]
+        else:
+            self.nodes_t = [step[n].view(1, batch * d) for step in states.unbind(0)]
+
+    def step(self, t: int, minus_one: Tensor) -> None:
+        out, nodes = self.out_t[t], self.nodes_t[t]
+        if self.mean:
+            torch.mm(self.average, nodes, out=out)
+        elif self.tanh:
+            torch.add(nodes, nodes, out=out)
+        else:
+            out.copy_(nodes)
+        if self.tanh:
+            sigmoid_to_tanh_(out.sigmoid_(), minus_one)
+
+
 class FusedDartsCellSequence(torch.autograd.Function):
     """``outputs = cell(x̂, h0)`` over a whole sequence; see the module docstring.
 
     Inputs: ``plan``; ``x_proj`` ``(T, B, 2d)``, the input half of the init projection (masked
     and multiplied outside, where autograd handles it); ``h0`` ``(B, d)``; ``w_h`` ``(d, 2d)``;
     ``mask_h`` ``(B, d)`` or ``None``; one weight block per group (``group_weight``); one ``γ``
-    ``(d,)`` per residual node. Output: ``(T, B, d)``, the ``h_t``.
+    ``(d,)`` per residual node. ``x_proj`` and ``w_h`` come with their ``g`` half doubled
+    (``doubled_tanh_half``), the blocks with their ``tanh`` columns doubled. Output:
+    ``(T, B, d)``, the ``h_t``.
     """
 
     @staticmethod
@@ -241,16 +331,17 @@ class FusedDartsCellSequence(torch.autograd.Function):
         for group, block in zip(groups, blocks, strict=True):
             children_of[group.parent] = (group, block)
         nodes = _nodes(plan, groups, gammas)
-        one = x_proj.new_ones(())
+        minus_one = x_proj.new_full((), -1.0)
         state_t, masked_t, ys_t = per_step_rows(states), per_step_rows(masked), per_step_rows(ys)
         h_t, xp_t, init_t = hs.unbind(0), x_proj.unbind(0), init.unbind(0)
         c0_t, g0_t = init[..., :d].unbind(0), init[..., d:].unbind(0)
+        output = _Output(plan, states, hs)
         h_t[0].copy_(h0)
         for t in range(steps):
             h, row, masked_row = h_t[t], state_t[t], masked_t[t]
             torch.addmm(xp_t[t], h if mask_h is None else h * mask_h, w_h, out=init_t[t])
-            c0_t[t].sigmoid_()
-            tanh_into(g0_t[t], g0_t[t], one)
+            init_t[t].sigmoid_()
+            sigmoid_to_tanh_(g0_t[t], minus_one)
             torch.lerp(h, g0_t[t], c0_t[t], out=row[0])
             for j in range(n + 1):
                 if j > 0:  # node j−1 computes state j
@@ -269,8 +360,8 @@ class FusedDartsCellSequence(torch.autograd.Function):
                 if children is not None:  # state j is final: its children's matmul
                     group, block = children
                     torch.mm(masked_row[j], block, out=group.z_t[t])
-                    group.activate(t, one)
-            activation_into(plan.squash, output_rule(states[t], n, plan.output), h_t[t + 1], one)
+                    group.activate(t, minus_one)
+            output.step(t, minus_one)
         ctx.plan, ctx.groups, ctx.nodes = plan, groups, nodes  # type: ignore[attr-defined]
         ctx.states, ctx.masked, ctx.ys = states, masked, ys  # type: ignore[attr-defined]
         ctx.hs, ctx.init, ctx.init_factors = hs, init, None  # type: ignore[attr-defined]
@@ -296,19 +387,19 @@ class FusedDartsCellSequence(torch.autograd.Function):
             for group in groups:
                 group.to_factors(states[:, group.parent])
             ctx.init_factors = _init_factors(init, hs[:steps])  # type: ignore[attr-defined]
-        c0_t, g0_t, keep0_t = ctx.init_factors  # type: ignore[attr-defined]
-        children_of: list[tuple[_Group, Tensor] | None] = [None] * (n + 1)
-        for group, block in zip(groups, blocks, strict=True):
-            group.grad_buffers()
-            children_of[group.parent] = (group, block.T)
-        d_init = new(steps, batch, 2 * d)
-        d_init_t = d_init.unbind(0)
-        d_c0_t, d_g0_t = d_init[..., :d].unbind(0), d_init[..., d:].unbind(0)
+        init_factors_t, keep0_t = ctx.init_factors  # type: ignore[attr-defined]
         d_states = new(n + 1, batch, d)
         rows = d_states.unbind(0)
+        children_of: list[tuple[_Group, Tensor] | None] = [None] * (n + 1)
+        for group, block in zip(groups, blocks, strict=True):
+            group.grad_buffers(d_states)
+            children_of[group.parent] = (group, block.T)
+        d_init = new(steps, batch, 2 * d)
+        d_init_t, d_init_pairs_t = d_init.unbind(0), _pairs(d_init, 1)
+        d_s0_b = d_states[0].view(batch, 1, 1, d)  # against the init node's (B, 2, 1, d) pairs
         d_res = torch.zeros_like(ys)  # d s_i of residual nodes, for γ's gradient at the end
         d_res_t = per_step_rows(d_res)
-        d_y, d_in, d_base = new(batch, d), new(batch, d), new(batch, d)
+        d_in, d_base = new(batch, d), new(batch, d)
         h_t, out_t = hs.unbind(0), grad_out.unbind(0)
         carry = grad_out.new_zeros(batch, d)
         for t in reversed(range(steps)):
@@ -320,6 +411,7 @@ class FusedDartsCellSequence(torch.autograd.Function):
                 children = children_of[j]
                 if children is not None:  # all children of state j are done: d(m ⊙ s_j)
                     group, block_t = children
+                    group.backward_step(t, d_states, rows[j])
                     if mask_h is None:
                         rows[j].addmm_(group.dz_t[t], block_t)
                     else:
@@ -327,19 +419,12 @@ class FusedDartsCellSequence(torch.autograd.Function):
                 if j == 0:
                     break
                 node = nodes[j - 1]
-                d_state = rows[j]
-                if node.gamma is not None:
-                    d_res_t[t][j - 1].copy_(d_state)
-                    output_rule_backward(d_states, j - 1, plan.output, d_state)
-                    d_state = torch.mul(d_state, node.gamma, out=d_y)
-                group, r = node.group, node.column  # z holds ∂y/∂c, ∂y/∂g by now
-                torch.mul(d_state, group.c[r][t], out=group.dc[r][t])
-                torch.mul(d_state, group.f[r][t], out=group.df[r][t])
-                rows[node.parent].addcmul_(d_state, group.keep_t[r][t])
-            d_s0 = rows[0]
-            torch.mul(d_s0, c0_t[t], out=d_c0_t[t])
-            torch.mul(d_s0, g0_t[t], out=d_g0_t[t])
-            carry = d_s0 * keep0_t[t]
+                if node.gamma is not None:  # row j final: its own share, then the op's
+                    d_res_t[t][j - 1].copy_(rows[j])
+                    output_rule_backward(d_states, j - 1, plan.output, rows[j])
+                    rows[j].mul_(node.gamma)
+            torch.mul(d_s0_b, init_factors_t[t], out=d_init_pairs_t[t])
+            carry = rows[0] * keep0_t[t]
             if mask_h is None:
                 carry.addmm_(d_init_t[t], w_h.T)
             else:

@@ -137,7 +137,7 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
             _Node(plan, i, w, g, u)
             for i, (w, g) in enumerate(zip(weights, node_gammas, strict=True))
         ]
-        one = u.new_ones(())
+        minus_one = u.new_full((), -1.0)
         rows, h_t = per_step_rows(states), hs.unbind(0)
         h_t[0].copy_(h0)
         for t in range(steps):
@@ -148,12 +148,12 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
                 torch.mul(h_t[t], mask_h, out=row[H])
             for node in nodes:
                 out = row[node.slot] if node.y_t is None else node.y_t[t]
-                _op_forward(node, row, t, out, one)
+                _op_forward(node, row, t, out, minus_one)
                 if node.gamma is not None:
                     base = output_rule(states[t, 1:], node.slot - 2, plan.output)
                     torch.addcmul(base, node.gamma, out, out=row[node.slot])
             activation_into(
-                plan.squash, output_rule(states[t, 1:], n, plan.output), h_t[t + 1], one
+                plan.squash, output_rule(states[t, 1:], n, plan.output), h_t[t + 1], minus_one
             )
         ctx.plan, ctx.nodes = plan, nodes  # type: ignore[attr-defined]
         ctx.states, ctx.hs = states, hs  # type: ignore[attr-defined]
@@ -223,7 +223,9 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
         return None, d_u, carry, None, *d_weights, *d_gammas
 
 
-def _op_forward(node: _Node, row: tuple[Tensor, ...], t: int, out: Tensor, one: Tensor) -> None:
+def _op_forward(
+    node: _Node, row: tuple[Tensor, ...], t: int, out: Tensor, minus_one: Tensor
+) -> None:
     """Node ``node``'s op at step ``t`` into ``out`` (its ``z`` holds the hoisted ``u`` part)."""
     a, b, op = row[node.a], row[node.b], node.op
     if node.terms:
@@ -232,10 +234,10 @@ def _op_forward(node: _Node, row: tuple[Tensor, ...], t: int, out: Tensor, one: 
             torch.addmm(z, row[slot], w, out=z)
         if op == "highway":
             node.gate_t[t].sigmoid_()
-            tanh_into(node.cand_t[t], node.cand_t[t], one)
+            tanh_into(node.cand_t[t], node.cand_t[t], minus_one)
             torch.lerp(a, node.cand_t[t], node.gate_t[t], out=out)
         else:  # z keeps the pre-activation (relu's backward reads its sign)
-            activation_into(node.act, z, out, one)
+            activation_into(node.act, z, out, minus_one)
     elif op == "hadamard":
         torch.mul(a, b, out=out)
     elif op == "add":

@@ -125,7 +125,7 @@ class FusedDartsSequence(torch.autograd.Function):
         init = x_proj.new_empty(steps, batch, two_d)  # [σ(c₀) | tanh(g₀)]
         norm = SequenceNorm(plan.bn, x_proj[..., :d], n + 1)
         nodes = [_Node(spec, i, states, masked) for i, spec in enumerate(plan.nodes)]
-        one = x_proj.new_ones(())
+        minus_one = x_proj.new_full((), -1.0)
         edge_sums = [w.sum(1).view(-1, 1, 1) for w in act_w if w is not None]
         mix_w = [w.unsqueeze(1) for w in act_w if w is not None]
         h_t, xp_t, init_t = hs.unbind(0), x_proj.unbind(0), init.unbind(0)
@@ -140,7 +140,7 @@ class FusedDartsSequence(torch.autograd.Function):
             h = h_t[t]
             torch.addmm(xp_t[t], h if mask_h is None else h * mask_h, w_h, out=init_t[t])
             c0_t[t].sigmoid_()
-            tanh_into(g0_t[t], g0_t[t], one)
+            tanh_into(g0_t[t], g0_t[t], minus_one)
             torch.lerp(h, g0_t[t], c0_t[t], out=norm.raw(t, 0, s0_t[t]))
             norm.forward(t, 0, s0_t[t])
             if mask_h is not None:
@@ -149,7 +149,7 @@ class FusedDartsSequence(torch.autograd.Function):
                 torch.mm(node.inputs[t], weights[i], out=node.z2d[t])  # type: ignore[arg-type]
                 node.c[t].sigmoid_()
                 for k, name in enumerate(node.spec.acts):
-                    activation_into(name, node.g[t], node.act_k[k][t], one)
+                    activation_into(name, node.g[t], node.act_k[k][t], minus_one)
                 torch.bmm(mix_w[i], node.acts3[t], out=node.mixed)
                 carried = node.prev[t] * edge_sums[i]
                 torch.sub(node.mixed3, carried, out=node.blend[t])

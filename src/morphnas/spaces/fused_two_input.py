@@ -175,7 +175,7 @@ class FusedTwoInputSequence(torch.autograd.Function):
         rows = [w.view(1, -1) for w in op_w]  # type: ignore[union-attr]
         bases = [node_states[: i - 1].unbind(1) if i > 1 else () for i in range(1, n + 1)]
         all_t = node_states.unbind(1)
-        one = u.new_ones(())
+        minus_one = u.new_full((), -1.0)
         h_t = hs.unbind(0)
         hs[0].copy_(h0)
         for t in range(steps):
@@ -197,10 +197,10 @@ class FusedTwoInputSequence(torch.autograd.Function):
                         torch.add(a, b, out=terms[k])
                     elif kind == "highway":
                         gate, cand = node.gate_t[t].sigmoid_(), node.cand_t[t]
-                        tanh_into(cand, cand, one)
+                        tanh_into(cand, cand, minus_one)
                         torch.lerp(a, cand, gate, out=terms[k])
                     else:  # an add_* op's activation
-                        activation_into(kind, node.add_t[block][t], terms[k], one)
+                        activation_into(kind, node.add_t[block][t], terms[k], minus_one)
                 torch.mm(rows[i], node.flat_t[t], out=node.mix_t[t])
                 norm.forward(t, i, node.normed_t[t])
                 if spec.residual:
@@ -210,7 +210,7 @@ class FusedTwoInputSequence(torch.autograd.Function):
             if plan.output == "mean":
                 last = torch.mean(all_t[t], 0, out=h)
             if plan.squash == "tanh":
-                tanh_into(last, h, one)
+                tanh_into(last, h, minus_one)
             elif plan.output == "last":
                 h.copy_(last)
         counter = None if plan.bn is None or not plan.bn.training else plan.bn.num_batches_tracked
