@@ -12,12 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from morphnas.cells.fused_darts_cell import (
-    CellPlan,
-    FusedDartsCellSequence,
-    doubled_tanh_half,
-    group_weight,
-)
+from morphnas.cells.fused_darts_cell import CellPlan, FusedDartsCellSequence, group_weight
 from morphnas.cells.fused_two_input_cell import FusedTwoInputCellSequence, TwoInputCellPlan
 from morphnas.genotype import Genotype
 from morphnas.ops import ACTIVATIONS, apply_two_input, two_input_weight_shape
@@ -28,7 +23,7 @@ from morphnas.spaces.base import (
     uniform_parameter,
     variational_mask,
 )
-from morphnas.spaces.fused_ops import transforms_active
+from morphnas.spaces.fused_ops import doubled_tanh_half, transforms_active
 
 
 class DartsRNNCell(nn.Module):

@@ -44,9 +44,13 @@ from torch.autograd.function import FunctionCtx
 
 from morphnas.genotype import Genotype
 from morphnas.spaces.fused_ops import (
+    SequenceOutput,
     activation_backward_into,
+    doubled,
+    highway_factors,
     output_rule,
     output_rule_backward,
+    pairs,
     per_step_rows,
     refuse_double_backward,
     sigmoid_to_tanh_,
@@ -107,17 +111,6 @@ def group_weight(weights: list[Tensor], acts: list[str], d: int) -> Tensor:
     return torch.cat([w[:, :d] for w in weights] + values, dim=1)
 
 
-def doubled_tanh_half(weight: Tensor) -> Tensor:
-    """``[C | G]`` as ``[C | 2G]``: the kernel takes ``tanh(g)`` as ``2σ(2g) − 1`` from the
-    matmul's ``2g``; the init node's weight (and input projection) go in this way."""
-    d = weight.shape[-1] // 2
-    return torch.cat([weight[..., :d], doubled(weight[..., d:])], dim=-1)
-
-
-def doubled(weight: Tensor) -> Tensor:
-    return weight + weight  # exact: doubling only moves the exponent
-
-
 class _Group:
     """One parent state's children over the sequence: ``z`` holds ``[σ(c) | f(g)]`` per step
     after the forward and the backward's factors after ``to_factors``; ``dz`` their gradients
@@ -163,10 +156,10 @@ class _Group:
         and ``∂y/∂s = 1 − σ`` goes to ``keep``. In place, once: the backward needs the forward's
         values only through these factors, so later backwards (``retain_graph``) reuse them.
         """
-        self.keep = _highway_factors(self.z, parent, self.runs, self.k)
+        self.keep = highway_factors(self.z, parent, self.runs, self.k)
         k, d = self.k, self.d
         self.keep_t = [self.keep[..., r * d : (r + 1) * d].unbind(0) for r in range(k)]
-        self.factors_t = _pairs(self.z, k)
+        self.factors_t = pairs(self.z, k)
 
     def grad_buffers(self, d_states: Tensor) -> None:
         """Fresh gradient buffers ``dz`` for one backward, and the children's rows of
@@ -174,7 +167,7 @@ class _Group:
         when they are evenly spaced (always, for one child), else gathered (``index``) at
         every step into ``picked``."""
         self.dz = torch.empty_like(self.z)
-        self.dz_t, self.d_pairs_t = self.dz.unbind(0), _pairs(self.dz, self.k)
+        self.dz_t, self.d_pairs_t = self.dz.unbind(0), pairs(self.dz, self.k)
         rows = [i + 1 for i in self.children]
         stride = rows[1] - rows[0] if self.k > 1 else 1
         self.index: Tensor | None = None
@@ -197,55 +190,18 @@ class _Group:
             d_parent.addcmul_(d_child, keep[t])
 
 
-def _pairs(buffer: Tensor, k: int) -> tuple[Tensor, ...]:
-    """``(T, B, 2dk)`` ``[C_1 … C_k | G_1 … G_k]`` columns as per-step ``(B, 2, k, d)``."""
-    steps, batch, width = buffer.shape
-    return buffer.view(steps, batch, 2, k, width // (2 * k)).unbind(0)
-
-
-def _highway_factors(z: Tensor, parent: Tensor, runs: list[tuple[str, int, int]], k: int) -> Tensor:
-    """``z``, ``[σ(c_1..c_k) | f(g_1..g_k)]`` of ``k`` highway blends of ``parent`` (``(T, B,
-    d)``), turned in place into ``[∂y/∂c | ∂y/∂g]``: ``(f − s) σ(1 − σ)`` and ``σ f'(g)``, with
-    ``f`` given per column run ``(name, first, end)``; returns ``∂y/∂s = 1 − σ``."""
-    steps, batch, width = z.shape
-    d = parent.shape[-1]
-    gates, values = z[..., : width // 2], z[..., width // 2 :]
-    spread = values.view(steps, batch, k, d) - parent.unsqueeze(2)  # f − s per child
-    keep = torch.sub(1.0, gates)
-    for name, lo, hi in runs:
-        _slope_(name, z[..., lo:hi])
-    values.mul_(gates)
-    gates.mul_(keep).mul_(spread.view(steps, batch, k * d))
-    return keep
-
-
 def _init_factors(init: Tensor, h_prev: Tensor) -> tuple[tuple[Tensor, ...], ...]:
     """The init node's factors, per step, as ``_Group.to_factors`` (in place in ``init``): the
     init node is one highway blend of ``h`` with ``tanh``. Per step ``[∂y/∂c | ∂y/∂g]`` as
     ``(B, 2, 1, d)`` and ``∂y/∂h``."""
     d = h_prev.shape[-1]
-    keep = _highway_factors(init, h_prev, [("tanh", d, 2 * d)], 1)
-    return _pairs(init, 1), keep.unbind(0)
+    keep = highway_factors(init, h_prev, [("tanh", d, 2 * d)], 1)
+    return pairs(init, 1), keep.unbind(0)
 
 
 FINISH = {"tanh": sigmoid_to_tanh_, "relu": lambda value, _: value.clamp_min_(0.0)}
 """What a column run needs after the gates' ``sigmoid_`` (``sigmoid``: nothing more;
 ``identity``: nothing at all)."""
-
-
-def _slope_(name: str, value: Tensor) -> None:
-    """The slope of ``value = f(g)`` in its matmul column, in place: ``(1 − f²)/2`` for
-    ``tanh`` (the column holds ``2g``), ``f(1 − f)``, ``[f > 0]`` or 1."""
-    if name == "tanh":
-        value.square_().sub_(1.0).mul_(-0.5)
-    elif name == "sigmoid":
-        value.mul_(torch.sub(1.0, value))
-    elif name == "relu":
-        value.copy_(value > 0)
-    elif name == "identity":
-        value.fill_(1.0)
-    else:
-        raise KeyError(name)
 
 
 @dataclass(frozen=True)
@@ -265,34 +221,6 @@ def _nodes(plan: CellPlan, groups: list[_Group], gammas: tuple[Tensor, ...]) -> 
         _Node(*slot[i], plan.parents[i], next(gamma_iter) if res else None)
         for i, res in enumerate(plan.residual)
     ]
-
-
-class _Output:
-    """``h_t = squash(base(s_1..s_N))`` into ``hs[t + 1]`` in at most three kernels: the mean
-    is one matmul with a row of ``1/N`` (``2/N`` under ``tanh``, which is then ``2σ(2x) − 1``),
-    where ``torch.mean`` plus ``tanh_into`` were six."""
-
-    def __init__(self, plan: CellPlan, states: Tensor, hs: Tensor) -> None:
-        steps, n1, batch, d = states.shape
-        n = n1 - 1
-        self.tanh, self.mean = plan.squash == "tanh", plan.output == "mean"
-        self.out_t = hs[1:].view(steps, 1, batch * d).unbind(0)
-        if self.mean:
-            self.average = states.new_full((1, n), (2.0 if self.tanh else 1.0) / n)
-            self.nodes_t = [step[1:].view(n, batch * d) for step in states.unbind(0)]
-        else:
-            self.nodes_t = [step[n].view(1, batch * d) for step in states.unbind(0)]
-
-    def step(self, t: int, minus_one: Tensor) -> None:
-        out, nodes = self.out_t[t], self.nodes_t[t]
-        if self.mean:
-            torch.mm(self.average, nodes, out=out)
-        elif self.tanh:
-            torch.add(nodes, nodes, out=out)
-        else:
-            out.copy_(nodes)
-        if self.tanh:
-            sigmoid_to_tanh_(out.sigmoid_(), minus_one)
 
 
 class FusedDartsCellSequence(torch.autograd.Function):
@@ -335,7 +263,7 @@ class FusedDartsCellSequence(torch.autograd.Function):
         state_t, masked_t, ys_t = per_step_rows(states), per_step_rows(masked), per_step_rows(ys)
         h_t, xp_t, init_t = hs.unbind(0), x_proj.unbind(0), init.unbind(0)
         c0_t, g0_t = init[..., :d].unbind(0), init[..., d:].unbind(0)
-        output = _Output(plan, states, hs)
+        output = SequenceOutput(plan.squash, plan.output, states[:, 1:], hs)
         h_t[0].copy_(h0)
         for t in range(steps):
             h, row, masked_row = h_t[t], state_t[t], masked_t[t]
@@ -395,7 +323,7 @@ class FusedDartsCellSequence(torch.autograd.Function):
             group.grad_buffers(d_states)
             children_of[group.parent] = (group, block.T)
         d_init = new(steps, batch, 2 * d)
-        d_init_t, d_init_pairs_t = d_init.unbind(0), _pairs(d_init, 1)
+        d_init_t, d_init_pairs_t = d_init.unbind(0), pairs(d_init, 1)
         d_s0_b = d_states[0].view(batch, 1, 1, d)  # against the init node's (B, 2, 1, d) pairs
         d_res = torch.zeros_like(ys)  # d s_i of residual nodes, for γ's gradient at the end
         d_res_t = per_step_rows(d_res)

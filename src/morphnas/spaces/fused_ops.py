@@ -75,6 +75,84 @@ def tanh_backward_into(grad: Tensor, value: Tensor, out: Tensor) -> Tensor:
     return aten.tanh_backward.grad_input(grad, value, grad_input=out)
 
 
+def doubled_tanh_half(weight: Tensor) -> Tensor:
+    """``[C | G]`` as ``[C | 2G]``, how the derived cells' kernels take a highway's weight (the
+    DARTS init node's, and its input projection's): ``tanh(g)`` is then ``2σ(2g) − 1`` from the
+    matmul's ``2g``, its ``sigmoid_`` shared with the gate's, and ``slope_`` halves the slope."""
+    d = weight.shape[-1] // 2
+    return torch.cat([weight[..., :d], doubled(weight[..., d:])], dim=-1)
+
+
+def doubled(weight: Tensor) -> Tensor:
+    """``2 w``, exactly: doubling only moves the exponent, so the kernels' results do not move."""
+    return weight + weight
+
+
+def pairs(buffer: Tensor, k: int) -> tuple[Tensor, ...]:
+    """``(T, B, 2dk)`` ``[C_1 … C_k | G_1 … G_k]`` columns as per-step ``(B, 2, k, d)``."""
+    steps, batch, width = buffer.shape
+    return buffer.view(steps, batch, 2, k, width // (2 * k)).unbind(0)
+
+
+def highway_factors(z: Tensor, parent: Tensor, runs: list[tuple[str, int, int]], k: int) -> Tensor:
+    """``z``, ``[σ(c_1..c_k) | f(g_1..g_k)]`` of ``k`` highway blends of ``parent`` (``(T, B,
+    d)``), turned in place into ``[∂y/∂c | ∂y/∂g]``: ``(f − s) σ(1 − σ)`` and ``σ f'(g)``, with
+    ``f`` given per column run ``(name, first, end)``; returns ``∂y/∂s = 1 − σ``."""
+    steps, batch, width = z.shape
+    d = parent.shape[-1]
+    gates, values = z[..., : width // 2], z[..., width // 2 :]
+    spread = values.view(steps, batch, k, d) - parent.unsqueeze(2)  # f − s per child
+    keep = torch.sub(1.0, gates)
+    for name, lo, hi in runs:
+        slope_(name, z[..., lo:hi])
+    values.mul_(gates)
+    gates.mul_(keep).mul_(spread.view(steps, batch, k * d))
+    return keep
+
+
+def slope_(name: str, value: Tensor) -> None:
+    """The slope of ``value = f(g)`` in its matmul column, in place: ``(1 − f²)/2`` for
+    ``tanh`` (the column holds ``2g``), ``f(1 − f)``, ``[f > 0]`` or 1."""
+    if name == "tanh":
+        value.square_().sub_(1.0).mul_(-0.5)
+    elif name == "sigmoid":
+        value.mul_(torch.sub(1.0, value))
+    elif name == "relu":
+        value.copy_(value > 0)
+    elif name == "identity":
+        value.fill_(1.0)
+    else:
+        raise KeyError(name)
+
+
+class SequenceOutput:
+    """``h_t = squash(base(s_1..s_N))`` into ``hs[t + 1]`` (``nodes``: ``(T, N, B, d)``, each
+    step's node states, contiguous per step) in at most three kernels: the mean
+    is one matmul with a row of ``1/N`` (``2/N`` under ``tanh``, which is then ``2σ(2x) − 1``),
+    where ``torch.mean`` plus ``tanh_into`` were six."""
+
+    def __init__(self, squash: str, output: str, nodes: Tensor, hs: Tensor) -> None:
+        steps, n, batch, d = nodes.shape
+        self.tanh, self.mean = squash == "tanh", output == "mean"
+        self.out_t = hs[1:].view(steps, 1, batch * d).unbind(0)
+        if self.mean:
+            self.average = nodes.new_full((1, n), (2.0 if self.tanh else 1.0) / n)
+            self.nodes_t = [step.view(n, batch * d) for step in nodes.unbind(0)]
+        else:
+            self.nodes_t = [step[-1].view(1, batch * d) for step in nodes.unbind(0)]
+
+    def step(self, t: int, minus_one: Tensor) -> None:
+        out, nodes = self.out_t[t], self.nodes_t[t]
+        if self.mean:
+            torch.mm(self.average, nodes, out=out)
+        elif self.tanh:
+            torch.add(nodes, nodes, out=out)
+        else:
+            out.copy_(nodes)
+        if self.tanh:
+            sigmoid_to_tanh_(out.sigmoid_(), minus_one)
+
+
 def per_step_rows(buffer: Tensor) -> list[tuple[Tensor, ...]]:
     """``buffer[t][j]`` as views made once: at these sizes a view costs as much as a small op."""
     return [step.unbind(0) for step in buffer.unbind(0)]
