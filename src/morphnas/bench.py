@@ -266,7 +266,9 @@ def cell_flops(model: Genotype | str, batch: int, input_size: int, hidden: int, 
     LSTM: ``(B, in) @ (in, 4d)`` and ``(B, d) @ (d, 4d)`` per step; GRU the same with 3 gates.
     DARTS cell: the init GEMM plus one ``(B, d) @ (d, 2d)`` per node. Two-input cell: the input
     projection ``(B, in) @ (in, d)``, ``[a, b] @ (2d, d)`` per ``add_*`` node and
-    ``b @ (d, 2d)`` per ``highway`` node; ``hadamard``/``add`` have no matmul.
+    ``b @ (d, 2d)`` per ``highway`` node; ``hadamard``/``add`` have no matmul. The DARTS
+    kernel's mean of the nodes, a ``(1, N) @ (N, B·d)`` per step (``1/(2d)`` of one node's
+    FLOPs), is not counted.
     """
     d = hidden
     gates = {"lstm": 4, "gru": 3}

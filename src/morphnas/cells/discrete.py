@@ -181,7 +181,15 @@ class TwoInputCell(nn.Module):
     def _fused_forward(
         self, u_all: Tensor, h0: Tensor, mask_h: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        weights = [None if slot is None else self.node_weights[slot] for slot in self._weight_slot]
+        weights = [
+            None if slot is None else self._kernel_weight(node.op, self.node_weights[slot])
+            for node, slot in zip(self.genotype.nodes, self._weight_slot, strict=True)
+        ]
         gammas = [self.gammas[str(i)] for i, n in enumerate(self.genotype.nodes, 1) if n.residual]
         outputs = FusedTwoInputCellSequence.apply(self._plan, u_all, h0, mask_h, *weights, *gammas)
         return outputs, outputs[-1]
+
+    @staticmethod
+    def _kernel_weight(op: str, weight: Tensor) -> Tensor:
+        """A highway's ``[C, H]`` goes in as ``[C, 2H]``: its ``tanh`` is ``2σ(2g) − 1``."""
+        return doubled_tanh_half(weight) if op == "highway" else weight

@@ -6,8 +6,14 @@ ops per time step plus autograd's bookkeeping for each. Here:
 * **Terms on the input ``u`` are hoisted.** ``u`` does not depend on the recurrence, so every
   matmul that reads it (``u A`` or ``u B`` of an ``add_*`` node, ``u [C, H]`` of a highway) is
   one matmul over the whole sequence before the loop, and its gradients one each after it.
+* **Terms on ``m ⊙ h`` share one matmul.** Every node with a term on the previous state has
+  its pre-activation columns in one buffer, so one ``addmm_`` a step computes them all (the
+  gated cell: one instead of three), and one its gradient.
 * **Weight gradients are one ``mm`` per weight per sequence**, over all ``T·B`` rows, instead of
   autograd's one per step; the backward walks the sequence once with no graph.
+* **A highway is three ops a step forward, two backward.** Its ``H`` comes doubled, so
+  ``[σ(c) | tanh(g)]`` is one ``sigmoid_`` and one kernel (``2σ(2g) − 1``), and its local
+  derivatives are computed once per sequence, as in the DARTS cell's kernel.
 
 The cell (``cells.discrete.TwoInputCell``, the specification and the fallback), per time step,
 with states ``u`` (input projection, ``-1``), ``m ⊙ h`` (``0``, ``m`` the ``dropout_h`` mask or
@@ -33,13 +39,16 @@ from torch.autograd.function import FunctionCtx
 from morphnas.genotype import Genotype
 from morphnas.ops import ADD_OPS
 from morphnas.spaces.fused_ops import (
+    SequenceOutput,
     activation_backward_into,
     activation_into,
+    highway_factors,
     output_rule,
     output_rule_backward,
+    pairs,
     per_step_rows,
     refuse_double_backward,
-    tanh_into,
+    sigmoid_to_tanh_,
 )
 
 U, H = 0, 1  # slots of the input projection and of the (masked) previous state
@@ -68,22 +77,21 @@ class TwoInputCellPlan:
 
 
 class _Node:
-    """One node's buffers over the sequence: ``z`` is the pre-activation of an ``add_*`` node
-    or ``[σ(c) | tanh(g)]`` of a highway (starting as the hoisted ``u`` products), ``y`` the
-    op's output of a residual node (before ``γ``)."""
+    """One node over the sequence.
+
+    ``terms``: ``(input slot, weight rows)`` of its matmuls, of which those on ``u`` are hoisted
+    out of the loop (``u_weight``), those on ``m ⊙ h`` join the cell's shared matmul
+    (``h_weight``) and those on other nodes (``recurrent``) run at each step. ``z`` (set by
+    ``_bind_buffers``) is the pre-activation of an ``add_*`` node, ``[σ(c) | tanh(g)]`` of a
+    highway (whose matmul yields ``2g``: its ``H`` comes doubled); ``y`` is the op's output of
+    a residual node, before ``γ``.
+    """
 
     def __init__(
-        self,
-        plan: TwoInputCellPlan,
-        i: int,
-        weight: Tensor | None,
-        gamma: Tensor | None,
-        u: Tensor,
+        self, plan: TwoInputCellPlan, i: int, weight: Tensor | None, gamma: Tensor | None, d: int
     ) -> None:
-        steps, batch, d = u.shape
         self.op, (self.a, self.b) = plan.ops[i], plan.inputs[i]
         self.slot, self.weight, self.gamma = i + 2, weight, gamma
-        # (input slot, weight rows) of every matmul; those on u are hoisted out of the loop.
         if self.op in ADD_OPS:
             assert weight is not None
             self.act = ADD_OPS[self.op]
@@ -94,19 +102,50 @@ class _Node:
         else:
             terms = []
         self.terms = terms
-        self.recurrent = [(slot, w) for slot, w in terms if slot != U]
-        on_u = [w for slot, w in terms if slot == U]
-        width = terms[0][1].shape[1] if terms else 0
-        flat = u.reshape(steps * batch, d)
-        if on_u:
-            self.z = (flat @ sum(on_u[1:], on_u[0])).view(steps, batch, width)
+        self.width = terms[0][1].shape[1] if terms else 0
+        self.u_weight = _summed([w for slot, w in terms if slot == U])
+        self.h_weight = _summed([w for slot, w in terms if slot == H])
+        self.recurrent = [(slot, w) for slot, w in terms if slot not in (U, H)]
+
+    def bind(self, z: Tensor, u_flat: Tensor) -> None:
+        """Take ``z``, ``(T, B, width)``, as this node's buffer, starting as its ``u`` term."""
+        self.z, self.z_t = z, z.unbind(0)
+        if self.u_weight is not None:
+            z.view(u_flat.shape[0], self.width).addmm_(u_flat, self.u_weight, beta=0)
         else:
-            self.z = u.new_zeros(steps, batch, width)
-        self.z_t = self.z.unbind(0)
+            z.zero_()
         if self.op == "highway":
-            self.gate_t, self.cand_t = self.z[..., :d].unbind(0), self.z[..., d:].unbind(0)
-        self.y = u.new_empty(steps, batch, d) if gamma is not None else None
-        self.y_t = self.y.unbind(0) if self.y is not None else None
+            d = self.width // 2
+            self.gate_t, self.cand_t = z[..., :d].unbind(0), z[..., d:].unbind(0)
+
+
+def _summed(weights: list[Tensor]) -> Tensor | None:
+    """The weight of the terms on one input (``A + B`` when both read it), or ``None``."""
+    return None if not weights else weights[0] if len(weights) == 1 else weights[0] + weights[1]
+
+
+def _bind_buffers(nodes: list[_Node], u: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """Give every node with a matmul its ``z``, and a residual node its ``y``. Nodes with a term
+    on ``m ⊙ h`` get adjacent columns of one shared buffer, so that one matmul a step serves
+    them all; returns that buffer ``(T, B, W)`` and its weight block ``(d, W)`` (``None`` if
+    no node reads ``h``)."""
+    steps, batch, d = u.shape
+    u_flat = u.reshape(steps * batch, d)
+    on_h = [node for node in nodes if node.h_weight is not None]
+    shared = u.new_empty(steps, batch, sum(node.width for node in on_h)) if on_h else None
+    start = 0
+    for node in nodes:
+        node.y = u.new_empty(steps, batch, d) if node.gamma is not None else None
+        node.y_t = node.y.unbind(0) if node.y is not None else None
+        if node.h_weight is not None:
+            assert shared is not None
+            node.columns = (start, start + node.width)
+            node.bind(shared[..., start : start + node.width], u_flat)
+            start += node.width
+        elif node.terms:
+            node.bind(u.new_empty(steps, batch, node.width), u_flat)
+    block = torch.cat([node.h_weight for node in on_h], 1) if on_h else None  # type: ignore[misc]
+    return shared, block
 
 
 class FusedTwoInputCellSequence(torch.autograd.Function):
@@ -114,7 +153,8 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
 
     Inputs: ``plan``; ``u`` ``(T, B, d)``, the input projection (masked and multiplied outside,
     where autograd handles it); ``h0`` ``(B, d)``; ``mask_h`` ``(B, d)`` or ``None``; per node
-    its weight or ``None``; per residual node its ``γ`` ``(d,)``. Output: ``(T, B, d)``.
+    its weight or ``None``, a highway's as ``doubled_tanh_half`` gives it; per residual node its
+    ``γ`` ``(d,)``. Output: ``(T, B, d)``.
     """
 
     @staticmethod
@@ -134,11 +174,14 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
         states[:, U].copy_(u)
         hs = u.new_empty(steps + 1, batch, d)  # h_{t−1} of every step, then the last h
         nodes = [
-            _Node(plan, i, w, g, u)
+            _Node(plan, i, w, g, d)
             for i, (w, g) in enumerate(zip(weights, node_gammas, strict=True))
         ]
+        shared, block = _bind_buffers(nodes, u)
+        shared_t = shared.unbind(0) if shared is not None else None
         minus_one = u.new_full((), -1.0)
         rows, h_t = per_step_rows(states), hs.unbind(0)
+        output = SequenceOutput(plan.squash, plan.output, states[:, 2:], hs)
         h_t[0].copy_(h0)
         for t in range(steps):
             row = rows[t]
@@ -146,20 +189,20 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
                 row[H].copy_(h_t[t])
             else:
                 torch.mul(h_t[t], mask_h, out=row[H])
+            if shared_t is not None:
+                shared_t[t].addmm_(row[H], block)
             for node in nodes:
                 out = row[node.slot] if node.y_t is None else node.y_t[t]
                 _op_forward(node, row, t, out, minus_one)
                 if node.gamma is not None:
                     base = output_rule(states[t, 1:], node.slot - 2, plan.output)
                     torch.addcmul(base, node.gamma, out, out=row[node.slot])
-            activation_into(
-                plan.squash, output_rule(states[t, 1:], n, plan.output), h_t[t + 1], minus_one
-            )
-        ctx.plan, ctx.nodes = plan, nodes  # type: ignore[attr-defined]
-        ctx.states, ctx.hs = states, hs  # type: ignore[attr-defined]
+            output.step(t, minus_one)
+        ctx.plan, ctx.nodes, ctx.shared = plan, nodes, shared  # type: ignore[attr-defined]
+        ctx.states, ctx.hs, ctx.factors = states, hs, False  # type: ignore[attr-defined]
         # The nodes hold the weights and γ; saving them too makes autograd refuse a backward
         # after they were changed in place.
-        ctx.save_for_backward(mask_h, *weights_and_gammas)
+        ctx.save_for_backward(mask_h, block, *weights_and_gammas)
         return hs[1:].clone()
 
     @staticmethod
@@ -167,23 +210,47 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
         refuse_double_backward("derived two-input cell")
         plan: TwoInputCellPlan = ctx.plan  # type: ignore[attr-defined]
         nodes: list[_Node] = ctx.nodes  # type: ignore[attr-defined]
+        shared: Tensor | None = ctx.shared  # type: ignore[attr-defined]
         states: Tensor = ctx.states  # type: ignore[attr-defined]
         hs: Tensor = ctx.hs  # type: ignore[attr-defined]
-        mask_h = ctx.saved_tensors[0]  # type: ignore[attr-defined]
+        mask_h, block = ctx.saved_tensors[:2]  # type: ignore[attr-defined]
         steps, n2, batch, d = states.shape
         n = n2 - 2
+        if not ctx.factors:  # type: ignore[attr-defined]  # the first backward
+            for node in nodes:
+                if node.op == "highway":  # in place: later backwards (retain_graph) reuse them
+                    node.keep_t = highway_factors(
+                        node.z, states[:, node.a], [("tanh", d, 2 * d)], 1
+                    ).unbind(0)
+                    node.factors_t = pairs(node.z, 1)
+            ctx.factors = True  # type: ignore[attr-defined]
         new = grad_out.new_empty
         d_u = new(steps, batch, d)
         d_u_t = d_u.unbind(0)
-        dz = [torch.empty_like(node.z) for node in nodes]  # d pre of add_*, d [c | g] of highway
-        dz_t = [buf.unbind(0) for buf in dz]
+        d_shared = torch.empty_like(shared) if shared is not None else None
+        dz = [  # d pre of add_*, d [c | g] of highway (views into d_shared for nodes on h)
+            None
+            if not node.terms
+            else d_shared[..., slice(*node.columns)]  # type: ignore[index]
+            if node.h_weight is not None
+            else torch.empty_like(node.z)
+            for node in nodes
+        ]
+        dz_t = [buf.unbind(0) if buf is not None else None for buf in dz]
+        d_pairs_t = [
+            pairs(buf, 1) if node.op == "highway" else None
+            for node, buf in zip(nodes, dz, strict=True)
+        ]
         d_res = [torch.empty_like(node.y) if node.y is not None else None for node in nodes]
         d_states = new(n + 2, batch, d)
-        d_rows = d_states.unbind(0)
+        d_rows, d_rows_b = d_states.unbind(0), d_states.view(n + 2, batch, 1, 1, d).unbind(0)
         d_node_states = d_states[1:]  # index 0 is m ⊙ h, the nodes from 1: the output rule's view
         rows, h_t, out_t = per_step_rows(states), hs.unbind(0), grad_out.unbind(0)
         recurrent_t = [[(slot, w.T) for slot, w in node.recurrent] for node in nodes]
         d_out, d_y = new(batch, d), new(batch, d)
+        d_y_b = d_y.view(batch, 1, 1, d)
+        d_shared_t = d_shared.unbind(0) if d_shared is not None else None
+        block_t = block.T if block is not None else None
         carry = grad_out.new_zeros(batch, d)
         for t in reversed(range(steps)):
             row = rows[t]
@@ -193,28 +260,43 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
             output_rule_backward(d_node_states, n, plan.output, d_out)
             for i in reversed(range(n)):
                 node = nodes[i]
-                d_s = d_rows[node.slot]
+                d_s, d_s_b = d_rows[node.slot], d_rows_b[node.slot]
                 if node.gamma is not None:
                     d_res[i][t].copy_(d_s)  # type: ignore[index]
                     output_rule_backward(d_node_states, i, plan.output, d_s)
-                    d_s = torch.mul(d_s, node.gamma, out=d_y)
-                _op_backward(node, row, d_rows, d_s, t, dz_t[i][t] if dz[i].numel() else None)
+                    d_s, d_s_b = torch.mul(d_s, node.gamma, out=d_y), d_y_b
+                if node.op == "highway":  # [dc | dg] in one op, from the factors
+                    torch.mul(d_s_b, node.factors_t[t], out=d_pairs_t[i][t])  # type: ignore[index]
+                    d_rows[node.a].addcmul_(d_s, node.keep_t[t])
+                else:
+                    _op_backward(node, row, d_rows, d_s, t, dz_t[i])
                 for slot, w_t in recurrent_t[i]:
-                    d_rows[slot].addmm_(dz_t[i][t], w_t)
+                    d_rows[slot].addmm_(dz_t[i][t], w_t)  # type: ignore[index]
+            if d_shared_t is not None:
+                d_rows[H].addmm_(d_shared_t[t], block_t)
             d_u_t[t].copy_(d_rows[U])
             carry = d_rows[H].clone() if mask_h is None else d_rows[H] * mask_h
         flat = steps * batch
+        d_block = (
+            states[:, H].reshape(flat, d).T @ d_shared.view(flat, -1)
+            if d_shared is not None
+            else None
+        )
         d_weights = []
         for node, d_pre in zip(nodes, dz, strict=True):
-            if node.weight is None:
+            if d_pre is None:
                 d_weights.append(None)
                 continue
-            d_pre2d = d_pre.view(flat, -1)
-            parts = [states[:, slot].reshape(flat, d).T @ d_pre2d for slot, _ in node.terms]
+            d_pre2d = d_pre.view(flat, node.width)
+            parts = [
+                d_block[:, slice(*node.columns)]  # type: ignore[index]
+                if slot == H
+                else states[:, slot].reshape(flat, d).T @ d_pre2d
+                for slot, _ in node.terms
+            ]
             d_weights.append(torch.cat(parts, 0) if node.op in ADD_OPS else parts[0])
-            for slot, w in node.terms:
-                if slot == U:
-                    d_u.view(flat, d).addmm_(d_pre2d, w.T)
+            if node.u_weight is not None:
+                d_u.view(flat, d).addmm_(d_pre2d, node.u_weight.T)
         d_gammas = [
             (node.y * d_r).sum((0, 1))
             for node, d_r in zip(nodes, d_res, strict=True)
@@ -226,15 +308,16 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
 def _op_forward(
     node: _Node, row: tuple[Tensor, ...], t: int, out: Tensor, minus_one: Tensor
 ) -> None:
-    """Node ``node``'s op at step ``t`` into ``out`` (its ``z`` holds the hoisted ``u`` part)."""
+    """Node ``node``'s op at step ``t`` into ``out`` (its ``z`` holds its matmuls on ``u`` and
+    ``m ⊙ h`` already)."""
     a, b, op = row[node.a], row[node.b], node.op
     if node.terms:
         z = node.z_t[t]
         for slot, w in node.recurrent:
-            torch.addmm(z, row[slot], w, out=z)
-        if op == "highway":
-            node.gate_t[t].sigmoid_()
-            tanh_into(node.cand_t[t], node.cand_t[t], minus_one)
+            z.addmm_(row[slot], w)
+        if op == "highway":  # [c | 2g] → [σ(c) | σ(2g)] → [σ(c) | tanh(g)]
+            z.sigmoid_()
+            sigmoid_to_tanh_(node.cand_t[t], minus_one)
             torch.lerp(a, node.cand_t[t], node.gate_t[t], out=out)
         else:  # z keeps the pre-activation (relu's backward reads its sign)
             activation_into(node.act, z, out, minus_one)
@@ -252,25 +335,16 @@ def _op_backward(
     d_rows: tuple[Tensor, ...],
     d_s: Tensor,
     t: int,
-    d_z: Tensor | None,
+    dz_t: tuple[Tensor, ...] | None,
 ) -> None:
-    """Add the gradient of node ``node``'s op at step ``t`` into its inputs' rows of
-    ``d_rows`` (all but its matmuls, which the caller adds from ``d_z``)."""
+    """Add the gradient of node ``node``'s op at step ``t`` (not a highway's: the caller's,
+    from its factors) into its inputs' rows of ``d_rows``, all but its matmuls', which the
+    caller adds from ``dz_t``."""
     op = node.op
     if op in ADD_OPS:
-        assert d_z is not None
+        assert dz_t is not None
         value = row[node.slot] if node.y_t is None else node.y_t[t]
-        activation_backward_into(node.act, d_s, value, node.z_t[t], d_z)
-    elif op == "highway":
-        assert d_z is not None
-        a, gate, cand = row[node.a], node.gate_t[t], node.cand_t[t]
-        width = gate.shape[-1]
-        d_gate, d_cand = d_z[:, :width], d_z[:, width:]
-        torch.mul(d_s, gate, out=d_cand)
-        d_rows[node.a].add_(d_s).sub_(d_cand)
-        torch.sub(cand, a, out=d_gate).mul_(d_s)
-        activation_backward_into("sigmoid", d_gate, gate, gate, d_gate)
-        activation_backward_into("tanh", d_cand, cand, cand, d_cand)
+        activation_backward_into(node.act, d_s, value, node.z_t[t], dz_t[t])
     elif op == "hadamard":
         d_rows[node.a].addcmul_(d_s, row[node.b])
         d_rows[node.b].addcmul_(d_s, row[node.a])
