@@ -329,9 +329,9 @@ class FusedDartsCellSequence(torch.autograd.Function):
         d_res_t = per_step_rows(d_res)
         d_in, d_base = new(batch, d), new(batch, d)
         h_t, out_t = hs.unbind(0), grad_out.unbind(0)
-        carry = grad_out.new_zeros(batch, d)
+        d_h0, no_output = new(batch, d), grad_out.new_zeros(())
+        d_base.copy_(out_t[steps - 1])  # d h_t: the output's gradient, plus h_{t+1}'s share
         for t in reversed(range(steps)):
-            torch.add(out_t[t], carry, out=d_base)
             activation_backward_into(plan.squash, d_base, h_t[t + 1], h_t[t + 1], d_base)
             d_states.zero_()
             output_rule_backward(d_states, n, plan.output, d_base)
@@ -352,11 +352,13 @@ class FusedDartsCellSequence(torch.autograd.Function):
                     output_rule_backward(d_states, j - 1, plan.output, rows[j])
                     rows[j].mul_(node.gamma)
             torch.mul(d_s0_b, init_factors_t[t], out=d_init_pairs_t[t])
-            carry = rows[0] * keep0_t[t]
+            # d h_{t−1}, added straight to the output's gradient there (d h0 at the first step)
+            before, d_prev = (out_t[t - 1], d_base) if t > 0 else (no_output, d_h0)
+            torch.addcmul(before, rows[0], keep0_t[t], out=d_prev)
             if mask_h is None:
-                carry.addmm_(d_init_t[t], w_h.T)
+                d_prev.addmm_(d_init_t[t], w_h.T)
             else:
-                carry.addcmul_(torch.mm(d_init_t[t], w_h.T, out=d_in), mask_h)
+                d_prev.addcmul_(torch.mm(d_init_t[t], w_h.T, out=d_in), mask_h)
         flat = steps * batch
         h_in = hs[:steps] if mask_h is None else hs[:steps] * mask_h
         d_w_h = h_in.reshape(flat, d).T @ d_init.view(flat, 2 * d)
@@ -366,4 +368,4 @@ class FusedDartsCellSequence(torch.autograd.Function):
         d_gammas = [
             (ys[:, i] * d_res[:, i]).sum((0, 1)) for i, res in enumerate(plan.residual) if res
         ]
-        return None, d_init, carry, d_w_h, None, *d_blocks, *d_gammas
+        return None, d_init, d_h0, d_w_h, None, *d_blocks, *d_gammas

@@ -251,10 +251,9 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
         d_y_b = d_y.view(batch, 1, 1, d)
         d_shared_t = d_shared.unbind(0) if d_shared is not None else None
         block_t = block.T if block is not None else None
-        carry = grad_out.new_zeros(batch, d)
+        d_out.copy_(out_t[steps - 1])  # d h_t: the output's gradient, plus h_{t+1}'s share
         for t in reversed(range(steps)):
             row = rows[t]
-            torch.add(out_t[t], carry, out=d_out)
             activation_backward_into(plan.squash, d_out, h_t[t + 1], h_t[t + 1], d_out)
             d_states.zero_()
             output_rule_backward(d_node_states, n, plan.output, d_out)
@@ -275,7 +274,12 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
             if d_shared_t is not None:
                 d_rows[H].addmm_(d_shared_t[t], block_t)
             d_u_t[t].copy_(d_rows[U])
-            carry = d_rows[H].clone() if mask_h is None else d_rows[H] * mask_h
+            if t > 0:  # d h_{t−1}, added straight to the output's gradient there
+                if mask_h is None:
+                    torch.add(out_t[t - 1], d_rows[H], out=d_out)
+                else:
+                    torch.addcmul(out_t[t - 1], d_rows[H], mask_h, out=d_out)
+        d_h0 = d_rows[H].clone() if mask_h is None else d_rows[H] * mask_h
         flat = steps * batch
         d_block = (
             states[:, H].reshape(flat, d).T @ d_shared.view(flat, -1)
@@ -302,7 +306,7 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
             for node, d_r in zip(nodes, d_res, strict=True)
             if node.y is not None
         ]
-        return None, d_u, carry, None, *d_weights, *d_gammas
+        return None, d_u, d_h0, None, *d_weights, *d_gammas
 
 
 def _op_forward(
