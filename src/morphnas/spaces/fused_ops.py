@@ -25,7 +25,7 @@ def tanh_into(z: Tensor, out: Tensor, minus_one: Tensor) -> Tensor:
     (absolute ~1e-7), far below what the float32 recurrence itself amplifies. ``minus_one`` is
     a 0-dim ``−1``: a Python scalar operand costs about 2 µs more per call here.
     """
-    if z.device.type != "cpu":
+    if not z.is_cpu:  # (``device.type`` costs ~0.4 µs a call here)
         return torch.tanh(z, out=out)
     torch.add(z, z, out=out).sigmoid_()
     return sigmoid_to_tanh_(out, minus_one)
