@@ -177,7 +177,7 @@ class _Group:
             self.index = torch.tensor(rows, device=d_states.device)
             picked = self.picked = d_states.new_empty(self.k, *d_states.shape[1:])
         self.d_children = picked.unbind(0)
-        self.d_children_b = picked.transpose(0, 1).unsqueeze(1)  # (B, 1, k, d) against _pairs
+        self.d_children_b = picked.transpose(0, 1).unsqueeze(1)  # (B, 1, k, d) against ``pairs``
 
     def backward_step(self, t: int, d_states: Tensor, d_parent: Tensor) -> None:
         """The children's ``[dc | dg]`` at step ``t`` (from their final rows of ``d_states``)

@@ -91,7 +91,7 @@ class _Node:
         self, plan: TwoInputCellPlan, i: int, weight: Tensor | None, gamma: Tensor | None, d: int
     ) -> None:
         self.op, (self.a, self.b) = plan.ops[i], plan.inputs[i]
-        self.slot, self.weight, self.gamma = i + 2, weight, gamma
+        self.slot, self.gamma = i + 2, gamma
         if self.op in ADD_OPS:
             assert weight is not None
             self.act = ADD_OPS[self.op]
