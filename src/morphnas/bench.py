@@ -45,7 +45,12 @@ from morphnas import cells, spaces, strategies
 from morphnas.config import SearchConfig
 from morphnas.data import make_windows, synthetic_series
 from morphnas.engine.compiled import compile_cell
-from morphnas.engine.runtime import MULTITHREAD_FROM, choose_threads, resolve_device
+from morphnas.engine.runtime import (
+    MULTITHREAD_FROM,
+    apply_threads,
+    choose_threads,
+    resolve_device,
+)
 from morphnas.engine.search import search as run_search
 from morphnas.genotype import DARTS_PRIMITIVES, KNOWN, Genotype, Node
 from morphnas.ops import ACTIVATIONS
@@ -311,11 +316,6 @@ def thread_candidates(device: torch.device, quick: bool = False) -> list[int]:
     return sorted({1, os.cpu_count() or 1})
 
 
-def _set_threads(threads: int) -> None:
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-
-
 def _proc_status_kb(field: str) -> int:
     match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
     if match is None:
@@ -405,13 +405,13 @@ def _best_threads(work: Workload, device: torch.device, candidates: Sequence[int
     if work.threads is not None:
         return work.threads  # warmed up already (compiled modules are, by ``compile_cell``)
     probe = min(PROBE_STEPS, work.x.shape[0])
-    _set_threads(candidates[0])
+    apply_threads(candidates[0])
     work.step(probe)
     if len(candidates) == 1:
         return candidates[0]
     timings: dict[int, float] = {}
     for threads in candidates:
-        _set_threads(threads)
+        apply_threads(threads)
         seconds = _seconds(lambda: work.step(probe), device)
         if seconds <= 2 * min(timings.values(), default=seconds):
             seconds = min(seconds, _seconds(lambda: work.step(probe), device))
@@ -447,7 +447,7 @@ def measure(
         }
     peaks = {}
     for name, work in workloads.items():
-        _set_threads(counts[name][0])
+        apply_threads(counts[name][0])
         peaks[name] = _peak_mb(work.step, device)
     runs = {(name, t): (work, t) for name, work in workloads.items() for t in counts[name]}
     seconds = _interleaved(runs, device, repeats)
@@ -469,7 +469,7 @@ def _interleaved(
     times: dict[Any, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, (work, threads) in runs.items():
-            _set_threads(threads)
+            apply_threads(threads)
             times[name].append(_seconds(work.step, device))
     return {name: statistics.median(values) for name, values in times.items()}
 
@@ -488,7 +488,7 @@ def measure_matmul(
     b = torch.randn(size, size, device=device)
     best: dict[int, float] = {}
     for threads in candidates:
-        _set_threads(threads)
+        apply_threads(threads)
         a @ b  # warm-up
         best[threads] = min(_seconds(lambda: a @ b, device) for _ in range(repeats))
     threads = min(best, key=best.__getitem__)
@@ -558,7 +558,7 @@ def bench_supernet_config(cfg: SupernetConfig, ctx: Context, repeats: int) -> di
     ours = _supernet(cfg, ctx.device)
     reference = ReferenceDartsCell.copy_of(ours)
     x, target = _sequence(cfg, cfg.input_size, ctx.device)
-    _set_threads(ctx.threads[0])
+    apply_threads(ctx.threads[0])
     diff = check_agreement(ours, reference, x)
     if not diff <= AGREEMENT_TOL:
         raise RuntimeError(f"reference and fused supernet disagree by {diff:.2e} ({cfg})")
@@ -592,7 +592,7 @@ def bench_two_input_config(cfg: SupernetConfig, ctx: Context, repeats: int) -> d
     eager = copy.deepcopy(kernel)
     eager.fused = False
     x, target = _sequence(cfg, cfg.input_size, ctx.device)
-    _set_threads(ctx.threads[0])
+    apply_threads(ctx.threads[0])
     with torch.no_grad():
         diff = float((kernel(x)[0] - eager(x)[0]).abs().max())
     if not diff <= AGREEMENT_TOL:
@@ -684,7 +684,7 @@ def _compiled_workloads(
     candidates), fixed at compile time (``Workload.threads`` says why)."""
     threads = choose_threads(cfg.hidden, cfg.batch, device=ctx.device)
     threads = threads if threads in ctx.threads else ctx.threads[0]
-    _set_threads(threads)  # before compiling: inductor reads it while generating kernels
+    apply_threads(threads)  # before compiling: inductor reads it while generating kernels
     workloads: dict[str, Workload] = {}
     info: dict[str, dict[str, Any]] = {}
     for name in COMPILABLE:
@@ -761,7 +761,7 @@ def bench_search(device: torch.device, repeats: int, quick: bool) -> dict[str, A
     setup = SEARCH_SETUP
     series = synthetic_series(n_steps=400 if quick else 2000, n_series=setup["n_series"], seed=0)
     data = make_windows(series, setup["window"], 1)
-    _set_threads(choose_threads(setup["hidden"], setup["batch_size"], device=device))
+    apply_threads(choose_threads(setup["hidden"], setup["batch_size"], device=device))
     result: dict[str, Any] = {}
     for strategy_name in strategies.STRATEGIES:
         result[strategy_name] = {}
@@ -822,7 +822,7 @@ def _time_thread_counts(
     x, target = _sequence(cfg, cfg.input_size, device)
     work = _sgd_workload(_supernet(cfg, device), x, target)
     for threads in candidates:
-        _set_threads(threads)
+        apply_threads(threads)
         work.step()
     runs = {str(threads): (work, threads) for threads in candidates}
     seconds = _interleaved(runs, device, repeats)
@@ -918,7 +918,7 @@ def run_bench(
         with torch.random.fork_rng(devices=rng_devices):
             return _run_parts(parts, dev, quick, repeats, compile, compile_backend)
     finally:
-        _set_threads(threads_before)
+        apply_threads(threads_before)
 
 
 def _run_parts(
