@@ -46,7 +46,6 @@ from morphnas.spaces.fused_ops import (
     output_rule,
     output_rule_backward,
     pairs,
-    per_step_rows,
     refuse_double_backward,
     sigmoid_to_tanh_,
 )
@@ -170,8 +169,7 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
         weights, gammas = weights_and_gammas[:n], iter(weights_and_gammas[n:])
         node_gammas = [next(gammas) if residual else None for residual in plan.residual]
         steps, batch, d = u.shape
-        states = u.new_empty(steps, n + 2, batch, d)  # u, m ⊙ h, s_1..s_N
-        states[:, U].copy_(u)
+        states = u.new_empty(steps, n + 2, batch, d)  # (u), m ⊙ h, s_1..s_N
         hs = u.new_empty(steps + 1, batch, d)  # h_{t−1} of every step, then the last h
         nodes = [
             _Node(plan, i, w, g, d)
@@ -180,14 +178,13 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
         shared, block = _bind_buffers(nodes, u)
         shared_t = shared.unbind(0) if shared is not None else None
         minus_one = u.new_full((), -1.0)
-        rows, h_t = per_step_rows(states), hs.unbind(0)
+        seq = _slot_sequences(u, states, hs, mask_h)
+        rows, h_t = _per_step(seq), hs.unbind(0)
         output = SequenceOutput(plan.squash, plan.output, states[:, 2:], hs)
         h_t[0].copy_(h0)
         for t in range(steps):
             row = rows[t]
-            if mask_h is None:
-                row[H].copy_(h_t[t])
-            else:
+            if mask_h is not None:  # (without a mask, slot H is h itself)
                 torch.mul(h_t[t], mask_h, out=row[H])
             if shared_t is not None:
                 shared_t[t].addmm_(row[H], block)
@@ -199,7 +196,7 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
                     torch.addcmul(base, node.gamma, out, out=row[node.slot])
             output.step(t, minus_one)
         ctx.plan, ctx.nodes, ctx.shared = plan, nodes, shared  # type: ignore[attr-defined]
-        ctx.states, ctx.hs, ctx.factors = states, hs, False  # type: ignore[attr-defined]
+        ctx.seq, ctx.hs, ctx.factors = seq, hs, False  # type: ignore[attr-defined]
         # The nodes hold the weights and γ; saving them too makes autograd refuse a backward
         # after they were changed in place.
         ctx.save_for_backward(mask_h, block, *weights_and_gammas)
@@ -211,16 +208,15 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
         plan: TwoInputCellPlan = ctx.plan  # type: ignore[attr-defined]
         nodes: list[_Node] = ctx.nodes  # type: ignore[attr-defined]
         shared: Tensor | None = ctx.shared  # type: ignore[attr-defined]
-        states: Tensor = ctx.states  # type: ignore[attr-defined]
+        seq: list[Tensor] = ctx.seq  # type: ignore[attr-defined]
         hs: Tensor = ctx.hs  # type: ignore[attr-defined]
         mask_h, block = ctx.saved_tensors[:2]  # type: ignore[attr-defined]
-        steps, n2, batch, d = states.shape
-        n = n2 - 2
+        n, (steps, batch, d) = len(seq) - 2, seq[U].shape
         if not ctx.factors:  # type: ignore[attr-defined]  # the first backward
             for node in nodes:
                 if node.op == "highway":  # in place: later backwards (retain_graph) reuse them
                     node.keep_t = highway_factors(
-                        node.z, states[:, node.a], [("tanh", d, 2 * d)], 1
+                        node.z, seq[node.a], [("tanh", d, 2 * d)], 1
                     ).unbind(0)
                     node.factors_t = pairs(node.z, 1)
             ctx.factors = True  # type: ignore[attr-defined]
@@ -245,7 +241,7 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
         d_states = new(n + 2, batch, d)
         d_rows, d_rows_b = d_states.unbind(0), d_states.view(n + 2, batch, 1, 1, d).unbind(0)
         d_node_states = d_states[1:]  # index 0 is m ⊙ h, the nodes from 1: the output rule's view
-        rows, h_t, out_t = per_step_rows(states), hs.unbind(0), grad_out.unbind(0)
+        rows, h_t, out_t = _per_step(seq), hs.unbind(0), grad_out.unbind(0)
         recurrent_t = [[(slot, w.T) for slot, w in node.recurrent] for node in nodes]
         d_out, d_y = new(batch, d), new(batch, d)
         d_y_b = d_y.view(batch, 1, 1, d)
@@ -282,9 +278,7 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
         d_h0 = d_rows[H].clone() if mask_h is None else d_rows[H] * mask_h
         flat = steps * batch
         d_block = (
-            states[:, H].reshape(flat, d).T @ d_shared.view(flat, -1)
-            if d_shared is not None
-            else None
+            seq[H].reshape(flat, d).T @ d_shared.view(flat, -1) if d_shared is not None else None
         )
         d_weights = []
         for node, d_pre in zip(nodes, dz, strict=True):
@@ -295,7 +289,7 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
             parts = [
                 d_block[:, slice(*node.columns)]  # type: ignore[index]
                 if slot == H
-                else states[:, slot].reshape(flat, d).T @ d_pre2d
+                else seq[slot].reshape(flat, d).T @ d_pre2d
                 for slot, _ in node.terms
             ]
             d_weights.append(torch.cat(parts, 0) if node.op in ADD_OPS else parts[0])
@@ -307,6 +301,22 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
             if node.y is not None
         ]
         return None, d_u, d_h0, None, *d_weights, *d_gammas
+
+
+def _slot_sequences(u: Tensor, states: Tensor, hs: Tensor, mask_h: Tensor | None) -> list[Tensor]:
+    """Each slot's ``(T, B, d)`` sequence, ``states[:, j]`` except where the tensor exists
+    already: ``u`` itself, and without a mask ``h_{t−1}`` itself (``hs``) for ``m ⊙ h`` (a copy
+    a step saved)."""
+    seq = list(states.unbind(1))
+    seq[U] = u
+    if mask_h is None:
+        seq[H] = hs[:-1]
+    return seq
+
+
+def _per_step(seq: list[Tensor]) -> list[tuple[Tensor, ...]]:
+    """``rows[t][j]``, slot ``j`` at step ``t``, as views made once."""
+    return list(zip(*(slot.unbind(0) for slot in seq), strict=True))
 
 
 def _op_forward(
