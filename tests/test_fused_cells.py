@@ -61,6 +61,17 @@ GENOTYPES = {
         output="last",
         output_activation="identity",
     ),
+    "darts_dead_last": Genotype(  # nothing reads nodes 2 (a residual one) and 3: dead
+        "darts_rnn",
+        (
+            Node("tanh", (0,)),
+            Node("relu", (1,), residual=True),
+            Node("identity", (0,)),
+            Node("sigmoid", (1,)),
+        ),
+        output="last",
+        output_activation="identity",
+    ),
     "two_input_gated": TWO_INPUT_GATED,  # LSTM-like
     "two_input_every_input": Genotype(  # u on both sides, u as a highway's gate input, a node twice
         "two_input",
@@ -96,6 +107,16 @@ GENOTYPES = {
         output="last",
         output_activation="tanh",
     ),
+    "two_input_dead_last": Genotype(  # nothing reads node 2: dead
+        "two_input",
+        (
+            Node("add_tanh", (0, -1)),
+            Node("add_sigmoid", (0, -1)),
+            Node("highway", (1, 0)),
+        ),
+        output="last",
+        output_activation="tanh",
+    ),
 }
 SPACES = ["darts_rnn", "two_input"]
 GROWN = {"darts_rnn": "darts_grown_mean", "two_input": "two_input_grown_mean"}
@@ -118,19 +139,18 @@ def kernel_of(cell: nn.Module) -> str:
     return KERNEL[cell.genotype.space]
 
 
-def run(cell: nn.Module, x: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Outputs, last state, and the gradients of (parameters, x, h0) of a random projection."""
+def run(
+    cell: nn.Module, x: Tensor, h0: Tensor | None
+) -> tuple[Tensor, Tensor, list[Tensor | None]]:
+    """Outputs, last state, and the gradients of (parameters, x, h0) of a random projection
+    (``None`` for a parameter the output does not depend on: a dead node's)."""
     torch.manual_seed(9)  # the same dropout masks on both paths
     out, h = cell(x, h0)
     gen = torch.Generator().manual_seed(4)
     loss = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum() + h.sum()
     wrt = [*cell.parameters(), x] + ([] if h0 is None else [h0])
     grads = torch.autograd.grad(loss, wrt, allow_unused=True)
-    return (
-        out,
-        h,
-        [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, grads, strict=True)],
-    )
+    return out, h, list(grads)
 
 
 @pytest.mark.parametrize("with_h0", [True, False], ids=["h0", "zero_h0"])
@@ -151,7 +171,29 @@ def test_kernel_matches_eager_loop(name, dropout, training, with_h0):
     torch.testing.assert_close(h, ref_h, **TOL)
     names = [n for n, _ in cell.named_parameters()] + ["x", "h0"][: 1 + with_h0]
     for label, a, b in zip(names, grads, ref_grads, strict=True):
-        torch.testing.assert_close(a, b, **TOL, msg=lambda m, label=label: f"grad {label}: {m}")
+        assert (a is None) == (b is None), f"grad {label}: kernel {a}, eager {b}"
+        if a is not None:
+            torch.testing.assert_close(a, b, **TOL, msg=lambda m, label=label: f"grad {label}: {m}")
+
+
+@pytest.mark.parametrize(
+    ("name", "live", "dead"),
+    [
+        (
+            "darts_dead_last",
+            (True, False, False, True),
+            {"node_weights.1", "node_weights.2", "gammas.2"},
+        ),
+        ("two_input_dead_last", (True, False, True), {"node_weights.1"}),
+    ],
+)
+def test_dead_nodes_are_skipped_and_get_no_gradient(name, live, dead):
+    """A node the output does not depend on is not computed by the kernel, and its weights
+    (and γ) get no gradient, ``None``, as on the eager loop; so weight decay leaves them alone."""
+    cell = make_cell(GENOTYPES[name], dropout=0.0)
+    assert cell._plan.live == live
+    cell(torch.randn(T, B, N_IN, dtype=torch.float64))[0].sum().backward()
+    assert {n for n, p in cell.named_parameters() if p.grad is None} == dead
 
 
 @pytest.mark.parametrize("space", SPACES)

@@ -28,8 +28,10 @@ with ``m`` the ``dropout_h`` mask (or 1):
   ``s_i = base(s_1..s_{i−1}) + γ_i ⊙ y_i`` with ``base`` the output rule;
 * ``h_t = squash(base(s_1..s_N))``.
 
-Differentiable once (``fused_ops.refuse_double_backward``); callers fall back to the eager loop
-under ``torch.func`` transforms.
+A node the output does not depend on (``fused_ops.live_nodes``; only under ``output: last``) is
+not computed, and its parameters get no gradient, as eagerly. Differentiable once
+(``fused_ops.refuse_double_backward``); callers fall back to the eager loop under ``torch.func``
+transforms.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from morphnas.spaces.fused_ops import (
     activation_backward_into,
     doubled,
     highway_factors,
+    live_nodes,
     output_rule,
     output_rule_backward,
     pairs,
@@ -84,13 +87,19 @@ class CellPlan:
 
     @cached_property  # read by the cell and the kernel at every forward
     def groups(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
-        """Per state with children: the state, and its children in ``ACTIVATION_ORDER`` (so
-        that children with the same activation are adjacent columns, one op for all of them,
-        and those the gates' ``sigmoid_`` computes come first)."""
+        """Per state with live children: the state, and its live children in
+        ``ACTIVATION_ORDER`` (so that children with the same activation are adjacent columns,
+        one op for all of them, and those the gates' ``sigmoid_`` computes come first)."""
+        kids = [i for i in range(len(self.parents)) if self.live[i]]
         return tuple(
-            (j, tuple(sorted((i for i, p in enumerate(self.parents) if p == j), key=self._act)))
-            for j in sorted(set(self.parents))
+            (j, tuple(sorted((i for i in kids if self.parents[i] == j), key=self._act)))
+            for j in sorted({self.parents[i] for i in kids})
         )
+
+    @cached_property
+    def live(self) -> tuple[bool, ...]:
+        """Per node whether the output depends on it (``live_nodes``)."""
+        return live_nodes([(p,) for p in self.parents], self.residual, self.output)
 
     def _act(self, i: int) -> tuple[int, int]:
         return ACTIVATION_ORDER[self.acts[i]], i
@@ -214,13 +223,15 @@ class _Node:
     gamma: Tensor | None
 
 
-def _nodes(plan: CellPlan, groups: list[_Group], gammas: tuple[Tensor, ...]) -> list[_Node]:
+def _nodes(plan: CellPlan, groups: list[_Group], gammas: tuple[Tensor, ...]) -> list[_Node | None]:
+    """Per node its ``_Node``, ``None`` for a dead one (``CellPlan.live``)."""
     slot = {i: (g, r) for g in groups for r, i in enumerate(g.children)}
     gamma_iter = iter(gammas)
-    return [
-        _Node(*slot[i], plan.parents[i], next(gamma_iter) if res else None)
-        for i, res in enumerate(plan.residual)
-    ]
+    nodes: list[_Node | None] = []
+    for i, res in enumerate(plan.residual):
+        gamma = next(gamma_iter) if res else None
+        nodes.append(_Node(*slot[i], plan.parents[i], gamma) if plan.live[i] else None)
+    return nodes
 
 
 class FusedDartsCellSequence(torch.autograd.Function):
@@ -274,6 +285,8 @@ class FusedDartsCellSequence(torch.autograd.Function):
             for j in range(n + 1):
                 if j > 0:  # node j−1 computes state j
                     node = nodes[j - 1]
+                    if node is None:  # dead: nothing reads it, and it reads nothing live
+                        continue
                     value, gate = node.group.f[node.column][t], node.group.c[node.column][t]
                     if node.gamma is None:
                         torch.lerp(row[node.parent], value, gate, out=row[j])
@@ -347,7 +360,9 @@ class FusedDartsCellSequence(torch.autograd.Function):
                 if j == 0:
                     break
                 node = nodes[j - 1]
-                if node.gamma is not None:  # row j final: its own share, then the op's
+                if (
+                    node is not None and node.gamma is not None
+                ):  # row j final: its own share, then the op's
                     d_res_t[t][j - 1].copy_(rows[j])
                     output_rule_backward(d_states, j - 1, plan.output, rows[j])
                     rows[j].mul_(node.gamma)
@@ -365,7 +380,9 @@ class FusedDartsCellSequence(torch.autograd.Function):
         d_blocks = [
             masked[:, g.parent].reshape(flat, d).T @ g.dz.view(flat, 2 * d * g.k) for g in groups
         ]
-        d_gammas = [
-            (ys[:, i] * d_res[:, i]).sum((0, 1)) for i, res in enumerate(plan.residual) if res
+        d_gammas = [  # None for a dead node, as eagerly
+            (ys[:, i] * d_res[:, i]).sum((0, 1)) if plan.live[i] else None
+            for i, res in enumerate(plan.residual)
+            if res
         ]
         return None, d_init, d_h0, d_w_h, None, *d_blocks, *d_gammas

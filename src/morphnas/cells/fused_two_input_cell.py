@@ -24,13 +24,16 @@ with states ``u`` (input projection, ``-1``), ``m ⊙ h`` (``0``, ``m`` the ``dr
 * a grown residual node: ``base(s_1..s_{i−1}) + γ_i ⊙ op(a, b)``, ``base`` the output rule;
 * ``h_t = squash(base(s_1..s_N))``.
 
-Differentiable once (``fused_ops.refuse_double_backward``); callers fall back to the eager loop
-under ``torch.func`` transforms.
+A node the output does not depend on (``fused_ops.live_nodes``; only under ``output: last``) is
+not computed, and its parameters get no gradient, as eagerly. Differentiable once
+(``fused_ops.refuse_double_backward``); callers fall back to the eager loop under ``torch.func``
+transforms.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -43,6 +46,7 @@ from morphnas.spaces.fused_ops import (
     activation_backward_into,
     activation_into,
     highway_factors,
+    live_nodes,
     output_rule,
     output_rule_backward,
     pairs,
@@ -63,6 +67,12 @@ class TwoInputCellPlan:
     residual: tuple[bool, ...]
     output: str
     squash: str
+
+    @cached_property
+    def live(self) -> tuple[bool, ...]:
+        """Per node whether the output depends on it (``fused_ops.live_nodes``)."""
+        states = [(a - 1, b - 1) for a, b in self.inputs]  # slot j is state j − 1
+        return live_nodes(states, self.residual, self.output)
 
     @classmethod
     def of(cls, genotype: Genotype) -> TwoInputCellPlan:
@@ -171,11 +181,12 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
         steps, batch, d = u.shape
         states = u.new_empty(steps, n + 2, batch, d)  # (u), m ⊙ h, s_1..s_N
         hs = u.new_empty(steps + 1, batch, d)  # h_{t−1} of every step, then the last h
-        nodes = [
-            _Node(plan, i, w, g, d)
+        nodes = [  # None for a dead node: not computed, no gradient (as eagerly: None)
+            _Node(plan, i, w, g, d) if plan.live[i] else None
             for i, (w, g) in enumerate(zip(weights, node_gammas, strict=True))
         ]
-        shared, block = _bind_buffers(nodes, u)
+        live = [node for node in nodes if node is not None]
+        shared, block = _bind_buffers(live, u)
         shared_t = shared.unbind(0) if shared is not None else None
         minus_one = u.new_full((), -1.0)
         seq = _slot_sequences(u, states, hs, mask_h)
@@ -188,7 +199,7 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
                 torch.mul(h_t[t], mask_h, out=row[H])
             if shared_t is not None:
                 shared_t[t].addmm_(row[H], block)
-            for node in nodes:
+            for node in live:
                 out = row[node.slot] if node.y_t is None else node.y_t[t]
                 _op_forward(node, row, t, out, minus_one)
                 if node.gamma is not None:
@@ -206,14 +217,15 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         refuse_double_backward("derived two-input cell")
         plan: TwoInputCellPlan = ctx.plan  # type: ignore[attr-defined]
-        nodes: list[_Node] = ctx.nodes  # type: ignore[attr-defined]
+        nodes: list[_Node | None] = ctx.nodes  # type: ignore[attr-defined]
         shared: Tensor | None = ctx.shared  # type: ignore[attr-defined]
         seq: list[Tensor] = ctx.seq  # type: ignore[attr-defined]
         hs: Tensor = ctx.hs  # type: ignore[attr-defined]
         mask_h, block = ctx.saved_tensors[:2]  # type: ignore[attr-defined]
         n, (steps, batch, d) = len(seq) - 2, seq[U].shape
+        live = [(i, node) for i, node in enumerate(nodes) if node is not None]
         if not ctx.factors:  # type: ignore[attr-defined]  # the first backward
-            for node in nodes:
+            for _, node in live:
                 if node.op == "highway":  # in place: later backwards (retain_graph) reuse them
                     node.keep_t = highway_factors(
                         node.z, seq[node.a], [("tanh", d, 2 * d)], 1
@@ -226,7 +238,7 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
         d_shared = torch.empty_like(shared) if shared is not None else None
         dz = [  # d pre of add_*, d [c | g] of highway (views into d_shared for nodes on h)
             None
-            if not node.terms
+            if node is None or not node.terms
             else d_shared[..., slice(*node.columns)]  # type: ignore[index]
             if node.h_weight is not None
             else torch.empty_like(node.z)
@@ -234,15 +246,19 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
         ]
         dz_t = [buf.unbind(0) if buf is not None else None for buf in dz]
         d_pairs_t = [
-            pairs(buf, 1) if node.op == "highway" else None
+            pairs(buf, 1) if buf is not None and node.op == "highway" else None  # type: ignore[union-attr]
             for node, buf in zip(nodes, dz, strict=True)
         ]
-        d_res = [torch.empty_like(node.y) if node.y is not None else None for node in nodes]
+        d_res = [
+            torch.empty_like(node.y) if node and node.y is not None else None for node in nodes
+        ]
         d_states = new(n + 2, batch, d)
         d_rows, d_rows_b = d_states.unbind(0), d_states.view(n + 2, batch, 1, 1, d).unbind(0)
         d_node_states = d_states[1:]  # index 0 is m ⊙ h, the nodes from 1: the output rule's view
         rows, h_t, out_t = _per_step(seq), hs.unbind(0), grad_out.unbind(0)
-        recurrent_t = [[(slot, w.T) for slot, w in node.recurrent] for node in nodes]
+        recurrent_t = [
+            [(slot, w.T) for slot, w in node.recurrent] if node else [] for node in nodes
+        ]
         d_out, d_y = new(batch, d), new(batch, d)
         d_y_b = d_y.view(batch, 1, 1, d)
         d_shared_t = d_shared.unbind(0) if d_shared is not None else None
@@ -253,8 +269,7 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
             activation_backward_into(plan.squash, d_out, h_t[t + 1], h_t[t + 1], d_out)
             d_states.zero_()
             output_rule_backward(d_node_states, n, plan.output, d_out)
-            for i in reversed(range(n)):
-                node = nodes[i]
+            for i, node in reversed(live):
                 d_s, d_s_b = d_rows[node.slot], d_rows_b[node.slot]
                 if node.gamma is not None:
                     d_res[i][t].copy_(d_s)  # type: ignore[index]
@@ -282,7 +297,7 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
         )
         d_weights = []
         for node, d_pre in zip(nodes, dz, strict=True):
-            if d_pre is None:
+            if node is None or d_pre is None:
                 d_weights.append(None)
                 continue
             d_pre2d = d_pre.view(flat, node.width)
@@ -296,9 +311,9 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
             if node.u_weight is not None:
                 d_u.view(flat, d).addmm_(d_pre2d, node.u_weight.T)
         d_gammas = [
-            (node.y * d_r).sum((0, 1))
-            for node, d_r in zip(nodes, d_res, strict=True)
-            if node.y is not None
+            (node.y * d_r).sum((0, 1)) if node is not None else None  # type: ignore[operator]
+            for node, d_r, residual in zip(nodes, d_res, plan.residual, strict=True)
+            if residual
         ]
         return None, d_u, d_h0, None, *d_weights, *d_gammas
 

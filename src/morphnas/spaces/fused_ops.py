@@ -153,6 +153,31 @@ class SequenceOutput:
             sigmoid_to_tanh_(out.sigmoid_(), minus_one)
 
 
+def live_nodes(
+    inputs: list[tuple[int, ...]], residual: tuple[bool, ...], output: str
+) -> tuple[bool, ...]:
+    """Per node of a derived cell whether its output depends on it. ``inputs[i]``: node ``i``'s
+    input states, node ``j`` being state ``j + 1`` (lower states are not nodes). Under ``mean``
+    every node is; under ``last`` node ``N`` and, backwards, the inputs of live nodes and the
+    base of a live residual node (under ``last``, the node before it). The kernels skip the
+    others, so their parameters get no gradient (``None``) as in the eager loop, where they are
+    computed and then not read."""
+    n = len(inputs)
+    if output != "last":
+        return (True,) * n
+    live = [False] * n
+    live[-1] = True
+    for i in reversed(range(n)):
+        if not live[i]:
+            continue
+        for state in inputs[i]:
+            if state >= 1:
+                live[state - 1] = True
+        if residual[i] and i >= 1:
+            live[i - 1] = True
+    return tuple(live)
+
+
 def per_step_rows(buffer: Tensor) -> list[tuple[Tensor, ...]]:
     """``buffer[t][j]`` as views made once: at these sizes a view costs as much as a small op."""
     return [step.unbind(0) for step in buffer.unbind(0)]
