@@ -44,7 +44,7 @@ TOL64 = dict(rtol=1e-5, atol=1e-5)
 # The documented keys (docs/benchmarks.md, "Output keys"), leaf by leaf.
 MACHINE_KEYS = {
     "device", "device_name", "cpu_name", "cpu_count", "torch", "python", "platform", "date",
-    "load_average_1min", "quick",
+    "load_average_1min", "malloc", "quick",
 }  # fmt: skip
 IMPL_KEYS = {"seconds", "threads", "peak_mb", "gflops", "fraction_of_matmul"}
 SUPERNET_KEYS = {"config", "gflop", "max_abs_diff", "agreement_steps", "ours", "reference"}

@@ -42,6 +42,8 @@ from morphnas.engine.runtime import (
     apply_threads,
     choose_threads,
     cpu_cores,
+    keep_freed_memory,
+    malloc_policy,
     resolve_device,
     seed_everything,
 )
@@ -371,7 +373,8 @@ def _in_processes(
 ) -> list[dict[str, Any]]:
     """The runs ``jobs`` at a time in fresh (spawned) processes, in the given order."""
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    keep = keep_freed_memory if malloc_policy() == "keep" else None  # the CLI's heap policy
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=keep) as pool:
         futures = [pool.submit(_compare_run, cfg, force, resume, None) for cfg, resume in runs]
         if progress is not None:
             progress.start(f"compare: {len(runs)} runs, {jobs} at a time", len(runs))

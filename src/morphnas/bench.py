@@ -49,6 +49,7 @@ from morphnas.engine.runtime import (
     MULTITHREAD_FROM,
     apply_threads,
     choose_threads,
+    malloc_policy,
     resolve_device,
 )
 from morphnas.engine.search import search as run_search
@@ -881,6 +882,7 @@ def machine_info(device: torch.device, quick: bool) -> dict[str, Any]:
         "platform": platform.platform(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "load_average_1min": load,
+        "malloc": malloc_policy(),  # "keep": freed memory reused (runtime.keep_freed_memory)
         "quick": quick,
     }
 

