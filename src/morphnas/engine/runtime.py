@@ -86,10 +86,11 @@ def keep_freed_memory() -> str:
     Why: the fused kernels allocate whole-sequence buffers, hundreds of MB at the DARTS size.
     glibc serves any block above 32 MB with a fresh ``mmap`` and unmaps it on ``free``, so every
     training step page-faults all its buffers in again. At the DARTS size that is about 900,000
-    minor faults a step, and the step took 6.3–8.1 s instead of 3.6–4.3 s on the 2-core CI
-    machine (docs/benchmarks.md). Raising the mmap threshold to 1 GiB and never trimming keeps
-    the memory for the next step; the process's resident memory then stays at its peak, as
-    with PyTorch's CUDA caching allocator, and the peak itself does not change.
+    minor faults a step, and the step took 5.5–9.2 s instead of 3.6–4.8 s on the 2-core CI
+    machine; an end-to-end search there ran 1.3–1.5× faster kept (docs/benchmarks.md).
+    Raising the mmap threshold to 1 GiB and never trimming keeps the memory for the next step;
+    the process's resident memory then stays at its peak, as with PyTorch's CUDA caching
+    allocator, and the peak itself does not change.
 
     The CLI applies it at start unless ``MORPHNAS_MALLOC=system``; library users call it
     themselves. A no-op off glibc (Linux only). Returns the policy now in effect.
