@@ -158,8 +158,11 @@ def test_compare_runs_every_variant_and_seed(tmp_path):
     assert table["g1"]["seeds"] == 2
 
 
-def test_compare_in_processes_gives_the_sequential_runs(tmp_path):
-    """``jobs=2`` runs the same searches in spawned processes: same figures, planned order."""
+def test_compare_in_processes_gives_the_sequential_runs(tmp_path, monkeypatch):
+    """``jobs=2`` runs the same searches in spawned processes: same figures, planned order.
+    The workers get the CLI's heap policy (as if this process ran under the CLI); it changes
+    no figure."""
+    monkeypatch.setattr(api, "malloc_policy", lambda: "keep")
     variants = [
         ("none", {"growth": {"mode": "none"}}),
         ("g1", {"growth": {"mode": "grow-then-prune"}}),
