@@ -11,7 +11,7 @@ import sys
 import pytest
 
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-BLOCKS_MB = (64, 40, 100)  # above glibc's largest dynamic mmap threshold (32 MB) but one
+BLOCKS_MB = (64, 40, 100)  # each above glibc's largest dynamic mmap threshold, 32 MB
 ROUNDS = 8
 
 # A training step's pattern: each round allocates and touches a few large buffers, then frees
