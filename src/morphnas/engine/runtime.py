@@ -90,7 +90,7 @@ def keep_freed_memory() -> str:
     machine; an end-to-end search there ran 1.3–1.5× faster kept (docs/benchmarks.md).
     Raising the mmap threshold to 1 GiB and never trimming keeps the memory for the next step;
     the process's resident memory then stays at its peak, as with PyTorch's CUDA caching
-    allocator, and the peak itself does not change.
+    allocator, and the peak can be a few % higher (the heap fragments; 7 % in a retraining).
 
     The CLI applies it at start unless ``MORPHNAS_MALLOC=system``; library users call it
     themselves. A no-op off glibc (Linux only). Returns the policy now in effect.
