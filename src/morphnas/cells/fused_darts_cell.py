@@ -360,9 +360,8 @@ class FusedDartsCellSequence(torch.autograd.Function):
                 if j == 0:
                     break
                 node = nodes[j - 1]
-                if (
-                    node is not None and node.gamma is not None
-                ):  # row j final: its own share, then the op's
+                if node is not None and node.gamma is not None:
+                    # row j final: its own share, then the op's
                     d_res_t[t][j - 1].copy_(rows[j])
                     output_rule_backward(d_states, j - 1, plan.output, rows[j])
                     rows[j].mul_(node.gamma)

@@ -50,6 +50,7 @@ from morphnas.spaces.fused_ops import (
     output_rule,
     output_rule_backward,
     pairs,
+    per_step_rows,
     refuse_double_backward,
     sigmoid_to_tanh_,
 )
@@ -190,7 +191,7 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
         shared_t = shared.unbind(0) if shared is not None else None
         minus_one = u.new_full((), -1.0)
         seq = _slot_sequences(u, states, hs, mask_h)
-        rows, h_t = _per_step(seq), hs.unbind(0)
+        rows, h_t = per_step_rows(seq), hs.unbind(0)
         output = SequenceOutput(plan.squash, plan.output, states[:, 2:], hs)
         h_t[0].copy_(h0)
         for t in range(steps):
@@ -255,7 +256,7 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
         d_states = new(n + 2, batch, d)
         d_rows, d_rows_b = d_states.unbind(0), d_states.view(n + 2, batch, 1, 1, d).unbind(0)
         d_node_states = d_states[1:]  # index 0 is m ⊙ h, the nodes from 1: the output rule's view
-        rows, h_t, out_t = _per_step(seq), hs.unbind(0), grad_out.unbind(0)
+        rows, h_t, out_t = per_step_rows(seq), hs.unbind(0), grad_out.unbind(0)
         recurrent_t = [
             [(slot, w.T) for slot, w in node.recurrent] if node else [] for node in nodes
         ]
@@ -327,11 +328,6 @@ def _slot_sequences(u: Tensor, states: Tensor, hs: Tensor, mask_h: Tensor | None
     if mask_h is None:
         seq[H] = hs[:-1]
     return seq
-
-
-def _per_step(seq: list[Tensor]) -> list[tuple[Tensor, ...]]:
-    """``rows[t][j]``, slot ``j`` at step ``t``, as views made once."""
-    return list(zip(*(slot.unbind(0) for slot in seq), strict=True))
 
 
 def _op_forward(

@@ -8,6 +8,8 @@ derivative is cheaper from them (``tanh``, ``sigmoid``), the pre-activation for 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -178,9 +180,13 @@ def live_nodes(
     return tuple(live)
 
 
-def per_step_rows(buffer: Tensor) -> list[tuple[Tensor, ...]]:
-    """``buffer[t][j]`` as views made once: at these sizes a view costs as much as a small op."""
-    return [step.unbind(0) for step in buffer.unbind(0)]
+def per_step_rows(slots: Tensor | Sequence[Tensor]) -> list[tuple[Tensor, ...]]:
+    """``rows[t][j]``, slot ``j`` at step ``t``, as views made once: at these sizes a view costs
+    as much as a small op. ``slots``: one ``(T, N, ...)`` buffer, or each slot's ``(T, ...)``
+    sequence where the slots live in different tensors."""
+    if isinstance(slots, Tensor):
+        return [step.unbind(0) for step in slots.unbind(0)]
+    return list(zip(*(slot.unbind(0) for slot in slots), strict=True))
 
 
 def output_rule(states: Tensor, count: int, output: str) -> Tensor:
