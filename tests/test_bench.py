@@ -44,10 +44,12 @@ TOL64 = dict(rtol=1e-5, atol=1e-5)
 # The documented keys (docs/benchmarks.md, "Output keys"), leaf by leaf.
 MACHINE_KEYS = {
     "device", "device_name", "cpu_name", "cpu_count", "torch", "python", "platform", "date",
-    "load_average_1min", "malloc", "quick",
+    "load_average_1min", "malloc", "native", "quick",
 }  # fmt: skip
 IMPL_KEYS = {"seconds", "threads", "peak_mb", "gflops", "fraction_of_matmul"}
 SUPERNET_KEYS = {"config", "gflop", "max_abs_diff", "agreement_steps", "ours", "reference"}
+# On CPU with the native kernel built (as here, where it must build): the Python kernel too.
+PYTHON_KERNEL_KEYS = {"ours_python", "speedup_python_kernel"}
 SEARCH_KEYS = {"seconds_per_epoch", "batches_per_epoch", "threads", "config"}
 THREADS_KEYS = {
     "config", "candidates", "points", "crossover_product", "multithread_from", "policy_mismatches",
@@ -202,12 +204,15 @@ def test_quick_run_has_every_documented_key(quick_result):
     assert _positive(r["matmul_gflops"])
     for name in ("small", "darts"):
         entry = r["supernet"][name]
-        assert set(entry) == SUPERNET_KEYS | {"speedup"}
+        assert set(entry) == SUPERNET_KEYS | PYTHON_KERNEL_KEYS | {"speedup"}
         assert set(entry["config"]) == {"batch", "hidden", "bptt", "nodes"}
         assert _positive(entry["gflop"]) and _positive(entry["speedup"])
+        assert _positive(entry["speedup_python_kernel"])
         assert 0 <= entry["max_abs_diff"] <= 1e-4
-        for impl in ("ours", "reference"):
+        for impl in ("ours", "ours_python", "reference"):
             _check_impl(entry[impl])
+    assert set(r["machine"]["native"]) == {"darts_supernet"}
+    assert _positive(r["machine"]["native"]["darts_supernet"])
     entry = r["supernet_two_input"]["small"]
     assert set(entry) == {"config", "max_abs_diff", "kernel", "eager", "speedup"}
     assert 0 <= entry["max_abs_diff"] <= 1e-4 and _positive(entry["speedup"])

@@ -1,4 +1,5 @@
-"""The hand-written DARTS sequence kernel (``spaces.fused_darts``) against slow, obvious versions.
+"""The hand-written DARTS sequence kernels against slow, obvious versions: the Python one
+(``spaces.fused_darts``) and its C++ twin (``morphnas.native``), each test on both.
 
 Three-way: the fused path, the eager path of the same module (``fused=False``) and a per-edge,
 per-primitive reference written here from spec/morphism.md §2.1 (with residual and fixed nodes,
@@ -15,7 +16,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from morphnas import cells
+from morphnas import cells, native
 from morphnas.bench import TWO_INPUT_GATED
 from morphnas.genotype import DARTS_PRIMITIVES, KNOWN, Node
 from morphnas.spaces import DartsRNNSearchCell, build
@@ -97,6 +98,18 @@ def slow_cell(cell: DartsRNNSearchCell, x, h0, weights, norm: SlowNorm, seed: in
     return torch.stack(outs)
 
 
+@pytest.fixture(params=["native", "python"])
+def kernel(request):
+    """The DARTS supernet's two kernels: the C++ one (``morphnas.native``, which must build
+    here) and the Python one it falls back to; each is checked against the slow versions."""
+    if request.param == "native":
+        assert native.darts_supernet() is not None, "the native DARTS kernel did not build"
+        yield request.param
+    else:
+        with native.python_kernels():
+            yield request.param
+
+
 def make_cell(
     nodes=3, bn=True, training=True, grow=0, fix=(), dropout=(0.3, 0.4), prims=DARTS_PRIMITIVES
 ):
@@ -175,27 +188,27 @@ def three_way(cell: DartsRNNSearchCell, seed: int = 3) -> None:
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("bn", [True, False], ids=["bn", "nobn"])
 @pytest.mark.parametrize("nodes", [1, 3])
-def test_fused_matches_eager_and_slow(nodes, bn, training):
+def test_fused_matches_eager_and_slow(nodes, bn, training, kernel):
     three_way(make_cell(nodes=nodes, bn=bn, training=training))
 
 
 @pytest.mark.parametrize("prims", [("sigmoid",), ("relu", "none", "identity"), ("tanh", "relu")])
-def test_fused_matches_with_other_primitive_sets(prims):
+def test_fused_matches_with_other_primitive_sets(prims, kernel):
     three_way(make_cell(prims=prims))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_fused_matches_with_grown_and_fixed_nodes(training):
+def test_fused_matches_with_grown_and_fixed_nodes(training, kernel):
     """Residual nodes with non-zero γ, and fixed nodes (one edge, one op) among searched ones."""
     cell = make_cell(nodes=3, grow=2, fix=[(2, (0, "relu")), (4, (3, "tanh"))], training=training)
     three_way(cell)
 
 
-def test_fused_matches_without_dropout():
+def test_fused_matches_without_dropout(kernel):
     three_way(make_cell(dropout=(0.0, 0.0)))
 
 
-def test_fused_passes_gradcheck():
+def test_fused_passes_gradcheck(kernel):
     """Finite differences through the whole kernel, every differentiable input at once."""
     cell = make_cell(nodes=2, grow=1, fix=[(2, (1, "sigmoid"))])
     x = torch.randn(2, 2, N_IN, dtype=torch.float64, requires_grad=True)
@@ -213,11 +226,12 @@ def test_fused_passes_gradcheck():
     assert torch.autograd.gradcheck(fn, (x, h0, *leaves, *weights), eps=1e-6, atol=1e-5)
 
 
-def test_fused_path_is_taken_and_eager_is_selectable():
+def test_fused_path_is_taken_and_eager_is_selectable(kernel):
     cell = make_cell()
     x = torch.randn(T, B, N_IN, dtype=torch.float64)
     out, _ = cell(x)
     assert type(out.grad_fn).__name__ == "FusedDartsSequenceBackward"
+    assert (out.grad_fn.native is not None) == (kernel == "native")
     cell.fused = False
     out, _ = cell(x)
     assert type(out.grad_fn).__name__ != "FusedDartsSequenceBackward"
@@ -225,7 +239,7 @@ def test_fused_path_is_taken_and_eager_is_selectable():
     assert build("darts_rnn", 2, 4, 2).fused is True
 
 
-def test_no_grad_forward_matches():
+def test_no_grad_forward_matches(kernel):
     cell = make_cell()
     eager = copy.deepcopy(cell)
     eager.fused = False

