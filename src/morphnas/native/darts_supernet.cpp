@@ -104,7 +104,7 @@ struct Norm {
 
 // The buffers the backward takes back, in the order the forward returns them (after the output).
 enum Saved : size_t { kStates = 0, kMasked, kHs, kInit, kPre, kMean, kInvstd, kScale, kPerNode };
-enum NodeSaved : size_t { kZ = 0, kActs, kBlend, kNormed, kNodeBuffers };
+enum NodeSaved : size_t { kZ = 0, kNormed, kNodeBuffers };
 
 struct Cell {
   std::vector<Node> nodes;
@@ -154,6 +154,25 @@ struct Cell {
 
 Tensor nothing(const Tensor& like) { return at::empty({0}, like.options()); }
 
+// One edge's row: ``f_k(g)`` per activation into ``work`` (``n_acts`` rows of ``d``), then
+// ``F − W s = Σ_k w_k f_k(g) − (Σ_k w_k) s`` into the row after them. The forward and the
+// backward both compute it rather than save it: at the DARTS size, saving the activations and
+// the blend would write and read back 1.9 GB a step, and memory traffic bounds these loops.
+template <typename T>
+void blend_row(const Node& spec, const T* mix, T w_sum, const T* g, const T* p, T* work,
+               int64_t d) {
+  const int64_t n_acts = spec.n_acts();
+  T* bl = work + n_acts * d;
+  for (int64_t u = 0; u < d; ++u) bl[u] = -w_sum * p[u];
+  for (int64_t k = 0; k < n_acts; ++k) {
+    T* a = work + k * d;
+    const T w = mix[k];
+    with_activation(spec.acts[k], [&](auto act) {
+      for (int64_t u = 0; u < d; ++u) bl[u] += w * (a[u] = activate<act>(g[u]));
+    });
+  }
+}
+
 template <typename T>
 class Forward {
  public:
@@ -199,8 +218,6 @@ class Forward {
     for (const Node& node : c_.nodes) {
       const int64_t m = node.edges;
       c_.saved.push_back(at::empty({T_, m, B, 2 * d}, opt));
-      c_.saved.push_back(at::empty({T_, m, node.n_acts(), B, d}, opt));
-      c_.saved.push_back(at::empty({T_, m, B, d}, opt));
       c_.saved.push_back(node.residual ? at::empty({T_, B, d}, opt) : nothing(states));
     }
   }
@@ -245,8 +262,6 @@ class Forward {
     Tensor z_t = c_.z_rows(t, i);
     at::mm_out(z_t, c_.inputs(t, i), weight);
     T* z = z_t.data_ptr<T>();
-    T* acts = Cell::at_step<T>(c_.node_buffer(i, kActs), t);
-    T* blend = Cell::at_step<T>(c_.node_buffer(i, kBlend), t);
     T* state = c_.state_ptr<T>(kStates, t, i + 1);
     T* normed = spec.residual ? Cell::at_step<T>(c_.node_buffer(i, kNormed), t) : state;
     T* raw = c_.norm.on ? c_.state_ptr<T>(kPre, t, i + 1) : normed;
@@ -254,26 +269,17 @@ class Forward {
     const std::vector<T>& mix = mix_[i];
     const std::vector<T>& sums = edge_sums_[i];
     over_rows(B, d * m, [&](int64_t b0, int64_t b1) {
+      std::vector<T> work((n_acts + 1) * d);  // f_k(g) rows, then F − W s
+      T* bl = work.data() + n_acts * d;
       for (int64_t b = b0; b < b1; ++b) {
         T* r = raw + b * d;
         for (int64_t e = 0; e < m; ++e) {
           const int64_t row = e * B + b;
           T* gate = z + row * 2 * d;
-          const T* g = gate + d;
           const T* p = prev + row * d;
-          T* bl = blend + row * d;  // F − W s
           const T w_sum = sums[e];
-          for (int64_t u = 0; u < d; ++u) {
-            gate[u] = sigmoid(gate[u]);
-            bl[u] = -w_sum * p[u];
-          }
-          for (int64_t k = 0; k < n_acts; ++k) {
-            T* a = acts + ((e * n_acts + k) * B + b) * d;
-            const T w = mix[e * n_acts + k];
-            with_activation(spec.acts[k], [&](auto act) {
-              for (int64_t u = 0; u < d; ++u) bl[u] += w * (a[u] = activate<act>(g[u]));
-            });
-          }
+          for (int64_t u = 0; u < d; ++u) gate[u] = sigmoid(gate[u]);
+          blend_row(spec, mix.data() + e * n_acts, w_sum, gate + d, p, work.data(), d);
           if (e == 0) {
             for (int64_t u = 0; u < d; ++u) r[u] = w_sum * p[u] + gate[u] * bl[u];
           } else {
@@ -445,15 +451,15 @@ class Backward {
     const T* z = Cell::at_step<T>(c_.node_buffer(i, kZ), t);  // [σ(c) | g]
     Tensor dz = d_z_[i];  // [∂/∂c | ∂/∂g]: not into z, so that a second backward reads it again
     T* dzp = dz.data_ptr<T>();
-    const T* acts = Cell::at_step<T>(c_.node_buffer(i, kActs), t);
-    const T* blend = Cell::at_step<T>(c_.node_buffer(i, kBlend), t);
     const T* prev = c_.state_ptr<T>(kStates, t, spec.start);
     T* d_prev = rows + spec.start * B * d;
     const std::vector<T>& mix = mix_[i];
     const std::vector<T>& sums = edge_sums_[i];
     over_rows(B, d * m, [&](int64_t b0, int64_t b1) {
       std::vector<double> part(m * (n_acts + 1), 0.0);
-      std::vector<T> d_f(d);
+      std::vector<T> work((n_acts + 2) * d);  // f_k(g) rows, F − W s, then dF
+      const T* bl = work.data() + n_acts * d;
+      T* d_f = work.data() + (n_acts + 1) * d;
       for (int64_t b = b0; b < b1; ++b) {
         const T* dr = d_raw + b * d;
         for (int64_t e = 0; e < m; ++e) {
@@ -461,10 +467,10 @@ class Backward {
           const T* gate = z + row * 2 * d;
           T* dgate = dzp + row * 2 * d;
           T* dg = dgate + d;
-          const T* bl = blend + row * d;
           const T* p = prev + row * d;
           T* dp = d_prev + row * d;
           const T w_sum = sums[e];
+          blend_row(spec, mix.data() + e * n_acts, w_sum, gate + d, p, work.data(), d);
           T edge = T(0);
 #pragma omp simd reduction(+ : edge)
           for (int64_t u = 0; u < d; ++u) {
@@ -478,7 +484,7 @@ class Backward {
           }
           part[m * n_acts + e] += edge;
           for (int64_t k = 0; k < n_acts; ++k) {
-            const T* a = acts + ((e * n_acts + k) * B + b) * d;
+            const T* a = work.data() + k * d;
             const T w = mix[e * n_acts + k];
             T dot = T(0);
             if (k == 0) std::fill(dg, dg + d, T(0));
