@@ -25,13 +25,15 @@ def cpu_cores() -> int:
     return os.cpu_count() or 1
 
 
-MULTITHREAD_FROM = 8192
+MULTITHREAD_FROM = 4096
 """``batch × hidden`` from which a workload gets every core; below it, one intra-op thread.
 
-The ``crossover_product`` of the ``threads`` bench part (``morphnas bench --parts threads``,
-docs/benchmarks.md), measured on the 2-core CPU with the other jobs paused (2026-11-23): the
-fused supernet's step at batch × hidden ≤ 4096 ran up to 17 % slower on two threads, from 8192
-up it ran 1.0–1.6× faster. Re-measure on other machines; ``--threads`` overrides it.
+From the ``threads`` bench part (``morphnas bench --parts threads``, docs/benchmarks.md) on the
+2-core CPU. With the native supernet kernel (2026-11-24) two threads won 1.19× and 1.34× at
+4096 and 1.00× and 1.09× at 2048; at 1024 they lost 7 %. The Python kernel's step, with its
+per-call overhead, had put the crossover higher (8192 until then), but it too won 1.02–1.20× at
+4096 in four quiet runs, and the derived cells' and the two-input supernet's bench parts picked
+two threads at batch 64 × hidden 64. Re-measure on other machines; ``--threads`` overrides it.
 """
 
 
@@ -45,9 +47,9 @@ def choose_threads(
     """Intra-op threads for a recurrent workload, unless the user asked for a number.
 
     Recurrent cells run many small kernels; on few cores, splitting a ``batch × hidden`` matmul
-    across threads costs more in synchronisation than it gains until the tensors are large (on
-    the 2-core CI machines, the supernet step at batch 64, hidden 64 took 0.28 s on one thread
-    and 0.31 s on two). Problems below ``MULTITHREAD_FROM`` get one thread, larger
+    across threads costs more in synchronisation than it gains until the tensors are large
+    enough (on the 2-core CI machines, the supernet step at batch 32, hidden 32 took 31 ms on
+    one thread and 33 ms on two). Problems below ``MULTITHREAD_FROM`` get one thread, larger
     ones every core. On a CUDA ``device`` the host threads only launch kernels, so the current
     count is kept rather than changed for nothing.
     """

@@ -2,9 +2,9 @@
 
 Why: the Python sequence kernels spend about as long calling ATen as computing at search sizes
 on a CPU (docs/benchmarks.md). The C++ twin of ``spaces.fused_darts`` keeps the same formulas
-and buffers with one loop per node and step, built for this machine (``-O3 -march=native``).
+with one loop per node and step, built for this machine (``-O3 -march=native``).
 
-The first use compiles it, 20–40 s, into torch's extension cache (``TORCH_EXTENSIONS_DIR``,
+The first use compiles it, about 20 s, into torch's extension cache (``TORCH_EXTENSIONS_DIR``,
 by default ``~/.cache/torch_extensions``); later processes load it in milliseconds, and an edit
 of the source rebuilds it. Without a C++ compiler, or when the build fails, the Python kernel
 runs instead, after one warning. ``MORPHNAS_NATIVE=off`` asks for the Python kernel outright.
@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import logging
 import os
 import platform
 import shutil
@@ -32,9 +31,9 @@ NATIVE_ENV = "MORPHNAS_NATIVE"
 NATIVE_CHOICES = ("auto", "off")
 _SOURCE_DIR = Path(__file__).parent
 _FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"]
-_log = logging.getLogger(__name__)
 build_seconds: dict[str, float] = {}
 """Seconds each kernel took to build or load in this process (``bench`` reports them)."""
+_suspended = False  # inside ``python_kernels``
 
 
 def native_requested() -> str:
@@ -43,9 +42,6 @@ def native_requested() -> str:
     if value not in NATIVE_CHOICES:
         raise UserError(f"{NATIVE_ENV}={value!r} is not a choice; use auto or off")
     return value
-
-
-_suspended = False
 
 
 def darts_supernet() -> ModuleType | None:
@@ -91,7 +87,6 @@ def _build(name: str) -> ModuleType | None:
         )
         return None
     build_seconds[name] = time.perf_counter() - started
-    _log.info("native %s kernel ready in %.1f s", name, build_seconds[name])
     return module
 
 
