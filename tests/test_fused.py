@@ -208,6 +208,28 @@ def test_fused_matches_without_dropout(kernel):
     three_way(make_cell(dropout=(0.0, 0.0)))
 
 
+def test_fused_matches_eager_with_frozen_batchnorm_statistics(kernel):
+    """A functional call that replaces BatchNorm's running buffers by ``None``, as the bilevel
+    strategies' pure losses do (``Objective.functional``): batch statistics on every path."""
+    cell = make_cell(training=True)
+    eager = copy.deepcopy(cell)
+    eager.fused = False
+    x = torch.randn(T, B, N_IN, dtype=torch.float64)
+    frozen = {f"bn.{name}": None for name in ("running_mean", "running_var", "num_batches_tracked")}
+    results = []
+    for module in (cell, eager):
+        params = dict(module.named_parameters())
+        torch.manual_seed(0)
+        out = torch.func.functional_call(module, {**params, **frozen}, (x,))[0]
+        fused = type(out.grad_fn).__name__ == "FusedDartsSequenceBackward"
+        assert fused is (module is cell)
+        results.append((out, torch.autograd.grad(out.pow(2).sum(), list(params.values()))))
+    (out, grads), (want, wanted) = results
+    torch.testing.assert_close(out, want, **TOL)
+    for g, w in zip(grads, wanted, strict=True):
+        torch.testing.assert_close(g, w, **TOL)
+
+
 def test_fused_passes_gradcheck(kernel):
     """Finite differences through the whole kernel, every differentiable input at once."""
     cell = make_cell(nodes=2, grow=1, fix=[(2, (1, "sigmoid"))])

@@ -1,5 +1,5 @@
 // The DARTS search cell over a whole sequence, forward and backward, in C++: the native twin of
-// morphnas/spaces/fused_darts.py (the same cell, formulas and buffers; read its docstring first).
+// morphnas/spaces/fused_darts.py (the same cell and formulas; read its docstring first).
 //
 // Why: at search sizes on a CPU the Python kernel spends about as long calling ATen (thousands
 // of calls a step, 5–20 µs each) as computing. Here the matmuls and BatchNorm stay ATen calls;
@@ -60,7 +60,7 @@ inline T activate(T g) {
   return g;
 }
 
-// f'(g) from the saved value a = f(g) (relu: a > 0 exactly when g > 0).
+// f'(g) from the value a = f(g) (relu: a > 0 exactly when g > 0).
 template <int64_t Act, typename T>
 inline T slope(T a) {
   if constexpr (Act == kTanh) return T(1) - a * a;
@@ -95,10 +95,12 @@ struct Node {
   int64_t n_acts() const { return static_cast<int64_t>(acts.size()); }
 };
 
-// The cell's BatchNorm (no affine) on the module's own running buffers; off when ``on`` is not.
+// The cell's BatchNorm (no affine) on the module's own running buffers, which are absent when
+// a functional call freezes them (training then uses batch statistics only); off unless ``on``.
 struct Norm {
   bool on = false, training = false;
-  Tensor running_mean, running_var, scale;  // scale: 1/sqrt(var + eps), in evaluation
+  OptTensor running_mean, running_var;
+  Tensor scale;  // 1/sqrt(var + eps), in evaluation
   double momentum = 0.0, eps = 0.0;
 };
 
@@ -134,7 +136,7 @@ struct Cell {
   }
   // The views above, made once per call rather than once per step (after ``saved`` is set).
   void index() {
-    for (size_t which : {kStates, kPre, kMean, kInvstd})
+    for (size_t which : {kPre, kMean, kInvstd})
       by_state[which] = saved[which].numel() ? saved[which].flatten(0, 1) : saved[which];
     masked_rows = saved[kMasked].view({-1, d});
     for (int64_t i = 0; i < n(); ++i) z_by_row.push_back(node_buffer(i, kZ).view({-1, 2 * d}));
@@ -153,6 +155,24 @@ struct Cell {
 };
 
 Tensor nothing(const Tensor& like) { return at::empty({0}, like.options()); }
+
+// Per node its activation weights ``w_jk`` (edges × acts) and per edge ``W_j = Σ_k w_jk``.
+template <typename T>
+struct Mixing {
+  std::vector<std::vector<T>> weights, edge_sums;
+
+  Mixing(const std::vector<Node>& nodes, const std::vector<Tensor>& act_w) {
+    for (size_t i = 0; i < nodes.size(); ++i) {
+      const int64_t m = nodes[i].edges, n_acts = nodes[i].n_acts();
+      const T* w = act_w[i].data_ptr<T>();
+      weights.emplace_back(w, w + m * n_acts);
+      std::vector<T> sums(m, T(0));
+      for (int64_t e = 0; e < m; ++e)
+        for (int64_t k = 0; k < n_acts; ++k) sums[e] += w[e * n_acts + k];
+      edge_sums.push_back(std::move(sums));
+    }
+  }
+};
 
 // One edge's row: ``f_k(g)`` per activation into ``work`` (``n_acts`` rows of ``d``), then
 // ``F − W s = Σ_k w_k f_k(g) − (Σ_k w_k) s`` into the row after them. The forward and the
@@ -176,21 +196,20 @@ void blend_row(const Node& spec, const T* mix, T w_sum, const T* g, const T* p, 
 template <typename T>
 class Forward {
  public:
-  explicit Forward(Cell& cell) : c_(cell) {}
+  Forward(Cell& cell, const std::vector<Tensor>& act_w) : c_(cell), mix_(cell.nodes, act_w) {}
 
   void run(const Tensor& x_proj, const Tensor& h0, const Tensor& w_h,
-           const std::vector<Tensor>& weights, const std::vector<Tensor>& act_w,
-           const std::vector<OptTensor>& gammas) {
+           const std::vector<Tensor>& weights, const std::vector<OptTensor>& gammas) {
     allocate(x_proj);
     c_.index();
-    mixing(act_w);
     const int64_t B = c_.batch, d = c_.d;
     Tensor hs = c_.saved[kHs], init = c_.saved[kInit];
     hs.select(0, 0).copy_(h0);
     Tensor masked_h = c_.mask.defined() ? at::empty({B, d}, x_proj.options()) : Tensor();
     for (int64_t t = 0; t < c_.steps; ++t) {
       Tensor h = hs.select(0, t), init_t = init.select(0, t);
-      at::addmm_out(init_t, x_proj.select(0, t), c_.mask.defined() ? at::mul_out(masked_h, h, c_.mask) : h, w_h);
+      const Tensor h_in = c_.mask.defined() ? at::mul_out(masked_h, h, c_.mask) : h;
+      at::addmm_out(init_t, x_proj.select(0, t), h_in, w_h);
       init_node(t, h.data_ptr<T>(), init_t.data_ptr<T>());
       for (int64_t i = 0; i < c_.n(); ++i) node(t, i, weights[i], gammas[i]);
       mean_of_states(t, c_.n(), hs.select(0, t + 1).data_ptr<T>());
@@ -199,7 +218,7 @@ class Forward {
 
  private:
   Cell& c_;
-  std::vector<std::vector<T>> mix_, edge_sums_;  // per node: w_jk (edges × acts); Σ_k w_jk
+  const Mixing<T> mix_;
 
   void allocate(const Tensor& x_proj) {
     const auto opt = x_proj.options();
@@ -219,18 +238,6 @@ class Forward {
       const int64_t m = node.edges;
       c_.saved.push_back(at::empty({T_, m, B, 2 * d}, opt));
       c_.saved.push_back(node.residual ? at::empty({T_, B, d}, opt) : nothing(states));
-    }
-  }
-
-  void mixing(const std::vector<Tensor>& act_w) {
-    for (int64_t i = 0; i < c_.n(); ++i) {
-      const Node& node = c_.nodes[i];
-      const T* w = act_w[i].data_ptr<T>();
-      mix_.emplace_back(w, w + node.edges * node.n_acts());
-      std::vector<T> sums(node.edges, T(0));
-      for (int64_t e = 0; e < node.edges; ++e)
-        for (int64_t k = 0; k < node.n_acts(); ++k) sums[e] += w[e * node.n_acts() + k];
-      edge_sums_.push_back(std::move(sums));
     }
   }
 
@@ -266,8 +273,8 @@ class Forward {
     T* normed = spec.residual ? Cell::at_step<T>(c_.node_buffer(i, kNormed), t) : state;
     T* raw = c_.norm.on ? c_.state_ptr<T>(kPre, t, i + 1) : normed;
     const T* prev = c_.state_ptr<T>(kStates, t, spec.start);
-    const std::vector<T>& mix = mix_[i];
-    const std::vector<T>& sums = edge_sums_[i];
+    const std::vector<T>& mix = mix_.weights[i];
+    const std::vector<T>& sums = mix_.edge_sums[i];
     over_rows(B, d * m, [&](int64_t b0, int64_t b1) {
       std::vector<T> work((n_acts + 1) * d);  // f_k(g) rows, then F − W s
       T* bl = work.data() + n_acts * d;
@@ -309,7 +316,7 @@ class Forward {
       at::native_batch_norm_out(out_view, mean, invstd, pre, {}, {}, norm.running_mean,
                                 norm.running_var, true, norm.momentum, norm.eps);
     } else {
-      at::mul_out(out_view, at::sub(pre, norm.running_mean), norm.scale);
+      at::mul_out(out_view, at::sub(pre, *norm.running_mean), norm.scale);
     }
   }
 
@@ -336,12 +343,12 @@ class Forward {
 template <typename T>
 class Backward {
  public:
-  explicit Backward(const Cell& cell) : c_(cell) {}
+  Backward(const Cell& cell, const std::vector<Tensor>& act_w)
+      : c_(cell), mix_(cell.nodes, act_w) {}
 
   // Gradients: x_proj, h0, w_h, then per node its weight, activation weights and γ (empty: none).
   std::vector<Tensor> run(const Tensor& grad_out, const Tensor& w_h,
-                          const std::vector<Tensor>& weights, const std::vector<Tensor>& act_w,
-                          const std::vector<OptTensor>& gammas) {
+                          const std::vector<Tensor>& weights, const std::vector<OptTensor>& gammas) {
     const int64_t T_ = c_.steps, N = c_.n(), B = c_.batch, d = c_.d;
     const auto opt = grad_out.options();
     Tensor d_init = at::empty({T_, B, 2 * d}, opt);
@@ -350,7 +357,7 @@ class Backward {
     scratch_ = at::empty({B, d}, opt);
     std::vector<Tensor> d_weights;
     for (const Tensor& w : weights) d_weights.push_back(at::zeros_like(w));
-    start_reductions(act_w);
+    start_reductions(grad_out.options());
     const T inv_n = T(1) / T(N);
     for (int64_t t = T_ - 1; t >= 0; --t) {
       T* rows = d_states_.data_ptr<T>();
@@ -367,7 +374,7 @@ class Backward {
     Tensor d_w_h = at::mm(h_in.reshape({T_ * B, d}).t(), d_init.view({T_ * B, 2 * d}));
     std::vector<Tensor> grads = {d_init, carry, d_w_h};
     for (const Tensor& dw : d_weights) grads.push_back(dw);
-    for (int64_t i = 0; i < N; ++i) grads.push_back(activation_weight_grad(i, act_w[i]));
+    for (int64_t i = 0; i < N; ++i) grads.push_back(activation_weight_grad(i, opt));
     for (int64_t i = 0; i < N; ++i) {
       Tensor dg = c_.nodes[i].residual ? at::empty({d}, opt) : nothing(grad_out);
       for (int64_t u = 0; u < dg.numel(); ++u) dg.data_ptr<T>()[u] = static_cast<T>(d_gamma_[i][u]);
@@ -380,33 +387,25 @@ class Backward {
   const Cell& c_;
   Tensor d_states_, scratch_;
   std::vector<Tensor> d_z_;  // per node, (edges × B, 2d), reused at every step
-  std::vector<std::vector<T>> mix_, edge_sums_;
+  const Mixing<T> mix_;
   // Per node: Σ ⟨dF_j, f_k(g_j)⟩ (edges × acts), then Σ ⟨d(W_j s_j), s_j⟩ (edges), over steps.
   std::vector<std::vector<double>> reduced_;
   std::vector<std::vector<double>> d_gamma_;
   std::mutex merge_;
 
-  void start_reductions(const std::vector<Tensor>& act_w) {
-    for (int64_t i = 0; i < c_.n(); ++i) {
-      const Node& node = c_.nodes[i];
-      const T* w = act_w[i].data_ptr<T>();
-      mix_.emplace_back(w, w + node.edges * node.n_acts());
-      std::vector<T> sums(node.edges, T(0));
-      for (int64_t e = 0; e < node.edges; ++e)
-        for (int64_t k = 0; k < node.n_acts(); ++k) sums[e] += w[e * node.n_acts() + k];
-      edge_sums_.push_back(std::move(sums));
-      const size_t width = node.edges * (node.n_acts() + 1);
-      reduced_.emplace_back(width, 0.0);
-      d_z_.push_back(at::empty({node.edges * c_.batch, 2 * c_.d}, act_w[i].options()));
+  void start_reductions(const at::TensorOptions& options) {
+    for (const Node& node : c_.nodes) {
+      reduced_.emplace_back(node.edges * (node.n_acts() + 1), 0.0);
+      d_z_.push_back(at::empty({node.edges * c_.batch, 2 * c_.d}, options));
       d_gamma_.emplace_back(node.residual ? c_.d : 0, 0.0);
     }
   }
 
-  Tensor activation_weight_grad(int64_t i, const Tensor& like) {
+  Tensor activation_weight_grad(int64_t i, const at::TensorOptions& options) {
     const Node& node = c_.nodes[i];
     const int64_t m = node.edges, n_acts = node.n_acts();
     const std::vector<double>& total = reduced_[i];
-    Tensor grad = at::empty({m, n_acts}, like.options());
+    Tensor grad = at::empty({m, n_acts}, options);
     T* out = grad.data_ptr<T>();
     for (int64_t e = 0; e < m; ++e)
       for (int64_t k = 0; k < n_acts; ++k)
@@ -453,8 +452,8 @@ class Backward {
     T* dzp = dz.data_ptr<T>();
     const T* prev = c_.state_ptr<T>(kStates, t, spec.start);
     T* d_prev = rows + spec.start * B * d;
-    const std::vector<T>& mix = mix_[i];
-    const std::vector<T>& sums = edge_sums_[i];
+    const std::vector<T>& mix = mix_.weights[i];
+    const std::vector<T>& sums = mix_.edge_sums[i];
     over_rows(B, d * m, [&](int64_t b0, int64_t b1) {
       std::vector<double> part(m * (n_acts + 1), 0.0);
       std::vector<T> work((n_acts + 2) * d);  // f_k(g) rows, F − W s, then dF
@@ -537,22 +536,22 @@ class Backward {
   }
 };
 
-Cell make_cell(const Tensor& x_proj, const OptTensor& mask_h, const std::vector<int64_t>& starts,
-               const std::vector<int64_t>& stops, const std::vector<std::vector<int64_t>>& acts,
-               const std::vector<bool>& residual, const OptTensor& running_mean,
-               const OptTensor& running_var, bool training, double momentum, double eps) {
+struct Plan {
+  std::vector<int64_t> starts, stops;
+  std::vector<std::vector<int64_t>> acts;
+  std::vector<bool> residual;
+  bool batch_norm;
+};
+
+Cell make_cell(const Plan& plan, const Tensor& x_proj, const OptTensor& mask_h,
+               const OptTensor& running_mean, const OptTensor& running_var, bool training,
+               double momentum, double eps) {
   Cell cell;
-  for (size_t i = 0; i < starts.size(); ++i)
-    cell.nodes.push_back({starts[i], stops[i] - starts[i], acts[i], residual[i]});
-  cell.norm.on = running_mean.has_value();
-  cell.norm.training = training;
-  cell.norm.momentum = momentum;
-  cell.norm.eps = eps;
-  if (cell.norm.on) {
-    cell.norm.running_mean = *running_mean;
-    cell.norm.running_var = *running_var;
-    if (!training) cell.norm.scale = at::rsqrt(*running_var + eps);
+  for (size_t i = 0; i < plan.starts.size(); ++i) {
+    const int64_t start = plan.starts[i];
+    cell.nodes.push_back({start, plan.stops[i] - start, plan.acts[i], plan.residual[i]});
   }
+  cell.norm = {plan.batch_norm, training, running_mean, running_var, Tensor(), momentum, eps};
   if (mask_h.has_value()) cell.mask = mask_h->contiguous();
   cell.steps = x_proj.size(0);
   cell.batch = x_proj.size(1);
@@ -572,12 +571,6 @@ std::vector<OptTensor> contiguous(const std::vector<OptTensor>& ts) {
   return out;
 }
 
-struct Plan {
-  std::vector<int64_t> starts, stops;
-  std::vector<std::vector<int64_t>> acts;
-  std::vector<bool> residual;
-};
-
 // Returns the output ``(T, B, d)``, then the buffers ``backward`` takes back (``Saved``).
 std::vector<Tensor> forward(const Plan& plan, const Tensor& x_proj, const Tensor& h0,
                             const Tensor& w_h, const OptTensor& mask_h,
@@ -587,11 +580,11 @@ std::vector<Tensor> forward(const Plan& plan, const Tensor& x_proj, const Tensor
                             double eps) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // our own buffers only
   const Tensor xp = x_proj.contiguous();
-  Cell cell = make_cell(xp, mask_h, plan.starts, plan.stops, plan.acts, plan.residual,
-                        running_mean, running_var, training, momentum, eps);
+  Cell cell = make_cell(plan, xp, mask_h, running_mean, running_var, training, momentum, eps);
+  if (cell.norm.on && !training) cell.norm.scale = at::rsqrt(*running_var + eps);
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "darts_supernet_forward", [&] {
-    Forward<scalar_t>(cell).run(xp, h0, w_h.contiguous(), contiguous(weights),
-                                contiguous(act_w), contiguous(gammas));
+    Forward<scalar_t>(cell, contiguous(act_w))
+        .run(xp, h0, w_h.contiguous(), contiguous(weights), contiguous(gammas));
   });
   std::vector<Tensor> result = {cell.saved[kHs].narrow(0, 1, cell.steps).clone()};
   result.insert(result.end(), cell.saved.begin(), cell.saved.end());
@@ -606,15 +599,14 @@ std::vector<Tensor> backward(const Plan& plan, const Tensor& grad_out,
                              bool training, double eps) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // our own buffers only
   const Tensor grad = grad_out.contiguous();
-  Cell cell = make_cell(saved[kInit], mask_h, plan.starts, plan.stops, plan.acts, plan.residual,
-                        running_mean, running_var, training, 0.0, eps);
+  Cell cell = make_cell(plan, saved[kInit], mask_h, running_mean, running_var, training, 0.0, eps);
   cell.saved = saved;
   cell.index();
   if (cell.norm.on && !training) cell.norm.scale = saved[kScale];
   std::vector<Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "darts_supernet_backward", [&] {
-    grads = Backward<scalar_t>(cell).run(grad, w_h.contiguous(), contiguous(weights),
-                                         contiguous(act_w), contiguous(gammas));
+    grads = Backward<scalar_t>(cell, contiguous(act_w))
+                .run(grad, w_h.contiguous(), contiguous(weights), contiguous(gammas));
   });
   return grads;
 }
@@ -625,7 +617,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "morphnas' native DARTS supernet kernel (loaded by morphnas.native)";
   pybind11::class_<Plan>(m, "Plan")
       .def(pybind11::init<std::vector<int64_t>, std::vector<int64_t>,
-                          std::vector<std::vector<int64_t>>, std::vector<bool>>());
+                          std::vector<std::vector<int64_t>>, std::vector<bool>, bool>());
   m.def("forward", &forward);
   m.def("backward", &backward);
 }

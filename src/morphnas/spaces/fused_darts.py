@@ -328,14 +328,16 @@ def _native_kernel(plan: Plan, x_proj: Tensor) -> ModuleType | None:
 
 
 def _native_settings(kernel: ModuleType, plan: Plan) -> tuple[object, ...]:
-    """The nodes and the BatchNorm as the C++ kernel takes them: its ``Plan``, the running
-    mean and variance (``None``: no BatchNorm), training, momentum and eps."""
+    """The nodes and the BatchNorm as the C++ kernel takes them: its ``Plan`` (which says
+    whether there is a BatchNorm), the running mean and variance (``None`` also when a
+    functional call freezes them), training, momentum and eps."""
     specs = plan.nodes
     nodes = kernel.Plan(
         [s.start for s in specs],
         [s.stop for s in specs],
         [[_ACTIVATION_CODES[a] for a in s.acts] for s in specs],
         [s.residual for s in specs],
+        plan.bn is not None,
     )
     bn = plan.bn
     if bn is None:
