@@ -84,6 +84,25 @@ def test_the_native_kernel_updates_batchnorm_statistics_as_the_python_one():
     assert int(cell.bn.num_batches_tracked) == int(other.bn.num_batches_tracked) > 0
 
 
+def test_rows_split_across_threads_give_the_one_thread_result():
+    """Batch rows split across two threads (the reductions merged per chunk) against one thread,
+    in float64: a batch large enough that every node's loop is split."""
+    torch.manual_seed(0)
+    cell = DartsRNNSearchCell(N_IN, 16, nodes=3, dropout_x=0.2, dropout_h=0.3).double()
+    cell.grow()
+    x = torch.randn(STEPS, 256, N_IN, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(outputs_and_grads(copy.deepcopy(cell), x))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results, strict=True):
+        torch.testing.assert_close(two, one, rtol=1e-10, atol=1e-12)
+
+
 def test_a_failed_build_warns_once_and_the_python_kernel_runs(monkeypatch):
     """No compiler, or a build error: one warning naming the compiler's error, then the cell
     trains on the Python kernel."""

@@ -81,10 +81,14 @@ void with_activation(int64_t act, const F& body) {
   }
 }
 
-// ``body(first, end)`` over batch rows, across intra-op threads only when each gets enough work.
+// ``body(first, end)`` over batch rows, split across the intra-op threads in chunks of at least
+// 2,048 elements. ATen's own grain for elementwise ops is 32,768, but these loops do far more
+// per element (exp, every activation): at batch 64 × hidden 64 the DARTS supernet's step took
+// 0.097 s on two threads with chunks of 8,192 elements and 0.068 s with 2,048 (one thread:
+// 0.108 s), and at batch 256 × hidden 300 it did not change.
 template <typename F>
 void over_rows(int64_t rows, int64_t row_width, const F& body) {
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(row_width, 1));
+  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(row_width, 1));
   at::parallel_for(0, rows, grain, body);
 }
 
