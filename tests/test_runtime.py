@@ -1,4 +1,5 @@
-"""The process-level heap policy: ``runtime.keep_freed_memory`` and ``MORPHNAS_MALLOC``."""
+"""Process-level settings: the heap policy (``runtime.keep_freed_memory``, ``MORPHNAS_MALLOC``)
+and the CLI's checks of the environment's choices (``MORPHNAS_MALLOC``, ``MORPHNAS_NATIVE``)."""
 
 from __future__ import annotations
 
@@ -50,16 +51,23 @@ def test_kept_heap_serves_a_freed_block_again_without_page_faults():
     assert system_faults > pages // 2, (system_faults, pages)
 
 
-@pytest.mark.parametrize("value", ["bogus", "kept"])
-def test_an_unknown_malloc_policy_is_a_one_line_user_error(value):
-    env = {**os.environ, "MORPHNAS_MALLOC": value}
+@pytest.mark.parametrize(
+    ("variable", "value", "choices"),
+    [
+        ("MORPHNAS_MALLOC", "bogus", "keep or system"),
+        ("MORPHNAS_MALLOC", "kept", "keep or system"),
+        ("MORPHNAS_NATIVE", "fast", "auto or off"),
+    ],
+)
+def test_an_unknown_environment_choice_is_a_one_line_user_error(variable, value, choices):
+    env = {**os.environ, variable: value}
     done = subprocess.run(
         [sys.executable, "-m", "morphnas.cli", "datasets"],
         capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2, (done.stdout, done.stderr)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "MORPHNAS_MALLOC" in lines[0] and "keep or system" in lines[0]
+    assert len(lines) == 1 and variable in lines[0] and choices in lines[0]
     assert "Traceback" not in done.stderr
 
 

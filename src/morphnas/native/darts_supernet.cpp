@@ -145,7 +145,7 @@ struct Cell {
     masked_rows = saved[kMasked].view({-1, d});
     for (int64_t i = 0; i < n(); ++i) z_by_row.push_back(node_buffer(i, kZ).view({-1, 2 * d}));
   }
-  Tensor by_state[kScale], masked_rows;
+  Tensor by_state[kPerNode], masked_rows;  // by_state: the (T·(N+1), ...) views, where used
   std::vector<Tensor> z_by_row;
   template <typename T>
   T* state_ptr(Saved which, int64_t t, int64_t k) const {

@@ -122,10 +122,10 @@ class FusedDartsSequence(torch.autograd.Function):
         mask_h: Tensor | None,
         *per_node: Tensor | None,
     ) -> Tensor:
-        native = _native_kernel(plan, x_proj)
-        ctx.native = native  # type: ignore[attr-defined]
-        if native is not None:
-            return _native_forward(ctx, native, plan, x_proj, h0, w_h, mask_h, per_node)
+        kernel = _native_kernel(plan, x_proj)
+        ctx.native = kernel  # type: ignore[attr-defined]
+        if kernel is not None:
+            return _native_forward(ctx, kernel, plan, x_proj, h0, w_h, mask_h, per_node)
         n = len(plan.nodes)
         weights, act_w, gammas = per_node[:n], per_node[n : 2 * n], per_node[2 * n :]
         steps, batch, two_d = x_proj.shape
