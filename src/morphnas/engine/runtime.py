@@ -29,11 +29,13 @@ MULTITHREAD_FROM = 4096
 """``batch × hidden`` from which a workload gets every core; below it, one intra-op thread.
 
 From the ``threads`` bench part (``morphnas bench --parts threads``, docs/benchmarks.md) on the
-2-core CPU. With the native supernet kernel (2026-11-24) two threads won 1.19× and 1.34× at
-4096 and 1.00× and 1.09× at 2048; at 1024 they lost 7 %. The Python kernel's step, with its
-per-call overhead, had put the crossover higher (8192 until then), but it too won 1.02–1.20× at
-4096 in four quiet runs, and the derived cells' and the two-input supernet's bench parts picked
-two threads at batch 64 × hidden 64. Re-measure on other machines; ``--threads`` overrides it.
+2-core CPU. With the native supernet kernel (2026-11-24) two threads won 1.16–1.68× at 4096 in
+the last runs, and at 2048 1.34× and 1.40× but also 0.85× (batch 64 × hidden 32). The Python
+kernel's step, with its per-call overhead, had put the crossover higher (8192 until then), but
+it too won 1.02–1.20× at 4096 in four quiet runs, and the derived cells' and the two-input
+supernet's bench parts picked two threads at batch 64 × hidden 64. One count serves a whole run
+(search, retraining, baselines), so it is not lowered to suit the native kernel alone.
+Re-measure on other machines; ``--threads`` overrides it.
 """
 
 
@@ -48,8 +50,9 @@ def choose_threads(
 
     Recurrent cells run many small kernels; on few cores, splitting a ``batch × hidden`` matmul
     across threads costs more in synchronisation than it gains until the tensors are large
-    enough (on the 2-core CI machines, the supernet step at batch 32, hidden 32 took 31 ms on
-    one thread and 33 ms on two). Problems below ``MULTITHREAD_FROM`` get one thread, larger
+    enough (on the 2-core CI machines, the supernet step on its Python kernel at batch 32,
+    hidden 64 took 0.186 s on one thread and 0.213 s on two). Problems below
+    ``MULTITHREAD_FROM`` get one thread, larger
     ones every core. On a CUDA ``device`` the host threads only launch kernels, so the current
     count is kept rather than changed for nothing.
     """
