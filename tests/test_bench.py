@@ -50,6 +50,7 @@ IMPL_KEYS = {"seconds", "threads", "peak_mb", "gflops", "fraction_of_matmul"}
 SUPERNET_KEYS = {"config", "gflop", "max_abs_diff", "agreement_steps", "ours", "reference"}
 # On CPU with the native kernel built (as here, where it must build): the Python kernel too.
 PYTHON_KERNEL_KEYS = {"ours_python", "speedup_python_kernel"}
+PYTHON_CELLS = {"darts_python"}  # ... and the derived DARTS cell on its Python kernel
 SEARCH_KEYS = {"seconds_per_epoch", "batches_per_epoch", "threads", "config"}
 THREADS_KEYS = {
     "config", "candidates", "points", "crossover_product", "multithread_from", "policy_mismatches",
@@ -211,8 +212,11 @@ def test_quick_run_has_every_documented_key(quick_result):
         assert 0 <= entry["max_abs_diff"] <= 1e-4
         for impl in ("ours", "ours_python", "reference"):
             _check_impl(entry[impl])
-    assert set(r["machine"]["native"]) == {"darts_supernet"}
-    assert _positive(r["machine"]["native"]["darts_supernet"])
+    kernels = r["machine"]["native"]
+    assert set(kernels) == {"darts_supernet", "darts_cell"}
+    assert (
+        _positive(kernels["darts_supernet"]) and kernels["darts_cell"] == kernels["darts_supernet"]
+    )
     entry = r["supernet_two_input"]["small"]
     assert set(entry) == {"config", "max_abs_diff", "kernel", "eager", "speedup"}
     assert 0 <= entry["max_abs_diff"] <= 1e-4 and _positive(entry["speedup"])
@@ -229,8 +233,8 @@ def test_quick_run_has_every_documented_key(quick_result):
     }
     for name in ("small", "large"):
         entry = r["cell"][name]
-        assert set(entry) == {"config", "gflops_vs_lstm", *CELL_MODELS}
-        for model in CELL_MODELS:
+        assert set(entry) == {"config", "gflops_vs_lstm", *CELL_MODELS, *PYTHON_CELLS}
+        for model in {*CELL_MODELS, *PYTHON_CELLS}:
             _check_impl(entry[model])
             assert _positive(entry[model]["gflop"])
             assert _positive(entry["gflops_vs_lstm"][model])
@@ -343,8 +347,8 @@ def test_compile_adds_the_compiled_cells_to_the_cell_part(monkeypatch):
     result = run_bench(["cell"], quick=True, compile=True, compile_backend="aot_eager")
     assert set(result) == {"machine", "matmul", "matmul_gflops", "cell"}
     for entry in result["cell"].values():
-        assert set(entry) == {"config", "gflops_vs_lstm", *CELL_MODELS, *COMPILED}
-        assert set(entry["gflops_vs_lstm"]) == {*CELL_MODELS, *COMPILED}
+        assert set(entry) == {"config", "gflops_vs_lstm", *CELL_MODELS, *PYTHON_CELLS, *COMPILED}
+        assert set(entry["gflops_vs_lstm"]) == {*CELL_MODELS, *PYTHON_CELLS, *COMPILED}
         for name in COMPILED:
             compiled, eager = entry[name], entry[name.removesuffix(COMPILED_SUFFIX)]
             assert set(compiled) == COMPILED_KEYS

@@ -6,18 +6,21 @@ Both paths against the slow references written from the formulas are in tests/te
 the refused double backward is in tests/test_fused.py. Here: each kernel against its eager loop
 on what those references do not cover (grown residual nodes, every output rule and squash,
 shared parents in every arrangement, every op reading ``u``, ``h`` and nodes), finite
-differences, the DARTS kernel's weight layout, and which path runs when.
+differences, the DARTS kernel's weight layout, and which path runs when. The derived DARTS cell
+has two kernels, the C++ one (``morphnas.native``, which must build here) and the Python one it
+falls back to; each test runs on both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-from morphnas import cells
+from morphnas import cells, native
 from morphnas.api import _cell_options
 from morphnas.bench import TWO_INPUT_GATED
 from morphnas.cells.fused_darts_cell import CellPlan, group_weight
@@ -122,6 +125,35 @@ SPACES = ["darts_rnn", "two_input"]
 GROWN = {"darts_rnn": "darts_grown_mean", "two_input": "two_input_grown_mean"}
 
 
+KERNELS = ("native", "python")  # the derived DARTS cell's; the two-input cell has one, Python
+
+
+def cases(names: list[str]) -> list[tuple[str, str]]:
+    """``(genotype or space, kernel)`` pairs: both kernels for a DARTS cell."""
+    return [
+        (name, kernel)
+        for name in names
+        for kernel in (KERNELS if name.startswith("darts") else ("python",))
+    ]
+
+
+@contextlib.contextmanager
+def on(kernel: str):
+    """Inside, the derived DARTS cell runs on ``kernel``."""
+    if kernel == "native":
+        assert native.darts_cell() is not None, "the native kernels did not build"
+        yield
+    else:
+        with native.python_kernels():
+            yield
+
+
+def assert_ran(out: Tensor, cell: nn.Module, kernel: str) -> None:
+    """``out`` came from ``cell``'s sequence kernel, the native one exactly when asked."""
+    assert type(out.grad_fn).__name__ == kernel_of(cell)
+    assert (getattr(out.grad_fn, "native", None) is not None) == (kernel == "native")
+
+
 def make_cell(genotype: Genotype, dropout: float = 0.3) -> nn.Module:
     """A float64 cell with non-zero γ (so residual branches carry value and gradient); DARTS
     weights large enough for its gates to matter."""
@@ -156,15 +188,16 @@ def run(
 @pytest.mark.parametrize("with_h0", [True, False], ids=["h0", "zero_h0"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-@pytest.mark.parametrize("name", list(GENOTYPES))
-def test_kernel_matches_eager_loop(name, dropout, training, with_h0):
+@pytest.mark.parametrize(("name", "kernel"), cases(list(GENOTYPES)))
+def test_kernel_matches_eager_loop(name, kernel, dropout, training, with_h0):
     cell = make_cell(GENOTYPES[name], dropout).train(training)
     eager = copy.deepcopy(cell)
     eager.fused = False
     x = torch.randn(T, B, N_IN, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(B, D, dtype=torch.float64, requires_grad=True) if with_h0 else None
-    out, h, grads = run(cell, x, h0)
-    assert type(out.grad_fn).__name__ == kernel_of(cell)
+    with on(kernel):
+        out, h, grads = run(cell, x, h0)
+    assert_ran(out, cell, kernel)
     ref_out, ref_h, ref_grads = run(eager, x, h0)
     assert type(ref_out.grad_fn).__name__ != kernel_of(cell)
     torch.testing.assert_close(out, ref_out, **TOL)
@@ -176,28 +209,31 @@ def test_kernel_matches_eager_loop(name, dropout, training, with_h0):
             torch.testing.assert_close(a, b, **TOL, msg=lambda m, label=label: f"grad {label}: {m}")
 
 
-@pytest.mark.parametrize(
-    ("name", "live", "dead"),
-    [
-        (
-            "darts_dead_last",
-            (True, False, False, True),
-            {"node_weights.1", "node_weights.2", "gammas.2"},
-        ),
-        ("two_input_dead_last", (True, False, True), {"node_weights.1"}),
-    ],
-)
-def test_dead_nodes_are_skipped_and_get_no_gradient(name, live, dead):
+DEAD = {
+    "darts_dead_last": (
+        (True, False, False, True),
+        {"node_weights.1", "node_weights.2", "gammas.2"},
+    ),
+    "two_input_dead_last": ((True, False, True), {"node_weights.1"}),
+}
+
+
+@pytest.mark.parametrize(("name", "kernel"), cases(list(DEAD)))
+def test_dead_nodes_are_skipped_and_get_no_gradient(name, kernel):
     """A node the output does not depend on is not computed by the kernel, and its weights
     (and γ) get no gradient, ``None``, as on the eager loop; so weight decay leaves them alone."""
+    live, dead = DEAD[name]
     cell = make_cell(GENOTYPES[name], dropout=0.0)
     assert cell._plan.live == live
-    cell(torch.randn(T, B, N_IN, dtype=torch.float64))[0].sum().backward()
+    with on(kernel):
+        out = cell(torch.randn(T, B, N_IN, dtype=torch.float64))[0]
+    assert_ran(out, cell, kernel)
+    out.sum().backward()
     assert {n for n, p in cell.named_parameters() if p.grad is None} == dead
 
 
-@pytest.mark.parametrize("space", SPACES)
-def test_kernel_passes_gradcheck(space):
+@pytest.mark.parametrize(("space", "kernel"), cases(SPACES))
+def test_kernel_passes_gradcheck(space, kernel):
     """Finite differences through the whole kernel: every parameter, x and h0 at once."""
     cell = make_cell(GENOTYPES[GROWN[space]], dropout=0.3)
     x = torch.randn(3, 2, N_IN, dtype=torch.float64, requires_grad=True)
@@ -210,8 +246,9 @@ def test_kernel_passes_gradcheck(space):
         params = dict(zip(names, tensors, strict=True))
         return torch.func.functional_call(cell, params, (x, h0))[0]
 
-    assert type(fn(x, h0, *leaves).grad_fn).__name__ == kernel_of(cell)
-    assert torch.autograd.gradcheck(fn, (x, h0, *leaves), eps=1e-6, atol=1e-5)
+    with on(kernel):
+        assert_ran(fn(x, h0, *leaves), cell, kernel)
+        assert torch.autograd.gradcheck(fn, (x, h0, *leaves), eps=1e-6, atol=1e-5)
 
 
 def test_children_of_one_state_share_a_block_ordered_by_activation():
@@ -250,27 +287,29 @@ def test_eager_is_selectable_and_torch_func_falls_back(space):
     assert type(cell(x)[0].grad_fn).__name__ != kernel_of(cell)
 
 
-@pytest.mark.parametrize("space", SPACES)
-def test_a_second_backward_gives_the_same_gradient(space):
+@pytest.mark.parametrize(("space", "kernel"), cases(SPACES))
+def test_a_second_backward_gives_the_same_gradient(space, kernel):
     """A second backward (``retain_graph=True``, as Jacobians and ``gradcheck`` do) gives the
-    same gradient: the DARTS kernel's first backward turns the forward's values into its
+    same gradient: the DARTS Python kernel's first backward turns the forward's values into its
     factors in place, and the second must reuse them, not redo it."""
     cell = make_cell(GENOTYPES[GROWN[space]])
     x = torch.randn(T, B, N_IN, dtype=torch.float64, requires_grad=True)
-    out = cell(x)[0]
+    with on(kernel):
+        out = cell(x)[0]
+    assert_ran(out, cell, kernel)
     first = torch.autograd.grad(out.sum(), [x, *cell.parameters()], retain_graph=True)
     second = torch.autograd.grad(out.sum(), [x, *cell.parameters()])
     for a, b in zip(first, second, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("space", SPACES)
-def test_no_grad_and_float32_match_the_eager_loop(space):
+@pytest.mark.parametrize(("space", "kernel"), cases(SPACES))
+def test_no_grad_and_float32_match_the_eager_loop(space, kernel):
     cell = make_cell(GENOTYPES[GROWN[space]]).float()
     eager = copy.deepcopy(cell)
     eager.fused = False
     x = torch.randn(T, B, N_IN)
-    with torch.no_grad():
+    with torch.no_grad(), on(kernel):
         torch.manual_seed(1)
         a = cell(x)[0]
         torch.manual_seed(1)

@@ -1,7 +1,8 @@
-"""The native (C++) DARTS supernet kernel beyond the float64 checks of ``test_fused``: float32,
-where it computes ``exp`` by its own vectorised polynomial; rows split across threads; its
-build, its fallback to the Python kernel when the build fails, and ``MORPHNAS_NATIVE`` (the
-CLI's one-line error for a bad value: ``test_runtime``)."""
+"""The native (C++) kernels, the DARTS supernet's and the derived DARTS cell's, beyond the
+float64 checks of ``test_fused`` and ``test_fused_cells``: float32, where they compute ``exp`` by
+their own vectorised polynomial; rows split across threads; the build, the fallback to the Python
+kernels when it fails, and ``MORPHNAS_NATIVE`` (the CLI's one-line error for a bad value:
+``test_runtime``)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import os
 import pytest
 import torch
 
-from morphnas import native
+from morphnas import cells, native
 from morphnas.errors import UserError
-from morphnas.genotype import Node
+from morphnas.genotype import Genotype, Node
 from morphnas.spaces import DartsRNNSearchCell
 
 STEPS, BATCH, N_IN, D = 12, 16, 8, 32
@@ -39,7 +40,39 @@ def float32_cell(training: bool) -> DartsRNNSearchCell:
     return cell.train(training)
 
 
-def outputs_and_grads(cell: DartsRNNSearchCell, x: torch.Tensor) -> list[torch.Tensor]:
+GROWN_DERIVED = Genotype(  # every activation, a shared parent, residual nodes, tanh squash
+    "darts_rnn",
+    (
+        Node("relu", (0,)),
+        Node("tanh", (1,)),
+        Node("identity", (1,), residual=True),
+        Node("sigmoid", (3,), residual=True),
+        Node("tanh", (0,)),
+    ),
+    output="mean",
+    output_activation="tanh",
+)
+
+
+def float32_derived_cell(training: bool, batch_size: int = D) -> torch.nn.Module:
+    """A derived DARTS cell with every activation, residual nodes (non-zero γ), dropout and
+    weights large enough that ``exp`` sees a wide range."""
+    torch.manual_seed(0)
+    cell = cells.build(GROWN_DERIVED, N_IN, batch_size, dropout_x=0.2, dropout_h=0.3)
+    with torch.no_grad():
+        for g in cell.gammas.values():
+            g.normal_()
+        for w in cell.node_weights:
+            w.mul_(20.0)  # (×35 and more: float32 itself loses the chaotic recurrence)
+    return cell.train(training)
+
+
+def native_path(out: torch.Tensor) -> bool:
+    """Whether the sequence kernel behind ``out`` ran natively."""
+    return out.grad_fn.native is not None
+
+
+def outputs_and_grads(cell: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     torch.manual_seed(1)  # the same dropout masks
     out, _ = cell(x)
     probe = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
@@ -47,12 +80,16 @@ def outputs_and_grads(cell: DartsRNNSearchCell, x: torch.Tensor) -> list[torch.T
     return [out.detach()] + [g for g in grads if g is not None]
 
 
+CELLS = {"supernet": float32_cell, "derived": float32_derived_cell}
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_float32_native_kernel_matches_the_float64_eager_loop(training):
+@pytest.mark.parametrize("make", list(CELLS))
+def test_float32_native_kernel_matches_the_float64_eager_loop(make, training):
     """The native kernel in float32 against the eager loop in float64 (the truth up to float32
     rounding), and no further from it than the Python kernel in float32."""
-    assert native.darts_supernet() is not None, "the native DARTS kernel did not build"
-    cell = float32_cell(training)
+    cell = CELLS[make](training)
+    assert native_path(cell(torch.randn(2, 2, N_IN))[0]), "the native kernels did not build"
     truth = copy.deepcopy(cell).double()
     truth.fused = False
     x = torch.randn(STEPS, BATCH, N_IN, generator=torch.Generator().manual_seed(2))
@@ -83,12 +120,21 @@ def test_the_native_kernel_updates_batchnorm_statistics_as_the_python_one():
     assert int(cell.bn.num_batches_tracked) == int(other.bn.num_batches_tracked) > 0
 
 
-def test_rows_split_across_threads_give_the_one_thread_result():
-    """Batch rows split across two threads (the reductions merged per chunk) against one thread,
-    in float64: a batch large enough that every node's loop is split."""
+def split_supernet() -> torch.nn.Module:
     torch.manual_seed(0)
     cell = DartsRNNSearchCell(N_IN, 16, nodes=3, dropout_x=0.2, dropout_h=0.3).double()
     cell.grow()
+    return cell
+
+
+@pytest.mark.parametrize(
+    "make", [split_supernet, lambda: float32_derived_cell(True, 16).double()], ids=list(CELLS)
+)
+def test_rows_split_across_threads_give_the_one_thread_result(make):
+    """Batch rows split across two threads (the supernet's reductions merged per chunk) against
+    one thread, in float64: a batch large enough that every node's loop is split."""
+    cell = make()
+    assert native_path(cell(torch.randn(2, 2, N_IN, dtype=torch.float64))[0])
     x = torch.randn(STEPS, 256, N_IN, dtype=torch.float64)
     threads = torch.get_num_threads()
     results = []
@@ -115,23 +161,25 @@ def test_a_failed_build_warns_once_and_the_python_kernel_runs(monkeypatch):
     monkeypatch.setattr(native, "_build", functools.cache(native._build.__wrapped__))
     with pytest.warns(RuntimeWarning, match="error: boom") as warned:
         assert native.darts_supernet() is None
+        assert native.darts_cell() is None
         assert native.darts_supernet() is None
     assert len(warned) == 1 and len(calls) == 1
-    cell = float32_cell(training=True)
-    out, _ = cell(torch.randn(STEPS, BATCH, N_IN))
-    assert out.grad_fn.native is None
-    out.sum().backward()
-    assert all(p.grad is not None for p in cell.node_weights)
+    for cell in (float32_cell(training=True), float32_derived_cell(training=True)):
+        out, _ = cell(torch.randn(STEPS, BATCH, N_IN))
+        assert not native_path(out)
+        out.sum().backward()
+        assert all(p.grad is not None for p in cell.node_weights)
 
 
-def test_off_and_suspended_mean_the_python_kernel(monkeypatch):
+@pytest.mark.parametrize("kernel", [native.darts_supernet, native.darts_cell])
+def test_off_and_suspended_mean_the_python_kernel(monkeypatch, kernel):
     monkeypatch.setenv(native.NATIVE_ENV, "off")
-    assert native.darts_supernet() is None
+    assert kernel() is None
     monkeypatch.setenv(native.NATIVE_ENV, "auto")
-    assert native.darts_supernet() is not None
+    assert kernel() is not None
     with native.python_kernels():
-        assert native.darts_supernet() is None
-    assert native.darts_supernet() is not None
+        assert kernel() is None
+    assert kernel() is not None
 
 
 def test_an_unknown_native_choice_is_a_user_error(monkeypatch):

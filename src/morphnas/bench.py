@@ -649,6 +649,8 @@ class CudaGraphed(nn.Module):
 
 
 EAGER_SUFFIX = "_eager"  # ``cell.<config>.<model>_eager``: the same cell on its eager loop
+PYTHON_SUFFIX = "_python"  # ``cell.<config>.<model>_python``: on its Python kernel, not native
+NATIVE_CELLS = {"darts": native.darts_cell}  # the derived cells with a native kernel
 CELL_MODELS: dict[str, Genotype | str] = {
     "darts": DARTS_V2,
     "darts" + EAGER_SUFFIX: DARTS_V2,  # the kernels' gains, measured side by side
@@ -727,8 +729,12 @@ def bench_cell_config(cfg: CellConfig, ctx: Context, repeats: int) -> dict[str, 
         name: _cell_module(name, model, cfg.hidden).to(ctx.device)
         for name, model in CELL_MODELS.items()
     }
-    workloads = {name: Workload(module, x, target) for name, module in modules.items()}
     models = dict(CELL_MODELS)
+    for name, kernel in NATIVE_CELLS.items():
+        if ctx.device.type == "cpu" and kernel() is not None:
+            modules[name + PYTHON_SUFFIX] = PythonKernels(copy.deepcopy(modules[name]))
+            models[name + PYTHON_SUFFIX] = CELL_MODELS[name]
+    workloads = {name: Workload(module, x, target) for name, module in modules.items()}
     compiled: dict[str, dict[str, Any]] = {}
     if ctx.compile:
         compiled_workloads, compiled = _compiled_workloads(cfg, ctx, modules, x, target)
@@ -907,10 +913,14 @@ def machine_info(device: torch.device, quick: bool) -> dict[str, Any]:
 
 
 def native_kernels(device: torch.device) -> dict[str, float | None]:
-    """Per native kernel, the seconds it took to build (or load from the cache) in this run, or
-    ``None`` where it does not run: off, not built here, or not on this device (CPU only)."""
-    available = device.type == "cpu" and native.darts_supernet() is not None
-    return {"darts_supernet": native.build_seconds.get("darts_supernet") if available else None}
+    """Per native kernel, the seconds its library took to build (or load from the cache) in this
+    run, or ``None`` where it does not run: off, not built here, or not on this device (CPU
+    only). The kernels share one library, so those that run report the same seconds."""
+    kernels = {"darts_supernet": native.darts_supernet, "darts_cell": native.darts_cell}
+    return {
+        name: native.build_seconds if device.type == "cpu" and kernel() is not None else None
+        for name, kernel in kernels.items()
+    }
 
 
 def _repeats(key: str, quick: bool, repeats: int | None) -> int:

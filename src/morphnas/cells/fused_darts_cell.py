@@ -36,14 +36,17 @@ transforms.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from functools import cached_property
+from types import ModuleType
 
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
+from morphnas import native
 from morphnas.genotype import Genotype
 from morphnas.spaces.fused_ops import (
     SequenceOutput,
@@ -257,6 +260,9 @@ class FusedDartsCellSequence(torch.autograd.Function):
     ) -> Tensor:
         n_groups = len(plan.groups)
         blocks, gammas = blocks_and_gammas[:n_groups], blocks_and_gammas[n_groups:]
+        ctx.native = native.darts_cell() if native.handles(x_proj) else None  # type: ignore[attr-defined]
+        if ctx.native is not None:  # type: ignore[attr-defined]
+            return _native_forward(ctx, plan, x_proj, h0, w_h, mask_h, blocks, gammas)
         steps, batch, two_d = x_proj.shape
         d, n = two_d // 2, len(plan.parents)
         states = x_proj.new_empty(steps, n + 1, batch, d)  # s_0..s_N
@@ -312,6 +318,8 @@ class FusedDartsCellSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         refuse_double_backward("derived DARTS cell")
+        if ctx.native is not None:  # type: ignore[attr-defined]
+            return _native_backward(ctx, grad_out)
         plan: CellPlan = ctx.plan  # type: ignore[attr-defined]
         groups: list[_Group] = ctx.groups  # type: ignore[attr-defined]
         nodes: list[_Node] = ctx.nodes  # type: ignore[attr-defined]
@@ -385,3 +393,55 @@ class FusedDartsCellSequence(torch.autograd.Function):
             if res
         ]
         return None, d_init, d_h0, d_w_h, None, *d_blocks, *d_gammas
+
+
+@functools.cache
+def _native_plan(kernel: ModuleType, plan: CellPlan) -> object:
+    """``plan`` as the C++ kernel takes it, made once per cell (the plan is hashable)."""
+    return kernel.Plan(
+        list(plan.parents),
+        [native.ACTIVATION_CODES[act] for act in plan.acts],
+        list(plan.residual),
+        list(plan.live),
+        [parent for parent, _ in plan.groups],
+        [list(children) for _, children in plan.groups],
+        plan.output == "mean",
+        plan.squash == "tanh",
+    )
+
+
+def _native_forward(
+    ctx: FunctionCtx,
+    plan: CellPlan,
+    x_proj: Tensor,
+    h0: Tensor,
+    w_h: Tensor,
+    mask_h: Tensor | None,
+    blocks: tuple[Tensor, ...],
+    gammas: tuple[Tensor, ...],
+) -> Tensor:
+    """``FusedDartsCellSequence.forward`` by the C++ kernel (``native.darts_cell``)."""
+    kernel = ctx.native  # type: ignore[attr-defined]
+    ctx.native_plan = _native_plan(kernel, plan)  # type: ignore[attr-defined]
+    output, *buffers = kernel.forward(ctx.native_plan, x_proj, h0, w_h, mask_h, blocks, gammas)  # type: ignore[attr-defined]
+    ctx.buffers, ctx.n_blocks = buffers, len(blocks)  # type: ignore[attr-defined]
+    ctx.save_for_backward(w_h, mask_h, *blocks, *gammas)
+    return output
+
+
+def _native_backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+    """``FusedDartsCellSequence.backward`` by the C++ kernel: ``None`` for a dead node's ``γ``."""
+    w_h, mask_h, *rest = ctx.saved_tensors  # type: ignore[attr-defined]
+    blocks, gammas = rest[: ctx.n_blocks], rest[ctx.n_blocks :]  # type: ignore[attr-defined]
+    d_init, d_h0, d_w_h, *d_rest = ctx.native.backward(  # type: ignore[attr-defined]
+        ctx.native_plan,
+        grad_out,
+        ctx.buffers,
+        w_h,
+        mask_h,
+        blocks,
+        gammas,  # type: ignore[attr-defined]
+    )
+    d_blocks, d_gammas = d_rest[: len(blocks)], d_rest[len(blocks) :]
+    d_gammas = [None if dg.numel() == 0 else dg for dg in d_gammas]
+    return None, d_init, d_h0, d_w_h, None, *d_blocks, *d_gammas

@@ -1,13 +1,16 @@
 """Native (C++) kernels, compiled on first use by ``torch.utils.cpp_extension`` and cached.
 
-Why: the Python sequence kernels spend about as long calling ATen as computing at search sizes
-on a CPU (docs/benchmarks.md). The C++ twin of ``spaces.fused_darts`` keeps the same formulas
+Why: the Python sequence kernels spend about as long calling ATen as computing at search and
+retraining sizes on a CPU (docs/benchmarks.md). The C++ twins of ``spaces.fused_darts`` (the
+DARTS supernet) and ``cells.fused_darts_cell`` (a derived DARTS cell) keep the same formulas
 with one loop per node and step, built for this machine (``-O3 -march=native``).
 
-The first use compiles it, about 20 s, into torch's extension cache (``TORCH_EXTENSIONS_DIR``,
-by default ``~/.cache/torch_extensions``); later processes load it in milliseconds, and an edit
-of the source rebuilds it. Without a C++ compiler, or when the build fails, the Python kernel
-runs instead, after one warning. ``MORPHNAS_NATIVE=off`` asks for the Python kernel outright.
+All kernels are one library (``kernels.cpp``, one translation unit: torch's headers, most of
+the build time, are parsed once). The first use compiles it, about 25 s, into torch's extension
+cache (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``); later processes load
+it in milliseconds, and an edit of a source rebuilds it. Without a C++ compiler, or when the
+build fails, the Python kernels run instead, after one warning. ``MORPHNAS_NATIVE=off`` asks
+for the Python kernels outright.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 from morphnas.errors import UserError
 
 NATIVE_ENV = "MORPHNAS_NATIVE"
@@ -31,8 +36,9 @@ NATIVE_ENV = "MORPHNAS_NATIVE"
 NATIVE_CHOICES = ("auto", "off")
 _SOURCE_DIR = Path(__file__).parent
 _FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"]
-build_seconds: dict[str, float] = {}
-"""Seconds each kernel took to build or load in this process (``bench`` reports them)."""
+ACTIVATION_CODES = {"tanh": 0, "sigmoid": 1, "relu": 2, "identity": 3}  # common.h's Activation
+build_seconds: float | None = None
+"""Seconds the library took to build or load in this process, once asked for (``bench``)."""
 _suspended = False  # inside ``python_kernels``
 
 
@@ -45,11 +51,27 @@ def native_requested() -> str:
 
 
 def darts_supernet() -> ModuleType | None:
-    """The native DARTS supernet kernel (``darts_supernet.cpp``), or ``None`` when it is off,
+    """The native DARTS supernet kernel (``darts_supernet.h``), or ``None`` when it is off,
     suspended (``python_kernels``) or cannot be built here (then warned once)."""
+    return _kernel("darts_supernet")
+
+
+def darts_cell() -> ModuleType | None:
+    """The native derived DARTS cell kernel (``darts_cell.h``), or ``None`` as above."""
+    return _kernel("darts_cell")
+
+
+def handles(tensor: torch.Tensor) -> bool:
+    """Whether the native kernels take ``tensor``'s device and dtype: CPU, float32 or float64
+    (elsewhere, on CUDA say, the Python kernels run)."""
+    return tensor.is_cpu and tensor.dtype in (torch.float32, torch.float64)
+
+
+def _kernel(name: str) -> ModuleType | None:
     if _suspended or native_requested() == "off":
         return None
-    return _build("darts_supernet")
+    library = _build()
+    return None if library is None else getattr(library, name)
 
 
 @contextlib.contextmanager
@@ -64,15 +86,16 @@ def python_kernels() -> Iterator[None]:
 
 
 @functools.cache
-def _build(name: str) -> ModuleType | None:
+def _build() -> ModuleType | None:
+    global build_seconds
     try:
         from torch.utils import cpp_extension
 
         _ninja_on_path()
         started = time.perf_counter()
         module = cpp_extension.load(
-            name=f"morphnas_{name}_{_machine_tag()}",
-            sources=[str(_SOURCE_DIR / f"{name}.cpp")],
+            name=f"morphnas_kernels_{_machine_tag()}",
+            sources=[str(_SOURCE_DIR / "kernels.cpp")],
             extra_cflags=_FLAGS,
             extra_ldflags=["-fopenmp"],
             verbose=False,
@@ -80,13 +103,13 @@ def _build(name: str) -> ModuleType | None:
     except Exception as error:  # no compiler or ninja, a failed build: the Python kernel runs
         reason = _first_error_line(str(error)) or type(error).__name__
         warnings.warn(
-            f"the native {name} kernel could not be built ({reason}); the Python kernel runs "
+            f"the native kernels could not be built ({reason}); the Python kernels run "
             f"instead (set {NATIVE_ENV}=off to silence this)",
             RuntimeWarning,
             stacklevel=3,
         )
         return None
-    build_seconds[name] = time.perf_counter() - started
+    build_seconds = time.perf_counter() - started
     return module
 
 

@@ -313,16 +313,12 @@ def _activation_weight_grad(
     return torch.stack(per_act, 1) + per_edge.unsqueeze(1)
 
 
-_ACTIVATION_CODES = {"tanh": 0, "sigmoid": 1, "relu": 2, "identity": 3}  # darts_supernet.cpp's
-_NATIVE_DTYPES = (torch.float32, torch.float64)
-
-
 def _native_kernel(plan: Plan, x_proj: Tensor) -> ModuleType | None:
     """The C++ twin (``morphnas.native``) where it applies: on CPU, in float32 or float64, for
     the activations it knows; ``None`` sends the sequence through this module's Python kernel."""
-    if not x_proj.is_cpu or x_proj.dtype not in _NATIVE_DTYPES:
+    if not native.handles(x_proj):
         return None
-    if any(act not in _ACTIVATION_CODES for node in plan.nodes for act in node.acts):
+    if any(act not in native.ACTIVATION_CODES for node in plan.nodes for act in node.acts):
         return None
     return native.darts_supernet()
 
@@ -335,7 +331,7 @@ def _native_settings(kernel: ModuleType, plan: Plan) -> tuple[object, ...]:
     nodes = kernel.Plan(
         [s.start for s in specs],
         [s.stop for s in specs],
-        [[_ACTIVATION_CODES[a] for a in s.acts] for s in specs],
+        [[native.ACTIVATION_CODES[a] for a in s.acts] for s in specs],
         [s.residual for s in specs],
         plan.bn is not None,
     )

@@ -7,90 +7,11 @@
 // activation weights' gradient needs are taken in that pass instead of over saved buffers.
 // The loops are plain arithmetic so that -O3 -march=native vectorises them, exp included.
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/LegacyTypeDispatch.h>
-#include <torch/csrc/utils/pybind.h>
+#pragma once
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <mutex>
-#include <optional>
-#include <type_traits>
-#include <vector>
+#include "common.h"
 
-namespace {
-
-using at::Tensor;
-using OptTensor = std::optional<Tensor>;
-
-enum Activation : int64_t { kTanh = 0, kSigmoid = 1, kRelu = 2, kIdentity = 3 };
-
-// Cephes' expf (about 1 ulp) in branch-free arithmetic that vectorises, where libm's does not.
-inline float exp_approx(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
-inline float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
-inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
-// tanh as 2σ(2x) − 1 in float32, as the Python kernel computes it on CPU (fused_ops.tanh_into).
-inline float tanh_value(float x) { return 2.0f * sigmoid(2.0f * x) - 1.0f; }
-inline double tanh_value(double x) { return std::tanh(x); }
-
-template <int64_t Act, typename T>
-inline T activate(T g) {
-  if constexpr (Act == kTanh) return tanh_value(g);
-  if constexpr (Act == kSigmoid) return sigmoid(g);
-  if constexpr (Act == kRelu) return g > T(0) ? g : T(0);
-  return g;
-}
-
-// f'(g) from the value a = f(g) (relu: a > 0 exactly when g > 0).
-template <int64_t Act, typename T>
-inline T slope(T a) {
-  if constexpr (Act == kTanh) return T(1) - a * a;
-  if constexpr (Act == kSigmoid) return a * (T(1) - a);
-  if constexpr (Act == kRelu) return a > T(0) ? T(1) : T(0);
-  return T(1);
-}
-
-// ``body(std::integral_constant<int64_t, act>)``: the activation a compile-time constant, so
-// that each loop over a row is branch-free and vectorises.
-template <typename F>
-void with_activation(int64_t act, const F& body) {
-  switch (act) {
-    case kTanh: return body(std::integral_constant<int64_t, kTanh>());
-    case kSigmoid: return body(std::integral_constant<int64_t, kSigmoid>());
-    case kRelu: return body(std::integral_constant<int64_t, kRelu>());
-    default: return body(std::integral_constant<int64_t, kIdentity>());
-  }
-}
-
-// ``body(first, end)`` over batch rows, split across the intra-op threads in chunks of at least
-// 2,048 elements. ATen's own grain for elementwise ops is 32,768, but these loops do far more
-// per element (exp, every activation): at batch 64 × hidden 64 the DARTS supernet's step took
-// 0.097 s on two threads with chunks of 8,192 elements and 0.068 s with 2,048 (one thread:
-// 0.108 s), and at batch 256 × hidden 300 it did not change.
-template <typename F>
-void over_rows(int64_t rows, int64_t row_width, const F& body) {
-  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(row_width, 1));
-  at::parallel_for(0, rows, grain, body);
-}
+namespace morphnas_native::darts_supernet {
 
 struct Node {
   int64_t start, edges;
@@ -158,7 +79,6 @@ struct Cell {
   }
 };
 
-Tensor nothing(const Tensor& like) { return at::empty({0}, like.options()); }
 
 // Per node its activation weights ``w_jk`` (edges × acts) and per edge ``W_j = Σ_k w_jk``.
 template <typename T>
@@ -563,17 +483,6 @@ Cell make_cell(const Plan& plan, const Tensor& x_proj, const OptTensor& mask_h,
   return cell;
 }
 
-std::vector<Tensor> contiguous(const std::vector<Tensor>& ts) {
-  std::vector<Tensor> out;
-  for (const Tensor& t : ts) out.push_back(t.contiguous());
-  return out;
-}
-
-std::vector<OptTensor> contiguous(const std::vector<OptTensor>& ts) {
-  std::vector<OptTensor> out;
-  for (const OptTensor& t : ts) out.push_back(t ? OptTensor(t->contiguous()) : std::nullopt);
-  return out;
-}
 
 // Returns the output ``(T, B, d)``, then the buffers ``backward`` takes back (``Saved``).
 std::vector<Tensor> forward(const Plan& plan, const Tensor& x_proj, const Tensor& h0,
@@ -615,13 +524,12 @@ std::vector<Tensor> backward(const Plan& plan, const Tensor& grad_out,
   return grads;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "morphnas' native DARTS supernet kernel (loaded by morphnas.native)";
+inline void bind(pybind11::module_ m) {
   pybind11::class_<Plan>(m, "Plan")
       .def(pybind11::init<std::vector<int64_t>, std::vector<int64_t>,
                           std::vector<std::vector<int64_t>>, std::vector<bool>, bool>());
   m.def("forward", &forward);
   m.def("backward", &backward);
 }
+
+}  // namespace morphnas_native::darts_supernet

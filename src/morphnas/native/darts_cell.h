@@ -1,0 +1,443 @@
+// A derived DARTS cell over a whole sequence, forward and backward, in C++: the native twin of
+// morphnas/cells/fused_darts_cell.py (the same cell, inputs and formulas; read its docstring).
+//
+// Why: retraining runs thousands of sequences of the derived cell, and at hidden 64 the Python
+// kernel spent about as long calling ATen (about forty calls a time step, forward and backward)
+// as multiplying matrices. Here the matmuls stay ATen calls, one per state with children, as in
+// the Python kernel; everything elementwise of a node at a step is one pass over its rows: the
+// gate and activation of its matmul's columns, the highway blend, the residual and the dropout
+// mask in the forward; the three local derivatives and the parent's share in the backward.
+//
+// Conventions the caller keeps (as for the Python kernel): a ``tanh`` column of a weight block,
+// and the ``g`` half of ``x_proj`` and ``w_h``, hold ``2g``, so ``tanh(g) = 2σ(2g) − 1`` and its
+// slope with respect to the column is ``(1 − tanh²)/2``; the caller's ``doubled`` carries the 2
+// into the weights' gradients. Nothing saved is written by the backward, so a second backward
+// (``retain_graph``) reads the same values.
+
+#pragma once
+
+#include "common.h"
+
+namespace morphnas_native::darts_cell {
+
+// ``f`` of a matmul column ``z`` (``2g`` for tanh), and its slope with respect to ``z`` from
+// the value ``a = f``.
+template <int64_t Act, typename T>
+inline T column_value(T z) {
+  if constexpr (Act == kTanh) return T(2) * sigmoid(z) - T(1);
+  return activate<Act>(z);
+}
+
+template <int64_t Act, typename T>
+inline T column_slope(T a) {
+  if constexpr (Act == kTanh) return (T(1) - a * a) * T(0.5);
+  return slope<Act>(a);
+}
+
+struct Plan {
+  std::vector<int64_t> parents, acts;  // per node: its input state, its activation
+  std::vector<bool> residual, live;    // per node (``CellPlan.live``)
+  std::vector<int64_t> group_parents;  // per weight block: the state its children read
+  std::vector<std::vector<int64_t>> group_children;  // ... and the children, in column order
+  bool output_mean, squash_tanh;
+};
+
+// Where a node's columns are: its group, its place among the group's ``k`` children.
+struct Slot {
+  int64_t group = -1, column = 0, k = 0;
+};
+
+// The buffers the backward takes back, in the order the forward returns them (after the
+// output); then one ``z`` per group: ``(T, B, 2dk)``, ``[σ(c_1..c_k) | f(g_1..g_k)]``.
+enum Saved : size_t { kStates = 0, kMasked, kYs, kHs, kInit, kGroups };
+
+struct Cell {
+  const Plan& plan;
+  Tensor mask;  // undefined: no dropout mask on h
+  std::vector<Tensor> saved;
+  std::vector<Slot> slots;               // per node
+  std::vector<int64_t> group_of_state;   // per state: the group it feeds, or −1
+  std::vector<int64_t> gamma_of_node;    // per node: its γ's index among the residual nodes
+  int64_t steps = 0, batch = 0, d = 0;
+
+  Cell(const Plan& p, const Tensor& x_proj, const OptTensor& mask_h) : plan(p) {
+    const int64_t n = this->n();
+    steps = x_proj.size(0);
+    batch = x_proj.size(1);
+    d = x_proj.size(2) / 2;
+    if (mask_h.has_value()) mask = mask_h->contiguous();
+    slots.resize(n);
+    group_of_state.assign(n + 1, -1);
+    for (size_t g = 0; g < plan.group_parents.size(); ++g) {
+      const std::vector<int64_t>& kids = plan.group_children[g];
+      group_of_state[plan.group_parents[g]] = static_cast<int64_t>(g);
+      for (size_t r = 0; r < kids.size(); ++r)
+        slots[kids[r]] = {static_cast<int64_t>(g), static_cast<int64_t>(r),
+                          static_cast<int64_t>(kids.size())};
+    }
+    int64_t residuals = 0;
+    for (int64_t i = 0; i < n; ++i) gamma_of_node.push_back(plan.residual[i] ? residuals++ : -1);
+  }
+
+  int64_t n() const { return static_cast<int64_t>(plan.parents.size()); }
+  // State ``k`` of a ``(T, N+1, B, d)`` buffer at step ``t``.
+  template <typename U>
+  U* state(Saved which, int64_t t, int64_t k) const {
+    return saved[which].data_ptr<U>() + (t * (n() + 1) + k) * batch * d;
+  }
+  template <typename U>
+  static U* at_step(const Tensor& buffer, int64_t t) {
+    return buffer.data_ptr<U>() + t * (buffer.numel() / buffer.size(0));
+  }
+  const Tensor& group_z(int64_t g) const { return saved[kGroups + g]; }
+};
+
+// ``out`` = the output rule over s_1..s_count at step ``t``: the mean, or s_count. (A first node
+// that is residual under ``mean`` averages nothing: 0/0, as eagerly.)
+template <typename T>
+void base_of(const Cell& c, int64_t t, int64_t count, T* out) {
+  const int64_t size = c.batch * c.d;
+  if (!c.plan.output_mean) {
+    std::memcpy(out, c.state<T>(kStates, t, count), size * sizeof(T));
+    return;
+  }
+  const T* first = c.state<T>(kStates, t, 1);
+  const T inv = T(1) / T(count);
+  for (int64_t j = 0; j < size; ++j) out[j] = count > 0 ? first[j] : T(0);
+  for (int64_t k = 1; k < count; ++k)
+    for (int64_t j = 0; j < size; ++j) out[j] += first[k * size + j];
+  for (int64_t j = 0; j < size; ++j) out[j] *= inv;
+}
+
+template <typename T>
+class Forward {
+ public:
+  explicit Forward(Cell& cell) : c_(cell) {}
+
+  void run(const Tensor& x_proj, const Tensor& h0, const Tensor& w_h,
+           const std::vector<Tensor>& blocks, const std::vector<Tensor>& gammas) {
+    allocate(x_proj);
+    const int64_t B = c_.batch, d = c_.d, N = c_.n();
+    Tensor hs = c_.saved[kHs], init = c_.saved[kInit], masked_rows = c_.saved[kMasked];
+    hs.select(0, 0).copy_(h0);
+    Tensor masked_h = c_.mask.defined() ? at::empty({B, d}, x_proj.options()) : Tensor();
+    for (int64_t t = 0; t < c_.steps; ++t) {
+      Tensor h = hs.select(0, t), init_t = init.select(0, t);
+      const Tensor h_in = c_.mask.defined() ? at::mul_out(masked_h, h, c_.mask) : h;
+      at::addmm_out(init_t, x_proj.select(0, t), h_in, w_h);
+      init_node(t);
+      for (int64_t j = 0; j <= N; ++j) {
+        if (j > 0) {
+          if (!c_.plan.live[j - 1]) continue;  // nothing reads it, and it reads nothing live
+          node(t, j - 1, gammas);
+        }
+        const int64_t g = c_.group_of_state[j];
+        if (g >= 0) {  // state j is final: its children's matmul
+          Tensor z_t = c_.group_z(g).select(0, t);
+          at::mm_out(z_t, masked_rows.select(0, t).select(0, j), blocks[g]);
+        }
+      }
+      output(t);
+    }
+  }
+
+ private:
+  Cell& c_;
+
+  void allocate(const Tensor& x_proj) {
+    const auto opt = x_proj.options();
+    const int64_t T_ = c_.steps, N = c_.n(), B = c_.batch, d = c_.d;
+    bool any_residual = false;
+    for (bool r : c_.plan.residual) any_residual = any_residual || r;
+    Tensor states = at::empty({T_, N + 1, B, d}, opt);
+    c_.saved = {states, c_.mask.defined() ? at::empty_like(states) : states,
+                any_residual ? at::empty({T_, N, B, d}, opt) : nothing(states),
+                at::empty({T_ + 1, B, d}, opt), at::empty({T_, B, 2 * d}, opt)};
+    for (const std::vector<int64_t>& kids : c_.plan.group_children)
+      c_.saved.push_back(at::empty({T_, B, 2 * d * static_cast<int64_t>(kids.size())}, opt));
+  }
+
+  // ``[c₀ | 2g₀]`` in ``init`` turned into ``[σ(c₀) | tanh(g₀)]``; s₀ = h + σ(c₀)(tanh(g₀) − h).
+  void init_node(int64_t t) {
+    const int64_t d = c_.d;
+    T* z = Cell::at_step<T>(c_.saved[kInit], t);
+    const T* h = Cell::at_step<T>(c_.saved[kHs], t);
+    T* s0 = c_.state<T>(kStates, t, 0);
+    T* masked = c_.state<T>(kMasked, t, 0);
+    const T* mask = c_.mask.defined() ? c_.mask.data_ptr<T>() : nullptr;
+    over_rows(c_.batch, d, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        T* gate = z + b * 2 * d;
+        T* value = gate + d;
+        const T* hb = h + b * d;
+        T* s = s0 + b * d;
+        for (int64_t u = 0; u < d; ++u) {
+          gate[u] = sigmoid(gate[u]);
+          value[u] = column_value<kTanh>(value[u]);
+          s[u] = hb[u] + gate[u] * (value[u] - hb[u]);
+        }
+        if (mask != nullptr)
+          for (int64_t u = 0; u < d; ++u) masked[b * d + u] = s[u] * mask[b * d + u];
+      }
+    });
+  }
+
+  // Node ``i``: its columns ``[c | g]`` turned into ``[σ(c) | f(g)]``, ``y = s_p + σ(c)(f − s_p)``,
+  // and ``s = y``, or ``base + γ ⊙ y`` for a residual node; then its masked copy.
+  void node(int64_t t, int64_t i, const std::vector<Tensor>& gammas) {
+    const Slot slot = c_.slots[i];
+    const int64_t d = c_.d, width = 2 * d * slot.k;
+    T* z = Cell::at_step<T>(c_.group_z(slot.group), t);
+    T* gates = z + slot.column * d;
+    T* values = z + (slot.k + slot.column) * d;
+    const T* parent = c_.state<T>(kStates, t, c_.plan.parents[i]);
+    T* state = c_.state<T>(kStates, t, i + 1);
+    const bool residual = c_.plan.residual[i];
+    T* y = residual ? c_.saved[kYs].data_ptr<T>() + (t * c_.n() + i) * c_.batch * d : state;
+    with_activation(c_.plan.acts[i], [&](auto act) {
+      over_rows(c_.batch, d, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          T* gate = gates + b * width;
+          T* value = values + b * width;
+          const T* p = parent + b * d;
+          T* yb = y + b * d;
+          for (int64_t u = 0; u < d; ++u) {
+            gate[u] = sigmoid(gate[u]);
+            value[u] = column_value<decltype(act)::value>(value[u]);
+            yb[u] = p[u] + gate[u] * (value[u] - p[u]);
+          }
+        }
+      });
+    });
+    if (residual) {
+      base_of(c_, t, i, state);
+      const T* gm = gammas[c_.gamma_of_node[i]].data_ptr<T>();
+      for (int64_t b = 0; b < c_.batch; ++b)
+        for (int64_t u = 0; u < d; ++u) state[b * d + u] += gm[u] * y[b * d + u];
+    }
+    if (c_.mask.defined()) {
+      const T* mask = c_.mask.data_ptr<T>();
+      T* masked = c_.state<T>(kMasked, t, i + 1);
+      for (int64_t j = 0; j < c_.batch * d; ++j) masked[j] = state[j] * mask[j];
+    }
+  }
+
+  // h_{t+1} = squash(base(s_1..s_N)).
+  void output(int64_t t) {
+    T* h = Cell::at_step<T>(c_.saved[kHs], t + 1);
+    base_of(c_, t, c_.n(), h);
+    if (c_.plan.squash_tanh)
+      for (int64_t j = 0; j < c_.batch * c_.d; ++j) h[j] = tanh_value(h[j]);
+  }
+};
+
+template <typename T>
+class Backward {
+ public:
+  explicit Backward(const Cell& cell) : c_(cell) {}
+
+  // Gradients: x_proj, h0, w_h, then per block, then per residual node its γ (empty: dead).
+  std::vector<Tensor> run(const Tensor& grad_out, const Tensor& w_h,
+                          const std::vector<Tensor>& blocks, const std::vector<Tensor>& gammas) {
+    const int64_t T_ = c_.steps, N = c_.n(), B = c_.batch, d = c_.d, size = B * d;
+    const auto opt = grad_out.options();
+    Tensor d_init = at::empty({T_, B, 2 * d}, opt);
+    Tensor carry = at::zeros({B, d}, opt);  // d h_t from step t + 1
+    d_states_ = at::empty({N + 1, B, d}, opt);
+    scratch_ = at::empty({B, d}, opt);
+    std::vector<Tensor> d_z;
+    for (size_t g = 0; g < blocks.size(); ++g) d_z.push_back(at::empty_like(c_.group_z(g)));
+    d_gammas_.assign(gammas.size(), std::vector<double>(d, 0.0));
+    const T share = c_.plan.output_mean ? T(1) / T(N) : T(1);
+    for (int64_t t = T_ - 1; t >= 0; --t) {
+      T* rows = d_states_.data_ptr<T>();
+      const T* g = Cell::at_step<T>(grad_out, t);
+      const T* cp = carry.data_ptr<T>();
+      const T* h = Cell::at_step<T>(c_.saved[kHs], t + 1);
+      T* dh = scratch_.data_ptr<T>();
+      for (int64_t j = 0; j < size; ++j) {
+        dh[j] = g[j] + cp[j];
+        if (c_.plan.squash_tanh) dh[j] *= T(1) - h[j] * h[j];
+      }
+      std::fill(rows, rows + (N + 1) * size, T(0));
+      for (int64_t k = c_.plan.output_mean ? 1 : N; k <= N; ++k)
+        for (int64_t j = 0; j < size; ++j) rows[k * size + j] = dh[j] * share;
+      for (int64_t j = N; j >= 0; --j) {
+        const int64_t grp = c_.group_of_state[j];
+        if (grp >= 0) {  // all children of state j are done: d(m ⊙ s_j)
+          Tensor dz_t = d_z[grp].select(0, t);
+          for (int64_t i : c_.plan.group_children[grp]) child(t, i, dz_t);
+          parent_matmul(j, dz_t, blocks[grp]);
+        }
+        if (j == 0) break;
+        const int64_t i = j - 1;
+        if (c_.plan.live[i] && c_.plan.residual[i]) residual(t, i, gammas);
+      }
+      init_node(t, d_init.select(0, t), carry, w_h);
+    }
+    Tensor h_in = c_.saved[kHs].narrow(0, 0, T_);
+    if (c_.mask.defined()) h_in = h_in * c_.mask;
+    std::vector<Tensor> grads = {
+        d_init, carry, at::mm(h_in.reshape({T_ * B, d}).t(), d_init.view({T_ * B, 2 * d}))};
+    const Tensor& masked = c_.saved[kMasked];
+    for (size_t grp = 0; grp < blocks.size(); ++grp) {
+      Tensor inputs = masked.select(1, c_.plan.group_parents[grp]).reshape({T_ * B, d});
+      grads.push_back(at::mm(inputs.t(), d_z[grp].view({T_ * B, -1})));
+    }
+    for (int64_t i = 0; i < N; ++i) {
+      if (!c_.plan.residual[i]) continue;
+      if (!c_.plan.live[i]) {
+        grads.push_back(nothing(grad_out));
+        continue;
+      }
+      Tensor dg = at::empty({d}, opt);
+      const std::vector<double>& total = d_gammas_[c_.gamma_of_node[i]];
+      for (int64_t u = 0; u < d; ++u) dg.data_ptr<T>()[u] = static_cast<T>(total[u]);
+      grads.push_back(dg);
+    }
+    return grads;
+  }
+
+ private:
+  const Cell& c_;
+  Tensor d_states_, scratch_;
+  std::vector<std::vector<double>> d_gammas_;  // per residual node, Σ_t,b ds ⊙ y
+
+  // Node ``i``'s ``[dc | dg]`` columns at step ``t`` from its final ``d s``:
+  // ``(f − s_p) σ(1 − σ) ds`` and ``σ f' ds``; and its parent's share ``(1 − σ) ds``.
+  void child(int64_t t, int64_t i, Tensor& dz_t) {
+    const Slot slot = c_.slots[i];
+    const int64_t B = c_.batch, d = c_.d, width = 2 * d * slot.k;
+    const int64_t p = c_.plan.parents[i];
+    const T* z = Cell::at_step<T>(c_.group_z(slot.group), t);
+    const T* gates = z + slot.column * d;
+    const T* values = z + (slot.k + slot.column) * d;
+    T* dz = dz_t.data_ptr<T>();
+    T* d_gates = dz + slot.column * d;
+    T* d_values = dz + (slot.k + slot.column) * d;
+    const T* parent = c_.state<T>(kStates, t, p);
+    T* rows = d_states_.data_ptr<T>();
+    const T* ds = rows + (i + 1) * B * d;
+    T* d_parent = rows + p * B * d;
+    with_activation(c_.plan.acts[i], [&](auto act) {
+      over_rows(B, d, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const T* gate = gates + b * width;
+          const T* value = values + b * width;
+          T* dgate = d_gates + b * width;
+          T* dvalue = d_values + b * width;
+          const T* sp = parent + b * d;
+          const T* dsb = ds + b * d;
+          T* dp = d_parent + b * d;
+          for (int64_t u = 0; u < d; ++u) {
+            const T c = gate[u], f = value[u], dy = dsb[u];
+            dgate[u] = dy * (f - sp[u]) * c * (T(1) - c);
+            dvalue[u] = dy * c * column_slope<decltype(act)::value>(f);
+            dp[u] += dy * (T(1) - c);
+          }
+        }
+      });
+    });
+  }
+
+  // d s_j += (dz W^T) ⊙ m: the children's matmul's share of their parent state.
+  void parent_matmul(int64_t j, const Tensor& dz_t, const Tensor& block) {
+    Tensor d_state = d_states_.select(0, j);
+    if (!c_.mask.defined()) {
+      d_state.addmm_(dz_t, block.t());
+    } else {
+      d_state.addcmul_(at::mm(dz_t, block.t()), c_.mask);
+    }
+  }
+
+  // A residual node's final ``d s_i``: ``γ``'s share, the base's (``output_rule_backward``),
+  // then ``γ ⊙ d s_i`` left in its row for the op.
+  void residual(int64_t t, int64_t i, const std::vector<Tensor>& gammas) {
+    const int64_t B = c_.batch, d = c_.d, size = B * d;
+    T* rows = d_states_.data_ptr<T>();
+    T* ds = rows + (i + 1) * size;
+    const T* y = c_.saved[kYs].data_ptr<T>() + (t * c_.n() + i) * size;
+    const T* gm = gammas[c_.gamma_of_node[i]].data_ptr<T>();
+    std::vector<double>& dg = d_gammas_[c_.gamma_of_node[i]];
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t u = 0; u < d; ++u) dg[u] += static_cast<double>(ds[b * d + u] * y[b * d + u]);
+    if (c_.plan.output_mean) {
+      const T inv = T(1) / T(i);
+      for (int64_t k = 1; k <= i; ++k)
+        for (int64_t j = 0; j < size; ++j) rows[k * size + j] += ds[j] * inv;
+    } else {
+      for (int64_t j = 0; j < size; ++j) rows[i * size + j] += ds[j];
+    }
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t u = 0; u < d; ++u) ds[b * d + u] *= gm[u];
+  }
+
+  // The init node: ``[dc₀ | dg₀]`` into ``d_init_t``, then ``carry`` = d h_{t−1} (before the
+  // output's gradient of step t − 1, which the next step adds).
+  void init_node(int64_t t, Tensor d_init_t, Tensor& carry, const Tensor& w_h) {
+    const int64_t B = c_.batch, d = c_.d;
+    const T* ds = d_states_.data_ptr<T>();
+    const T* z = Cell::at_step<T>(c_.saved[kInit], t);
+    const T* h = Cell::at_step<T>(c_.saved[kHs], t);
+    T* dz = d_init_t.data_ptr<T>();
+    T* cp = carry.data_ptr<T>();
+    over_rows(B, d, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t u = 0; u < d; ++u) {
+          const int64_t j = b * d + u;
+          const T c0 = z[b * 2 * d + u], f0 = z[b * 2 * d + d + u], dy = ds[j];
+          dz[b * 2 * d + u] = dy * (f0 - h[j]) * c0 * (T(1) - c0);
+          dz[b * 2 * d + d + u] = dy * c0 * column_slope<kTanh>(f0);
+          cp[j] = dy * (T(1) - c0);
+        }
+    });
+    if (!c_.mask.defined()) {
+      carry.addmm_(d_init_t, w_h.t());
+    } else {
+      carry.addcmul_(at::mm(d_init_t, w_h.t()), c_.mask);
+    }
+  }
+};
+
+// Returns the output ``(T, B, d)``, then the buffers ``backward`` takes back (``Saved``).
+inline std::vector<Tensor> forward(const Plan& plan, const Tensor& x_proj, const Tensor& h0,
+                                   const Tensor& w_h, const OptTensor& mask_h,
+                                   const std::vector<Tensor>& blocks,
+                                   const std::vector<Tensor>& gammas) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // our own buffers only
+  const Tensor xp = x_proj.contiguous();
+  Cell cell(plan, xp, mask_h);
+  AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "darts_cell_forward", [&] {
+    Forward<scalar_t>(cell).run(xp, h0, w_h.contiguous(), contiguous(blocks), contiguous(gammas));
+  });
+  std::vector<Tensor> result = {cell.saved[kHs].narrow(0, 1, cell.steps).clone()};
+  result.insert(result.end(), cell.saved.begin(), cell.saved.end());
+  return result;
+}
+
+inline std::vector<Tensor> backward(const Plan& plan, const Tensor& grad_out,
+                                    const std::vector<Tensor>& saved, const Tensor& w_h,
+                                    const OptTensor& mask_h, const std::vector<Tensor>& blocks,
+                                    const std::vector<Tensor>& gammas) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // our own buffers only
+  const Tensor grad = grad_out.contiguous();
+  Cell cell(plan, saved[kInit], mask_h);
+  cell.saved = saved;
+  std::vector<Tensor> grads;
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "darts_cell_backward", [&] {
+    grads = Backward<scalar_t>(cell).run(grad, w_h.contiguous(), contiguous(blocks),
+                                         contiguous(gammas));
+  });
+  return grads;
+}
+
+inline void bind(pybind11::module_ m) {
+  pybind11::class_<Plan>(m, "Plan")
+      .def(pybind11::init<std::vector<int64_t>, std::vector<int64_t>, std::vector<bool>,
+                          std::vector<bool>, std::vector<int64_t>,
+                          std::vector<std::vector<int64_t>>, bool, bool>());
+  m.def("forward", &forward);
+  m.def("backward", &backward);
+}
+
+}  // namespace morphnas_native::darts_cell
