@@ -50,7 +50,7 @@ IMPL_KEYS = {"seconds", "threads", "peak_mb", "gflops", "fraction_of_matmul"}
 SUPERNET_KEYS = {"config", "gflop", "max_abs_diff", "agreement_steps", "ours", "reference"}
 # On CPU with the native kernel built (as here, where it must build): the Python kernel too.
 PYTHON_KERNEL_KEYS = {"ours_python", "speedup_python_kernel"}
-PYTHON_CELLS = {"darts_python"}  # ... and the derived DARTS cell on its Python kernel
+PYTHON_CELLS = {"darts_python", "two_input_python"}  # ... and the derived cells on theirs
 SEARCH_KEYS = {"seconds_per_epoch", "batches_per_epoch", "threads", "config"}
 THREADS_KEYS = {
     "config", "candidates", "points", "crossover_product", "multithread_from", "policy_mismatches",
@@ -213,10 +213,9 @@ def test_quick_run_has_every_documented_key(quick_result):
         for impl in ("ours", "ours_python", "reference"):
             _check_impl(entry[impl])
     kernels = r["machine"]["native"]
-    assert set(kernels) == {"darts_supernet", "darts_cell"}
-    assert (
-        _positive(kernels["darts_supernet"]) and kernels["darts_cell"] == kernels["darts_supernet"]
-    )
+    assert set(kernels) == {"darts_supernet", "darts_cell", "two_input_cell"}
+    assert _positive(kernels["darts_supernet"])
+    assert kernels["darts_cell"] == kernels["two_input_cell"] == kernels["darts_supernet"]
     entry = r["supernet_two_input"]["small"]
     assert set(entry) == {"config", "max_abs_diff", "kernel", "eager", "speedup"}
     assert 0 <= entry["max_abs_diff"] <= 1e-4 and _positive(entry["speedup"])

@@ -6,9 +6,9 @@ Both paths against the slow references written from the formulas are in tests/te
 the refused double backward is in tests/test_fused.py. Here: each kernel against its eager loop
 on what those references do not cover (grown residual nodes, every output rule and squash,
 shared parents in every arrangement, every op reading ``u``, ``h`` and nodes), finite
-differences, the DARTS kernel's weight layout, and which path runs when. The derived DARTS cell
-has two kernels, the C++ one (``morphnas.native``, which must build here) and the Python one it
-falls back to; each test runs on both.
+differences, the DARTS kernel's weight layout, and which path runs when. Each derived cell has
+two kernels, the C++ one (``morphnas.native``, which must build here) and the Python one it falls
+back to; each test runs on both.
 """
 
 from __future__ import annotations
@@ -125,21 +125,17 @@ SPACES = ["darts_rnn", "two_input"]
 GROWN = {"darts_rnn": "darts_grown_mean", "two_input": "two_input_grown_mean"}
 
 
-KERNELS = ("native", "python")  # the derived DARTS cell's; the two-input cell has one, Python
+KERNELS = ("native", "python")
 
 
 def cases(names: list[str]) -> list[tuple[str, str]]:
-    """``(genotype or space, kernel)`` pairs: both kernels for a DARTS cell."""
-    return [
-        (name, kernel)
-        for name in names
-        for kernel in (KERNELS if name.startswith("darts") else ("python",))
-    ]
+    """``(genotype or space, kernel)`` pairs."""
+    return [(name, kernel) for name in names for kernel in KERNELS]
 
 
 @contextlib.contextmanager
 def on(kernel: str):
-    """Inside, the derived DARTS cell runs on ``kernel``."""
+    """Inside, the derived cells run on ``kernel``."""
     if kernel == "native":
         assert native.darts_cell() is not None, "the native kernels did not build"
         yield

@@ -1,5 +1,5 @@
-"""The native (C++) kernels, the DARTS supernet's and the derived DARTS cell's, beyond the
-float64 checks of ``test_fused`` and ``test_fused_cells``: float32, where they compute ``exp`` by
+"""The native (C++) kernels, the DARTS supernet's and the derived cells', beyond the float64
+checks of ``test_fused`` and ``test_fused_cells``: float32, where they compute ``exp`` by
 their own vectorised polynomial; rows split across threads; the build, the fallback to the Python
 kernels when it fails, and ``MORPHNAS_NATIVE`` (the CLI's one-line error for a bad value:
 ``test_runtime``)."""
@@ -67,6 +67,33 @@ def float32_derived_cell(training: bool, batch_size: int = D) -> torch.nn.Module
     return cell.train(training)
 
 
+GROWN_TWO_INPUT = Genotype(  # every op, both add activations that exp, u and h read, residuals
+    "two_input",
+    (
+        Node("add_sigmoid", (0, -1)),
+        Node("add_tanh", (0, -1)),
+        Node("hadamard", (1, 2)),
+        Node("highway", (3, 0)),
+        Node("add_relu", (4, 1), residual=True),
+        Node("add", (5, -1), residual=True),
+    ),
+    output="mean",
+    output_activation="tanh",
+)
+
+
+def float32_two_input_cell(training: bool, hidden: int = D) -> torch.nn.Module:
+    """A derived two-input cell as above: every op, residual nodes, dropout, large weights."""
+    torch.manual_seed(0)
+    cell = cells.build(GROWN_TWO_INPUT, N_IN, hidden, dropout_x=0.2, dropout_h=0.3)
+    with torch.no_grad():
+        for g in cell.gammas.values():
+            g.normal_()
+        for w in cell.node_weights:
+            w.mul_(4.0)
+    return cell.train(training)
+
+
 def native_path(out: torch.Tensor) -> bool:
     """Whether the sequence kernel behind ``out`` ran natively."""
     return out.grad_fn.native is not None
@@ -80,7 +107,11 @@ def outputs_and_grads(cell: torch.nn.Module, x: torch.Tensor) -> list[torch.Tens
     return [out.detach()] + [g for g in grads if g is not None]
 
 
-CELLS = {"supernet": float32_cell, "derived": float32_derived_cell}
+CELLS = {
+    "supernet": float32_cell,
+    "derived": float32_derived_cell,
+    "two_input": float32_two_input_cell,
+}
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -128,7 +159,13 @@ def split_supernet() -> torch.nn.Module:
 
 
 @pytest.mark.parametrize(
-    "make", [split_supernet, lambda: float32_derived_cell(True, 16).double()], ids=list(CELLS)
+    "make",
+    [
+        split_supernet,
+        lambda: float32_derived_cell(True, 16).double(),
+        lambda: float32_two_input_cell(True, 16).double(),
+    ],
+    ids=list(CELLS),
 )
 def test_rows_split_across_threads_give_the_one_thread_result(make):
     """Batch rows split across two threads (the supernet's reductions merged per chunk) against
@@ -162,16 +199,20 @@ def test_a_failed_build_warns_once_and_the_python_kernel_runs(monkeypatch):
     with pytest.warns(RuntimeWarning, match="error: boom") as warned:
         assert native.darts_supernet() is None
         assert native.darts_cell() is None
+        assert native.two_input_cell() is None
         assert native.darts_supernet() is None
     assert len(warned) == 1 and len(calls) == 1
-    for cell in (float32_cell(training=True), float32_derived_cell(training=True)):
+    for make in CELLS.values():
+        cell = make(True)
         out, _ = cell(torch.randn(STEPS, BATCH, N_IN))
         assert not native_path(out)
         out.sum().backward()
         assert all(p.grad is not None for p in cell.node_weights)
 
 
-@pytest.mark.parametrize("kernel", [native.darts_supernet, native.darts_cell])
+@pytest.mark.parametrize(
+    "kernel", [native.darts_supernet, native.darts_cell, native.two_input_cell]
+)
 def test_off_and_suspended_mean_the_python_kernel(monkeypatch, kernel):
     monkeypatch.setenv(native.NATIVE_ENV, "off")
     assert kernel() is None

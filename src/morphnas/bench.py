@@ -650,7 +650,7 @@ class CudaGraphed(nn.Module):
 
 EAGER_SUFFIX = "_eager"  # ``cell.<config>.<model>_eager``: the same cell on its eager loop
 PYTHON_SUFFIX = "_python"  # ``cell.<config>.<model>_python``: on its Python kernel, not native
-NATIVE_CELLS = {"darts": native.darts_cell}  # the derived cells with a native kernel
+NATIVE_CELLS = {"darts": native.darts_cell, "two_input": native.two_input_cell}
 CELL_MODELS: dict[str, Genotype | str] = {
     "darts": DARTS_V2,
     "darts" + EAGER_SUFFIX: DARTS_V2,  # the kernels' gains, measured side by side
@@ -916,7 +916,11 @@ def native_kernels(device: torch.device) -> dict[str, float | None]:
     """Per native kernel, the seconds its library took to build (or load from the cache) in this
     run, or ``None`` where it does not run: off, not built here, or not on this device (CPU
     only). The kernels share one library, so those that run report the same seconds."""
-    kernels = {"darts_supernet": native.darts_supernet, "darts_cell": native.darts_cell}
+    kernels = {
+        "darts_supernet": native.darts_supernet,
+        "darts_cell": native.darts_cell,
+        "two_input_cell": native.two_input_cell,
+    }
     return {
         name: native.build_seconds if device.type == "cpu" and kernel() is not None else None
         for name, kernel in kernels.items()

@@ -32,6 +32,7 @@ transforms.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -39,6 +40,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
+from morphnas import native
 from morphnas.genotype import Genotype
 from morphnas.ops import ADD_OPS
 from morphnas.spaces.fused_ops import (
@@ -188,25 +190,15 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
         ]
         live = [node for node in nodes if node is not None]
         shared, block = _bind_buffers(live, u)
-        shared_t = shared.unbind(0) if shared is not None else None
-        minus_one = u.new_full((), -1.0)
         seq = _slot_sequences(u, states, hs, mask_h)
-        rows, h_t = per_step_rows(seq), hs.unbind(0)
-        output = SequenceOutput(plan.squash, plan.output, states[:, 2:], hs)
-        h_t[0].copy_(h0)
-        for t in range(steps):
-            row = rows[t]
-            if mask_h is not None:  # (without a mask, slot H is h itself)
-                torch.mul(h_t[t], mask_h, out=row[H])
-            if shared_t is not None:
-                shared_t[t].addmm_(row[H], block)
-            for node in live:
-                out = row[node.slot] if node.y_t is None else node.y_t[t]
-                _op_forward(node, row, t, out, minus_one)
-                if node.gamma is not None:
-                    base = output_rule(states[t, 1:], node.slot - 2, plan.output)
-                    torch.addcmul(base, node.gamma, out, out=row[node.slot])
-            output.step(t, minus_one)
+        hs[0].copy_(h0)
+        ctx.native = native.two_input_cell() if native.handles(u) else None  # type: ignore[attr-defined]
+        if ctx.native is not None:  # type: ignore[attr-defined]
+            ctx.native_plan = _native_plan(plan)  # type: ignore[attr-defined]
+            ctx.buffers = _native_buffers(nodes, u, states, hs, mask_h, shared, block)  # type: ignore[attr-defined]
+            ctx.native.forward(ctx.native_plan, ctx.buffers)  # type: ignore[attr-defined]
+        else:
+            _forward_loop(plan, live, states, seq, hs, mask_h, shared, block)
         ctx.plan, ctx.nodes, ctx.shared = plan, nodes, shared  # type: ignore[attr-defined]
         ctx.seq, ctx.hs, ctx.factors = seq, hs, False  # type: ignore[attr-defined]
         # The nodes hold the weights and γ; saving them too makes autograd refuse a backward
@@ -221,21 +213,10 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
         nodes: list[_Node | None] = ctx.nodes  # type: ignore[attr-defined]
         shared: Tensor | None = ctx.shared  # type: ignore[attr-defined]
         seq: list[Tensor] = ctx.seq  # type: ignore[attr-defined]
-        hs: Tensor = ctx.hs  # type: ignore[attr-defined]
+        # (reading the saved tensors is autograd's check that none changed in place since)
         mask_h, block = ctx.saved_tensors[:2]  # type: ignore[attr-defined]
-        n, (steps, batch, d) = len(seq) - 2, seq[U].shape
-        live = [(i, node) for i, node in enumerate(nodes) if node is not None]
-        if not ctx.factors:  # type: ignore[attr-defined]  # the first backward
-            for _, node in live:
-                if node.op == "highway":  # in place: later backwards (retain_graph) reuse them
-                    node.keep_t = highway_factors(
-                        node.z, seq[node.a], [("tanh", d, 2 * d)], 1
-                    ).unbind(0)
-                    node.factors_t = pairs(node.z, 1)
-            ctx.factors = True  # type: ignore[attr-defined]
-        new = grad_out.new_empty
-        d_u = new(steps, batch, d)
-        d_u_t = d_u.unbind(0)
+        steps, batch, d = seq[U].shape
+        d_u = grad_out.new_empty(steps, batch, d)
         d_shared = torch.empty_like(shared) if shared is not None else None
         dz = [  # d pre of add_*, d [c | g] of highway (views into d_shared for nodes on h)
             None
@@ -245,53 +226,21 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
             else torch.empty_like(node.z)
             for node in nodes
         ]
-        dz_t = [buf.unbind(0) if buf is not None else None for buf in dz]
-        d_pairs_t = [
-            pairs(buf, 1) if buf is not None and node.op == "highway" else None  # type: ignore[union-attr]
-            for node, buf in zip(nodes, dz, strict=True)
-        ]
         d_res = [
             torch.empty_like(node.y) if node and node.y is not None else None for node in nodes
         ]
-        d_states = new(n + 2, batch, d)
-        d_rows, d_rows_b = d_states.unbind(0), d_states.view(n + 2, batch, 1, 1, d).unbind(0)
-        d_node_states = d_states[1:]  # index 0 is m ⊙ h, the nodes from 1: the output rule's view
-        rows, h_t, out_t = per_step_rows(seq), hs.unbind(0), grad_out.unbind(0)
-        recurrent_t = [
-            [(slot, w.T) for slot, w in node.recurrent] if node else [] for node in nodes
-        ]
-        d_out, d_y = new(batch, d), new(batch, d)
-        d_y_b = d_y.view(batch, 1, 1, d)
-        d_shared_t = d_shared.unbind(0) if d_shared is not None else None
-        block_t = block.T if block is not None else None
-        d_out.copy_(out_t[steps - 1])  # d h_t: the output's gradient, plus h_{t+1}'s share
-        for t in reversed(range(steps)):
-            row = rows[t]
-            activation_backward_into(plan.squash, d_out, h_t[t + 1], h_t[t + 1], d_out)
-            d_states.zero_()
-            output_rule_backward(d_node_states, n, plan.output, d_out)
-            for i, node in reversed(live):
-                d_s, d_s_b = d_rows[node.slot], d_rows_b[node.slot]
-                if node.gamma is not None:
-                    d_res[i][t].copy_(d_s)  # type: ignore[index]
-                    output_rule_backward(d_node_states, i, plan.output, d_s)
-                    d_s, d_s_b = torch.mul(d_s, node.gamma, out=d_y), d_y_b
-                if node.op == "highway":  # [dc | dg] in one op, from the factors
-                    torch.mul(d_s_b, node.factors_t[t], out=d_pairs_t[i][t])  # type: ignore[index]
-                    d_rows[node.a].addcmul_(d_s, node.keep_t[t])
-                else:
-                    _op_backward(node, row, d_rows, d_s, t, dz_t[i])
-                for slot, w_t in recurrent_t[i]:
-                    d_rows[slot].addmm_(dz_t[i][t], w_t)  # type: ignore[index]
-            if d_shared_t is not None:
-                d_rows[H].addmm_(d_shared_t[t], block_t)
-            d_u_t[t].copy_(d_rows[U])
-            if t > 0:  # d h_{t−1}, added straight to the output's gradient there
-                if mask_h is None:
-                    torch.add(out_t[t - 1], d_rows[H], out=d_out)
-                else:
-                    torch.addcmul(out_t[t - 1], d_rows[H], mask_h, out=d_out)
-        d_h0 = d_rows[H].clone() if mask_h is None else d_rows[H] * mask_h
+        if ctx.native is not None:  # type: ignore[attr-defined]
+            d_h0 = ctx.native.backward(  # type: ignore[attr-defined]
+                ctx.native_plan,
+                ctx.buffers,
+                grad_out,
+                d_u,
+                dz,
+                d_res,
+                d_shared,  # type: ignore[attr-defined]
+            )
+        else:
+            d_h0 = _backward_loop(ctx, grad_out, mask_h, block, d_u, dz, d_res, d_shared)
         flat = steps * batch
         d_block = (
             seq[H].reshape(flat, d).T @ d_shared.view(flat, -1) if d_shared is not None else None
@@ -317,6 +266,109 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
             if residual
         ]
         return None, d_u, d_h0, None, *d_weights, *d_gammas
+
+
+def _forward_loop(
+    plan: TwoInputCellPlan,
+    live: list[_Node],
+    states: Tensor,
+    seq: list[Tensor],
+    hs: Tensor,
+    mask_h: Tensor | None,
+    shared: Tensor | None,
+    block: Tensor | None,
+) -> None:
+    """The forward's time loop on the Python kernel: the states and ``hs`` after ``hs[0]``."""
+    steps = hs.shape[0] - 1
+    shared_t = shared.unbind(0) if shared is not None else None
+    minus_one = hs.new_full((), -1.0)
+    rows, h_t = per_step_rows(seq), hs.unbind(0)
+    output = SequenceOutput(plan.squash, plan.output, states[:, 2:], hs)
+    for t in range(steps):
+        row = rows[t]
+        if mask_h is not None:  # (without a mask, slot H is h itself)
+            torch.mul(h_t[t], mask_h, out=row[H])
+        if shared_t is not None:
+            shared_t[t].addmm_(row[H], block)
+        for node in live:
+            out = row[node.slot] if node.y_t is None else node.y_t[t]
+            _op_forward(node, row, t, out, minus_one)
+            if node.gamma is not None:
+                base = output_rule(states[t, 1:], node.slot - 2, plan.output)
+                torch.addcmul(base, node.gamma, out, out=row[node.slot])
+        output.step(t, minus_one)
+
+
+def _backward_loop(
+    ctx: FunctionCtx,
+    grad_out: Tensor,
+    mask_h: Tensor | None,
+    block: Tensor | None,
+    d_u: Tensor,
+    dz: list[Tensor | None],
+    d_res: list[Tensor | None],
+    d_shared: Tensor | None,
+) -> Tensor:
+    """The backward's time loop on the Python kernel: fills ``d_u`` (but for the hoisted
+    matmuls' share), ``dz`` and ``d_res``; returns d h0."""
+    plan: TwoInputCellPlan = ctx.plan  # type: ignore[attr-defined]
+    nodes: list[_Node | None] = ctx.nodes  # type: ignore[attr-defined]
+    seq: list[Tensor] = ctx.seq  # type: ignore[attr-defined]
+    hs: Tensor = ctx.hs  # type: ignore[attr-defined]
+    n, (steps, batch, d) = len(seq) - 2, seq[U].shape
+    live = [(i, node) for i, node in enumerate(nodes) if node is not None]
+    new = grad_out.new_empty
+    d_u_t = d_u.unbind(0)
+    if not ctx.factors:  # type: ignore[attr-defined]  # the first backward
+        for _, node in live:
+            if node.op == "highway":  # in place: later backwards (retain_graph) reuse them
+                node.keep_t = highway_factors(node.z, seq[node.a], [("tanh", d, 2 * d)], 1).unbind(
+                    0
+                )
+                node.factors_t = pairs(node.z, 1)
+        ctx.factors = True  # type: ignore[attr-defined]
+    dz_t = [buf.unbind(0) if buf is not None else None for buf in dz]
+    d_pairs_t = [
+        pairs(buf, 1) if buf is not None and node.op == "highway" else None  # type: ignore[union-attr]
+        for node, buf in zip(nodes, dz, strict=True)
+    ]
+    d_states = new(n + 2, batch, d)
+    d_rows, d_rows_b = d_states.unbind(0), d_states.view(n + 2, batch, 1, 1, d).unbind(0)
+    d_node_states = d_states[1:]  # index 0 is m ⊙ h, the nodes from 1: the output rule's view
+    rows, h_t, out_t = per_step_rows(seq), hs.unbind(0), grad_out.unbind(0)
+    recurrent_t = [[(slot, w.T) for slot, w in node.recurrent] if node else [] for node in nodes]
+    d_out, d_y = new(batch, d), new(batch, d)
+    d_y_b = d_y.view(batch, 1, 1, d)
+    d_shared_t = d_shared.unbind(0) if d_shared is not None else None
+    block_t = block.T if block is not None else None
+    d_out.copy_(out_t[steps - 1])  # d h_t: the output's gradient, plus h_{t+1}'s share
+    for t in reversed(range(steps)):
+        row = rows[t]
+        activation_backward_into(plan.squash, d_out, h_t[t + 1], h_t[t + 1], d_out)
+        d_states.zero_()
+        output_rule_backward(d_node_states, n, plan.output, d_out)
+        for i, node in reversed(live):
+            d_s, d_s_b = d_rows[node.slot], d_rows_b[node.slot]
+            if node.gamma is not None:
+                d_res[i][t].copy_(d_s)  # type: ignore[index]
+                output_rule_backward(d_node_states, i, plan.output, d_s)
+                d_s, d_s_b = torch.mul(d_s, node.gamma, out=d_y), d_y_b
+            if node.op == "highway":  # [dc | dg] in one op, from the factors
+                torch.mul(d_s_b, node.factors_t[t], out=d_pairs_t[i][t])  # type: ignore[index]
+                d_rows[node.a].addcmul_(d_s, node.keep_t[t])
+            else:
+                _op_backward(node, row, d_rows, d_s, t, dz_t[i])
+            for slot, w_t in recurrent_t[i]:
+                d_rows[slot].addmm_(dz_t[i][t], w_t)  # type: ignore[index]
+        if d_shared_t is not None:
+            d_rows[H].addmm_(d_shared_t[t], block_t)
+        d_u_t[t].copy_(d_rows[U])
+        if t > 0:  # d h_{t−1}, added straight to the output's gradient there
+            if mask_h is None:
+                torch.add(out_t[t - 1], d_rows[H], out=d_out)
+            else:
+                torch.addcmul(out_t[t - 1], d_rows[H], mask_h, out=d_out)
+    return d_rows[H].clone() if mask_h is None else d_rows[H] * mask_h
 
 
 def _slot_sequences(u: Tensor, states: Tensor, hs: Tensor, mask_h: Tensor | None) -> list[Tensor]:
@@ -378,3 +430,51 @@ def _op_backward(
         d_rows[node.b].add_(d_s)
     else:
         raise KeyError(op)
+
+
+NATIVE_OPS = {"highway": 1, "hadamard": 2, "add": 3}  # two_input_cell.h's Op; add_*: 0
+
+
+@functools.cache
+def _native_plan(plan: TwoInputCellPlan) -> object:
+    """``plan`` as the C++ kernel takes it, made once per cell (the plan is hashable)."""
+    kernel = native.two_input_cell()
+    assert kernel is not None
+    return kernel.Plan(
+        [NATIVE_OPS.get(op, 0) for op in plan.ops],
+        [native.ACTIVATION_CODES[ADD_OPS.get(op, "identity")] for op in plan.ops],
+        [a for a, _ in plan.inputs],
+        [b for _, b in plan.inputs],
+        list(plan.residual),
+        list(plan.live),
+        plan.output == "mean",
+        plan.squash == "tanh",
+    )
+
+
+def _native_buffers(
+    nodes: list[_Node | None],
+    u: Tensor,
+    states: Tensor,
+    hs: Tensor,
+    mask_h: Tensor | None,
+    shared: Tensor | None,
+    block: Tensor | None,
+) -> object:
+    """The sequence's buffers and weights as the C++ loops take them (``Buffers``): the forward
+    fills them, the backward reads them again."""
+    kernel = native.two_input_cell()
+    assert kernel is not None
+    return kernel.Buffers(
+        u.contiguous(),  # (a view's rows are read by pointer)
+        states,
+        hs,
+        None if mask_h is None else mask_h.contiguous(),
+        shared,
+        block,
+        [node.z if node is not None and node.terms else None for node in nodes],
+        [node.y if node is not None else None for node in nodes],
+        [node.gamma if node is not None else None for node in nodes],
+        [[slot for slot, _ in node.recurrent] if node else [] for node in nodes],
+        [[w for _, w in node.recurrent] if node else [] for node in nodes],
+    )

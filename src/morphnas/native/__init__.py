@@ -67,6 +67,11 @@ def handles(tensor: torch.Tensor) -> bool:
     return tensor.is_cpu and tensor.dtype in (torch.float32, torch.float64)
 
 
+def two_input_cell() -> ModuleType | None:
+    """The native loops of a derived two-input cell (``two_input_cell.h``), or ``None`` as above."""
+    return _kernel("two_input_cell")
+
+
 def _kernel(name: str) -> ModuleType | None:
     if _suspended or native_requested() == "off":
         return None

@@ -5,6 +5,7 @@
 #include "common.h"
 #include "darts_cell.h"
 #include "darts_supernet.h"
+#include "two_input_cell.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "morphnas' native kernels (loaded by morphnas.native)";
@@ -12,4 +13,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       m.def_submodule("darts_supernet", "the DARTS search cell's sequence kernel"));
   morphnas_native::darts_cell::bind(
       m.def_submodule("darts_cell", "the derived DARTS cell's sequence kernel"));
+  morphnas_native::two_input_cell::bind(
+      m.def_submodule("two_input_cell", "the derived two-input cell's time loops"));
 }
