@@ -213,13 +213,17 @@ def test_quick_run_has_every_documented_key(quick_result):
         for impl in ("ours", "ours_python", "reference"):
             _check_impl(entry[impl])
     kernels = r["machine"]["native"]
-    assert set(kernels) == {"darts_supernet", "darts_cell", "two_input_cell"}
+    assert set(kernels) == {"darts_supernet", "darts_cell", "two_input_cell", "two_input_supernet"}
     assert _positive(kernels["darts_supernet"])
-    assert kernels["darts_cell"] == kernels["two_input_cell"] == kernels["darts_supernet"]
+    assert len(set(kernels.values())) == 1  # one library
     entry = r["supernet_two_input"]["small"]
-    assert set(entry) == {"config", "max_abs_diff", "kernel", "eager", "speedup"}
+    assert set(entry) == {
+        "config", "max_abs_diff", "kernel", "kernel_python", "eager", "speedup",
+        "speedup_python_kernel",
+    }  # fmt: skip
     assert 0 <= entry["max_abs_diff"] <= 1e-4 and _positive(entry["speedup"])
-    for impl in ("kernel", "eager"):
+    assert _positive(entry["speedup_python_kernel"])
+    for impl in ("kernel", "kernel_python", "eager"):
         assert set(entry[impl]) == {"seconds", "threads", "peak_mb"}
         assert _positive(entry[impl]["seconds"]) and entry[impl]["peak_mb"] >= 0
     assert set(CELL_MODELS) == {

@@ -4,7 +4,8 @@ Its values and gradients against slow per-op references are in tests/test_spaces
 (``test_two_input_matches_slow``, both paths) and tests/test_growth_morphism.py (residual and
 fixed nodes). Here: the kernel against the eager path of the same module on what those grids do
 not cross (grown, pruned and widened cells with dropout and BatchNorm, the mixing weights'
-gradient, BN running statistics), finite differences, and which path runs when.
+gradient, BN running statistics), finite differences, and which path runs when. Every test runs
+on both kernels: the C++ loops (``morphnas.native``, which must build here) and the Python ones.
 """
 
 from __future__ import annotations
@@ -15,12 +16,23 @@ import pytest
 import torch
 from torch import Tensor
 
+from morphnas import native
 from morphnas.genotype import TWO_INPUT_OPS
 from morphnas.spaces import TwoInputSearchCell, build
 from morphnas.spaces.base import SampledMixing, Widening
 
 T, B, N_IN, D = 5, 4, 3, 5
 TOL = dict(rtol=1e-7, atol=1e-9)
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def kernel(request):
+    if request.param == "native":
+        assert native.two_input_supernet() is not None, "the native kernels did not build"
+        yield request.param
+    else:
+        with native.python_kernels():
+            yield request.param
 
 
 def make_cell(
@@ -80,6 +92,7 @@ def kernel_vs_eager(cell: TwoInputSearchCell, seed: int = 3) -> None:
         eager, x, h0, [w.clone().requires_grad_() for w in mixing], probe
     )
     assert type(out.grad_fn).__name__ == "FusedTwoInputSequenceBackward"
+    assert (out.grad_fn.native is not None) == (native.two_input_supernet() is not None)
     assert type(ref_out.grad_fn).__name__ != "FusedTwoInputSequenceBackward"
     torch.testing.assert_close(out, ref_out, **TOL)
     torch.testing.assert_close(h, ref_h, **TOL)

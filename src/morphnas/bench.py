@@ -607,9 +607,16 @@ def bench_two_input_config(cfg: SupernetConfig, ctx: Context, repeats: int) -> d
         "kernel": _sgd_workload(kernel, x, target),
         "eager": _sgd_workload(eager, x, target),
     }
+    if ctx.device.type == "cpu" and native.two_input_supernet() is not None:
+        python = PythonKernels(copy.deepcopy(kernel))
+        workloads["kernel_python"] = _sgd_workload(python, x, target)
     measured = measure(workloads, ctx.device, repeats, ctx.threads, probe=False)  # cheap steps
-    speedup = measured["eager"]["seconds"] / measured["kernel"]["seconds"]
-    return {"config": asdict(cfg), "max_abs_diff": diff, **measured, "speedup": speedup}
+    eager_seconds = measured["eager"]["seconds"]
+    result = {"config": asdict(cfg), "max_abs_diff": diff, **measured}
+    result["speedup"] = eager_seconds / measured["kernel"]["seconds"]
+    if "kernel_python" in measured:
+        result["speedup_python_kernel"] = eager_seconds / measured["kernel_python"]["seconds"]
+    return result
 
 
 class PythonKernels(nn.Module):
@@ -920,6 +927,7 @@ def native_kernels(device: torch.device) -> dict[str, float | None]:
         "darts_supernet": native.darts_supernet,
         "darts_cell": native.darts_cell,
         "two_input_cell": native.two_input_cell,
+        "two_input_supernet": native.two_input_supernet,
     }
     return {
         name: native.build_seconds if device.type == "cpu" and kernel() is not None else None
@@ -1042,7 +1050,9 @@ def _two_input_table(result: dict[str, Any]) -> Table:
     for name, entry in result["supernet_two_input"].items():
         c = entry["config"]
         label = f"{name} B{c['batch']} H{c['hidden']} T{c['bptt']} N{c['nodes']}"
-        for impl in ("kernel", "eager"):
+        speedups = {"kernel": "speedup", "kernel_python": "speedup_python_kernel"}
+        impls = [i for i in ("kernel", "kernel_python", "eager") if i in entry]
+        for impl in impls:
             e = entry[impl]
             table.add_row(
                 label if impl == "kernel" else "",
@@ -1050,7 +1060,7 @@ def _two_input_table(result: dict[str, Any]) -> Table:
                 str(e["threads"]),
                 _fmt(e["seconds"]),
                 _fmt(e["peak_mb"], 4),
-                f"{entry['speedup']:.2f}×" if impl == "kernel" else "",
+                f"{entry[speedups[impl]]:.2f}×" if impl in speedups else "",
             )
     return table
 

@@ -32,6 +32,10 @@ A node the output does not depend on (``fused_ops.live_nodes``; only under ``out
 not computed, and its parameters get no gradient, as eagerly. Differentiable once
 (``fused_ops.refuse_double_backward``); callers fall back to the eager loop under ``torch.func``
 transforms.
+
+On CPU in float32 and float64 the sequence runs on this kernel's C++ twin instead
+(``native.darts_cell``, ``native/darts_cell.h``): the same inputs and formulas, one pass over the
+rows per node and step.
 """
 
 from __future__ import annotations

@@ -28,6 +28,10 @@ A node the output does not depend on (``fused_ops.live_nodes``; only under ``out
 not computed, and its parameters get no gradient, as eagerly. Differentiable once
 (``fused_ops.refuse_double_backward``); callers fall back to the eager loop under ``torch.func``
 transforms.
+
+On CPU in float32 and float64 the two time loops run in C++ (``native.two_input_cell``,
+``native/two_input_cell.h``) on the buffers set up here; ``_forward_loop`` and ``_backward_loop``
+are the Python twins, and the fallback.
 """
 
 from __future__ import annotations

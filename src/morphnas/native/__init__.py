@@ -1,9 +1,11 @@
 """Native (C++) kernels, compiled on first use by ``torch.utils.cpp_extension`` and cached.
 
 Why: the Python sequence kernels spend about as long calling ATen as computing at search and
-retraining sizes on a CPU (docs/benchmarks.md). The C++ twins of ``spaces.fused_darts`` (the
-DARTS supernet) and ``cells.fused_darts_cell`` (a derived DARTS cell) keep the same formulas
-with one loop per node and step, built for this machine (``-O3 -march=native``).
+retraining sizes on a CPU (docs/benchmarks.md). Their C++ twins keep the same formulas with one
+loop per node and step, built for this machine (``-O3 -march=native``): whole twins of
+``spaces.fused_darts`` (the DARTS supernet) and ``cells.fused_darts_cell`` (a derived DARTS
+cell), and the time loops of ``spaces.fused_two_input`` and ``cells.fused_two_input_cell``,
+whose per-sequence work stays in Python, shared by both kernels.
 
 All kernels are one library (``kernels.cpp``, one translation unit: torch's headers, most of
 the build time, are parsed once). The first use compiles it, about 25 s, into torch's extension
@@ -70,6 +72,11 @@ def handles(tensor: torch.Tensor) -> bool:
 def two_input_cell() -> ModuleType | None:
     """The native loops of a derived two-input cell (``two_input_cell.h``), or ``None`` as above."""
     return _kernel("two_input_cell")
+
+
+def two_input_supernet() -> ModuleType | None:
+    """The native loops of the two-input search cell (``two_input_supernet.h``), or ``None``."""
+    return _kernel("two_input_supernet")
 
 
 def _kernel(name: str) -> ModuleType | None:

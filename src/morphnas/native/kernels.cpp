@@ -6,6 +6,7 @@
 #include "darts_cell.h"
 #include "darts_supernet.h"
 #include "two_input_cell.h"
+#include "two_input_supernet.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "morphnas' native kernels (loaded by morphnas.native)";
@@ -15,4 +16,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       m.def_submodule("darts_cell", "the derived DARTS cell's sequence kernel"));
   morphnas_native::two_input_cell::bind(
       m.def_submodule("two_input_cell", "the derived two-input cell's time loops"));
+  morphnas_native::two_input_supernet::bind(
+      m.def_submodule("two_input_supernet", "the two-input search cell's time loops"));
 }

@@ -263,9 +263,12 @@ class SequenceNorm:
         if bn is None:
             return
         steps, batch, d = like.shape
-        self.pre = [row.unbind(0) for row in like.new_empty(steps, states, batch, d).unbind(0)]
+        # Whole buffers (``pre_all`` etc., what the native loops take) and their per-step views.
+        self.pre_all = like.new_empty(steps, states, batch, d)
+        self.pre = [row.unbind(0) for row in self.pre_all.unbind(0)]
         if bn.training:
             stats = like.new_empty(2, steps, states, d)
+            self.mean_all, self.invstd_all = stats[0], stats[1]
             self.mean = [row.unbind(0) for row in stats[0].unbind(0)]
             self.invstd = [row.unbind(0) for row in stats[1].unbind(0)]
         else:

@@ -25,16 +25,22 @@ When ``b`` is ``u`` (node 1 under ``chain`` wiring, every node under ``input`` w
 Weight and op-weight gradients are reduced once per sequence, not once per step.
 Differentiable once, like ``FusedDartsSequence``: a backward with ``create_graph=True`` raises,
 and the space falls back to its eager loop under ``torch.func`` transforms.
+
+On CPU in float32 and float64 the two time loops run in C++ (``native.two_input_supernet``,
+``native/two_input_supernet.h``) on the buffers set up here; ``_forward_loop`` and
+``_backward_loop`` are the Python twins, and the fallback.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
+from morphnas import native
 from morphnas.ops import ADD_OPS
 from morphnas.spaces.fused_ops import (
     SequenceNorm,
@@ -124,7 +130,7 @@ class _Node:
         self.terms = new(steps, n_terms, batch, d)
         self.term_t = [row.unbind(0) for row in self.terms.unbind(0)]
         self.flat_t = self.terms.view(steps, n_terms, batch * d).unbind(0)
-        self.state_t = state.unbind(0)
+        self.state_all, self.state_t = state, state.unbind(0)
         self.normed = new(steps, batch, d) if spec.residual else state
         self.normed_t = self.normed.unbind(0)
         # The mixture's destination: BN's input, else the BN-less output itself.
@@ -167,52 +173,17 @@ class FusedTwoInputSequence(torch.autograd.Function):
         h0_states = hs[:steps] if mask_h is None else u.new_empty(steps, batch, d)
         node_states = u.new_empty(n, steps, batch, d)
         seq = [u, h0_states, *node_states.unbind(0)]  # state j at seq[j + 1]
-        at = [s.unbind(0) for s in seq]
         norm = SequenceNorm(plan.bn, u, n)
         nodes = [
             _Node(spec, weights[i], u, node_states[i], norm, i) for i, spec in enumerate(plan.nodes)
         ]
-        rows = [w.view(1, -1) for w in op_w]  # type: ignore[union-attr]
-        bases = [node_states[: i - 1].unbind(1) if i > 1 else () for i in range(1, n + 1)]
-        all_t = node_states.unbind(1)
-        minus_one = u.new_full((), -1.0)
-        h_t = hs.unbind(0)
         hs[0].copy_(h0)
-        for t in range(steps):
-            if mask_h is not None:
-                torch.mul(h_t[t], mask_h, out=at[1][t])
-            for i, node in enumerate(nodes):
-                spec = node.spec
-                a, b = at[spec.a + 1][t], at[spec.b + 1][t]
-                if node.weight is not None:
-                    if not node.hoisted:
-                        torch.mm(b, node.w_b, out=node.pre_t[t])
-                    if node.a_cols:
-                        node.pre_a_t[t].addmm_(a, node.w_a)
-                terms = node.term_t[t]
-                for kind, k, block, _ in node.program:
-                    if kind == "hadamard":
-                        torch.mul(a, b, out=terms[k])
-                    elif kind == "add":
-                        torch.add(a, b, out=terms[k])
-                    elif kind == "highway":
-                        gate, cand = node.gate_t[t].sigmoid_(), node.cand_t[t]
-                        tanh_into(cand, cand, minus_one)
-                        torch.lerp(a, cand, gate, out=terms[k])
-                    else:  # an add_* op's activation
-                        activation_into(kind, node.add_t[block][t], terms[k], minus_one)
-                torch.mm(rows[i], node.flat_t[t], out=node.mix_t[t])
-                norm.forward(t, i, node.normed_t[t])
-                if spec.residual:
-                    base = at[i + 1][t] if plan.output == "last" else bases[i][t].mean(0)
-                    torch.addcmul(base, gammas[i], node.normed_t[t], out=node.state_t[t])  # type: ignore[arg-type]
-            h, last = h_t[t + 1], at[n + 1][t]
-            if plan.output == "mean":
-                last = torch.mean(all_t[t], 0, out=h)
-            if plan.squash == "tanh":
-                tanh_into(last, h, minus_one)
-            elif plan.output == "last":
-                h.copy_(last)
+        ctx.native = native.two_input_supernet() if native.handles(u) else None  # type: ignore[attr-defined]
+        if ctx.native is not None:  # type: ignore[attr-defined]
+            ctx.sequence = _native_sequence(plan, nodes, norm, seq, hs, mask_h, op_w, gammas)  # type: ignore[attr-defined]
+            ctx.native.forward(ctx.sequence)  # type: ignore[attr-defined]
+        else:
+            _forward_loop(plan, nodes, norm, seq, node_states, hs, mask_h, op_w, gammas)
         counter = None if plan.bn is None or not plan.bn.training else plan.bn.num_batches_tracked
         if counter is not None:  # None also under a functional call that freezes the statistics
             counter.add_(steps * n)
@@ -233,60 +204,26 @@ class FusedTwoInputSequence(torch.autograd.Function):
         n = len(plan.nodes)
         op_w, gammas = per_node[n : 2 * n], per_node[2 * n :]
         steps, batch, d = seq[0].shape
-        new = grad_out.new_empty
-        at = [s.unbind(0) for s in seq]
-        d_u = torch.zeros_like(seq[0])
-        d_u_t = d_u.unbind(0)
-        d_states = new(n + 1, batch, d)  # d s_0 .. d s_N at the current step
-        rows = d_states.unbind(0)
-        base_rows = [d_states[1:i] for i in range(1, n + 1)]
-        d_pre = [new(node.pre.shape) if node.weight is not None else None for node in nodes]
-        d_pre_a = [
-            x[..., : node.a_cols].unbind(0) if x is not None else ()
-            for x, node in zip(d_pre, nodes, strict=True)
+        d_u = torch.zeros_like(seq[0], memory_format=torch.contiguous_format)
+        d_pre = [
+            grad_out.new_empty(node.pre.shape) if node.weight is not None else None
+            for node in nodes
         ]
-        d_blocks = [
-            _blocks(x, node.spec, d) if x is not None else ([], (), ())
-            for x, node in zip(d_pre, nodes, strict=True)
-        ]
-        d_op_w = [torch.zeros_like(w).view(-1, 1) for w in op_w]  # type: ignore[arg-type]
-        w_k = [w.unbind(0) for w in op_w]  # type: ignore[union-attr]
-        d_gammas = {i: new(steps, d) for i, node in enumerate(nodes) if node.spec.residual}
-        scratch = new(batch, d)
-        d_h = new(batch, d)
-        carry = grad_out.new_zeros(batch, d)
-        h_t = hs.unbind(0)
-        for t in reversed(range(steps)):
-            torch.add(grad_out[t], carry, out=d_h)
-            if plan.squash == "tanh":
-                tanh_backward_into(d_h, h_t[t + 1], d_h)
-            d_states.zero_()
-            if plan.output == "last":
-                rows[n].copy_(d_h)
-            else:
-                d_states[1:].copy_(d_h.div_(n).expand(n, batch, d))
-            for i in reversed(range(n)):
-                node, spec = nodes[i], nodes[i].spec
-                d_s = rows[i + 1]
-                if spec.residual:
-                    torch.sum(d_s * node.normed_t[t], 0, out=d_gammas[i][t])
-                    if plan.output == "last":
-                        rows[i].add_(d_s)
-                    else:
-                        base_rows[i].add_(d_s, alpha=1.0 / i)
-                    d_s = d_s * gammas[i]
-                d_mixed = norm.backward(t, i, d_s)
-                d_op_w[i].addmm_(node.flat_t[t], d_mixed.view(-1, 1))
-                a, b = at[spec.a + 1][t], at[spec.b + 1][t]
-                d_a = rows[spec.a]
-                d_b = d_u_t[t] if spec.b == -1 else rows[spec.b]
-                _terms_backward(node, t, d_mixed, w_k[i], a, b, d_a, d_b, d_blocks[i], scratch)
-                if node.weight is not None:
-                    if node.a_cols:
-                        d_a.addmm_(d_pre_a[i][t], node.w_a.T)
-                    if not node.hoisted:
-                        d_b.addmm_(d_pre[i][t], node.w_b.T)  # type: ignore[index]
-            carry = rows[0].clone() if mask_h is None else rows[0] * mask_h
+        if ctx.native is not None:  # type: ignore[attr-defined]
+            d_op_w = [torch.zeros_like(w) for w in op_w]  # type: ignore[arg-type]
+            d_gamma = [torch.zeros_like(g) if g is not None else None for g in gammas]
+            carry = ctx.native.backward(  # type: ignore[attr-defined]
+                ctx.sequence,  # type: ignore[attr-defined]
+                grad_out,
+                d_u,
+                d_pre,
+                d_op_w,
+                [g if g is not None else d_u.new_empty(0) for g in d_gamma],
+            )
+        else:
+            carry, d_op_w, d_gamma = _backward_loop(
+                plan, nodes, norm, seq, hs, grad_out, mask_h, op_w, gammas, d_u, d_pre
+            )
         d_weights: list[Tensor | None] = []
         for node, dp in zip(nodes, d_pre, strict=True):
             if dp is None:
@@ -300,8 +237,135 @@ class FusedTwoInputSequence(torch.autograd.Function):
             if node.hoisted:
                 d_u.view(steps * batch, d).addmm_(flat, node.w_b.T)
             d_weights.append(d_w)
-        d_gamma = [d_gammas[i].sum(0) if i in d_gammas else None for i in range(n)]
-        return None, d_u, carry, None, *d_weights, *(g.view(-1) for g in d_op_w), *d_gamma
+        return None, d_u, carry, None, *d_weights, *d_op_w, *d_gamma
+
+
+def _forward_loop(
+    plan: TwoInputPlan,
+    nodes: list[_Node],
+    norm: SequenceNorm,
+    seq: list[Tensor],
+    node_states: Tensor,
+    hs: Tensor,
+    mask_h: Tensor | None,
+    op_w: tuple[Tensor | None, ...],
+    gammas: tuple[Tensor | None, ...],
+) -> None:
+    """The forward's time loop on the Python kernel: the states and ``hs`` after ``hs[0]``."""
+    n, steps = len(nodes), hs.shape[0] - 1
+    at = [s.unbind(0) for s in seq]
+    rows = [w.view(1, -1) for w in op_w]  # type: ignore[union-attr]
+    bases = [node_states[: i - 1].unbind(1) if i > 1 else () for i in range(1, n + 1)]
+    all_t = node_states.unbind(1)
+    minus_one = hs.new_full((), -1.0)
+    h_t = hs.unbind(0)
+    for t in range(steps):
+        if mask_h is not None:
+            torch.mul(h_t[t], mask_h, out=at[1][t])
+        for i, node in enumerate(nodes):
+            spec = node.spec
+            a, b = at[spec.a + 1][t], at[spec.b + 1][t]
+            if node.weight is not None:
+                if not node.hoisted:
+                    torch.mm(b, node.w_b, out=node.pre_t[t])
+                if node.a_cols:
+                    node.pre_a_t[t].addmm_(a, node.w_a)
+            terms = node.term_t[t]
+            for kind, k, block, _ in node.program:
+                if kind == "hadamard":
+                    torch.mul(a, b, out=terms[k])
+                elif kind == "add":
+                    torch.add(a, b, out=terms[k])
+                elif kind == "highway":
+                    gate, cand = node.gate_t[t].sigmoid_(), node.cand_t[t]
+                    tanh_into(cand, cand, minus_one)
+                    torch.lerp(a, cand, gate, out=terms[k])
+                else:  # an add_* op's activation
+                    activation_into(kind, node.add_t[block][t], terms[k], minus_one)
+            torch.mm(rows[i], node.flat_t[t], out=node.mix_t[t])
+            norm.forward(t, i, node.normed_t[t])
+            if spec.residual:
+                base = at[i + 1][t] if plan.output == "last" else bases[i][t].mean(0)
+                torch.addcmul(base, gammas[i], node.normed_t[t], out=node.state_t[t])  # type: ignore[arg-type]
+        h, last = h_t[t + 1], at[n + 1][t]
+        if plan.output == "mean":
+            last = torch.mean(all_t[t], 0, out=h)
+        if plan.squash == "tanh":
+            tanh_into(last, h, minus_one)
+        elif plan.output == "last":
+            h.copy_(last)
+
+
+def _backward_loop(
+    plan: TwoInputPlan,
+    nodes: list[_Node],
+    norm: SequenceNorm,
+    seq: list[Tensor],
+    hs: Tensor,
+    grad_out: Tensor,
+    mask_h: Tensor | None,
+    op_w: list[Tensor | None],
+    gammas: list[Tensor | None],
+    d_u: Tensor,
+    d_pre: list[Tensor | None],
+) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
+    """The backward's time loop on the Python kernel: fills ``d_u`` (all but the hoisted
+    matmuls' share) and ``d_pre``; returns d h0 and the op weights' and ``γ``'s gradients."""
+    n, (steps, batch, d) = len(nodes), seq[0].shape
+    new = grad_out.new_empty
+    at = [s.unbind(0) for s in seq]
+    d_u_t = d_u.unbind(0)
+    d_states = new(n + 1, batch, d)  # d s_0 .. d s_N at the current step
+    rows = d_states.unbind(0)
+    base_rows = [d_states[1:i] for i in range(1, n + 1)]
+    d_pre_a = [
+        x[..., : node.a_cols].unbind(0) if x is not None else ()
+        for x, node in zip(d_pre, nodes, strict=True)
+    ]
+    d_blocks = [
+        _blocks(x, node.spec, d) if x is not None else ([], (), ())
+        for x, node in zip(d_pre, nodes, strict=True)
+    ]
+    d_op_w = [torch.zeros_like(w).view(-1, 1) for w in op_w]  # type: ignore[arg-type]
+    w_k = [w.unbind(0) for w in op_w]  # type: ignore[union-attr]
+    d_gammas = {i: new(steps, d) for i, node in enumerate(nodes) if node.spec.residual}
+    scratch = new(batch, d)
+    d_h = new(batch, d)
+    carry = grad_out.new_zeros(batch, d)
+    h_t = hs.unbind(0)
+    for t in reversed(range(steps)):
+        torch.add(grad_out[t], carry, out=d_h)
+        if plan.squash == "tanh":
+            tanh_backward_into(d_h, h_t[t + 1], d_h)
+        d_states.zero_()
+        if plan.output == "last":
+            rows[n].copy_(d_h)
+        else:
+            d_states[1:].copy_(d_h.div_(n).expand(n, batch, d))
+        for i in reversed(range(n)):
+            node, spec = nodes[i], nodes[i].spec
+            d_s = rows[i + 1]
+            if spec.residual:
+                torch.sum(d_s * node.normed_t[t], 0, out=d_gammas[i][t])
+                if plan.output == "last":
+                    rows[i].add_(d_s)
+                else:
+                    base_rows[i].add_(d_s, alpha=1.0 / i)
+                d_s = d_s * gammas[i]
+            d_mixed = norm.backward(t, i, d_s)
+            d_op_w[i].addmm_(node.flat_t[t], d_mixed.view(-1, 1))
+            a, b = at[spec.a + 1][t], at[spec.b + 1][t]
+            d_a = rows[spec.a]
+            d_b = d_u_t[t] if spec.b == -1 else rows[spec.b]
+            _terms_backward(node, t, d_mixed, w_k[i], a, b, d_a, d_b, d_blocks[i], scratch)
+            if node.weight is not None:
+                if node.a_cols:
+                    d_a.addmm_(d_pre_a[i][t], node.w_a.T)
+                if not node.hoisted:
+                    d_b.addmm_(d_pre[i][t], node.w_b.T)  # type: ignore[index]
+        carry = rows[0].clone() if mask_h is None else rows[0] * mask_h
+    d_gamma = [d_gammas[i].sum(0) if i in d_gammas else None for i in range(n)]
+    return carry, [g.view(-1) for g in d_op_w], d_gamma
 
 
 def _terms_backward(
@@ -341,3 +405,65 @@ def _terms_backward(
             else:
                 activation_backward_into(kind, d_mixed, value, pre, scratch)
                 target.addcmul_(scratch, w[k])
+
+
+NATIVE_KINDS = {"highway": 1, "hadamard": 2, "add": 3}  # two_input_supernet.h's Kind; add_*: 0
+
+
+def _native_sequence(
+    plan: TwoInputPlan,
+    nodes: list[_Node],
+    norm: SequenceNorm,
+    seq: list[Tensor],
+    hs: Tensor,
+    mask_h: Tensor | None,
+    op_w: tuple[Tensor | None, ...],
+    gammas: tuple[Tensor | None, ...],
+) -> object:
+    """The sequence's buffers and weights as the C++ loops take them (``Sequence``): the
+    forward fills them, the backward reads them again."""
+    kernel = native.two_input_supernet()
+    assert kernel is not None
+    sequence = kernel.Sequence()
+    sequence.u, sequence.h_in, sequence.hs = seq[0].contiguous(), seq[1], hs
+    sequence.mask = None if mask_h is None else mask_h.contiguous()
+    sequence.output_mean, sequence.squash_tanh = plan.output == "mean", plan.squash == "tanh"
+    sequence.nodes = [
+        _native_node(kernel, node, w, g) for node, w, g in zip(nodes, op_w, gammas, strict=True)
+    ]
+    bn = plan.bn
+    if bn is not None:
+        sequence.bn, sequence.bn_training = True, bn.training
+        sequence.running_mean, sequence.running_var = bn.running_mean, bn.running_var
+        sequence.bn_pre = norm.pre_all
+        if bn.training:
+            sequence.bn_mean, sequence.bn_invstd = norm.mean_all, norm.invstd_all
+            sequence.momentum = bn.momentum
+        else:
+            sequence.bn_scale = norm.scale
+        sequence.eps = bn.eps
+    return sequence
+
+
+def _native_node(
+    kernel: ModuleType, node: _Node, op_w: Tensor | None, gamma: Tensor | None
+) -> object:
+    """One node as the C++ loops take it (``Node``)."""
+    spec, out = node.spec, kernel.Node()
+    out.a, out.b = spec.a, spec.b
+    program = node.program
+    out.kinds = [NATIVE_KINDS.get(kind, 0) for kind, _, _, _ in program]
+    out.acts = [native.ACTIVATION_CODES.get(kind, 3) for kind, _, _, _ in program]
+    out.columns = [
+        spec.add_columns[block] if kind in native.ACTIVATION_CODES else 0
+        for kind, _, block, _ in program
+    ]
+    out.first = [first for _, _, _, first in program]
+    out.residual = spec.residual
+    out.terms, out.normed, out.state = node.terms, node.normed, node.state_all
+    out.op_w, out.gamma = op_w.contiguous(), gamma
+    if node.weight is not None:
+        out.highway_column = -1 if spec.highway_column is None else spec.highway_column
+        out.a_cols, out.hoisted = node.a_cols, node.hoisted
+        out.pre, out.w_a, out.w_b = node.pre, node.w_a, node.w_b
+    return out
