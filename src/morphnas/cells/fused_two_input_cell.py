@@ -234,15 +234,8 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
             torch.empty_like(node.y) if node and node.y is not None else None for node in nodes
         ]
         if ctx.native is not None:  # type: ignore[attr-defined]
-            d_h0 = ctx.native.backward(  # type: ignore[attr-defined]
-                ctx.native_plan,
-                ctx.buffers,
-                grad_out,
-                d_u,
-                dz,
-                d_res,
-                d_shared,  # type: ignore[attr-defined]
-            )
+            kernel, settings = ctx.native, (ctx.native_plan, ctx.buffers)  # type: ignore[attr-defined]
+            d_h0 = kernel.backward(*settings, grad_out, d_u, dz, d_res, d_shared)
         else:
             d_h0 = _backward_loop(ctx, grad_out, mask_h, block, d_u, dz, d_res, d_shared)
         flat = steps * batch

@@ -210,16 +210,12 @@ class FusedTwoInputSequence(torch.autograd.Function):
             for node in nodes
         ]
         if ctx.native is not None:  # type: ignore[attr-defined]
-            d_op_w = [torch.zeros_like(w) for w in op_w]  # type: ignore[arg-type]
-            d_gamma = [torch.zeros_like(g) if g is not None else None for g in gammas]
-            carry = ctx.native.backward(  # type: ignore[attr-defined]
-                ctx.sequence,  # type: ignore[attr-defined]
-                grad_out,
-                d_u,
-                d_pre,
-                d_op_w,
-                [g if g is not None else d_u.new_empty(0) for g in d_gamma],
-            )
+            kernel, sequence = ctx.native, ctx.sequence  # type: ignore[attr-defined]
+            d_op_w = [torch.zeros(w.shape, dtype=w.dtype) for w in op_w]  # type: ignore[union-attr]
+            d_gamma = [None if g is None else torch.zeros(g.shape, dtype=g.dtype) for g in gammas]
+            no_gamma = d_u.new_empty(0)
+            d_gamma_in = [no_gamma if g is None else g for g in d_gamma]
+            carry = kernel.backward(sequence, grad_out, d_u, d_pre, d_op_w, d_gamma_in)
         else:
             carry, d_op_w, d_gamma = _backward_loop(
                 plan, nodes, norm, seq, hs, grad_out, mask_h, op_w, gammas, d_u, d_pre
