@@ -238,3 +238,15 @@ def test_ninja_is_found_when_the_environment_is_not_activated(monkeypatch):
     monkeypatch.setenv("PATH", "/usr/bin")
     native._ninja_on_path()
     assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
+
+
+def test_the_build_is_named_for_the_sources(monkeypatch, tmp_path):
+    """Another version of the kernels' sources gets another build (and cache entry), so two
+    versions sharing torch's extension cache never load each other's library."""
+    for name in ("kernels.cpp", "common.h"):
+        (tmp_path / name).write_text("// v1\n")
+    monkeypatch.setattr(native, "_SOURCE_DIR", tmp_path)
+    first = native._build_tag()
+    assert native._build_tag() == first
+    (tmp_path / "common.h").write_text("// v2\n")
+    assert native._build_tag() != first

@@ -106,7 +106,7 @@ def _build() -> ModuleType | None:
         _ninja_on_path()
         started = time.perf_counter()
         module = cpp_extension.load(
-            name=f"morphnas_kernels_{_machine_tag()}",
+            name=f"morphnas_kernels_{_build_tag()}",
             sources=[str(_SOURCE_DIR / "kernels.cpp")],
             extra_cflags=_FLAGS,
             extra_ldflags=["-fopenmp"],
@@ -125,16 +125,25 @@ def _build() -> ModuleType | None:
     return module
 
 
-def _machine_tag() -> str:
-    """A short hash of the CPU's model and flags: the build is for this CPU (``-march=native``),
-    so a cache shared between machines (a network home) keeps one build per kind of CPU."""
+def _build_tag() -> str:
+    """A short hash of the CPU's model and flags and of the kernels' sources.
+
+    The CPU: the build is for this CPU (``-march=native``), so a cache shared between machines
+    (a network home) keeps one build per kind of CPU. The sources: two versions of morphnas
+    sharing a cache (two checkouts, two virtual environments) each keep their own build, rather
+    than rebuilding one another's at every start, and a process never loads a library that
+    another built meanwhile from different sources.
+    """
     try:
         text = Path("/proc/cpuinfo").read_text()
         lines = [line for line in text.splitlines() if line.startswith(("model name", "flags"))]
         identity = "\n".join(sorted(set(lines)))
     except OSError:
         identity = platform.processor() or platform.machine()
-    return hashlib.sha1(identity.encode()).hexdigest()[:8]
+    digest = hashlib.sha1(identity.encode())
+    for source in sorted(_SOURCE_DIR.glob("*.[ch]*")):  # kernels.cpp and the headers
+        digest.update(source.name.encode() + source.read_bytes())
+    return digest.hexdigest()[:8]
 
 
 def _ninja_on_path() -> None:

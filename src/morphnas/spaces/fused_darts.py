@@ -24,7 +24,7 @@ gradients missing the kernel's part), so second-order methods use the eager path
 (``fused=False``), which ``DartsRNNSearchCell`` also picks by itself under ``torch.func``.
 
 On CPU in float32/float64 the sequence goes to this kernel's C++ twin (``morphnas.native``,
-``darts_supernet.cpp``: the same formulas, one loop per node and step, about twice as fast);
+``native/darts_supernet.h``: the same formulas, one loop per node and step, about twice as fast);
 this module's Python kernel runs where that one does not (CUDA, other dtypes, no compiler,
 ``MORPHNAS_NATIVE=off``), and every test runs on both.
 """
