@@ -16,7 +16,7 @@ import torch
 from morphnas import cells, native
 from morphnas.errors import UserError
 from morphnas.genotype import Genotype, Node
-from morphnas.spaces import DartsRNNSearchCell
+from morphnas.spaces import DartsRNNSearchCell, TwoInputSearchCell
 
 STEPS, BATCH, N_IN, D = 12, 16, 8, 32
 
@@ -92,6 +92,17 @@ def float32_two_input_cell(training: bool, hidden: int = D) -> torch.nn.Module:
         for w in cell.node_weights:
             w.mul_(4.0)
     return cell.train(training)
+
+
+def float32_two_input_supernet(hidden: int = D) -> torch.nn.Module:
+    """The two-input search cell with every op, grown, with BatchNorm and dropout."""
+    torch.manual_seed(0)
+    cell = TwoInputSearchCell(N_IN, hidden, nodes=3, dropout_x=0.2, dropout_h=0.3)
+    cell.grow()
+    with torch.no_grad():
+        for a in cell.arch:
+            a.normal_()
+    return cell
 
 
 def native_path(out: torch.Tensor) -> bool:
@@ -183,6 +194,29 @@ def test_rows_split_across_threads_give_the_one_thread_result(make):
         torch.set_num_threads(threads)
     for one, two in zip(*results, strict=True):
         torch.testing.assert_close(two, one, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [split_supernet, lambda: float32_two_input_supernet(16)],
+    ids=["supernet", "two_input_supernet"],
+)
+def test_two_threads_give_the_same_bits_every_run(make):
+    """The reductions of rows split across threads are merged in the chunks' order, not in
+    the order threads finish: runs at one thread count agree to the bit (float32 here, where
+    a different order of the partial sums would show)."""
+    cell = make().float()
+    assert native_path(cell(torch.randn(2, 2, N_IN))[0])
+    x = torch.randn(STEPS, 256, N_IN)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        runs = [outputs_and_grads(copy.deepcopy(cell), x) for _ in range(4)]
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0], strict=True):
+            assert torch.equal(a, b)
 
 
 def test_a_failed_build_warns_once_and_the_python_kernel_runs(monkeypatch):

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <type_traits>
@@ -88,6 +89,26 @@ void over_rows(int64_t rows, int64_t row_width, const F& body) {
   const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(row_width, 1));
   at::parallel_for(0, rows, grain, body);
 }
+
+// Partial sums taken per chunk of rows (``over_rows``), merged in the chunks' order rather than
+// in the order threads finish them: with the same thread count, the same result every run.
+class ChunkSums {
+ public:
+  void add(int64_t chunk, std::vector<double> part) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    parts_.emplace(chunk, std::move(part));
+  }
+  // Adds them into ``total`` (one number per slot of a part), and starts afresh.
+  void merge_into(std::vector<double>& total) {
+    for (const auto& entry : parts_)
+      for (size_t j = 0; j < entry.second.size(); ++j) total[j] += entry.second[j];
+    parts_.clear();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::map<int64_t, std::vector<double>> parts_;
+};
 
 inline Tensor nothing(const Tensor& like) { return at::empty({0}, like.options()); }
 

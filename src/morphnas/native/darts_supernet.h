@@ -315,7 +315,7 @@ class Backward {
   // Per node: Σ ⟨dF_j, f_k(g_j)⟩ (edges × acts), then Σ ⟨d(W_j s_j), s_j⟩ (edges), over steps.
   std::vector<std::vector<double>> reduced_;
   std::vector<std::vector<double>> d_gamma_;
-  std::mutex merge_;
+  ChunkSums chunks_;
 
   void start_reductions(const at::TensorOptions& options) {
     for (const Node& node : c_.nodes) {
@@ -422,10 +422,9 @@ class Backward {
           }
         }
       }
-      std::lock_guard<std::mutex> lock(merge_);  // per chunk of rows, not per row
-      std::vector<double>& total = reduced_[i];
-      for (size_t j = 0; j < part.size(); ++j) total[j] += part[j];
+      chunks_.add(b0, std::move(part));
     });
+    chunks_.merge_into(reduced_[i]);
     d_weight.addmm_(c_.inputs(t, i).t(), dz);
     Tensor d_prev_t = d_states_.narrow(0, spec.start, m).view({m * B, d});
     if (!c_.mask.defined()) {

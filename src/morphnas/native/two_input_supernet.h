@@ -141,7 +141,7 @@ class Loops {
   const int64_t B_, d_;
   Tensor d_states_;
   std::vector<std::vector<double>> reduced_, d_gamma_;  // Σ ⟨term_k, d mixed⟩; Σ d s ⊙ y
-  std::mutex merge_;
+  ChunkSums chunks_;
 
   int64_t n() const { return static_cast<int64_t>(s_.nodes.size()); }
 
@@ -350,9 +350,9 @@ class Loops {
           }
         }
       }
-      std::lock_guard<std::mutex> lock(merge_);  // per chunk of rows, not per row
-      for (int64_t k = 0; k < K; ++k) reduced_[i][k] += part[k];
+      chunks_.add(b0, std::move(part));
     });
+    chunks_.merge_into(reduced_[i]);
     if (d_pre.has_value()) {
       Tensor d_pre_t = d_pre->select(0, t);
       if (node.a_cols > 0)
