@@ -54,17 +54,22 @@ GROWN_DERIVED = Genotype(  # every activation, a shared parent, residual nodes, 
 )
 
 
-def float32_derived_cell(training: bool, batch_size: int = D) -> torch.nn.Module:
-    """A derived DARTS cell with every activation, residual nodes (non-zero γ), dropout and
-    weights large enough that ``exp`` sees a wide range."""
+def derived_cell(genotype: Genotype, scale: float, training: bool, hidden: int) -> torch.nn.Module:
+    """A derived cell of ``genotype`` with non-zero γ, dropout, and weights ``scale`` times their
+    initial range: large enough that ``exp`` sees a wide range, not so large that float32 itself
+    loses the recurrence (the DARTS cell at ×35 already does)."""
     torch.manual_seed(0)
-    cell = cells.build(GROWN_DERIVED, N_IN, batch_size, dropout_x=0.2, dropout_h=0.3)
+    cell = cells.build(genotype, N_IN, hidden, dropout_x=0.2, dropout_h=0.3)
     with torch.no_grad():
         for g in cell.gammas.values():
             g.normal_()
         for w in cell.node_weights:
-            w.mul_(20.0)  # (×35 and more: float32 itself loses the chaotic recurrence)
+            w.mul_(scale)
     return cell.train(training)
+
+
+def float32_derived_cell(training: bool, hidden: int = D) -> torch.nn.Module:
+    return derived_cell(GROWN_DERIVED, 20.0, training, hidden)
 
 
 GROWN_TWO_INPUT = Genotype(  # every op, both add activations that exp, u and h read, residuals
@@ -83,15 +88,7 @@ GROWN_TWO_INPUT = Genotype(  # every op, both add activations that exp, u and h 
 
 
 def float32_two_input_cell(training: bool, hidden: int = D) -> torch.nn.Module:
-    """A derived two-input cell as above: every op, residual nodes, dropout, large weights."""
-    torch.manual_seed(0)
-    cell = cells.build(GROWN_TWO_INPUT, N_IN, hidden, dropout_x=0.2, dropout_h=0.3)
-    with torch.no_grad():
-        for g in cell.gammas.values():
-            g.normal_()
-        for w in cell.node_weights:
-            w.mul_(4.0)
-    return cell.train(training)
+    return derived_cell(GROWN_TWO_INPUT, 4.0, training, hidden)
 
 
 def float32_two_input_supernet(hidden: int = D) -> torch.nn.Module:

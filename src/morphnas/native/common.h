@@ -110,6 +110,35 @@ class ChunkSums {
   std::map<int64_t, std::vector<double>> parts_;
 };
 
+// One row of a highway blend, the recurrent cells' common step: ``[c | v]`` turned into
+// ``[σ(c) | f(v)]`` in place, and ``out = base + σ(c)(f(v) − base)``.
+template <typename T, typename F>
+inline void highway_row(T* gate, T* value, const T* base, T* out, int64_t d, const F& f) {
+  for (int64_t u = 0; u < d; ++u) {
+    gate[u] = sigmoid(gate[u]);
+    value[u] = f(value[u]);
+    out[u] = base[u] + gate[u] * (value[u] - base[u]);
+  }
+}
+
+// ``out`` (``size`` elements) = a cell's output rule over its nodes 1..count: their mean, or
+// node ``count`` itself; ``node(k)`` points at node ``k``. The mean of no nodes (a first node
+// that is residual under ``mean``) is 0/0, as eagerly.
+template <typename T, typename Node>
+void output_rule(bool mean, int64_t count, int64_t size, const Node& node, T* out) {
+  if (!mean) {
+    std::memcpy(out, node(count), size * sizeof(T));
+    return;
+  }
+  const T inv = T(1) / T(count);
+  for (int64_t j = 0; j < size; ++j) out[j] = T(0);
+  for (int64_t k = 1; k <= count; ++k) {
+    const T* s = node(k);
+    for (int64_t j = 0; j < size; ++j) out[j] += s[j];
+  }
+  for (int64_t j = 0; j < size; ++j) out[j] *= inv;
+}
+
 inline Tensor nothing(const Tensor& like) { return at::empty({0}, like.options()); }
 
 inline std::vector<Tensor> contiguous(const std::vector<Tensor>& ts) {

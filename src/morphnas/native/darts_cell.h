@@ -92,21 +92,11 @@ struct Cell {
   const Tensor& group_z(int64_t g) const { return saved[kGroups + g]; }
 };
 
-// ``out`` = the output rule over s_1..s_count at step ``t``: the mean, or s_count. (A first node
-// that is residual under ``mean`` averages nothing: 0/0, as eagerly.)
+// ``out`` = the output rule over s_1..s_count at step ``t``.
 template <typename T>
 void base_of(const Cell& c, int64_t t, int64_t count, T* out) {
-  const int64_t size = c.batch * c.d;
-  if (!c.plan.output_mean) {
-    std::memcpy(out, c.state<T>(kStates, t, count), size * sizeof(T));
-    return;
-  }
-  const T* first = c.state<T>(kStates, t, 1);
-  const T inv = T(1) / T(count);
-  for (int64_t j = 0; j < size; ++j) out[j] = count > 0 ? first[j] : T(0);
-  for (int64_t k = 1; k < count; ++k)
-    for (int64_t j = 0; j < size; ++j) out[j] += first[k * size + j];
-  for (int64_t j = 0; j < size; ++j) out[j] *= inv;
+  const auto node = [&](int64_t k) { return c.state<T>(kStates, t, k); };
+  output_rule(c.plan.output_mean, count, c.batch * c.d, node, out);
 }
 
 template <typename T>
@@ -171,11 +161,7 @@ class Forward {
         T* value = gate + d;
         const T* hb = h + b * d;
         T* s = s0 + b * d;
-        for (int64_t u = 0; u < d; ++u) {
-          gate[u] = sigmoid(gate[u]);
-          value[u] = column_value<kTanh>(value[u]);
-          s[u] = hb[u] + gate[u] * (value[u] - hb[u]);
-        }
+        highway_row(gate, value, hb, s, d, [](T v) { return column_value<kTanh>(v); });
         if (mask != nullptr)
           for (int64_t u = 0; u < d; ++u) masked[b * d + u] = s[u] * mask[b * d + u];
       }
@@ -201,11 +187,8 @@ class Forward {
           T* value = values + b * width;
           const T* p = parent + b * d;
           T* yb = y + b * d;
-          for (int64_t u = 0; u < d; ++u) {
-            gate[u] = sigmoid(gate[u]);
-            value[u] = column_value<decltype(act)::value>(value[u]);
-            yb[u] = p[u] + gate[u] * (value[u] - p[u]);
-          }
+          constexpr int64_t kAct = decltype(act)::value;
+          highway_row(gate, value, p, yb, d, [](T v) { return column_value<kAct>(v); });
         }
       });
     });

@@ -176,11 +176,7 @@ class Forward {
         T* value = gate + d;
         const T* hb = h + b * d;
         T* r = raw + b * d;
-        for (int64_t u = 0; u < d; ++u) {
-          gate[u] = sigmoid(gate[u]);
-          value[u] = tanh_value(value[u]);
-          r[u] = hb[u] + gate[u] * (value[u] - hb[u]);
-        }
+        highway_row(gate, value, hb, r, d, [](T v) { return tanh_value(v); });
       }
     });
     normalise(t, 0, s0);
@@ -252,15 +248,10 @@ class Forward {
     for (int64_t j = 0; j < c_.batch * c_.d; ++j) masked[j] = state[j] * mask[j];
   }
 
-  // ``out`` = mean of s_1..s_count at step ``t`` (states 1..count lie one after another).
+  // ``out`` = mean of s_1..s_count at step ``t``.
   void mean_of_states(int64_t t, int64_t count, T* out) {
-    const int64_t size = c_.batch * c_.d;
-    const T* first = c_.state_ptr<T>(kStates, t, 1);
-    const T inv = T(1) / T(count);
-    for (int64_t j = 0; j < size; ++j) out[j] = count > 0 ? first[j] : T(0);
-    for (int64_t k = 1; k < count; ++k)
-      for (int64_t j = 0; j < size; ++j) out[j] += first[k * size + j];
-    for (int64_t j = 0; j < size; ++j) out[j] *= inv;
+    const auto node = [&](int64_t k) { return c_.state_ptr<T>(kStates, t, k); };
+    output_rule(true, count, c_.batch * c_.d, node, out);
   }
 };
 

@@ -72,19 +72,10 @@ class Loops {
     return s_.ys[i].has_value() ? s_.ys[i]->template data_ptr<T>() + t * B_ * d_ : slot(t, i + 2);
   }
 
-  // ``out`` = the output rule over nodes 1..count at step ``t``: their mean, or node ``count``.
+  // ``out`` = the output rule over nodes 1..count at step ``t``.
   void base_of(int64_t t, int64_t count, T* out) const {
-    const int64_t size = B_ * d_;
-    if (!p_.output_mean) {
-      std::memcpy(out, slot(t, count + 1), size * sizeof(T));
-      return;
-    }
-    const T* first = slot(t, 2);
-    const T inv = T(1) / T(count);
-    for (int64_t j = 0; j < size; ++j) out[j] = count > 0 ? first[j] : T(0);
-    for (int64_t k = 1; k < count; ++k)
-      for (int64_t j = 0; j < size; ++j) out[j] += first[k * size + j];
-    for (int64_t j = 0; j < size; ++j) out[j] *= inv;
+    const auto node = [&](int64_t k) { return slot(t, k + 1); };
+    output_rule(p_.output_mean, count, B_ * d_, node, out);
   }
 
   void forward() {
@@ -204,11 +195,7 @@ class Loops {
             T* value = gate + d;
             const T* ab = a + b * d;
             T* o = out + b * d;
-            for (int64_t u = 0; u < d; ++u) {
-              gate[u] = sigmoid(gate[u]);
-              value[u] = T(2) * sigmoid(value[u]) - T(1);
-              o[u] = ab[u] + gate[u] * (value[u] - ab[u]);
-            }
+            highway_row(gate, value, ab, o, d, [](T v) { return T(2) * sigmoid(v) - T(1); });
           }
         });
         return;

@@ -65,6 +65,12 @@ class Loops {
     return s_.nodes[j - 1].state.select(0, t);
   }
 
+  // ``out`` = the output rule over nodes 1..count at step ``t``.
+  void base_of(int64_t t, int64_t count, T* out) const {
+    const auto node = [&](int64_t k) { return state(t, k); };
+    output_rule(s_.output_mean, count, B_ * d_, node, out);
+  }
+
   void forward() {
     const int64_t steps = s_.u.size(0), N = n(), size = B_ * d_;
     for (int64_t t = 0; t < steps; ++t) {
@@ -76,17 +82,7 @@ class Loops {
       }
       for (int64_t i = 0; i < N; ++i) node_forward(t, i);
       T* h = step_of<T>(s_.hs, t + 1);
-      if (s_.output_mean) {
-        const T inv = T(1) / T(N);
-        for (int64_t j = 0; j < size; ++j) h[j] = T(0);
-        for (int64_t i = 1; i <= N; ++i) {
-          const T* s = state(t, i);
-          for (int64_t j = 0; j < size; ++j) h[j] += s[j];
-        }
-        for (int64_t j = 0; j < size; ++j) h[j] *= inv;
-      } else {
-        std::memcpy(h, state(t, N), size * sizeof(T));
-      }
+      base_of(t, N, h);
       if (s_.squash_tanh)
         for (int64_t j = 0; j < size; ++j) h[j] = tanh_value(h[j]);
     }
@@ -203,18 +199,7 @@ class Loops {
     if (s_.bn) norm_forward(t, i, node.normed.select(0, t));
     if (node.residual) {  // s = base(s_1..s_{i−1}) + γ ⊙ y
       T* s = step_of<T>(node.state, t);
-      const int64_t size = B_ * d;
-      if (s_.output_mean) {
-        const T inv = T(1) / T(i);
-        for (int64_t j = 0; j < size; ++j) s[j] = i > 0 ? state(t, 1)[j] : T(0);
-        for (int64_t k = 2; k <= i; ++k) {
-          const T* sk = state(t, k);
-          for (int64_t j = 0; j < size; ++j) s[j] += sk[j];
-        }
-        for (int64_t j = 0; j < size; ++j) s[j] *= inv;
-      } else {
-        std::memcpy(s, state(t, i), size * sizeof(T));  // node i−1's state (state index i)
-      }
+      base_of(t, i, s);
       const T* gm = node.gamma->data_ptr<T>();
       for (int64_t r = 0; r < B_; ++r)
         for (int64_t u = 0; u < d; ++u) s[r * d + u] += gm[u] * normed[r * d + u];
