@@ -110,6 +110,12 @@ class ChunkSums {
   std::map<int64_t, std::vector<double>> parts_;
 };
 
+// Step ``t`` of a buffer whose first dimension is the step, as a pointer (no view made).
+template <typename T>
+inline T* step_of(const Tensor& buffer, int64_t t) {
+  return buffer.data_ptr<T>() + t * buffer.stride(0);
+}
+
 // One row of a highway blend, the recurrent cells' common step: ``[c | v]`` turned into
 // ``[σ(c) | f(v)]`` in place, and ``out = base + σ(c)(f(v) − base)``.
 template <typename T, typename F>

@@ -85,10 +85,6 @@ struct Cell {
   U* state(Saved which, int64_t t, int64_t k) const {
     return saved[which].data_ptr<U>() + (t * (n() + 1) + k) * batch * d;
   }
-  template <typename U>
-  static U* at_step(const Tensor& buffer, int64_t t) {
-    return buffer.data_ptr<U>() + t * (buffer.numel() / buffer.size(0));
-  }
   const Tensor& group_z(int64_t g) const { return saved[kGroups + g]; }
 };
 
@@ -150,8 +146,8 @@ class Forward {
   // ``[c₀ | 2g₀]`` in ``init`` turned into ``[σ(c₀) | tanh(g₀)]``; s₀ = h + σ(c₀)(tanh(g₀) − h).
   void init_node(int64_t t) {
     const int64_t d = c_.d;
-    T* z = Cell::at_step<T>(c_.saved[kInit], t);
-    const T* h = Cell::at_step<T>(c_.saved[kHs], t);
+    T* z = step_of<T>(c_.saved[kInit], t);
+    const T* h = step_of<T>(c_.saved[kHs], t);
     T* s0 = c_.state<T>(kStates, t, 0);
     T* masked = c_.state<T>(kMasked, t, 0);
     const T* mask = c_.mask.defined() ? c_.mask.data_ptr<T>() : nullptr;
@@ -173,7 +169,7 @@ class Forward {
   void node(int64_t t, int64_t i, const std::vector<Tensor>& gammas) {
     const Slot slot = c_.slots[i];
     const int64_t d = c_.d, width = 2 * d * slot.k;
-    T* z = Cell::at_step<T>(c_.group_z(slot.group), t);
+    T* z = step_of<T>(c_.group_z(slot.group), t);
     T* gates = z + slot.column * d;
     T* values = z + (slot.k + slot.column) * d;
     const T* parent = c_.state<T>(kStates, t, c_.plan.parents[i]);
@@ -207,7 +203,7 @@ class Forward {
 
   // h_{t+1} = squash(base(s_1..s_N)).
   void output(int64_t t) {
-    T* h = Cell::at_step<T>(c_.saved[kHs], t + 1);
+    T* h = step_of<T>(c_.saved[kHs], t + 1);
     base_of(c_, t, c_.n(), h);
     if (c_.plan.squash_tanh)
       for (int64_t j = 0; j < c_.batch * c_.d; ++j) h[j] = tanh_value(h[j]);
@@ -234,9 +230,9 @@ class Backward {
     const T share = c_.plan.output_mean ? T(1) / T(N) : T(1);
     for (int64_t t = T_ - 1; t >= 0; --t) {
       T* rows = d_states_.data_ptr<T>();
-      const T* g = Cell::at_step<T>(grad_out, t);
+      const T* g = step_of<T>(grad_out, t);
       const T* cp = carry.data_ptr<T>();
-      const T* h = Cell::at_step<T>(c_.saved[kHs], t + 1);
+      const T* h = step_of<T>(c_.saved[kHs], t + 1);
       T* dh = scratch_.data_ptr<T>();
       for (int64_t j = 0; j < size; ++j) {
         dh[j] = g[j] + cp[j];
@@ -292,7 +288,7 @@ class Backward {
     const Slot slot = c_.slots[i];
     const int64_t B = c_.batch, d = c_.d, width = 2 * d * slot.k;
     const int64_t p = c_.plan.parents[i];
-    const T* z = Cell::at_step<T>(c_.group_z(slot.group), t);
+    const T* z = step_of<T>(c_.group_z(slot.group), t);
     const T* gates = z + slot.column * d;
     const T* values = z + (slot.k + slot.column) * d;
     T* dz = dz_t.data_ptr<T>();
@@ -360,8 +356,8 @@ class Backward {
   void init_node(int64_t t, Tensor d_init_t, Tensor& carry, const Tensor& w_h) {
     const int64_t B = c_.batch, d = c_.d;
     const T* ds = d_states_.data_ptr<T>();
-    const T* z = Cell::at_step<T>(c_.saved[kInit], t);
-    const T* h = Cell::at_step<T>(c_.saved[kHs], t);
+    const T* z = step_of<T>(c_.saved[kInit], t);
+    const T* h = step_of<T>(c_.saved[kHs], t);
     T* dz = d_init_t.data_ptr<T>();
     T* cp = carry.data_ptr<T>();
     over_rows(B, d, [&](int64_t b0, int64_t b1) {

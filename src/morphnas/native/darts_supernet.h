@@ -72,11 +72,6 @@ struct Cell {
   T* state_ptr(Saved which, int64_t t, int64_t k) const {
     return saved[which].data_ptr<T>() + (t * (n() + 1) + k) * batch * d;
   }
-  // Step ``t`` of a buffer whose first dimension is the step, as a pointer (no view made).
-  template <typename T>
-  static T* at_step(const Tensor& buffer, int64_t t) {
-    return buffer.data_ptr<T>() + t * (buffer.numel() / buffer.size(0));
-  }
 };
 
 
@@ -190,7 +185,7 @@ class Forward {
     at::mm_out(z_t, c_.inputs(t, i), weight);
     T* z = z_t.data_ptr<T>();
     T* state = c_.state_ptr<T>(kStates, t, i + 1);
-    T* normed = spec.residual ? Cell::at_step<T>(c_.node_buffer(i, kNormed), t) : state;
+    T* normed = spec.residual ? step_of<T>(c_.node_buffer(i, kNormed), t) : state;
     T* raw = c_.norm.on ? c_.state_ptr<T>(kPre, t, i + 1) : normed;
     const T* prev = c_.state_ptr<T>(kStates, t, spec.start);
     const std::vector<T>& mix = mix_.weights[i];
@@ -276,7 +271,7 @@ class Backward {
     const T inv_n = T(1) / T(N);
     for (int64_t t = T_ - 1; t >= 0; --t) {
       T* rows = d_states_.data_ptr<T>();
-      const T* g = Cell::at_step<T>(grad_out, t);
+      const T* g = step_of<T>(grad_out, t);
       const T* cp = carry.data_ptr<T>();
       for (int64_t j = 0; j < B * d; ++j) rows[j] = T(0);
       for (int64_t j = 0; j < B * d; ++j) rows[B * d + j] = (g[j] + cp[j]) * inv_n;
@@ -345,7 +340,7 @@ class Backward {
     Tensor d_state = d_states_.select(0, i + 1);
     if (spec.residual) {
       const T* ds = d_state.data_ptr<T>();
-      const T* normed = Cell::at_step<T>(c_.node_buffer(i, kNormed), t);
+      const T* normed = step_of<T>(c_.node_buffer(i, kNormed), t);
       const T* gm = gamma->data_ptr<T>();
       T* scaled = scratch_.data_ptr<T>();
       std::vector<T> dg(d, T(0));
@@ -362,7 +357,7 @@ class Backward {
     }
     Tensor d_raw_t = norm_backward(t, i + 1, d_state).contiguous();
     const T* d_raw = d_raw_t.data_ptr<T>();
-    const T* z = Cell::at_step<T>(c_.node_buffer(i, kZ), t);  // [σ(c) | g]
+    const T* z = step_of<T>(c_.node_buffer(i, kZ), t);  // [σ(c) | g]
     Tensor dz = d_z_[i];  // [∂/∂c | ∂/∂g]: not into z, so that a second backward reads it again
     T* dzp = dz.data_ptr<T>();
     const T* prev = c_.state_ptr<T>(kStates, t, spec.start);
@@ -429,8 +424,8 @@ class Backward {
     const int64_t B = c_.batch, d = c_.d;
     Tensor d_raw_t = norm_backward(t, 0, d_states_.select(0, 0)).contiguous();
     const T* dr = d_raw_t.data_ptr<T>();
-    const T* z = Cell::at_step<T>(c_.saved[kInit], t);
-    const T* h = Cell::at_step<T>(c_.saved[kHs], t);
+    const T* z = step_of<T>(c_.saved[kInit], t);
+    const T* h = step_of<T>(c_.saved[kHs], t);
     T* dz = d_init_t.data_ptr<T>();
     T* cp = carry.data_ptr<T>();
     for (int64_t b = 0; b < B; ++b)

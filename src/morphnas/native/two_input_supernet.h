@@ -44,11 +44,6 @@ struct Sequence {
 };
 
 template <typename T>
-inline T* step_of(const Tensor& buffer, int64_t t) {
-  return buffer.data_ptr<T>() + t * buffer.stride(0);
-}
-
-template <typename T>
 class Loops {
  public:
   explicit Loops(const Sequence& s) : s_(s), B_(s.u.size(1)), d_(s.u.size(2)) {}
