@@ -437,14 +437,9 @@ def _native_backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None,
     """``FusedDartsCellSequence.backward`` by the C++ kernel: ``None`` for a dead node's ``γ``."""
     w_h, mask_h, *rest = ctx.saved_tensors  # type: ignore[attr-defined]
     blocks, gammas = rest[: ctx.n_blocks], rest[ctx.n_blocks :]  # type: ignore[attr-defined]
-    d_init, d_h0, d_w_h, *d_rest = ctx.native.backward(  # type: ignore[attr-defined]
-        ctx.native_plan,
-        grad_out,
-        ctx.buffers,
-        w_h,
-        mask_h,
-        blocks,
-        gammas,  # type: ignore[attr-defined]
+    kernel, settings, buffers = ctx.native, ctx.native_plan, ctx.buffers  # type: ignore[attr-defined]
+    d_init, d_h0, d_w_h, *d_rest = kernel.backward(
+        settings, grad_out, buffers, w_h, mask_h, blocks, gammas
     )
     d_blocks, d_gammas = d_rest[: len(blocks)], d_rest[len(blocks) :]
     d_gammas = [None if dg.numel() == 0 else dg for dg in d_gammas]
