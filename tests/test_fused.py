@@ -20,6 +20,7 @@ from morphnas import cells, native
 from morphnas.bench import TWO_INPUT_GATED
 from morphnas.genotype import DARTS_PRIMITIVES, KNOWN, Node
 from morphnas.spaces import DartsRNNSearchCell, build
+from morphnas.spaces.base import SampledMixing
 
 T, B, N_IN, D = 4, 3, 3, 5
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -228,6 +229,67 @@ def test_fused_matches_eager_with_frozen_batchnorm_statistics(kernel):
     torch.testing.assert_close(out, want, **TOL)
     for g, w in zip(grads, wanted, strict=True):
         torch.testing.assert_close(g, w, **TOL)
+
+
+def straight_through_sample(cell: DartsRNNSearchCell, choices: list[int | None]):
+    """GDAS's sample (``strategies.gumbel``): per node a one-hot at ``choices[i]`` whose
+    gradient reaches every entry of ``α`` through ``softmax(α)``; ``α`` as leaves."""
+    alphas = [a.detach().clone().requires_grad_() for a in cell.arch]
+    weights = []
+    for alpha, c in zip(alphas, choices, strict=True):
+        soft = torch.softmax(alpha.reshape(-1), 0)
+        hot = torch.zeros_like(soft)
+        if c is not None:
+            hot[c] = 1.0
+        weights.append((hot - soft.detach() + soft).reshape(alpha.shape))
+    return alphas, SampledMixing(weights, choices)
+
+
+@pytest.mark.parametrize("grow", [0, 1])
+def test_a_sampled_mixing_in_training_runs_the_kernel_as_the_eager_loop(grow, kernel):
+    """GDAS and random search: each node's sampled edge and op, ``none`` included, on the
+    kernel under batch statistics; values and gradients (weights, ``x``, ``h0``, every ``α``)
+    as the eager loop's one-op-per-node path, and ``None`` for a ``none`` node's weight."""
+    cell = make_cell(nodes=4, grow=grow, fix=[(3, (1, "tanh"))])
+    n_ops = len(cell.op_names)
+    none = cell.op_names.index("none")
+    # node 1: edge 0 relu; node 2: edge 1 none; node 3 fixed; node 4: edge 2 sigmoid
+    choices = [cell.op_names.index("relu"), n_ops + none, None, 2 * n_ops + 1]
+    choices += [0] * (len(cell.arch) - len(choices))  # a grown node: edge 0, the first op
+    eager = copy.deepcopy(cell)
+    eager.fused = False
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(T, B, N_IN, generator=gen, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(B, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(T, B, D, generator=gen, dtype=torch.float64)
+    results = []
+    for module in (cell, eager):
+        alphas, sample = straight_through_sample(module, choices)
+        torch.manual_seed(6)
+        out, h = module(x, h0, weights=sample)
+        loss = (out * probe).sum() + (h * probe[-1]).sum()
+        wrt = [*module.parameters(), x, h0, *alphas]
+        results.append((out, torch.autograd.grad(loss, wrt, allow_unused=True)))
+    (out, grads), (ref, ref_grads) = results
+    assert type(out.grad_fn).__name__ == "FusedDartsSequenceBackward"
+    assert type(ref.grad_fn).__name__ != "FusedDartsSequenceBackward"
+    torch.testing.assert_close(out, ref, **TOL)
+    names = [n for n, _ in cell.named_parameters()] + ["x", "h0"]
+    names += [f"alpha[{i}]" for i in range(len(cell.arch))]
+    for name, g, r in zip(names, grads, ref_grads, strict=True):
+        assert (g is None) == (r is None), f"{name}: kernel {g}, eager {r}"
+        if g is not None:
+            torch.testing.assert_close(g, r, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+    assert grads[names.index("node_weights.1")] is None  # the none node's
+
+
+def test_a_sampled_mixing_without_batch_statistics_runs_eagerly():
+    """The sampled nodes' ``Σ_{k≠c} w[k]`` has a gradient the kernel leaves out, exactly 0
+    only under batch statistics: without BatchNorm, or in evaluation, the eager loop runs."""
+    for cell in (make_cell(bn=False), make_cell(training=False)):
+        _, sample = straight_through_sample(cell, [0] * len(cell.arch))
+        out, _ = cell(torch.randn(T, B, N_IN, dtype=torch.float64), weights=sample)
+        assert type(out.grad_fn).__name__ != "FusedDartsSequenceBackward"
 
 
 def test_fused_passes_gradcheck(kernel):

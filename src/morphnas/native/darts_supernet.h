@@ -392,6 +392,7 @@ class Backward {
             edge += dc * p[u];
           }
           part[m * n_acts + e] += edge;
+          if (n_acts == 0) std::fill(dg, dg + d, T(0));  // a sampled ``none``: nothing reads g
           for (int64_t k = 0; k < n_acts; ++k) {
             const T* a = work.data() + k * d;
             const T w = mix[e * n_acts + k];

@@ -156,15 +156,25 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
         return scales[0] * s + scales[1]
 
     def _can_fuse(self, batch: int, probs: list[Tensor]) -> bool:
-        """Whether the sequence kernel runs this forward (``fused_ops.kernel_applies``)."""
-        return kernel_applies(self.fused, self.bn, batch, probs)
+        """Whether the sequence kernel runs this forward (``fused_ops.kernel_applies``).
+
+        A sampled mixing runs on it when BatchNorm normalises by batch statistics (training).
+        The kernel has no place for a sampled node's ``Σ_{k≠c} w[k]`` (``sampled_scales``): its
+        value is exactly 0, and its gradient, the sum of the BatchNorm input's gradient over the
+        batch, is 0 in exact arithmetic under batch statistics, so leaving it out changes the
+        architecture gradient by rounding only (the eager loop computes that zero to ~1e-9).
+        Without BatchNorm, or in evaluation, the eager loop runs.
+        """
+        takes_sampled = self.bn is not None and self.bn.training
+        return kernel_applies(self.fused, self.bn, batch, probs, takes_sampled)
 
     def _fused_forward(
         self, x: Tensor, h0: Tensor | None, probs: list[Tensor]
     ) -> tuple[Tensor, Tensor]:
         """The same function as the eager loop, by ``FusedDartsSequence``: masks drawn in the
         same order, the input projection hoisted here (autograd differentiates it), a fixed node
-        as a single edge with its one activation at weight 1."""
+        as a single edge with its one activation at weight 1, a sampled node as its edge with
+        its op at its straight-through weight (a sampled ``none``: no activation, value 0)."""
         batch = x.shape[1]
         mask_x = variational_mask(batch, self.input_size, self.dropout_x, x, self.training)
         mask_h = variational_mask(batch, self.hidden_size, self.dropout_h, x, self.training)
@@ -173,10 +183,20 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
         h = x.new_zeros(batch, self.hidden_size) if h0 is None else h0
         act_names = tuple(self.op_names[k] for k, _ in self._activations)
         specs, act_w = [], []
-        for i, p in enumerate(probs, start=1):
+        choices = probs.choices if isinstance(probs, SampledMixing) else [None] * len(probs)
+        for i, (p, choice) in enumerate(zip(probs, choices, strict=True), start=1):
             residual = str(i) in self.gammas
             node = self.fixed.get(i)
-            if node is None:
+            if node is None and choice is not None:  # one edge, its one op (none: no op)
+                j, k = divmod(choice, len(self.op_names))
+                op = self.op_names[k]
+                acts = () if op == "none" else (op,)
+                specs.append(NodeSpec(j, j + 1, acts, residual))
+                # (none: no column, but a view of the weight all the same, so that α's gradient
+                # is 0, as eagerly, not None: an optimizer skips a parameter without one)
+                weight = p.reshape(-1)[choice].view(1, 1)
+                act_w.append(weight if acts else weight[:, :0])
+            elif node is None:
                 specs.append(NodeSpec(0, i, act_names, residual))
                 act_w.append(p.index_select(1, self._act_cols))
             else:

@@ -262,6 +262,7 @@ class FusedDartsSequence(torch.autograd.Function):
             for i, node in enumerate(nodes)
         ]
         d_gamma = [d_gammas[i].sum(0) if i in d_gammas else None for i in range(n)]
+        d_weights = _read_weights(plan, d_weights)
         return None, d_init, carry, d_w_h, None, *d_weights, *d_act_w, *d_gamma
 
 
@@ -310,6 +311,8 @@ def _activation_weight_grad(
     prev = states[:, spec.start : spec.stop]
     per_edge = torch.mul(d_carried, prev, out=products).sum((0, 2, 3))
     per_act = [torch.mul(act, d_mixed, out=products).sum((0, 2, 3)) for act in node.acts.unbind(2)]
+    if not per_act:  # a sampled ``none``: no activation weights
+        return d_mixed.new_zeros(node.m, 0)
     return torch.stack(per_act, 1) + per_edge.unsqueeze(1)
 
 
@@ -360,7 +363,7 @@ def _native_forward(
         nodes, x_proj, h0, w_h, mask_h, weights, act_w, gammas, mean, var, training, momentum, eps
     )
     _count_batches(plan, x_proj.shape[0])
-    ctx.settings, ctx.buffers = settings, buffers  # type: ignore[attr-defined]
+    ctx.settings, ctx.buffers, ctx.plan = settings, buffers, plan  # type: ignore[attr-defined]
     ctx.save_for_backward(w_h, mask_h, *per_node)
     return output
 
@@ -376,5 +379,13 @@ def _native_backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None,
         nodes, grad_out, buffers, w_h, mask_h, weights, act_w, gammas, mean, var, training, eps
     )
     d_weights, d_act_w, d_gammas = rest[:n], rest[n : 2 * n], rest[2 * n :]
+    d_weights = _read_weights(ctx.plan, d_weights)  # type: ignore[attr-defined]
     d_gammas = [None if g is None else dg for dg, g in zip(d_gammas, gammas, strict=True)]
     return None, d_init, d_h0, d_w_h, None, *d_weights, *d_act_w, *d_gammas
+
+
+def _read_weights(plan: Plan, d_weights: list[Tensor]) -> list[Tensor | None]:
+    """The node weights' gradients, ``None`` for a node with no activation (a sampled
+    ``none``): the eager loop does not read its weight, so autograd leaves it without one (and
+    weight decay leaves it alone)."""
+    return [g if spec.acts else None for spec, g in zip(plan.nodes, d_weights, strict=True)]

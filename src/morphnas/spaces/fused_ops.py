@@ -219,17 +219,24 @@ def refuse_double_backward(kernel: str) -> None:
         )
 
 
-def kernel_applies(fused: bool, bn: nn.BatchNorm1d | None, batch: int, mixing: object) -> bool:
+def kernel_applies(
+    fused: bool,
+    bn: nn.BatchNorm1d | None,
+    batch: int,
+    mixing: object,
+    takes_sampled: bool = False,
+) -> bool:
     """Whether a space's sequence kernel runs this forward.
 
-    Not when the user chose the eager path (``fused=False``), not for a sampled mixing (one op
-    per node, already cheap eagerly), not under ``torch.func`` transforms (the exact Hessian
-    products of ``hypergrad`` differentiate twice; a kernel's backward is hand-written and
-    once-only), and not for BatchNorm settings the kernels do not reproduce.
+    Not when the user chose the eager path (``fused=False``), not for a sampled mixing unless
+    the space's kernel takes it (``takes_sampled``; otherwise one op per node runs eagerly), not
+    under ``torch.func`` transforms (the exact Hessian products of ``hypergrad`` differentiate
+    twice; a kernel's backward is hand-written and once-only), and not for BatchNorm settings the
+    kernels do not reproduce.
     """
     return (
         fused
-        and not isinstance(mixing, SampledMixing)
+        and (takes_sampled or not isinstance(mixing, SampledMixing))
         and not transforms_active()
         and supports_batchnorm(bn, batch)
     )
