@@ -11,7 +11,8 @@ The cell (spec/morphism.md §2.1), per time step, with ``m`` the ``dropout_h`` m
 
 * init node: ``[c₀ | g₀] = x̂_t + (m ⊙ h) W_h``, ``s₀ = BN(h + σ(c₀) ⊙ (tanh(g₀) − h))``;
 * node ``i`` over its predecessors ``j`` (all of ``0..i−1`` when mixed, the chosen one when
-  fixed), with activation weights ``w_jk`` and ``W_j = Σ_k w_jk``:
+  fixed or sampled; a sampled ``none`` has no activation), with activation weights ``w_jk`` and
+  ``W_j = Σ_k w_jk``:
   ``[c | g]_j = (m ⊙ s_j) W_i``, ``F_j = Σ_k w_jk f_k(g_j)``,
   ``r_i = Σ_j W_j s_j + σ(c_j) ⊙ (F_j − W_j s_j)``, ``y_i = BN(r_i)``;
   ``s_i = y_i``, or for a grown residual node ``s_i = mean(s_1..s_{i−1}) + γ_i ⊙ y_i``;
