@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from functools import cached_property
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -198,9 +199,10 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
         hs[0].copy_(h0)
         ctx.native = native.two_input_cell() if native.handles(u) else None  # type: ignore[attr-defined]
         if ctx.native is not None:  # type: ignore[attr-defined]
-            ctx.native_plan = _native_plan(plan)  # type: ignore[attr-defined]
-            ctx.buffers = _native_buffers(nodes, u, states, hs, mask_h, shared, block)  # type: ignore[attr-defined]
-            ctx.native.forward(ctx.native_plan, ctx.buffers)  # type: ignore[attr-defined]
+            kernel = ctx.native  # type: ignore[attr-defined]
+            ctx.native_plan = _native_plan(kernel, plan)  # type: ignore[attr-defined]
+            ctx.buffers = _native_buffers(kernel, nodes, u, states, hs, mask_h, shared, block)  # type: ignore[attr-defined]
+            kernel.forward(ctx.native_plan, ctx.buffers)  # type: ignore[attr-defined]
         else:
             _forward_loop(plan, live, states, seq, hs, mask_h, shared, block)
         ctx.plan, ctx.nodes, ctx.shared = plan, nodes, shared  # type: ignore[attr-defined]
@@ -433,10 +435,8 @@ NATIVE_OPS = {"highway": 1, "hadamard": 2, "add": 3}  # two_input_cell.h's Op; a
 
 
 @functools.cache
-def _native_plan(plan: TwoInputCellPlan) -> object:
+def _native_plan(kernel: ModuleType, plan: TwoInputCellPlan) -> object:
     """``plan`` as the C++ kernel takes it, made once per cell (the plan is hashable)."""
-    kernel = native.two_input_cell()
-    assert kernel is not None
     return kernel.Plan(
         [NATIVE_OPS.get(op, 0) for op in plan.ops],
         [native.ACTIVATION_CODES[ADD_OPS.get(op, "identity")] for op in plan.ops],
@@ -450,6 +450,7 @@ def _native_plan(plan: TwoInputCellPlan) -> object:
 
 
 def _native_buffers(
+    kernel: ModuleType,
     nodes: list[_Node | None],
     u: Tensor,
     states: Tensor,
@@ -460,8 +461,6 @@ def _native_buffers(
 ) -> object:
     """The sequence's buffers and weights as the C++ loops take them (``Buffers``): the forward
     fills them, the backward reads them again."""
-    kernel = native.two_input_cell()
-    assert kernel is not None
     return kernel.Buffers(
         u.contiguous(),  # (a view's rows are read by pointer)
         states,

@@ -110,6 +110,25 @@ class ChunkSums {
   std::map<int64_t, std::vector<double>> parts_;
 };
 
+// The DARTS kernels' init node: ``[c₀ | g₀] = x̂_t + (m ⊙ h) W_h`` into ``out``, with ``m`` the
+// dropout mask on ``h`` (undefined: none) and ``scratch`` room for ``m ⊙ h``.
+inline void init_projection(Tensor out, const Tensor& x_proj_t, const Tensor& h,
+                            const Tensor& w_h, const Tensor& mask, Tensor& scratch) {
+  at::addmm_out(out, x_proj_t, mask.defined() ? at::mul_out(scratch, h, mask) : h, w_h);
+}
+
+// ``out += (a b) ⊙ m``: what a matmul of masked states ``m ⊙ s`` sends back to ``s``. The mask
+// ``(B, d)`` (undefined: none) applies to each block of ``B`` rows of ``out``.
+inline void add_masked_product(const Tensor& out, const Tensor& a, const Tensor& b,
+                               const Tensor& mask) {
+  if (!mask.defined()) {
+    out.addmm_(a, b);
+    return;
+  }
+  const int64_t B = mask.size(0), d = mask.size(1);
+  out.view({-1, B, d}).addcmul_(at::mm(a, b).view({-1, B, d}), mask);
+}
+
 // Step ``t`` of a buffer whose first dimension is the step, as a pointer (no view made).
 template <typename T>
 inline T* step_of(const Tensor& buffer, int64_t t) {

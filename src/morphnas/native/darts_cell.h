@@ -109,8 +109,7 @@ class Forward {
     Tensor masked_h = c_.mask.defined() ? at::empty({B, d}, x_proj.options()) : Tensor();
     for (int64_t t = 0; t < c_.steps; ++t) {
       Tensor h = hs.select(0, t), init_t = init.select(0, t);
-      const Tensor h_in = c_.mask.defined() ? at::mul_out(masked_h, h, c_.mask) : h;
-      at::addmm_out(init_t, x_proj.select(0, t), h_in, w_h);
+      init_projection(init_t, x_proj.select(0, t), h, w_h, c_.mask, masked_h);
       init_node(t);
       for (int64_t j = 0; j <= N; ++j) {
         if (j > 0) {
@@ -321,12 +320,7 @@ class Backward {
 
   // d s_j += (dz W^T) ⊙ m: the children's matmul's share of their parent state.
   void parent_matmul(int64_t j, const Tensor& dz_t, const Tensor& block) {
-    Tensor d_state = d_states_.select(0, j);
-    if (!c_.mask.defined()) {
-      d_state.addmm_(dz_t, block.t());
-    } else {
-      d_state.addcmul_(at::mm(dz_t, block.t()), c_.mask);
-    }
+    add_masked_product(d_states_.select(0, j), dz_t, block.t(), c_.mask);
   }
 
   // A residual node's final ``d s_i``: ``γ``'s share, the base's (``output_rule_backward``),
@@ -370,11 +364,7 @@ class Backward {
           cp[j] = dy * (T(1) - c0);
         }
     });
-    if (!c_.mask.defined()) {
-      carry.addmm_(d_init_t, w_h.t());
-    } else {
-      carry.addcmul_(at::mm(d_init_t, w_h.t()), c_.mask);
-    }
+    add_masked_product(carry, d_init_t, w_h.t(), c_.mask);
   }
 };
 

@@ -127,8 +127,7 @@ class Forward {
     Tensor masked_h = c_.mask.defined() ? at::empty({B, d}, x_proj.options()) : Tensor();
     for (int64_t t = 0; t < c_.steps; ++t) {
       Tensor h = hs.select(0, t), init_t = init.select(0, t);
-      const Tensor h_in = c_.mask.defined() ? at::mul_out(masked_h, h, c_.mask) : h;
-      at::addmm_out(init_t, x_proj.select(0, t), h_in, w_h);
+      init_projection(init_t, x_proj.select(0, t), h, w_h, c_.mask, masked_h);
       init_node(t, h.data_ptr<T>(), init_t.data_ptr<T>());
       for (int64_t i = 0; i < c_.n(); ++i) node(t, i, weights[i], gammas[i]);
       mean_of_states(t, c_.n(), hs.select(0, t + 1).data_ptr<T>());
@@ -413,12 +412,8 @@ class Backward {
     });
     chunks_.merge_into(reduced_[i]);
     d_weight.addmm_(c_.inputs(t, i).t(), dz);
-    Tensor d_prev_t = d_states_.narrow(0, spec.start, m).view({m * B, d});
-    if (!c_.mask.defined()) {
-      d_prev_t.addmm_(dz, weight.t());
-    } else {
-      d_prev_t.view({m, B, d}).addcmul_(at::mm(dz, weight.t()).view({m, B, d}), c_.mask);
-    }
+    add_masked_product(d_states_.narrow(0, spec.start, m).view({m * B, d}), dz, weight.t(),
+                       c_.mask);
   }
 
   void init_node(int64_t t, Tensor d_init_t, Tensor& carry, const Tensor& w_h) {
@@ -438,11 +433,7 @@ class Backward {
         dz[b * 2 * d + u] = dr[j] * (g0 - h[j]) * c0 * (T(1) - c0);
         cp[j] = dr[j] - d_g0;
       }
-    if (!c_.mask.defined()) {
-      carry.addmm_(d_init_t, w_h.t());
-    } else {
-      carry.addcmul_(at::mm(d_init_t, w_h.t()), c_.mask);
-    }
+    add_masked_product(carry, d_init_t, w_h.t(), c_.mask);
   }
 };
 

@@ -180,8 +180,11 @@ class FusedTwoInputSequence(torch.autograd.Function):
         hs[0].copy_(h0)
         ctx.native = native.two_input_supernet() if native.handles(u) else None  # type: ignore[attr-defined]
         if ctx.native is not None:  # type: ignore[attr-defined]
-            ctx.sequence = _native_sequence(plan, nodes, norm, seq, hs, mask_h, op_w, gammas)  # type: ignore[attr-defined]
-            ctx.native.forward(ctx.sequence)  # type: ignore[attr-defined]
+            kernel = ctx.native  # type: ignore[attr-defined]
+            ctx.sequence = _native_sequence(
+                kernel, plan, nodes, norm, seq, hs, mask_h, op_w, gammas
+            )  # type: ignore[attr-defined]
+            kernel.forward(ctx.sequence)  # type: ignore[attr-defined]
         else:
             _forward_loop(plan, nodes, norm, seq, node_states, hs, mask_h, op_w, gammas)
         counter = None if plan.bn is None or not plan.bn.training else plan.bn.num_batches_tracked
@@ -407,6 +410,7 @@ NATIVE_KINDS = {"highway": 1, "hadamard": 2, "add": 3}  # two_input_supernet.h's
 
 
 def _native_sequence(
+    kernel: ModuleType,
     plan: TwoInputPlan,
     nodes: list[_Node],
     norm: SequenceNorm,
@@ -418,8 +422,6 @@ def _native_sequence(
 ) -> object:
     """The sequence's buffers and weights as the C++ loops take them (``Sequence``): the
     forward fills them, the backward reads them again."""
-    kernel = native.two_input_supernet()
-    assert kernel is not None
     sequence = kernel.Sequence()
     sequence.u, sequence.h_in, sequence.hs = seq[0].contiguous(), seq[1], hs
     sequence.mask = None if mask_h is None else mask_h.contiguous()
