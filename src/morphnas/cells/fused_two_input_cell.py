@@ -126,14 +126,32 @@ class _Node:
 
     def bind(self, z: Tensor, u_flat: Tensor) -> None:
         """Take ``z``, ``(T, B, width)``, as this node's buffer, starting as its ``u`` term."""
-        self.z, self.z_t = z, z.unbind(0)
+        self.z = z
         if self.u_weight is not None:
             z.view(u_flat.shape[0], self.width).addmm_(u_flat, self.u_weight, beta=0)
         else:
             z.zero_()
-        if self.op == "highway":
-            d = self.width // 2
-            self.gate_t, self.cand_t = z[..., :d].unbind(0), z[..., d:].unbind(0)
+
+    # Per-step views, made on first use: only the Python loops read them (the native loops take
+    # the whole buffers, and a view costs about a microsecond).
+
+    @cached_property
+    def z_t(self) -> tuple[Tensor, ...]:
+        return self.z.unbind(0)
+
+    @cached_property
+    def gate_t(self) -> tuple[Tensor, ...]:
+        """A highway's ``σ(c)`` half of ``z``."""
+        return self.z[..., : self.width // 2].unbind(0)
+
+    @cached_property
+    def cand_t(self) -> tuple[Tensor, ...]:
+        """A highway's ``tanh(g)`` half of ``z``."""
+        return self.z[..., self.width // 2 :].unbind(0)
+
+    @cached_property
+    def y_t(self) -> tuple[Tensor, ...] | None:
+        return None if self.y is None else self.y.unbind(0)
 
 
 def _summed(weights: list[Tensor]) -> Tensor | None:
@@ -153,7 +171,6 @@ def _bind_buffers(nodes: list[_Node], u: Tensor) -> tuple[Tensor | None, Tensor 
     start = 0
     for node in nodes:
         node.y = u.new_empty(steps, batch, d) if node.gamma is not None else None
-        node.y_t = node.y.unbind(0) if node.y is not None else None
         if node.h_weight is not None:
             assert shared is not None
             node.columns = (start, start + node.width)

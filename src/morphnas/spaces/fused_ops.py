@@ -9,6 +9,7 @@ derivative is cheaper from them (``tanh``, ``sigmoid``), the pre-activation for 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
@@ -262,7 +263,8 @@ class SequenceNorm:
     Training: ``torch.native_batch_norm`` (the kernel ``F.batch_norm`` calls) on the module's own
     running buffers, keeping the raw input, mean and inverse std for the backward. Evaluation:
     the running statistics. ``None``: the identity. Per-step views are made once (``unbind``),
-    because at these sizes making a view costs about as much as a small kernel.
+    because at these sizes making a view costs about as much as a small kernel, and on first
+    use: the native loops take the whole buffers (``pre_all`` etc.) and read no view.
     """
 
     def __init__(self, bn: nn.BatchNorm1d | None, like: Tensor, states: int) -> None:
@@ -270,17 +272,25 @@ class SequenceNorm:
         if bn is None:
             return
         steps, batch, d = like.shape
-        # Whole buffers (``pre_all`` etc., what the native loops take) and their per-step views.
         self.pre_all = like.new_empty(steps, states, batch, d)
-        self.pre = [row.unbind(0) for row in self.pre_all.unbind(0)]
         if bn.training:
             stats = like.new_empty(2, steps, states, d)
             self.mean_all, self.invstd_all = stats[0], stats[1]
-            self.mean = [row.unbind(0) for row in stats[0].unbind(0)]
-            self.invstd = [row.unbind(0) for row in stats[1].unbind(0)]
         else:
             assert bn.running_var is not None
             self.scale = torch.rsqrt(bn.running_var + bn.eps)
+
+    @cached_property
+    def pre(self) -> list[tuple[Tensor, ...]]:
+        return [row.unbind(0) for row in self.pre_all.unbind(0)]
+
+    @cached_property
+    def mean(self) -> list[tuple[Tensor, ...]]:
+        return [row.unbind(0) for row in self.mean_all.unbind(0)]
+
+    @cached_property
+    def invstd(self) -> list[tuple[Tensor, ...]]:
+        return [row.unbind(0) for row in self.invstd_all.unbind(0)]
 
     def raw(self, t: int, k: int, out: Tensor) -> Tensor:
         """Where the raw (pre-BN) state goes: ``out`` itself without BatchNorm."""

@@ -34,6 +34,7 @@ On CPU in float32 and float64 the two time loops run in C++ (``native.two_input_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from types import ModuleType
 
 import torch
@@ -99,6 +100,10 @@ class _Node:
     ``pre``: ``a M_a + b M_b`` (``σ``/``tanh`` applied in place on the highway block);
     ``terms``: every term, stacked so that the mixture is one ``mm`` with the op weights;
     ``normed``: a residual node's BN output (before ``γ``).
+
+    The per-step views (``*_t``) are made on first use: only the Python loops read them. A view
+    costs about a microsecond, a sequence needs hundreds per node, and the native loops, which
+    take the whole buffers, would pay for them without reading one.
     """
 
     def __init__(
@@ -112,7 +117,7 @@ class _Node:
     ) -> None:
         steps, batch, d = u.shape
         new = u.new_empty
-        self.spec, self.weight = spec, weight
+        self.spec, self.weight, self.norm, self.index = spec, weight, norm, index
         self.hoisted = weight is not None and spec.b == -1
         if weight is not None:
             # Only the add_* blocks read a; the highway block (last) reads b alone.
@@ -122,19 +127,64 @@ class _Node:
                 self.pre = (u.reshape(steps * batch, d) @ self.w_b).view(steps, batch, -1)
             else:
                 self.pre = new(steps, batch, weight.shape[1])
-            self.pre_t = self.pre.unbind(0)
-            self.pre_a_t = self.pre[..., : self.a_cols].unbind(0)
-            self.add_t, self.gate_t, self.cand_t = _blocks(self.pre, spec, d)
         self.program = spec.program()
-        n_terms = len(spec.terms)
-        self.terms = new(steps, n_terms, batch, d)
-        self.term_t = [row.unbind(0) for row in self.terms.unbind(0)]
-        self.flat_t = self.terms.view(steps, n_terms, batch * d).unbind(0)
-        self.state_all, self.state_t = state, state.unbind(0)
+        self.terms = new(steps, len(spec.terms), batch, d)
+        self.state_all = state
         self.normed = new(steps, batch, d) if spec.residual else state
-        self.normed_t = self.normed.unbind(0)
-        # The mixture's destination: BN's input, else the BN-less output itself.
-        self.mix_t = [norm.raw(t, index, self.normed_t[t]).view(1, batch * d) for t in range(steps)]
+
+    @cached_property
+    def pre_t(self) -> tuple[Tensor, ...]:
+        return self.pre.unbind(0)
+
+    @cached_property
+    def pre_a_t(self) -> tuple[Tensor, ...]:
+        return self.pre[..., : self.a_cols].unbind(0)
+
+    @cached_property
+    def _blocks_t(
+        self,
+    ) -> tuple[list[tuple[Tensor, ...]], tuple[Tensor, ...], tuple[Tensor, ...]]:
+        return _blocks(self.pre, self.spec, self.terms.shape[-1])
+
+    @property
+    def add_t(self) -> list[tuple[Tensor, ...]]:
+        """Per ``add_*`` term, its block of ``pre``."""
+        return self._blocks_t[0]
+
+    @property
+    def gate_t(self) -> tuple[Tensor, ...]:
+        """The highway's gate block of ``pre`` (empty without highway)."""
+        return self._blocks_t[1]
+
+    @property
+    def cand_t(self) -> tuple[Tensor, ...]:
+        """The highway's candidate block of ``pre`` (empty without highway)."""
+        return self._blocks_t[2]
+
+    @cached_property
+    def term_t(self) -> list[tuple[Tensor, ...]]:
+        return [row.unbind(0) for row in self.terms.unbind(0)]
+
+    @cached_property
+    def flat_t(self) -> tuple[Tensor, ...]:
+        steps, n_terms, batch, d = self.terms.shape
+        return self.terms.view(steps, n_terms, batch * d).unbind(0)
+
+    @cached_property
+    def state_t(self) -> tuple[Tensor, ...]:
+        return self.state_all.unbind(0)
+
+    @cached_property
+    def normed_t(self) -> tuple[Tensor, ...]:
+        return self.normed.unbind(0)
+
+    @cached_property
+    def mix_t(self) -> list[Tensor]:
+        """The mixture's destination: BN's input, else the BN-less output itself."""
+        return [
+            self.norm.raw(t, self.index, normed).view(1, -1)
+            for t, normed in enumerate(self.normed_t)
+        ]
 
 
 def _blocks(
