@@ -129,6 +129,109 @@ inline void add_masked_product(const Tensor& out, const Tensor& a, const Tensor&
   out.view({-1, B, d}).addcmul_(at::mm(a, b).view({-1, B, d}), mask);
 }
 
+// BatchNorm without affine over the rows of a ``(rows, d)`` block, as ``nn.BatchNorm1d`` computes
+// it (``aten::native_batch_norm`` and its backward), written out. Why not ATen's: at search sizes
+// its call, with its dispatch and the temporaries it makes (zeros, ones, empty), took longer
+// than the arithmetic; the supernets call it twice per state and step. Sums are taken in double.
+template <typename T>
+struct RowNorm {
+  bool training = false;
+  T* running_mean = nullptr;  // training: moved by ``momentum`` (nullptr: frozen); eval: read
+  T* running_var = nullptr;
+  const T* scale = nullptr;  // eval: 1/sqrt(running_var + eps)
+  double momentum = 0.0, eps = 0.0;
+  int64_t rows = 0, d = 0;
+
+  // ``out = BN(pre)``. Training: the batch's mean and 1/sqrt(var + eps) per column into ``mean``
+  // and ``invstd`` (the backward reads them), and the running statistics moved, the variance
+  // unbiased. ``out`` may be ``pre``.
+  void forward(const T* pre, T* out, T* mean, T* invstd) const {
+    if (!training) {
+      for (int64_t b = 0; b < rows; ++b)
+        for (int64_t u = 0; u < d; ++u)
+          out[b * d + u] = (pre[b * d + u] - running_mean[u]) * scale[u];
+      return;
+    }
+    over_columns([&](int64_t u0, int64_t u1) {
+      std::vector<double> sum(u1 - u0, 0.0), squares(u1 - u0, 0.0);
+      for (int64_t b = 0; b < rows; ++b)
+        for (int64_t u = u0; u < u1; ++u) sum[u - u0] += pre[b * d + u];
+      for (int64_t u = u0; u < u1; ++u) mean[u] = static_cast<T>(sum[u - u0] / rows);
+      for (int64_t b = 0; b < rows; ++b)
+        for (int64_t u = u0; u < u1; ++u) {
+          const double diff = pre[b * d + u] - mean[u];
+          squares[u - u0] += diff * diff;
+        }
+      for (int64_t u = u0; u < u1; ++u) {
+        const double var_sum = squares[u - u0];
+        invstd[u] = static_cast<T>(1.0 / std::sqrt(var_sum / rows + eps));
+        if (running_mean == nullptr) continue;
+        running_mean[u] = static_cast<T>((1 - momentum) * running_mean[u] + momentum * mean[u]);
+        running_var[u] = static_cast<T>((1 - momentum) * running_var[u] +
+                                        momentum * var_sum / static_cast<double>(rows - 1));
+      }
+      for (int64_t b = 0; b < rows; ++b)
+        for (int64_t u = u0; u < u1; ++u) out[b * d + u] = (pre[b * d + u] - mean[u]) * invstd[u];
+    });
+  }
+
+  // ``d_pre`` from ``grad``, the gradient of ``out``; training: through the batch statistics,
+  // ``(grad − mean(grad) − x̂ mean(grad x̂)) · invstd`` with ``x̂ = (pre − mean) · invstd``.
+  // ``d_pre`` may be ``grad``.
+  void backward(const T* grad, const T* pre, const T* mean, const T* invstd, T* d_pre) const {
+    if (!training) {
+      for (int64_t b = 0; b < rows; ++b)
+        for (int64_t u = 0; u < d; ++u) d_pre[b * d + u] = grad[b * d + u] * scale[u];
+      return;
+    }
+    over_columns([&](int64_t u0, int64_t u1) {
+      std::vector<double> sum(u1 - u0, 0.0), dot(u1 - u0, 0.0);
+      for (int64_t b = 0; b < rows; ++b)
+        for (int64_t u = u0; u < u1; ++u) {
+          const T g = grad[b * d + u];
+          sum[u - u0] += g;
+          dot[u - u0] += g * (pre[b * d + u] - mean[u]);
+        }
+      std::vector<T> shift(u1 - u0), slope(u1 - u0);  // d_pre = (grad − shift − x̂ slope) invstd
+      for (int64_t u = u0; u < u1; ++u) {
+        shift[u - u0] = static_cast<T>(sum[u - u0] / rows);
+        slope[u - u0] = static_cast<T>(dot[u - u0] / rows * invstd[u]);
+      }
+      for (int64_t b = 0; b < rows; ++b)
+        for (int64_t u = u0; u < u1; ++u) {
+          const T x_hat = (pre[b * d + u] - mean[u]) * invstd[u];
+          d_pre[b * d + u] = (grad[b * d + u] - shift[u - u0] - x_hat * slope[u - u0]) * invstd[u];
+        }
+    });
+  }
+
+ private:
+  // ``body(first, end)`` over columns, split across threads in chunks of at least 2,048 elements.
+  template <typename F>
+  void over_columns(const F& body) const {
+    at::parallel_for(0, d, std::max<int64_t>(1, 2048 / std::max<int64_t>(rows, 1)), body);
+  }
+};
+
+// A ``RowNorm`` on a BatchNorm's tensors: its running statistics (absent: frozen, in training),
+// and in evaluation ``scale`` = 1/sqrt(running_var + eps).
+template <typename T>
+RowNorm<T> row_norm(bool training, const OptTensor& running_mean, const OptTensor& running_var,
+                    const Tensor& scale, double momentum, double eps, int64_t rows, int64_t d) {
+  RowNorm<T> norm;
+  norm.training = training;
+  if (running_mean.has_value() && running_mean->defined()) {
+    norm.running_mean = running_mean->data_ptr<T>();
+    norm.running_var = running_var->data_ptr<T>();
+  }
+  if (!training) norm.scale = scale.data_ptr<T>();
+  norm.momentum = momentum;
+  norm.eps = eps;
+  norm.rows = rows;
+  norm.d = d;
+  return norm;
+}
+
 // Step ``t`` of a buffer whose first dimension is the step, as a pointer (no view made).
 template <typename T>
 inline T* step_of(const Tensor& buffer, int64_t t) {

@@ -2,9 +2,10 @@
 // morphnas/spaces/fused_darts.py (the same cell and formulas; read its docstring first).
 //
 // Why: at search sizes on a CPU the Python kernel spends about as long calling ATen (thousands
-// of calls a step, 5–20 µs each) as computing. Here the matmuls and BatchNorm stay ATen calls;
-// everything elementwise of a node at a step is one pass over its rows, and the reductions the
-// activation weights' gradient needs are taken in that pass instead of over saved buffers.
+// of calls a step, 5–20 µs each) as computing. Here the matmuls stay ATen calls; everything
+// elementwise of a node at a step is one pass over its rows, and the reductions the activation
+// weights' gradient needs are taken in that pass instead of over saved buffers. BatchNorm is
+// common.h's ``RowNorm`` (ATen's formulas, on the module's running buffers, without its calls).
 // The loops are plain arithmetic so that -O3 -march=native vectorises them, exp included.
 
 #pragma once
@@ -44,11 +45,6 @@ struct Cell {
   const Tensor& node_buffer(int64_t i, NodeSaved which) const {
     return saved[kPerNode + kNodeBuffers * i + which];
   }
-  // State ``k`` (0: the init node, ``i + 1``: node ``i``) at step ``t`` of a ``(T, N+1, ...)``
-  // buffer, as a view for ATen calls (one view op: at these sizes a view costs about 1 µs).
-  Tensor state(Saved which, int64_t t, int64_t k) const {
-    return by_state[which].select(0, t * (n() + 1) + k);
-  }
   // Node ``i``'s inputs at step ``t`` (masked states ``start..stop−1``) as ``(edges·B, d)``.
   Tensor inputs(int64_t t, int64_t i) const {
     const Node& node = nodes[i];
@@ -61,16 +57,26 @@ struct Cell {
   }
   // The views above, made once per call rather than once per step (after ``saved`` is set).
   void index() {
-    for (size_t which : {kPre, kMean, kInvstd})
-      by_state[which] = saved[which].numel() ? saved[which].flatten(0, 1) : saved[which];
     masked_rows = saved[kMasked].view({-1, d});
     for (int64_t i = 0; i < n(); ++i) z_by_row.push_back(node_buffer(i, kZ).view({-1, 2 * d}));
   }
-  Tensor by_state[kPerNode], masked_rows;  // by_state: the (T·(N+1), ...) views, where used
+  Tensor masked_rows;
   std::vector<Tensor> z_by_row;
   template <typename T>
   T* state_ptr(Saved which, int64_t t, int64_t k) const {
     return saved[which].data_ptr<T>() + (t * (n() + 1) + k) * batch * d;
+  }
+  // State ``k``'s BatchNorm statistics (``kMean``, ``kInvstd``) at step ``t``; none in evaluation.
+  template <typename T>
+  T* stat_ptr(Saved which, int64_t t, int64_t k) const {
+    if (!norm.training) return nullptr;
+    return saved[which].data_ptr<T>() + (t * (n() + 1) + k) * d;
+  }
+  template <typename T>
+  RowNorm<T> row_norm() const {
+    if (!norm.on) return RowNorm<T>();
+    return morphnas_native::row_norm<T>(norm.training, norm.running_mean, norm.running_var,
+                                        norm.scale, norm.momentum, norm.eps, batch, d);
   }
 };
 
@@ -115,7 +121,8 @@ void blend_row(const Node& spec, const T* mix, T w_sum, const T* g, const T* p, 
 template <typename T>
 class Forward {
  public:
-  Forward(Cell& cell, const std::vector<Tensor>& act_w) : c_(cell), mix_(cell.nodes, act_w) {}
+  Forward(Cell& cell, const std::vector<Tensor>& act_w)
+      : c_(cell), mix_(cell.nodes, act_w), bn_(cell.row_norm<T>()) {}
 
   void run(const Tensor& x_proj, const Tensor& h0, const Tensor& w_h,
            const std::vector<Tensor>& weights, const std::vector<OptTensor>& gammas) {
@@ -137,6 +144,7 @@ class Forward {
  private:
   Cell& c_;
   const Mixing<T> mix_;
+  const RowNorm<T> bn_;
 
   void allocate(const Tensor& x_proj) {
     const auto opt = x_proj.options();
@@ -221,17 +229,9 @@ class Forward {
 
   // BatchNorm of state ``k`` at step ``t``, from its raw value in ``pre`` into ``out``.
   void normalise(int64_t t, int64_t k, T* out) {
-    const Norm& norm = c_.norm;
-    if (!norm.on) return;
-    Tensor pre = c_.state(kPre, t, k);
-    Tensor out_view = at::from_blob(out, {c_.batch, c_.d}, pre.options());
-    if (norm.training) {
-      Tensor mean = c_.state(kMean, t, k), invstd = c_.state(kInvstd, t, k);
-      at::native_batch_norm_out(out_view, mean, invstd, pre, {}, {}, norm.running_mean,
-                                norm.running_var, true, norm.momentum, norm.eps);
-    } else {
-      at::mul_out(out_view, at::sub(pre, *norm.running_mean), norm.scale);
-    }
+    if (!c_.norm.on) return;
+    bn_.forward(c_.state_ptr<T>(kPre, t, k), out, c_.stat_ptr<T>(kMean, t, k),
+                c_.stat_ptr<T>(kInvstd, t, k));
   }
 
   void apply_mask(int64_t t, int64_t k) {
@@ -253,7 +253,7 @@ template <typename T>
 class Backward {
  public:
   Backward(const Cell& cell, const std::vector<Tensor>& act_w)
-      : c_(cell), mix_(cell.nodes, act_w) {}
+      : c_(cell), mix_(cell.nodes, act_w), bn_(cell.row_norm<T>()) {}
 
   // Gradients: x_proj, h0, w_h, then per node its weight, activation weights and γ (empty: none).
   std::vector<Tensor> run(const Tensor& grad_out, const Tensor& w_h,
@@ -264,6 +264,7 @@ class Backward {
     Tensor carry = at::zeros({B, d}, opt);
     d_states_ = at::empty({N + 1, B, d}, opt);
     scratch_ = at::empty({B, d}, opt);
+    d_raw_ = at::empty({B, d}, opt);
     std::vector<Tensor> d_weights;
     for (const Tensor& w : weights) d_weights.push_back(at::zeros_like(w));
     start_reductions(grad_out.options());
@@ -294,9 +295,10 @@ class Backward {
 
  private:
   const Cell& c_;
-  Tensor d_states_, scratch_;
+  Tensor d_states_, scratch_, d_raw_;  // d_raw_: a state's gradient before its BatchNorm
   std::vector<Tensor> d_z_;  // per node, (edges × B, 2d), reused at every step
   const Mixing<T> mix_;
+  const RowNorm<T> bn_;
   // Per node: Σ ⟨dF_j, f_k(g_j)⟩ (edges × acts), then Σ ⟨d(W_j s_j), s_j⟩ (edges), over steps.
   std::vector<std::vector<double>> reduced_;
   std::vector<std::vector<double>> d_gamma_;
@@ -322,14 +324,13 @@ class Backward {
     return grad;
   }
 
-  Tensor norm_backward(int64_t t, int64_t k, const Tensor& grad) {
-    const Norm& norm = c_.norm;
-    if (!norm.on) return grad;
-    if (!norm.training) return grad * norm.scale;
-    return std::get<0>(at::native_batch_norm_backward(
-        grad, c_.state(kPre, t, k), {}, norm.running_mean, norm.running_var,
-        c_.state(kMean, t, k), c_.state(kInvstd, t, k),
-        true, norm.eps, {true, false, false}));
+  // State ``k``'s gradient before its BatchNorm at step ``t``, from ``grad``, the one after it.
+  const T* norm_backward(int64_t t, int64_t k, const T* grad) {
+    if (!c_.norm.on) return grad;
+    T* d_raw = d_raw_.data_ptr<T>();
+    bn_.backward(grad, c_.state_ptr<T>(kPre, t, k), c_.stat_ptr<T>(kMean, t, k),
+                 c_.stat_ptr<T>(kInvstd, t, k), d_raw);
+    return d_raw;
   }
 
   void node(int64_t t, int64_t i, const Tensor& weight, Tensor& d_weight, const OptTensor& gamma) {
@@ -354,8 +355,7 @@ class Backward {
         for (int64_t j = 0; j < B * d; ++j) rows[k * B * d + j] += ds[j] * inv;
       d_state = scratch_;
     }
-    Tensor d_raw_t = norm_backward(t, i + 1, d_state).contiguous();
-    const T* d_raw = d_raw_t.data_ptr<T>();
+    const T* d_raw = norm_backward(t, i + 1, d_state.data_ptr<T>());
     const T* z = step_of<T>(c_.node_buffer(i, kZ), t);  // [σ(c) | g]
     Tensor dz = d_z_[i];  // [∂/∂c | ∂/∂g]: not into z, so that a second backward reads it again
     T* dzp = dz.data_ptr<T>();
@@ -418,8 +418,7 @@ class Backward {
 
   void init_node(int64_t t, Tensor d_init_t, Tensor& carry, const Tensor& w_h) {
     const int64_t B = c_.batch, d = c_.d;
-    Tensor d_raw_t = norm_backward(t, 0, d_states_.select(0, 0)).contiguous();
-    const T* dr = d_raw_t.data_ptr<T>();
+    const T* dr = norm_backward(t, 0, d_states_.data_ptr<T>());
     const T* z = step_of<T>(c_.saved[kInit], t);
     const T* h = step_of<T>(c_.saved[kHs], t);
     T* dz = d_init_t.data_ptr<T>();

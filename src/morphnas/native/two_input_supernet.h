@@ -5,9 +5,10 @@
 // calls per node and step). As for the derived two-input cell (two_input_cell.h), only the loops
 // are here; the per-sequence work (buffers, the matmuls on ``u`` hoisted before the loop, every
 // weight gradient after it, BatchNorm's batch counter) is shared by both kernels in Python, and
-// these functions fill the buffers the Python loops fill. Matmuls and BatchNorm stay ATen calls;
-// a node's terms and their mixture at a step are one pass over its rows, forward, and their
-// gradients another, backward, with the op weights' reductions taken in that pass.
+// these functions fill the buffers the Python loops fill. Matmuls stay ATen calls, BatchNorm is
+// common.h's ``RowNorm``; a node's terms and their mixture at a step are one pass over its rows,
+// forward, and their gradients another, backward, with the op weights' reductions taken in that
+// pass.
 
 #pragma once
 
@@ -46,7 +47,11 @@ struct Sequence {
 template <typename T>
 class Loops {
  public:
-  explicit Loops(const Sequence& s) : s_(s), B_(s.u.size(1)), d_(s.u.size(2)) {}
+  explicit Loops(const Sequence& s)
+      : s_(s), B_(s.u.size(1)), d_(s.u.size(2)),
+        bn_(s.bn ? row_norm<T>(s.bn_training, s.running_mean, s.running_var, s.bn_scale,
+                               s.momentum, s.eps, B_, d_)
+                 : RowNorm<T>()) {}
 
   // State ``j`` at step ``t`` (rows of ``d``, contiguous), and as a view for ATen.
   T* state(int64_t t, int64_t j) const {
@@ -90,6 +95,7 @@ class Loops {
     const int64_t steps = s_.u.size(0), N = n(), size = B_ * d_;
     const auto opt = grad_out.options();
     d_states_ = at::empty({N + 1, B_, d_}, opt);
+    d_mixed_ = at::empty({B_, d_}, opt);
     Tensor scaled = at::empty({B_, d_}, opt), carry = at::zeros({B_, d_}, opt);
     reduced_.assign(N, {});
     d_gamma_.assign(N, {});
@@ -130,7 +136,8 @@ class Loops {
  private:
   const Sequence& s_;
   const int64_t B_, d_;
-  Tensor d_states_;
+  const RowNorm<T> bn_;
+  Tensor d_states_, d_mixed_;  // d_mixed_: a node's gradient before its BatchNorm
   std::vector<std::vector<double>> reduced_, d_gamma_;  // Σ ⟨term_k, d mixed⟩; Σ d s ⊙ y
   ChunkSums chunks_;
 
@@ -191,7 +198,7 @@ class Loops {
       }
     });
     T* normed = step_of<T>(node.normed, t);
-    if (s_.bn) norm_forward(t, i, node.normed.select(0, t));
+    if (s_.bn) norm_forward(t, i, step_of<T>(node.normed, t));
     if (node.residual) {  // s = base(s_1..s_{i−1}) + γ ⊙ y
       T* s = step_of<T>(node.state, t);
       base_of(t, i, s);
@@ -205,25 +212,24 @@ class Loops {
     return buffer.data_ptr<T>() + (t * n() + i) * B_ * d_;
   }
 
-  void norm_forward(int64_t t, int64_t i, Tensor out) {
-    Tensor pre = s_.bn_pre.select(0, t).select(0, i);
-    if (s_.bn_training) {
-      Tensor mean = s_.bn_mean.select(0, t).select(0, i);
-      Tensor invstd = s_.bn_invstd.select(0, t).select(0, i);
-      at::native_batch_norm_out(out, mean, invstd, pre, {}, {}, s_.running_mean, s_.running_var,
-                                true, s_.momentum, s_.eps);
-    } else {
-      at::mul_out(out, at::sub(pre, *s_.running_mean), s_.bn_scale);
-    }
+  // BatchNorm of node ``i`` at step ``t``, from its mixture in ``bn_pre`` into ``out``.
+  void norm_forward(int64_t t, int64_t i, T* out) {
+    bn_.forward(bn_slot(s_.bn_pre, t, i), out, stat_slot(s_.bn_mean, t, i),
+                stat_slot(s_.bn_invstd, t, i));
   }
 
-  Tensor norm_backward(int64_t t, int64_t i, const Tensor& grad) {
+  // Node ``i``'s gradient before its BatchNorm at step ``t``, from ``grad``, the one after it.
+  const T* norm_backward(int64_t t, int64_t i, const T* grad) {
     if (!s_.bn) return grad;
-    if (!s_.bn_training) return grad * s_.bn_scale;
-    return std::get<0>(at::native_batch_norm_backward(
-        grad, s_.bn_pre.select(0, t).select(0, i), {}, s_.running_mean, s_.running_var,
-        s_.bn_mean.select(0, t).select(0, i), s_.bn_invstd.select(0, t).select(0, i), true,
-        s_.eps, {true, false, false}));
+    T* d_mixed = d_mixed_.data_ptr<T>();
+    bn_.backward(grad, bn_slot(s_.bn_pre, t, i), stat_slot(s_.bn_mean, t, i),
+                 stat_slot(s_.bn_invstd, t, i), d_mixed);
+    return d_mixed;
+  }
+
+  // Node ``i``'s BatchNorm statistics at step ``t`` in a ``(T, N, d)`` buffer; none in evaluation.
+  T* stat_slot(const Tensor& buffer, int64_t t, int64_t i) const {
+    return s_.bn_training ? buffer.data_ptr<T>() + (t * n() + i) * d_ : nullptr;
   }
 
   // The gradient row of state ``j`` at this step: ``u``'s is ``d_u`` at step ``t``.
@@ -262,8 +268,7 @@ class Loops {
       }
       d_s = scaled;
     }
-    const Tensor d_mixed_t = norm_backward(t, i, d_s).contiguous();
-    const T* dm = d_mixed_t.data_ptr<T>();
+    const T* dm = norm_backward(t, i, d_s.data_ptr<T>());
     const T* a = state(t, node.a);
     const T* b = state(t, node.b);
     T* da = d_row(t, node.a, d_u);

@@ -20,8 +20,9 @@ The cell (spec/morphism.md §2.1), per time step, with ``m`` the ``dropout_h`` m
 
 BatchNorm (no affine) is ``aten.native_batch_norm``, the kernel ``nn.BatchNorm1d`` itself calls,
 on the module's own running buffers, so running statistics follow the same updates in the same
-order. Differentiable once: a backward with ``create_graph=True`` raises (rather than return
-gradients missing the kernel's part), so second-order methods use the eager path
+order (the C++ twin writes the same formulas out, ``common.h``'s ``RowNorm``). Differentiable
+once: a backward with ``create_graph=True`` raises (rather than return gradients missing the
+kernel's part), so second-order methods use the eager path
 (``fused=False``), which ``DartsRNNSearchCell`` also picks by itself under ``torch.func``.
 
 On CPU in float32/float64 the sequence goes to this kernel's C++ twin (``morphnas.native``,
