@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, grad, vjp
 from typer.testing import CliRunner
 
-from morphnas import spaces, strategies
+from morphnas import hypergrad, spaces, strategies
 from morphnas.cli import app
 from morphnas.ops import recurrent
 from morphnas.spaces.base import SampledMixing
@@ -124,6 +124,29 @@ def test_bilevel_steps_run_the_sequence_kernel(monkeypatch, space_name, name, op
     grads = _captured_grads(strategies.build(name, space, **options), objective, train, valid)
     assert len(calls) >= 3  # e.g. DARTS: ∇_w L_train, ∇ L_val at w', ∇_α L_train at w ± εv
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("space_name", ["two_input", "darts_rnn"])
+def test_exact_hessian_products_equal_torch_func_on_the_supernets(space_name):
+    """The top-level double backward (autograd on the eager loops, with the kernels switched on)
+    gives the products of torch.func's vjp of the weight gradient, both kinds."""
+    space, _, _, objective, train, _ = _setup(space_name, nodes=3, dtype=torch.float64)
+    space.fused = True
+    train_loss, _, weights, arch = strategies.build("idarts", space)._bilevel(
+        objective, train, train
+    )
+    w, a = tuple(t.detach() for t in weights), tuple(t.detach() for t in arch)
+    gen = torch.Generator().manual_seed(3)
+    v = tuple(torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in w)
+    _, pull_w = vjp(lambda ws: grad(train_loss)(ws, a), w)
+    _, pull_a = vjp(lambda arch_: grad(train_loss)(w, arch_), a)
+    for got, (want,) in [
+        (hypergrad._hvp(train_loss, w, a, v), pull_w(v)),
+        (hypergrad._mixed_exact(train_loss, w, a, v), pull_a(v)),
+    ]:
+        assert any(float(x.abs().max()) > 0 for x in want)
+        for g, x in zip(got, want, strict=True):
+            torch.testing.assert_close(g, x, rtol=1e-10, atol=1e-12)
 
 
 def test_second_order_term_is_not_zero():

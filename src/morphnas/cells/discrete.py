@@ -23,7 +23,7 @@ from morphnas.spaces.base import (
     uniform_parameter,
     variational_mask,
 )
-from morphnas.spaces.fused_ops import doubled_tanh_half, transforms_active
+from morphnas.spaces.fused_ops import doubled_tanh_half, kernels_allowed
 
 
 class DartsRNNCell(nn.Module):
@@ -66,7 +66,7 @@ class DartsRNNCell(nn.Module):
         w_x, w_h = self.init_weight[: self.input_size], self.init_weight[self.input_size :]
         x_in = x if mask_x is None else x * mask_x
         h = x.new_zeros(batch, d) if h0 is None else h0
-        if self.fused and not transforms_active():
+        if self.fused and kernels_allowed():
             return self._fused_forward(x_in, h, mask_h)
         x_proj = x_in @ w_x
         acts = [ACTIVATIONS[node.op] for node in self.genotype.nodes]
@@ -157,7 +157,7 @@ class TwoInputCell(nn.Module):
         mask_h = variational_mask(batch, self.hidden_size, self.dropout_h, x, self.training)
         u_all = (x if mask_x is None else x * mask_x) @ self.input_weight
         h = x.new_zeros(batch, self.hidden_size) if h0 is None else h0
-        if self.fused and not transforms_active():
+        if self.fused and kernels_allowed():
             return self._fused_forward(u_all, h, mask_h)
         squash = ACTIVATIONS[self.genotype.output_activation]
         outputs = []

@@ -8,7 +8,8 @@ derivative is cheaper from them (``tanh``, ``sigmoid``), the pre-activation for 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import cached_property
 
 import torch
@@ -210,6 +211,27 @@ def transforms_active() -> bool:
     return bool(torch._C._are_functorch_transforms_active())
 
 
+_eager_depth = 0  # how many ``eager_kernels`` blocks are open
+
+
+@contextmanager
+def eager_kernels() -> Iterator[None]:
+    """Run the eager loops instead of the sequence kernels inside: for a graph that autograd will
+    differentiate again (``create_graph=True``), which a kernel's once-only backward refuses."""
+    global _eager_depth
+    _eager_depth += 1
+    try:
+        yield
+    finally:
+        _eager_depth -= 1
+
+
+def kernels_allowed() -> bool:
+    """Whether a once-differentiable sequence kernel may run: not under a ``torch.func``
+    transform, not inside ``eager_kernels``."""
+    return _eager_depth == 0 and not transforms_active()
+
+
 def refuse_double_backward(kernel: str) -> None:
     """Raise inside a kernel's hand-written backward when it runs with ``create_graph=True``:
     its formulas are not recorded, so a second derivative would silently lack its part."""
@@ -231,14 +253,14 @@ def kernel_applies(
 
     Not when the user chose the eager path (``fused=False``), not for a sampled mixing unless
     the space's kernel takes it (``takes_sampled``; otherwise one op per node runs eagerly), not
-    under ``torch.func`` transforms (the exact Hessian products of ``hypergrad`` differentiate
-    twice; a kernel's backward is hand-written and once-only), and not for BatchNorm settings the
-    kernels do not reproduce.
+    where the graph will be differentiated twice (``kernels_allowed``: the exact Hessian products
+    of ``hypergrad``; a kernel's backward is hand-written and once-only), and not for BatchNorm
+    settings the kernels do not reproduce.
     """
     return (
         fused
         and (takes_sampled or not isinstance(mixing, SampledMixing))
-        and not transforms_active()
+        and kernels_allowed()
         and supports_batchnorm(bn, batch)
     )
 
