@@ -129,7 +129,8 @@ def test_bilevel_steps_run_the_sequence_kernel(monkeypatch, space_name, name, op
 @pytest.mark.parametrize("space_name", ["two_input", "darts_rnn"])
 def test_exact_hessian_products_equal_torch_func_on_the_supernets(space_name):
     """The top-level double backward (autograd on the eager loops, with the kernels switched on)
-    gives the products of torch.func's vjp of the weight gradient, both kinds."""
+    gives the products of torch.func's vjp of the weight gradient, both kinds, and again on the
+    graph it keeps."""
     space, _, _, objective, train, _ = _setup(space_name, nodes=3, dtype=torch.float64)
     space.fused = True
     train_loss, _, weights, arch = strategies.build("idarts", space)._bilevel(
@@ -140,9 +141,12 @@ def test_exact_hessian_products_equal_torch_func_on_the_supernets(space_name):
     v = tuple(torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in w)
     _, pull_w = vjp(lambda ws: grad(train_loss)(ws, a), w)
     _, pull_a = vjp(lambda arch_: grad(train_loss)(w, arch_), a)
+    curvature = hypergrad.Curvature(train_loss, w, a)
+    v2 = tuple(2.0 * x for x in v)  # a second product on the same graph
     for got, (want,) in [
-        (hypergrad._hvp(train_loss, w, a, v), pull_w(v)),
-        (hypergrad._mixed_exact(train_loss, w, a, v), pull_a(v)),
+        (curvature.hvp(v), pull_w(v)),
+        (curvature.mixed(v), pull_a(v)),
+        (curvature.hvp(v2), pull_w(v2)),
     ]:
         assert any(float(x.abs().max()) > 0 for x in want)
         for g, x in zip(got, want, strict=True):

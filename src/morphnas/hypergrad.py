@@ -28,6 +28,7 @@ The finite-difference denominator is ``(2 * eps)`` with brackets (NNI #3044, pt.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -128,49 +129,70 @@ def _grad_a(loss: Loss, weights: Tensors, arch: Tensors) -> Tensors:
     return _grads(loss, weights, arch, (1,))[0]
 
 
-def _hvp(loss: Loss, weights: Tensors, arch: Tensors, v: Tensors) -> Tensors:
-    """``∇²_{ww} loss · v`` (reverse-over-reverse: the gradient of ``⟨∇_w loss, v⟩``)."""
-    return _double_backward(loss, weights, arch, v, 0)
+class Curvature:
+    """The second-order products of ``loss`` at one point ``(w, α)``, each the gradient of
+    ``⟨∇_w loss(w, α), v⟩``: ``hvp(v) = ∇²_{ww} loss · v`` and ``mixed(v) = ∇²_{αw} loss · v``.
 
-
-def _mixed_exact(loss: Loss, weights: Tensors, arch: Tensors, v: Tensors) -> Tensors:
-    """``∇²_{α,w} loss · v = ∇_α ⟨∇_w loss(w, α), v⟩`` (double backward)."""
-    return _double_backward(loss, weights, arch, v, 1)
-
-
-def _double_backward(
-    loss: Loss, weights: Tensors, arch: Tensors, v: Tensors, argnum: int
-) -> Tensors:
-    """``∇_x ⟨∇_w loss(w, α), v⟩`` for ``x`` = ``w`` (``argnum`` 0) or ``α`` (1).
+    The weight gradient is taken once, with its graph, and every product is one more backward
+    through it: iDARTS's K Neumann products and its mixed product, all at ``(w_T, α)``, share
+    one forward and one first backward instead of taking one each. At the top level that is
+    autograd with ``create_graph=True`` on the eager loops (``eager_kernels``: the sequence
+    kernels' backward is once-only), which gives torch.func's products to the bit without its
+    per-op wrapping (docs/benchmarks.md); under a torch.func transform (a caller's ``vmap``) it
+    is torch.func's ``vjp`` of the weight gradient, its pull-backs kept the same way.
 
     Reverse-over-reverse, not forward-over-reverse (``jvp``): in torch 2.13 the forward-mode
     formula of ``mse_loss``'s backward writes into the zero tangent of a target that has none
     ("ZeroTensors are immutable"), so a task using ``nn.MSELoss`` could not be differentiated.
-
-    At the top level it is autograd with ``create_graph=True``, on the eager loops
-    (``eager_kernels``: the sequence kernels' backward is once-only). It gives torch.func's
-    products to the bit, 1.4× faster on the supernets (no functorch wrapping per op;
-    docs/benchmarks.md). Under a transform (a caller's ``vmap``, the dense ``hessian``) it is
-    torch.func's ``vjp`` of the weight gradient.
     """
-    if transforms_active():
-        if argnum == 0:
-            _, pull = vjp(lambda w: _grad_w(loss, w, arch), weights)
-        else:
-            _, pull = vjp(lambda a: _grad_w(loss, weights, a), arch)
-        (out,) = pull(v)
-        return out
-    with eager_kernels(), torch.enable_grad():
-        w = tuple(t.detach().requires_grad_() for t in weights)
-        a = tuple(t.detach().requires_grad_() for t in arch) if argnum == 1 else arch
-        wrt = w if argnum == 0 else a
-        g_w = torch.autograd.grad(loss(w, a), w, create_graph=True, allow_unused=True)
-        terms = [(g * vi).sum() for g, vi in zip(g_w, v, strict=True) if g is not None]
-        inner = sum(terms[1:], terms[0]) if terms else None
+
+    def __init__(self, loss: Loss, weights: Tensors, arch: Tensors) -> None:
+        self._loss, self._weights, self._arch = loss, weights, arch
+        self._pulls: dict[int, Callable[[Tensors], tuple[Tensors]]] = {}
+
+    def hvp(self, v: Tensors) -> Tensors:
+        """``∇²_{ww} loss · v``."""
+        return self._product(v, 0)
+
+    def mixed(self, v: Tensors) -> Tensors:
+        """``∇²_{αw} loss · v = ∇_α ⟨∇_w loss, v⟩``."""
+        return self._product(v, 1)
+
+    def _product(self, v: Tensors, argnum: int) -> Tensors:
+        """``∇_x ⟨∇_w loss, v⟩`` for ``x`` = ``w`` (``argnum`` 0) or ``α`` (1)."""
+        if transforms_active():
+            (out,) = self._pull(argnum)(v)
+            return out
+        leaves, g_w = self._graph
+        wrt = leaves[argnum]
+        with torch.enable_grad():
+            terms = [(g * vi).sum() for g, vi in zip(g_w, v, strict=True) if g is not None]
+            inner = sum(terms[1:], terms[0]) if terms else None
         if inner is None or not inner.requires_grad:  # the gradient does not depend on x
             return tuple(torch.zeros_like(t) for t in wrt)
-        found = torch.autograd.grad(inner, wrt, allow_unused=True)
-    return tuple(torch.zeros_like(t) if f is None else f for t, f in zip(wrt, found, strict=True))
+        found = torch.autograd.grad(inner, wrt, retain_graph=True, allow_unused=True)
+        return tuple(
+            torch.zeros_like(t) if f is None else f for t, f in zip(wrt, found, strict=True)
+        )
+
+    @cached_property
+    def _graph(self) -> tuple[tuple[Tensors, Tensors], tuple[Tensor | None, ...]]:
+        """The leaves ``(w, α)`` and ``∇_w loss`` with its graph, on the eager loops."""
+        with eager_kernels(), torch.enable_grad():
+            w = tuple(t.detach().requires_grad_() for t in self._weights)
+            a = tuple(t.detach().requires_grad_() for t in self._arch)
+            g_w = torch.autograd.grad(self._loss(w, a), w, create_graph=True, allow_unused=True)
+        return (w, a), g_w
+
+    def _pull(self, argnum: int) -> Callable[[Tensors], tuple[Tensors]]:
+        """torch.func's pull-back of the weight gradient in ``w`` or ``α``, made once."""
+        if argnum not in self._pulls:
+            loss, weights, arch = self._loss, self._weights, self._arch
+            if argnum == 0:
+                _, self._pulls[0] = vjp(lambda w: _grad_w(loss, w, arch), weights)
+            else:
+                _, self._pulls[1] = vjp(lambda a: _grad_w(loss, weights, a), arch)
+        return self._pulls[argnum]
 
 
 def _mixed_finite(
@@ -190,11 +212,18 @@ def _mixed_finite(
 
 
 def _mixed(
-    loss: Loss, weights: Tensors, arch: Tensors, v: Tensors, hvp: str, eps: float | None
+    loss: Loss,
+    weights: Tensors,
+    arch: Tensors,
+    v: Tensors,
+    hvp: str,
+    eps: float | None,
+    curvature: Curvature | None = None,
 ) -> Tensors:
-    """Dispatch the mixed second-derivative–vector product on ``hvp`` mode."""
+    """The mixed product ``∇²_{α,w} loss · v`` in ``hvp`` mode; ``curvature``: the point's
+    ``Curvature`` where the caller has one already (its graph is then reused)."""
     if hvp == "exact":
-        return _mixed_exact(loss, weights, arch, v)
+        return (curvature or Curvature(loss, weights, arch)).mixed(v)
     return _mixed_finite(loss, weights, arch, v, eps)
 
 
@@ -209,18 +238,16 @@ def _inner_sgd(train_loss: Loss, weights: Tensors, arch: Tensors, lr: float, ste
     return w
 
 
-def _neumann(
-    train_loss: Loss, weights: Tensors, arch: Tensors, v: Tensors, lr: float, terms: int
-) -> Tensors:
+def _neumann(curvature: Curvature, v: Tensors, lr: float, terms: int) -> Tensors:
     """``γ Σ_{k=0}^{K} (I − γH)^k v`` with γ = ``lr`` (iDARTS; converges to H⁻¹v if γ < 2/λ_max)."""
     p, acc = v, v
     for _ in range(terms):
-        p = _axpy(-lr, _hvp(train_loss, weights, arch, p), p)
+        p = _axpy(-lr, curvature.hvp(p), p)
         acc = _axpy(1.0, p, acc)
     return tuple(lr * a for a in acc)
 
 
-def _cg(train_loss: Loss, weights: Tensors, arch: Tensors, v: Tensors, iters: int) -> Tensors:
+def _cg(curvature: Curvature, v: Tensors, iters: int) -> Tensors:
     """``H⁻¹ v`` by ``iters`` conjugate-gradient iterations (H symmetric positive definite)."""
     x = tuple(torch.zeros_like(t) for t in v)
     r, d = v, v
@@ -228,7 +255,7 @@ def _cg(train_loss: Loss, weights: Tensors, arch: Tensors, v: Tensors, iters: in
     for _ in range(iters):
         if float(rr) == 0.0:  # converged exactly; another step would divide by zero
             break
-        hd = _hvp(train_loss, weights, arch, d)
+        hd = curvature.hvp(d)
         step = rr / _dot(d, hd)
         x = _axpy(step, d, x)
         r = _axpy(-step, hd, r)
@@ -284,13 +311,14 @@ def _implicit(
     """IFT gradient ``∇_α L_val − ∇²_{αw} L_train · H⁻¹ · ∇_w L_val`` at ``w_T`` (iDARTS)."""
     w_t = _inner_sgd(train_loss, weights, arch, lr, steps)
     g_w, g_a = _grads(val_loss, w_t, arch)
+    curvature = Curvature(train_loss, w_t, arch)  # every product below is at (w_T, α)
     if method == "neumann":
-        p = _neumann(train_loss, w_t, arch, g_w, lr, terms)
+        p = _neumann(curvature, g_w, lr, terms)
     elif method == "cg":
-        p = _cg(train_loss, w_t, arch, g_w, terms)
+        p = _cg(curvature, g_w, terms)
     else:
         p = _dense_solve(train_loss, w_t, arch, g_w)
-    mixed = _mixed(train_loss, w_t, arch, p, hvp, eps)
+    mixed = _mixed(train_loss, w_t, arch, p, hvp, eps, curvature)
     return _axpy(-1.0, mixed, g_a)
 
 

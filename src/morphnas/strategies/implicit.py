@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.func import grad
 
-from morphnas.hypergrad import _inner_sgd, _neumann, check_hvp_options, hypergradient
+from morphnas.hypergrad import Curvature, _inner_sgd, _neumann, check_hvp_options, hypergradient
 from morphnas.spaces.base import SearchSpace
 from morphnas.strategies.base import BatchLoss, Objective, Strategy
 from morphnas.strategies.darts import require_objective
@@ -90,7 +90,7 @@ class IDarts(Strategy):
         a = tuple(t.detach() for t in arch)
         w_t = _inner_sgd(train_loss, w, a, self.weight_lr, self.steps)
         v0 = grad(val_loss, argnums=0)(w_t, a)
-        s = _neumann(train_loss, w_t, a, v0, self.weight_lr, self.terms)
+        s = _neumann(Curvature(train_loss, w_t, a), v0, self.weight_lr, self.terms)
         norm = float(torch.sqrt(sum((v * v).sum() for v in v0)))
         if norm == 0.0:
             return
