@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import cached_property
 
 import torch
@@ -211,25 +212,25 @@ def transforms_active() -> bool:
     return bool(torch._C._are_functorch_transforms_active())
 
 
-_eager_depth = 0  # how many ``eager_kernels`` blocks are open
+_eager = ContextVar("morphnas_eager_kernels", default=False)  # inside ``eager_kernels``
 
 
 @contextmanager
 def eager_kernels() -> Iterator[None]:
-    """Run the eager loops instead of the sequence kernels inside: for a graph that autograd will
-    differentiate again (``create_graph=True``), which a kernel's once-only backward refuses."""
-    global _eager_depth
-    _eager_depth += 1
+    """Run the eager loops instead of the sequence kernels inside (this thread): for a graph
+    that autograd will differentiate again (``create_graph=True``), which a kernel's once-only
+    backward refuses."""
+    token = _eager.set(True)
     try:
         yield
     finally:
-        _eager_depth -= 1
+        _eager.reset(token)
 
 
 def kernels_allowed() -> bool:
     """Whether a once-differentiable sequence kernel may run: not under a ``torch.func``
     transform, not inside ``eager_kernels``."""
-    return _eager_depth == 0 and not transforms_active()
+    return not _eager.get() and not transforms_active()
 
 
 def refuse_double_backward(kernel: str) -> None:

@@ -8,8 +8,8 @@ with ``w_T`` after ``T`` virtual SGD steps at fixed ``α`` and γ = the weight l
 weights on the arch step's training batch: the live weights are not moved (the engine's weight
 step trains them), which keeps every strategy's arch step weight-neutral and avoids the
 official notebook's deep-copied-optimizer bug (spec 2e.2). Hessian–vector products of the
-Neumann series are exact (forward-over-reverse); the mixed product is exact by default
-(spec 2f: no ε to tune) or the code's central difference (``hvp="finite"``).
+Neumann series are exact (double backward, ``hypergrad.Curvature``); the mixed product is exact
+by default (spec 2f: no ε to tune) or the code's central difference (``hvp="finite"``).
 
 ``residual_noise=True`` reproduces the official code's inexact restore (spec 2e.1): after the
 step the live weights move by ``−ε (s − v₀)`` with ``s = Σ_k (I − γH)^k v₀``, ``ε = 0.01/‖v₀‖``.
