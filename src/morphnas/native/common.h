@@ -267,6 +267,22 @@ void output_rule(bool mean, int64_t count, int64_t size, const Node& node, T* ou
   for (int64_t j = 0; j < size; ++j) out[j] *= inv;
 }
 
+// The gradient of ``output_rule``: ``grad`` (``size`` elements) added into the rows of the nodes
+// it read, ``row(k)`` pointing at node ``k``'s.
+template <typename T, typename Row>
+void output_rule_backward(bool mean, int64_t count, int64_t size, const T* grad, const Row& row) {
+  if (!mean) {
+    T* r = row(count);
+    for (int64_t j = 0; j < size; ++j) r[j] += grad[j];
+    return;
+  }
+  const T inv = T(1) / T(count);
+  for (int64_t k = 1; k <= count; ++k) {
+    T* r = row(k);
+    for (int64_t j = 0; j < size; ++j) r[j] += grad[j] * inv;
+  }
+}
+
 inline Tensor nothing(const Tensor& like) { return at::empty({0}, like.options()); }
 
 inline std::vector<Tensor> contiguous(const std::vector<Tensor>& ts) {

@@ -334,13 +334,8 @@ class Backward {
     std::vector<double>& dg = d_gammas_[c_.gamma_of_node[i]];
     for (int64_t b = 0; b < B; ++b)
       for (int64_t u = 0; u < d; ++u) dg[u] += static_cast<double>(ds[b * d + u] * y[b * d + u]);
-    if (c_.plan.output_mean) {
-      const T inv = T(1) / T(i);
-      for (int64_t k = 1; k <= i; ++k)
-        for (int64_t j = 0; j < size; ++j) rows[k * size + j] += ds[j] * inv;
-    } else {
-      for (int64_t j = 0; j < size; ++j) rows[i * size + j] += ds[j];
-    }
+    const auto row_of = [&](int64_t k) { return rows + k * size; };
+    output_rule_backward(c_.plan.output_mean, i, size, ds, row_of);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t u = 0; u < d; ++u) ds[b * d + u] *= gm[u];
   }

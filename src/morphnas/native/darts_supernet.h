@@ -350,9 +350,8 @@ class Backward {
           scaled[b * d + u] = ds[b * d + u] * gm[u];
         }
       for (int64_t u = 0; u < d; ++u) d_gamma_[i][u] += dg[u];
-      const T inv = T(1) / T(i);  // the base's share: mean(s_1..s_{i−1})
-      for (int64_t k = 1; k <= i; ++k)
-        for (int64_t j = 0; j < B * d; ++j) rows[k * B * d + j] += ds[j] * inv;
+      const auto row_of = [&](int64_t k) { return rows + k * B * d; };
+      output_rule_backward(true, i, B * d, ds, row_of);  // the base: mean(s_1..s_{i−1})
       d_state = scratch_;
     }
     const T* d_raw = norm_backward(t, i + 1, d_state.data_ptr<T>());

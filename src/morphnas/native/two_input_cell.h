@@ -212,13 +212,8 @@ class Loops {
   void residual_backward(int64_t i, const T* ds, T* out) {
     const int64_t size = B_ * d_;
     T* rows = d_states_.data_ptr<T>();
-    if (p_.output_mean) {
-      const T inv = T(1) / T(i);
-      for (int64_t k = 1; k <= i; ++k)
-        for (int64_t j = 0; j < size; ++j) rows[(k + 1) * size + j] += ds[j] * inv;
-    } else {
-      for (int64_t j = 0; j < size; ++j) rows[(i + 1) * size + j] += ds[j];
-    }
+    const auto row_of = [&](int64_t k) { return rows + (k + 1) * size; };  // node k: slot k + 1
+    output_rule_backward(p_.output_mean, i, size, ds, row_of);
     const T* gm = s_.gammas[i]->template data_ptr<T>();
     for (int64_t b = 0; b < B_; ++b)
       for (int64_t u = 0; u < d_; ++u) out[b * d_ + u] = ds[b * d_ + u] * gm[u];

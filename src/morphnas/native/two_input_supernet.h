@@ -178,12 +178,8 @@ class Loops {
               break;
             case kHighway: {  // [c | g] → [σ(c) | tanh(g)] in place; a + σ(c)(tanh(g) − a)
               T* gate = pr + node.highway_column;
-              T* cand = gate + d;
-              for (int64_t u = 0; u < d; ++u) {
-                gate[u] = sigmoid(gate[u]);
-                cand[u] = tanh_value(cand[u]);
-                mr[u] += wk * (term[u] = ar[u] + gate[u] * (cand[u] - ar[u]));
-              }
+              highway_row(gate, gate + d, ar, term, d, [](T v) { return tanh_value(v); });
+              for (int64_t u = 0; u < d; ++u) mr[u] += wk * term[u];
               break;
             }
             default: {
@@ -198,7 +194,7 @@ class Loops {
       }
     });
     T* normed = step_of<T>(node.normed, t);
-    if (s_.bn) norm_forward(t, i, step_of<T>(node.normed, t));
+    if (s_.bn) norm_forward(t, i, normed);
     if (node.residual) {  // s = base(s_1..s_{i−1}) + γ ⊙ y
       T* s = step_of<T>(node.state, t);
       base_of(t, i, s);
@@ -259,13 +255,8 @@ class Loops {
           dg[u] += static_cast<double>(ds[r * d + u] * y[r * d + u]);
           out[r * d + u] = ds[r * d + u] * gm[u];
         }
-      if (s_.output_mean) {
-        const T inv = T(1) / T(i);
-        for (int64_t k = 1; k <= i; ++k)
-          for (int64_t j = 0; j < size; ++j) rows[k * size + j] += ds[j] * inv;
-      } else {
-        for (int64_t j = 0; j < size; ++j) rows[i * size + j] += ds[j];
-      }
+      const auto row_of = [&](int64_t k) { return rows + k * size; };
+      output_rule_backward(s_.output_mean, i, size, ds, row_of);
       d_s = scaled;
     }
     const T* dm = norm_backward(t, i, d_s.data_ptr<T>());
