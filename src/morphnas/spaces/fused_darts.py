@@ -23,7 +23,8 @@ on the module's own running buffers, so running statistics follow the same updat
 order (the C++ twin writes the same formulas out, ``common.h``'s ``RowNorm``). Differentiable
 once: a backward with ``create_graph=True`` raises (rather than return gradients missing the
 kernel's part), so second-order methods use the eager path
-(``fused=False``), which ``DartsRNNSearchCell`` also picks by itself under ``torch.func``.
+(``fused=False``), which ``DartsRNNSearchCell`` also picks by itself under ``torch.func`` and
+inside ``fused_ops.eager_kernels``.
 
 On CPU in float32/float64 the sequence goes to this kernel's C++ twin (``morphnas.native``,
 ``native/darts_supernet.h``: the same formulas, one loop per node and step, about twice as fast);

@@ -24,7 +24,8 @@ When ``b`` is ``u`` (node 1 under ``chain`` wiring, every node under ``input`` w
 ``u M_b`` product is taken for all steps in one matmul before the loop, and its gradients after.
 Weight and op-weight gradients are reduced once per sequence, not once per step.
 Differentiable once, like ``FusedDartsSequence``: a backward with ``create_graph=True`` raises,
-and the space falls back to its eager loop under ``torch.func`` transforms.
+and the space falls back to its eager loop under ``torch.func`` transforms and inside
+``fused_ops.eager_kernels``.
 
 On CPU in float32 and float64 the two time loops run in C++ (``native.two_input_supernet``,
 ``native/two_input_supernet.h``) on the buffers set up here; ``_forward_loop`` and
