@@ -10,6 +10,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -49,6 +50,23 @@ inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 // tanh as 2σ(2x) − 1 in float32, as the Python kernel computes it on CPU (fused_ops.tanh_into).
 inline float tanh_value(float x) { return 2.0f * sigmoid(2.0f * x) - 1.0f; }
 inline double tanh_value(double x) { return std::tanh(x); }
+
+// tanh(g) and σ(g) from one exp, for a row that needs both (the DARTS activations): with
+// e = exp(−g), σ = 1/(1+e) and tanh = (1−e²)/(1+e²) = 2/(1+e²) − 1, and the two reciprocals
+// from one division, r = 1/((1+e)(1+e²)). Half the exps and divisions of computing each alone,
+// which bound the supernet's elementwise loops. ``g`` is clamped to ±25 first so that the
+// product stays finite in float32; beyond it tanh is ±1 in float32 and σ within 1.4e−11 of 0 or 1.
+inline void tanh_and_sigmoid(float g, float& tanh_out, float& sigmoid_out) {
+  const float e = exp_approx(-std::min(std::max(g, -25.0f), 25.0f));
+  const float q = 1.0f + e, q2 = 1.0f + e * e;
+  const float r = 1.0f / (q * q2);
+  sigmoid_out = r * q2;
+  tanh_out = 2.0f * (r * q) - 1.0f;
+}
+inline void tanh_and_sigmoid(double g, double& tanh_out, double& sigmoid_out) {
+  tanh_out = std::tanh(g);
+  sigmoid_out = sigmoid(g);
+}
 
 template <int64_t Act, typename T>
 inline T activate(T g) {

@@ -18,6 +18,21 @@ struct Node {
   int64_t start, edges;
   std::vector<int64_t> acts;
   bool residual;
+  // Whether the activations are DARTS's four (tanh, σ, relu, identity, in any order), and
+  // their slots in ``acts`` in that order: ``StandardEdge`` then takes each edge in one pass.
+  bool standard = false;
+  std::array<int64_t, 4> slots{};
+
+  Node(int64_t start_, int64_t edges_, std::vector<int64_t> acts_, bool residual_)
+      : start(start_), edges(edges_), acts(std::move(acts_)), residual(residual_) {
+    if (acts.size() != 4) return;
+    standard = true;
+    for (int64_t act : {kTanh, kSigmoid, kRelu, kIdentity}) {
+      const auto found = std::find(acts.begin(), acts.end(), act);
+      standard = standard && found != acts.end();
+      if (standard) slots[act] = found - acts.begin();
+    }
+  }
   int64_t n_acts() const { return static_cast<int64_t>(acts.size()); }
 };
 
@@ -118,6 +133,75 @@ void blend_row(const Node& spec, const T* mix, T w_sum, const T* g, const T* p, 
   }
 }
 
+// One edge of a node with DARTS's four activations (``Node::standard``), in one pass over its
+// row: the activations stay in registers instead of going through rows of ``work`` one
+// activation at a time (``blend_row``), tanh and σ come from one exp, and the backward takes
+// its five sums in the same pass. The formulas are the general path's.
+template <typename T>
+struct StandardEdge {
+  T w_tanh, w_sigmoid, w_relu, w_identity, w_sum;
+
+  StandardEdge(const Node& spec, const T* mix, T sum)
+      : w_tanh(mix[spec.slots[kTanh]]),
+        w_sigmoid(mix[spec.slots[kSigmoid]]),
+        w_relu(mix[spec.slots[kRelu]]),
+        w_identity(mix[spec.slots[kIdentity]]),
+        w_sum(sum) {}
+
+  // ``[c | g]`` in ``gate``, ``g`` turned into ``[σ(c) | g]``; ``r`` = (``First``) or += the
+  // edge's share, W s + σ(c)(F − W s).
+  template <bool First>
+  void forward(T* gate, const T* g, const T* p, T* r, int64_t d) const {
+    for (int64_t u = 0; u < d; ++u) {
+      const T c = sigmoid(gate[u]);
+      gate[u] = c;
+      T th, sg;
+      tanh_and_sigmoid(g[u], th, sg);
+      const T relu = g[u] > T(0) ? g[u] : T(0);
+      const T blend = w_tanh * th + w_sigmoid * sg + w_relu * relu + w_identity * g[u] - w_sum * p[u];
+      const T out = w_sum * p[u] + c * blend;
+      if constexpr (First) {
+        r[u] = out;
+      } else {
+        r[u] += out;
+      }
+    }
+  }
+
+  // From ``dr``, the gradient of the node's raw state: ∂/∂c into ``dgate``, ∂/∂g into ``dg``,
+  // the carried state's share added into ``dp``; ``sums`` += Σ ⟨d(W s), s⟩, then Σ ⟨dF, f_k(g)⟩
+  // for tanh, σ, relu and identity.
+  void backward(const T* gate, const T* g, const T* p, const T* dr, T* dgate, T* dg, T* dp,
+                double* sums, int64_t d) const {
+    T edge = T(0), dot_tanh = T(0), dot_sigmoid = T(0), dot_relu = T(0), dot_identity = T(0);
+#pragma omp simd reduction(+ : edge, dot_tanh, dot_sigmoid, dot_relu, dot_identity)
+    for (int64_t u = 0; u < d; ++u) {
+      T th, sg;
+      tanh_and_sigmoid(g[u], th, sg);
+      const bool on = g[u] > T(0);
+      const T relu = on ? g[u] : T(0);
+      const T blend = w_tanh * th + w_sigmoid * sg + w_relu * relu + w_identity * g[u] - w_sum * p[u];
+      const T c = gate[u];
+      const T df = c * dr[u];
+      const T dc = dr[u] - df;
+      dgate[u] = blend * dr[u] * c * (T(1) - c);
+      dp[u] += w_sum * dc;
+      edge += dc * p[u];
+      dg[u] = df * (w_tanh * (T(1) - th * th) + w_sigmoid * sg * (T(1) - sg) +
+                    (on ? w_relu : T(0)) + w_identity);
+      dot_tanh += df * th;
+      dot_sigmoid += df * sg;
+      dot_relu += df * relu;
+      dot_identity += df * g[u];
+    }
+    sums[0] += edge;
+    sums[1] += dot_tanh;
+    sums[2] += dot_sigmoid;
+    sums[3] += dot_relu;
+    sums[4] += dot_identity;
+  }
+};
+
 template <typename T>
 class Forward {
  public:
@@ -207,6 +291,15 @@ class Forward {
           T* gate = z + row * 2 * d;
           const T* p = prev + row * d;
           const T w_sum = sums[e];
+          if (spec.standard) {
+            const StandardEdge<T> edge(spec, mix.data() + e * n_acts, w_sum);
+            if (e == 0) {
+              edge.template forward<true>(gate, gate + d, p, r, d);
+            } else {
+              edge.template forward<false>(gate, gate + d, p, r, d);
+            }
+            continue;
+          }
           for (int64_t u = 0; u < d; ++u) gate[u] = sigmoid(gate[u]);
           blend_row(spec, mix.data() + e * n_acts, w_sum, gate + d, p, work.data(), d);
           if (e == 0) {
@@ -377,6 +470,15 @@ class Backward {
           const T* p = prev + row * d;
           T* dp = d_prev + row * d;
           const T w_sum = sums[e];
+          if (spec.standard) {
+            double edge_sums[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
+            StandardEdge<T>(spec, mix.data() + e * n_acts, w_sum)
+                .backward(gate, gate + d, p, dr, dgate, dg, dp, edge_sums, d);
+            part[m * n_acts + e] += edge_sums[0];
+            for (int64_t act = 0; act < 4; ++act)
+              part[e * n_acts + spec.slots[act]] += edge_sums[1 + act];
+            continue;
+          }
           blend_row(spec, mix.data() + e * n_acts, w_sum, gate + d, p, work.data(), d);
           T edge = T(0);
 #pragma omp simd reduction(+ : edge)
