@@ -167,30 +167,34 @@ def split_supernet() -> torch.nn.Module:
 
 
 @pytest.mark.parametrize(
-    "make",
+    ("make", "threads"),
     [
-        split_supernet,
-        lambda: float32_derived_cell(True, 16).double(),
-        lambda: float32_two_input_cell(True, 16).double(),
+        (split_supernet, 2),
+        (split_supernet, 3),
+        (lambda: split_supernet().eval(), 3),
+        (lambda: float32_derived_cell(True, 16).double(), 2),
+        (lambda: float32_two_input_cell(True, 16).double(), 2),
     ],
-    ids=list(CELLS),
+    ids=["supernet", "supernet-3", "supernet-3-eval", "derived", "two_input"],
 )
-def test_rows_split_across_threads_give_the_one_thread_result(make):
-    """Batch rows split across two threads (the supernet's reductions merged per chunk) against
-    one thread, in float64: a batch large enough that every node's loop is split."""
+def test_rows_split_across_threads_give_the_one_thread_result(make, threads):
+    """Batch rows split across threads against one thread, in float64, with a batch large
+    enough that every node's loop is split and that does not divide evenly: the supernet's
+    parts (one a thread, their BatchNorm sums pooled; ``in_parts``), the derived cells' chunks."""
     cell = make()
     assert native_path(cell(torch.randn(2, 2, N_IN, dtype=torch.float64))[0])
-    x = torch.randn(STEPS, 256, N_IN, dtype=torch.float64)
-    threads = torch.get_num_threads()
+    x = torch.randn(STEPS, 251, N_IN, dtype=torch.float64)
+    saved = torch.get_num_threads()
     results = []
     try:
-        for count in (1, 2):
+        for count in (1, threads):
             torch.set_num_threads(count)
-            results.append(outputs_and_grads(copy.deepcopy(cell), x))
+            run = copy.deepcopy(cell)
+            results.append(outputs_and_grads(run, x) + list(run.buffers()))
     finally:
-        torch.set_num_threads(threads)
-    for one, two in zip(*results, strict=True):
-        torch.testing.assert_close(two, one, rtol=1e-10, atol=1e-12)
+        torch.set_num_threads(saved)
+    for one, split in zip(*results, strict=True):  # the BatchNorm's running statistics too
+        torch.testing.assert_close(split, one, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize(

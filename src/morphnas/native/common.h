@@ -6,17 +6,24 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/util/ParallelGuard.h>
+#include <omp.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <map>
 #include <mutex>
 #include <optional>
+#include <stdexcept>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -128,6 +135,112 @@ class ChunkSums {
   std::map<int64_t, std::vector<double>> parts_;
 };
 
+// Column sums that the threads of ``in_parts``, one part of a batch's rows each, pool at a
+// barrier. Each part fills its own slot, then every part adds up all the slots in part order
+// (the same result every run). Two sets of slots alternate rounds, so a part may fill its next
+// slot while another still reads the last round's: every part has read round r before it
+// reaches round r+1's barrier, and round r+2 writes round r's slots only after that barrier.
+// The barrier is its own rather than OpenMP's so that a part that failed can break it: the
+// others then leave with an error instead of waiting for it forever.
+class PartPool {
+ public:
+  PartPool(int64_t parts, int64_t width)
+      : parts_(parts), width_(width), slots_(2 * parts * width), rounds_(parts, 0) {}
+
+  // Part ``part``'s slot for its current round: ``width`` doubles for it to fill.
+  double* slot(int64_t part) { return slots_.data() + (base(part) + part) * width_; }
+
+  // Once every part has filled its slot: their sum into ``total`` (``width`` doubles).
+  void total(int64_t part, double* total) {
+    wait();
+    const double* first = slots_.data() + base(part) * width_;
+    std::fill(total, total + width_, 0.0);
+    for (int64_t p = 0; p < parts_; ++p)
+      for (int64_t j = 0; j < width_; ++j) total[j] += first[p * width_ + j];
+    ++rounds_[part];
+  }
+
+  // A part failed: the others stop at their next barrier.
+  void fail() { broken_.store(true, std::memory_order_relaxed); }
+
+ private:
+  int64_t parts_, width_;
+  std::vector<double> slots_;
+  std::vector<int64_t> rounds_;  // per part, touched by its own thread only
+  std::atomic<int64_t> arrived_{0}, generation_{0};
+  std::atomic<bool> broken_{false};
+
+  int64_t base(int64_t part) const { return (rounds_[part] % 2) * parts_; }
+
+  void wait() {
+    if (parts_ == 1) return;
+    const int64_t generation = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == parts_) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_acq_rel);
+      return;
+    }
+    for (int64_t spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
+      if (broken_.load(std::memory_order_relaxed)) throw std::runtime_error("another part failed");
+      if (spins > 4096) std::this_thread::yield();  // more threads than cores: let it run
+    }
+  }
+};
+
+// ``body(part)`` for parts 0..parts−1, each on its own thread of one OpenMP team, so that the
+// parts may meet at ``pool``'s barriers. One part: called here, and the ``over_rows`` loops
+// inside split their rows across threads as usual; more: those loops run whole in their part's
+// thread, as do the ATen calls (MKL uses one thread inside a parallel region). Why: at small
+// batches the step's hundreds of parallel regions, one per loop and matmul, cost more than the
+// barriers of one region (docs/benchmarks.md). An error in a part breaks the pool's barrier and
+// is raised here, once every part has stopped; a team smaller than asked for is refused before
+// any part starts.
+template <typename F>
+void in_parts(int64_t parts, PartPool& pool, const F& body) {
+  if (parts == 1) {
+    body(0);
+    return;
+  }
+  const at::ThreadLocalState state;
+  bool whole_team = true;
+  std::exception_ptr error;
+  std::mutex error_mutex;
+#pragma omp parallel num_threads(parts)
+  {
+    if (omp_get_num_threads() != parts) {
+#pragma omp single
+      whole_team = false;
+    } else {
+      try {
+        at::ThreadLocalStateGuard guard(state);
+        c10::ParallelGuard in_parallel(true);
+        body(omp_get_thread_num());
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!error) error = std::current_exception();  // the first: the others' is the break
+        pool.fail();
+      }
+    }
+  }
+  TORCH_CHECK(whole_team, "morphnas: OpenMP gave fewer than the ", parts,
+              " threads the kernel's batch parts need; set MORPHNAS_NATIVE=off");
+  if (error) std::rethrow_exception(error);
+}
+
+// How many parts ``in_parts`` splits a batch into: one per intra-op thread, with at least
+// ``min_rows`` rows each; one inside a parallel region already.
+inline int64_t batch_parts(int64_t batch, int64_t min_rows) {
+  if (at::in_parallel_region() || omp_in_parallel()) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), batch / min_rows));
+}
+
+// Row ``first`` of part ``part`` when ``rows`` rows are split into ``parts`` parts as evenly as
+// can be (the first ones a row longer).
+inline int64_t part_start(int64_t rows, int64_t parts, int64_t part) {
+  const int64_t base = rows / parts, extra = rows % parts;
+  return part * base + std::min(part, extra);
+}
+
 // The DARTS kernels' init node: ``[c₀ | g₀] = x̂_t + (m ⊙ h) W_h`` into ``out``, with ``m`` the
 // dropout mask on ``h`` (undefined: none) and ``scratch`` room for ``m ⊙ h``.
 inline void init_projection(Tensor out, const Tensor& x_proj_t, const Tensor& h,
@@ -221,6 +334,78 @@ struct RowNorm {
           d_pre[b * d + u] = (grad[b * d + u] - shift[u - u0] - x_hat * slope[u - u0]) * invstd[u];
         }
     });
+  }
+
+  // ``forward`` for one part of the rows (``here`` of them), in ``in_parts``: the column sums
+  // pooled with the other parts' (``pool``, ``2d`` wide), which see the same statistics; part
+  // 0 alone writes them and moves the running ones.
+  void forward_part(const T* pre, T* out, int64_t here, T* mean, T* invstd, PartPool& pool,
+                    int64_t part) const {
+    if (!training) {
+      for (int64_t b = 0; b < here; ++b)
+        for (int64_t u = 0; u < d; ++u)
+          out[b * d + u] = (pre[b * d + u] - running_mean[u]) * scale[u];
+      return;
+    }
+    std::vector<double> total(2 * d);
+    double* sum = pool.slot(part);
+    std::fill(sum, sum + 2 * d, 0.0);
+    for (int64_t b = 0; b < here; ++b)
+      for (int64_t u = 0; u < d; ++u) sum[u] += pre[b * d + u];
+    pool.total(part, total.data());
+    std::vector<T> mu(d), inv(d);
+    for (int64_t u = 0; u < d; ++u) mu[u] = static_cast<T>(total[u] / rows);
+    double* squares = pool.slot(part);
+    std::fill(squares, squares + 2 * d, 0.0);
+    for (int64_t b = 0; b < here; ++b)
+      for (int64_t u = 0; u < d; ++u) {
+        const double diff = pre[b * d + u] - mu[u];
+        squares[u] += diff * diff;
+      }
+    pool.total(part, total.data());
+    for (int64_t u = 0; u < d; ++u) {
+      const double var_sum = total[u];
+      inv[u] = static_cast<T>(1.0 / std::sqrt(var_sum / rows + eps));
+      if (part != 0) continue;
+      mean[u] = mu[u];
+      invstd[u] = inv[u];
+      if (running_mean == nullptr) continue;
+      running_mean[u] = static_cast<T>((1 - momentum) * running_mean[u] + momentum * mu[u]);
+      running_var[u] = static_cast<T>((1 - momentum) * running_var[u] +
+                                      momentum * var_sum / static_cast<double>(rows - 1));
+    }
+    for (int64_t b = 0; b < here; ++b)
+      for (int64_t u = 0; u < d; ++u) out[b * d + u] = (pre[b * d + u] - mu[u]) * inv[u];
+  }
+
+  // ``backward`` for one part of the rows, as ``forward_part``.
+  void backward_part(const T* grad, const T* pre, int64_t here, const T* mean, const T* invstd,
+                     T* d_pre, PartPool& pool, int64_t part) const {
+    if (!training) {
+      for (int64_t b = 0; b < here; ++b)
+        for (int64_t u = 0; u < d; ++u) d_pre[b * d + u] = grad[b * d + u] * scale[u];
+      return;
+    }
+    std::vector<double> total(2 * d);
+    double* sums = pool.slot(part);  // Σ grad, then Σ grad (pre − mean)
+    std::fill(sums, sums + 2 * d, 0.0);
+    for (int64_t b = 0; b < here; ++b)
+      for (int64_t u = 0; u < d; ++u) {
+        const T g = grad[b * d + u];
+        sums[u] += g;
+        sums[d + u] += g * (pre[b * d + u] - mean[u]);
+      }
+    pool.total(part, total.data());
+    std::vector<T> shift(d), slope(d);
+    for (int64_t u = 0; u < d; ++u) {
+      shift[u] = static_cast<T>(total[u] / rows);
+      slope[u] = static_cast<T>(total[d + u] / rows * invstd[u]);
+    }
+    for (int64_t b = 0; b < here; ++b)
+      for (int64_t u = 0; u < d; ++u) {
+        const T x_hat = (pre[b * d + u] - mean[u]) * invstd[u];
+        d_pre[b * d + u] = (grad[b * d + u] - shift[u] - x_hat * slope[u]) * invstd[u];
+      }
   }
 
  private:

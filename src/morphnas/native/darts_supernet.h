@@ -46,29 +46,53 @@ struct Norm {
 };
 
 // The buffers the backward takes back, in the order the forward returns them (after the output).
-enum Saved : size_t { kStates = 0, kMasked, kHs, kInit, kPre, kMean, kInvstd, kScale, kPerNode };
+enum Saved : size_t {
+  kStates = 0, kMasked, kHs, kInit, kPre, kMean, kInvstd, kScale, kParts, kPerNode
+};
 enum NodeSaved : size_t { kZ = 0, kNormed, kNodeBuffers };
 
+// Fewest batch rows a part gets (``batch_parts``).
+constexpr int64_t kMinPartRows = 16;
+
+// The cell and its buffers. The batch's rows are split into ``parts``, each run by its own
+// thread (common.h's ``in_parts``), and the buffers that hold several states or edges a step
+// keep each part's rows together: a step's block is its parts one after the other, each with
+// its states (or edges) one after the other, so that a node's inputs in a part are one matrix.
+// Buffers of one state a step (``kHs``, ``kInit``, ``kNormed``) keep the batch's row order.
 struct Cell {
   std::vector<Node> nodes;
   Norm norm;
   Tensor mask;  // undefined: no dropout mask on h
   std::vector<Tensor> saved;
-  int64_t steps = 0, batch = 0, d = 0;
+  int64_t steps = 0, batch = 0, d = 0, parts = 1;
 
   int64_t n() const { return static_cast<int64_t>(nodes.size()); }
+  int64_t first_row(int64_t part) const { return part_start(batch, parts, part); }
+  int64_t rows(int64_t part) const { return first_row(part + 1) - first_row(part); }
+  // The first row of item ``k`` in part ``part`` at step ``t`` of a buffer of ``items`` a step.
+  int64_t row_of(int64_t t, int64_t items, int64_t k, int64_t part) const {
+    return t * items * batch + items * first_row(part) + k * rows(part);
+  }
   const Tensor& node_buffer(int64_t i, NodeSaved which) const {
     return saved[kPerNode + kNodeBuffers * i + which];
   }
-  // Node ``i``'s inputs at step ``t`` (masked states ``start..stop−1``) as ``(edges·B, d)``.
-  Tensor inputs(int64_t t, int64_t i) const {
+  // Node ``i``'s inputs in a part at step ``t`` (masked states ``start..stop−1``), ``(edges·rows, d)``.
+  Tensor inputs(int64_t t, int64_t i, int64_t part) const {
     const Node& node = nodes[i];
-    return masked_rows.narrow(0, (t * (n() + 1) + node.start) * batch, node.edges * batch);
+    return masked_rows.narrow(0, row_of(t, n() + 1, node.start, part), node.edges * rows(part));
   }
-  // Node ``i``'s ``[c | g]`` at step ``t`` as ``(edges·B, 2d)``.
-  Tensor z_rows(int64_t t, int64_t i) const {
-    const int64_t rows = nodes[i].edges * batch;
-    return z_by_row[i].narrow(0, t * rows, rows);
+  // Node ``i``'s ``[c | g]`` in a part at step ``t``, ``(edges·rows, 2d)``.
+  Tensor z_rows(int64_t t, int64_t i, int64_t part) const {
+    const int64_t m = nodes[i].edges;
+    return z_by_row[i].narrow(0, row_of(t, m, 0, part), m * rows(part));
+  }
+  template <typename T>
+  T* z_ptr(int64_t t, int64_t i, int64_t part) const {
+    return node_buffer(i, kZ).data_ptr<T>() + row_of(t, nodes[i].edges, 0, part) * 2 * d;
+  }
+  // The dropout mask's rows of a part (undefined: none).
+  Tensor part_mask(int64_t part) const {
+    return mask.defined() ? mask.narrow(0, first_row(part), rows(part)) : Tensor();
   }
   // The views above, made once per call rather than once per step (after ``saved`` is set).
   void index() {
@@ -78,8 +102,13 @@ struct Cell {
   Tensor masked_rows;
   std::vector<Tensor> z_by_row;
   template <typename T>
-  T* state_ptr(Saved which, int64_t t, int64_t k) const {
-    return saved[which].data_ptr<T>() + (t * (n() + 1) + k) * batch * d;
+  T* state_ptr(Saved which, int64_t t, int64_t k, int64_t part) const {
+    return saved[which].data_ptr<T>() + row_of(t, n() + 1, k, part) * d;
+  }
+  // A part's rows at step ``t`` of a buffer of one state a step, ``(T, B, width)``.
+  template <typename T>
+  T* part_ptr(const Tensor& buffer, int64_t t, int64_t part) const {
+    return step_of<T>(buffer, t) + first_row(part) * buffer.size(-1);
   }
   // State ``k``'s BatchNorm statistics (``kMean``, ``kInvstd``) at step ``t``; none in evaluation.
   template <typename T>
@@ -206,35 +235,40 @@ template <typename T>
 class Forward {
  public:
   Forward(Cell& cell, const std::vector<Tensor>& act_w)
-      : c_(cell), mix_(cell.nodes, act_w), bn_(cell.row_norm<T>()) {}
+      : c_(cell), mix_(cell.nodes, act_w), bn_(cell.row_norm<T>()), pool_(cell.parts, 2 * cell.d) {}
 
   void run(const Tensor& x_proj, const Tensor& h0, const Tensor& w_h,
            const std::vector<Tensor>& weights, const std::vector<OptTensor>& gammas) {
     allocate(x_proj);
     c_.index();
-    const int64_t B = c_.batch, d = c_.d;
-    Tensor hs = c_.saved[kHs], init = c_.saved[kInit];
+    const Tensor hs = c_.saved[kHs], init = c_.saved[kInit];
     hs.select(0, 0).copy_(h0);
-    Tensor masked_h = c_.mask.defined() ? at::empty({B, d}, x_proj.options()) : Tensor();
-    for (int64_t t = 0; t < c_.steps; ++t) {
-      Tensor h = hs.select(0, t), init_t = init.select(0, t);
-      init_projection(init_t, x_proj.select(0, t), h, w_h, c_.mask, masked_h);
-      init_node(t, h.data_ptr<T>(), init_t.data_ptr<T>());
-      for (int64_t i = 0; i < c_.n(); ++i) node(t, i, weights[i], gammas[i]);
-      mean_of_states(t, c_.n(), hs.select(0, t + 1).data_ptr<T>());
-    }
+    in_parts(c_.parts, pool_, [&](int64_t p) {
+      const int64_t first = c_.first_row(p), rows = c_.rows(p);
+      const Tensor mask = c_.part_mask(p);
+      Tensor masked_h = mask.defined() ? at::empty({rows, c_.d}, x_proj.options()) : Tensor();
+      for (int64_t t = 0; t < c_.steps; ++t) {
+        Tensor h = hs.select(0, t).narrow(0, first, rows);
+        Tensor init_t = init.select(0, t).narrow(0, first, rows);
+        init_projection(init_t, x_proj.select(0, t).narrow(0, first, rows), h, w_h, mask, masked_h);
+        init_node(t, p, h.data_ptr<T>(), init_t.data_ptr<T>());
+        for (int64_t i = 0; i < c_.n(); ++i) node(t, i, p, weights[i], gammas[i]);
+        mean_of_states(t, c_.n(), p, c_.part_ptr<T>(hs, t + 1, p));
+      }
+    });
   }
 
  private:
   Cell& c_;
   const Mixing<T> mix_;
   const RowNorm<T> bn_;
+  PartPool pool_;  // the BatchNorm's column sums, across parts
 
   void allocate(const Tensor& x_proj) {
     const auto opt = x_proj.options();
     const int64_t T_ = c_.steps, N = c_.n(), B = c_.batch, d = c_.d;
     const bool stats = c_.norm.on && c_.norm.training;
-    Tensor states = at::empty({T_, N + 1, B, d}, opt);
+    Tensor states = at::empty({T_, N + 1, B, d}, opt);  // rows in parts (``Cell``)
     Tensor mean = stats ? at::empty({T_, N + 1, d}, opt) : nothing(states);
     c_.saved = {states,
                 c_.mask.defined() ? at::empty_like(states) : states,
@@ -243,20 +277,21 @@ class Forward {
                 c_.norm.on ? at::empty_like(states) : nothing(states),
                 mean,
                 stats ? at::empty_like(mean) : nothing(states),
-                c_.norm.on && !c_.norm.training ? c_.norm.scale : nothing(states)};
+                c_.norm.on && !c_.norm.training ? c_.norm.scale : nothing(states),
+                at::scalar_tensor(c_.parts, at::kLong)};
     for (const Node& node : c_.nodes) {
       const int64_t m = node.edges;
-      c_.saved.push_back(at::empty({T_, m, B, 2 * d}, opt));
+      c_.saved.push_back(at::empty({T_, m, B, 2 * d}, opt));  // rows in parts
       c_.saved.push_back(node.residual ? at::empty({T_, B, d}, opt) : nothing(states));
     }
   }
 
   // ``[c₀ | g₀]`` in ``z`` turned into ``[σ(c₀) | tanh(g₀)]``, then s₀ = BN(h + σ(c₀)(tanh(g₀) − h)).
-  void init_node(int64_t t, const T* h, T* z) {
+  void init_node(int64_t t, int64_t p, const T* h, T* z) {
     const int64_t d = c_.d;
-    T* s0 = c_.state_ptr<T>(kStates, t, 0);
-    T* raw = c_.norm.on ? c_.state_ptr<T>(kPre, t, 0) : s0;
-    over_rows(c_.batch, d, [&](int64_t b0, int64_t b1) {
+    T* s0 = c_.state_ptr<T>(kStates, t, 0, p);
+    T* raw = c_.norm.on ? c_.state_ptr<T>(kPre, t, 0, p) : s0;
+    over_rows(c_.rows(p), d, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         T* gate = z + b * 2 * d;
         T* value = gate + d;
@@ -265,80 +300,86 @@ class Forward {
         highway_row(gate, value, hb, r, d, [](T v) { return tanh_value(v); });
       }
     });
-    normalise(t, 0, s0);
-    apply_mask(t, 0);
+    normalise(t, 0, p, s0);
+    apply_mask(t, 0, p);
   }
 
-  void node(int64_t t, int64_t i, const Tensor& weight, const OptTensor& gamma) {
+  void node(int64_t t, int64_t i, int64_t p, const Tensor& weight, const OptTensor& gamma) {
     const Node& spec = c_.nodes[i];
-    const int64_t B = c_.batch, d = c_.d, m = spec.edges, n_acts = spec.n_acts();
-    Tensor z_t = c_.z_rows(t, i);
-    at::mm_out(z_t, c_.inputs(t, i), weight);
+    const int64_t R = c_.rows(p), d = c_.d, m = spec.edges, n_acts = spec.n_acts();
+    Tensor z_t = c_.z_rows(t, i, p);
+    at::mm_out(z_t, c_.inputs(t, i, p), weight);
     T* z = z_t.data_ptr<T>();
-    T* state = c_.state_ptr<T>(kStates, t, i + 1);
-    T* normed = spec.residual ? step_of<T>(c_.node_buffer(i, kNormed), t) : state;
-    T* raw = c_.norm.on ? c_.state_ptr<T>(kPre, t, i + 1) : normed;
-    const T* prev = c_.state_ptr<T>(kStates, t, spec.start);
+    T* state = c_.state_ptr<T>(kStates, t, i + 1, p);
+    T* normed = spec.residual ? c_.part_ptr<T>(c_.node_buffer(i, kNormed), t, p) : state;
+    T* raw = c_.norm.on ? c_.state_ptr<T>(kPre, t, i + 1, p) : normed;
+    const T* prev = c_.state_ptr<T>(kStates, t, spec.start, p);
     const std::vector<T>& mix = mix_.weights[i];
     const std::vector<T>& sums = mix_.edge_sums[i];
-    over_rows(B, d * m, [&](int64_t b0, int64_t b1) {
+    over_rows(R, d * m, [&](int64_t b0, int64_t b1) {
       std::vector<T> work((n_acts + 1) * d);  // f_k(g) rows, then F − W s
       T* bl = work.data() + n_acts * d;
       for (int64_t b = b0; b < b1; ++b) {
         T* r = raw + b * d;
         for (int64_t e = 0; e < m; ++e) {
-          const int64_t row = e * B + b;
+          const int64_t row = e * R + b;
           T* gate = z + row * 2 * d;
-          const T* p = prev + row * d;
+          const T* p_row = prev + row * d;
           const T w_sum = sums[e];
           if (spec.standard) {
             const StandardEdge<T> edge(spec, mix.data() + e * n_acts, w_sum);
             if (e == 0) {
-              edge.template forward<true>(gate, gate + d, p, r, d);
+              edge.template forward<true>(gate, gate + d, p_row, r, d);
             } else {
-              edge.template forward<false>(gate, gate + d, p, r, d);
+              edge.template forward<false>(gate, gate + d, p_row, r, d);
             }
             continue;
           }
           for (int64_t u = 0; u < d; ++u) gate[u] = sigmoid(gate[u]);
-          blend_row(spec, mix.data() + e * n_acts, w_sum, gate + d, p, work.data(), d);
+          blend_row(spec, mix.data() + e * n_acts, w_sum, gate + d, p_row, work.data(), d);
           if (e == 0) {
-            for (int64_t u = 0; u < d; ++u) r[u] = w_sum * p[u] + gate[u] * bl[u];
+            for (int64_t u = 0; u < d; ++u) r[u] = w_sum * p_row[u] + gate[u] * bl[u];
           } else {
-            for (int64_t u = 0; u < d; ++u) r[u] += w_sum * p[u] + gate[u] * bl[u];
+            for (int64_t u = 0; u < d; ++u) r[u] += w_sum * p_row[u] + gate[u] * bl[u];
           }
         }
       }
     });
-    normalise(t, i + 1, normed);
+    normalise(t, i + 1, p, normed);
     if (spec.residual) {  // s = mean(s_1..s_{i−1}) + γ ⊙ y (0/0 for the first node, as eagerly)
-      mean_of_states(t, i, state);
+      mean_of_states(t, i, p, state);
       const T* gm = gamma->data_ptr<T>();
-      for (int64_t b = 0; b < B; ++b)
+      for (int64_t b = 0; b < R; ++b)
         for (int64_t u = 0; u < d; ++u) state[b * d + u] += gm[u] * normed[b * d + u];
     }
-    apply_mask(t, i + 1);
+    apply_mask(t, i + 1, p);
   }
 
   // BatchNorm of state ``k`` at step ``t``, from its raw value in ``pre`` into ``out``.
-  void normalise(int64_t t, int64_t k, T* out) {
+  void normalise(int64_t t, int64_t k, int64_t p, T* out) {
     if (!c_.norm.on) return;
-    bn_.forward(c_.state_ptr<T>(kPre, t, k), out, c_.stat_ptr<T>(kMean, t, k),
-                c_.stat_ptr<T>(kInvstd, t, k));
+    const T* pre = c_.state_ptr<T>(kPre, t, k, p);
+    T* mean = c_.stat_ptr<T>(kMean, t, k);
+    T* invstd = c_.stat_ptr<T>(kInvstd, t, k);
+    if (c_.parts == 1) {
+      bn_.forward(pre, out, mean, invstd);
+    } else {
+      bn_.forward_part(pre, out, c_.rows(p), mean, invstd, pool_, p);
+    }
   }
 
-  void apply_mask(int64_t t, int64_t k) {
+  void apply_mask(int64_t t, int64_t k, int64_t p) {
     if (!c_.mask.defined()) return;
-    const T* state = c_.state_ptr<T>(kStates, t, k);
-    const T* mask = c_.mask.data_ptr<T>();
-    T* masked = c_.state_ptr<T>(kMasked, t, k);
-    for (int64_t j = 0; j < c_.batch * c_.d; ++j) masked[j] = state[j] * mask[j];
+    const T* state = c_.state_ptr<T>(kStates, t, k, p);
+    const T* mask = c_.mask.data_ptr<T>() + c_.first_row(p) * c_.d;
+    T* masked = c_.state_ptr<T>(kMasked, t, k, p);
+    for (int64_t j = 0; j < c_.rows(p) * c_.d; ++j) masked[j] = state[j] * mask[j];
   }
 
-  // ``out`` = mean of s_1..s_count at step ``t``.
-  void mean_of_states(int64_t t, int64_t count, T* out) {
-    const auto node = [&](int64_t k) { return c_.state_ptr<T>(kStates, t, k); };
-    output_rule(true, count, c_.batch * c_.d, node, out);
+  // ``out`` = mean of s_1..s_count in a part at step ``t``.
+  void mean_of_states(int64_t t, int64_t count, int64_t p, T* out) {
+    const auto node = [&](int64_t k) { return c_.state_ptr<T>(kStates, t, k, p); };
+    output_rule(true, count, c_.rows(p) * c_.d, node, out);
   }
 };
 
@@ -346,7 +387,7 @@ template <typename T>
 class Backward {
  public:
   Backward(const Cell& cell, const std::vector<Tensor>& act_w)
-      : c_(cell), mix_(cell.nodes, act_w), bn_(cell.row_norm<T>()) {}
+      : c_(cell), mix_(cell.nodes, act_w), bn_(cell.row_norm<T>()), pool_(cell.parts, 2 * cell.d) {}
 
   // Gradients: x_proj, h0, w_h, then per node its weight, activation weights and γ (empty: none).
   std::vector<Tensor> run(const Tensor& grad_out, const Tensor& w_h,
@@ -355,60 +396,91 @@ class Backward {
     const auto opt = grad_out.options();
     Tensor d_init = at::empty({T_, B, 2 * d}, opt);
     Tensor carry = at::zeros({B, d}, opt);
-    d_states_ = at::empty({N + 1, B, d}, opt);
-    scratch_ = at::empty({B, d}, opt);
-    d_raw_ = at::empty({B, d}, opt);
-    std::vector<Tensor> d_weights;
-    for (const Tensor& w : weights) d_weights.push_back(at::zeros_like(w));
-    start_reductions(grad_out.options());
+    parts_.reserve(c_.parts);
+    for (int64_t p = 0; p < c_.parts; ++p) parts_.emplace_back(c_, p, weights, opt);
     const T inv_n = T(1) / T(N);
-    for (int64_t t = T_ - 1; t >= 0; --t) {
-      T* rows = d_states_.data_ptr<T>();
-      const T* g = step_of<T>(grad_out, t);
-      const T* cp = carry.data_ptr<T>();
-      for (int64_t j = 0; j < B * d; ++j) rows[j] = T(0);
-      for (int64_t j = 0; j < B * d; ++j) rows[B * d + j] = (g[j] + cp[j]) * inv_n;
-      for (int64_t k = 2; k <= N; ++k) std::memcpy(rows + k * B * d, rows + B * d, B * d * sizeof(T));
-      for (int64_t i = N - 1; i >= 0; --i) node(t, i, weights[i], d_weights[i], gammas[i]);
-      init_node(t, d_init.select(0, t), carry, w_h);
-    }
+    in_parts(c_.parts, pool_, [&](int64_t p) {
+      const int64_t first = c_.first_row(p), R = c_.rows(p);
+      Part& part = parts_[p];
+      Tensor carry_p = carry.narrow(0, first, R);
+      for (int64_t t = T_ - 1; t >= 0; --t) {
+        T* rows = part.d_states.template data_ptr<T>();
+        const T* g = c_.part_ptr<T>(grad_out, t, p);
+        const T* cp = carry_p.data_ptr<T>();
+        for (int64_t j = 0; j < R * d; ++j) rows[j] = T(0);
+        for (int64_t j = 0; j < R * d; ++j) rows[R * d + j] = (g[j] + cp[j]) * inv_n;
+        for (int64_t k = 2; k <= N; ++k) std::memcpy(rows + k * R * d, rows + R * d, R * d * sizeof(T));
+        for (int64_t i = N - 1; i >= 0; --i) node(t, i, p, weights[i], gammas[i]);
+        init_node(t, p, d_init.select(0, t).narrow(0, first, R), carry_p, w_h);
+      }
+    });
     Tensor h_in = c_.saved[kHs].narrow(0, 0, T_);
     if (c_.mask.defined()) h_in = h_in * c_.mask;
     Tensor d_w_h = at::mm(h_in.reshape({T_ * B, d}).t(), d_init.view({T_ * B, 2 * d}));
     std::vector<Tensor> grads = {d_init, carry, d_w_h};
-    for (const Tensor& dw : d_weights) grads.push_back(dw);
+    for (int64_t i = 0; i < N; ++i) {  // the parts' sums, in part order
+      Tensor dw = parts_[0].d_weights[i];
+      for (int64_t p = 1; p < c_.parts; ++p) dw.add_(parts_[p].d_weights[i]);
+      grads.push_back(dw);
+    }
     for (int64_t i = 0; i < N; ++i) grads.push_back(activation_weight_grad(i, opt));
     for (int64_t i = 0; i < N; ++i) {
-      Tensor dg = c_.nodes[i].residual ? at::empty({d}, opt) : nothing(grad_out);
-      for (int64_t u = 0; u < dg.numel(); ++u) dg.data_ptr<T>()[u] = static_cast<T>(d_gamma_[i][u]);
+      Tensor dg = c_.nodes[i].residual ? at::zeros({d}, opt) : nothing(grad_out);
+      for (const Part& part : parts_)
+        for (int64_t u = 0; u < dg.numel(); ++u)
+          dg.data_ptr<T>()[u] += static_cast<T>(part.d_gamma[i][u]);
       grads.push_back(dg);
     }
     return grads;
   }
 
  private:
+  // What one part's thread keeps: its rows' gradients of a step's states, and its shares of
+  // the sums over the batch (the weights', activation weights' and γ's gradients).
+  struct Part {
+    Tensor d_states, scratch, d_raw;  // d_raw: a state's gradient before its BatchNorm
+    std::vector<Tensor> d_z;          // per node, (edges × rows, 2d), reused at every step
+    std::vector<Tensor> d_weights;
+    // Per node: Σ ⟨dF_j, f_k(g_j)⟩ (edges × acts), then Σ ⟨d(W_j s_j), s_j⟩ (edges), over steps.
+    std::vector<std::vector<double>> reduced;
+    std::vector<std::vector<double>> d_gamma;
+    ChunkSums chunks;
+
+    Part(const Cell& c, int64_t p, const std::vector<Tensor>& weights,
+         const at::TensorOptions& opt) {
+      const int64_t R = c.rows(p), d = c.d;
+      d_states = at::empty({c.n() + 1, R, d}, opt);
+      scratch = at::empty({R, d}, opt);
+      d_raw = at::empty({R, d}, opt);
+      for (const Tensor& w : weights) d_weights.push_back(at::zeros_like(w));
+      for (const Node& node : c.nodes) {
+        reduced.emplace_back(node.edges * (node.n_acts() + 1), 0.0);
+        d_z.push_back(at::empty({node.edges * R, 2 * d}, opt));
+        d_gamma.emplace_back(node.residual ? d : 0, 0.0);
+      }
+    }
+    Part(Part&& other) noexcept
+        : d_states(std::move(other.d_states)),
+          scratch(std::move(other.scratch)),
+          d_raw(std::move(other.d_raw)),
+          d_z(std::move(other.d_z)),
+          d_weights(std::move(other.d_weights)),
+          reduced(std::move(other.reduced)),
+          d_gamma(std::move(other.d_gamma)) {}
+  };
+
   const Cell& c_;
-  Tensor d_states_, scratch_, d_raw_;  // d_raw_: a state's gradient before its BatchNorm
-  std::vector<Tensor> d_z_;  // per node, (edges × B, 2d), reused at every step
   const Mixing<T> mix_;
   const RowNorm<T> bn_;
-  // Per node: Σ ⟨dF_j, f_k(g_j)⟩ (edges × acts), then Σ ⟨d(W_j s_j), s_j⟩ (edges), over steps.
-  std::vector<std::vector<double>> reduced_;
-  std::vector<std::vector<double>> d_gamma_;
-  ChunkSums chunks_;
-
-  void start_reductions(const at::TensorOptions& options) {
-    for (const Node& node : c_.nodes) {
-      reduced_.emplace_back(node.edges * (node.n_acts() + 1), 0.0);
-      d_z_.push_back(at::empty({node.edges * c_.batch, 2 * c_.d}, options));
-      d_gamma_.emplace_back(node.residual ? c_.d : 0, 0.0);
-    }
-  }
+  PartPool pool_;  // the BatchNorm's column sums, across parts
+  std::vector<Part> parts_;
 
   Tensor activation_weight_grad(int64_t i, const at::TensorOptions& options) {
     const Node& node = c_.nodes[i];
     const int64_t m = node.edges, n_acts = node.n_acts();
-    const std::vector<double>& total = reduced_[i];
+    std::vector<double> total(m * (n_acts + 1), 0.0);
+    for (const Part& part : parts_)
+      for (size_t j = 0; j < total.size(); ++j) total[j] += part.reduced[i][j];
     Tensor grad = at::empty({m, n_acts}, options);
     T* out = grad.data_ptr<T>();
     for (int64_t e = 0; e < m; ++e)
@@ -417,69 +489,77 @@ class Backward {
     return grad;
   }
 
-  // State ``k``'s gradient before its BatchNorm at step ``t``, from ``grad``, the one after it.
-  const T* norm_backward(int64_t t, int64_t k, const T* grad) {
+  // State ``k``'s gradient before its BatchNorm in a part at step ``t``, from ``grad``, the one
+  // after it.
+  const T* norm_backward(int64_t t, int64_t k, int64_t p, const T* grad) {
     if (!c_.norm.on) return grad;
-    T* d_raw = d_raw_.data_ptr<T>();
-    bn_.backward(grad, c_.state_ptr<T>(kPre, t, k), c_.stat_ptr<T>(kMean, t, k),
-                 c_.stat_ptr<T>(kInvstd, t, k), d_raw);
+    T* d_raw = parts_[p].d_raw.template data_ptr<T>();
+    const T* pre = c_.state_ptr<T>(kPre, t, k, p);
+    const T* mean = c_.stat_ptr<T>(kMean, t, k);
+    const T* invstd = c_.stat_ptr<T>(kInvstd, t, k);
+    if (c_.parts == 1) {
+      bn_.backward(grad, pre, mean, invstd, d_raw);
+    } else {
+      bn_.backward_part(grad, pre, c_.rows(p), mean, invstd, d_raw, pool_, p);
+    }
     return d_raw;
   }
 
-  void node(int64_t t, int64_t i, const Tensor& weight, Tensor& d_weight, const OptTensor& gamma) {
+  void node(int64_t t, int64_t i, int64_t p, const Tensor& weight, const OptTensor& gamma) {
     const Node& spec = c_.nodes[i];
-    const int64_t B = c_.batch, d = c_.d, m = spec.edges, n_acts = spec.n_acts();
-    T* rows = d_states_.data_ptr<T>();
-    Tensor d_state = d_states_.select(0, i + 1);
+    const int64_t R = c_.rows(p), d = c_.d, m = spec.edges, n_acts = spec.n_acts();
+    Part& part = parts_[p];
+    T* rows = part.d_states.template data_ptr<T>();
+    Tensor d_state = part.d_states.select(0, i + 1);
     if (spec.residual) {
       const T* ds = d_state.data_ptr<T>();
-      const T* normed = step_of<T>(c_.node_buffer(i, kNormed), t);
+      const T* normed = c_.part_ptr<T>(c_.node_buffer(i, kNormed), t, p);
       const T* gm = gamma->data_ptr<T>();
-      T* scaled = scratch_.data_ptr<T>();
+      T* scaled = part.scratch.template data_ptr<T>();
       std::vector<T> dg(d, T(0));
-      for (int64_t b = 0; b < B; ++b)
+      for (int64_t b = 0; b < R; ++b)
         for (int64_t u = 0; u < d; ++u) {
           dg[u] += ds[b * d + u] * normed[b * d + u];
           scaled[b * d + u] = ds[b * d + u] * gm[u];
         }
-      for (int64_t u = 0; u < d; ++u) d_gamma_[i][u] += dg[u];
-      const auto row_of = [&](int64_t k) { return rows + k * B * d; };
-      output_rule_backward(true, i, B * d, ds, row_of);  // the base: mean(s_1..s_{i−1})
-      d_state = scratch_;
+      for (int64_t u = 0; u < d; ++u) part.d_gamma[i][u] += dg[u];
+      const auto row_of = [&](int64_t k) { return rows + k * R * d; };
+      output_rule_backward(true, i, R * d, ds, row_of);  // the base: mean(s_1..s_{i−1})
+      d_state = part.scratch;
     }
-    const T* d_raw = norm_backward(t, i + 1, d_state.data_ptr<T>());
-    const T* z = step_of<T>(c_.node_buffer(i, kZ), t);  // [σ(c) | g]
-    Tensor dz = d_z_[i];  // [∂/∂c | ∂/∂g]: not into z, so that a second backward reads it again
+    const T* d_raw = norm_backward(t, i + 1, p, d_state.data_ptr<T>());
+    const T* z = c_.z_ptr<T>(t, i, p);  // [σ(c) | g]
+    Tensor dz = part.d_z[i];  // [∂/∂c | ∂/∂g]: not into z, so that a second backward reads it again
     T* dzp = dz.data_ptr<T>();
-    const T* prev = c_.state_ptr<T>(kStates, t, spec.start);
-    T* d_prev = rows + spec.start * B * d;
+    const T* prev = c_.state_ptr<T>(kStates, t, spec.start, p);
+    T* d_prev = rows + spec.start * R * d;
     const std::vector<T>& mix = mix_.weights[i];
     const std::vector<T>& sums = mix_.edge_sums[i];
-    over_rows(B, d * m, [&](int64_t b0, int64_t b1) {
-      std::vector<double> part(m * (n_acts + 1), 0.0);
+    over_rows(R, d * m, [&](int64_t b0, int64_t b1) {
+      std::vector<double> sums_here(m * (n_acts + 1), 0.0);
       std::vector<T> work((n_acts + 2) * d);  // f_k(g) rows, F − W s, then dF
       const T* bl = work.data() + n_acts * d;
       T* d_f = work.data() + (n_acts + 1) * d;
       for (int64_t b = b0; b < b1; ++b) {
         const T* dr = d_raw + b * d;
         for (int64_t e = 0; e < m; ++e) {
-          const int64_t row = e * B + b;
+          const int64_t row = e * R + b;
           const T* gate = z + row * 2 * d;
           T* dgate = dzp + row * 2 * d;
           T* dg = dgate + d;
-          const T* p = prev + row * d;
+          const T* p_row = prev + row * d;
           T* dp = d_prev + row * d;
           const T w_sum = sums[e];
           if (spec.standard) {
             double edge_sums[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
             StandardEdge<T>(spec, mix.data() + e * n_acts, w_sum)
-                .backward(gate, gate + d, p, dr, dgate, dg, dp, edge_sums, d);
-            part[m * n_acts + e] += edge_sums[0];
+                .backward(gate, gate + d, p_row, dr, dgate, dg, dp, edge_sums, d);
+            sums_here[m * n_acts + e] += edge_sums[0];
             for (int64_t act = 0; act < 4; ++act)
-              part[e * n_acts + spec.slots[act]] += edge_sums[1 + act];
+              sums_here[e * n_acts + spec.slots[act]] += edge_sums[1 + act];
             continue;
           }
-          blend_row(spec, mix.data() + e * n_acts, w_sum, gate + d, p, work.data(), d);
+          blend_row(spec, mix.data() + e * n_acts, w_sum, gate + d, p_row, work.data(), d);
           T edge = T(0);
 #pragma omp simd reduction(+ : edge)
           for (int64_t u = 0; u < d; ++u) {
@@ -489,9 +569,9 @@ class Backward {
             d_f[u] = df;
             dgate[u] = bl[u] * dr[u] * c * (T(1) - c);
             dp[u] += w_sum * dc;
-            edge += dc * p[u];
+            edge += dc * p_row[u];
           }
-          part[m * n_acts + e] += edge;
+          sums_here[m * n_acts + e] += edge;
           if (n_acts == 0) std::fill(dg, dg + d, T(0));  // a sampled ``none``: nothing reads g
           for (int64_t k = 0; k < n_acts; ++k) {
             const T* a = work.data() + k * d;
@@ -505,26 +585,26 @@ class Backward {
                 dot += d_f[u] * a[u];
               }
             });
-            part[e * n_acts + k] += dot;
+            sums_here[e * n_acts + k] += dot;
           }
         }
       }
-      chunks_.add(b0, std::move(part));
+      part.chunks.add(b0, std::move(sums_here));
     });
-    chunks_.merge_into(reduced_[i]);
-    d_weight.addmm_(c_.inputs(t, i).t(), dz);
-    add_masked_product(d_states_.narrow(0, spec.start, m).view({m * B, d}), dz, weight.t(),
-                       c_.mask);
+    part.chunks.merge_into(part.reduced[i]);
+    part.d_weights[i].addmm_(c_.inputs(t, i, p).t(), dz);
+    add_masked_product(part.d_states.narrow(0, spec.start, m).view({m * R, d}), dz, weight.t(),
+                       c_.part_mask(p));
   }
 
-  void init_node(int64_t t, Tensor d_init_t, Tensor& carry, const Tensor& w_h) {
-    const int64_t B = c_.batch, d = c_.d;
-    const T* dr = norm_backward(t, 0, d_states_.data_ptr<T>());
-    const T* z = step_of<T>(c_.saved[kInit], t);
-    const T* h = step_of<T>(c_.saved[kHs], t);
+  void init_node(int64_t t, int64_t p, Tensor d_init_t, Tensor& carry, const Tensor& w_h) {
+    const int64_t R = c_.rows(p), d = c_.d;
+    const T* dr = norm_backward(t, 0, p, parts_[p].d_states.template data_ptr<T>());
+    const T* z = c_.part_ptr<T>(c_.saved[kInit], t, p);
+    const T* h = c_.part_ptr<T>(c_.saved[kHs], t, p);
     T* dz = d_init_t.data_ptr<T>();
     T* cp = carry.data_ptr<T>();
-    for (int64_t b = 0; b < B; ++b)
+    for (int64_t b = 0; b < R; ++b)
       for (int64_t u = 0; u < d; ++u) {
         const int64_t j = b * d + u;
         const T c0 = z[b * 2 * d + u], g0 = z[b * 2 * d + d + u];
@@ -533,7 +613,7 @@ class Backward {
         dz[b * 2 * d + u] = dr[j] * (g0 - h[j]) * c0 * (T(1) - c0);
         cp[j] = dr[j] - d_g0;
       }
-    add_masked_product(carry, d_init_t, w_h.t(), c_.mask);
+    add_masked_product(carry, d_init_t, w_h.t(), c_.part_mask(p));
   }
 };
 
@@ -572,6 +652,7 @@ std::vector<Tensor> forward(const Plan& plan, const Tensor& x_proj, const Tensor
   const Tensor xp = x_proj.contiguous();
   Cell cell = make_cell(plan, xp, mask_h, running_mean, running_var, training, momentum, eps);
   if (cell.norm.on && !training) cell.norm.scale = at::rsqrt(*running_var + eps);
+  cell.parts = batch_parts(cell.batch, kMinPartRows);
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "darts_supernet_forward", [&] {
     Forward<scalar_t>(cell, contiguous(act_w))
         .run(xp, h0, w_h.contiguous(), contiguous(weights), contiguous(gammas));
@@ -593,6 +674,7 @@ std::vector<Tensor> backward(const Plan& plan, const Tensor& grad_out,
   cell.saved = saved;
   cell.index();
   if (cell.norm.on && !training) cell.norm.scale = saved[kScale];
+  cell.parts = saved[kParts].item<int64_t>();
   std::vector<Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "darts_supernet_backward", [&] {
     grads = Backward<scalar_t>(cell, contiguous(act_w))
