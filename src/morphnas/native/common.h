@@ -249,15 +249,28 @@ inline void init_projection(Tensor out, const Tensor& x_proj_t, const Tensor& h,
 }
 
 // ``out += (a b) ⊙ m``: what a matmul of masked states ``m ⊙ s`` sends back to ``s``. The mask
-// ``(B, d)`` (undefined: none) applies to each block of ``B`` rows of ``out``.
-inline void add_masked_product(const Tensor& out, const Tensor& a, const Tensor& b,
-                               const Tensor& mask) {
+// ``(B, d)`` (undefined: none) applies to each block of ``B`` rows of ``out`` (contiguous).
+// ``scratch``, at least as many rows as ``a``, takes the product (undefined: a new tensor).
+template <typename T>
+void add_masked_product(const Tensor& out, const Tensor& a, const Tensor& b, const Tensor& mask,
+                        const Tensor& scratch = Tensor()) {
   if (!mask.defined()) {
     out.addmm_(a, b);
     return;
   }
+  Tensor product = scratch.defined() ? scratch.narrow(0, 0, a.size(0))
+                                     : at::empty({a.size(0), b.size(1)}, a.options());
+  at::mm_out(product, a, b);
   const int64_t B = mask.size(0), d = mask.size(1);
-  out.view({-1, B, d}).addcmul_(at::mm(a, b).view({-1, B, d}), mask);
+  const T* m = mask.data_ptr<T>();
+  const T* p = product.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  over_rows(product.size(0), d, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* mr = m + (r % B) * d;
+      for (int64_t u = 0; u < d; ++u) o[r * d + u] += p[r * d + u] * mr[u];
+    }
+  });
 }
 
 // BatchNorm without affine over the rows of a ``(rows, d)`` block, as ``nn.BatchNorm1d`` computes

@@ -320,7 +320,7 @@ class Backward {
 
   // d s_j += (dz W^T) ⊙ m: the children's matmul's share of their parent state.
   void parent_matmul(int64_t j, const Tensor& dz_t, const Tensor& block) {
-    add_masked_product(d_states_.select(0, j), dz_t, block.t(), c_.mask);
+    add_masked_product<T>(d_states_.select(0, j), dz_t, block.t(), c_.mask);
   }
 
   // A residual node's final ``d s_i``: ``γ``'s share, the base's (``output_rule_backward``),
@@ -359,7 +359,7 @@ class Backward {
           cp[j] = dy * (T(1) - c0);
         }
     });
-    add_masked_product(carry, d_init_t, w_h.t(), c_.mask);
+    add_masked_product<T>(carry, d_init_t, w_h.t(), c_.mask);
   }
 };
 

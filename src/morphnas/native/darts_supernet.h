@@ -439,6 +439,7 @@ class Backward {
   // the sums over the batch (the weights', activation weights' and γ's gradients).
   struct Part {
     Tensor d_states, scratch, d_raw;  // d_raw: a state's gradient before its BatchNorm
+    Tensor product;                   // a matmul's rows before the dropout mask
     std::vector<Tensor> d_z;          // per node, (edges × rows, 2d), reused at every step
     std::vector<Tensor> d_weights;
     // Per node: Σ ⟨dF_j, f_k(g_j)⟩ (edges × acts), then Σ ⟨d(W_j s_j), s_j⟩ (edges), over steps.
@@ -452,6 +453,7 @@ class Backward {
       d_states = at::empty({c.n() + 1, R, d}, opt);
       scratch = at::empty({R, d}, opt);
       d_raw = at::empty({R, d}, opt);
+      product = at::empty({(c.n() + 1) * R, d}, opt);
       for (const Tensor& w : weights) d_weights.push_back(at::zeros_like(w));
       for (const Node& node : c.nodes) {
         reduced.emplace_back(node.edges * (node.n_acts() + 1), 0.0);
@@ -463,6 +465,7 @@ class Backward {
         : d_states(std::move(other.d_states)),
           scratch(std::move(other.scratch)),
           d_raw(std::move(other.d_raw)),
+          product(std::move(other.product)),
           d_z(std::move(other.d_z)),
           d_weights(std::move(other.d_weights)),
           reduced(std::move(other.reduced)),
@@ -593,8 +596,8 @@ class Backward {
     });
     part.chunks.merge_into(part.reduced[i]);
     part.d_weights[i].addmm_(c_.inputs(t, i, p).t(), dz);
-    add_masked_product(part.d_states.narrow(0, spec.start, m).view({m * R, d}), dz, weight.t(),
-                       c_.part_mask(p));
+    add_masked_product<T>(part.d_states.narrow(0, spec.start, m).view({m * R, d}), dz,
+                          weight.t(), c_.part_mask(p), part.product);
   }
 
   void init_node(int64_t t, int64_t p, Tensor d_init_t, Tensor& carry, const Tensor& w_h) {
@@ -613,7 +616,7 @@ class Backward {
         dz[b * 2 * d + u] = dr[j] * (g0 - h[j]) * c0 * (T(1) - c0);
         cp[j] = dr[j] - d_g0;
       }
-    add_masked_product(carry, d_init_t, w_h.t(), c_.part_mask(p));
+    add_masked_product<T>(carry, d_init_t, w_h.t(), c_.part_mask(p), parts_[p].product);
   }
 };
 
