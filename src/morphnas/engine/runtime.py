@@ -34,8 +34,12 @@ the last runs, and at 2048 1.34× and 1.40× but also 0.85× (batch 64 × hidden
 kernel's step, with its per-call overhead, had put the crossover higher (8192 until then), but
 it too won 1.02–1.20× at 4096 in four quiet runs, and the derived cells' and the two-input
 supernet's bench parts picked two threads at batch 64 × hidden 64. One count serves a whole run
-(search, retraining, baselines), so it is not lowered to suit the native kernel alone.
-Re-measure on other machines; ``--threads`` overrides it.
+(search, retraining, baselines), so it is not lowered to suit the native kernel alone. Since the
+supernet kernel splits the batch into parts, one thread each (later on 2026-11-24), two threads
+won at every size of the sweep (1.15× at 1,024, 1.38–1.49× at 2,048) and the search epoch at
+batch 64 × hidden 32 ran 1.43× (``darts_rnn``) and 1.33× (``two_input``) faster on two; but the
+derived DARTS cell, whose kernel has no parts yet, ran 1.76× slower on two at that size, so the
+crossover stays until it has them. Re-measure on other machines; ``--threads`` overrides it.
 """
 
 

@@ -2,7 +2,8 @@
 
 Why: the Python sequence kernels spend about as long calling ATen as computing at search and
 retraining sizes on a CPU (docs/benchmarks.md). Their C++ twins keep the same formulas with one
-loop per node and step, built for this machine (``-O3 -march=native``): whole twins of
+loop per node and step, built for this machine (``-O3 -march=native``), the DARTS supernet's
+with the batch split into parts, one thread each, for a whole sequence: whole twins of
 ``spaces.fused_darts`` (the DARTS supernet) and ``cells.fused_darts_cell`` (a derived DARTS
 cell), and the time loops of ``spaces.fused_two_input`` and ``cells.fused_two_input_cell``,
 whose per-sequence work stays in Python, shared by both kernels.

@@ -7,6 +7,9 @@
 // weights' gradient needs are taken in that pass instead of over saved buffers. BatchNorm is
 // common.h's ``RowNorm`` (ATen's formulas, on the module's running buffers, without its calls).
 // The loops are plain arithmetic so that -O3 -march=native vectorises them, exp included.
+// With several intra-op threads the batch's rows are split into parts, one thread each, for the
+// whole sequence (``Cell``, common.h's ``in_parts``): the parts meet only where BatchNorm pools
+// its column sums, instead of every loop and matmul of every step opening a parallel region.
 
 #pragma once
 
