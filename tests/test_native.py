@@ -173,14 +173,16 @@ def split_supernet() -> torch.nn.Module:
         (split_supernet, 3),
         (lambda: split_supernet().eval(), 3),
         (lambda: float32_derived_cell(True, 16).double(), 2),
+        (lambda: float32_derived_cell(True, 16).double(), 3),
         (lambda: float32_two_input_cell(True, 16).double(), 2),
     ],
-    ids=["supernet", "supernet-3", "supernet-3-eval", "derived", "two_input"],
+    ids=["supernet", "supernet-3", "supernet-3-eval", "derived", "derived-3", "two_input"],
 )
 def test_rows_split_across_threads_give_the_one_thread_result(make, threads):
     """Batch rows split across threads against one thread, in float64, with a batch large
     enough that every node's loop is split and that does not divide evenly: the supernet's
-    parts (one a thread, their BatchNorm sums pooled; ``in_parts``), the derived cells' chunks."""
+    parts (one a thread, their BatchNorm sums pooled; ``in_parts``), the derived DARTS cell's
+    parts, the two-input cell's chunks."""
     cell = make()
     assert native_path(cell(torch.randn(2, 2, N_IN, dtype=torch.float64))[0])
     x = torch.randn(STEPS, 251, N_IN, dtype=torch.float64)

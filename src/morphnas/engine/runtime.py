@@ -25,21 +25,20 @@ def cpu_cores() -> int:
     return os.cpu_count() or 1
 
 
-MULTITHREAD_FROM = 4096
+MULTITHREAD_FROM = 2048
 """``batch × hidden`` from which a workload gets every core; below it, one intra-op thread.
 
 From the ``threads`` bench part (``morphnas bench --parts threads``, docs/benchmarks.md) on the
-2-core CPU. With the native supernet kernel (2026-11-24) two threads won 1.16–1.68× at 4096 in
-the last runs, and at 2048 1.34× and 1.40× but also 0.85× (batch 64 × hidden 32). The Python
-kernel's step, with its per-call overhead, had put the crossover higher (8192 until then), but
-it too won 1.02–1.20× at 4096 in four quiet runs, and the derived cells' and the two-input
-supernet's bench parts picked two threads at batch 64 × hidden 64. One count serves a whole run
-(search, retraining, baselines), so it is not lowered to suit the native kernel alone. Since the
-supernet kernel splits the batch into parts, one thread each (later on 2026-11-24), two threads
-won at every size of the sweep (1.15× at 1,024, 1.38–1.49× at 2,048) and the search epoch at
-batch 64 × hidden 32 ran 1.43× (``darts_rnn``) and 1.33× (``two_input``) faster on two; but the
-derived DARTS cell, whose kernel has no parts yet, ran 1.76× slower on two at that size, so the
-crossover stays until it has them. Re-measure on other machines; ``--threads`` overrides it.
+2-core CPU. Until the native kernels of the DARTS supernet and of the derived DARTS cell split
+the batch into parts, one thread each (2026-11-24), it was 4096: at 2048 a second thread won
+1.34× and 1.40× for the supernet but lost 0.85× once, and the derived DARTS cell lost 1.76× at
+batch 64 × hidden 32. With the parts, at batch 64 × hidden 32 (the search default) two threads
+made the search epoch 1.43× (``darts_rnn``) and 1.33× (``two_input``) faster, the derived DARTS
+cell's step 1.2–1.3×, ``nn.LSTM``'s 1.2× and the derived two-input cell's 1.1× (GDAS on
+``two_input``, 3 % slower, was the one loss), and the supernet sweep won at every size from
+1,024 (1.15×). One count serves a whole run (search, retraining, baselines), so it is lowered
+only as far as everything measured agrees. Re-measure on other machines; ``--threads``
+overrides it.
 """
 
 

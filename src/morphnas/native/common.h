@@ -59,8 +59,8 @@ inline float tanh_value(float x) { return 2.0f * sigmoid(2.0f * x) - 1.0f; }
 inline double tanh_value(double x) { return std::tanh(x); }
 
 // tanh(g) and σ(g) from one exp, for a row that needs both (the DARTS activations): with
-// e = exp(−g), σ = 1/(1+e) and tanh = (1−e²)/(1+e²) = 2/(1+e²) − 1, and the two reciprocals
-// from one division, r = 1/((1+e)(1+e²)). Half the exps and divisions of computing each alone,
+// e = exp(−g), σ = 1/(1+e) and tanh = (1−e²)/(1+e²), and the two reciprocals from one
+// division, r = 1/((1+e)(1+e²)). Half the exps and divisions of computing each alone,
 // which bound the supernet's elementwise loops. ``g`` is clamped to ±25 first so that the
 // product stays finite in float32; beyond it tanh is ±1 in float32 and σ within 1.4e−11 of 0 or 1.
 inline void tanh_and_sigmoid(float g, float& tanh_out, float& sigmoid_out) {
@@ -68,7 +68,7 @@ inline void tanh_and_sigmoid(float g, float& tanh_out, float& sigmoid_out) {
   const float q = 1.0f + e, q2 = 1.0f + e * e;
   const float r = 1.0f / (q * q2);
   sigmoid_out = r * q2;
-  tanh_out = 2.0f * (r * q) - 1.0f;
+  tanh_out = (1.0f - e) * q * (r * q);  // (1 − e)(1 + e) rather than 2/(1+e²) − 1: exact near 0
 }
 inline void tanh_and_sigmoid(double g, double& tanh_out, double& sigmoid_out) {
   tanh_out = std::tanh(g);
@@ -227,9 +227,10 @@ void in_parts(int64_t parts, PartPool& pool, const F& body) {
   if (error) std::rethrow_exception(error);
 }
 
-// How many parts ``in_parts`` splits a batch into: one per intra-op thread, with at least
-// ``min_rows`` rows each; one inside a parallel region already.
-inline int64_t batch_parts(int64_t batch, int64_t min_rows) {
+// How many parts ``in_parts`` splits a batch into: one per intra-op thread, with at least 16
+// rows each; one inside a parallel region already.
+inline int64_t batch_parts(int64_t batch) {
+  constexpr int64_t min_rows = 16;
   if (at::in_parallel_region() || omp_in_parallel()) return 1;
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), batch / min_rows));
 }

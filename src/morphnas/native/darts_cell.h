@@ -13,6 +13,11 @@
 // slope with respect to the column is ``(1 − tanh²)/2``; the caller's ``doubled`` carries the 2
 // into the weights' gradients. Nothing saved is written by the backward, so a second backward
 // (``retain_graph``) reads the same values.
+//
+// With several intra-op threads the batch's rows are split into parts, one thread each, for the
+// whole sequence (common.h's ``in_parts``): a derived cell has no BatchNorm, so the parts never
+// wait for one another, and a step opens no parallel region. The buffers keep the batch's row
+// order, in which a part's rows of a state are already one matrix.
 
 #pragma once
 
@@ -49,7 +54,7 @@ struct Slot {
 
 // The buffers the backward takes back, in the order the forward returns them (after the
 // output); then one ``z`` per group: ``(T, B, 2dk)``, ``[σ(c_1..c_k) | f(g_1..g_k)]``.
-enum Saved : size_t { kStates = 0, kMasked, kYs, kHs, kInit, kGroups };
+enum Saved : size_t { kStates = 0, kMasked, kYs, kHs, kInit, kParts, kGroups };
 
 struct Cell {
   const Plan& plan;
@@ -58,7 +63,7 @@ struct Cell {
   std::vector<Slot> slots;               // per node
   std::vector<int64_t> group_of_state;   // per state: the group it feeds, or −1
   std::vector<int64_t> gamma_of_node;    // per node: its γ's index among the residual nodes
-  int64_t steps = 0, batch = 0, d = 0;
+  int64_t steps = 0, batch = 0, d = 0, parts = 1;
 
   Cell(const Plan& p, const Tensor& x_proj, const OptTensor& mask_h) : plan(p) {
     const int64_t n = this->n();
@@ -80,54 +85,72 @@ struct Cell {
   }
 
   int64_t n() const { return static_cast<int64_t>(plan.parents.size()); }
-  // State ``k`` of a ``(T, N+1, B, d)`` buffer at step ``t``.
+  int64_t first_row(int64_t part) const { return part_start(batch, parts, part); }
+  int64_t rows(int64_t part) const { return first_row(part + 1) - first_row(part); }
+  // A part's rows of state ``k`` of a ``(T, N+1, B, d)`` buffer (``kYs``: N) at step ``t``.
   template <typename U>
-  U* state(Saved which, int64_t t, int64_t k) const {
-    return saved[which].data_ptr<U>() + (t * (n() + 1) + k) * batch * d;
+  U* state(Saved which, int64_t t, int64_t k, int64_t part) const {
+    const int64_t states = which == kYs ? n() : n() + 1;
+    return saved[which].data_ptr<U>() + ((t * states + k) * batch + first_row(part)) * d;
+  }
+  // A part's rows at step ``t`` of a ``(T, B, width)`` buffer.
+  template <typename U>
+  U* rows_of(const Tensor& buffer, int64_t t, int64_t part) const {
+    return step_of<U>(buffer, t) + first_row(part) * buffer.size(-1);
+  }
+  // The dropout mask's rows of a part (undefined: none).
+  Tensor part_mask(int64_t part) const {
+    return mask.defined() ? mask.narrow(0, first_row(part), rows(part)) : Tensor();
   }
   const Tensor& group_z(int64_t g) const { return saved[kGroups + g]; }
 };
 
-// ``out`` = the output rule over s_1..s_count at step ``t``.
+// ``out`` = the output rule over s_1..s_count in a part at step ``t``.
 template <typename T>
-void base_of(const Cell& c, int64_t t, int64_t count, T* out) {
-  const auto node = [&](int64_t k) { return c.state<T>(kStates, t, k); };
-  output_rule(c.plan.output_mean, count, c.batch * c.d, node, out);
+void base_of(const Cell& c, int64_t t, int64_t count, int64_t part, T* out) {
+  const auto node = [&](int64_t k) { return c.state<T>(kStates, t, k, part); };
+  output_rule(c.plan.output_mean, count, c.rows(part) * c.d, node, out);
 }
 
 template <typename T>
 class Forward {
  public:
-  explicit Forward(Cell& cell) : c_(cell) {}
+  explicit Forward(Cell& cell) : c_(cell), pool_(cell.parts, 0) {}
 
   void run(const Tensor& x_proj, const Tensor& h0, const Tensor& w_h,
            const std::vector<Tensor>& blocks, const std::vector<Tensor>& gammas) {
     allocate(x_proj);
-    const int64_t B = c_.batch, d = c_.d, N = c_.n();
-    Tensor hs = c_.saved[kHs], init = c_.saved[kInit], masked_rows = c_.saved[kMasked];
+    const int64_t d = c_.d, N = c_.n();
+    const Tensor hs = c_.saved[kHs], init = c_.saved[kInit], masked_rows = c_.saved[kMasked];
     hs.select(0, 0).copy_(h0);
-    Tensor masked_h = c_.mask.defined() ? at::empty({B, d}, x_proj.options()) : Tensor();
-    for (int64_t t = 0; t < c_.steps; ++t) {
-      Tensor h = hs.select(0, t), init_t = init.select(0, t);
-      init_projection(init_t, x_proj.select(0, t), h, w_h, c_.mask, masked_h);
-      init_node(t);
-      for (int64_t j = 0; j <= N; ++j) {
-        if (j > 0) {
-          if (!c_.plan.live[j - 1]) continue;  // nothing reads it, and it reads nothing live
-          node(t, j - 1, gammas);
+    in_parts(c_.parts, pool_, [&](int64_t p) {
+      const int64_t first = c_.first_row(p), R = c_.rows(p);
+      const Tensor mask = c_.part_mask(p);
+      Tensor masked_h = mask.defined() ? at::empty({R, d}, x_proj.options()) : Tensor();
+      for (int64_t t = 0; t < c_.steps; ++t) {
+        Tensor h = hs.select(0, t).narrow(0, first, R);
+        Tensor init_t = init.select(0, t).narrow(0, first, R);
+        init_projection(init_t, x_proj.select(0, t).narrow(0, first, R), h, w_h, mask, masked_h);
+        init_node(t, p);
+        for (int64_t j = 0; j <= N; ++j) {
+          if (j > 0) {
+            if (!c_.plan.live[j - 1]) continue;  // nothing reads it, and it reads nothing live
+            node(t, j - 1, p, gammas);
+          }
+          const int64_t g = c_.group_of_state[j];
+          if (g >= 0) {  // state j is final: its children's matmul
+            Tensor z_t = c_.group_z(g).select(0, t).narrow(0, first, R);
+            at::mm_out(z_t, masked_rows.select(0, t).select(0, j).narrow(0, first, R), blocks[g]);
+          }
         }
-        const int64_t g = c_.group_of_state[j];
-        if (g >= 0) {  // state j is final: its children's matmul
-          Tensor z_t = c_.group_z(g).select(0, t);
-          at::mm_out(z_t, masked_rows.select(0, t).select(0, j), blocks[g]);
-        }
+        output(t, p);
       }
-      output(t);
-    }
+    });
   }
 
  private:
   Cell& c_;
+  PartPool pool_;  // no sums to pool: its barrier is never met
 
   void allocate(const Tensor& x_proj) {
     const auto opt = x_proj.options();
@@ -137,20 +160,21 @@ class Forward {
     Tensor states = at::empty({T_, N + 1, B, d}, opt);
     c_.saved = {states, c_.mask.defined() ? at::empty_like(states) : states,
                 any_residual ? at::empty({T_, N, B, d}, opt) : nothing(states),
-                at::empty({T_ + 1, B, d}, opt), at::empty({T_, B, 2 * d}, opt)};
+                at::empty({T_ + 1, B, d}, opt), at::empty({T_, B, 2 * d}, opt),
+                at::scalar_tensor(c_.parts, at::kLong)};
     for (const std::vector<int64_t>& kids : c_.plan.group_children)
       c_.saved.push_back(at::empty({T_, B, 2 * d * static_cast<int64_t>(kids.size())}, opt));
   }
 
   // ``[c₀ | 2g₀]`` in ``init`` turned into ``[σ(c₀) | tanh(g₀)]``; s₀ = h + σ(c₀)(tanh(g₀) − h).
-  void init_node(int64_t t) {
+  void init_node(int64_t t, int64_t p) {
     const int64_t d = c_.d;
-    T* z = step_of<T>(c_.saved[kInit], t);
-    const T* h = step_of<T>(c_.saved[kHs], t);
-    T* s0 = c_.state<T>(kStates, t, 0);
-    T* masked = c_.state<T>(kMasked, t, 0);
-    const T* mask = c_.mask.defined() ? c_.mask.data_ptr<T>() : nullptr;
-    over_rows(c_.batch, d, [&](int64_t b0, int64_t b1) {
+    T* z = c_.rows_of<T>(c_.saved[kInit], t, p);
+    const T* h = c_.rows_of<T>(c_.saved[kHs], t, p);
+    T* s0 = c_.state<T>(kStates, t, 0, p);
+    T* masked = c_.state<T>(kMasked, t, 0, p);
+    const T* mask = c_.mask.defined() ? c_.mask.data_ptr<T>() + c_.first_row(p) * d : nullptr;
+    over_rows(c_.rows(p), d, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         T* gate = z + b * 2 * d;
         T* value = gate + d;
@@ -165,18 +189,18 @@ class Forward {
 
   // Node ``i``: its columns ``[c | g]`` turned into ``[σ(c) | f(g)]``, ``y = s_p + σ(c)(f − s_p)``,
   // and ``s = y``, or ``base + γ ⊙ y`` for a residual node; then its masked copy.
-  void node(int64_t t, int64_t i, const std::vector<Tensor>& gammas) {
+  void node(int64_t t, int64_t i, int64_t p, const std::vector<Tensor>& gammas) {
     const Slot slot = c_.slots[i];
-    const int64_t d = c_.d, width = 2 * d * slot.k;
-    T* z = step_of<T>(c_.group_z(slot.group), t);
+    const int64_t d = c_.d, width = 2 * d * slot.k, R = c_.rows(p);
+    T* z = c_.rows_of<T>(c_.group_z(slot.group), t, p);
     T* gates = z + slot.column * d;
     T* values = z + (slot.k + slot.column) * d;
-    const T* parent = c_.state<T>(kStates, t, c_.plan.parents[i]);
-    T* state = c_.state<T>(kStates, t, i + 1);
+    const T* parent = c_.state<T>(kStates, t, c_.plan.parents[i], p);
+    T* state = c_.state<T>(kStates, t, i + 1, p);
     const bool residual = c_.plan.residual[i];
-    T* y = residual ? c_.saved[kYs].data_ptr<T>() + (t * c_.n() + i) * c_.batch * d : state;
+    T* y = residual ? c_.state<T>(kYs, t, i, p) : state;
     with_activation(c_.plan.acts[i], [&](auto act) {
-      over_rows(c_.batch, d, [&](int64_t b0, int64_t b1) {
+      over_rows(R, d, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           T* gate = gates + b * width;
           T* value = values + b * width;
@@ -188,71 +212,76 @@ class Forward {
       });
     });
     if (residual) {
-      base_of(c_, t, i, state);
+      base_of(c_, t, i, p, state);
       const T* gm = gammas[c_.gamma_of_node[i]].data_ptr<T>();
-      for (int64_t b = 0; b < c_.batch; ++b)
+      for (int64_t b = 0; b < R; ++b)
         for (int64_t u = 0; u < d; ++u) state[b * d + u] += gm[u] * y[b * d + u];
     }
     if (c_.mask.defined()) {
-      const T* mask = c_.mask.data_ptr<T>();
-      T* masked = c_.state<T>(kMasked, t, i + 1);
-      for (int64_t j = 0; j < c_.batch * d; ++j) masked[j] = state[j] * mask[j];
+      const T* mask = c_.mask.data_ptr<T>() + c_.first_row(p) * d;
+      T* masked = c_.state<T>(kMasked, t, i + 1, p);
+      for (int64_t j = 0; j < R * d; ++j) masked[j] = state[j] * mask[j];
     }
   }
 
-  // h_{t+1} = squash(base(s_1..s_N)).
-  void output(int64_t t) {
-    T* h = step_of<T>(c_.saved[kHs], t + 1);
-    base_of(c_, t, c_.n(), h);
+  // h_{t+1} = squash(base(s_1..s_N)), a part's rows.
+  void output(int64_t t, int64_t p) {
+    T* h = c_.rows_of<T>(c_.saved[kHs], t + 1, p);
+    base_of(c_, t, c_.n(), p, h);
     if (c_.plan.squash_tanh)
-      for (int64_t j = 0; j < c_.batch * c_.d; ++j) h[j] = tanh_value(h[j]);
+      for (int64_t j = 0; j < c_.rows(p) * c_.d; ++j) h[j] = tanh_value(h[j]);
   }
 };
 
 template <typename T>
 class Backward {
  public:
-  explicit Backward(const Cell& cell) : c_(cell) {}
+  explicit Backward(const Cell& cell) : c_(cell), pool_(cell.parts, 0) {}
 
   // Gradients: x_proj, h0, w_h, then per block, then per residual node its γ (empty: dead).
   std::vector<Tensor> run(const Tensor& grad_out, const Tensor& w_h,
                           const std::vector<Tensor>& blocks, const std::vector<Tensor>& gammas) {
-    const int64_t T_ = c_.steps, N = c_.n(), B = c_.batch, d = c_.d, size = B * d;
+    const int64_t T_ = c_.steps, N = c_.n(), B = c_.batch, d = c_.d;
     const auto opt = grad_out.options();
     Tensor d_init = at::empty({T_, B, 2 * d}, opt);
     Tensor carry = at::zeros({B, d}, opt);  // d h_t from step t + 1
-    d_states_ = at::empty({N + 1, B, d}, opt);
-    scratch_ = at::empty({B, d}, opt);
     std::vector<Tensor> d_z;
     for (size_t g = 0; g < blocks.size(); ++g) d_z.push_back(at::empty_like(c_.group_z(g)));
-    d_gammas_.assign(gammas.size(), std::vector<double>(d, 0.0));
+    parts_.reserve(c_.parts);
+    for (int64_t p = 0; p < c_.parts; ++p) parts_.emplace_back(c_, p, gammas.size(), opt);
     const T share = c_.plan.output_mean ? T(1) / T(N) : T(1);
-    for (int64_t t = T_ - 1; t >= 0; --t) {
-      T* rows = d_states_.data_ptr<T>();
-      const T* g = step_of<T>(grad_out, t);
-      const T* cp = carry.data_ptr<T>();
-      const T* h = step_of<T>(c_.saved[kHs], t + 1);
-      T* dh = scratch_.data_ptr<T>();
-      for (int64_t j = 0; j < size; ++j) {
-        dh[j] = g[j] + cp[j];
-        if (c_.plan.squash_tanh) dh[j] *= T(1) - h[j] * h[j];
-      }
-      std::fill(rows, rows + (N + 1) * size, T(0));
-      for (int64_t k = c_.plan.output_mean ? 1 : N; k <= N; ++k)
-        for (int64_t j = 0; j < size; ++j) rows[k * size + j] = dh[j] * share;
-      for (int64_t j = N; j >= 0; --j) {
-        const int64_t grp = c_.group_of_state[j];
-        if (grp >= 0) {  // all children of state j are done: d(m ⊙ s_j)
-          Tensor dz_t = d_z[grp].select(0, t);
-          for (int64_t i : c_.plan.group_children[grp]) child(t, i, dz_t);
-          parent_matmul(j, dz_t, blocks[grp]);
+    in_parts(c_.parts, pool_, [&](int64_t p) {
+      const int64_t first = c_.first_row(p), R = c_.rows(p), size = R * d;
+      Part& part = parts_[p];
+      Tensor carry_p = carry.narrow(0, first, R);
+      for (int64_t t = T_ - 1; t >= 0; --t) {
+        T* rows = part.d_states.template data_ptr<T>();
+        const T* g = c_.rows_of<T>(grad_out, t, p);
+        const T* cp = carry_p.data_ptr<T>();
+        const T* h = c_.rows_of<T>(c_.saved[kHs], t + 1, p);
+        T* dh = part.scratch.template data_ptr<T>();
+        for (int64_t j = 0; j < size; ++j) {
+          dh[j] = g[j] + cp[j];
+          if (c_.plan.squash_tanh) dh[j] *= T(1) - h[j] * h[j];
         }
-        if (j == 0) break;
-        const int64_t i = j - 1;
-        if (c_.plan.live[i] && c_.plan.residual[i]) residual(t, i, gammas);
+        std::fill(rows, rows + (N + 1) * size, T(0));
+        for (int64_t k = c_.plan.output_mean ? 1 : N; k <= N; ++k)
+          for (int64_t j = 0; j < size; ++j) rows[k * size + j] = dh[j] * share;
+        for (int64_t j = N; j >= 0; --j) {
+          const int64_t grp = c_.group_of_state[j];
+          if (grp >= 0) {  // all children of state j are done: d(m ⊙ s_j)
+            Tensor dz_t = d_z[grp].select(0, t).narrow(0, first, R);
+            for (int64_t i : c_.plan.group_children[grp]) child(t, i, p, dz_t);
+            add_masked_product<T>(part.d_states.select(0, j), dz_t, blocks[grp].t(),
+                                  c_.part_mask(p), part.product);
+          }
+          if (j == 0) break;
+          const int64_t i = j - 1;
+          if (c_.plan.live[i] && c_.plan.residual[i]) residual(t, i, p, gammas);
+        }
+        init_node(t, p, d_init.select(0, t).narrow(0, first, R), carry_p, w_h);
       }
-      init_node(t, d_init.select(0, t), carry, w_h);
-    }
+    });
     Tensor h_in = c_.saved[kHs].narrow(0, 0, T_);
     if (c_.mask.defined()) h_in = h_in * c_.mask;
     std::vector<Tensor> grads = {
@@ -269,36 +298,52 @@ class Backward {
         continue;
       }
       Tensor dg = at::empty({d}, opt);
-      const std::vector<double>& total = d_gammas_[c_.gamma_of_node[i]];
-      for (int64_t u = 0; u < d; ++u) dg.data_ptr<T>()[u] = static_cast<T>(total[u]);
+      for (int64_t u = 0; u < d; ++u) {  // the parts' sums, in part order
+        double total = 0.0;
+        for (const Part& part : parts_) total += part.d_gammas[c_.gamma_of_node[i]][u];
+        dg.data_ptr<T>()[u] = static_cast<T>(total);
+      }
       grads.push_back(dg);
     }
     return grads;
   }
 
  private:
-  const Cell& c_;
-  Tensor d_states_, scratch_;
-  std::vector<std::vector<double>> d_gammas_;  // per residual node, Σ_t,b ds ⊙ y
+  // What one part's thread keeps: its rows' gradients of a step's states, room for a matmul's
+  // rows, and its share of γ's gradient.
+  struct Part {
+    Tensor d_states, scratch, product;
+    std::vector<std::vector<double>> d_gammas;  // per residual node, Σ_t,b ds ⊙ y
 
-  // Node ``i``'s ``[dc | dg]`` columns at step ``t`` from its final ``d s``:
+    Part(const Cell& c, int64_t p, size_t residuals, const at::TensorOptions& opt)
+        : d_states(at::empty({c.n() + 1, c.rows(p), c.d}, opt)),
+          scratch(at::empty({c.rows(p), c.d}, opt)),
+          product(at::empty({c.rows(p), c.d}, opt)),
+          d_gammas(residuals, std::vector<double>(c.d, 0.0)) {}
+  };
+
+  const Cell& c_;
+  PartPool pool_;  // no sums to pool: its barrier is never met
+  std::vector<Part> parts_;
+
+  // Node ``i``'s ``[dc | dg]`` columns in a part at step ``t`` from its final ``d s``:
   // ``(f − s_p) σ(1 − σ) ds`` and ``σ f' ds``; and its parent's share ``(1 − σ) ds``.
-  void child(int64_t t, int64_t i, Tensor& dz_t) {
+  void child(int64_t t, int64_t i, int64_t p, Tensor& dz_t) {
     const Slot slot = c_.slots[i];
-    const int64_t B = c_.batch, d = c_.d, width = 2 * d * slot.k;
-    const int64_t p = c_.plan.parents[i];
-    const T* z = step_of<T>(c_.group_z(slot.group), t);
+    const int64_t R = c_.rows(p), d = c_.d, width = 2 * d * slot.k;
+    const int64_t parent_state = c_.plan.parents[i];
+    const T* z = c_.rows_of<T>(c_.group_z(slot.group), t, p);
     const T* gates = z + slot.column * d;
     const T* values = z + (slot.k + slot.column) * d;
     T* dz = dz_t.data_ptr<T>();
     T* d_gates = dz + slot.column * d;
     T* d_values = dz + (slot.k + slot.column) * d;
-    const T* parent = c_.state<T>(kStates, t, p);
-    T* rows = d_states_.data_ptr<T>();
-    const T* ds = rows + (i + 1) * B * d;
-    T* d_parent = rows + p * B * d;
+    const T* parent = c_.state<T>(kStates, t, parent_state, p);
+    T* rows = parts_[p].d_states.template data_ptr<T>();
+    const T* ds = rows + (i + 1) * R * d;
+    T* d_parent = rows + parent_state * R * d;
     with_activation(c_.plan.acts[i], [&](auto act) {
-      over_rows(B, d, [&](int64_t b0, int64_t b1) {
+      over_rows(R, d, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           const T* gate = gates + b * width;
           const T* value = values + b * width;
@@ -318,38 +363,33 @@ class Backward {
     });
   }
 
-  // d s_j += (dz W^T) ⊙ m: the children's matmul's share of their parent state.
-  void parent_matmul(int64_t j, const Tensor& dz_t, const Tensor& block) {
-    add_masked_product<T>(d_states_.select(0, j), dz_t, block.t(), c_.mask);
-  }
-
-  // A residual node's final ``d s_i``: ``γ``'s share, the base's (``output_rule_backward``),
-  // then ``γ ⊙ d s_i`` left in its row for the op.
-  void residual(int64_t t, int64_t i, const std::vector<Tensor>& gammas) {
-    const int64_t B = c_.batch, d = c_.d, size = B * d;
-    T* rows = d_states_.data_ptr<T>();
+  // A residual node's final ``d s_i`` in a part: ``γ``'s share, the base's
+  // (``output_rule_backward``), then ``γ ⊙ d s_i`` left in its row for the op.
+  void residual(int64_t t, int64_t i, int64_t p, const std::vector<Tensor>& gammas) {
+    const int64_t R = c_.rows(p), d = c_.d, size = R * d;
+    T* rows = parts_[p].d_states.template data_ptr<T>();
     T* ds = rows + (i + 1) * size;
-    const T* y = c_.saved[kYs].data_ptr<T>() + (t * c_.n() + i) * size;
+    const T* y = c_.state<T>(kYs, t, i, p);
     const T* gm = gammas[c_.gamma_of_node[i]].data_ptr<T>();
-    std::vector<double>& dg = d_gammas_[c_.gamma_of_node[i]];
-    for (int64_t b = 0; b < B; ++b)
+    std::vector<double>& dg = parts_[p].d_gammas[c_.gamma_of_node[i]];
+    for (int64_t b = 0; b < R; ++b)
       for (int64_t u = 0; u < d; ++u) dg[u] += static_cast<double>(ds[b * d + u] * y[b * d + u]);
     const auto row_of = [&](int64_t k) { return rows + k * size; };
     output_rule_backward(c_.plan.output_mean, i, size, ds, row_of);
-    for (int64_t b = 0; b < B; ++b)
+    for (int64_t b = 0; b < R; ++b)
       for (int64_t u = 0; u < d; ++u) ds[b * d + u] *= gm[u];
   }
 
-  // The init node: ``[dc₀ | dg₀]`` into ``d_init_t``, then ``carry`` = d h_{t−1} (before the
-  // output's gradient of step t − 1, which the next step adds).
-  void init_node(int64_t t, Tensor d_init_t, Tensor& carry, const Tensor& w_h) {
-    const int64_t B = c_.batch, d = c_.d;
-    const T* ds = d_states_.data_ptr<T>();
-    const T* z = step_of<T>(c_.saved[kInit], t);
-    const T* h = step_of<T>(c_.saved[kHs], t);
+  // The init node in a part: ``[dc₀ | dg₀]`` into ``d_init_t``, then ``carry`` = d h_{t−1}
+  // (before the output's gradient of step t − 1, which the next step adds).
+  void init_node(int64_t t, int64_t p, Tensor d_init_t, Tensor& carry, const Tensor& w_h) {
+    const int64_t d = c_.d;
+    const T* ds = parts_[p].d_states.template data_ptr<T>();
+    const T* z = c_.rows_of<T>(c_.saved[kInit], t, p);
+    const T* h = c_.rows_of<T>(c_.saved[kHs], t, p);
     T* dz = d_init_t.data_ptr<T>();
     T* cp = carry.data_ptr<T>();
-    over_rows(B, d, [&](int64_t b0, int64_t b1) {
+    over_rows(c_.rows(p), d, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
         for (int64_t u = 0; u < d; ++u) {
           const int64_t j = b * d + u;
@@ -359,7 +399,7 @@ class Backward {
           cp[j] = dy * (T(1) - c0);
         }
     });
-    add_masked_product<T>(carry, d_init_t, w_h.t(), c_.mask);
+    add_masked_product<T>(carry, d_init_t, w_h.t(), c_.part_mask(p), parts_[p].product);
   }
 };
 
@@ -371,6 +411,7 @@ inline std::vector<Tensor> forward(const Plan& plan, const Tensor& x_proj, const
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // our own buffers only
   const Tensor xp = x_proj.contiguous();
   Cell cell(plan, xp, mask_h);
+  cell.parts = batch_parts(cell.batch);
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "darts_cell_forward", [&] {
     Forward<scalar_t>(cell).run(xp, h0, w_h.contiguous(), contiguous(blocks), contiguous(gammas));
   });
@@ -387,6 +428,7 @@ inline std::vector<Tensor> backward(const Plan& plan, const Tensor& grad_out,
   const Tensor grad = grad_out.contiguous();
   Cell cell(plan, saved[kInit], mask_h);
   cell.saved = saved;
+  cell.parts = saved[kParts].item<int64_t>();
   std::vector<Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "darts_cell_backward", [&] {
     grads = Backward<scalar_t>(cell).run(grad, w_h.contiguous(), contiguous(blocks),

@@ -54,9 +54,6 @@ enum Saved : size_t {
 };
 enum NodeSaved : size_t { kZ = 0, kNormed, kNodeBuffers };
 
-// Fewest batch rows a part gets (``batch_parts``).
-constexpr int64_t kMinPartRows = 16;
-
 // The cell and its buffers. The batch's rows are split into ``parts``, each run by its own
 // thread (common.h's ``in_parts``), and the buffers that hold several states or edges a step
 // keep each part's rows together: a step's block is its parts one after the other, each with
@@ -180,6 +177,16 @@ struct StandardEdge {
         w_identity(mix[spec.slots[kIdentity]]),
         w_sum(sum) {}
 
+  // F − W s, summed in the order of ``blend_row`` (−W s, then DARTS's tanh, relu, σ, identity).
+  T blend_of(T th, T sg, T relu, T g, T p) const {
+    T blend = -w_sum * p;
+    blend += w_tanh * th;
+    blend += w_relu * relu;
+    blend += w_sigmoid * sg;
+    blend += w_identity * g;
+    return blend;
+  }
+
   // ``[c | g]`` in ``gate``, ``g`` turned into ``[σ(c) | g]``; ``r`` = (``First``) or += the
   // edge's share, W s + σ(c)(F − W s).
   template <bool First>
@@ -190,7 +197,7 @@ struct StandardEdge {
       T th, sg;
       tanh_and_sigmoid(g[u], th, sg);
       const T relu = g[u] > T(0) ? g[u] : T(0);
-      const T blend = w_tanh * th + w_sigmoid * sg + w_relu * relu + w_identity * g[u] - w_sum * p[u];
+      const T blend = blend_of(th, sg, relu, g[u], p[u]);
       const T out = w_sum * p[u] + c * blend;
       if constexpr (First) {
         r[u] = out;
@@ -212,7 +219,7 @@ struct StandardEdge {
       tanh_and_sigmoid(g[u], th, sg);
       const bool on = g[u] > T(0);
       const T relu = on ? g[u] : T(0);
-      const T blend = w_tanh * th + w_sigmoid * sg + w_relu * relu + w_identity * g[u] - w_sum * p[u];
+      const T blend = blend_of(th, sg, relu, g[u], p[u]);
       const T c = gate[u];
       const T df = c * dr[u];
       const T dc = dr[u] - df;
@@ -658,7 +665,7 @@ std::vector<Tensor> forward(const Plan& plan, const Tensor& x_proj, const Tensor
   const Tensor xp = x_proj.contiguous();
   Cell cell = make_cell(plan, xp, mask_h, running_mean, running_var, training, momentum, eps);
   if (cell.norm.on && !training) cell.norm.scale = at::rsqrt(*running_var + eps);
-  cell.parts = batch_parts(cell.batch, kMinPartRows);
+  cell.parts = batch_parts(cell.batch);
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "darts_supernet_forward", [&] {
     Forward<scalar_t>(cell, contiguous(act_w))
         .run(xp, h0, w_h.contiguous(), contiguous(weights), contiguous(gammas));
