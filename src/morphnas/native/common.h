@@ -235,12 +235,32 @@ inline int64_t batch_parts(int64_t batch) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), batch / min_rows));
 }
 
-// Row ``first`` of part ``part`` when ``rows`` rows are split into ``parts`` parts as evenly as
-// can be (the first ones a row longer).
-inline int64_t part_start(int64_t rows, int64_t parts, int64_t part) {
-  const int64_t base = rows / parts, extra = rows % parts;
-  return part * base + std::min(part, extra);
+// Step ``t`` of a buffer whose first dimension is the step, as a pointer (no view made).
+template <typename T>
+inline T* step_of(const Tensor& buffer, int64_t t) {
+  return buffer.data_ptr<T>() + t * buffer.stride(0);
 }
+
+// A batch's ``batch`` rows split into ``parts`` parts as evenly as can be (the first ones a row
+// longer), one per thread of ``in_parts``: where each part's rows are.
+struct RowParts {
+  int64_t batch = 0, parts = 1;
+
+  int64_t first_row(int64_t part) const {
+    return part * (batch / parts) + std::min(part, batch % parts);
+  }
+  int64_t rows(int64_t part) const { return first_row(part + 1) - first_row(part); }
+  // A part's rows at step ``t`` of a ``(T, B, width)`` buffer.
+  template <typename U>
+  U* rows_of(const Tensor& buffer, int64_t t, int64_t part) const {
+    return step_of<U>(buffer, t) + first_row(part) * buffer.size(-1);
+  }
+  // A part's rows of a ``(B, width)`` tensor, the dropout mask say (undefined: undefined).
+  Tensor rows_of(const Tensor& rows_by_batch, int64_t part) const {
+    if (!rows_by_batch.defined()) return Tensor();
+    return rows_by_batch.narrow(0, first_row(part), rows(part));
+  }
+};
 
 // The DARTS kernels' init node: ``[c₀ | g₀] = x̂_t + (m ⊙ h) W_h`` into ``out``, with ``m`` the
 // dropout mask on ``h`` (undefined: none) and ``scratch`` room for ``m ⊙ h``.
@@ -447,12 +467,6 @@ RowNorm<T> row_norm(bool training, const OptTensor& running_mean, const OptTenso
   norm.rows = rows;
   norm.d = d;
   return norm;
-}
-
-// Step ``t`` of a buffer whose first dimension is the step, as a pointer (no view made).
-template <typename T>
-inline T* step_of(const Tensor& buffer, int64_t t) {
-  return buffer.data_ptr<T>() + t * buffer.stride(0);
 }
 
 // One row of a highway blend, the recurrent cells' common step: ``[c | v]`` turned into

@@ -56,14 +56,14 @@ struct Slot {
 // output); then one ``z`` per group: ``(T, B, 2dk)``, ``[σ(c_1..c_k) | f(g_1..g_k)]``.
 enum Saved : size_t { kStates = 0, kMasked, kYs, kHs, kInit, kParts, kGroups };
 
-struct Cell {
+struct Cell : RowParts {
   const Plan& plan;
   Tensor mask;  // undefined: no dropout mask on h
   std::vector<Tensor> saved;
   std::vector<Slot> slots;               // per node
   std::vector<int64_t> group_of_state;   // per state: the group it feeds, or −1
   std::vector<int64_t> gamma_of_node;    // per node: its γ's index among the residual nodes
-  int64_t steps = 0, batch = 0, d = 0, parts = 1;
+  int64_t steps = 0, d = 0;
 
   Cell(const Plan& p, const Tensor& x_proj, const OptTensor& mask_h) : plan(p) {
     const int64_t n = this->n();
@@ -85,22 +85,11 @@ struct Cell {
   }
 
   int64_t n() const { return static_cast<int64_t>(plan.parents.size()); }
-  int64_t first_row(int64_t part) const { return part_start(batch, parts, part); }
-  int64_t rows(int64_t part) const { return first_row(part + 1) - first_row(part); }
   // A part's rows of state ``k`` of a ``(T, N+1, B, d)`` buffer (``kYs``: N) at step ``t``.
   template <typename U>
   U* state(Saved which, int64_t t, int64_t k, int64_t part) const {
     const int64_t states = which == kYs ? n() : n() + 1;
     return saved[which].data_ptr<U>() + ((t * states + k) * batch + first_row(part)) * d;
-  }
-  // A part's rows at step ``t`` of a ``(T, B, width)`` buffer.
-  template <typename U>
-  U* rows_of(const Tensor& buffer, int64_t t, int64_t part) const {
-    return step_of<U>(buffer, t) + first_row(part) * buffer.size(-1);
-  }
-  // The dropout mask's rows of a part (undefined: none).
-  Tensor part_mask(int64_t part) const {
-    return mask.defined() ? mask.narrow(0, first_row(part), rows(part)) : Tensor();
   }
   const Tensor& group_z(int64_t g) const { return saved[kGroups + g]; }
 };
@@ -125,7 +114,7 @@ class Forward {
     hs.select(0, 0).copy_(h0);
     in_parts(c_.parts, pool_, [&](int64_t p) {
       const int64_t first = c_.first_row(p), R = c_.rows(p);
-      const Tensor mask = c_.part_mask(p);
+      const Tensor mask = c_.rows_of(c_.mask, p);
       Tensor masked_h = mask.defined() ? at::empty({R, d}, x_proj.options()) : Tensor();
       for (int64_t t = 0; t < c_.steps; ++t) {
         Tensor h = hs.select(0, t).narrow(0, first, R);
@@ -253,7 +242,7 @@ class Backward {
     in_parts(c_.parts, pool_, [&](int64_t p) {
       const int64_t first = c_.first_row(p), R = c_.rows(p), size = R * d;
       Part& part = parts_[p];
-      Tensor carry_p = carry.narrow(0, first, R);
+      Tensor carry_p = c_.rows_of(carry, p);
       for (int64_t t = T_ - 1; t >= 0; --t) {
         T* rows = part.d_states.template data_ptr<T>();
         const T* g = c_.rows_of<T>(grad_out, t, p);
@@ -273,7 +262,7 @@ class Backward {
             Tensor dz_t = d_z[grp].select(0, t).narrow(0, first, R);
             for (int64_t i : c_.plan.group_children[grp]) child(t, i, p, dz_t);
             add_masked_product<T>(part.d_states.select(0, j), dz_t, blocks[grp].t(),
-                                  c_.part_mask(p), part.product);
+                                  c_.rows_of(c_.mask, p), part.product);
           }
           if (j == 0) break;
           const int64_t i = j - 1;
@@ -399,7 +388,7 @@ class Backward {
           cp[j] = dy * (T(1) - c0);
         }
     });
-    add_masked_product<T>(carry, d_init_t, w_h.t(), c_.part_mask(p), parts_[p].product);
+    add_masked_product<T>(carry, d_init_t, w_h.t(), c_.rows_of(c_.mask, p), parts_[p].product);
   }
 };
 

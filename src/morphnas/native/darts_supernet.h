@@ -59,16 +59,14 @@ enum NodeSaved : size_t { kZ = 0, kNormed, kNodeBuffers };
 // keep each part's rows together: a step's block is its parts one after the other, each with
 // its states (or edges) one after the other, so that a node's inputs in a part are one matrix.
 // Buffers of one state a step (``kHs``, ``kInit``, ``kNormed``) keep the batch's row order.
-struct Cell {
+struct Cell : RowParts {
   std::vector<Node> nodes;
   Norm norm;
   Tensor mask;  // undefined: no dropout mask on h
   std::vector<Tensor> saved;
-  int64_t steps = 0, batch = 0, d = 0, parts = 1;
+  int64_t steps = 0, d = 0;
 
   int64_t n() const { return static_cast<int64_t>(nodes.size()); }
-  int64_t first_row(int64_t part) const { return part_start(batch, parts, part); }
-  int64_t rows(int64_t part) const { return first_row(part + 1) - first_row(part); }
   // The first row of item ``k`` in part ``part`` at step ``t`` of a buffer of ``items`` a step.
   int64_t row_of(int64_t t, int64_t items, int64_t k, int64_t part) const {
     return t * items * batch + items * first_row(part) + k * rows(part);
@@ -90,10 +88,6 @@ struct Cell {
   T* z_ptr(int64_t t, int64_t i, int64_t part) const {
     return node_buffer(i, kZ).data_ptr<T>() + row_of(t, nodes[i].edges, 0, part) * 2 * d;
   }
-  // The dropout mask's rows of a part (undefined: none).
-  Tensor part_mask(int64_t part) const {
-    return mask.defined() ? mask.narrow(0, first_row(part), rows(part)) : Tensor();
-  }
   // The views above, made once per call rather than once per step (after ``saved`` is set).
   void index() {
     masked_rows = saved[kMasked].view({-1, d});
@@ -104,11 +98,6 @@ struct Cell {
   template <typename T>
   T* state_ptr(Saved which, int64_t t, int64_t k, int64_t part) const {
     return saved[which].data_ptr<T>() + row_of(t, n() + 1, k, part) * d;
-  }
-  // A part's rows at step ``t`` of a buffer of one state a step, ``(T, B, width)``.
-  template <typename T>
-  T* part_ptr(const Tensor& buffer, int64_t t, int64_t part) const {
-    return step_of<T>(buffer, t) + first_row(part) * buffer.size(-1);
   }
   // State ``k``'s BatchNorm statistics (``kMean``, ``kInvstd``) at step ``t``; none in evaluation.
   template <typename T>
@@ -255,7 +244,7 @@ class Forward {
     hs.select(0, 0).copy_(h0);
     in_parts(c_.parts, pool_, [&](int64_t p) {
       const int64_t first = c_.first_row(p), rows = c_.rows(p);
-      const Tensor mask = c_.part_mask(p);
+      const Tensor mask = c_.rows_of(c_.mask, p);
       Tensor masked_h = mask.defined() ? at::empty({rows, c_.d}, x_proj.options()) : Tensor();
       for (int64_t t = 0; t < c_.steps; ++t) {
         Tensor h = hs.select(0, t).narrow(0, first, rows);
@@ -263,7 +252,7 @@ class Forward {
         init_projection(init_t, x_proj.select(0, t).narrow(0, first, rows), h, w_h, mask, masked_h);
         init_node(t, p, h.data_ptr<T>(), init_t.data_ptr<T>());
         for (int64_t i = 0; i < c_.n(); ++i) node(t, i, p, weights[i], gammas[i]);
-        mean_of_states(t, c_.n(), p, c_.part_ptr<T>(hs, t + 1, p));
+        mean_of_states(t, c_.n(), p, c_.rows_of<T>(hs, t + 1, p));
       }
     });
   }
@@ -321,7 +310,7 @@ class Forward {
     at::mm_out(z_t, c_.inputs(t, i, p), weight);
     T* z = z_t.data_ptr<T>();
     T* state = c_.state_ptr<T>(kStates, t, i + 1, p);
-    T* normed = spec.residual ? c_.part_ptr<T>(c_.node_buffer(i, kNormed), t, p) : state;
+    T* normed = spec.residual ? c_.rows_of<T>(c_.node_buffer(i, kNormed), t, p) : state;
     T* raw = c_.norm.on ? c_.state_ptr<T>(kPre, t, i + 1, p) : normed;
     const T* prev = c_.state_ptr<T>(kStates, t, spec.start, p);
     const std::vector<T>& mix = mix_.weights[i];
@@ -412,10 +401,10 @@ class Backward {
     in_parts(c_.parts, pool_, [&](int64_t p) {
       const int64_t first = c_.first_row(p), R = c_.rows(p);
       Part& part = parts_[p];
-      Tensor carry_p = carry.narrow(0, first, R);
+      Tensor carry_p = c_.rows_of(carry, p);
       for (int64_t t = T_ - 1; t >= 0; --t) {
         T* rows = part.d_states.template data_ptr<T>();
-        const T* g = c_.part_ptr<T>(grad_out, t, p);
+        const T* g = c_.rows_of<T>(grad_out, t, p);
         const T* cp = carry_p.data_ptr<T>();
         for (int64_t j = 0; j < R * d; ++j) rows[j] = T(0);
         for (int64_t j = 0; j < R * d; ++j) rows[R * d + j] = (g[j] + cp[j]) * inv_n;
@@ -526,7 +515,7 @@ class Backward {
     Tensor d_state = part.d_states.select(0, i + 1);
     if (spec.residual) {
       const T* ds = d_state.data_ptr<T>();
-      const T* normed = c_.part_ptr<T>(c_.node_buffer(i, kNormed), t, p);
+      const T* normed = c_.rows_of<T>(c_.node_buffer(i, kNormed), t, p);
       const T* gm = gamma->data_ptr<T>();
       T* scaled = part.scratch.template data_ptr<T>();
       std::vector<T> dg(d, T(0));
@@ -607,14 +596,14 @@ class Backward {
     part.chunks.merge_into(part.reduced[i]);
     part.d_weights[i].addmm_(c_.inputs(t, i, p).t(), dz);
     add_masked_product<T>(part.d_states.narrow(0, spec.start, m).view({m * R, d}), dz,
-                          weight.t(), c_.part_mask(p), part.product);
+                          weight.t(), c_.rows_of(c_.mask, p), part.product);
   }
 
   void init_node(int64_t t, int64_t p, Tensor d_init_t, Tensor& carry, const Tensor& w_h) {
     const int64_t R = c_.rows(p), d = c_.d;
     const T* dr = norm_backward(t, 0, p, parts_[p].d_states.template data_ptr<T>());
-    const T* z = c_.part_ptr<T>(c_.saved[kInit], t, p);
-    const T* h = c_.part_ptr<T>(c_.saved[kHs], t, p);
+    const T* z = c_.rows_of<T>(c_.saved[kInit], t, p);
+    const T* h = c_.rows_of<T>(c_.saved[kHs], t, p);
     T* dz = d_init_t.data_ptr<T>();
     T* cp = carry.data_ptr<T>();
     for (int64_t b = 0; b < R; ++b)
@@ -626,7 +615,7 @@ class Backward {
         dz[b * 2 * d + u] = dr[j] * (g0 - h[j]) * c0 * (T(1) - c0);
         cp[j] = dr[j] - d_g0;
       }
-    add_masked_product<T>(carry, d_init_t, w_h.t(), c_.part_mask(p), parts_[p].product);
+    add_masked_product<T>(carry, d_init_t, w_h.t(), c_.rows_of(c_.mask, p), parts_[p].product);
   }
 };
 
