@@ -74,7 +74,8 @@ struct Cell : RowParts {
   const Tensor& node_buffer(int64_t i, NodeSaved which) const {
     return saved[kPerNode + kNodeBuffers * i + which];
   }
-  // Node ``i``'s inputs in a part at step ``t`` (masked states ``start..stop−1``), ``(edges·rows, d)``.
+  // Node ``i``'s inputs in a part at step ``t`` (masked states ``start..stop−1``),
+  // ``(edges·rows, d)``.
   Tensor inputs(int64_t t, int64_t i, int64_t part) const {
     const Node& node = nodes[i];
     return masked_rows.narrow(0, row_of(t, n() + 1, node.start, part), node.edges * rows(part));
@@ -176,8 +177,8 @@ struct StandardEdge {
     return blend;
   }
 
-  // ``[c | g]`` in ``gate``, ``g`` turned into ``[σ(c) | g]``; ``r`` = (``First``) or += the
-  // edge's share, W s + σ(c)(F − W s).
+  // The row ``[c | g]`` (``gate``, then ``g``) turned into ``[σ(c) | g]``; ``r`` = (``First``)
+  // or += the edge's share, W s + σ(c)(F − W s).
   template <bool First>
   void forward(T* gate, const T* g, const T* p, T* r, int64_t d) const {
     for (int64_t u = 0; u < d; ++u) {
