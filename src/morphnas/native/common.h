@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <exception>
 #include <map>
 #include <mutex>
@@ -312,9 +313,7 @@ struct RowNorm {
   // unbiased. ``out`` may be ``pre``.
   void forward(const T* pre, T* out, T* mean, T* invstd) const {
     if (!training) {
-      for (int64_t b = 0; b < rows; ++b)
-        for (int64_t u = 0; u < d; ++u)
-          out[b * d + u] = (pre[b * d + u] - running_mean[u]) * scale[u];
+      normalise_by_running(pre, out, rows);
       return;
     }
     over_columns([&](int64_t u0, int64_t u1) {
@@ -329,11 +328,8 @@ struct RowNorm {
         }
       for (int64_t u = u0; u < u1; ++u) {
         const double var_sum = squares[u - u0];
-        invstd[u] = static_cast<T>(1.0 / std::sqrt(var_sum / rows + eps));
-        if (running_mean == nullptr) continue;
-        running_mean[u] = static_cast<T>((1 - momentum) * running_mean[u] + momentum * mean[u]);
-        running_var[u] = static_cast<T>((1 - momentum) * running_var[u] +
-                                        momentum * var_sum / static_cast<double>(rows - 1));
+        invstd[u] = invstd_of(var_sum);
+        move_running(u, mean[u], var_sum);
       }
       for (int64_t b = 0; b < rows; ++b)
         for (int64_t u = u0; u < u1; ++u) out[b * d + u] = (pre[b * d + u] - mean[u]) * invstd[u];
@@ -345,8 +341,7 @@ struct RowNorm {
   // ``d_pre`` may be ``grad``.
   void backward(const T* grad, const T* pre, const T* mean, const T* invstd, T* d_pre) const {
     if (!training) {
-      for (int64_t b = 0; b < rows; ++b)
-        for (int64_t u = 0; u < d; ++u) d_pre[b * d + u] = grad[b * d + u] * scale[u];
+      scale_by_running(grad, d_pre, rows);
       return;
     }
     over_columns([&](int64_t u0, int64_t u1) {
@@ -376,9 +371,7 @@ struct RowNorm {
   void forward_part(const T* pre, T* out, int64_t here, T* mean, T* invstd, PartPool& pool,
                     int64_t part) const {
     if (!training) {
-      for (int64_t b = 0; b < here; ++b)
-        for (int64_t u = 0; u < d; ++u)
-          out[b * d + u] = (pre[b * d + u] - running_mean[u]) * scale[u];
+      normalise_by_running(pre, out, here);
       return;
     }
     std::vector<double> total(2 * d);
@@ -399,14 +392,11 @@ struct RowNorm {
     pool.total(part, total.data());
     for (int64_t u = 0; u < d; ++u) {
       const double var_sum = total[u];
-      inv[u] = static_cast<T>(1.0 / std::sqrt(var_sum / rows + eps));
+      inv[u] = invstd_of(var_sum);
       if (part != 0) continue;
       mean[u] = mu[u];
       invstd[u] = inv[u];
-      if (running_mean == nullptr) continue;
-      running_mean[u] = static_cast<T>((1 - momentum) * running_mean[u] + momentum * mu[u]);
-      running_var[u] = static_cast<T>((1 - momentum) * running_var[u] +
-                                      momentum * var_sum / static_cast<double>(rows - 1));
+      move_running(u, mu[u], var_sum);
     }
     for (int64_t b = 0; b < here; ++b)
       for (int64_t u = 0; u < d; ++u) out[b * d + u] = (pre[b * d + u] - mu[u]) * inv[u];
@@ -416,8 +406,7 @@ struct RowNorm {
   void backward_part(const T* grad, const T* pre, int64_t here, const T* mean, const T* invstd,
                      T* d_pre, PartPool& pool, int64_t part) const {
     if (!training) {
-      for (int64_t b = 0; b < here; ++b)
-        for (int64_t u = 0; u < d; ++u) d_pre[b * d + u] = grad[b * d + u] * scale[u];
+      scale_by_running(grad, d_pre, here);
       return;
     }
     std::vector<double> total(2 * d);
@@ -443,6 +432,28 @@ struct RowNorm {
   }
 
  private:
+  // 1/sqrt(var + eps) from a column's sum of squared deviations over the batch.
+  T invstd_of(double var_sum) const { return static_cast<T>(1.0 / std::sqrt(var_sum / rows + eps)); }
+
+  // The running statistics of column ``u`` moved by ``momentum`` towards the batch's, the
+  // variance unbiased, as ATen moves them (none when frozen).
+  void move_running(int64_t u, T mean, double var_sum) const {
+    if (running_mean == nullptr) return;
+    running_mean[u] = static_cast<T>((1 - momentum) * running_mean[u] + momentum * mean);
+    running_var[u] = static_cast<T>((1 - momentum) * running_var[u] +
+                                    momentum * var_sum / static_cast<double>(rows - 1));
+  }
+
+  // Evaluation: ``out = (pre − running mean) · scale`` over ``here`` rows, and its gradient.
+  void normalise_by_running(const T* pre, T* out, int64_t here) const {
+    for (int64_t b = 0; b < here; ++b)
+      for (int64_t u = 0; u < d; ++u) out[b * d + u] = (pre[b * d + u] - running_mean[u]) * scale[u];
+  }
+  void scale_by_running(const T* grad, T* d_pre, int64_t here) const {
+    for (int64_t b = 0; b < here; ++b)
+      for (int64_t u = 0; u < d; ++u) d_pre[b * d + u] = grad[b * d + u] * scale[u];
+  }
+
   // ``body(first, end)`` over columns, split across threads in chunks of at least 2,048 elements.
   template <typename F>
   void over_columns(const F& body) const {

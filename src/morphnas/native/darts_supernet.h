@@ -396,7 +396,6 @@ class Backward {
     const auto opt = grad_out.options();
     Tensor d_init = at::empty({T_, B, 2 * d}, opt);
     Tensor carry = at::zeros({B, d}, opt);
-    parts_.reserve(c_.parts);
     for (int64_t p = 0; p < c_.parts; ++p) parts_.emplace_back(c_, p, weights, opt);
     const T inv_n = T(1) / T(N);
     in_parts(c_.parts, pool_, [&](int64_t p) {
@@ -461,22 +460,13 @@ class Backward {
         d_gamma.emplace_back(node.residual ? d : 0, 0.0);
       }
     }
-    Part(Part&& other) noexcept
-        : d_states(std::move(other.d_states)),
-          scratch(std::move(other.scratch)),
-          d_raw(std::move(other.d_raw)),
-          product(std::move(other.product)),
-          d_z(std::move(other.d_z)),
-          d_weights(std::move(other.d_weights)),
-          reduced(std::move(other.reduced)),
-          d_gamma(std::move(other.d_gamma)) {}
   };
 
   const Cell& c_;
   const Mixing<T> mix_;
   const RowNorm<T> bn_;
   PartPool pool_;  // the BatchNorm's column sums, across parts
-  std::vector<Part> parts_;
+  std::deque<Part> parts_;  // a deque: a Part (its ChunkSums' mutex) cannot move
 
   Tensor activation_weight_grad(int64_t i, const at::TensorOptions& options) {
     const Node& node = c_.nodes[i];
