@@ -415,3 +415,19 @@ def test_measure_without_probe_times_every_count_and_keeps_the_faster():
     assert result["one"]["threads"] == 1 and result["two"]["threads"] == 2
     for work in works.values():  # the memory step, then three interleaved rounds at each count
         assert work.counts == [1] + [1, 2] * 3
+
+
+@pytest.mark.parametrize("probe_above_gflop, probed", [(1.0, False), (0.001, True)])
+def test_supernet_part_probes_only_above_its_flop_threshold(monkeypatch, probe_above_gflop, probed):
+    # The quick ``small`` configuration is 0.009 GFLOP a step: under a threshold of 1 it is timed
+    # at every count in full, over one of 0.001 each implementation's count comes from the probe.
+    monkeypatch.setattr(bench, "PROBE_ABOVE_GFLOP", probe_above_gflop)
+    calls = []
+    measure = bench.measure
+    monkeypatch.setattr(
+        bench, "measure", lambda *args, **kw: calls.append(kw["probe"]) or measure(*args, **kw)
+    )
+    ctx = bench.Context(torch.device("cpu"), (1,), matmul_gflops=10.0)
+    result = bench.bench_supernet_config(bench.QUICK_SUPERNET_CONFIGS["small"], ctx, repeats=1)
+    assert calls == [probed]
+    assert _positive(result["speedup"])

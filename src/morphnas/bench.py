@@ -63,6 +63,10 @@ PARTS = ("supernet", "cell", "search", "threads")
 AGREEMENT_TOL = 1e-4  # float32, outputs of ours vs the reference before any timing ...
 AGREEMENT_STEPS = 10  # ... on the first steps: later, the recurrence amplifies float32 rounding
 PROBE_STEPS = 5  # time steps of the short sequence that picks an implementation's thread count
+# A supernet configuration of more FLOPs a step than this is thread-probed; one of fewer (``small``:
+# 4.2 GFLOP, the reference's step under half a second) is timed in full at every count, because
+# the probe's pick moved the ratio there: the reference on one thread (441, 487 ms) or two (386 ms).
+PROBE_ABOVE_GFLOP = 50.0
 DARTS_DROPOUT_X, DARTS_DROPOUT_H = 0.75, 0.25  # DARTS search defaults (rnn/train_search.py)
 SGD_LR = 1e-3  # small, so that repeated steps keep the weights (and the timings) ordinary
 
@@ -569,8 +573,9 @@ def bench_supernet_config(cfg: SupernetConfig, ctx: Context, repeats: int) -> di
     elif native.darts_supernet() is not None:
         modules["ours_python"] = PythonKernels(copy.deepcopy(ours))
     workloads = {name: _sgd_workload(module, x, target) for name, module in modules.items()}
-    measured = measure(workloads, ctx.device, repeats, ctx.threads)
     flops = supernet_flops(cfg.batch, cfg.input_size, cfg.hidden, cfg.bptt, cfg.nodes)
+    probe = flops > PROBE_ABOVE_GFLOP * 1e9
+    measured = measure(workloads, ctx.device, repeats, ctx.threads, probe=probe)
     result: dict[str, Any] = {
         "config": asdict(cfg),
         "gflop": flops / 1e9,
