@@ -256,9 +256,10 @@ struct RowParts {
   U* rows_of(const Tensor& buffer, int64_t t, int64_t part) const {
     return step_of<U>(buffer, t) + first_row(part) * buffer.size(-1);
   }
-  // A part's rows of a ``(B, width)`` tensor, the dropout mask say (undefined: undefined).
+  // A part's rows of a ``(B, width)`` tensor, the dropout mask say (undefined: undefined); the
+  // tensor itself for a single part (a view costs a microsecond, and the loops make thousands).
   Tensor rows_of(const Tensor& rows_by_batch, int64_t part) const {
-    if (!rows_by_batch.defined()) return Tensor();
+    if (!rows_by_batch.defined() || parts == 1) return rows_by_batch;
     return rows_by_batch.narrow(0, first_row(part), rows(part));
   }
 };

@@ -8,7 +8,8 @@
 // these functions fill the buffers the Python loops fill. Matmuls stay ATen calls, BatchNorm is
 // common.h's ``RowNorm``; a node's terms and their mixture at a step are one pass over its rows,
 // forward, and their gradients another, backward, with the op weights' reductions taken in that
-// pass.
+// pass. With more than one intra-op thread the batch is split into parts, one a thread, for the
+// whole sequence (``Loops``), as in the DARTS supernet.
 
 #pragma once
 
@@ -44,122 +45,153 @@ struct Sequence {
   double momentum = 0.0, eps = 0.0;
 };
 
+// The loops over one sequence, the batch's rows in parts, one thread each, for the whole
+// sequence (common.h's ``in_parts``), as in the DARTS supernet: a part runs its own matmuls and
+// loops, and the parts meet only where BatchNorm pools its column sums. The buffers are
+// ``(T, B, …)``, so a part's rows of a step are one block of every buffer.
 template <typename T>
 class Loops {
  public:
   explicit Loops(const Sequence& s)
-      : s_(s), B_(s.u.size(1)), d_(s.u.size(2)),
+      : s_(s), B_(s.u.size(1)), d_(s.u.size(2)), split_{B_, batch_parts(B_)},
         bn_(s.bn ? row_norm<T>(s.bn_training, s.running_mean, s.running_var, s.bn_scale,
                                s.momentum, s.eps, B_, d_)
-                 : RowNorm<T>()) {}
-
-  // State ``j`` at step ``t`` (rows of ``d``, contiguous), and as a view for ATen.
-  T* state(int64_t t, int64_t j) const {
-    if (j == -1) return step_of<T>(s_.u, t);
-    if (j == 0) return step_of<T>(s_.h_in, t);
-    return step_of<T>(s_.nodes[j - 1].state, t);
-  }
-  Tensor state_view(int64_t t, int64_t j) const {
-    if (j == -1) return s_.u.select(0, t);
-    if (j == 0) return s_.h_in.select(0, t);
-    return s_.nodes[j - 1].state.select(0, t);
-  }
-
-  // ``out`` = the output rule over nodes 1..count at step ``t``.
-  void base_of(int64_t t, int64_t count, T* out) const {
-    const auto node = [&](int64_t k) { return state(t, k); };
-    output_rule(s_.output_mean, count, B_ * d_, node, out);
-  }
+                 : RowNorm<T>()),
+        pool_(split_.parts, 2 * d_) {}
 
   void forward() {
-    const int64_t steps = s_.u.size(0), N = n(), size = B_ * d_;
-    for (int64_t t = 0; t < steps; ++t) {
-      if (s_.mask.has_value()) {
-        const T* h = step_of<T>(s_.hs, t);
-        const T* m = s_.mask->data_ptr<T>();
-        T* out = state(t, 0);
-        for (int64_t j = 0; j < size; ++j) out[j] = h[j] * m[j];
+    const int64_t steps = s_.u.size(0), N = n();
+    in_parts(split_.parts, pool_, [&](int64_t p) {
+      const int64_t size = split_.rows(p) * d_;
+      for (int64_t t = 0; t < steps; ++t) {
+        if (s_.mask.has_value()) {
+          const T* h = split_.rows_of<T>(s_.hs, t, p);
+          const T* m = s_.mask->data_ptr<T>() + split_.first_row(p) * d_;
+          T* out = state(t, 0, p);
+          for (int64_t j = 0; j < size; ++j) out[j] = h[j] * m[j];
+        }
+        for (int64_t i = 0; i < N; ++i) node_forward(t, i, p);
+        T* h = split_.rows_of<T>(s_.hs, t + 1, p);
+        base_of(t, N, p, h);
+        if (s_.squash_tanh)
+          for (int64_t j = 0; j < size; ++j) h[j] = tanh_value(h[j]);
       }
-      for (int64_t i = 0; i < N; ++i) node_forward(t, i);
-      T* h = step_of<T>(s_.hs, t + 1);
-      base_of(t, N, h);
-      if (s_.squash_tanh)
-        for (int64_t j = 0; j < size; ++j) h[j] = tanh_value(h[j]);
-    }
+    });
   }
 
   // Fills ``d_u`` (all but the hoisted matmuls' share) and ``d_pre``, adds into ``d_op_w`` and
   // ``d_gamma`` (per node; an empty tensor for a node without), and returns d h0.
   Tensor backward(const Tensor& grad_out, const Tensor& d_u, const std::vector<OptTensor>& d_pre,
                   const std::vector<Tensor>& d_op_w, const std::vector<Tensor>& d_gamma) {
-    const int64_t steps = s_.u.size(0), N = n(), size = B_ * d_;
+    const int64_t steps = s_.u.size(0), N = n();
     const auto opt = grad_out.options();
-    d_states_ = at::empty({N + 1, B_, d_}, opt);
-    d_mixed_ = at::empty({B_, d_}, opt);
-    Tensor scaled = at::empty({B_, d_}, opt), carry = at::zeros({B_, d_}, opt);
-    reduced_.assign(N, {});
-    d_gamma_.assign(N, {});
-    for (int64_t i = 0; i < N; ++i) {
-      reduced_[i].assign(s_.nodes[i].n_terms(), 0.0);
-      d_gamma_[i].assign(s_.nodes[i].residual ? d_ : 0, 0.0);
-    }
-    for (int64_t t = steps - 1; t >= 0; --t) {
-      T* rows = d_states_.data_ptr<T>();
-      const T* g = step_of<T>(grad_out, t);
-      const T* cp = carry.data_ptr<T>();
-      const T* h = step_of<T>(s_.hs, t + 1);
-      std::fill(rows, rows + (N + 1) * size, T(0));
-      const T share = s_.output_mean ? T(1) / T(N) : T(1);
-      for (int64_t j = 0; j < size; ++j) {
-        T dh = g[j] + cp[j];
-        if (s_.squash_tanh) dh *= T(1) - h[j] * h[j];
-        if (!s_.output_mean) rows[N * size + j] = dh;
-        else
-          for (int64_t i = 1; i <= N; ++i) rows[i * size + j] = dh * share;
+    Tensor carry = at::zeros({B_, d_}, opt);
+    for (int64_t p = 0; p < split_.parts; ++p) parts_.emplace_back(s_, split_.rows(p), opt);
+    const T share = s_.output_mean ? T(1) / T(N) : T(1);
+    in_parts(split_.parts, pool_, [&](int64_t p) {
+      const int64_t size = split_.rows(p) * d_;
+      T* c = carry.data_ptr<T>() + split_.first_row(p) * d_;
+      const T* m = s_.mask.has_value() ? s_.mask->data_ptr<T>() + split_.first_row(p) * d_ : nullptr;
+      T* rows = parts_[p].d_states.template data_ptr<T>();
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        const T* g = split_.rows_of<T>(grad_out, t, p);
+        const T* h = split_.rows_of<T>(s_.hs, t + 1, p);
+        std::fill(rows, rows + (N + 1) * size, T(0));
+        for (int64_t j = 0; j < size; ++j) {
+          T dh = g[j] + c[j];
+          if (s_.squash_tanh) dh *= T(1) - h[j] * h[j];
+          if (!s_.output_mean) rows[N * size + j] = dh;
+          else
+            for (int64_t i = 1; i <= N; ++i) rows[i * size + j] = dh * share;
+        }
+        for (int64_t i = N - 1; i >= 0; --i) node_backward(t, i, p, d_u, d_pre[i]);
+        for (int64_t j = 0; j < size; ++j) c[j] = m != nullptr ? rows[j] * m[j] : rows[j];
       }
-      for (int64_t i = N - 1; i >= 0; --i) node_backward(t, i, d_u, d_pre[i], scaled);
-      T* c = carry.data_ptr<T>();
-      const T* m = s_.mask.has_value() ? s_.mask->data_ptr<T>() : nullptr;
-      for (int64_t j = 0; j < size; ++j) c[j] = m != nullptr ? rows[j] * m[j] : rows[j];
-    }
-    for (int64_t i = 0; i < N; ++i) {
+    });
+    for (int64_t i = 0; i < N; ++i) {  // the parts' sums, in part order
       T* w = d_op_w[i].data_ptr<T>();
-      for (int64_t k = 0; k < s_.nodes[i].n_terms(); ++k) w[k] += static_cast<T>(reduced_[i][k]);
-      if (s_.nodes[i].residual) {
-        T* dg = d_gamma[i].data_ptr<T>();
-        for (int64_t u = 0; u < d_; ++u) dg[u] += static_cast<T>(d_gamma_[i][u]);
+      for (int64_t k = 0; k < s_.nodes[i].n_terms(); ++k) {
+        double total = 0.0;
+        for (const Part& part : parts_) total += part.reduced[i][k];
+        w[k] += static_cast<T>(total);
+      }
+      if (!s_.nodes[i].residual) continue;
+      T* dg = d_gamma[i].data_ptr<T>();
+      for (int64_t u = 0; u < d_; ++u) {
+        double total = 0.0;
+        for (const Part& part : parts_) total += part.d_gamma[i][u];
+        dg[u] += static_cast<T>(total);
       }
     }
     return carry;
   }
 
  private:
+  // What one part's thread keeps in the backward: its rows' gradients of a step's states, room
+  // for a node's gradient before its BatchNorm and for a residual's scaled one, and its shares of
+  // the sums over the batch.
+  struct Part {
+    Tensor d_states, d_mixed, scaled;                     // (N + 1, R, d); (R, d) ×2
+    std::vector<std::vector<double>> reduced, d_gamma;  // per node: Σ ⟨term_k, d mixed⟩; Σ ds ⊙ y
+    ChunkSums chunks;
+
+    Part(const Sequence& s, int64_t R, const at::TensorOptions& opt) {
+      const int64_t d = s.u.size(2), N = static_cast<int64_t>(s.nodes.size());
+      d_states = at::empty({N + 1, R, d}, opt);
+      d_mixed = at::empty({R, d}, opt);
+      scaled = at::empty({R, d}, opt);
+      for (const Node& node : s.nodes) {
+        reduced.emplace_back(node.n_terms(), 0.0);
+        d_gamma.emplace_back(node.residual ? d : 0, 0.0);
+      }
+    }
+  };
+
   const Sequence& s_;
   const int64_t B_, d_;
+  const RowParts split_;
   const RowNorm<T> bn_;
-  Tensor d_states_, d_mixed_;  // d_mixed_: a node's gradient before its BatchNorm
-  std::vector<std::vector<double>> reduced_, d_gamma_;  // Σ ⟨term_k, d mixed⟩; Σ d s ⊙ y
-  ChunkSums chunks_;
+  PartPool pool_;           // the BatchNorm's column sums, across parts
+  std::deque<Part> parts_;  // a deque: a Part (its ChunkSums' mutex) cannot move
 
   int64_t n() const { return static_cast<int64_t>(s_.nodes.size()); }
 
-  void node_forward(int64_t t, int64_t i) {
+  // State ``j`` at step ``t`` (``-1`` is ``u``, ``0`` is ``m ⊙ h``, ``j`` node ``j``), whole.
+  const Tensor& states_of(int64_t j) const {
+    if (j == -1) return s_.u;
+    if (j == 0) return s_.h_in;
+    return s_.nodes[j - 1].state;
+  }
+  // Its rows in part ``p`` at step ``t`` (contiguous), and as a view for ATen.
+  T* state(int64_t t, int64_t j, int64_t p) const { return split_.rows_of<T>(states_of(j), t, p); }
+  Tensor state_view(int64_t t, int64_t j, int64_t p) const {
+    return split_.rows_of(states_of(j).select(0, t), p);
+  }
+
+  // ``out`` = the output rule over nodes 1..count at step ``t``, part ``p``'s rows.
+  void base_of(int64_t t, int64_t count, int64_t p, T* out) const {
+    const auto node = [&](int64_t k) { return state(t, k, p); };
+    output_rule(s_.output_mean, count, split_.rows(p) * d_, node, out);
+  }
+
+  void node_forward(int64_t t, int64_t i, int64_t p) {
     const Node& node = s_.nodes[i];
-    const int64_t d = d_, K = node.n_terms();
-    const Tensor a_view = state_view(t, node.a), b_view = state_view(t, node.b);
+    const int64_t d = d_, K = node.n_terms(), R = split_.rows(p), first = split_.first_row(p);
     if (node.pre.has_value()) {
-      Tensor pre_t = node.pre->select(0, t);
-      if (!node.hoisted) at::mm_out(pre_t, b_view, *node.w_b);
-      if (node.a_cols > 0) pre_t.narrow(1, 0, node.a_cols).addmm_(a_view, *node.w_a);
+      Tensor pre_t = split_.rows_of(node.pre->select(0, t), p);
+      if (!node.hoisted) at::mm_out(pre_t, state_view(t, node.b, p), *node.w_b);
+      if (node.a_cols > 0)
+        pre_t.narrow(1, 0, node.a_cols).addmm_(state_view(t, node.a, p), *node.w_a);
     }
-    const T* a = state(t, node.a);
-    const T* b = state(t, node.b);
-    T* pre = node.pre.has_value() ? step_of<T>(*node.pre, t) : nullptr;
+    const T* a = state(t, node.a, p);
+    const T* b = state(t, node.b, p);
+    T* pre = node.pre.has_value() ? split_.rows_of<T>(*node.pre, t, p) : nullptr;
     const int64_t width = node.pre.has_value() ? node.pre->size(2) : 0;
-    T* terms = step_of<T>(node.terms, t);
-    T* mixed = s_.bn ? bn_slot(s_.bn_pre, t, i) : step_of<T>(node.normed, t);
+    T* terms = step_of<T>(node.terms, t) + first * d;  // term k's rows: ``k·B·d`` further on
+    T* normed = split_.rows_of<T>(node.normed, t, p);
+    T* mixed = s_.bn ? bn_slot(s_.bn_pre, t, i, p) : normed;
     const T* w = node.op_w.data_ptr<T>();
-    over_rows(B_, d * K, [&](int64_t b0, int64_t b1) {
+    over_rows(R, d * K, [&](int64_t b0, int64_t b1) {
       for (int64_t r = b0; r < b1; ++r) {
         const T* ar = a + r * d;
         const T* br = b + r * d;
@@ -193,33 +225,45 @@ class Loops {
         }
       }
     });
-    T* normed = step_of<T>(node.normed, t);
-    if (s_.bn) norm_forward(t, i, normed);
+    if (s_.bn) norm_forward(t, i, p, normed);
     if (node.residual) {  // s = base(s_1..s_{i−1}) + γ ⊙ y
-      T* s = step_of<T>(node.state, t);
-      base_of(t, i, s);
+      T* s = state(t, i + 1, p);
+      base_of(t, i, p, s);
       const T* gm = node.gamma->data_ptr<T>();
-      for (int64_t r = 0; r < B_; ++r)
+      for (int64_t r = 0; r < R; ++r)
         for (int64_t u = 0; u < d; ++u) s[r * d + u] += gm[u] * normed[r * d + u];
     }
   }
 
-  T* bn_slot(const Tensor& buffer, int64_t t, int64_t i) const {
-    return buffer.data_ptr<T>() + (t * n() + i) * B_ * d_;
+  // Node ``i``'s rows of part ``p`` at step ``t`` in a ``(T, N, B, d)`` buffer.
+  T* bn_slot(const Tensor& buffer, int64_t t, int64_t i, int64_t p) const {
+    return buffer.data_ptr<T>() + ((t * n() + i) * B_ + split_.first_row(p)) * d_;
   }
 
   // BatchNorm of node ``i`` at step ``t``, from its mixture in ``bn_pre`` into ``out``.
-  void norm_forward(int64_t t, int64_t i, T* out) {
-    bn_.forward(bn_slot(s_.bn_pre, t, i), out, stat_slot(s_.bn_mean, t, i),
-                stat_slot(s_.bn_invstd, t, i));
+  void norm_forward(int64_t t, int64_t i, int64_t p, T* out) {
+    const T* pre = bn_slot(s_.bn_pre, t, i, p);
+    T* mean = stat_slot(s_.bn_mean, t, i);
+    T* invstd = stat_slot(s_.bn_invstd, t, i);
+    if (split_.parts == 1) {
+      bn_.forward(pre, out, mean, invstd);
+    } else {
+      bn_.forward_part(pre, out, split_.rows(p), mean, invstd, pool_, p);
+    }
   }
 
   // Node ``i``'s gradient before its BatchNorm at step ``t``, from ``grad``, the one after it.
-  const T* norm_backward(int64_t t, int64_t i, const T* grad) {
+  const T* norm_backward(int64_t t, int64_t i, int64_t p, const T* grad) {
     if (!s_.bn) return grad;
-    T* d_mixed = d_mixed_.data_ptr<T>();
-    bn_.backward(grad, bn_slot(s_.bn_pre, t, i), stat_slot(s_.bn_mean, t, i),
-                 stat_slot(s_.bn_invstd, t, i), d_mixed);
+    T* d_mixed = parts_[p].d_mixed.template data_ptr<T>();
+    const T* pre = bn_slot(s_.bn_pre, t, i, p);
+    const T* mean = stat_slot(s_.bn_mean, t, i);
+    const T* invstd = stat_slot(s_.bn_invstd, t, i);
+    if (split_.parts == 1) {
+      bn_.backward(grad, pre, mean, invstd, d_mixed);
+    } else {
+      bn_.backward_part(grad, pre, split_.rows(p), mean, invstd, d_mixed, pool_, p);
+    }
     return d_mixed;
   }
 
@@ -228,49 +272,49 @@ class Loops {
     return s_.bn_training ? buffer.data_ptr<T>() + (t * n() + i) * d_ : nullptr;
   }
 
-  // The gradient row of state ``j`` at this step: ``u``'s is ``d_u`` at step ``t``.
-  T* d_row(int64_t t, int64_t j, const Tensor& d_u) const {
-    if (j == -1) return step_of<T>(d_u, t);
-    return d_states_.data_ptr<T>() + j * B_ * d_;
+  // Part ``p``'s gradient rows of state ``j`` at this step: ``u``'s are ``d_u``'s at step ``t``.
+  T* d_row(int64_t t, int64_t j, int64_t p, const Tensor& d_u) const {
+    if (j == -1) return split_.rows_of<T>(d_u, t, p);
+    return parts_[p].d_states.template data_ptr<T>() + j * split_.rows(p) * d_;
   }
-  Tensor d_row_view(int64_t t, int64_t j, const Tensor& d_u) const {
-    if (j == -1) return d_u.select(0, t);
-    return d_states_.select(0, j);
+  Tensor d_row_view(int64_t t, int64_t j, int64_t p, const Tensor& d_u) const {
+    if (j == -1) return split_.rows_of(d_u.select(0, t), p);
+    return parts_[p].d_states.select(0, j);
   }
 
-  void node_backward(int64_t t, int64_t i, const Tensor& d_u, const OptTensor& d_pre,
-                     Tensor& scaled) {
+  void node_backward(int64_t t, int64_t i, int64_t p, const Tensor& d_u, const OptTensor& d_pre) {
     const Node& node = s_.nodes[i];
-    const int64_t d = d_, K = node.n_terms(), size = B_ * d;
-    T* rows = d_states_.data_ptr<T>();
-    Tensor d_s = d_states_.select(0, i + 1);
+    Part& part = parts_[p];
+    const int64_t d = d_, K = node.n_terms(), R = split_.rows(p), size = R * d;
+    T* rows = part.d_states.template data_ptr<T>();
+    Tensor d_s = part.d_states.select(0, i + 1);
     if (node.residual) {
       const T* ds = d_s.data_ptr<T>();
-      const T* y = step_of<T>(node.normed, t);
+      const T* y = split_.rows_of<T>(node.normed, t, p);
       const T* gm = node.gamma->data_ptr<T>();
-      T* out = scaled.data_ptr<T>();
-      std::vector<double>& dg = d_gamma_[i];
-      for (int64_t r = 0; r < B_; ++r)
+      T* out = part.scaled.template data_ptr<T>();
+      std::vector<double>& dg = part.d_gamma[i];
+      for (int64_t r = 0; r < R; ++r)
         for (int64_t u = 0; u < d; ++u) {
           dg[u] += static_cast<double>(ds[r * d + u] * y[r * d + u]);
           out[r * d + u] = ds[r * d + u] * gm[u];
         }
       const auto row_of = [&](int64_t k) { return rows + k * size; };
       output_rule_backward(s_.output_mean, i, size, ds, row_of);
-      d_s = scaled;
+      d_s = part.scaled;
     }
-    const T* dm = norm_backward(t, i, d_s.data_ptr<T>());
-    const T* a = state(t, node.a);
-    const T* b = state(t, node.b);
-    T* da = d_row(t, node.a, d_u);
-    T* db = d_row(t, node.b, d_u);
-    const T* pre = node.pre.has_value() ? step_of<T>(*node.pre, t) : nullptr;
-    T* dpre = d_pre.has_value() ? step_of<T>(*d_pre, t) : nullptr;
+    const T* dm = norm_backward(t, i, p, d_s.data_ptr<T>());
+    const T* a = state(t, node.a, p);
+    const T* b = state(t, node.b, p);
+    T* da = d_row(t, node.a, p, d_u);
+    T* db = d_row(t, node.b, p, d_u);
+    const T* pre = node.pre.has_value() ? split_.rows_of<T>(*node.pre, t, p) : nullptr;
+    T* dpre = d_pre.has_value() ? split_.rows_of<T>(*d_pre, t, p) : nullptr;
     const int64_t width = node.pre.has_value() ? node.pre->size(2) : 0;
-    const T* terms = step_of<T>(node.terms, t);
+    const T* terms = step_of<T>(node.terms, t) + split_.first_row(p) * d;
     const T* w = node.op_w.data_ptr<T>();
-    over_rows(B_, d * K, [&](int64_t b0, int64_t b1) {
-      std::vector<double> part(K, 0.0);
+    over_rows(R, d * K, [&](int64_t b0, int64_t b1) {
+      std::vector<double> sums(K, 0.0);
       for (int64_t r = b0; r < b1; ++r) {
         const T* ar = a + r * d;
         const T* br = b + r * d;
@@ -282,7 +326,7 @@ class Loops {
           const T wk = w[k];
           T dot = T(0);
           for (int64_t u = 0; u < d; ++u) dot += term[u] * dmr[u];
-          part[k] += dot;
+          sums[k] += dot;
           switch (node.kinds[k]) {
             case kHadamard:
               for (int64_t u = 0; u < d; ++u) {
@@ -326,14 +370,14 @@ class Loops {
           }
         }
       }
-      chunks_.add(b0, std::move(part));
+      part.chunks.add(b0, std::move(sums));
     });
-    chunks_.merge_into(reduced_[i]);
+    part.chunks.merge_into(part.reduced[i]);
     if (d_pre.has_value()) {
-      Tensor d_pre_t = d_pre->select(0, t);
+      Tensor d_pre_t = split_.rows_of(d_pre->select(0, t), p);
       if (node.a_cols > 0)
-        d_row_view(t, node.a, d_u).addmm_(d_pre_t.narrow(1, 0, node.a_cols), node.w_a->t());
-      if (!node.hoisted) d_row_view(t, node.b, d_u).addmm_(d_pre_t, node.w_b->t());
+        d_row_view(t, node.a, p, d_u).addmm_(d_pre_t.narrow(1, 0, node.a_cols), node.w_a->t());
+      if (!node.hoisted) d_row_view(t, node.b, p, d_u).addmm_(d_pre_t, node.w_b->t());
     }
   }
 };
