@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -300,3 +302,37 @@ def test_the_build_is_named_for_the_sources(monkeypatch, tmp_path):
     assert native._build_tag() == first
     (tmp_path / "common.h").write_text("// v2\n")
     assert native._build_tag() != first
+
+
+def test_parts_pool_their_sums_over_alternating_rounds():
+    """``PartPool``: three parts (more than the cores here) pool six rounds of column sums, the
+    two sets of slots alternating; every part sees every round's totals."""
+    kernels = native._kernel("testing")
+    assert kernels is not None, "the native kernels did not build"
+    parts, rounds, width = 3, 6, 4
+    totals = torch.tensor(kernels.pooled_rounds(parts, rounds, width, -1, 0))
+    r = torch.arange(rounds, dtype=torch.float64).view(rounds, 1)
+    j = torch.arange(width, dtype=torch.float64).view(1, width)
+    expected = sum(p + r + j for p in range(parts))  # Σ over parts of what part p adds
+    assert torch.equal(totals.view(parts, rounds, width), expected.expand(parts, -1, -1))
+
+
+FAILING_PART = """
+from morphnas import native
+try:
+    native._kernel("testing").pooled_rounds(3, 6, 4, 1, 3)
+except RuntimeError as error:
+    print(error)
+"""
+
+
+def test_a_part_that_fails_releases_the_others_waiting_at_the_barrier():
+    """``in_parts``: part 1 throws in round 3 while parts 0 and 2 wait at that round's barrier;
+    they leave it, and part 1's own error (not theirs, "another part failed") reaches Python.
+    In a child process with a timeout, because the bug this guards against is a hang."""
+    assert native._kernel("testing") is not None, "the native kernels did not build"
+    done = subprocess.run(
+        [sys.executable, "-c", FAILING_PART], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "part 1 failed"

@@ -24,6 +24,7 @@
 #include <mutex>
 #include <optional>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -226,6 +227,26 @@ void in_parts(int64_t parts, PartPool& pool, const F& body) {
   TORCH_CHECK(whole_team, "morphnas: OpenMP gave fewer than the ", parts,
               " threads the kernel's batch parts need; set MORPHNAS_NATIVE=off");
   if (error) std::rethrow_exception(error);
+}
+
+// For the tests of ``in_parts`` and ``PartPool``: ``parts`` parts pool ``rounds`` rounds of
+// ``width`` column sums (part ``p`` adds ``p + r + j`` to column ``j`` in round ``r``); part
+// ``failing`` (−1: none) throws in round ``fail_at`` instead, while the others wait at that
+// round's barrier. Returns every part's totals, round by round (``parts × rounds × width``).
+inline std::vector<double> pooled_rounds(int64_t parts, int64_t rounds, int64_t width,
+                                         int64_t failing, int64_t fail_at) {
+  PartPool pool(parts, width);
+  std::vector<double> totals(parts * rounds * width);
+  in_parts(parts, pool, [&](int64_t p) {
+    for (int64_t r = 0; r < rounds; ++r) {
+      if (p == failing && r == fail_at)
+        throw std::runtime_error("part " + std::to_string(p) + " failed");
+      double* slot = pool.slot(p);
+      for (int64_t j = 0; j < width; ++j) slot[j] = static_cast<double>(p + r + j);
+      pool.total(p, totals.data() + (p * rounds + r) * width);
+    }
+  });
+  return totals;
 }
 
 // How many parts ``in_parts`` splits a batch into: one per intra-op thread, with at least 16

@@ -18,4 +18,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       m.def_submodule("two_input_cell", "the derived two-input cell's time loops"));
   morphnas_native::two_input_supernet::bind(
       m.def_submodule("two_input_supernet", "the two-input search cell's time loops"));
+  m.def_submodule("testing", "hooks for the tests of in_parts and PartPool")
+      .def("pooled_rounds", &morphnas_native::pooled_rounds);
 }
