@@ -113,13 +113,13 @@ class Forward {
     const Tensor hs = c_.saved[kHs], init = c_.saved[kInit], masked_rows = c_.saved[kMasked];
     hs.select(0, 0).copy_(h0);
     in_parts(c_.parts, pool_, [&](int64_t p) {
-      const int64_t first = c_.first_row(p), R = c_.rows(p);
+      const int64_t R = c_.rows(p);
       const Tensor mask = c_.rows_of(c_.mask, p);
       Tensor masked_h = mask.defined() ? at::empty({R, d}, x_proj.options()) : Tensor();
       for (int64_t t = 0; t < c_.steps; ++t) {
-        Tensor h = hs.select(0, t).narrow(0, first, R);
-        Tensor init_t = init.select(0, t).narrow(0, first, R);
-        init_projection(init_t, x_proj.select(0, t).narrow(0, first, R), h, w_h, mask, masked_h);
+        Tensor h = c_.rows_of(hs.select(0, t), p);
+        Tensor init_t = c_.rows_of(init.select(0, t), p);
+        init_projection(init_t, c_.rows_of(x_proj.select(0, t), p), h, w_h, mask, masked_h);
         init_node(t, p);
         for (int64_t j = 0; j <= N; ++j) {
           if (j > 0) {
@@ -128,8 +128,8 @@ class Forward {
           }
           const int64_t g = c_.group_of_state[j];
           if (g >= 0) {  // state j is final: its children's matmul
-            Tensor z_t = c_.group_z(g).select(0, t).narrow(0, first, R);
-            at::mm_out(z_t, masked_rows.select(0, t).select(0, j).narrow(0, first, R), blocks[g]);
+            Tensor z_t = c_.rows_of(c_.group_z(g).select(0, t), p);
+            at::mm_out(z_t, c_.rows_of(masked_rows.select(0, t).select(0, j), p), blocks[g]);
           }
         }
         output(t, p);
@@ -240,7 +240,7 @@ class Backward {
     for (int64_t p = 0; p < c_.parts; ++p) parts_.emplace_back(c_, p, gammas.size(), opt);
     const T share = c_.plan.output_mean ? T(1) / T(N) : T(1);
     in_parts(c_.parts, pool_, [&](int64_t p) {
-      const int64_t first = c_.first_row(p), R = c_.rows(p), size = R * d;
+      const int64_t R = c_.rows(p), size = R * d;
       Part& part = parts_[p];
       Tensor carry_p = c_.rows_of(carry, p);
       for (int64_t t = T_ - 1; t >= 0; --t) {
@@ -259,7 +259,7 @@ class Backward {
         for (int64_t j = N; j >= 0; --j) {
           const int64_t grp = c_.group_of_state[j];
           if (grp >= 0) {  // all children of state j are done: d(m ⊙ s_j)
-            Tensor dz_t = d_z[grp].select(0, t).narrow(0, first, R);
+            Tensor dz_t = c_.rows_of(d_z[grp].select(0, t), p);
             for (int64_t i : c_.plan.group_children[grp]) child(t, i, p, dz_t);
             add_masked_product<T>(part.d_states.select(0, j), dz_t, blocks[grp].t(),
                                   c_.rows_of(c_.mask, p), part.product);
@@ -268,7 +268,7 @@ class Backward {
           const int64_t i = j - 1;
           if (c_.plan.live[i] && c_.plan.residual[i]) residual(t, i, p, gammas);
         }
-        init_node(t, p, d_init.select(0, t).narrow(0, first, R), carry_p, w_h);
+        init_node(t, p, c_.rows_of(d_init.select(0, t), p), carry_p, w_h);
       }
     });
     Tensor h_in = c_.saved[kHs].narrow(0, 0, T_);

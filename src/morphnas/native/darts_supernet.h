@@ -244,13 +244,13 @@ class Forward {
     const Tensor hs = c_.saved[kHs], init = c_.saved[kInit];
     hs.select(0, 0).copy_(h0);
     in_parts(c_.parts, pool_, [&](int64_t p) {
-      const int64_t first = c_.first_row(p), rows = c_.rows(p);
+      const int64_t rows = c_.rows(p);
       const Tensor mask = c_.rows_of(c_.mask, p);
       Tensor masked_h = mask.defined() ? at::empty({rows, c_.d}, x_proj.options()) : Tensor();
       for (int64_t t = 0; t < c_.steps; ++t) {
-        Tensor h = hs.select(0, t).narrow(0, first, rows);
-        Tensor init_t = init.select(0, t).narrow(0, first, rows);
-        init_projection(init_t, x_proj.select(0, t).narrow(0, first, rows), h, w_h, mask, masked_h);
+        Tensor h = c_.rows_of(hs.select(0, t), p);
+        Tensor init_t = c_.rows_of(init.select(0, t), p);
+        init_projection(init_t, c_.rows_of(x_proj.select(0, t), p), h, w_h, mask, masked_h);
         init_node(t, p, h.data_ptr<T>(), init_t.data_ptr<T>());
         for (int64_t i = 0; i < c_.n(); ++i) node(t, i, p, weights[i], gammas[i]);
         mean_of_states(t, c_.n(), p, c_.rows_of<T>(hs, t + 1, p));
@@ -399,7 +399,7 @@ class Backward {
     for (int64_t p = 0; p < c_.parts; ++p) parts_.emplace_back(c_, p, weights, opt);
     const T inv_n = T(1) / T(N);
     in_parts(c_.parts, pool_, [&](int64_t p) {
-      const int64_t first = c_.first_row(p), R = c_.rows(p);
+      const int64_t R = c_.rows(p);
       Part& part = parts_[p];
       Tensor carry_p = c_.rows_of(carry, p);
       for (int64_t t = T_ - 1; t >= 0; --t) {
@@ -410,7 +410,7 @@ class Backward {
         for (int64_t j = 0; j < R * d; ++j) rows[R * d + j] = (g[j] + cp[j]) * inv_n;
         for (int64_t k = 2; k <= N; ++k) std::memcpy(rows + k * R * d, rows + R * d, R * d * sizeof(T));
         for (int64_t i = N - 1; i >= 0; --i) node(t, i, p, weights[i], gammas[i]);
-        init_node(t, p, d_init.select(0, t).narrow(0, first, R), carry_p, w_h);
+        init_node(t, p, c_.rows_of(d_init.select(0, t), p), carry_p, w_h);
       }
     });
     Tensor h_in = c_.saved[kHs].narrow(0, 0, T_);
