@@ -177,6 +177,7 @@ def split_supernet() -> torch.nn.Module:
         (lambda: float32_derived_cell(True, 16).double(), 2),
         (lambda: float32_derived_cell(True, 16).double(), 3),
         (lambda: float32_two_input_cell(True, 16).double(), 2),
+        (lambda: float32_two_input_cell(True, 16).double(), 3),
         (lambda: float32_two_input_supernet(16).double(), 2),
         (lambda: float32_two_input_supernet(16).double(), 3),
         (lambda: float32_two_input_supernet(16).double().eval(), 3),
@@ -188,6 +189,7 @@ def split_supernet() -> torch.nn.Module:
         "derived",
         "derived-3",
         "two_input",
+        "two_input-3",
         "two_input_supernet",
         "two_input_supernet-3",
         "two_input_supernet-3-eval",
@@ -196,8 +198,8 @@ def split_supernet() -> torch.nn.Module:
 def test_rows_split_across_threads_give_the_one_thread_result(make, threads):
     """Batch rows split across threads against one thread, in float64, with a batch large
     enough that every node's loop is split and that does not divide evenly: the supernet's
-    parts (one a thread, their BatchNorm sums pooled; ``in_parts``), the derived DARTS cell's
-    parts, the two-input cell's chunks, the two-input supernet's parts."""
+    parts (one a thread, their BatchNorm sums pooled; ``in_parts``), the derived cells' parts,
+    the two-input supernet's parts."""
     cell = make()
     assert native_path(cell(torch.randn(2, 2, N_IN, dtype=torch.float64))[0])
     x = torch.randn(STEPS, 251, N_IN, dtype=torch.float64)

@@ -6,7 +6,8 @@
 // the Python kernel's per-sequence work (the matmuls on ``u`` hoisted before the loop, the
 // buffers, every weight gradient after it) is shared by both kernels and stays in Python; these
 // functions fill the same buffers the Python loops fill. The matmuls inside the loop stay ATen
-// calls; each node's elementwise op at a step is one pass over its rows.
+// calls; each node's elementwise op at a step is one pass over its rows. With more than one
+// intra-op thread the batch is split into parts, one a thread, for the whole sequence (``Loops``).
 //
 // Slots, as in the Python kernel: ``u`` (0), ``m ⊙ h`` (1), node ``i`` (``i + 2``). A highway's
 // matmul yields ``[c | 2g]`` (its ``H`` comes doubled), so ``tanh(g) = 2σ(2g) − 1``. The
@@ -39,6 +40,8 @@ struct Buffers {
 
 // One node's ``z`` at step ``t``: rows ``b`` at ``row(b)`` (a view into the shared buffer for
 // a node with a term on ``m ⊙ h``: its rows are strided).
+// One node's ``z`` at step ``t``, part ``p``'s rows: row ``b`` at ``row(b)`` (a view into the
+// shared buffer for a node with a term on ``m ⊙ h``: its rows are strided).
 template <typename T>
 struct Rows {
   T* base;
@@ -47,67 +50,54 @@ struct Rows {
 };
 
 template <typename T>
-Rows<T> rows_at(const Tensor& z, int64_t t) {
-  return {z.data_ptr<T>() + t * z.stride(0), z.stride(1)};
+Rows<T> rows_at(const Tensor& z, int64_t t, int64_t first_row) {
+  return {z.data_ptr<T>() + t * z.stride(0) + first_row * z.stride(1), z.stride(1)};
 }
 
+// The loops over one sequence, the batch's rows in parts, one thread each, for the whole
+// sequence (common.h's ``in_parts``), as in the derived DARTS cell: nothing here sums over the
+// batch, so the parts never wait for one another.
 template <typename T>
 class Loops {
  public:
   Loops(const Plan& plan, const Buffers& buffers)
-      : p_(plan), s_(buffers), B_(buffers.u.size(1)), d_(buffers.u.size(2)) {}
-
-  // Slot ``k`` at step ``t``, ``(B, d)`` contiguous.
-  T* slot(int64_t t, int64_t k) const {
-    if (k == kU) return s_.u.data_ptr<T>() + t * B_ * d_;
-    if (k == kH && !s_.mask.has_value()) return s_.hs.data_ptr<T>() + t * B_ * d_;
-    return s_.states.data_ptr<T>() + (t * (p_.n() + 2) + k) * B_ * d_;
-  }
-  Tensor slot_view(int64_t t, int64_t k) const {
-    if (k == kU) return s_.u.select(0, t);
-    if (k == kH && !s_.mask.has_value()) return s_.hs.select(0, t);
-    return s_.states.select(0, t).select(0, k);
-  }
-  T* y_or_state(int64_t t, int64_t i) const {
-    return s_.ys[i].has_value() ? s_.ys[i]->template data_ptr<T>() + t * B_ * d_ : slot(t, i + 2);
-  }
-
-  // ``out`` = the output rule over nodes 1..count at step ``t``.
-  void base_of(int64_t t, int64_t count, T* out) const {
-    const auto node = [&](int64_t k) { return slot(t, k + 1); };
-    output_rule(p_.output_mean, count, B_ * d_, node, out);
-  }
+      : p_(plan), s_(buffers), B_(buffers.u.size(1)), d_(buffers.u.size(2)),
+        split_{B_, batch_parts(B_)}, pool_(split_.parts, 0) {}
 
   void forward() {
-    const int64_t N = p_.n(), size = B_ * d_;
-    for (int64_t t = 0; t < s_.u.size(0); ++t) {
-      if (s_.mask.has_value()) {
-        const T* h = s_.hs.data_ptr<T>() + t * size;
-        const T* m = s_.mask->data_ptr<T>();
-        T* out = slot(t, kH);
-        for (int64_t j = 0; j < size; ++j) out[j] = h[j] * m[j];
-      }
-      if (s_.shared.has_value()) s_.shared->select(0, t).addmm_(slot_view(t, kH), *s_.block);
-      for (int64_t i = 0; i < N; ++i) {
-        if (!p_.live[i]) continue;
-        for (size_t r = 0; r < s_.recurrent_slots[i].size(); ++r)
-          s_.z[i]->select(0, t).addmm_(slot_view(t, s_.recurrent_slots[i][r]),
-                                       s_.recurrent_weights[i][r]);
-        T* out = y_or_state(t, i);
-        op_forward(t, i, out);
-        if (p_.residual[i]) {  // s = base(s_1..s_{i−1}) + γ ⊙ y
-          T* state = slot(t, i + 2);
-          base_of(t, i, state);
-          const T* gm = s_.gammas[i]->template data_ptr<T>();
-          for (int64_t b = 0; b < B_; ++b)
-            for (int64_t u = 0; u < d_; ++u) state[b * d_ + u] += gm[u] * out[b * d_ + u];
+    const int64_t N = p_.n();
+    in_parts(split_.parts, pool_, [&](int64_t p) {
+      const int64_t R = split_.rows(p), size = R * d_;
+      for (int64_t t = 0; t < s_.u.size(0); ++t) {
+        if (s_.mask.has_value()) {
+          const T* h = split_.rows_of<T>(s_.hs, t, p);
+          const T* m = s_.mask->data_ptr<T>() + split_.first_row(p) * d_;
+          T* out = slot(t, kH, p);
+          for (int64_t j = 0; j < size; ++j) out[j] = h[j] * m[j];
         }
+        if (s_.shared.has_value())
+          split_.rows_of(s_.shared->select(0, t), p).addmm_(slot_view(t, kH, p), *s_.block);
+        for (int64_t i = 0; i < N; ++i) {
+          if (!p_.live[i]) continue;
+          for (size_t r = 0; r < s_.recurrent_slots[i].size(); ++r)
+            split_.rows_of(s_.z[i]->select(0, t), p)
+                .addmm_(slot_view(t, s_.recurrent_slots[i][r], p), s_.recurrent_weights[i][r]);
+          T* out = y_or_state(t, i, p);
+          op_forward(t, i, p, out);
+          if (p_.residual[i]) {  // s = base(s_1..s_{i−1}) + γ ⊙ y
+            T* state = slot(t, i + 2, p);
+            base_of(t, i, p, state);
+            const T* gm = s_.gammas[i]->template data_ptr<T>();
+            for (int64_t b = 0; b < R; ++b)
+              for (int64_t u = 0; u < d_; ++u) state[b * d_ + u] += gm[u] * out[b * d_ + u];
+          }
+        }
+        T* h = split_.rows_of<T>(s_.hs, t + 1, p);
+        base_of(t, N, p, h);
+        if (p_.squash_tanh)
+          for (int64_t j = 0; j < size; ++j) h[j] = tanh_value(h[j]);
       }
-      T* h = s_.hs.data_ptr<T>() + (t + 1) * size;
-      base_of(t, N, h);
-      if (p_.squash_tanh)
-        for (int64_t j = 0; j < size; ++j) h[j] = tanh_value(h[j]);
-    }
+    });
   }
 
   // Fills ``d_u`` (the gradient of slot ``u`` but for the hoisted matmuls', which the caller
@@ -115,51 +105,58 @@ class Loops {
   // residual node's ``d s`` before ``γ``) and returns d h0.
   Tensor backward(const Tensor& grad_out, const Tensor& d_u, const std::vector<OptTensor>& dz,
                   const std::vector<OptTensor>& d_res, const OptTensor& d_shared) {
-    const int64_t N = p_.n(), size = B_ * d_, steps = s_.u.size(0);
+    const int64_t N = p_.n(), steps = s_.u.size(0);
     const auto opt = grad_out.options();
-    d_states_ = at::empty({N + 2, B_, d_}, opt);
-    Tensor scratch = at::empty({B_, d_}, opt), carry = at::zeros({B_, d_}, opt);
+    Tensor carry = at::zeros({B_, d_}, opt);
+    for (int64_t p = 0; p < split_.parts; ++p) {
+      d_states_.push_back(at::empty({N + 2, split_.rows(p), d_}, opt));
+      scratch_.push_back(at::empty({split_.rows(p), d_}, opt));
+    }
     std::vector<Tensor> weights_t;
     for (int64_t i = 0; i < N; ++i)
       for (const Tensor& w : s_.recurrent_weights[i]) weights_t.push_back(w.t());
     const Tensor block_t = s_.block.has_value() ? s_.block->t() : Tensor();
     const T share = p_.output_mean ? T(1) / T(N) : T(1);
-    for (int64_t t = steps - 1; t >= 0; --t) {
-      T* rows = d_states_.data_ptr<T>();
-      const T* g = grad_out.data_ptr<T>() + t * size;
-      const T* cp = carry.data_ptr<T>();
-      const T* h = s_.hs.data_ptr<T>() + (t + 1) * size;
-      T* dh = scratch.data_ptr<T>();
-      for (int64_t j = 0; j < size; ++j) {
-        dh[j] = g[j] + cp[j];
-        if (p_.squash_tanh) dh[j] *= T(1) - h[j] * h[j];
-      }
-      std::fill(rows, rows + (N + 2) * size, T(0));
-      for (int64_t k = p_.output_mean ? 1 : N; k <= N; ++k)
-        for (int64_t j = 0; j < size; ++j) rows[(k + 1) * size + j] = dh[j] * share;
-      size_t w_index = weights_t.size();
-      for (int64_t i = N - 1; i >= 0; --i) {
-        const size_t terms = s_.recurrent_slots[i].size();
-        w_index -= terms;
-        if (!p_.live[i]) continue;
-        T* ds = rows + (i + 2) * size;
-        if (p_.residual[i]) {
-          std::memcpy(d_res[i]->template data_ptr<T>() + t * size, ds, size * sizeof(T));
-          residual_backward(i, ds, scratch.data_ptr<T>());
-          ds = scratch.data_ptr<T>();
+    in_parts(split_.parts, pool_, [&](int64_t p) {
+      const int64_t size = split_.rows(p) * d_;
+      const Tensor d_states = d_states_[p];
+      T* rows = d_states.data_ptr<T>();
+      T* scratch = scratch_[p].data_ptr<T>();
+      T* c = split_.rows_of(carry, p).data_ptr<T>();
+      const T* m = s_.mask.has_value() ? s_.mask->data_ptr<T>() + split_.first_row(p) * d_ : nullptr;
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        const T* g = split_.rows_of<T>(grad_out, t, p);
+        const T* h = split_.rows_of<T>(s_.hs, t + 1, p);
+        for (int64_t j = 0; j < size; ++j) {
+          scratch[j] = g[j] + c[j];
+          if (p_.squash_tanh) scratch[j] *= T(1) - h[j] * h[j];
         }
-        op_backward(t, i, ds, dz[i]);
-        for (size_t r = 0; r < terms; ++r)
-          d_states_.select(0, s_.recurrent_slots[i][r])
-              .addmm_(dz[i]->select(0, t), weights_t[w_index + r]);
+        std::fill(rows, rows + (N + 2) * size, T(0));
+        for (int64_t k = p_.output_mean ? 1 : N; k <= N; ++k)
+          for (int64_t j = 0; j < size; ++j) rows[(k + 1) * size + j] = scratch[j] * share;
+        size_t w_index = weights_t.size();
+        for (int64_t i = N - 1; i >= 0; --i) {
+          const size_t terms = s_.recurrent_slots[i].size();
+          w_index -= terms;
+          if (!p_.live[i]) continue;
+          T* ds = rows + (i + 2) * size;
+          if (p_.residual[i]) {
+            std::memcpy(split_.rows_of<T>(*d_res[i], t, p), ds, size * sizeof(T));
+            residual_backward(i, p, ds, scratch);
+            ds = scratch;
+          }
+          op_backward(t, i, p, ds, dz[i]);
+          for (size_t r = 0; r < terms; ++r)
+            d_states.select(0, s_.recurrent_slots[i][r])
+                .addmm_(split_.rows_of(dz[i]->select(0, t), p), weights_t[w_index + r]);
+        }
+        if (d_shared.has_value())
+          d_states.select(0, kH).addmm_(split_.rows_of(d_shared->select(0, t), p), block_t);
+        std::memcpy(split_.rows_of<T>(d_u, t, p), rows + kU * size, size * sizeof(T));
+        const T* dm = rows + kH * size;  // d (m ⊙ h_{t−1}): d h_{t−1} = m ⊙ that
+        for (int64_t j = 0; j < size; ++j) c[j] = m != nullptr ? dm[j] * m[j] : dm[j];
       }
-      if (d_shared.has_value()) d_states_.select(0, kH).addmm_(d_shared->select(0, t), block_t);
-      std::memcpy(d_u.data_ptr<T>() + t * size, rows + kU * size, size * sizeof(T));
-      T* c = carry.data_ptr<T>();
-      const T* dm = rows + kH * size;  // d (m ⊙ h_{t−1}): d h_{t−1} = m ⊙ that
-      const T* m = s_.mask.has_value() ? s_.mask->data_ptr<T>() : nullptr;
-      for (int64_t j = 0; j < size; ++j) c[j] = m != nullptr ? dm[j] * m[j] : dm[j];
-    }
+    });
     return carry;
   }
 
@@ -167,17 +164,40 @@ class Loops {
   const Plan& p_;
   const Buffers& s_;
   const int64_t B_, d_;
-  Tensor d_states_;
+  const RowParts split_;
+  PartPool pool_;                          // no sums to pool: its barrier is never met
+  std::vector<Tensor> d_states_, scratch_;  // per part: (N + 2, R, d), (R, d)
 
-  void op_forward(int64_t t, int64_t i, T* out) {
-    const T* a = slot(t, p_.a[i]);
-    const T* bb = slot(t, p_.b[i]);
-    const int64_t d = d_;
+  // Slot ``k`` at step ``t``, part ``p``'s rows (contiguous), and as a view for ATen.
+  T* slot(int64_t t, int64_t k, int64_t p) const {
+    if (k == kU) return split_.rows_of<T>(s_.u, t, p);
+    if (k == kH && !s_.mask.has_value()) return split_.rows_of<T>(s_.hs, t, p);
+    return s_.states.data_ptr<T>() + ((t * (p_.n() + 2) + k) * B_ + split_.first_row(p)) * d_;
+  }
+  Tensor slot_view(int64_t t, int64_t k, int64_t p) const {
+    if (k == kU) return split_.rows_of(s_.u.select(0, t), p);
+    if (k == kH && !s_.mask.has_value()) return split_.rows_of(s_.hs.select(0, t), p);
+    return split_.rows_of(s_.states.select(0, t).select(0, k), p);
+  }
+  T* y_or_state(int64_t t, int64_t i, int64_t p) const {
+    return s_.ys[i].has_value() ? split_.rows_of<T>(*s_.ys[i], t, p) : slot(t, i + 2, p);
+  }
+
+  // ``out`` = the output rule over nodes 1..count at step ``t``, part ``p``'s rows.
+  void base_of(int64_t t, int64_t count, int64_t p, T* out) const {
+    const auto node = [&](int64_t k) { return slot(t, k + 1, p); };
+    output_rule(p_.output_mean, count, split_.rows(p) * d_, node, out);
+  }
+
+  void op_forward(int64_t t, int64_t i, int64_t p, T* out) {
+    const T* a = slot(t, p_.a[i], p);
+    const T* bb = slot(t, p_.b[i], p);
+    const int64_t d = d_, R = split_.rows(p);
     switch (p_.ops[i]) {
       case kAddAct: {  // z keeps the pre-activation (relu's backward reads its sign)
-        const Rows<T> z = rows_at<T>(*s_.z[i], t);
+        const Rows<T> z = rows_at<T>(*s_.z[i], t, split_.first_row(p));
         with_activation(p_.acts[i], [&](auto act) {
-          over_rows(B_, d, [&](int64_t b0, int64_t b1) {
+          over_rows(R, d, [&](int64_t b0, int64_t b1) {
             for (int64_t b = b0; b < b1; ++b) {
               const T* zb = z.row(b);
               T* o = out + b * d;
@@ -188,8 +208,8 @@ class Loops {
         return;
       }
       case kHighway: {  // [c | 2g] → [σ(c) | tanh(g)]; a + σ(c)(tanh(g) − a)
-        const Rows<T> z = rows_at<T>(*s_.z[i], t);
-        over_rows(B_, d, [&](int64_t b0, int64_t b1) {
+        const Rows<T> z = rows_at<T>(*s_.z[i], t, split_.first_row(p));
+        over_rows(R, d, [&](int64_t b0, int64_t b1) {
           for (int64_t b = b0; b < b1; ++b) {
             T* gate = z.row(b);
             T* value = gate + d;
@@ -201,39 +221,39 @@ class Loops {
         return;
       }
       case kHadamard:
-        for (int64_t j = 0; j < B_ * d; ++j) out[j] = a[j] * bb[j];
+        for (int64_t j = 0; j < R * d; ++j) out[j] = a[j] * bb[j];
         return;
       default:
-        for (int64_t j = 0; j < B_ * d; ++j) out[j] = a[j] + bb[j];
+        for (int64_t j = 0; j < R * d; ++j) out[j] = a[j] + bb[j];
     }
   }
 
   // A residual node's ``d s``: ``γ``'s and the base's shares; ``γ ⊙ d s`` into ``out``, the op's.
-  void residual_backward(int64_t i, const T* ds, T* out) {
-    const int64_t size = B_ * d_;
-    T* rows = d_states_.data_ptr<T>();
+  void residual_backward(int64_t i, int64_t p, const T* ds, T* out) {
+    const int64_t R = split_.rows(p), size = R * d_;
+    T* rows = d_states_[p].data_ptr<T>();
     const auto row_of = [&](int64_t k) { return rows + (k + 1) * size; };  // node k: slot k + 1
     output_rule_backward(p_.output_mean, i, size, ds, row_of);
     const T* gm = s_.gammas[i]->template data_ptr<T>();
-    for (int64_t b = 0; b < B_; ++b)
+    for (int64_t b = 0; b < R; ++b)
       for (int64_t u = 0; u < d_; ++u) out[b * d_ + u] = ds[b * d_ + u] * gm[u];
   }
 
   // The op's gradient at step ``t`` from ``ds``: into ``dz`` for its matmuls, and into its
-  // inputs' rows of ``d_states_`` for what reads them directly.
-  void op_backward(int64_t t, int64_t i, const T* ds, const OptTensor& dz) {
-    const int64_t d = d_, size = B_ * d_;
-    T* rows = d_states_.data_ptr<T>();
+  // inputs' rows of the part's ``d_states_`` for what reads them directly.
+  void op_backward(int64_t t, int64_t i, int64_t p, const T* ds, const OptTensor& dz) {
+    const int64_t d = d_, R = split_.rows(p), size = R * d_, first = split_.first_row(p);
+    T* rows = d_states_[p].data_ptr<T>();
     T* da = rows + p_.a[i] * size;
     T* db = rows + p_.b[i] * size;
     switch (p_.ops[i]) {
       case kAddAct: {  // slopes from the value (tanh, sigmoid) or the pre-activation (relu)
-        const Rows<T> z = rows_at<T>(*s_.z[i], t);
-        const Rows<T> dzr = rows_at<T>(*dz, t);
-        const T* value = y_or_state(t, i);
+        const Rows<T> z = rows_at<T>(*s_.z[i], t, first);
+        const Rows<T> dzr = rows_at<T>(*dz, t, first);
+        const T* value = y_or_state(t, i, p);
         with_activation(p_.acts[i], [&](auto act) {
           constexpr int64_t kAct = decltype(act)::value;
-          over_rows(B_, d, [&](int64_t b0, int64_t b1) {
+          over_rows(R, d, [&](int64_t b0, int64_t b1) {
             for (int64_t b = b0; b < b1; ++b) {
               const T* v = kAct == kRelu ? z.row(b) : value + b * d;
               T* o = dzr.row(b);
@@ -244,10 +264,10 @@ class Loops {
         return;
       }
       case kHighway: {
-        const Rows<T> z = rows_at<T>(*s_.z[i], t);
-        const Rows<T> dzr = rows_at<T>(*dz, t);
-        const T* a = slot(t, p_.a[i]);
-        over_rows(B_, d, [&](int64_t b0, int64_t b1) {
+        const Rows<T> z = rows_at<T>(*s_.z[i], t, first);
+        const Rows<T> dzr = rows_at<T>(*dz, t, first);
+        const T* a = slot(t, p_.a[i], p);
+        over_rows(R, d, [&](int64_t b0, int64_t b1) {
           for (int64_t b = b0; b < b1; ++b) {
             const T* gate = z.row(b);
             const T* value = gate + d;
@@ -265,8 +285,8 @@ class Loops {
         return;
       }
       case kHadamard: {
-        const T* a = slot(t, p_.a[i]);
-        const T* bb = slot(t, p_.b[i]);
+        const T* a = slot(t, p_.a[i], p);
+        const T* bb = slot(t, p_.b[i], p);
         for (int64_t j = 0; j < size; ++j) da[j] += ds[j] * bb[j];
         for (int64_t j = 0; j < size; ++j) db[j] += ds[j] * a[j];
         return;
