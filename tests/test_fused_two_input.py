@@ -77,8 +77,13 @@ def run(cell: TwoInputSearchCell, x: Tensor, h0: Tensor, weights: list[Tensor], 
     return out, h, grads, rng
 
 
-def kernel_vs_eager(cell: TwoInputSearchCell, seed: int = 3) -> None:
-    """Same values, gradients (weights, x, h0, mixing weights) and BN statistics on both paths."""
+def kernel_vs_eager(
+    cell: TwoInputSearchCell, seed: int = 3, choices: list[int | None] | None = None
+) -> None:
+    """Same values, gradients (weights, x, h0, mixing weights) and BN statistics on both paths;
+    with ``choices``, for a sample (``SampledMixing``) of those choices. Its weights keep their
+    softmax values rather than GDAS's one-hot ones, so that the unsampled ops' sum, a constant
+    added to the chosen op's output, is not 0 in value either."""
     assert cell.fused
     eager = copy.deepcopy(cell)
     eager.fused = False
@@ -87,10 +92,13 @@ def kernel_vs_eager(cell: TwoInputSearchCell, seed: int = 3) -> None:
     h0 = torch.randn(B, cell.hidden_size, generator=gen, dtype=torch.float64, requires_grad=True)
     probe = torch.randn(T, B, cell.hidden_size, generator=gen, dtype=torch.float64)
     mixing = [w.detach() for w in cell.mixing_weights()]
-    out, h, grads, rng = run(cell, x, h0, [w.clone().requires_grad_() for w in mixing], probe)
-    ref_out, ref_h, ref_grads, ref_rng = run(
-        eager, x, h0, [w.clone().requires_grad_() for w in mixing], probe
-    )
+
+    def leaves() -> list[Tensor]:
+        copies = [w.clone().requires_grad_() for w in mixing]
+        return copies if choices is None else SampledMixing(copies, choices)
+
+    out, h, grads, rng = run(cell, x, h0, leaves(), probe)
+    ref_out, ref_h, ref_grads, ref_rng = run(eager, x, h0, leaves(), probe)
     assert type(out.grad_fn).__name__ == "FusedTwoInputSequenceBackward"
     assert (out.grad_fn.native is not None) == (native.two_input_supernet() is not None)
     assert type(ref_out.grad_fn).__name__ != "FusedTwoInputSequenceBackward"
@@ -168,12 +176,31 @@ def test_kernel_passes_gradcheck():
     assert torch.autograd.gradcheck(fn, (x, h0, *leaves, *weights), eps=1e-6, atol=1e-5)
 
 
-def test_eager_is_selectable_and_sampled_mixing_runs_eagerly():
+@pytest.mark.parametrize("first", range(len(TWO_INPUT_OPS)), ids=TWO_INPUT_OPS)
+@pytest.mark.parametrize(
+    ("sharing", "bn"), [("per_op", False), ("per_node", False), ("per_op", True)]
+)
+def test_kernel_matches_eager_on_a_sample(first, sharing, bn):
+    """A sample (GDAS's ``SampledMixing``): each sampled node as its op and the constant term
+    ``ONE`` (weighted by the unsampled ops' sum) against the eager loop's ``_sampled``, the ops
+    rotated so that every op is sampled at every node in turn; a grown residual node, dropout.
+    Without BatchNorm, which takes the constant's gradient away, the unsampled ops' gradients
+    are not 0."""
+    cell = make_cell(grow=1, batchnorm=bn, weight_sharing=sharing)
+    ops = cell.op_names
+    choices = [
+        None if i in cell.fixed else ops.index(TWO_INPUT_OPS[(first + i) % len(TWO_INPUT_OPS)])
+        for i in range(1, cell.nodes + 1)
+    ]
+    kernel_vs_eager(cell, choices=choices)
+
+
+def test_eager_is_selectable_and_sampled_mixing_runs_on_the_kernel():
     cell = make_cell()
     x = torch.randn(T, B, N_IN, dtype=torch.float64)
     assert type(cell(x)[0].grad_fn).__name__ == "FusedTwoInputSequenceBackward"
     sample = SampledMixing([torch.eye(len(cell.op_names))[1].double()] * 3, [1, 1, 1])
-    assert type(cell(x, weights=sample)[0].grad_fn).__name__ != "FusedTwoInputSequenceBackward"
+    assert type(cell(x, weights=sample)[0].grad_fn).__name__ == "FusedTwoInputSequenceBackward"
     cell.fused = False
     assert type(cell(x)[0].grad_fn).__name__ != "FusedTwoInputSequenceBackward"
     assert build("two_input", 2, 4, 2, fused=False).fused is False

@@ -17,7 +17,9 @@
 
 namespace morphnas_native::two_input_supernet {
 
-enum Kind : int64_t { kAddAct = 0, kHighway = 1, kHadamard = 2, kAdd = 3 };
+// ``kOne``: a sampled node's constant term (``fused_two_input.ONE``), 1 everywhere, written
+// once by the caller; it reads no state.
+enum Kind : int64_t { kAddAct = 0, kHighway = 1, kHadamard = 2, kAdd = 3, kOne = 4 };
 
 // One node, as ``fused_two_input._Node`` holds it. States: ``-1`` is ``u``, ``0`` is ``m ⊙ h``,
 // ``j`` node ``j``.
@@ -208,6 +210,9 @@ class Loops {
             case kAdd:
               for (int64_t u = 0; u < d; ++u) mr[u] += wk * (term[u] = ar[u] + br[u]);
               break;
+            case kOne:
+              for (int64_t u = 0; u < d; ++u) mr[u] += wk * term[u];
+              break;
             case kHighway: {  // [c | g] → [σ(c) | tanh(g)] in place; a + σ(c)(tanh(g) − a)
               T* gate = pr + node.highway_column;
               highway_row(gate, gate + d, ar, term, d, [](T v) { return tanh_value(v); });
@@ -340,6 +345,8 @@ class Loops {
                 dar[u] += wk * dmr[u];
                 dbr[u] += wk * dmr[u];
               }
+              break;
+            case kOne:
               break;
             case kHighway: {
               const T* gate = pre + r * width + node.highway_column;

@@ -54,13 +54,17 @@ from morphnas.spaces.fused_ops import (
     tanh_into,
 )
 
+# The constant term of a sampled node (GDAS's hard sample, ``base.SampledMixing``): 1 everywhere,
+# weighted by the unsampled ops' ``Σ_{k≠c} w_k``, so that each gets its gradient (Σ d mixed).
+ONE = "one"
+
 
 @dataclass(frozen=True)
 class TwoInputNodeSpec:
     """One node: the states it reads (``a ≥ 0``, its predecessor; ``b`` may be ``-1``, which is
     ``u``; ``0`` is ``h``), its terms in the order of its op weights, for each ``add_*`` term the
     first column of its block of ``pre``, the first column of the highway block (``None``: no
-    highway) and whether it is residual."""
+    highway) and whether it is residual. A sampled node's terms are its op and ``ONE``."""
 
     a: int
     b: int
@@ -130,6 +134,9 @@ class _Node:
                 self.pre = new(steps, batch, weight.shape[1])
         self.program = spec.program()
         self.terms = new(steps, len(spec.terms), batch, d)
+        for k, name in enumerate(spec.terms):
+            if name == ONE:  # written once here: neither loop writes it
+                self.terms[:, k].fill_(1.0)
         self.state_all = state
         self.normed = new(steps, batch, d) if spec.residual else state
 
@@ -330,6 +337,8 @@ def _forward_loop(
                     gate, cand = node.gate_t[t].sigmoid_(), node.cand_t[t]
                     tanh_into(cand, cand, minus_one)
                     torch.lerp(a, cand, gate, out=terms[k])
+                elif kind == ONE:
+                    continue
                 else:  # an add_* op's activation
                     activation_into(kind, node.add_t[block][t], terms[k], minus_one)
             torch.mm(rows[i], node.flat_t[t], out=node.mix_t[t])
@@ -434,6 +443,8 @@ def _terms_backward(
     ``d b`` (accumulated) and the node's ``d pre`` blocks (written; shared blocks summed)."""
     d_add, d_gate, d_cand = d_blocks
     for kind, k, block, first in node.program:
+        if kind == ONE:  # reads no state
+            continue
         if kind == "hadamard":
             d_term = d_mixed * w[k]
             d_a.addcmul_(d_term, b)
@@ -457,7 +468,8 @@ def _terms_backward(
                 target.addcmul_(scratch, w[k])
 
 
-NATIVE_KINDS = {"highway": 1, "hadamard": 2, "add": 3}  # two_input_supernet.h's Kind; add_*: 0
+# two_input_supernet.h's Kind (an add_* op: 0)
+NATIVE_KINDS = {"highway": 1, "hadamard": 2, "add": 3, ONE: 4}
 
 
 def _native_sequence(

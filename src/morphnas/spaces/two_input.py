@@ -17,7 +17,9 @@ Fused: the input projection runs once for all time steps, the softmax once per f
 one matmul on ``b``, and the time loop has no host synchronisation. That eager loop is the
 fallback and the specification: when it can (``fused=True``, the default), the forward hands the
 whole sequence to the hand-written kernel of ``spaces.fused_two_input`` (one
-``autograd.Function``, backward written out; tests/test_fused_two_input.py checks it).
+``autograd.Function``, backward written out; tests/test_fused_two_input.py checks it). A sample
+(GDAS, random search: ``SampledMixing``) goes to the kernel too, each sampled node as its op and
+a constant term weighted by the unsampled ops' sum, as ``_sampled`` computes it.
 """
 
 from __future__ import annotations
@@ -44,12 +46,23 @@ from morphnas.spaces.base import (
 )
 from morphnas.spaces.fused_ops import kernel_applies
 from morphnas.spaces.fused_two_input import (
+    ONE,
     FusedTwoInputSequence,
     TwoInputNodeSpec,
     TwoInputPlan,
 )
 
 WIRINGS = ("chain", "input")
+
+
+def _b_only(highway_weight: Tensor | None) -> Tensor | None:
+    """A highway's ``[C H]`` (``d × 2d``) as the kernel's node matrix ``[0; C H]``: it reads
+    ``b`` only."""
+    if highway_weight is None:
+        return None
+    return torch.cat([torch.zeros_like(highway_weight), highway_weight])
+
+
 WEIGHT_SHARING = ("per_op", "per_node")
 
 
@@ -202,18 +215,23 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         return torch.tensordot(op_weights, torch.stack(terms), dims=1)
 
     def _can_fuse(self, batch: int, probs: list[Tensor]) -> bool:
-        """Whether the sequence kernel runs this forward (``fused_ops.kernel_applies``)."""
-        return kernel_applies(self.fused, self.bn, batch, probs)
+        """Whether the sequence kernel runs this forward (``fused_ops.kernel_applies``); it takes
+        a hard sample too, each sampled node as its op and the constant ``ONE``."""
+        return kernel_applies(self.fused, self.bn, batch, probs, takes_sampled=True)
 
-    def _fused_spec(self, i: int) -> TwoInputNodeSpec:
-        """Node ``i``'s terms and column blocks, mixed (every op) or fixed (its one op)."""
+    def _fused_spec(self, i: int, choice: int | None = None) -> TwoInputNodeSpec:
+        """Node ``i``'s terms and column blocks: mixed (every op), fixed (its one op) or sampled
+        (op ``choice`` then ``ONE``, as ``_sampled`` computes it)."""
         a, b = node_inputs(i, self.wiring)
         residual, d = str(i) in self.gammas, self.hidden_size
         fixed = self.fixed.get(i)
-        if fixed is not None:
-            terms = () if fixed.op == "none" else (fixed.op,)
-            add_columns = (0,) if fixed.op in ADD_OPS else ()
-            highway = 0 if fixed.op == "highway" else None
+        op = fixed.op if fixed is not None else None if choice is None else self.op_names[choice]
+        if op is not None:
+            terms = () if op == "none" else (op,)
+            if fixed is None:
+                terms += (ONE,)
+            add_columns = (0,) if op in ADD_OPS else ()
+            highway = 0 if op == "highway" else None
             return TwoInputNodeSpec(a, b, terms, add_columns, highway, residual)
         per_op = self.weight_sharing == "per_op"
         add_columns = tuple(k * d if per_op else 0 for k in range(len(self.add_ops)))
@@ -231,15 +249,19 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         mask_h = variational_mask(batch, self.hidden_size, self.dropout_h, x, self.training)
         u_all = (x if mask_x is None else x * mask_x) @ self.input_weight
         h = x.new_zeros(batch, self.hidden_size) if h0 is None else h0
+        sampled = sampled_scales(probs) if isinstance(probs, SampledMixing) else None
         specs, weights, op_weights = [], [], []
         for i, (p, node) in enumerate(zip(probs, self.node_weights, strict=True), start=1):
-            spec = self._fused_spec(i)
+            scales = None if sampled is None else sampled[i - 1]
+            spec = self._fused_spec(i, None if scales is None else probs.choices[i - 1])
             if isinstance(node, FixedNodeWeights):
-                weight = node.weight
-                if node.op == "highway" and weight is not None:  # [0; C H]: reads b only
-                    weight = torch.cat([torch.zeros_like(weight), weight])
-                weights.append(weight)
+                weights.append(_b_only(node.weight) if node.op == "highway" else node.weight)
                 op_weights.append(x.new_ones(len(spec.terms)))
+            elif scales is not None:  # w[c] · op_c(a, b) + Σ_{k≠c} w[k], as ``_sampled``
+                op = self.op_names[probs.choices[i - 1]]
+                weight = self._op_weight(node, op)
+                weights.append(_b_only(weight) if op == "highway" else weight)
+                op_weights.append(torch.stack(scales[-len(spec.terms) :]))
             else:
                 merged, op_w = self._node_plan(p, node)
                 weights.append(merged)
