@@ -53,6 +53,7 @@ from morphnas.spaces.fused_two_input import (
 )
 
 WIRINGS = ("chain", "input")
+WEIGHT_SHARING = ("per_op", "per_node")
 
 
 def _b_only(highway_weight: Tensor | None) -> Tensor | None:
@@ -61,9 +62,6 @@ def _b_only(highway_weight: Tensor | None) -> Tensor | None:
     if highway_weight is None:
         return None
     return torch.cat([torch.zeros_like(highway_weight), highway_weight])
-
-
-WEIGHT_SHARING = ("per_op", "per_node")
 
 
 def node_inputs(i: int, wiring: str) -> tuple[int, int]:
@@ -225,10 +223,12 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         a, b = node_inputs(i, self.wiring)
         residual, d = str(i) in self.gammas, self.hidden_size
         fixed = self.fixed.get(i)
-        op = fixed.op if fixed is not None else None if choice is None else self.op_names[choice]
+        op = self.op_names[choice] if choice is not None else None
+        if fixed is not None:
+            op = fixed.op
         if op is not None:
             terms = () if op == "none" else (op,)
-            if fixed is None:
+            if fixed is None:  # sampled
                 terms += (ONE,)
             add_columns = (0,) if op in ADD_OPS else ()
             highway = 0 if op == "highway" else None
@@ -253,14 +253,16 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         specs, weights, op_weights = [], [], []
         for i, (p, node) in enumerate(zip(probs, self.node_weights, strict=True), start=1):
             scales = None if sampled is None else sampled[i - 1]
-            spec = self._fused_spec(i, None if scales is None else probs.choices[i - 1])
+            choice = None if scales is None else probs.choices[i - 1]
+            spec = self._fused_spec(i, choice)
             if isinstance(node, FixedNodeWeights):
                 weights.append(_b_only(node.weight) if node.op == "highway" else node.weight)
                 op_weights.append(x.new_ones(len(spec.terms)))
             elif scales is not None:  # w[c] · op_c(a, b) + Σ_{k≠c} w[k], as ``_sampled``
-                op = self.op_names[probs.choices[i - 1]]
+                op = self.op_names[choice]
                 weight = self._op_weight(node, op)
                 weights.append(_b_only(weight) if op == "highway" else weight)
+                # (w[c], Σ_{k≠c} w[k]) for (op, ONE); a sampled ``none`` has the constant alone
                 op_weights.append(torch.stack(scales[-len(spec.terms) :]))
             else:
                 merged, op_w = self._node_plan(p, node)
