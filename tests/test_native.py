@@ -294,9 +294,9 @@ def test_ninja_is_found_when_the_environment_is_not_activated(monkeypatch):
     assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
 
 
-def test_the_build_is_named_for_the_sources(monkeypatch, tmp_path):
-    """Another version of the kernels' sources gets another build (and cache entry), so two
-    versions sharing torch's extension cache never load each other's library."""
+def test_the_build_is_named_for_the_sources_and_flags(monkeypatch, tmp_path):
+    """Another version of the kernels' sources or compiler flags gets another build (and cache
+    entry), so two versions sharing torch's extension cache never load each other's library."""
     for name in ("kernels.cpp", "common.h"):
         (tmp_path / name).write_text("// v1\n")
     monkeypatch.setattr(native, "_SOURCE_DIR", tmp_path)
@@ -304,6 +304,9 @@ def test_the_build_is_named_for_the_sources(monkeypatch, tmp_path):
     assert native._build_tag() == first
     (tmp_path / "common.h").write_text("// v2\n")
     assert native._build_tag() != first
+    second = native._build_tag()
+    monkeypatch.setattr(native, "_FLAGS", [*native._FLAGS, "-ffp-contract=off"])
+    assert native._build_tag() != second  # the same sources compiled otherwise
 
 
 def test_parts_pool_their_sums_over_alternating_rounds():

@@ -127,7 +127,8 @@ def _build() -> ModuleType | None:
 
 
 def _build_tag() -> str:
-    """A short hash of the CPU's model and flags and of the kernels' sources.
+    """A short hash of the CPU's model and flags, of the kernels' sources and of the compiler's
+    flags (a version that changes only ``_FLAGS`` must not load a library built without them).
 
     The CPU: the build is for this CPU (``-march=native``), so a cache shared between machines
     (a network home) keeps one build per kind of CPU. The sources: two versions of morphnas
@@ -142,6 +143,7 @@ def _build_tag() -> str:
     except OSError:
         identity = platform.processor() or platform.machine()
     digest = hashlib.sha1(identity.encode())
+    digest.update(" ".join(_FLAGS).encode())
     for source in sorted(_SOURCE_DIR.glob("*.[ch]*")):  # kernels.cpp and the headers
         digest.update(source.name.encode() + source.read_bytes())
     return digest.hexdigest()[:8]
