@@ -193,10 +193,10 @@ class Forward {
         for (int64_t b = b0; b < b1; ++b) {
           T* gate = gates + b * width;
           T* value = values + b * width;
-          const T* p = parent + b * d;
+          const T* pb = parent + b * d;
           T* yb = y + b * d;
           constexpr int64_t kAct = decltype(act)::value;
-          highway_row(gate, value, p, yb, d, [](T v) { return column_value<kAct>(v); });
+          highway_row(gate, value, pb, yb, d, [](T v) { return column_value<kAct>(v); });
         }
       });
     });

@@ -68,10 +68,10 @@ class Loops {
     const int64_t N = p_.n();
     in_parts(split_.parts, pool_, [&](int64_t p) {
       const int64_t R = split_.rows(p), size = R * d_;
+      const T* m = s_.mask.has_value() ? split_.rows_of(*s_.mask, p).data_ptr<T>() : nullptr;
       for (int64_t t = 0; t < s_.u.size(0); ++t) {
-        if (s_.mask.has_value()) {
+        if (m != nullptr) {
           const T* h = split_.rows_of<T>(s_.hs, t, p);
-          const T* m = s_.mask->data_ptr<T>() + split_.first_row(p) * d_;
           T* out = slot(t, kH, p);
           for (int64_t j = 0; j < size; ++j) out[j] = h[j] * m[j];
         }
@@ -123,7 +123,7 @@ class Loops {
       T* rows = d_states.data_ptr<T>();
       T* scratch = scratch_[p].data_ptr<T>();
       T* c = split_.rows_of(carry, p).data_ptr<T>();
-      const T* m = s_.mask.has_value() ? s_.mask->data_ptr<T>() + split_.first_row(p) * d_ : nullptr;
+      const T* m = s_.mask.has_value() ? split_.rows_of(*s_.mask, p).data_ptr<T>() : nullptr;
       for (int64_t t = steps - 1; t >= 0; --t) {
         const T* g = split_.rows_of<T>(grad_out, t, p);
         const T* h = split_.rows_of<T>(s_.hs, t + 1, p);

@@ -65,10 +65,10 @@ class Loops {
     const int64_t steps = s_.u.size(0), N = n();
     in_parts(split_.parts, pool_, [&](int64_t p) {
       const int64_t size = split_.rows(p) * d_;
+      const T* m = s_.mask.has_value() ? split_.rows_of(*s_.mask, p).data_ptr<T>() : nullptr;
       for (int64_t t = 0; t < steps; ++t) {
-        if (s_.mask.has_value()) {
+        if (m != nullptr) {
           const T* h = split_.rows_of<T>(s_.hs, t, p);
-          const T* m = s_.mask->data_ptr<T>() + split_.first_row(p) * d_;
           T* out = state(t, 0, p);
           for (int64_t j = 0; j < size; ++j) out[j] = h[j] * m[j];
         }
@@ -92,8 +92,8 @@ class Loops {
     const T share = s_.output_mean ? T(1) / T(N) : T(1);
     in_parts(split_.parts, pool_, [&](int64_t p) {
       const int64_t size = split_.rows(p) * d_;
-      T* c = carry.data_ptr<T>() + split_.first_row(p) * d_;
-      const T* m = s_.mask.has_value() ? s_.mask->data_ptr<T>() + split_.first_row(p) * d_ : nullptr;
+      T* c = split_.rows_of(carry, p).data_ptr<T>();
+      const T* m = s_.mask.has_value() ? split_.rows_of(*s_.mask, p).data_ptr<T>() : nullptr;
       T* rows = parts_[p].d_states.template data_ptr<T>();
       for (int64_t t = steps - 1; t >= 0; --t) {
         const T* g = split_.rows_of<T>(grad_out, t, p);
