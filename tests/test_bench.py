@@ -22,6 +22,7 @@ from morphnas.bench import (
     COMPILED_SUFFIX,
     DARTS_V2,
     PARTS,
+    SEARCH_VARIANTS,
     TWO_INPUT_GATED,
     CellConfig,
     ReferenceDartsCell,
@@ -242,7 +243,7 @@ def test_quick_run_has_every_documented_key(quick_result):
             assert _positive(entry[model]["gflop"])
             assert _positive(entry["gflops_vs_lstm"][model])
         assert entry["gflops_vs_lstm"]["lstm"] == 1.0
-    assert set(r["search"]) == set(STRATEGIES)
+    assert set(r["search"]) == set(STRATEGIES) | set(SEARCH_VARIANTS)
     for by_space in r["search"].values():
         assert set(by_space) == {"darts_rnn", "two_input"}
         for entry in by_space.values():

@@ -38,13 +38,16 @@ def _one_thread():
 EAGER = {"fused": False}
 
 
-def _setup(space_name: str = "two_input", nodes: int = 2, dtype=torch.float32, seed: int = 0):
-    """A tiny supernet in a forecaster (no dropout), its Objective and a train/valid batch.
+def _setup(
+    space_name: str = "two_input", nodes: int = 2, dtype=torch.float32, seed: int = 0, **options
+):
+    """A tiny supernet in a forecaster (no dropout), its Objective and a train/valid batch;
+    ``options`` go to the space.
 
     Eager spaces: a fused kernel's hand-written backward is once-differentiable, and the
     brute-force references below differentiate through a gradient."""
     torch.manual_seed(seed)
-    space = spaces.build(space_name, N_SERIES, HIDDEN, nodes, **EAGER)
+    space = spaces.build(space_name, N_SERIES, HIDDEN, nodes, **EAGER, **options)
     model = ForecastModel(space, HIDDEN, N_SERIES, 0.0, 3, "last").to(dtype)
     arch_ids = {id(p) for p in space.arch}
     weights = [p for p in model.parameters() if id(p) not in arch_ids]
@@ -151,6 +154,68 @@ def test_exact_hessian_products_equal_torch_func_on_the_supernets(space_name):
         assert any(float(x.abs().max()) > 0 for x in want)
         for g, x in zip(got, want, strict=True):
             torch.testing.assert_close(g, x, rtol=1e-10, atol=1e-12)
+
+
+# ReLU's kink: a central difference across it is not the exact (almost everywhere) Hessian, so
+# the DARTS space is checked with its smooth activations; two_input's ops here are smooth.
+SMOOTH = {"two_input": {}, "darts_rnn": {"primitives": ("none", "tanh", "sigmoid", "identity")}}
+
+
+@pytest.mark.parametrize("space_name", ["two_input", "darts_rnn"])
+def test_central_difference_products_approach_the_exact_ones_on_the_supernets(space_name):
+    """``hvp="finite_all"``: both products by central difference on the kernels, against
+    torch.func's exact products; float64 and ε = 1e-5, so the O(ε²) truncation is ~1e-7 of
+    the products' size (at DARTS's ε = 0.01/‖v‖ it is ~1e-3 here)."""
+    space, _, _, objective, train, _ = _setup(
+        space_name, nodes=3, dtype=torch.float64, **SMOOTH[space_name]
+    )
+    space.fused = True
+    train_loss, _, weights, arch = strategies.build("idarts", space)._bilevel(
+        objective, train, train
+    )
+    w, a = tuple(t.detach() for t in weights), tuple(t.detach() for t in arch)
+    gen = torch.Generator().manual_seed(3)
+    v = tuple(torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in w)
+    _, pull_w = vjp(lambda ws: grad(train_loss)(ws, a), w)
+    _, pull_a = vjp(lambda arch_: grad(train_loss)(w, arch_), a)
+    curvature = hypergrad.Curvature(train_loss, w, a, hvp="finite_all", eps=1e-5)
+    for got, (want,) in [(curvature.hvp(v), pull_w(v)), (curvature.mixed(v), pull_a(v))]:
+        scale = max(float(x.abs().max()) for x in want)
+        assert scale > 0
+        for g, x in zip(got, want, strict=True):
+            torch.testing.assert_close(g, x, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("space_name", ["two_input", "darts_rnn"])
+def test_idarts_with_every_product_finite_runs_on_the_kernels_only(monkeypatch, space_name):
+    """``hvp="finite_all"`` never takes the eager path: every product is first-order, so the
+    kernel runs T inner gradients, ∇L_val, two per Neumann term and two for the mixed term;
+    and the hypergradient is the exact one's, up to the central difference (float64, ε 1e-5)."""
+    space, _, _, objective, train, valid = _setup(
+        space_name, dtype=torch.float64, **SMOOTH[space_name]
+    )
+    space.fused = True
+    options = {"steps": 2, "terms": 2, "weight_lr": 0.05}
+    alpha = [a.detach().clone() for a in space.arch_parameters()]
+    want = _captured_grads(strategies.build("idarts", space, **options), objective, train, valid)
+    with torch.no_grad():  # the step moved α: back to where ``want`` was taken
+        for a, before in zip(space.arch_parameters(), alpha, strict=True):
+            a.copy_(before)
+
+    def eager(*args, **kwargs):
+        raise AssertionError("the eager loops ran")
+
+    monkeypatch.setattr(hypergrad, "eager_kernels", eager)
+    kernel = FusedTwoInputSequence if space_name == "two_input" else FusedDartsSequence
+    calls = []
+    apply = kernel.apply
+    monkeypatch.setattr(kernel, "apply", lambda *args: calls.append(1) or apply(*args))
+    strategy = strategies.build("idarts", space, hvp="finite_all", eps=1e-5, **options)
+    got = _captured_grads(strategy, objective, train, valid)
+    assert len(calls) >= 2 + 1 + 2 * 2 + 2
+    for g, x in zip(got, want, strict=True):
+        assert float(x.abs().max()) > 0
+        torch.testing.assert_close(g, x, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
 
 
 def test_second_order_term_is_not_zero():

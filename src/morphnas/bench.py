@@ -157,6 +157,10 @@ QUICK_REPEATS = {
     "supernet:small": 2, "supernet:darts": 2, "cell": 2, "search": 1, "threads": 2, "matmul": 2,
 }  # fmt: skip
 SEARCH_SETUP = {"hidden": 32, "nodes": 4, "window": 24, "n_series": 8, "batch_size": 64}
+# ``search.<variant>``: a strategy with options other than its defaults, timed beside them.
+SEARCH_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "idarts_finite_all": ("idarts", {"hvp": "finite_all"}),
+}
 
 
 # --------------------------------------------------------------------------- the reference
@@ -765,16 +769,21 @@ def bench_cell_config(cfg: CellConfig, ctx: Context, repeats: int) -> dict[str, 
 
 
 def _search_epoch_seconds(
-    strategy_name: str, space_name: str, data: Any, device: torch.device
+    strategy_name: str,
+    space_name: str,
+    data: Any,
+    device: torch.device,
+    options: dict[str, Any] | None = None,
 ) -> tuple[float, int]:
     """One epoch of the real search loop (arch step + weight step per batch, the epoch's
-    validation pass and checkpoint included); returns seconds and batches."""
+    validation pass and checkpoint included) with the strategy's ``options``; returns seconds
+    and batches."""
     setup = SEARCH_SETUP
     torch.manual_seed(0)
     n_series = setup["n_series"]
     space = spaces.build(space_name, n_series, setup["hidden"], setup["nodes"])
     model = ForecastModel(space, setup["hidden"], n_series).to(device)
-    strategy = strategies.build(strategy_name, space)
+    strategy = strategies.build(strategy_name, space, **(options or {}))
     train = tuple(t.to(device) for t in data.train)
     valid = tuple(t.to(device) for t in data.valid)
     config = SearchConfig(strategy=strategy_name, epochs=1, batch_size=setup["batch_size"])
@@ -800,16 +809,18 @@ def bench_search(device: torch.device, repeats: int, quick: bool) -> dict[str, A
     data = make_windows(series, setup["window"], 1)
     apply_threads(choose_threads(setup["hidden"], setup["batch_size"], device=device))
     result: dict[str, Any] = {}
-    for strategy_name in strategies.STRATEGIES:
-        result[strategy_name] = {}
+    runs_of = {name: (name, {}) for name in strategies.STRATEGIES} | SEARCH_VARIANTS
+    for key, (strategy_name, options) in runs_of.items():
+        result[key] = {}
         # The median of ``repeats`` for first-order DARTS, the reference; one epoch for the
-        # others, so that the whole bench stays within minutes (an iDARTS epoch is ~8× DARTS').
-        count = repeats if strategy_name == "darts" else 1
+        # others, so that the whole bench stays within minutes (an iDARTS epoch is ~20× DARTS').
+        count = repeats if key == "darts" else 1
         for space_name in spaces.SPACES:
             runs = [
-                _search_epoch_seconds(strategy_name, space_name, data, device) for _ in range(count)
+                _search_epoch_seconds(strategy_name, space_name, data, device, options)
+                for _ in range(count)
             ]
-            result[strategy_name][space_name] = {
+            result[key][space_name] = {
                 "seconds_per_epoch": statistics.median(seconds for seconds, _ in runs),
                 "batches_per_epoch": runs[0][1],
                 "threads": torch.get_num_threads(),

@@ -19,7 +19,9 @@ All products are computed on *functional* weights (fresh leaves), so nothing is 
 place. The first-order ones run where the supernets' once-differentiable sequence kernels can;
 the products that differentiate a gradient again (Hessian–vector and exact mixed products, by
 double backward) run on the eager loops (``fused_ops.eager_kernels``), and under a torch.func
-transform by torch.func.
+transform by torch.func. ``hvp="finite_all"`` takes every second-order product by central
+difference instead, two first-order gradients each, so that a whole hypergradient runs on the
+kernels.
 Public ports of DARTS perturb ``w`` in place (+εv, −2εv, +εv; quark0/darts#52) and leave
 floating-point drift behind; here the caller's tensors are never written: they stay bit-identical.
 The finite-difference denominator is ``(2 * eps)`` with brackets (NNI #3044, pt.darts#43).
@@ -42,7 +44,7 @@ Tensors = tuple[Tensor, ...]
 Loss = Callable[[Tensors, Tensors], Tensor]
 
 METHODS = ("first_order", "unrolled", "neumann", "cg", "exact")
-HVP_MODES = ("exact", "finite")
+HVP_MODES = ("exact", "finite", "finite_all")
 
 _FD_SCALE = 0.01  # DARTS cnn/architect.py: eps = 0.01 / ||v||
 
@@ -129,33 +131,69 @@ def _grad_a(loss: Loss, weights: Tensors, arch: Tensors) -> Tensors:
     return _grads(loss, weights, arch, (1,))[0]
 
 
+def _central(
+    loss: Loss, weights: Tensors, arch: Tensors, v: Tensors, eps: float | None, argnum: int
+) -> Tensors:
+    """DARTS's central difference along ``v`` in the weights of the gradient in ``w``
+    (``argnum`` 0) or ``α`` (1): ``[g(w+εv) − g(w−εv)] / (2ε)``, ``ε = 0.01/‖v‖`` unless
+    ``eps`` is given.
+
+    ``w±`` are new tensors, so no restore step exists that could drift (quark0/darts#52). The
+    two gradients are first-order, so they run on the sequence kernels.
+    """
+    norm = float(_norm(v))
+    if norm == 0.0:  # zero direction: the product is exactly zero, and 0.01/0 would be inf
+        return tuple(torch.zeros_like(t) for t in (weights, arch)[argnum])
+    step = eps if eps is not None else _FD_SCALE / norm
+    (g_plus,) = _grads(loss, _axpy(step, v, weights), arch, (argnum,))
+    (g_minus,) = _grads(loss, _axpy(-step, v, weights), arch, (argnum,))
+    return tuple((gp - gm) / (2 * step) for gp, gm in zip(g_plus, g_minus, strict=True))
+
+
 class Curvature:
     """The second-order products of ``loss`` at one point ``(w, α)``, each the gradient of
-    ``⟨∇_w loss(w, α), v⟩``: ``hvp(v) = ∇²_{ww} loss · v`` and ``mixed(v) = ∇²_{αw} loss · v``.
+    ``⟨∇_w loss(w, α), v⟩``: ``hvp(v) = ∇²_{ww} loss · v`` and ``mixed(v) = ∇²_{αw} loss · v``,
+    exact or by central difference as ``hvp`` (one of :data:`HVP_MODES`) says.
 
-    The weight gradient is taken once, with its graph, and every product is one more backward
-    through it: iDARTS's K Neumann products and its mixed product, all at ``(w_T, α)``, share
-    one forward and one first backward instead of taking one each. At the top level that is
+    An exact product is one more backward through the weight gradient, taken once with its
+    graph: iDARTS's K Neumann products and its mixed product, all at ``(w_T, α)``, share one
+    forward and one first backward instead of taking one each. At the top level that is
     autograd with ``create_graph=True`` on the eager loops (``eager_kernels``: the sequence
     kernels' backward is once-only), which gives torch.func's products to the bit without its
     per-op wrapping (docs/benchmarks.md); under a torch.func transform (a caller's ``vmap``) it
-    is torch.func's ``vjp`` of the weight gradient, its pull-backs kept the same way.
+    is torch.func's ``vjp`` of the weight gradient, its pull-backs kept the same way. A central
+    difference is two first-order gradients instead, on the sequence kernels.
 
     Reverse-over-reverse, not forward-over-reverse (``jvp``): in torch 2.13 the forward-mode
     formula of ``mse_loss``'s backward writes into the zero tangent of a target that has none
     ("ZeroTensors are immutable"), so a task using ``nn.MSELoss`` could not be differentiated.
     """
 
-    def __init__(self, loss: Loss, weights: Tensors, arch: Tensors) -> None:
+    def __init__(
+        self,
+        loss: Loss,
+        weights: Tensors,
+        arch: Tensors,
+        hvp: str = "exact",
+        eps: float | None = None,
+    ) -> None:
+        check_hvp_options(hvp, eps)
         self._loss, self._weights, self._arch = loss, weights, arch
+        self._finite_hvp = hvp == "finite_all"
+        self._finite_mixed = hvp in ("finite", "finite_all")
+        self._eps = eps
         self._pulls: dict[int, Callable[[Tensors], tuple[Tensors]]] = {}
 
     def hvp(self, v: Tensors) -> Tensors:
         """``∇²_{ww} loss · v``."""
+        if self._finite_hvp:
+            return _central(self._loss, self._weights, self._arch, v, self._eps, argnum=0)
         return self._product(v, 0)
 
     def mixed(self, v: Tensors) -> Tensors:
         """``∇²_{αw} loss · v = ∇_α ⟨∇_w loss, v⟩``."""
+        if self._finite_mixed:
+            return _central(self._loss, self._weights, self._arch, v, self._eps, argnum=1)
         return self._product(v, 1)
 
     def _product(self, v: Tensors, argnum: int) -> Tensors:
@@ -193,38 +231,6 @@ class Curvature:
             else:
                 _, self._pulls[1] = vjp(lambda a: _grad_w(loss, weights, a), arch)
         return self._pulls[argnum]
-
-
-def _mixed_finite(
-    loss: Loss, weights: Tensors, arch: Tensors, v: Tensors, eps: float | None
-) -> Tensors:
-    """DARTS central difference ``[∇_α L(w+εv) − ∇_α L(w−εv)] / (2ε)``, ``ε = 0.01/‖v‖``.
-
-    ``w±`` are new tensors, so no restore step exists that could drift (quark0/darts#52).
-    """
-    norm = float(_norm(v))
-    if norm == 0.0:  # zero direction: the product is exactly zero, and 0.01/0 would be inf
-        return tuple(torch.zeros_like(a) for a in arch)
-    step = eps if eps is not None else _FD_SCALE / norm
-    g_plus = _grad_a(loss, _axpy(step, v, weights), arch)
-    g_minus = _grad_a(loss, _axpy(-step, v, weights), arch)
-    return tuple((gp - gm) / (2 * step) for gp, gm in zip(g_plus, g_minus, strict=True))
-
-
-def _mixed(
-    loss: Loss,
-    weights: Tensors,
-    arch: Tensors,
-    v: Tensors,
-    hvp: str,
-    eps: float | None,
-    curvature: Curvature | None = None,
-) -> Tensors:
-    """The mixed product ``∇²_{α,w} loss · v`` in ``hvp`` mode; ``curvature``: the point's
-    ``Curvature`` where the caller has one already (its graph is then reused)."""
-    if hvp == "exact":
-        return (curvature or Curvature(loss, weights, arch)).mixed(v)
-    return _mixed_finite(loss, weights, arch, v, eps)
 
 
 # --------------------------------------------------------------------------- inverse-Hessian solves
@@ -292,7 +298,7 @@ def _unrolled(
     """DARTS second order: one virtual step, mixed term around the original ``w`` (darts#21)."""
     w_virtual = _inner_sgd(train_loss, weights, arch, lr, 1)
     g_w, g_a = _grads(val_loss, w_virtual, arch)
-    mixed = _mixed(train_loss, weights, arch, g_w, hvp, eps)
+    mixed = Curvature(train_loss, weights, arch, hvp, eps).mixed(g_w)
     return _axpy(-lr, mixed, g_a)
 
 
@@ -311,15 +317,14 @@ def _implicit(
     """IFT gradient ``∇_α L_val − ∇²_{αw} L_train · H⁻¹ · ∇_w L_val`` at ``w_T`` (iDARTS)."""
     w_t = _inner_sgd(train_loss, weights, arch, lr, steps)
     g_w, g_a = _grads(val_loss, w_t, arch)
-    curvature = Curvature(train_loss, w_t, arch)  # every product below is at (w_T, α)
+    curvature = Curvature(train_loss, w_t, arch, hvp, eps)  # every product below is at (w_T, α)
     if method == "neumann":
         p = _neumann(curvature, g_w, lr, terms)
     elif method == "cg":
         p = _cg(curvature, g_w, terms)
     else:
         p = _dense_solve(train_loss, w_t, arch, g_w)
-    mixed = _mixed(train_loss, w_t, arch, p, hvp, eps, curvature)
-    return _axpy(-1.0, mixed, g_a)
+    return _axpy(-1.0, curvature.mixed(p), g_a)
 
 
 def _validate(
@@ -376,8 +381,12 @@ def hypergradient(
         steps: inner SGD steps ``T`` before the implicit methods (``neumann``, ``cg``, ``exact``).
         terms: Neumann depth ``K`` (sum over k = 0..K) or the number of CG iterations.
         eps: finite-difference step; ``None`` means ``0.01 / ‖v‖`` as in the DARTS code.
-        hvp: ``"exact"`` (double backward) or ``"finite"`` (DARTS central difference) for the
-            mixed ``∇²_{α,w}`` product. Hessian–vector products inside Neumann/CG are always exact.
+        hvp: how the second-order products are taken. ``"exact"``: all by double backward.
+            ``"finite"``: the mixed ``∇²_{α,w}`` product by DARTS's central difference, the
+            Hessian–vector products of Neumann/CG exact (the official iDARTS code's choice).
+            ``"finite_all"``: every product by central difference, each two first-order
+            gradients on the sequence kernels (the fastest; O(ε²) error plus float rounding).
+            The dense solve of ``exact`` is exact whatever ``hvp`` says.
 
     Returns:
         Detached tensors, one per ``arch`` entry.

@@ -20,7 +20,7 @@ from typing import Any
 from torch import Tensor
 from torch.func import grad
 
-from morphnas.hypergrad import _inner_sgd, _mixed, check_hvp_options, hypergradient
+from morphnas.hypergrad import Curvature, _inner_sgd, check_hvp_options, hypergradient
 from morphnas.spaces.base import SearchSpace
 from morphnas.strategies.base import BatchLoss, Objective, Strategy
 
@@ -98,7 +98,7 @@ def _unrolled_around_virtual(
     arch = tuple(a.detach() for a in arch)
     w_virtual = _inner_sgd(train_loss, weights, arch, lr, 1)
     g_w, g_a = grad(val_loss, argnums=(0, 1))(w_virtual, arch)
-    mixed = _mixed(train_loss, w_virtual, arch, g_w, hvp, eps)
+    mixed = Curvature(train_loss, w_virtual, arch, hvp, eps).mixed(g_w)
     return tuple((a - lr * m).detach() for a, m in zip(g_a, mixed, strict=True))
 
 

@@ -7,9 +7,12 @@ with ``w_T`` after ``T`` virtual SGD steps at fixed ``α`` and γ = the weight l
 (``morphnas.hypergrad`` method ``neumann``). The inner steps run on functional copies of the
 weights on the arch step's training batch: the live weights are not moved (the engine's weight
 step trains them), which keeps every strategy's arch step weight-neutral and avoids the
-official notebook's deep-copied-optimizer bug (spec 2e.2). Hessian–vector products of the
-Neumann series are exact (double backward, ``hypergrad.Curvature``); the mixed product is exact
-by default (spec 2f: no ε to tune) or the code's central difference (``hvp="finite"``).
+official notebook's deep-copied-optimizer bug (spec 2e.2). Every second-order product is exact
+by default (double backward on the eager loops, ``hypergrad.Curvature``; spec 2f: no ε to tune);
+``hvp="finite"`` takes the mixed product by the code's central difference, as the official code
+does, and ``hvp="finite_all"`` the Neumann series' Hessian–vector products too, so that the
+whole hypergradient runs on the sequence kernels (our choice for speed, spec 2f's "finite
+differences, for memory parity with DARTS").
 
 ``residual_noise=True`` reproduces the official code's inexact restore (spec 2e.1): after the
 step the live weights move by ``−ε (s − v₀)`` with ``s = Σ_k (I − γH)^k v₀``, ``ε = 0.01/‖v₀‖``.
@@ -90,7 +93,8 @@ class IDarts(Strategy):
         a = tuple(t.detach() for t in arch)
         w_t = _inner_sgd(train_loss, w, a, self.weight_lr, self.steps)
         v0 = grad(val_loss, argnums=0)(w_t, a)
-        s = _neumann(Curvature(train_loss, w_t, a), v0, self.weight_lr, self.terms)
+        curvature = Curvature(train_loss, w_t, a, self.hvp, self.eps)
+        s = _neumann(curvature, v0, self.weight_lr, self.terms)
         norm = float(torch.sqrt(sum((v * v).sum() for v in v0)))
         if norm == 0.0:
             return
