@@ -4,7 +4,8 @@
 * ``order=2``: the unrolled gradient of ``morphnas.hypergrad`` with ξ = the weight learning rate:
   ``∇_α L_val(w', α) − ξ ∇²_{α,w} L_train(w, α) ∇_{w'} L_val(w', α)``,
   ``w' = w − ξ ∇_w L_train(w, α)``; the mixed product by the paper's central difference
-  (``hvp="finite"``, ε = 0.01/‖v‖) or exactly (``hvp="exact"``, double backward).
+  (``hvp="finite"``, ε = 0.01/‖v‖; ``"finite_all"`` is the same here, the mixed product being
+  the only second-order one) or exactly (``hvp="exact"``, double backward).
 
 Our virtual step is plain SGD with ξ, while our weights train with Adam: the DARTS code copies its
 own optimizer (momentum, weight decay) into the virtual step, but an Adam step is not a function
