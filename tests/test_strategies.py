@@ -430,13 +430,14 @@ TINY = [
         ["--strategy", "darts"],
         ["--strategy", "darts", "--order", "2"],
         ["--strategy", "idarts", "--set", "search.strategy_options.steps=1"],
+        ["--strategy", "idarts", "--set", "search.strategy_options.hvp=finite_all"],
         ["--strategy", "snas", "--penalty", "params"],
         ["--strategy", "gdas"],
         ["--strategy", "dnal"],
         ["--strategy", "msdarts"],
         ["--strategy", "random"],
     ],
-    ids=lambda f: "-".join(f[1:2] + f[3:4]),
+    ids=lambda f: "-".join(f[1:2] + f[3:4]).replace("search.strategy_options.", ""),
 )
 def test_search_runs_every_strategy_end_to_end(tmp_path, synthetic_csv, flags, growth):
     grow = ["--growth", "grow-then-prune", "--nodes-start", "1"] if growth else []
