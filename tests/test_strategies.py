@@ -129,12 +129,11 @@ def test_bilevel_steps_run_the_sequence_kernel(monkeypatch, space_name, name, op
     assert all(torch.isfinite(g).all() for g in grads)
 
 
-@pytest.mark.parametrize("space_name", ["two_input", "darts_rnn"])
-def test_exact_hessian_products_equal_torch_func_on_the_supernets(space_name):
-    """The top-level double backward (autograd on the eager loops, with the kernels switched on)
-    gives the products of torch.func's vjp of the weight gradient, both kinds, and again on the
-    graph it keeps."""
-    space, _, _, objective, train, _ = _setup(space_name, nodes=3, dtype=torch.float64)
+def _products_at_a_point(space_name: str, **options):
+    """A float64 supernet on its kernels: the training loss, the point ``(w, α)``, a random
+    direction ``v``, and torch.func's pull-backs of the weight gradient in ``w`` and in ``α``
+    (the exact second-order products the tests compare with)."""
+    space, _, _, objective, train, _ = _setup(space_name, nodes=3, dtype=torch.float64, **options)
     space.fused = True
     train_loss, _, weights, arch = strategies.build("idarts", space)._bilevel(
         objective, train, train
@@ -144,6 +143,15 @@ def test_exact_hessian_products_equal_torch_func_on_the_supernets(space_name):
     v = tuple(torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in w)
     _, pull_w = vjp(lambda ws: grad(train_loss)(ws, a), w)
     _, pull_a = vjp(lambda arch_: grad(train_loss)(w, arch_), a)
+    return train_loss, w, a, v, pull_w, pull_a
+
+
+@pytest.mark.parametrize("space_name", ["two_input", "darts_rnn"])
+def test_exact_hessian_products_equal_torch_func_on_the_supernets(space_name):
+    """The top-level double backward (autograd on the eager loops, with the kernels switched on)
+    gives the products of torch.func's vjp of the weight gradient, both kinds, and again on the
+    graph it keeps."""
+    train_loss, w, a, v, pull_w, pull_a = _products_at_a_point(space_name)
     curvature = hypergrad.Curvature(train_loss, w, a)
     v2 = tuple(2.0 * x for x in v)  # a second product on the same graph
     for got, (want,) in [
@@ -166,18 +174,7 @@ def test_central_difference_products_approach_the_exact_ones_on_the_supernets(sp
     """``hvp="finite_all"``: both products by central difference on the kernels, against
     torch.func's exact products; float64 and ε = 1e-5, so the O(ε²) truncation is ~1e-7 of
     the products' size (at DARTS's ε = 0.01/‖v‖ it is ~1e-3 here)."""
-    space, _, _, objective, train, _ = _setup(
-        space_name, nodes=3, dtype=torch.float64, **SMOOTH[space_name]
-    )
-    space.fused = True
-    train_loss, _, weights, arch = strategies.build("idarts", space)._bilevel(
-        objective, train, train
-    )
-    w, a = tuple(t.detach() for t in weights), tuple(t.detach() for t in arch)
-    gen = torch.Generator().manual_seed(3)
-    v = tuple(torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in w)
-    _, pull_w = vjp(lambda ws: grad(train_loss)(ws, a), w)
-    _, pull_a = vjp(lambda arch_: grad(train_loss)(w, arch_), a)
+    train_loss, w, a, v, pull_w, pull_a = _products_at_a_point(space_name, **SMOOTH[space_name])
     curvature = hypergrad.Curvature(train_loss, w, a, hvp="finite_all", eps=1e-5)
     for got, (want,) in [(curvature.hvp(v), pull_w(v)), (curvature.mixed(v), pull_a(v))]:
         scale = max(float(x.abs().max()) for x in want)
