@@ -340,16 +340,13 @@ def _validate(
     """Reject bad arguments with a ValueError that names the argument and the allowed values."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    if hvp not in HVP_MODES:
-        raise ValueError(f"unknown hvp {hvp!r}; expected one of {HVP_MODES}")
+    check_hvp_options(hvp, eps)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if isinstance(terms, bool) or not isinstance(terms, int) or terms < 0:
         raise ValueError(f"terms must be an integer >= 0, got {terms!r}")
     if not lr > 0:  # also rejects NaN
         raise ValueError(f"lr must be > 0, got {lr!r}")
-    if eps is not None and not eps > 0:
-        raise ValueError(f"eps must be > 0 or None, got {eps!r}")
     for name, group in (("weights", weights), ("arch", arch)):
         if not isinstance(group, tuple) or not group:
             raise ValueError(f"{name} must be a non-empty tuple of tensors")
