@@ -3,6 +3,7 @@
 * ``unrolled`` against plain autograd *through* one explicit SGD step (create_graph=True).
 * ``neumann``/``cg``/``exact`` against the closed-form implicit gradient of a ridge problem whose
   inner optimum ``w*(α)`` is a linear solve, so ``dL_val(w*(α))/dα`` is exact by autograd.
+* ``top_eigenvalue`` (iDARTS's γλ_max check) against the dense Hessian's eigendecomposition.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import itertools
 import pytest
 import torch
 from torch import Tensor
+from torch.func import hessian
 
-from morphnas.hypergrad import HVP_MODES, METHODS, hypergradient
+from morphnas.hypergrad import HVP_MODES, METHODS, Curvature, hypergradient, top_eigenvalue
 
 DTYPE = torch.float64
 
@@ -211,6 +213,68 @@ def test_neumann_error_shrinks_with_depth(ridge: Ridge) -> None:
     assert errors[-1] < 1e-3 * errors[0], errors
 
 
+def test_neumann_gamma_is_its_own_step_apart_from_the_inner_one(ridge: Ridge) -> None:
+    """``gamma`` scales the series only: left out, it is ``lr``; at any γ within 1/λ_max the
+    series reaches the same closed form, while a γ past 2/λ_max makes it diverge."""
+    safe = ridge.safe_lr()
+    tied = _ridge_call(ridge, method="neumann", lr=safe, terms=20)
+    same = _ridge_call(ridge, method="neumann", lr=safe, terms=20, gamma=safe)
+    assert all(torch.equal(a, b) for a, b in zip(tied, same, strict=True))
+    want = ridge.true_hypergradient()
+    for gamma in (safe, 0.5 * safe):  # the inner step at lr 1e-3 moves w off the optimum a little
+        got = _ridge_call(ridge, method="neumann", lr=1e-3, terms=400, gamma=gamma)
+        assert _rel_err(got, want) < 1e-3, gamma
+    diverged = _ridge_call(ridge, method="neumann", lr=1e-3, terms=60, gamma=2.5 * safe)
+    assert _rel_err(diverged, want) > 1e3
+
+
+def _dense_eigenvalues(loss, weights: tuple[Tensor, ...], arch: tuple[Tensor, ...]) -> Tensor:
+    """The eigenvalues of ``∇²_{ww} loss`` from the dense Hessian over the flattened weights."""
+    flat = torch.cat([w.reshape(-1) for w in weights])
+
+    def of_flat(f: Tensor) -> Tensor:
+        parts, start = [], 0
+        for w in weights:
+            parts.append(f[start : start + w.numel()].reshape(w.shape))
+            start += w.numel()
+        return loss(tuple(parts), arch)
+
+    return torch.linalg.eigvalsh(hessian(of_flat)(flat))
+
+
+@pytest.mark.parametrize("hvp", ["exact", "finite_all"])
+def test_top_eigenvalue_matches_the_dense_hessian(hvp: str) -> None:
+    """Power iteration finds the eigenvalue largest in magnitude, and every estimate on the way
+    lies within the spectrum (so γ·|estimate| ≥ 1 is never a false alarm)."""
+    net = MixedNet()
+    eigenvalues = _dense_eigenvalues(net.train_loss, net.weights, net.arch)
+    top = float(eigenvalues[eigenvalues.abs().argmax()])
+    curvature = Curvature(net.train_loss, net.weights, net.arch, hvp, eps=1e-6)
+    start = tuple(torch.ones_like(w) for w in net.weights)
+    assert top_eigenvalue(curvature, start, 300) == pytest.approx(top, rel=1e-6)
+    low, high = float(eigenvalues.min()), float(eigenvalues.max())
+    for iters in (1, 2, 5):
+        assert low - 1e-9 <= top_eigenvalue(curvature, start, iters) <= high + 1e-9
+
+
+def test_top_eigenvalue_keeps_the_sign_of_negative_curvature() -> None:
+    """A dominant negative eigenvalue (a saddle) comes out negative: no γ makes the series
+    converge there, and the check must not read it as a safe small curvature."""
+    scales = torch.tensor([-5.0, 1.0, 2.0], dtype=DTYPE)
+
+    def saddle(weights: tuple[Tensor, ...], arch: tuple[Tensor, ...]) -> Tensor:
+        return 0.5 * torch.sum(scales * weights[0] ** 2) + arch[0].sum() * weights[0].sum()
+
+    weights = (torch.tensor([0.3, -0.2, 0.1], dtype=DTYPE),)
+    arch = (torch.zeros(1, dtype=DTYPE),)
+    curvature = Curvature(saddle, weights, arch)
+    start = (torch.ones(3, dtype=DTYPE),)
+    assert top_eigenvalue(curvature, start, 200) == pytest.approx(-5.0, rel=1e-9)
+    assert top_eigenvalue(curvature, (torch.zeros(3, dtype=DTYPE),), 5) == 0.0
+    with pytest.raises(ValueError, match="iters"):
+        top_eigenvalue(curvature, start, 0)
+
+
 # --------------------------------------------------------------------------- purity
 
 
@@ -267,6 +331,8 @@ def test_inputs_bit_identical_after_failure() -> None:
         ({"method": "unrolled", "lr": -1.0}, "lr"),
         ({"method": "unrolled", "lr": float("nan")}, "lr"),
         ({"method": "unrolled", "lr": 0.1, "eps": 0.0}, "eps"),
+        ({"method": "neumann", "lr": 0.1, "gamma": 0.0}, "gamma"),
+        ({"method": "neumann", "lr": 0.1, "gamma": float("nan")}, "gamma"),
     ],
 )
 def test_argument_validation(kwargs: dict[str, object], match: str) -> None:

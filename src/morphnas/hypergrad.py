@@ -9,7 +9,8 @@ Every method in spec/methods.md needs the same few derivative products, so they 
   ``∇_α L_val(w', α) − ξ ∇²_{α,w} L_train(w, α) ∇_{w'} L_val(w', α)``; the mixed product is taken
   around the *original* ``w`` (the fixed version of quark0/darts#21).
 * ``neumann``      — iDARTS (Zhang et al., ICML 2021): implicit-function-theorem gradient at
-  ``w_T`` (after ``T`` inner SGD steps) with ``H⁻¹ ≈ γ Σ_{k=0}^{K} (I − γH)^k``, γ = ``lr``.
+  ``w_T`` (after ``T`` inner SGD steps) with ``H⁻¹ ≈ γ Σ_{k=0}^{K} (I − γH)^k``, γ = ``lr``
+  unless ``gamma`` is given; ``top_eigenvalue`` checks γλ_max < 1 by power iteration.
   ``T = 1, K = 0`` is *almost* DARTS second order (the mixed term is taken at ``w_T``, not ``w``).
 * ``cg``           — the same implicit gradient, ``H⁻¹ v`` by ``K`` conjugate-gradient iterations.
 * ``exact``        — the same implicit gradient with a dense Hessian and a direct solve (tests and
@@ -38,7 +39,7 @@ from torch.func import grad, hessian, vjp
 
 from morphnas.spaces.fused_ops import eager_kernels, transforms_active
 
-__all__ = ["HVP_MODES", "METHODS", "check_hvp_options", "hypergradient"]
+__all__ = ["HVP_MODES", "METHODS", "check_hvp_options", "hypergradient", "top_eigenvalue"]
 
 Tensors = tuple[Tensor, ...]
 Loss = Callable[[Tensors, Tensors], Tensor]
@@ -244,13 +245,40 @@ def _inner_sgd(train_loss: Loss, weights: Tensors, arch: Tensors, lr: float, ste
     return w
 
 
-def _neumann(curvature: Curvature, v: Tensors, lr: float, terms: int) -> Tensors:
-    """``γ Σ_{k=0}^{K} (I − γH)^k v`` with γ = ``lr`` (iDARTS; converges to H⁻¹v if γ < 2/λ_max)."""
+def _neumann(curvature: Curvature, v: Tensors, gamma: float, terms: int) -> Tensors:
+    """``γ Σ_{k=0}^{K} (I − γH)^k v`` (iDARTS; converges to H⁻¹v if 0 < γλ < 2 for every
+    eigenvalue λ of H, monotonically if γλ_max < 1: ``top_eigenvalue`` checks that)."""
     p, acc = v, v
     for _ in range(terms):
-        p = _axpy(-lr, curvature.hvp(p), p)
+        p = _axpy(-gamma, curvature.hvp(p), p)
         acc = _axpy(1.0, p, acc)
-    return tuple(lr * a for a in acc)
+    return tuple(gamma * a for a in acc)
+
+
+def top_eigenvalue(curvature: Curvature, start: Tensors, iters: int) -> float:
+    """The eigenvalue of ``H = ∇²_{ww} loss`` largest in magnitude, by ``iters`` steps of power
+    iteration from ``start``: the Rayleigh quotient ``⟨v, Hv⟩`` of the last unit iterate.
+
+    A Rayleigh quotient lies between H's smallest and largest eigenvalues, so the estimate never
+    overstates the true magnitude: ``γ·|estimate| ≥ 1`` proves that the Neumann series with step
+    γ does not converge monotonically (spec 2f's diagnostic). Fewer iterations can only
+    understate it. Zero for a zero ``start`` or a zero product (``v`` in H's null space).
+    """
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be an integer >= 1, got {iters!r}")
+    norm = float(_norm(start))
+    if norm == 0.0:
+        return 0.0
+    v = tuple(t / norm for t in start)
+    value = 0.0
+    for _ in range(iters):
+        hv = curvature.hvp(v)
+        value = float(_dot(v, hv))
+        size = float(_norm(hv))
+        if size == 0.0:
+            return 0.0
+        v = tuple(h / size for h in hv)
+    return value
 
 
 def _cg(curvature: Curvature, v: Tensors, iters: int) -> Tensors:
@@ -313,13 +341,14 @@ def _implicit(
     terms: int,
     hvp: str,
     eps: float | None,
+    gamma: float,
 ) -> Tensors:
     """IFT gradient ``∇_α L_val − ∇²_{αw} L_train · H⁻¹ · ∇_w L_val`` at ``w_T`` (iDARTS)."""
     w_t = _inner_sgd(train_loss, weights, arch, lr, steps)
     g_w, g_a = _grads(val_loss, w_t, arch)
     curvature = Curvature(train_loss, w_t, arch, hvp, eps)  # every product below is at (w_T, α)
     if method == "neumann":
-        p = _neumann(curvature, g_w, lr, terms)
+        p = _neumann(curvature, g_w, gamma, terms)
     elif method == "cg":
         p = _cg(curvature, g_w, terms)
     else:
@@ -336,6 +365,7 @@ def _validate(
     terms: int,
     eps: float | None,
     hvp: str,
+    gamma: float | None,
 ) -> None:
     """Reject bad arguments with a ValueError that names the argument and the allowed values."""
     if method not in METHODS:
@@ -347,6 +377,8 @@ def _validate(
         raise ValueError(f"terms must be an integer >= 0, got {terms!r}")
     if not lr > 0:  # also rejects NaN
         raise ValueError(f"lr must be > 0, got {lr!r}")
+    if gamma is not None and not gamma > 0:
+        raise ValueError(f"gamma must be > 0 or None, got {gamma!r}")
     for name, group in (("weights", weights), ("arch", arch)):
         if not isinstance(group, tuple) or not group:
             raise ValueError(f"{name} must be a non-empty tuple of tensors")
@@ -366,6 +398,7 @@ def hypergradient(
     terms: int = 2,
     eps: float | None = None,
     hvp: str = "exact",
+    gamma: float | None = None,
 ) -> Tensors:
     """Hypergradient of ``val_loss`` with respect to ``arch``, shaped like ``arch``.
 
@@ -374,7 +407,7 @@ def hypergradient(
             They must be pure functions of their arguments (torch.func transforms them).
         weights, arch: tuples of tensors. Never modified; they are bit-identical afterwards.
         method: one of :data:`METHODS` (see the module docstring).
-        lr: ξ of DARTS's virtual step, and γ of iDARTS (inner SGD step and Neumann scale).
+        lr: ξ of DARTS's virtual step, and the inner SGD step of the implicit methods.
         steps: inner SGD steps ``T`` before the implicit methods (``neumann``, ``cg``, ``exact``).
         terms: Neumann depth ``K`` (sum over k = 0..K) or the number of CG iterations.
         eps: finite-difference step; ``None`` means ``0.01 / ‖v‖`` as in the DARTS code.
@@ -384,15 +417,17 @@ def hypergradient(
             ``"finite_all"``: every product by central difference, each two first-order
             gradients on the sequence kernels (the fastest; O(ε²) error plus float rounding).
             The dense solve of ``exact`` is exact whatever ``hvp`` says.
+        gamma: γ of ``neumann``'s series; ``None`` ties it to ``lr``, as iDARTS does. The
+            series needs γλ < 2 for H's eigenvalues λ (``top_eigenvalue`` estimates the largest).
 
     Returns:
         Detached tensors, one per ``arch`` entry.
 
     Raises:
         ValueError: unknown ``method``/``hvp``, ``steps < 1``, ``terms < 0``, ``lr <= 0``,
-            ``eps <= 0``, or ``weights``/``arch`` not non-empty tuples of tensors.
+            ``eps <= 0``, ``gamma <= 0``, or ``weights``/``arch`` not non-empty tuples of tensors.
     """
-    _validate(weights, arch, method, lr, steps, terms, eps, hvp)
+    _validate(weights, arch, method, lr, steps, terms, eps, hvp, gamma)
     # torch.func needs no requires_grad; detaching (a view, never a write) keeps the caller's
     # autograd graph out of every product and saves its memory.
     weights = tuple(t.detach() for t in weights)
@@ -402,5 +437,8 @@ def hypergradient(
     elif method == "unrolled":
         out = _unrolled(train_loss, val_loss, weights, arch, lr, hvp, eps)
     else:
-        out = _implicit(train_loss, val_loss, weights, arch, method, lr, steps, terms, hvp, eps)
+        gamma = lr if gamma is None else gamma
+        out = _implicit(
+            train_loss, val_loss, weights, arch, method, lr, steps, terms, hvp, eps, gamma
+        )
     return tuple(t.detach() for t in out)
