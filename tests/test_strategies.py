@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from morphnas.ops import recurrent
 from morphnas.spaces.base import SampledMixing
 from morphnas.spaces.fused_darts import FusedDartsSequence
 from morphnas.spaces.fused_two_input import FusedTwoInputSequence
-from morphnas.strategies import Objective
+from morphnas.strategies import Objective, implicit
 from morphnas.tasks.forecasting import ForecastModel
 
 N_SERIES, HIDDEN, WINDOW, BATCH = 2, 4, 5, 8
@@ -219,6 +220,148 @@ def test_idarts_with_every_product_finite_runs_on_the_kernels_only(monkeypatch, 
         torch.testing.assert_close(g, x, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
 
 
+def _inner_solution_by_hand(strategy, objective, train, valid):
+    """At ``w_T`` (explicit SGD steps) for the step's losses (the seed its step will draw):
+    ``w_T``, ``α``, ``∇_w L_val``, ``∇_α L_val`` and torch.func's exact products ``H·v`` and
+    ``∇²_{αw} L_train·v`` (pull-backs of the training gradient), and the training loss."""
+    state = torch.random.get_rng_state()
+    train_loss, val_loss, weights, arch = strategy._bilevel(objective, train, valid)
+    torch.random.set_rng_state(state)  # the strategy's own step draws the same seed again
+    w, a = tuple(t.detach() for t in weights), tuple(t.detach() for t in arch)
+    for _ in range(strategy.steps):
+        step = grad(train_loss)(w, a)
+        w = tuple(x - strategy.weight_lr * g for x, g in zip(w, step, strict=True))
+    _, pull_w = vjp(lambda ws: grad(train_loss)(ws, a), w)
+    _, pull_a = vjp(lambda arch_: grad(train_loss)(w, arch_), a)
+    v0, g_a = grad(val_loss, argnums=(0, 1))(w, a)
+    return {
+        "w_t": w, "arch": a, "v0": v0, "g_a": g_a, "train_loss": train_loss,
+        "hvp": lambda v: pull_w(v)[0], "mixed": lambda v: pull_a(v)[0],
+    }  # fmt: skip
+
+
+def _neumann_terms(hvp, v0, gamma: float, terms: int) -> list:
+    """``p_k = (I − γH)^k v₀`` for k = 0..K, one product at a time."""
+    ps = [v0]
+    for _ in range(terms):
+        ps.append(tuple(x - gamma * h for x, h in zip(ps[-1], hvp(ps[-1]), strict=True)))
+    return ps
+
+
+def _tuple_sum(parts: list) -> tuple:
+    return tuple(sum(xs) for xs in zip(*parts, strict=True))
+
+
+def test_idarts_step_is_the_neumann_hypergradient_with_its_own_gamma():
+    """The α gradient iDARTS applies is ``∇_α L_val − ∇²_{αw} L_train · γ Σ_k p_k`` with the
+    configured γ, apart from the inner steps' ``weight_lr``; brute force by torch.func."""
+    space, _, _, objective, train, valid = _setup(dtype=torch.float64)
+    options = {"steps": 2, "terms": 2, "gamma": 0.3, "weight_lr": 0.05, "power_iters": 0}
+    strategy = strategies.build("idarts", space, **options)
+    at = _inner_solution_by_hand(strategy, objective, train, valid)
+    got = _captured_grads(strategy, objective, train, valid)
+    series = _tuple_sum(_neumann_terms(at["hvp"], at["v0"], 0.3, 2))
+    mixed = at["mixed"](tuple(0.3 * x for x in series))
+    for g, a, m in zip(got, at["g_a"], mixed, strict=True):
+        assert float(m.abs().max()) > 1e-6
+        torch.testing.assert_close(g, a - m, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("space_name", ["two_input", "darts_rnn"])
+def test_idarts_curvature_check_matches_the_dense_hessian(space_name):
+    """Spec 2f's diagnostic: λ_max at ``w_T`` by power iteration equals the dominant eigenvalue
+    of the dense Hessian there, and γλ_max goes to the epoch's metrics with the γ in use."""
+    space, _, _, objective, train, valid = _setup(space_name, dtype=torch.float64)
+    strategy = strategies.build("idarts", space, power_iters=400, gamma=0.01, weight_lr=0.05)
+    at = _inner_solution_by_hand(strategy, objective, train, valid)
+    train_loss, w_t, a = at["train_loss"], at["w_t"], at["arch"]
+    flat = torch.cat([t.reshape(-1) for t in w_t])
+
+    def of_flat(f):
+        parts = torch.split(f, [t.numel() for t in w_t])
+        return train_loss(tuple(p.reshape(t.shape) for p, t in zip(parts, w_t, strict=True)), a)
+
+    eigenvalues = torch.linalg.eigvalsh(torch.func.hessian(of_flat)(flat))
+    top = float(eigenvalues[eigenvalues.abs().argmax()])
+    assert strategy.epoch_metrics() == {}
+    strategy.arch_step(objective, train, valid)
+    metrics = strategy.epoch_metrics()
+    assert metrics["lambda_max"] == pytest.approx(top, rel=1e-4)
+    assert metrics["gamma_lambda_max"] == pytest.approx(0.01 * metrics["lambda_max"], rel=1e-12)
+
+
+def test_idarts_curvature_check_runs_once_an_epoch_and_changes_nothing(monkeypatch):
+    """One check per epoch, kept across a resume in the middle of it; it reads pure losses
+    only, so α after the steps is the same to the bit with the check or without it."""
+    runs = []
+    top_eigenvalue = hypergrad.top_eigenvalue
+    monkeypatch.setattr(
+        implicit, "top_eigenvalue", lambda *args: runs.append(1) or top_eigenvalue(*args)
+    )
+    alphas = {}
+    for iters in (0, 3):
+        space, _, _, objective, train, valid = _setup(seed=4)
+        strategy = strategies.build("idarts", space, power_iters=iters)
+        for epoch in (1, 2):
+            strategy.start_epoch(epoch, 2)
+            for _ in range(2):
+                strategy.arch_step(objective, train, valid)
+            if iters:
+                assert len(runs) == epoch
+                assert set(strategy.epoch_metrics()) == {"lambda_max", "gamma_lambda_max"}
+        alphas[iters] = [a.detach().clone() for a in space.arch_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(alphas[0], alphas[3], strict=True))
+    resumed = strategies.build("idarts", space, power_iters=3)
+    resumed.load_state_dict(strategy.state_dict())
+    resumed.start_epoch(2, 2)
+    resumed.arch_step(objective, train, valid)
+    assert len(runs) == 2
+    assert resumed.epoch_metrics() == strategy.epoch_metrics()
+
+
+def test_idarts_warns_once_when_gamma_times_lambda_max_reaches_one():
+    """The hint names the option to set and a γ that passes the check."""
+    space, _, _, objective, train, valid = _setup()
+    probe = strategies.build("idarts", space, power_iters=20)
+    probe.arch_step(objective, train, valid)
+    top = abs(probe.epoch_metrics()["lambda_max"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        strategies.build("idarts", space, gamma=0.5 / top, power_iters=20).arch_step(
+            objective, train, valid
+        )
+    strategy = strategies.build("idarts", space, gamma=4.0 / top, power_iters=20)
+    with pytest.warns(RuntimeWarning, match=r"search\.strategy_options\.gamma to") as caught:
+        for epoch in (1, 2):
+            strategy.start_epoch(epoch, 2)
+            strategy.arch_step(objective, train, valid)
+    assert len(caught) == 1
+    assert strategy.epoch_metrics()["gamma_lambda_max"] >= 1
+
+
+def test_idarts_residual_noise_moves_the_weights_by_the_official_codes_change():
+    """Spec 2e.1's quirk: the live weights end ``−ε(p₁ + … + p_K)`` away, ``p_k = (I − γH)^k v₀``
+    at ``w_T`` and the stepped α, ``ε = 0.01/‖v₀‖``; brute force by torch.func's exact products."""
+    space, _, weights, objective, train, valid = _setup(dtype=torch.float64)
+    options = {"steps": 1, "terms": 2, "gamma": 0.2, "weight_lr": 0.05, "power_iters": 0}
+    strategy = strategies.build("idarts", space, residual_noise=True, **options)
+    before = [w.detach().clone() for w in weights]
+    state = torch.random.get_rng_state()
+    strategy.arch_step(objective, train, valid)  # α moves first, then the noise is taken
+    torch.random.set_rng_state(state)
+    live = [w.detach().clone() for w in weights]
+    with torch.no_grad():
+        for w, b in zip(weights, before, strict=True):
+            w.copy_(b)
+    at = _inner_solution_by_hand(strategy, objective, train, valid)
+    v0 = at["v0"]
+    total = _tuple_sum(_neumann_terms(at["hvp"], v0, 0.2, 2)[1:])
+    eps = 0.01 / float(torch.sqrt(sum((v * v).sum() for v in v0)))
+    for got, b, step in zip(live, before, total, strict=True):
+        torch.testing.assert_close(got - b, -eps * step, rtol=1e-7, atol=1e-12)
+    assert any(float((g - b).abs().max()) > 1e-6 for g, b in zip(live, before, strict=True))
+
+
 def test_second_order_term_is_not_zero():
     """A silent fall-back to first order (NeroLoh/darts-tensorflow#1) would pass many tests."""
     space, _, _, objective, train, valid = _setup()
@@ -277,6 +420,10 @@ def test_unknown_option_and_bad_value_are_value_errors():
         strategies.build("darts", space, order=3)
     with pytest.raises(ValueError, match="steps"):
         strategies.build("idarts", space, steps=0)
+    with pytest.raises(ValueError, match="gamma"):
+        strategies.build("idarts", space, gamma=0.0)
+    with pytest.raises(ValueError, match="power_iters"):
+        strategies.build("idarts", space, power_iters=-1)
 
 
 # --------------------------------------------------------------------------- Gumbel
@@ -450,6 +597,11 @@ def test_search_runs_every_strategy_end_to_end(tmp_path, synthetic_csv, flags, g
     assert len(result["genotype"]["nodes"]) == 2
     assert result["genotype"]["metadata"]["strategy"] == flags[1]
     assert math.isfinite(result["results"][0]["test_rse"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [row for row in rows if row.get("phase") == "search" and "valid_loss" in row]
+    assert len(epochs) == 2
+    checked = [math.isfinite(row.get("gamma_lambda_max", math.nan)) for row in epochs]
+    assert checked == [flags[1] == "idarts"] * 2  # iDARTS's curvature check, every epoch
 
 
 def test_a_bad_strategy_option_is_one_line_with_exit_code_2(tmp_path, synthetic_csv):

@@ -247,6 +247,7 @@ def search(
                 "arch": [
                     w.detach().reshape(-1, w.shape[-1]).tolist() for w in space.mixing_weights()
                 ],
+                **strategy.epoch_metrics(),
             }
         )
         changed = grower.after_epoch(epoch, run["step"], valid_loss)

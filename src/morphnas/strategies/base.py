@@ -327,6 +327,11 @@ class Strategy(ABC):
         search calls it again for the epoch it continues."""
         self.epoch, self.epochs = epoch, max(1, epochs)
 
+    def epoch_metrics(self) -> dict[str, float]:
+        """Figures the strategy measured this epoch, for the epoch's row of ``metrics.jsonl``
+        (iDARTS: its curvature check); none by default."""
+        return {}
+
     def derive(self) -> Genotype:
         """The discrete architecture the search ends with (DARTS: the space's argmax rule)."""
         return self.space.derive()
