@@ -203,3 +203,20 @@ def test_published_darts_cell_as_a_baseline_and_by_name(tmp_path, synthetic_csv)
     assert trained.returncode == 0, trained.stderr
     genotype = json.loads(trained.stdout)["genotype"]
     assert genotype["space"] == "darts_rnn" and len(genotype["nodes"]) == 8
+
+
+def test_our_warnings_are_one_line_without_source(tmp_path, synthetic_csv):
+    """A morphnas warning (here iDARTS's curvature check, made to fire by a huge γ) reads
+    ``warning: <message>`` on one line, as errors do, with no file path or source line."""
+    run = tmp_path / "run"
+    options = ["--set", "search.strategy_options.gamma=1e6", "--set", "train.baselines=[]"]
+    tiny = ["--epochs", "1", "--retrain-epochs", "1", "--nodes", "2", "--hidden", "4"]
+    done = morphnas(
+        "search", "--csv", str(synthetic_csv), *tiny, "--strategy", "idarts", *options,
+        "--out", str(run), "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "λ_max" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: iDARTS: γ·λ_max(H) = ")
+    assert "search.strategy_options.gamma to" in lines[0]
+    assert "implicit.py" not in done.stderr and "RuntimeWarning" not in done.stderr

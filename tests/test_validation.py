@@ -636,3 +636,30 @@ def test_a_misspelt_config_key_names_the_closest_one(overrides, expected):
     with pytest.raises(UserError) as err:
         config.resolve(overrides=overrides)
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_exponent_notation_is_a_number_in_set_and_in_config_files(tmp_path: Path) -> None:
+    """YAML 1.1 reads ``1e-5`` as text; free-form options (``search.strategy_options``) keep
+    whatever YAML gives, so ``--set`` and config files read it as Python and YAML 1.2 do."""
+    from morphnas import config
+
+    parsed = cli._parse_set(
+        ["search.strategy_options.eps=1e-5", "search.strategy_options.gamma=2E3", "x.y=1e", "z=3"]
+    )
+    assert parsed["search"]["strategy_options"] == {"eps": 1e-5, "gamma": 2000.0}
+    assert parsed["x"]["y"] == "1e" and parsed["z"] == 3
+    file = write(tmp_path / "c.yaml", "search:\n  strategy_options: {eps: 1e-5, steps: 1}\n")
+    options = config.resolve(file=file).search.strategy_options
+    assert options == {"eps": 1e-5, "steps": 1} and isinstance(options["eps"], float)
+
+
+def test_text_for_a_numeric_strategy_option_names_the_option(
+    tmp_path: Path, synthetic_csv: Path
+) -> None:
+    args = ["search", "--csv", str(synthetic_csv), "--strategy", "idarts", "--epochs", "1"]
+    done = CliRunner().invoke(
+        cli.app, [*args, "--set", "search.strategy_options.gamma=abc", "--out", str(tmp_path / "r")]
+    )
+    assert done.exit_code == 2
+    assert "idarts option gamma must be a number, got 'abc'" in done.output
+    assert len(done.output.strip().splitlines()) == 1 and not (tmp_path / "r").exists()

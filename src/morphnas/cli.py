@@ -10,6 +10,7 @@ import errno
 import functools
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -51,6 +52,26 @@ def print_error(message: str) -> None:
     """``error: <message>`` on stderr, on one line, the message printed as is: a cell or column
     name quoted from the user's file may hold rich markup ("[/b]") or emoji codes (":x:")."""
     stderr.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
+
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_python_show_warning = warnings.showwarning
+
+
+def show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """morphnas's own warnings as ``warning: <message>`` on one line of stderr, like its errors
+    (a user has no use for our source line); other libraries' in Python's format."""
+    if Path(filename).resolve().is_relative_to(_PACKAGE_DIR):
+        stderr.print(Text.assemble(("warning:", "yellow"), " ", str(message)), soft_wrap=True)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
 
 
 def _friendly(command: F) -> F:
@@ -132,7 +153,7 @@ def _parse_set(assignments: list[str]) -> dict[str, Any]:
                 f"--set expects KEY=VALUE (e.g. space.options.wiring=input), got {item!r}"
             )
         try:
-            value = yaml.safe_load(raw)
+            value = config_mod.load_yaml(raw)
         except yaml.YAMLError:
             value = raw
         _set_path(nested, key.split("."), value)
@@ -588,6 +609,7 @@ def main() -> int:
     """Console-script entry point: flag errors are one line too, with exit code 2. Applies the
     heap policy first (``MORPHNAS_MALLOC``; ``runtime.keep_freed_memory``) and checks
     ``MORPHNAS_NATIVE`` (``morphnas.native``) before any work."""
+    warnings.showwarning = show_warning
     try:
         if runtime.malloc_policy_requested() == "keep":
             runtime.keep_freed_memory()

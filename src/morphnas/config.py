@@ -8,6 +8,7 @@ one-line message naming the key.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -299,10 +300,28 @@ def _closest_key(loc: tuple[Any, ...]) -> str:
     return f"{hint} (keys here: {', '.join(known)})"
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but ``1e-5`` and ``1e6`` are numbers, as in YAML 1.2 and Python:
+    YAML 1.1 wants a dot (``1.0e-5``) and reads them as strings, which typed fields coerce but
+    free-form ones (``search.strategy_options``, ``space.options``) would keep as text."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """One YAML document (a config file, or the value of ``--set KEY=VALUE``)."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """A YAML mapping from a file, or a one-line ``UserError``."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        data = load_yaml(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any
 
 from morphnas.spaces.base import SearchSpace
@@ -20,29 +21,40 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
-def options_of(name: str) -> list[str]:
-    """The keyword options strategy ``name`` accepts (its own and the shared ones)."""
-    accepted: set[str] = set()
+def _annotations_of(name: str) -> dict[str, str]:
+    """Strategy ``name``'s keyword options (its own and the shared ones) and their annotations."""
+    found: dict[str, str] = {}
     for cls in STRATEGIES[name].__mro__:
         if cls is object or "__init__" not in vars(cls):
             continue
-        params = inspect.signature(vars(cls)["__init__"]).parameters.values()
-        accepted |= {
-            p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "space"
-        }
-    return sorted(accepted)
+        for p in inspect.signature(vars(cls)["__init__"]).parameters.values():
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "space":
+                found.setdefault(p.name, str(p.annotation))
+    return found
+
+
+def options_of(name: str) -> list[str]:
+    """The keyword options strategy ``name`` accepts (its own and the shared ones)."""
+    return sorted(_annotations_of(name))
 
 
 def build(name: str, space: SearchSpace, **options: Any) -> Strategy:
-    """Strategy ``name`` on ``space``; an unknown name or option is a ``ValueError`` that lists
-    what is accepted (the API turns it into a one-line user error)."""
+    """Strategy ``name`` on ``space``; an unknown name or option, or text where an option takes a
+    number, is a ``ValueError`` that says what is accepted (the API turns it into a one-line user
+    error; the strategies' own checks then see numbers only)."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; expected one of {sorted(STRATEGIES)}")
-    unknown = sorted(set(options) - set(options_of(name)))
+    annotations = _annotations_of(name)
+    unknown = sorted(set(options) - set(annotations))
     if unknown:
         raise ValueError(
             f"unknown {name} option(s) {unknown}; accepted: {', '.join(options_of(name))}"
         )
+    for key, value in options.items():
+        kinds = set(re.findall(r"\w+", annotations[key]))
+        numeric = bool(kinds & {"int", "float"}) and "str" not in kinds
+        if numeric and value is not None and not isinstance(value, int | float):
+            raise ValueError(f"{name} option {key} must be a number, got {value!r}")
     return STRATEGIES[name](space, **options)
 
 
