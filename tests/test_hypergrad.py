@@ -228,6 +228,43 @@ def test_neumann_gamma_is_its_own_step_apart_from_the_inner_one(ridge: Ridge) ->
     assert _rel_err(diverged, want) > 1e3
 
 
+@pytest.mark.parametrize(("hvp", "tol"), [("exact", 1e-10), ("finite_all", 1e-6)])
+def test_neumann_diagonal_equals_its_dense_formula(hvp: str, tol: float) -> None:
+    """iDARTS's approx variant, brute force: ``d = H g/‖g‖`` from the dense Hessian at ``w_T``,
+    ``p = γ v ⊙ Σ_k (1 − γd)^k``, and the mixed product from the dense Jacobian of ``∇_w L``."""
+    net = MixedNet()
+    lr, gamma, terms = 0.1, 0.3, 3
+    flat = torch.cat([w.reshape(-1) for w in net.weights])
+    shapes = [w.shape for w in net.weights]
+
+    def split(f: Tensor) -> tuple[Tensor, ...]:
+        sizes = [s.numel() for s in shapes]
+        return tuple(p.reshape(s) for p, s in zip(torch.split(f, sizes), shapes, strict=True))
+
+    def train_of(f: Tensor, alpha: Tensor) -> Tensor:
+        return net.train_loss(split(f), (alpha,))
+
+    alpha = net.arch[0]
+    w_t = flat - lr * torch.func.grad(train_of)(flat, alpha)
+    g = torch.func.grad(train_of)(w_t, alpha)
+    d = hessian(train_of)(w_t, alpha) @ (g / torch.linalg.norm(g))
+    factor = sum((1 - gamma * d) ** k for k in range(terms + 1))
+    v = torch.func.grad(lambda f: net.val_loss(split(f), (alpha,)))(w_t)
+    mixed = torch.func.jacrev(torch.func.grad(train_of), argnums=1)(w_t, alpha)  # (n_w, n_α)
+    g_a = torch.func.grad(lambda a: net.val_loss(split(w_t), (a,)))(alpha)
+    want = (g_a - mixed.T @ (gamma * v * factor),)
+    got = hypergradient(
+        net.train_loss, net.val_loss, net.weights, net.arch, method="neumann_diagonal",
+        lr=lr, terms=terms, gamma=gamma, hvp=hvp, eps=1e-6 if hvp != "exact" else None,
+    )  # fmt: skip
+    assert _rel_err(got, want) < tol
+    full = hypergradient(
+        net.train_loss, net.val_loss, net.weights, net.arch, method="neumann",
+        lr=lr, terms=terms, gamma=gamma,
+    )  # fmt: skip
+    assert _rel_err(full, want) > 1e-3  # a different approximation, not the same one twice
+
+
 def _dense_eigenvalues(loss, weights: tuple[Tensor, ...], arch: tuple[Tensor, ...]) -> Tensor:
     """The eigenvalues of ``∇²_{ww} loss`` from the dense Hessian over the flattened weights."""
     flat = torch.cat([w.reshape(-1) for w in weights])

@@ -267,6 +267,26 @@ def test_idarts_step_is_the_neumann_hypergradient_with_its_own_gamma():
         torch.testing.assert_close(g, a - m, rtol=1e-9, atol=1e-12)
 
 
+def test_idarts_diagonal_hessian_is_the_official_approx_variant():
+    """``hessian="diagonal"`` (architect_approx.py): ``d = H·g/‖g‖`` with ``g = ∇_w L_train`` at
+    ``w_T``, the direction ``γ v₀ ⊙ Σ_k (1 − γd)^k``; brute force by torch.func's products."""
+    space, _, _, objective, train, valid = _setup(dtype=torch.float64)
+    options = {"steps": 2, "terms": 2, "gamma": 0.3, "weight_lr": 0.05, "power_iters": 0}
+    strategy = strategies.build("idarts", space, hessian="diagonal", **options)
+    at = _inner_solution_by_hand(strategy, objective, train, valid)
+    g = grad(at["train_loss"])(at["w_t"], at["arch"])  # before the step moves α (``at["arch"]``)
+    norm = float(torch.sqrt(sum((x * x).sum() for x in g)))
+    diag = at["hvp"](tuple(x / norm for x in g))
+    direction = tuple(
+        0.3 * v * sum((1 - 0.3 * d) ** k for k in range(3))
+        for v, d in zip(at["v0"], diag, strict=True)
+    )
+    got = _captured_grads(strategy, objective, train, valid)
+    for got_i, a, m in zip(got, at["g_a"], at["mixed"](direction), strict=True):
+        assert float(m.abs().max()) > 1e-6
+        torch.testing.assert_close(got_i, a - m, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("space_name", ["two_input", "darts_rnn"])
 def test_idarts_curvature_check_matches_the_dense_hessian(space_name):
     """Spec 2f's diagnostic: λ_max at ``w_T`` by power iteration equals the dominant eigenvalue
@@ -424,6 +444,10 @@ def test_unknown_option_and_bad_value_are_value_errors():
         strategies.build("idarts", space, gamma=0.0)
     with pytest.raises(ValueError, match="power_iters"):
         strategies.build("idarts", space, power_iters=-1)
+    with pytest.raises(ValueError, match="hessian must be one of"):
+        strategies.build("idarts", space, hessian="approx")
+    with pytest.raises(ValueError, match="residual_noise"):
+        strategies.build("idarts", space, hessian="diagonal", residual_noise=True)
 
 
 # --------------------------------------------------------------------------- Gumbel
@@ -579,6 +603,7 @@ TINY = [
         ["--strategy", "darts", "--order", "2"],
         ["--strategy", "idarts", "--set", "search.strategy_options.steps=1"],
         ["--strategy", "idarts", "--set", "search.strategy_options.hvp=finite_all"],
+        ["--strategy", "idarts", "--set", "search.strategy_options.hessian=diagonal"],
         ["--strategy", "snas", "--penalty", "params"],
         ["--strategy", "gdas"],
         ["--strategy", "dnal"],

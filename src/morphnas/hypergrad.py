@@ -12,6 +12,9 @@ Every method in spec/methods.md needs the same few derivative products, so they 
   ``w_T`` (after ``T`` inner SGD steps) with ``H⁻¹ ≈ γ Σ_{k=0}^{K} (I − γH)^k``, γ = ``lr``
   unless ``gamma`` is given; ``top_eigenvalue`` checks γλ_max < 1 by power iteration.
   ``T = 1, K = 0`` is *almost* DARTS second order (the mixed term is taken at ``w_T``, not ``w``).
+* ``neumann_diagonal`` — iDARTS's cheaper variant (the official ``architect_approx.py``): the
+  series taken elementwise with the diagonal estimate ``d = H·g/‖g‖``, ``g = ∇_w L_train(w_T)``,
+  ``H⁻¹ v ≈ γ v ⊙ Σ_{k=0}^{K} (1 − γd)^k``: one Hessian–vector product instead of ``K``.
 * ``cg``           — the same implicit gradient, ``H⁻¹ v`` by ``K`` conjugate-gradient iterations.
 * ``exact``        — the same implicit gradient with a dense Hessian and a direct solve (tests and
   toy problems only: it costs O(n²) memory in the number of weights).
@@ -44,7 +47,7 @@ __all__ = ["HVP_MODES", "METHODS", "check_hvp_options", "hypergradient", "top_ei
 Tensors = tuple[Tensor, ...]
 Loss = Callable[[Tensors, Tensors], Tensor]
 
-METHODS = ("first_order", "unrolled", "neumann", "cg", "exact")
+METHODS = ("first_order", "unrolled", "neumann", "neumann_diagonal", "cg", "exact")
 HVP_MODES = ("exact", "finite", "finite_all")
 
 _FD_SCALE = 0.01  # DARTS cnn/architect.py: eps = 0.01 / ||v||
@@ -255,6 +258,27 @@ def _neumann(curvature: Curvature, v: Tensors, gamma: float, terms: int) -> Tens
     return tuple(gamma * a for a in acc)
 
 
+def _neumann_diagonal(
+    curvature: Curvature, train_grad: Tensors, v: Tensors, gamma: float, terms: int
+) -> Tensors:
+    """``γ v ⊙ Σ_{k=0}^{K} (1 − γd)^k`` with ``d = H·g/‖g‖`` for ``g`` = ``train_grad``: the
+    official iDARTS ``architect_approx.py``'s surrogate, ``d`` being ``∂‖∇_w L_train‖/∂w``
+    (spec 2a). ``d`` is zero where the training gradient is (nothing to scale by)."""
+    norm = float(_norm(train_grad))
+    if norm == 0.0:
+        diag = tuple(torch.zeros_like(t) for t in v)
+    else:
+        diag = curvature.hvp(tuple(g / norm for g in train_grad))
+    out = []
+    for vi, di in zip(v, diag, strict=True):
+        term = acc = torch.ones_like(di)
+        for _ in range(terms):
+            term = term * (1 - gamma * di)
+            acc = acc + term
+        out.append(gamma * vi * acc)
+    return tuple(out)
+
+
 def top_eigenvalue(curvature: Curvature, start: Tensors, iters: int) -> float:
     """The eigenvalue of ``H = ∇²_{ww} loss`` largest in magnitude, by ``iters`` steps of power
     iteration from ``start``: the Rayleigh quotient ``⟨v, Hv⟩`` of the last unit iterate.
@@ -349,6 +373,8 @@ def _implicit(
     curvature = Curvature(train_loss, w_t, arch, hvp, eps)  # every product below is at (w_T, α)
     if method == "neumann":
         p = _neumann(curvature, g_w, gamma, terms)
+    elif method == "neumann_diagonal":
+        p = _neumann_diagonal(curvature, _grad_w(train_loss, w_t, arch), g_w, gamma, terms)
     elif method == "cg":
         p = _cg(curvature, g_w, terms)
     else:
@@ -408,8 +434,10 @@ def hypergradient(
         weights, arch: tuples of tensors. Never modified; they are bit-identical afterwards.
         method: one of :data:`METHODS` (see the module docstring).
         lr: ξ of DARTS's virtual step, and the inner SGD step of the implicit methods.
-        steps: inner SGD steps ``T`` before the implicit methods (``neumann``, ``cg``, ``exact``).
-        terms: Neumann depth ``K`` (sum over k = 0..K) or the number of CG iterations.
+        steps: inner SGD steps ``T`` before the implicit methods (all but ``first_order`` and
+            ``unrolled``).
+        terms: Neumann depth ``K`` (sum over k = 0..K, both ``neumann`` methods) or the number
+            of CG iterations.
         eps: finite-difference step; ``None`` means ``0.01 / ‖v‖`` as in the DARTS code.
         hvp: how the second-order products are taken. ``"exact"``: all by double backward.
             ``"finite"``: the mixed ``∇²_{α,w}`` product by DARTS's central difference, the
@@ -417,8 +445,9 @@ def hypergradient(
             ``"finite_all"``: every product by central difference, each two first-order
             gradients on the sequence kernels (the fastest; O(ε²) error plus float rounding).
             The dense solve of ``exact`` is exact whatever ``hvp`` says.
-        gamma: γ of ``neumann``'s series; ``None`` ties it to ``lr``, as iDARTS does. The
-            series needs γλ < 2 for H's eigenvalues λ (``top_eigenvalue`` estimates the largest).
+        gamma: γ of the ``neumann`` methods' series; ``None`` ties it to ``lr``, as iDARTS does.
+            The series needs γλ < 2 for H's eigenvalues λ (``top_eigenvalue`` estimates the
+            largest).
 
     Returns:
         Detached tensors, one per ``arch`` entry.

@@ -21,6 +21,10 @@ in the thousands, and γ = 3e-3 makes the series diverge. So at the first archit
 every epoch ``power_iters`` steps of power iteration estimate λ_max at ``w_T`` (spec 2f's
 diagnostic); γλ_max goes to the epoch's metrics row, and a run warns once when it reaches 1.
 
+``hessian="diagonal"`` is the official code's cheaper variant (``architect_approx.py``, spec 2a):
+the series taken elementwise with one Hessian–vector product as a diagonal estimate of H
+(``hypergrad`` method ``neumann_diagonal``); ``"full"`` (the default) is ``architect_hess.py``'s.
+
 ``residual_noise=True`` reproduces the official code's inexact restore (spec 2e.1): after the
 step the live weights move by ``−ε (s − v₀)`` with ``s = Σ_k (I − γH)^k v₀``, ``ε = 0.01/‖v₀‖``.
 Never the default.
@@ -47,6 +51,9 @@ from morphnas.spaces.base import SearchSpace
 from morphnas.strategies.base import BatchLoss, Objective, Strategy
 from morphnas.strategies.darts import require_objective
 
+HESSIANS = ("full", "diagonal")
+_METHOD_OF = {"full": "neumann", "diagonal": "neumann_diagonal"}
+
 
 class IDarts(Strategy):
     """iDARTS with ``steps`` (T) inner steps and ``terms`` (K) Neumann terms of step ``gamma``.
@@ -68,6 +75,7 @@ class IDarts(Strategy):
         hvp: str = "exact",
         eps: float | None = None,
         gamma: float | None = None,
+        hessian: str = "full",
         power_iters: int = 10,
         residual_noise: bool = False,
         **common: Any,
@@ -81,9 +89,15 @@ class IDarts(Strategy):
             raise ValueError(f"gamma must be > 0 or None (tied to the weight lr), got {gamma!r}")
         if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 0:
             raise ValueError(f"power_iters must be an integer >= 0 (0: off), got {power_iters!r}")
+        if hessian not in HESSIANS:
+            raise ValueError(f"hessian must be one of {HESSIANS}, got {hessian!r}")
+        if residual_noise and hessian != "full":
+            raise ValueError(
+                "residual_noise reproduces architect_hess.py's restore; use it with hessian='full'"
+            )
         check_hvp_options(hvp, eps)
         self.steps, self.terms, self.hvp, self.eps = steps, terms, hvp, eps
-        self.gamma, self.power_iters = gamma, power_iters
+        self.gamma, self.hessian, self.power_iters = gamma, hessian, power_iters
         self.residual_noise = residual_noise
         self.curvature: dict[str, float] = {}  # the last check's figures
         self._checked_epoch = 0  # the epoch whose check has run
@@ -106,7 +120,7 @@ class IDarts(Strategy):
             val_loss,
             weights,
             arch,
-            method="neumann",
+            method=_METHOD_OF[self.hessian],
             lr=self.weight_lr,
             steps=self.steps,
             terms=self.terms,
