@@ -116,11 +116,23 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, modu
     assert_same(outcome(out), reference)
 
 
-@pytest.mark.parametrize("strategy", ["gdas", "msdarts"])
-def test_sampling_strategies_resume_exactly(tmp_path, module_csv, strategy):
-    """Gumbel samples and mean-shift perturbations draw from the saved random states."""
+@pytest.mark.parametrize(
+    ("strategy", "options"),
+    [
+        ("gdas", []),
+        ("msdarts", []),
+        (  # its curvature check in the epoch rows; an architecture step every third batch
+            "idarts",
+            ["--set", "search.strategy_options.hvp=finite_all", "--set", "search.weight_steps=3"],
+        ),
+    ],
+    ids=["gdas", "msdarts", "idarts"],
+)
+def test_strategies_with_state_of_their_own_resume_exactly(tmp_path, module_csv, strategy, options):
+    """Gumbel samples and mean-shift perturbations draw from the saved random states; iDARTS's
+    epoch check and the weight steps between architecture steps follow the saved position."""
     args = [str(module_csv) if a == "" else a for a in RUN]
-    extra = ["--strategy", strategy, "--retrain-epochs", "1"]
+    extra = ["--strategy", strategy, "--retrain-epochs", "1", *options]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert morphnas(*args, *extra, "--out", str(whole)).returncode == 0
     assert morphnas(*args, *extra, "--out", str(cut), crash="step:8").returncode == -9

@@ -655,3 +655,35 @@ def test_a_sampled_darts_cell_is_scored_with_its_own_batch_statistics():
     mixed_after, _ = space(x)
     assert torch.equal(before, after) and torch.isfinite(after).all()
     assert not torch.allclose(mixed_before, mixed_after)
+
+
+@pytest.mark.parametrize("weight_steps", [1, 3])
+def test_weight_steps_per_architecture_step(tmp_path, weight_steps, monkeypatch):
+    """``search.weight_steps`` n: the architecture steps on batches 0, n, 2n, … of each epoch,
+    every batch still takes its weight step (spec 2f's "weight steps per α step")."""
+    from morphnas.config import SearchConfig
+    from morphnas.data import make_windows, synthetic_series
+    from morphnas.engine.search import search as run_search
+    from morphnas.report import MetricsLog
+    from morphnas.tasks.forecasting import ForecastTask
+
+    torch.manual_seed(0)
+    data = make_windows(synthetic_series(n_steps=200, n_series=N_SERIES, seed=0), WINDOW, 1)
+    space = spaces.build("two_input", N_SERIES, HIDDEN, 2)
+    model = ForecastModel(space, HIDDEN, N_SERIES)
+    strategy = strategies.build("darts", space)
+    arch_calls, weight_calls = [], []
+    step = strategy.arch_step
+    monkeypatch.setattr(strategy, "arch_step", lambda *a: arch_calls.append(1) or step(*a))
+    mixing = strategy.weight_mixing
+    monkeypatch.setattr(strategy, "weight_mixing", lambda: weight_calls.append(1) or mixing())
+    config = SearchConfig(epochs=2, batch_size=16, weight_steps=weight_steps)
+    task = ForecastTask(data.train, data.valid, 16)
+    run_search(
+        model, strategy, task, config, seed=0, log=MetricsLog(tmp_path / "metrics.jsonl"),
+        checkpoint_dir=tmp_path / "checkpoints",
+    )  # fmt: skip
+    batches = -(-len(data.train[0]) // 16)
+    assert batches % weight_steps != 0 or weight_steps == 1  # a short last group is covered
+    assert len(weight_calls) == 2 * batches
+    assert len(arch_calls) == 2 * -(-batches // weight_steps)

@@ -102,6 +102,12 @@ class SearchConfig(_Strict):
     arch_lr: float = Field(3e-3, gt=0)
     arch_weight_decay: float = Field(1e-3, ge=0)
     clip: float = Field(10.0, gt=0)
+    weight_steps: int = Field(
+        1,
+        ge=1,
+        description="weight steps per architecture step: the architecture steps on every "
+        "n-th training batch (spec 2f; the official iDARTS code takes T)",
+    )
     stream: int = Field(
         1, ge=1, description="feed the training span in this many chronological chunks (online)"
     )

@@ -90,7 +90,8 @@ def search(
 
     Each iteration first lets the strategy update the architecture on a validation batch, then
     takes one weight step on a training batch under the strategy's (detached) mixing weights, as
-    the DARTS code does. After every epoch: the full validation loss, the mixing probabilities in
+    the DARTS code does; with ``config.weight_steps`` n > 1 the architecture steps on every n-th
+    batch of an epoch only (the first, the (n+1)-th, …), so n weight steps follow each. After every epoch: the full validation loss, the mixing probabilities in
     ``metrics.jsonl``, a checkpoint (``last``, and ``best`` by validation loss) and, with growth
     on, the growth trigger; every growth or prune event goes to ``history.json``.
 
@@ -205,7 +206,7 @@ def search(
         progress.advance(first)
         for k in range(first, len(epoch_batches)):
             batch = epoch_batches[k]
-            if space.arch_parameters():
+            if space.arch_parameters() and k % config.weight_steps == 0:
                 strategy.arch_step(objective, batch, next(valid_stream))
             optimizer.zero_grad(set_to_none=True)
             loss = batch_loss(batch, strategy.weight_mixing())
