@@ -91,9 +91,11 @@ def search(
     Each iteration first lets the strategy update the architecture on a validation batch, then
     takes one weight step on a training batch under the strategy's (detached) mixing weights, as
     the DARTS code does; with ``config.weight_steps`` n > 1 the architecture steps on every n-th
-    batch of an epoch only (the first, the (n+1)-th, …), so n weight steps follow each. After every epoch: the full validation loss, the mixing probabilities in
-    ``metrics.jsonl``, a checkpoint (``last``, and ``best`` by validation loss) and, with growth
-    on, the growth trigger; every growth or prune event goes to ``history.json``.
+    batch of an epoch only (the first, the (n+1)-th, …), so n weight steps follow each. After
+    every epoch: the full validation loss, the mixing probabilities (and what the strategy
+    measured, ``epoch_metrics``) in ``metrics.jsonl``, a checkpoint (``last``, and ``best`` by
+    validation loss) and, with growth on, the growth trigger; every growth or prune event goes
+    to ``history.json``.
 
     ``resume``: a checkpoint of this search (``search_last.pt``); the model must have been built
     at the checkpoint's width. ``stop``: when raised (SIGINT/SIGTERM), the loop saves a
