@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call, grad, vjp
 from typer.testing import CliRunner
 
-from morphnas import hypergrad, spaces, strategies
+from morphnas import config, hypergrad, spaces, strategies
 from morphnas.cli import app
 from morphnas.genotype import DARTS_PRIMITIVES, TWO_INPUT_OPS
 from morphnas.ops import recurrent
@@ -677,13 +677,59 @@ def test_weight_steps_per_architecture_step(tmp_path, weight_steps, monkeypatch)
     monkeypatch.setattr(strategy, "arch_step", lambda *a: arch_calls.append(1) or step(*a))
     mixing = strategy.weight_mixing
     monkeypatch.setattr(strategy, "weight_mixing", lambda: weight_calls.append(1) or mixing())
-    config = SearchConfig(epochs=2, batch_size=16, weight_steps=weight_steps)
+    search_config = SearchConfig(epochs=2, batch_size=16, weight_steps=weight_steps)
     task = ForecastTask(data.train, data.valid, 16)
     run_search(
-        model, strategy, task, config, seed=0, log=MetricsLog(tmp_path / "metrics.jsonl"),
+        model, strategy, task, search_config, seed=0, log=MetricsLog(tmp_path / "metrics.jsonl"),
         checkpoint_dir=tmp_path / "checkpoints",
     )  # fmt: skip
     batches = -(-len(data.train[0]) // 16)
     assert batches % weight_steps != 0 or weight_steps == 1  # a short last group is covered
     assert len(weight_calls) == 2 * batches
     assert len(arch_calls) == 2 * -(-batches // weight_steps)
+
+
+def test_compare_variants_carry_their_own_strategy_options(tmp_path, synthetic_csv):
+    """``--strategy darts,idarts:gamma=1e-3:power_iters=2``: each variant's run uses its own
+    options (``1e-3`` a number, as ``--set`` reads it), and options darts does not take do not
+    reach it."""
+    out = tmp_path / "cmp"
+    args = ["compare", "--csv", str(synthetic_csv), *TINY, "--seeds", "1", "--out", str(out)]
+    variants = "darts,idarts:gamma=1e-3:power_iters=2"
+    done = CliRunner().invoke(app, [*args, "--strategy", variants, "--json"])
+    assert done.exit_code == 0, done.output
+    runs = json.loads(done.stdout)["runs"]
+    assert [r["variant"] for r in runs] == ["darts", "idarts:gamma=1e-3:power_iters=2"]
+    idarts = out / "idarts:gamma=1e-3:power_iters=2-seed0"
+    saved = config.resolve(idarts / "config.yaml").search
+    assert saved.strategy == "idarts" and saved.strategy_options == {
+        "gamma": 1e-3,
+        "power_iters": 2,
+    }
+    rows = [json.loads(line) for line in (idarts / "metrics.jsonl").read_text().splitlines()]
+    checked = [r for r in rows if "gamma_lambda_max" in r]
+    assert len(checked) == 2
+    for row in checked:
+        assert row["gamma_lambda_max"] == pytest.approx(1e-3 * row["lambda_max"], rel=1e-12)
+    assert config.resolve(out / "darts-seed0" / "config.yaml").search.strategy_options == {}
+
+
+@pytest.mark.parametrize(
+    ("variants", "fragment"),
+    [
+        ("darts,idarts:gamma=-1", "compare variant 'idarts:gamma=-1': search.strategy_options: "
+         "gamma must be > 0"),
+        ("idarts:gamma", "a variant's options go as NAME:KEY=VALUE"),
+        ("darts:gamma=1", "unknown darts option(s) ['gamma']"),
+        ("darts,darts", "lists a variant twice"),
+    ],
+)  # fmt: skip
+def test_a_bad_compare_variant_is_one_line_before_any_run(
+    tmp_path, synthetic_csv, variants, fragment
+):
+    out = tmp_path / "cmp"
+    args = ["compare", "--csv", str(synthetic_csv), *TINY, "--seeds", "1", "--out", str(out)]
+    done = CliRunner().invoke(app, [*args, "--strategy", variants])
+    assert done.exit_code == 2
+    assert fragment in done.output and len(done.output.strip().splitlines()) == 1, done.output
+    assert not out.exists()

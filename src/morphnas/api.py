@@ -317,7 +317,9 @@ def compare(
     """Run one search (and retraining of its cell) per variant and seed on the same data and
     budget; report every run and, per variant, the mean and standard deviation over seeds.
 
-    ``variants`` are ``(name, config overrides)`` pairs, e.g. one per growth mode. The runs go to
+    ``variants`` are ``(name, config overrides)`` pairs, e.g. one per growth mode, or per strategy
+    with its own ``search.strategy_options``; every variant's strategy is built once on a tiny
+    space first, so a bad option is an error before any run. The runs go to
     ``<out>/<variant>-seed<k>``; the table to ``<out>/compare.json``. ``jobs`` > 1 runs that many
     searches at once in separate processes, each on its share of the cores unless ``threads``
     is set; each run seeds itself, so it gives what ``jobs=1`` gives at the same thread count.
@@ -326,6 +328,12 @@ def compare(
     aside) is kept if finished and resumed if stopped, so a compare can be continued, or extended
     with seeds or variants, without redoing work.
     """
+    for name, overrides in variants:  # a bad strategy option: an error before any run or file
+        variant = config_mod.resolve(base=config, overrides=overrides)
+        try:
+            _strategy(variant, spaces.build(variant.space.name, 1, 2, 1))
+        except UserError as err:
+            raise UserError(f"compare variant {name!r}: {err}") from None
     base_dir = _claim_run_dir(config, "compare", force or (reuse and config.out is not None))
     _start_run(base_dir, config)
     share = {} if config.threads or jobs == 1 else {"threads": max(1, cpu_cores() // jobs)}

@@ -143,6 +143,14 @@ class BarProgress:
             self._bar = None
 
 
+def _value(raw: str) -> Any:
+    """A value typed on the command line, read as YAML (numbers, lists), else as text."""
+    try:
+        return config_mod.load_yaml(raw)
+    except yaml.YAMLError:
+        return raw
+
+
 def _parse_set(assignments: list[str]) -> dict[str, Any]:
     """``--set a.b.c=VALUE`` pairs into a nested dict; values are read as YAML (numbers, lists)."""
     nested: dict[str, Any] = {}
@@ -152,11 +160,7 @@ def _parse_set(assignments: list[str]) -> dict[str, Any]:
             raise UserError(
                 f"--set expects KEY=VALUE (e.g. space.options.wiring=input), got {item!r}"
             )
-        try:
-            value = config_mod.load_yaml(raw)
-        except yaml.YAMLError:
-            value = raw
-        _set_path(nested, key.split("."), value)
+        _set_path(nested, key.split("."), _value(raw))
     return nested
 
 
@@ -317,17 +321,35 @@ PenaltyWeightOpt = Annotated[
 
 
 def _strategy_variants(names: str) -> list[tuple[str, dict[str, Any]]]:
-    """``--strategy darts,darts2,...`` as compare variants; ``darts2`` is DARTS order 2."""
+    """``--strategy darts,darts2,idarts:gamma=3e-4:hvp=finite_all`` as compare variants, named
+    as typed: ``darts2`` is DARTS order 2, and ``:KEY=VALUE`` pairs are that variant's own
+    strategy options (values read as ``--set``'s), so one compare can hold several settings of
+    one strategy, and options no other strategy accepts."""
     variants = []
-    for name in (n.strip() for n in names.split(",") if n.strip()):
+    for item in (n.strip() for n in names.split(",") if n.strip()):
+        name, *pairs = item.split(":")
         base, order = ("darts", 2) if name == "darts2" else (name, 1)
         if base not in config_mod.STRATEGY_NAMES:
             raise UserError(
                 f"--strategy takes {', '.join(config_mod.STRATEGY_NAMES)} or darts2; got {name!r}"
             )
-        variants.append((name, {"search": {"strategy": base, "order": order}}))
+        options = {}
+        for pair in pairs:
+            key, sep, raw = pair.partition("=")
+            if not sep or not key.strip():
+                raise UserError(
+                    f"--strategy {item!r}: a variant's options go as NAME:KEY=VALUE "
+                    f"(e.g. idarts:gamma=3e-4:hvp=finite_all), got {pair!r}"
+                )
+            options[key.strip()] = _value(raw)
+        search: dict[str, Any] = {"strategy": base, "order": order}
+        if options:
+            search["strategy_options"] = options
+        variants.append((item, {"search": search}))
     if not variants:
         raise UserError("--strategy needs at least one strategy name")
+    if len({name for name, _ in variants}) < len(variants):
+        raise UserError(f"--strategy lists a variant twice: {names!r}")
     return variants
 
 
@@ -453,7 +475,10 @@ def compare(
     ] = None,
     strategy: Annotated[
         str | None,
-        typer.Option(help="comma-separated strategies, e.g. darts,darts2,idarts,gdas,random"),
+        typer.Option(
+            help="comma-separated strategies, e.g. darts,darts2,idarts,gdas,random; a variant's "
+            "own options as NAME:KEY=VALUE, e.g. idarts:gamma=3e-4:hvp=finite_all"
+        ),
     ] = None,
     seeds: Annotated[int, typer.Option(help="seeds per variant (0, 1, ...)", min=1)] = 3,
     jobs: Annotated[
