@@ -205,18 +205,28 @@ def test_published_darts_cell_as_a_baseline_and_by_name(tmp_path, synthetic_csv)
     assert genotype["space"] == "darts_rnn" and len(genotype["nodes"]) == 8
 
 
-def test_our_warnings_are_one_line_without_source(tmp_path, synthetic_csv):
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["search", "--strategy", "idarts", "--set", "search.strategy_options.gamma=1e6"],
+        ["compare", "--strategy", "idarts:gamma=1e6", "--seeds", "2", "--jobs", "2"],
+    ],
+    ids=["search", "compare-in-processes"],
+)
+def test_our_warnings_are_one_line_without_source(tmp_path, synthetic_csv, command):
     """A morphnas warning (here iDARTS's curvature check, made to fire by a huge γ) reads
-    ``warning: <message>`` on one line, as errors do, with no file path or source line."""
+    ``warning: <message>`` on one line, as errors do, with no file path or source line; in
+    compare's spawned workers too."""
     run = tmp_path / "run"
-    options = ["--set", "search.strategy_options.gamma=1e6", "--set", "train.baselines=[]"]
     tiny = ["--epochs", "1", "--retrain-epochs", "1", "--nodes", "2", "--hidden", "4"]
     done = morphnas(
-        "search", "--csv", str(synthetic_csv), *tiny, "--strategy", "idarts", *options,
+        *command, "--csv", str(synthetic_csv), *tiny, "--set", "train.baselines=[]",
         "--out", str(run), "--json",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if "λ_max" in line]
-    assert len(lines) == 1 and lines[0].startswith("warning: iDARTS: γ·λ_max(H) = ")
-    assert "search.strategy_options.gamma to" in lines[0]
+    assert len(lines) == (2 if command[0] == "compare" else 1), done.stderr
+    for line in lines:
+        assert line.startswith("warning: iDARTS: γ·λ_max(H) = ")
+        assert "search.strategy_options.gamma to" in line
     assert "implicit.py" not in done.stderr and "RuntimeWarning" not in done.stderr

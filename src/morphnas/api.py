@@ -12,7 +12,8 @@ import json
 import multiprocessing
 import os
 import time
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -376,13 +377,23 @@ def _compare_run(
     return {**result.extra, **searched}
 
 
+def _worker_setup(keep_memory: bool, show_warning: Callable[..., None]) -> None:
+    """A compare worker set up as its parent is: the heap policy, and warnings shown its way (the
+    CLI's one line), which a spawned process would otherwise reset."""
+    if keep_memory:
+        keep_freed_memory()
+    warnings.showwarning = show_warning
+
+
 def _in_processes(
     runs: list[tuple[RunConfig, bool]], force: bool, jobs: int, progress: Progress | None
 ) -> list[dict[str, Any]]:
     """The runs ``jobs`` at a time in fresh (spawned) processes, in the given order."""
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools
-    keep = keep_freed_memory if malloc_policy() == "keep" else None  # the CLI's heap policy
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=keep) as pool:
+    setup = (malloc_policy() == "keep", warnings.showwarning)  # the CLI's heap policy, warnings
+    with ProcessPoolExecutor(
+        max_workers=jobs, mp_context=context, initializer=_worker_setup, initargs=setup
+    ) as pool:
         futures = [pool.submit(_compare_run, cfg, force, resume, None) for cfg, resume in runs]
         if progress is not None:
             progress.start(f"compare: {len(runs)} runs, {jobs} at a time", len(runs))
