@@ -15,7 +15,15 @@ import torch
 from torch import Tensor
 from torch.func import hessian
 
-from morphnas.hypergrad import HVP_MODES, METHODS, Curvature, hypergradient, top_eigenvalue
+from morphnas.hypergrad import (
+    HVP_MODES,
+    METHODS,
+    Curvature,
+    _flatten,
+    _unflatten,
+    hypergradient,
+    top_eigenvalue,
+)
 
 DTYPE = torch.float64
 
@@ -234,12 +242,10 @@ def test_neumann_diagonal_equals_its_dense_formula(hvp: str, tol: float) -> None
     ``p = γ v ⊙ Σ_k (1 − γd)^k``, and the mixed product from the dense Jacobian of ``∇_w L``."""
     net = MixedNet()
     lr, gamma, terms = 0.1, 0.3, 3
-    flat = torch.cat([w.reshape(-1) for w in net.weights])
-    shapes = [w.shape for w in net.weights]
+    flat = _flatten(net.weights)
 
     def split(f: Tensor) -> tuple[Tensor, ...]:
-        sizes = [s.numel() for s in shapes]
-        return tuple(p.reshape(s) for p, s in zip(torch.split(f, sizes), shapes, strict=True))
+        return _unflatten(f, net.weights)
 
     def train_of(f: Tensor, alpha: Tensor) -> Tensor:
         return net.train_loss(split(f), (alpha,))
@@ -267,16 +273,8 @@ def test_neumann_diagonal_equals_its_dense_formula(hvp: str, tol: float) -> None
 
 def _dense_eigenvalues(loss, weights: tuple[Tensor, ...], arch: tuple[Tensor, ...]) -> Tensor:
     """The eigenvalues of ``∇²_{ww} loss`` from the dense Hessian over the flattened weights."""
-    flat = torch.cat([w.reshape(-1) for w in weights])
-
-    def of_flat(f: Tensor) -> Tensor:
-        parts, start = [], 0
-        for w in weights:
-            parts.append(f[start : start + w.numel()].reshape(w.shape))
-            start += w.numel()
-        return loss(tuple(parts), arch)
-
-    return torch.linalg.eigvalsh(hessian(of_flat)(flat))
+    dense = hessian(lambda f: loss(_unflatten(f, weights), arch))(_flatten(weights))
+    return torch.linalg.eigvalsh(dense)
 
 
 @pytest.mark.parametrize("hvp", ["exact", "finite_all"])

@@ -295,13 +295,10 @@ def test_idarts_curvature_check_matches_the_dense_hessian(space_name):
     strategy = strategies.build("idarts", space, power_iters=400, gamma=0.01, weight_lr=0.05)
     at = _inner_solution_by_hand(strategy, objective, train, valid)
     train_loss, w_t, a = at["train_loss"], at["w_t"], at["arch"]
-    flat = torch.cat([t.reshape(-1) for t in w_t])
-
-    def of_flat(f):
-        parts = torch.split(f, [t.numel() for t in w_t])
-        return train_loss(tuple(p.reshape(t.shape) for p, t in zip(parts, w_t, strict=True)), a)
-
-    eigenvalues = torch.linalg.eigvalsh(torch.func.hessian(of_flat)(flat))
+    dense = torch.func.hessian(lambda f: train_loss(hypergrad._unflatten(f, w_t), a))(
+        hypergrad._flatten(w_t)
+    )
+    eigenvalues = torch.linalg.eigvalsh(dense)
     top = float(eigenvalues[eigenvalues.abs().argmax()])
     assert strategy.epoch_metrics() == {}
     strategy.arch_step(objective, train, valid)

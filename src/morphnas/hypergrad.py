@@ -42,7 +42,14 @@ from torch.func import grad, hessian, vjp
 
 from morphnas.spaces.fused_ops import eager_kernels, transforms_active
 
-__all__ = ["HVP_MODES", "METHODS", "check_hvp_options", "hypergradient", "top_eigenvalue"]
+__all__ = [
+    "HVP_MODES",
+    "METHODS",
+    "check_gamma",
+    "check_hvp_options",
+    "hypergradient",
+    "top_eigenvalue",
+]
 
 Tensors = tuple[Tensor, ...]
 Loss = Callable[[Tensors, Tensors], Tensor]
@@ -60,6 +67,13 @@ def check_hvp_options(hvp: str, eps: float | None) -> None:
         raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
     if eps is not None and not eps > 0:
         raise ValueError(f"eps must be > 0 or None, got {eps!r}")
+
+
+def check_gamma(gamma: float | None) -> None:
+    """Raise ``ValueError`` for a Neumann step γ that is not a positive number or ``None`` (which
+    ties γ to the learning rate); iDARTS calls it when built, ``hypergradient`` when called."""
+    if gamma is not None and not gamma > 0:  # also rejects NaN
+        raise ValueError(f"gamma must be > 0 or None (tied to the learning rate), got {gamma!r}")
 
 
 # --------------------------------------------------------------------------- tuple arithmetic
@@ -403,8 +417,7 @@ def _validate(
         raise ValueError(f"terms must be an integer >= 0, got {terms!r}")
     if not lr > 0:  # also rejects NaN
         raise ValueError(f"lr must be > 0, got {lr!r}")
-    if gamma is not None and not gamma > 0:
-        raise ValueError(f"gamma must be > 0 or None, got {gamma!r}")
+    check_gamma(gamma)
     for name, group in (("weights", weights), ("arch", arch)):
         if not isinstance(group, tuple) or not group:
             raise ValueError(f"{name} must be a non-empty tuple of tensors")

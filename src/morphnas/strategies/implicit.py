@@ -43,6 +43,8 @@ from morphnas.hypergrad import (
     _grad_w,
     _inner_sgd,
     _neumann,
+    _norm,
+    check_gamma,
     check_hvp_options,
     hypergradient,
     top_eigenvalue,
@@ -86,8 +88,7 @@ class IDarts(Strategy):
             raise ValueError(f"steps (T) must be an integer >= 1, got {steps!r}")
         if isinstance(terms, bool) or not isinstance(terms, int) or terms < 0:
             raise ValueError(f"terms (K) must be an integer >= 0, got {terms!r}")
-        if gamma is not None and not gamma > 0:
-            raise ValueError(f"gamma must be > 0 or None (tied to the weight lr), got {gamma!r}")
+        check_gamma(gamma)
         if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 0:
             raise ValueError(f"power_iters must be an integer >= 0 (0: off), got {power_iters!r}")
         if hessian not in HESSIANS:
@@ -187,7 +188,7 @@ class IDarts(Strategy):
         v0, curvature = self._at_inner_solution(train_loss, val_loss, weights, arch)
         gamma = self.neumann_gamma
         s = _neumann(curvature, v0, gamma, self.terms)
-        norm = float(torch.sqrt(sum((v * v).sum() for v in v0)))
+        norm = float(_norm(v0))
         if norm == 0.0:
             return
         eps = 0.01 / norm
