@@ -319,13 +319,13 @@ class Forward {
     over_rows(R, d * m, [&](int64_t b0, int64_t b1) {
       std::vector<T> work((n_acts + 1) * d);  // f_k(g) rows, then F − W s
       T* bl = work.data() + n_acts * d;
-      for (int64_t b = b0; b < b1; ++b) {
-        T* r = raw + b * d;
-        for (int64_t e = 0; e < m; ++e) {
+      for (int64_t e = 0; e < m; ++e) {
+        const T w_sum = sums[e];
+        for (int64_t b = b0; b < b1; ++b) {
+          T* r = raw + b * d;
           const int64_t row = e * R + b;
           T* gate = z + row * 2 * d;
           const T* p_row = prev + row * d;
-          const T w_sum = sums[e];
           if (spec.standard) {
             const StandardEdge<T> edge(spec, mix.data() + e * n_acts, w_sum);
             if (e == 0) {
@@ -409,6 +409,7 @@ class Backward {
         for (int64_t j = 0; j < R * d; ++j) rows[j] = T(0);
         for (int64_t j = 0; j < R * d; ++j) rows[R * d + j] = (g[j] + cp[j]) * inv_n;
         for (int64_t k = 2; k <= N; ++k) std::memcpy(rows + k * R * d, rows + R * d, R * d * sizeof(T));
+        if (part.d_masked.defined()) part.d_masked.zero_();
         for (int64_t i = N - 1; i >= 0; --i) node(t, i, p, weights[i], gammas[i]);
         init_node(t, p, c_.rows_of(d_init.select(0, t), p), carry_p, w_h);
       }
@@ -438,7 +439,11 @@ class Backward {
   // the sums over the batch (the weights', activation weights' and γ's gradients).
   struct Part {
     Tensor d_states, scratch, d_raw;  // d_raw: a state's gradient before its BatchNorm
-    Tensor product;                   // a matmul's rows before the dropout mask
+    Tensor product;                   // the carried state's matmul before the dropout mask
+    // With a dropout mask on h: per state, the sum of what the nodes' matmuls send back to its
+    // masked copy, masked once when the state's last reader is done (``unmask``) rather than
+    // once per reader; undefined without a mask.
+    Tensor d_masked;
     std::vector<Tensor> d_z;          // per node, (edges × rows, 2d), reused at every step
     std::vector<Tensor> d_weights;
     // Per node: Σ ⟨dF_j, f_k(g_j)⟩ (edges × acts), then Σ ⟨d(W_j s_j), s_j⟩ (edges), over steps.
@@ -452,7 +457,8 @@ class Backward {
       d_states = at::empty({c.n() + 1, R, d}, opt);
       scratch = at::empty({R, d}, opt);
       d_raw = at::empty({R, d}, opt);
-      product = at::empty({(c.n() + 1) * R, d}, opt);
+      product = at::empty({R, d}, opt);
+      if (c.mask.defined()) d_masked = at::empty({c.n() + 1, R, d}, opt);
       for (const Tensor& w : weights) d_weights.push_back(at::zeros_like(w));
       for (const Node& node : c.nodes) {
         reduced.emplace_back(node.edges * (node.n_acts() + 1), 0.0);
@@ -503,6 +509,7 @@ class Backward {
     const int64_t R = c_.rows(p), d = c_.d, m = spec.edges, n_acts = spec.n_acts();
     Part& part = parts_[p];
     T* rows = part.d_states.template data_ptr<T>();
+    unmask(i + 1, p);
     Tensor d_state = part.d_states.select(0, i + 1);
     if (spec.residual) {
       const T* ds = d_state.data_ptr<T>();
@@ -533,16 +540,16 @@ class Backward {
       std::vector<T> work((n_acts + 2) * d);  // f_k(g) rows, F − W s, then dF
       const T* bl = work.data() + n_acts * d;
       T* d_f = work.data() + (n_acts + 1) * d;
-      for (int64_t b = b0; b < b1; ++b) {
-        const T* dr = d_raw + b * d;
-        for (int64_t e = 0; e < m; ++e) {
+      for (int64_t e = 0; e < m; ++e) {
+        const T w_sum = sums[e];
+        for (int64_t b = b0; b < b1; ++b) {
+          const T* dr = d_raw + b * d;
           const int64_t row = e * R + b;
           const T* gate = z + row * 2 * d;
           T* dgate = dzp + row * 2 * d;
           T* dg = dgate + d;
           const T* p_row = prev + row * d;
           T* dp = d_prev + row * d;
-          const T w_sum = sums[e];
           if (spec.standard) {
             double edge_sums[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
             StandardEdge<T>(spec, mix.data() + e * n_acts, w_sum)
@@ -586,12 +593,25 @@ class Backward {
     });
     part.chunks.merge_into(part.reduced[i]);
     part.d_weights[i].addmm_(c_.inputs(t, i, p).t(), dz);
-    add_masked_product<T>(part.d_states.narrow(0, spec.start, m).view({m * R, d}), dz,
-                          weight.t(), c_.rows_of(c_.mask, p), part.product);
+    const Tensor& sent_to = part.d_masked.defined() ? part.d_masked : part.d_states;
+    sent_to.narrow(0, spec.start, m).view({m * R, d}).addmm_(dz, weight.t());
+  }
+
+  // State ``k``'s gradient gets what its masked copy received, ⊙ the mask. Called when the
+  // nodes that read state ``k`` (every node from the ``k``-th on) are done: nothing more comes.
+  void unmask(int64_t k, int64_t p) {
+    Part& part = parts_[p];
+    if (!part.d_masked.defined()) return;
+    const int64_t n = c_.rows(p) * c_.d;
+    const T* mask = c_.mask.template data_ptr<T>() + c_.first_row(p) * c_.d;
+    const T* sent = part.d_masked.template data_ptr<T>() + k * n;
+    T* grad = part.d_states.template data_ptr<T>() + k * n;
+    for (int64_t j = 0; j < n; ++j) grad[j] += sent[j] * mask[j];
   }
 
   void init_node(int64_t t, int64_t p, Tensor d_init_t, Tensor& carry, const Tensor& w_h) {
     const int64_t R = c_.rows(p), d = c_.d;
+    unmask(0, p);
     const T* dr = norm_backward(t, 0, p, parts_[p].d_states.template data_ptr<T>());
     const T* z = c_.rows_of<T>(c_.saved[kInit], t, p);
     const T* h = c_.rows_of<T>(c_.saved[kHs], t, p);
