@@ -413,7 +413,6 @@ class Backward {
         for (int64_t j = 0; j < R * d; ++j) rows[j] = T(0);
         for (int64_t j = 0; j < R * d; ++j) rows[R * d + j] = (g[j] + cp[j]) * inv_n;
         for (int64_t k = 2; k <= N; ++k) std::memcpy(rows + k * R * d, rows + R * d, R * d * sizeof(T));
-        if (part.d_masked.defined()) part.d_masked.zero_();
         for (int64_t i = N - 1; i >= 0; --i) node(t, i, p, weights[i], gammas[i]);
         init_node(t, p, c_.rows_of(d_init.select(0, t), p), carry_p, w_h);
       }
@@ -446,7 +445,7 @@ class Backward {
     Tensor product;                   // the carried state's matmul before the dropout mask
     // With a dropout mask on h: per state, the sum of what the nodes' matmuls send back to its
     // masked copy, masked once when the state's last reader is done (``unmask``) rather than
-    // once per reader; undefined without a mask.
+    // once per reader, and zeroed there for the next step; undefined without a mask.
     Tensor d_masked;
     std::vector<Tensor> d_z;          // per node, (edges × rows, 2d), reused at every step
     std::vector<Tensor> d_weights;
@@ -462,7 +461,7 @@ class Backward {
       scratch = at::empty({R, d}, opt);
       d_raw = at::empty({R, d}, opt);
       product = at::empty({R, d}, opt);
-      if (c.mask.defined()) d_masked = at::empty({c.n() + 1, R, d}, opt);
+      if (c.mask.defined()) d_masked = at::zeros({c.n() + 1, R, d}, opt);
       for (const Tensor& w : weights) d_weights.push_back(at::zeros_like(w));
       for (const Node& node : c.nodes) {
         reduced.emplace_back(node.edges * (node.n_acts() + 1), 0.0);
@@ -601,16 +600,20 @@ class Backward {
     sent_to.narrow(0, spec.start, m).view({m * R, d}).addmm_(dz, weight.t());
   }
 
-  // State ``k``'s gradient gets what its masked copy received, ⊙ the mask. Called when the
-  // nodes that read state ``k`` (every node from the ``k``-th on) are done: nothing more comes.
+  // State ``k``'s gradient gets what its masked copy received, ⊙ the mask, and the copy's sum
+  // is cleared for the step before. Called once a step per state, when the nodes that read
+  // state ``k`` (every node from the ``k``-th on) are done: nothing more comes.
   void unmask(int64_t k, int64_t p) {
     Part& part = parts_[p];
     if (!part.d_masked.defined()) return;
     const int64_t n = c_.rows(p) * c_.d;
     const T* mask = c_.mask.template data_ptr<T>() + c_.first_row(p) * c_.d;
-    const T* sent = part.d_masked.template data_ptr<T>() + k * n;
+    T* sent = part.d_masked.template data_ptr<T>() + k * n;
     T* grad = part.d_states.template data_ptr<T>() + k * n;
-    for (int64_t j = 0; j < n; ++j) grad[j] += sent[j] * mask[j];
+    for (int64_t j = 0; j < n; ++j) {
+      grad[j] += sent[j] * mask[j];
+      sent[j] = T(0);
+    }
   }
 
   void init_node(int64_t t, int64_t p, Tensor d_init_t, Tensor& carry, const Tensor& w_h) {
