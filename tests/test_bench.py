@@ -200,8 +200,14 @@ def _check_impl(entry: dict) -> None:
 
 def test_quick_run_has_every_documented_key(quick_result):
     r = quick_result
-    assert set(r) == {"machine", "matmul", "matmul_gflops", "supernet_two_input", *PARTS}
+    assert set(r) == {
+        "machine", "matmul", "matmul_gflops", "supernet_two_input", "wall_seconds", *PARTS
+    }  # fmt: skip
     assert set(r["machine"]) == MACHINE_KEYS
+    wall = r["wall_seconds"]
+    assert list(wall) == ["setup", *PARTS, "total"]  # in the order they ran
+    assert all(_positive(seconds) for seconds in wall.values())
+    assert sum(wall[part] for part in ["setup", *PARTS]) <= wall["total"]
     assert set(r["matmul"]) == {"size", "threads", "gflops"}
     assert _positive(r["matmul_gflops"])
     for name in ("small", "darts"):
@@ -319,11 +325,11 @@ def test_crossover_is_the_smallest_product_with_all_cores_winning_from_there_up(
 def test_bench_table_renders(quick_result):
     console = Console(file=io.StringIO(), width=160)
     tables = bench_table(quick_result)
-    assert len(tables) == 2 + len(PARTS)  # the supernet part has two tables
+    assert len(tables) == 3 + len(PARTS)  # machine, wall seconds; the supernet part has two
     for table in tables:
         console.print(table)
     text = console.file.getvalue()
-    words = ("Machine", "reference", "kernel", "lstm", "two_input", "darts_rnn", "s/epoch")
+    words = ("Machine", "reference", "kernel", "lstm", "two_input", "darts_rnn", "s/epoch", "total")
     for word in (*words, "crossover"):
         assert word in text
 
@@ -331,7 +337,7 @@ def test_bench_table_renders(quick_result):
 def test_bench_table_shows_only_the_parts_run(quick_result):
     dropped = ("supernet", "supernet_two_input", "cell", "threads")
     partial = {k: v for k, v in quick_result.items() if k not in dropped}
-    assert len(bench_table(partial)) == 2
+    assert len(bench_table(partial)) == 3  # machine, search, wall seconds
 
 
 def test_without_compile_there_are_no_compiled_keys(quick_result):
@@ -349,7 +355,8 @@ def test_compile_adds_the_compiled_cells_to_the_cell_part(monkeypatch):
         bench, "QUICK_CELL_CONFIGS", {"small": CellConfig(batch=4, hidden=8, bptt=3)}
     )
     result = run_bench(["cell"], quick=True, compile=True, compile_backend="aot_eager")
-    assert set(result) == {"machine", "matmul", "matmul_gflops", "cell"}
+    assert set(result) == {"machine", "matmul", "matmul_gflops", "cell", "wall_seconds"}
+    assert list(result["wall_seconds"]) == ["setup", "cell", "total"]
     for entry in result["cell"].values():
         assert set(entry) == {"config", "gflops_vs_lstm", *CELL_MODELS, *PYTHON_CELLS, *COMPILED}
         assert set(entry["gflops_vs_lstm"]) == {*CELL_MODELS, *PYTHON_CELLS, *COMPILED}

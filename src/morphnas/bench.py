@@ -999,13 +999,30 @@ def _run_parts(
     compile: bool,
     compile_backend: str,
 ) -> dict[str, Any]:
-    result: dict[str, Any] = {"machine": machine_info(device, quick)}
+    started = time.perf_counter()
+    wall: dict[str, float] = {}
+    result: dict[str, Any] = {"machine": machine_info(device, quick), "wall_seconds": wall}
     candidates = thread_candidates(device, quick)
     size = 512 if quick else 2048
     result["matmul"] = measure_matmul(device, size, _repeats("matmul", quick, repeats), candidates)
     result["matmul_gflops"] = result["matmul"]["gflops"]
     ctx = Context(device, tuple(candidates), result["matmul_gflops"], compile, compile_backend)
-    if "supernet" in parts:
+    wall["setup"] = time.perf_counter() - started
+    for part in PARTS:
+        if part in parts:
+            part_started = time.perf_counter()
+            _run_part(part, result, ctx, quick, repeats)
+            wall[part] = time.perf_counter() - part_started
+    wall["total"] = time.perf_counter() - started
+    return result
+
+
+def _run_part(
+    part: str, result: dict[str, Any], ctx: Context, quick: bool, repeats: int | None
+) -> None:
+    """Measure one part into ``result``: its entry, and ``supernet_two_input`` with ``supernet``."""
+    device = ctx.device
+    if part == "supernet":
         configs = QUICK_SUPERNET_CONFIGS if quick else SUPERNET_CONFIGS
         result["supernet"] = {
             name: bench_supernet_config(cfg, ctx, _repeats(f"supernet:{name}", quick, repeats))
@@ -1016,18 +1033,17 @@ def _run_parts(
             name: bench_two_input_config(cfg, ctx, _repeats("supernet:small", quick, repeats))
             for name, cfg in two_input.items()
         }
-    if "cell" in parts:
+    elif part == "cell":
         cell_configs = QUICK_CELL_CONFIGS if quick else CELL_CONFIGS
         result["cell"] = {
             name: bench_cell_config(cfg, ctx, _repeats("cell", quick, repeats))
             for name, cfg in cell_configs.items()
         }
-    if "search" in parts:
+    elif part == "search":
         result["search"] = bench_search(device, _repeats("search", quick, repeats), quick)
-    if "threads" in parts:
+    else:
         configs = QUICK_THREADS_CONFIGS if quick else THREADS_CONFIGS
         result["threads"] = bench_threads(configs, ctx, _repeats("threads", quick, repeats))
-    return result
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -1190,7 +1206,11 @@ def bench_table(result: dict[str, Any]) -> list[Table]:
         "threads": _threads_table,
     }
     tables += [build(result) for part, build in builders.items() if part in result]
-    return tables
+    wall = Table(title="Wall seconds of this run")
+    for column in result["wall_seconds"]:
+        wall.add_column(column, justify="right")
+    wall.add_row(*(f"{seconds:.1f}" for seconds in result["wall_seconds"].values()))
+    return [*tables, wall]
 
 
 __all__ = [

@@ -8,8 +8,8 @@ with the batch split into parts, one thread each, for a whole sequence: whole tw
 cell), and the time loops of ``spaces.fused_two_input`` and ``cells.fused_two_input_cell``,
 whose per-sequence work stays in Python, shared by both kernels.
 
-All kernels are one library (``kernels.cpp``, one translation unit: torch's headers, most of
-the build time, are parsed once). The first use compiles it, about 30 s, into torch's extension
+All kernels are one library (``kernels.cpp``, one translation unit: torch's headers are parsed
+once). The first use compiles it, 40–55 s on two cores, into torch's extension
 cache (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``); later processes load
 it in milliseconds, and an edit of a source rebuilds it. Without a C++ compiler, or when the
 build fails, the Python kernels run instead, after one warning. ``MORPHNAS_NATIVE=off`` asks

@@ -272,7 +272,7 @@ class Backward {
       }
     });
     Tensor h_in = c_.saved[kHs].narrow(0, 0, T_);
-    if (c_.mask.defined()) h_in = h_in * c_.mask;
+    if (c_.mask.defined()) h_in = h_in.mul(c_.mask);
     std::vector<Tensor> grads = {
         d_init, carry, at::mm(h_in.reshape({T_ * B, d}).t(), d_init.view({T_ * B, 2 * d}))};
     const Tensor& masked = c_.saved[kMasked];

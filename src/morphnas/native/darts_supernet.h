@@ -418,7 +418,7 @@ class Backward {
       }
     });
     Tensor h_in = c_.saved[kHs].narrow(0, 0, T_);
-    if (c_.mask.defined()) h_in = h_in * c_.mask;
+    if (c_.mask.defined()) h_in = h_in.mul(c_.mask);
     Tensor d_w_h = at::mm(h_in.reshape({T_ * B, d}).t(), d_init.view({T_ * B, 2 * d}));
     std::vector<Tensor> grads = {d_init, carry, d_w_h};
     for (int64_t i = 0; i < N; ++i) {  // the parts' sums, in part order
@@ -671,7 +671,7 @@ std::vector<Tensor> forward(const Plan& plan, const Tensor& x_proj, const Tensor
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // our own buffers only
   const Tensor xp = x_proj.contiguous();
   Cell cell = make_cell(plan, xp, mask_h, running_mean, running_var, training, momentum, eps);
-  if (cell.norm.on && !training) cell.norm.scale = at::rsqrt(*running_var + eps);
+  if (cell.norm.on && !training) cell.norm.scale = at::rsqrt(running_var->add(eps));
   cell.parts = batch_parts(cell.batch);
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "darts_supernet_forward", [&] {
     Forward<scalar_t>(cell, contiguous(act_w))
