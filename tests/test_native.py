@@ -277,6 +277,29 @@ def test_off_and_suspended_mean_the_python_kernel(monkeypatch, kernel):
     assert kernel() is not None
 
 
+def test_the_install_step_builds_the_kernels_or_says_why_not(monkeypatch, capsys):
+    """``python -m morphnas.native`` (``make setup``): the library ready in the cache after it;
+    with the kernels off, nothing built; a failed build is a warning, not a failed install."""
+    from morphnas.native.__main__ import main
+
+    main()
+    assert "native kernels ready" in capsys.readouterr().out
+    assert native.darts_supernet() is not None
+    monkeypatch.setenv(native.NATIVE_ENV, "off")
+    main()
+    assert "nothing to build" in capsys.readouterr().out
+    monkeypatch.setenv(native.NATIVE_ENV, "auto")
+
+    def failing_load(**kwargs):
+        raise RuntimeError("x.cpp:3:1: error: boom")
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", failing_load)
+    monkeypatch.setattr(native, "_build", functools.cache(native._build.__wrapped__))
+    with pytest.warns(RuntimeWarning, match="error: boom"):
+        main()
+    assert "the Python kernels will run" in capsys.readouterr().out
+
+
 def test_an_unknown_native_choice_is_a_user_error(monkeypatch):
     monkeypatch.setenv(native.NATIVE_ENV, "fast")
     with pytest.raises(UserError, match="auto or off"):
