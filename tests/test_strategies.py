@@ -447,6 +447,25 @@ def test_unknown_option_and_bad_value_are_value_errors():
         strategies.build("idarts", space, hessian="diagonal", residual_noise=True)
 
 
+@pytest.mark.parametrize(
+    ("name", "option", "value"),
+    [
+        ("idarts", "steps", True),  # a bool is a slip, not the count 1
+        ("idarts", "terms", 1.0),
+        ("idarts", "power_iters", False),
+        ("random", "candidates", 0),
+        ("msdarts", "samples", True),
+        ("msdarts", "iterations", 0),
+        ("msdarts", "warmup", True),
+        ("msdarts", "warmup", -1),
+    ],
+)
+def test_counts_are_integers_not_bools(name, option, value):
+    space = spaces.build("two_input", N_SERIES, HIDDEN, 2)
+    with pytest.raises(ValueError, match=rf"^{option}\b.* must be an integer >= \d"):
+        strategies.build(name, space, **{option: value})
+
+
 # --------------------------------------------------------------------------- Gumbel
 
 

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, hessian, vjp
 
+from morphnas.errors import check_count
 from morphnas.spaces.fused_ops import eager_kernels, transforms_active
 
 __all__ = [
@@ -302,8 +303,7 @@ def top_eigenvalue(curvature: Curvature, start: Tensors, iters: int) -> float:
     γ does not converge monotonically (spec 2f's diagnostic). Fewer iterations can only
     understate it. Zero for a zero ``start`` or a zero product (``v`` in H's null space).
     """
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters must be an integer >= 1, got {iters!r}")
+    check_count("iters", iters, 1)
     norm = float(_norm(start))
     if norm == 0.0:
         return 0.0
@@ -411,10 +411,8 @@ def _validate(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     check_hvp_options(hvp, eps)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if isinstance(terms, bool) or not isinstance(terms, int) or terms < 0:
-        raise ValueError(f"terms must be an integer >= 0, got {terms!r}")
+    check_count("steps", steps, 1)
+    check_count("terms", terms, 0)
     if not lr > 0:  # also rejects NaN
         raise ValueError(f"lr must be > 0, got {lr!r}")
     check_gamma(gamma)

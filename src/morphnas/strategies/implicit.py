@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from morphnas.errors import check_count
 from morphnas.hypergrad import (
     Curvature,
     _grad_w,
@@ -84,13 +85,10 @@ class IDarts(Strategy):
         **common: Any,
     ) -> None:
         super().__init__(space, **common)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps (T) must be an integer >= 1, got {steps!r}")
-        if isinstance(terms, bool) or not isinstance(terms, int) or terms < 0:
-            raise ValueError(f"terms (K) must be an integer >= 0, got {terms!r}")
+        check_count("steps (T)", steps, 1)
+        check_count("terms (K)", terms, 0)
         check_gamma(gamma)
-        if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 0:
-            raise ValueError(f"power_iters must be an integer >= 0 (0: off), got {power_iters!r}")
+        check_count("power_iters", power_iters, 0, " (0: off)")
         if hessian not in HESSIANS:
             raise ValueError(f"hessian must be one of {HESSIANS}, got {hessian!r}")
         if residual_noise and hessian != "full":

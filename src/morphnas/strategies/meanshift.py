@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from morphnas.errors import check_count
 from morphnas.spaces.base import SearchSpace, softmax_last
 from morphnas.strategies.base import BatchLoss, Objective, Strategy, draw_seed
 
@@ -55,11 +56,10 @@ class MsDarts(Strategy):
             raise ValueError(f"bandwidth must be > 0, got {bandwidth!r}")
         if not epsilon > 0:
             raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
-        for name, value in (("samples", samples), ("iterations", iterations)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if warmup is not None and (not isinstance(warmup, int) or warmup < 0):
-            raise ValueError(f"warmup must be an integer >= 0 (epochs) or None, got {warmup!r}")
+        check_count("samples", samples, 1)
+        check_count("iterations", iterations, 1)
+        if warmup is not None:
+            check_count("warmup", warmup, 0, " (epochs) or None")
         self.bandwidth, self.epsilon = bandwidth, epsilon
         self.samples, self.iterations = samples, iterations
         self.warmup, self.adversarial = warmup, adversarial

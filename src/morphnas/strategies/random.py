@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from morphnas.errors import check_count
 from morphnas.genotype import Genotype
 from morphnas.spaces.base import SampledMixing, SearchSpace, joint_softmax
 from morphnas.strategies.base import BatchLoss, Objective, Strategy, one_hot_like
@@ -32,8 +33,7 @@ class RandomSearch(Strategy):
 
     def __init__(self, space: SearchSpace, *, candidates: int = 10, **common: Any) -> None:
         super().__init__(space, **common)
-        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
-            raise ValueError(f"candidates must be an integer >= 1, got {candidates!r}")
+        check_count("candidates", candidates, 1)
         self.candidates = candidates
         self.objective: Objective | BatchLoss | None = None
         self._batches: list[Any] = []
