@@ -161,9 +161,10 @@ class ChunkSums {
 // Spinning or yielding on kept its core busy: when another process took the other core, the
 // part it had displaced could not move to the waiting part's core, and barriers waited out
 // time slices. With one CPU-bound process beside it on 2 cores, the `small` supernet step's
-// median went from 804 to 201 ms (552 to 220 in another run); quiet, 61 → 59 ms, and `darts`
-// 2.89 → 2.78 s. Sleeping sooner (after 512 checks) made `darts` 5–10 % slower: its waits are
-// longer, and waking a sleeping part costs more than spinning through a short wait.
+// median went from 804 to 201 ms (552 to 220 when sleeping after 4096 checks); quiet, 61 → 59
+// ms, and `darts` 2.89 → 2.78 s. Sleeping sooner (after 512 checks) made `darts` 5–10 %
+// slower: its waits are longer, and waking a sleeping part costs more than spinning through a
+// short wait.
 class PartPool {
  public:
   PartPool(int64_t parts, int64_t width)
