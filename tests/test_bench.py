@@ -205,11 +205,20 @@ def test_quick_run_has_every_documented_key(quick_result):
     }  # fmt: skip
     assert set(r["machine"]) == MACHINE_KEYS
     wall = r["wall_seconds"]
-    assert list(wall) == ["setup", *PARTS, "total"]  # in the order they ran
+    assert list(wall) == ["setup", *PARTS, "ceiling", "total"]  # in the order they ran
     assert all(_positive(seconds) for seconds in wall.values())
-    assert sum(wall[part] for part in ["setup", *PARTS]) <= wall["total"]
-    assert set(r["matmul"]) == {"size", "threads", "gflops"}
-    assert _positive(r["matmul_gflops"])
+    assert sum(wall[part] for part in ["setup", *PARTS, "ceiling"]) <= wall["total"]
+    assert set(r["matmul"]) == {"size", "threads", "gflops", "readings"}
+    readings = r["matmul"]["readings"]
+    assert len(readings) == 2 and all(_positive(gflops) for gflops in readings)  # before, after
+    assert r["matmul_gflops"] == r["matmul"]["gflops"] == max(readings)
+    fractions = [
+        impl for part in ("supernet", "cell") for entry in r[part].values()
+        for impl in entry.values() if isinstance(impl, dict) and "gflops" in impl
+    ]  # fmt: skip
+    assert len(fractions) == 2 * 3 + 2 * (len(CELL_MODELS) + len(PYTHON_CELLS))
+    for impl in fractions:  # against the higher reading
+        assert impl["fraction_of_matmul"] == pytest.approx(impl["gflops"] / max(readings))
     for name in ("small", "darts"):
         entry = r["supernet"][name]
         assert set(entry) == SUPERNET_KEYS | PYTHON_KERNEL_KEYS | {"speedup"}
@@ -356,7 +365,7 @@ def test_compile_adds_the_compiled_cells_to_the_cell_part(monkeypatch):
     )
     result = run_bench(["cell"], quick=True, compile=True, compile_backend="aot_eager")
     assert set(result) == {"machine", "matmul", "matmul_gflops", "cell", "wall_seconds"}
-    assert list(result["wall_seconds"]) == ["setup", "cell", "total"]
+    assert list(result["wall_seconds"]) == ["setup", "cell", "ceiling", "total"]
     for entry in result["cell"].values():
         assert set(entry) == {"config", "gflops_vs_lstm", *CELL_MODELS, *PYTHON_CELLS, *COMPILED}
         assert set(entry["gflops_vs_lstm"]) == {*CELL_MODELS, *PYTHON_CELLS, *COMPILED}
@@ -435,7 +444,7 @@ def test_supernet_part_probes_only_above_its_flop_threshold(monkeypatch, probe_a
     monkeypatch.setattr(
         bench, "measure", lambda *args, **kw: calls.append(kw["probe"]) or measure(*args, **kw)
     )
-    ctx = bench.Context(torch.device("cpu"), (1,), matmul_gflops=10.0)
+    ctx = bench.Context(torch.device("cpu"), (1,))
     result = bench.bench_supernet_config(bench.QUICK_SUPERNET_CONFIGS["small"], ctx, repeats=1)
     assert calls == [probed]
     assert _positive(result["speedup"])
