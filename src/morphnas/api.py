@@ -41,6 +41,7 @@ from morphnas.engine.resume import (
 )
 from morphnas.engine.runtime import (
     apply_threads,
+    busy_cores,
     choose_threads,
     cpu_cores,
     keep_freed_memory,
@@ -522,7 +523,9 @@ def resume_config(run_dir: Path) -> RunConfig:
 
 
 def _start_run(run_dir: Path, config: RunConfig) -> None:
-    """Create the run directory, save the resolved config, and set the thread policy."""
+    """Set the thread count, create the run directory and save the resolved config, the thread
+    count included (a resumed run keeps it, whatever else runs on the machine then)."""
+    config = config.model_copy(update={"threads": _apply_thread_policy(config)})
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_mod.dump(config), encoding="utf-8")
@@ -531,7 +534,6 @@ def _start_run(run_dir: Path, config: RunConfig) -> None:
             f"cannot write to output directory {run_dir}: {err.strerror}; choose another --out "
             "or free space / fix its permissions"
         ) from None
-    _apply_thread_policy(config)
 
 
 def _continue_run(run_dir: Path, config: RunConfig, saved: dict[str, Any] | None) -> None:
@@ -559,13 +561,25 @@ def _continue_run(run_dir: Path, config: RunConfig, saved: dict[str, Any] | None
     _apply_thread_policy(config)
 
 
-def _apply_thread_policy(config: RunConfig) -> None:
-    """Threads for this run's size on its device (on CUDA the host count is left as it is)."""
+def _apply_thread_policy(config: RunConfig) -> int:
+    """Threads for this run's size on its device and the cores other processes leave free (on
+    CUDA the host count is left as it is); set, and returned."""
     device = resolve_device(config.device)
-    threads = choose_threads(
-        config.space.hidden, config.search.batch_size, config.threads, device=device
-    )
+    size = (config.space.hidden, config.search.batch_size)
+    threads = choose_threads(*size, config.threads, device=device)
+    if config.threads is None and threads > 1:
+        busy = busy_cores()
+        free = choose_threads(*size, device=device, busy=busy or 0.0)
+        if free < threads:
+            warnings.warn(
+                f"other processes keep {busy:.1f} of this machine's {cpu_cores()} cores busy: "
+                f"running on {free} thread(s), not {threads}, because threads that share a "
+                "core with another process hold up the rest (pass --threads to choose)",
+                stacklevel=2,
+            )
+            threads = free
     apply_threads(threads)
+    return threads
 
 
 def _load_windows(config: RunConfig) -> data_mod.WindowedSplits:

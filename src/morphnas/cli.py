@@ -265,7 +265,9 @@ HiddenOpt = Annotated[int | None, typer.Option(help="hidden size of every model"
 RetrainOpt = Annotated[int | None, typer.Option(help="max training epochs (early stopping)")]
 SeedOpt = Annotated[int | None, typer.Option(help="random seed")]
 OutOpt = Annotated[Path | None, typer.Option(help="run directory (default runs/<time>-...)")]
-ThreadsOpt = Annotated[int | None, typer.Option(help="torch threads (default: by size)")]
+ThreadsOpt = Annotated[
+    int | None, typer.Option(help="torch threads (default: by size and the cores left free)")
+]
 DeviceOpt = Annotated[str | None, typer.Option(help="auto | cpu | cuda")]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="any config key, e.g. space.options.wiring=input")

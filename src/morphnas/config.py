@@ -209,7 +209,9 @@ def _fill_missing(data: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str
 
 class RunConfig(_Strict):
     seed: int = 0
-    threads: int | None = Field(None, ge=1, description="torch threads; None chooses by size")
+    threads: int | None = Field(
+        None, ge=1, description="torch threads; None: by size and the cores left free at start"
+    )
     out: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig = Field(default_factory=DataConfig)

@@ -6,6 +6,8 @@ import ctypes
 import os
 import random
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,6 +50,7 @@ def choose_threads(
     requested: int | None = None,
     *,
     device: torch.device | None = None,
+    busy: float = 0.0,
 ) -> int:
     """Intra-op threads for a recurrent workload, unless the user asked for a number.
 
@@ -55,15 +58,54 @@ def choose_threads(
     across threads costs more in synchronisation than it gains until the tensors are large
     enough (on the 2-core CI machines, the supernet step on its Python kernel at batch 32,
     hidden 64 took 0.186 s on one thread and 0.213 s on two). Problems below
-    ``MULTITHREAD_FROM`` get one thread, larger
-    ones every core. On a CUDA ``device`` the host threads only launch kernels, so the current
-    count is kept rather than changed for nothing.
+    ``MULTITHREAD_FROM`` get one thread, larger ones every core that other processes leave free
+    (``busy``: how many cores they keep busy, ``busy_cores``). The native kernels' threads meet
+    hundreds of times a time step, so a thread that has to share its core with another process
+    holds up the others: beside one CPU-bound process on 2 cores, a search epoch took 5.5 s on
+    two threads and 0.52 s on one (docs/benchmarks.md). On a CUDA ``device`` the host threads
+    only launch kernels, so the current count is kept rather than changed for nothing.
     """
     if requested is not None:
         return requested
     if device is not None and device.type == "cuda":
         return torch.get_num_threads()
-    return cpu_cores() if batch_size * hidden_size >= MULTITHREAD_FROM else 1
+    if batch_size * hidden_size < MULTITHREAD_FROM:
+        return 1
+    return max(1, min(cpu_cores(), int(cpu_cores() - busy + 0.5)))
+
+
+BUSY_WINDOW = 0.25
+"""Seconds ``busy_cores`` watches the machine: at 100 ticks a second, 1/25 of a core."""
+
+
+def _cpu_ticks() -> tuple[int, int, int]:
+    """All cores' busy and total clock ticks since boot, and the number of cores counted."""
+    lines = Path("/proc/stat").read_text(encoding="ascii").splitlines()
+    user, nice, system, idle, iowait, irq, softirq, steal = map(int, lines[0].split()[1:9])
+    busy = user + nice + system + irq + softirq + steal
+    cores = sum(1 for line in lines[1:] if line.startswith("cpu"))
+    return busy, busy + idle + iowait, cores
+
+
+def busy_cores(window: float = BUSY_WINDOW) -> float | None:
+    """How many cores other processes keep busy: the machine's busy time over ``window``
+    seconds less this process's own, per second. ``None`` where ``/proc/stat`` cannot tell
+    (not Linux). A snapshot at the start of a run, not a forecast: the run keeps what it chose.
+    """
+    try:
+        busy_before, total_before, cores = _cpu_ticks()
+        own_before = time.process_time()
+        time.sleep(window)
+        busy_after, total_after, _ = _cpu_ticks()
+        own = time.process_time() - own_before
+    except (OSError, ValueError, IndexError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    elapsed = (total_after - total_before) / hz / max(1, cores)
+    if elapsed <= 0:
+        return None
+    others = (busy_after - busy_before) / hz - own
+    return min(float(cores), max(0.0, others / elapsed))
 
 
 def apply_threads(threads: int) -> None:
