@@ -179,3 +179,15 @@ def test_a_quiet_machine_or_a_chosen_count_runs_as_the_size_says(
         api._start_run(config.out, config)
     assert torch.get_num_threads() == 2
     assert config_mod.resolve(config.out / "config.yaml").threads == 2
+
+
+def test_evaluate_scores_at_the_runs_own_thread_count(two_cores, monkeypatch, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    config = _config(tmp_path, threads=1)
+    (run / "config.yaml").write_text(config_mod.dump(config), encoding="utf-8")
+    (run / "summary.json").write_text('{"models": [], "results": []}', encoding="utf-8")
+    monkeypatch.setattr(api, "_load_data", lambda config: None)  # no model to score
+    torch.set_num_threads(2)
+    api.evaluate(run)
+    assert torch.get_num_threads() == 1

@@ -274,6 +274,7 @@ def evaluate(run_dir: Path) -> RunResult:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"cannot read {summary_path}: {err}") from None
     config = config_mod.resolve(run_dir / "config.yaml")
+    _apply_thread_policy(config)  # the run's own count, which its config.yaml records
     if "hidden" in summary:  # width growth retrains every model at the width it found
         config = config_mod.resolve(base=config, overrides={"space": {"hidden": summary["hidden"]}})
     data = _load_data(config)
@@ -337,8 +338,8 @@ def compare(
         except UserError as err:
             raise UserError(f"compare variant {name!r}: {err}") from None
     base_dir = _claim_run_dir(config, "compare", force or (reuse and config.out is not None))
-    _start_run(base_dir, config)
     share = {} if config.threads or jobs == 1 else {"threads": max(1, cpu_cores() // jobs)}
+    _start_run(base_dir, config.model_copy(update=share))  # a worker's share is its count
     # Seed-major order: drifting load on a shared machine hits every variant alike.
     planned = [
         (name, seed, config_mod.resolve(
@@ -567,7 +568,7 @@ def _apply_thread_policy(config: RunConfig) -> int:
     device = resolve_device(config.device)
     size = (config.space.hidden, config.search.batch_size)
     threads = choose_threads(*size, config.threads, device=device)
-    if config.threads is None and threads > 1:
+    if config.threads is None and threads > 1 and device.type == "cpu":
         busy = busy_cores()
         free = choose_threads(*size, device=device, busy=busy or 0.0)
         if free < threads:

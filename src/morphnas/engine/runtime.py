@@ -61,8 +61,8 @@ def choose_threads(
     ``MULTITHREAD_FROM`` get one thread, larger ones every core that other processes leave free
     (``busy``: how many cores they keep busy, ``busy_cores``). The native kernels' threads meet
     hundreds of times a time step, so a thread that has to share its core with another process
-    holds up the others: beside one CPU-bound process on 2 cores, a search epoch took 5.5 s on
-    two threads and 0.52 s on one (docs/benchmarks.md). On a CUDA ``device`` the host threads
+    holds up the others: beside one CPU-bound process on 2 cores, a search epoch took 5.0 s on
+    two threads and 0.60 s on one (docs/benchmarks.md). On a CUDA ``device`` the host threads
     only launch kernels, so the current count is kept rather than changed for nothing.
     """
     if requested is not None:
@@ -98,9 +98,9 @@ def busy_cores(window: float = BUSY_WINDOW) -> float | None:
         time.sleep(window)
         busy_after, total_after, _ = _cpu_ticks()
         own = time.process_time() - own_before
-    except (OSError, ValueError, IndexError):
+        hz = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
         return None
-    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     elapsed = (total_after - total_before) / hz / max(1, cores)
     if elapsed <= 0:
         return None
