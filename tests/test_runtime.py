@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from morphnas import api
+from morphnas import api, cli
 from morphnas import config as config_mod
 from morphnas.engine import runtime
+from morphnas.errors import UserError
 
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 BLOCKS_MB = (64, 40, 100)  # each above glibc's largest dynamic mmap threshold, 32 MB
@@ -191,3 +192,17 @@ def test_evaluate_scores_at_the_runs_own_thread_count(two_cores, monkeypatch, tm
     torch.set_num_threads(2)
     api.evaluate(run)
     assert torch.get_num_threads() == 1
+
+
+def test_a_resume_may_change_the_thread_count_and_the_saved_config_says_so(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    config = _config(tmp_path, threads=2)
+    (run / "config.yaml").write_text(config_mod.dump(config), encoding="utf-8")
+    assert api.resume_config(run).threads == 2
+    assert cli._resumed(run, threads=1).threads == 1
+    saved = config_mod.resolve(run / "config.yaml")
+    assert saved.threads == 1  # the next resume goes on with it
+    assert saved.model_copy(update={"threads": 2}) == config  # and nothing else changed
+    with pytest.raises(UserError, match="drop --epochs"):
+        cli._resumed(run, threads=1, epochs=3)

@@ -517,10 +517,23 @@ def _resumable(run_dir: Path | None) -> Path:
     return Path(run_dir)
 
 
-def resume_config(run_dir: Path) -> RunConfig:
-    """The saved config of a run, to continue it with ``search``/``train(..., resume=True)``."""
+def resume_config(run_dir: Path, threads: int | None = None) -> RunConfig:
+    """The saved config of a run, to continue it with ``search``/``train(..., resume=True)``.
+
+    ``threads`` replaces the saved thread count, in ``config.yaml`` too, so that the file says
+    what the run goes on with: for a run that other processes slowed down after its start (its
+    threads wait on each other when one shares a core). Another count changes the order of
+    float sums, so the resumed run ends where it would have only to float rounding.
+    """
     run_dir = _resumable(Path(run_dir))
-    return config_mod.resolve(run_dir / "config.yaml", overrides={"out": str(run_dir)})
+    saved = config_mod.resolve(run_dir / "config.yaml")
+    if threads is not None and threads != saved.threads:
+        saved = config_mod.resolve(base=saved, overrides={"threads": threads})
+        try:
+            (run_dir / "config.yaml").write_text(config_mod.dump(saved), encoding="utf-8")
+        except OSError as err:
+            raise UserError(f"cannot update {run_dir / 'config.yaml'}: {err.strerror}") from None
+    return config_mod.resolve(base=saved, overrides={"out": str(run_dir)})
 
 
 def _start_run(run_dir: Path, config: RunConfig) -> None:

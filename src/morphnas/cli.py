@@ -225,14 +225,15 @@ def _resolve(config: Path | None, sets: list[str] | None, **flags: Any) -> confi
     return config_mod.resolve(config, overrides)
 
 
-def _resumed(run_dir: Path, **given: Any) -> config_mod.RunConfig:
-    """The saved config of the run to resume; other options would silently change it: refused."""
+def _resumed(run_dir: Path, threads: int | None = None, **given: Any) -> config_mod.RunConfig:
+    """The saved config of the run to resume; other options would silently change it: refused.
+    ``--threads`` is taken, for a run that a machine grown busy slowed down (``resume_config``)."""
     extra = sorted(f"--{name.rstrip('_').replace('_', '-')}" for name, v in given.items() if v)
     if extra:
         raise UserError(
             f"--resume continues {run_dir} with its saved config; drop {', '.join(extra)}"
         )
-    return api.resume_config(run_dir)
+    return api.resume_config(run_dir, threads)
 
 
 def _finish(result: api.RunResult, as_json: bool, title: str) -> None:
