@@ -9,8 +9,10 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -306,15 +308,23 @@ def test_an_unknown_native_choice_is_a_user_error(monkeypatch):
         native.darts_supernet()
 
 
-def test_ninja_is_found_when_the_environment_is_not_activated(monkeypatch):
-    """``.venv/bin/morphnas`` run by its path: ``ninja`` (a dependency) is in the venv's bin,
-    not on ``PATH``; the build must still find it."""
+@pytest.mark.parametrize("path", ["/usr/bin:/bin", ""])
+def test_the_build_runs_the_packaged_ninja_whatever_is_on_path(monkeypatch, tmp_path, path):
+    """Activated or not, with another ninja on ``PATH`` (Debian's, here a stand-in) or none:
+    the build runs the ``ninja`` package's binary, since two versions rebuild each other's
+    library, and the caller's ``PATH`` is back after it."""
     import ninja
 
-    monkeypatch.setattr(native.shutil, "which", lambda name: None)
-    monkeypatch.setenv("PATH", "/usr/bin")
-    native._ninja_on_path()
-    assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
+    other = tmp_path / "bin"
+    other.mkdir()
+    (other / "ninja").write_text("#!/bin/sh\necho 1.11.1\n")
+    (other / "ninja").chmod(0o755)
+    path = os.pathsep.join(filter(None, [str(other), path]))
+    monkeypatch.setenv("PATH", path)
+    assert shutil.which("ninja") == str(other / "ninja")
+    with native._packaged_ninja():
+        assert Path(shutil.which("ninja")).parent == Path(ninja.BIN_DIR)
+    assert os.environ["PATH"] == path
 
 
 def test_the_build_is_named_for_the_sources_and_flags(monkeypatch, tmp_path):

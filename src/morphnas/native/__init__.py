@@ -23,7 +23,6 @@ import functools
 import hashlib
 import os
 import platform
-import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -104,15 +103,15 @@ def _build() -> ModuleType | None:
     try:
         from torch.utils import cpp_extension
 
-        _ninja_on_path()
         started = time.perf_counter()
-        module = cpp_extension.load(
-            name=f"morphnas_kernels_{_build_tag()}",
-            sources=[str(_SOURCE_DIR / "kernels.cpp")],
-            extra_cflags=_FLAGS,
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        with _packaged_ninja():
+            module = cpp_extension.load(
+                name=f"morphnas_kernels_{_build_tag()}",
+                sources=[str(_SOURCE_DIR / "kernels.cpp")],
+                extra_cflags=_FLAGS,
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
     except Exception as error:  # no compiler or ninja, a failed build: the Python kernel runs
         reason = _first_error_line(str(error)) or type(error).__name__
         warnings.warn(
@@ -149,14 +148,28 @@ def _build_tag() -> str:
     return digest.hexdigest()[:8]
 
 
-def _ninja_on_path() -> None:
-    """The build needs ``ninja`` on ``PATH``: the ``ninja`` package's binary when the virtual
-    environment's ``bin`` is not on it (``.venv/bin/morphnas`` run without activating)."""
-    if shutil.which("ninja") is not None:
-        return
-    import ninja
+@contextlib.contextmanager
+def _packaged_ninja() -> Iterator[None]:
+    """During the build, the ``ninja`` package's binary (a dependency) first on ``PATH``, whatever
+    else is there, and the caller's ``PATH`` back after it.
 
-    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    Why: ninja versions record their build commands differently, so a library one version built
+    is built again by another. With Debian's ninja 1.11 in ``/usr/bin`` and the package's 1.13 in
+    the virtual environment, ``make setup`` (not activated: 1.11) and ``morphnas`` in the activated
+    environment (1.13) each rebuilt the kernels, 40–48 s, whenever one followed the other. Without
+    the package (another install), whichever ninja is on ``PATH`` builds.
+    """
+    try:
+        import ninja
+    except ImportError:
+        yield
+        return
+    saved = os.environ.get("PATH", "")
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + saved
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = saved
 
 
 def _first_error_line(message: str) -> str:
