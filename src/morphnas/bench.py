@@ -403,7 +403,7 @@ class Workload:
             self.optimizer.step()
 
 
-def _best_threads(work: Workload, device: torch.device, candidates: Sequence[int]) -> int:
+def _best_threads(work: Timed, device: torch.device, candidates: Sequence[int]) -> int:
     """The faster thread count on a short prefix of the sequence (cost is linear in its length,
     so the ranking carries over, and the probe stays cheap at the DARTS size).
 
@@ -430,7 +430,7 @@ def _best_threads(work: Workload, device: torch.device, candidates: Sequence[int
 
 
 def measure(
-    workloads: dict[str, Workload],
+    workloads: dict[str, Timed],
     device: torch.device,
     repeats: int,
     candidates: Sequence[int],
@@ -471,7 +471,7 @@ def measure(
 
 
 def _interleaved(
-    runs: dict[Any, tuple[Workload, int]], device: torch.device, repeats: int
+    runs: dict[Any, tuple[Timed, int]], device: torch.device, repeats: int
 ) -> dict[Any, float]:
     """Median seconds of one full step per run (a workload at a thread count), timed in
     ``repeats`` rounds of one step of each run in turn (A, B, A, B, ...): drifting load on a
@@ -484,18 +484,49 @@ def _interleaved(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def _with_gflops(entry: dict[str, Any], flops: int) -> dict[str, Any]:
-    return {**entry, "gflops": flops / entry["seconds"] / 1e9}
+def _with_throughput(entry: dict[str, Any], flops: int, matmul_gflops: float) -> dict[str, Any]:
+    gflops = flops / entry["seconds"] / 1e9
+    return {**entry, "gflops": gflops, "fraction_of_matmul": gflops / matmul_gflops}
 
 
-def _add_fractions(result: dict[str, Any], matmul_gflops: float) -> None:
-    """``fraction_of_matmul`` on every timed implementation of the ``supernet`` and ``cell``
-    parts, against the ceiling of the whole run (known only once the run ends)."""
-    for part in ("supernet", "cell"):
-        for entry in result.get(part, {}).values():
-            for impl in entry.values():
-                if isinstance(impl, dict) and "gflops" in impl:
-                    impl["fraction_of_matmul"] = impl["gflops"] / matmul_gflops
+CEILING = "matmul"  # the ceiling's matmul, timed as one more workload among a part's (below)
+
+
+@dataclass
+class MatmulStep:
+    """The ceiling's matmul as a workload of ``measure``, timed in the same interleaved rounds
+    as the implementations it is the ceiling of: on a shared host the machine's throughput moves
+    by a quarter within minutes (132 and 170 GFLOP/s ten minutes apart), so a ceiling taken at
+    another time made ``fraction_of_matmul`` move with it (once to "101 % of matmul")."""
+
+    a: Tensor
+    b: Tensor
+    threads: int  # the ceiling's count, measured at the start of the run
+
+    @classmethod
+    def of(cls, ctx: Context) -> MatmulStep:
+        a, b = (torch.randn(ctx.matmul_size, ctx.matmul_size, device=ctx.device) for _ in "ab")
+        return cls(a, b, ctx.matmul_threads)
+
+    def step(self, bptt: int | None = None) -> None:
+        self.a @ self.b
+
+    def gflops(self, seconds: float) -> float:
+        return 2 * self.a.shape[0] ** 3 / seconds / 1e9
+
+
+Timed = Workload | MatmulStep  # what ``measure`` times: a ``step`` at a thread count
+
+
+def measure_beside_ceiling(
+    workloads: dict[str, Workload], ctx: Context, repeats: int, probe: bool
+) -> tuple[dict[str, Any], float]:
+    """``measure`` of the workloads with the ceiling's matmul among them: their entries, and the
+    matmul's GFLOP/s over the same rounds (its median, as theirs)."""
+    ceiling = MatmulStep.of(ctx)
+    timed = {**workloads, CEILING: ceiling}
+    measured = measure(timed, ctx.device, repeats, ctx.threads, probe=probe)
+    return measured, ceiling.gflops(measured.pop(CEILING)["seconds"])
 
 
 def measure_matmul(
@@ -519,11 +550,14 @@ def measure_matmul(
 
 @dataclass(frozen=True)
 class Context:
-    """What every part's measurement shares: the device, the thread counts to try, and whether
-    (with which backend) the ``cell`` part also times its cells compiled."""
+    """What every part's measurement shares: the device, the thread counts to try, the size and
+    thread count of the ceiling's matmul, and whether (with which backend) the ``cell`` part
+    also times its cells compiled."""
 
     device: torch.device
     threads: tuple[int, ...]
+    matmul_size: int = 512
+    matmul_threads: int = 1
     compile: bool = False
     compile_backend: str = "inductor"
 
@@ -588,15 +622,16 @@ def bench_supernet_config(cfg: SupernetConfig, ctx: Context, repeats: int) -> di
     workloads = {name: _sgd_workload(module, x, target) for name, module in modules.items()}
     flops = supernet_flops(cfg.batch, cfg.input_size, cfg.hidden, cfg.bptt, cfg.nodes)
     probe = flops > PROBE_ABOVE_GFLOP * 1e9
-    measured = measure(workloads, ctx.device, repeats, ctx.threads, probe=probe)
+    measured, ceiling = measure_beside_ceiling(workloads, ctx, repeats, probe)
     result: dict[str, Any] = {
         "config": asdict(cfg),
         "gflop": flops / 1e9,
         "max_abs_diff": diff,
         "agreement_steps": min(AGREEMENT_STEPS, cfg.bptt),
+        "matmul_gflops": ceiling,
     }
     for name, entry in measured.items():
-        result[name] = _with_gflops(entry, flops)
+        result[name] = _with_throughput(entry, flops, ceiling)
     result["speedup"] = result["reference"]["seconds"] / result["ours"]["seconds"]
     if "ours_cuda_graph" in result:
         graphed = result["ours_cuda_graph"]["seconds"]
@@ -765,11 +800,11 @@ def bench_cell_config(cfg: CellConfig, ctx: Context, repeats: int) -> dict[str, 
         compiled_workloads, compiled = _compiled_workloads(cfg, ctx, modules, x, target)
         workloads.update(compiled_workloads)
         models.update({name: CELL_MODELS[name.removesuffix(COMPILED_SUFFIX)] for name in compiled})
-    measured = measure(workloads, ctx.device, repeats, ctx.threads, probe=False)  # cheap steps
-    result: dict[str, Any] = {"config": asdict(cfg)}
+    measured, ceiling = measure_beside_ceiling(workloads, ctx, repeats, probe=False)  # cheap
+    result: dict[str, Any] = {"config": asdict(cfg), "matmul_gflops": ceiling}
     for name, model in models.items():
         flops = cell_flops(model, cfg.batch, cfg.hidden, cfg.hidden, cfg.bptt)
-        result[name] = _with_gflops(measured[name], flops)
+        result[name] = _with_throughput(measured[name], flops, ceiling)
         result[name]["gflop"] = flops / 1e9
         result[name].update(compiled.get(name, {}))
     lstm = result["lstm"]["gflops"]
@@ -1014,7 +1049,7 @@ def _run_parts(
     candidates = thread_candidates(device, quick)
     size, matmul_repeats = 512 if quick else 2048, _repeats("matmul", quick, repeats)
     readings = [measure_matmul(device, size, matmul_repeats, candidates)]
-    ctx = Context(device, tuple(candidates), compile, compile_backend)
+    ctx = Context(device, tuple(candidates), size, readings[0]["threads"], compile, compile_backend)
     wall["setup"] = time.perf_counter() - started
     for part in PARTS:
         if part in parts:
@@ -1024,12 +1059,11 @@ def _run_parts(
     ceiling_started = time.perf_counter()
     readings.append(measure_matmul(device, size, matmul_repeats, candidates))
     wall["ceiling"] = time.perf_counter() - ceiling_started
-    # A shared host can slow the ceiling's own measurement (one reading was 132 GFLOP/s against
-    # 170 ten minutes later): the higher of a reading before the parts and one after them.
+    # The machine's limit, for the record: the higher of a reading before the parts and one
+    # after them (one alone moves with the host). The fractions are against their own rounds'.
     best = max(readings, key=lambda reading: reading["gflops"])
     result["matmul"] = {**best, "readings": [reading["gflops"] for reading in readings]}
     result["matmul_gflops"] = best["gflops"]
-    _add_fractions(result, best["gflops"])
     wall["total"] = time.perf_counter() - started
     return result
 
