@@ -523,7 +523,7 @@ def resume_config(run_dir: Path, threads: int | None = None) -> RunConfig:
     ``threads`` replaces the saved thread count, in ``config.yaml`` too, so that the file says
     what the run goes on with: for a run that other processes slowed down after its start (its
     threads wait on each other when one shares a core). Another count changes the order of
-    float sums, so the resumed run ends where it would have only to float rounding.
+    float sums, so the resumed run then matches an uninterrupted one only to float rounding.
     """
     run_dir = _resumable(Path(run_dir))
     saved = config_mod.resolve(run_dir / "config.yaml")
