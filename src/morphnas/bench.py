@@ -494,19 +494,20 @@ CEILING = "matmul"  # the ceiling's matmul, timed as one more workload among a p
 
 @dataclass
 class MatmulStep:
-    """The ceiling's matmul as a workload of ``measure``, timed in the same interleaved rounds
-    as the implementations it is the ceiling of: on a shared host the machine's throughput moves
-    by a quarter within minutes (132 and 170 GFLOP/s ten minutes apart), so a ceiling taken at
-    another time made ``fraction_of_matmul`` move with it (once to "101 % of matmul")."""
+    """The ceiling's matmul: timed alone by ``measure_matmul``, and as a workload of ``measure``
+    in the same interleaved rounds as the implementations it is the ceiling of. On a shared host
+    the machine's throughput moves by a quarter within minutes (132 and 170 GFLOP/s ten minutes
+    apart), so a ceiling taken at another time made ``fraction_of_matmul`` move with it (once to
+    "101 % of matmul")."""
 
     a: Tensor
     b: Tensor
-    threads: int  # the ceiling's count, measured at the start of the run
+    threads: int  # its count in ``measure``: the one the run's first reading found faster
 
     @classmethod
-    def of(cls, ctx: Context) -> MatmulStep:
-        a, b = (torch.randn(ctx.matmul_size, ctx.matmul_size, device=ctx.device) for _ in "ab")
-        return cls(a, b, ctx.matmul_threads)
+    def square(cls, size: int, device: torch.device, threads: int) -> MatmulStep:
+        a, b = (torch.randn(size, size, device=device) for _ in "ab")
+        return cls(a, b, threads)
 
     def step(self, bptt: int | None = None) -> None:
         self.a @ self.b
@@ -523,7 +524,7 @@ def measure_beside_ceiling(
 ) -> tuple[dict[str, Any], float]:
     """``measure`` of the workloads with the ceiling's matmul among them: their entries, and the
     matmul's GFLOP/s over the same rounds (its median, as theirs)."""
-    ceiling = MatmulStep.of(ctx)
+    ceiling = MatmulStep.square(ctx.matmul_size, ctx.device, ctx.matmul_threads)
     timed = {**workloads, CEILING: ceiling}
     measured = measure(timed, ctx.device, repeats, ctx.threads, probe=probe)
     return measured, ceiling.gflops(measured.pop(CEILING)["seconds"])
@@ -534,15 +535,14 @@ def measure_matmul(
 ) -> dict[str, Any]:
     """The machine's dense float32 matmul throughput: the best of ``repeats`` at each thread
     count, the better count kept. The best (not the median) because this is the ceiling."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+    matmul = MatmulStep.square(size, device, candidates[0])
     best: dict[int, float] = {}
     for threads in candidates:
         apply_threads(threads)
-        a @ b  # warm-up
-        best[threads] = min(_seconds(lambda: a @ b, device) for _ in range(repeats))
+        matmul.step()  # warm-up
+        best[threads] = min(_seconds(matmul.step, device) for _ in range(repeats))
     threads = min(best, key=best.__getitem__)
-    return {"size": size, "threads": threads, "gflops": 2 * size**3 / best[threads] / 1e9}
+    return {"size": size, "threads": threads, "gflops": matmul.gflops(best[threads])}
 
 
 # --------------------------------------------------------------------------- the parts
