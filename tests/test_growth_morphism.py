@@ -32,6 +32,7 @@ from morphnas import cells
 from morphnas.errors import UserError
 from morphnas.genotype import Genotype, Node, from_dict, from_json, load
 from morphnas.spaces import build
+from morphnas.spaces.two_input import input_pairs
 
 T, B, D, IN = 5, 4, 6, 3
 DTYPES = [torch.float32, torch.float64]
@@ -58,6 +59,23 @@ TWO_INPUT_CONFIGS = [
         (False, True),
     )
 ]
+# Input choice (wiring 'search'): per_op only, the sharing is exercised above.
+INPUT_CHOICE_CONFIGS = [
+    (
+        "two_input",
+        {
+            "wiring": "search",
+            "output": output,
+            "output_activation": squash,
+            "weight_sharing": "per_op",
+            "batchnorm": bn,
+        },
+    )
+    for output, squash, bn in itertools.product(
+        ("last", "mean"), ("tanh", "identity"), (False, True)
+    )
+]
+TWO_INPUT_CONFIGS += INPUT_CHOICE_CONFIGS
 CONFIGS = DARTS_CONFIGS + TWO_INPUT_CONFIGS
 NO_BN_CONFIGS = [(k, o) for k, o in CONFIGS if not o["batchnorm"]]
 
@@ -495,25 +513,45 @@ def slow_two_input_weight(space: nn.Module, node: nn.Module, name: str) -> Tenso
     return node.add_weight[:, k * D : (k + 1) * D]
 
 
+def slow_input_choice(i: int, p: Tensor, states: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """Input choice pair by pair: each slot reads the states weighted by the mass of the
+    (pair, op) rows that put them there, the ops by their column mass (over the total)."""
+    pairs = [(a, b) for a in range(-1, i) for b in range(-1, i) if a != b]
+    mass = p.sum().clamp_min(1.0)  # the total, where over one
+    a_mix = sum(p[r].sum() / mass * states[ja] for r, (ja, _) in enumerate(pairs))
+    b_mix = sum(p[r].sum() / mass * states[jb] for r, (_, jb) in enumerate(pairs))
+    return a_mix, b_mix, p.sum(0) / mass
+
+
 def slow_two_input(space: nn.Module, x: Tensor, h0: Tensor) -> Tensor:
     """Spec §2.2 plus §3.3: per op; residual nodes on the cell's output rule."""
-    probs = [torch.softmax(a, dim=-1) for a in space.arch]
+    search = space.wiring == "search"
+    probs = [
+        torch.softmax(a.reshape(-1), 0).reshape(a.shape) if search else torch.softmax(a, -1)
+        for a in space.arch
+    ]
     squash = ACT[space.output_activation]
     h, outs = h0, []
     for t in range(T):
-        states = {-1: x[t] @ space.input_weight, 0: h}
+        states = {-1: x[t] @ space.input_weight + space.input_bias, 0: h}
         node_states: list[Tensor] = []
         for i in range(1, space.nodes + 1):
-            a = states[i - 1]
-            b = states[i - 2] if space.wiring == "chain" else states[-1]
             node = space.node_weights[i - 1]
             if i in space.fixed:
+                a, b = (states[j] for j in space.fixed[i].inputs)
                 s = slow_two_input_op(space, space.fixed[i].op, node.weight, a, b)
+                p = None
+            elif search:
+                a, b, p = slow_input_choice(i, probs[i - 1], states)
             else:
+                a = states[i - 1]
+                b = states[i - 2] if space.wiring == "chain" else states[-1]
+                p = probs[i - 1]
+            if p is not None:
                 s = torch.zeros_like(a)
                 for k, name in enumerate(space.op_names):
                     weight = slow_two_input_weight(space, node, name)
-                    s = s + probs[i - 1][k] * slow_two_input_op(space, name, weight, a, b)
+                    s = s + p[k] * slow_two_input_op(space, name, weight, a, b)
             s = slow_bn(space, s)
             if str(i) in space.gammas:
                 s = slow_output_rule(node_states, space.output) + space.gammas[str(i)] * s
@@ -599,6 +637,8 @@ def one_hots(space: nn.Module, genotype: Genotype) -> list[Tensor]:
         k = space.op_names.index(node.op)
         if space.space == "darts_rnn":
             hot[node.inputs[0], k] = 1.0
+        elif space.wiring == "search":
+            hot[input_pairs(len(hots) + 1).index(node.inputs), k] = 1.0
         else:
             hot[k] = 1.0
         hots.append(hot)
@@ -722,6 +762,7 @@ def inherited_state(space: nn.Module, genotype: Genotype) -> dict[str, Tensor]:
             state[f"node_weights.{i}"] = w.detach()
         return state
     state["input_weight"] = space.input_weight.detach()
+    state["input_bias"] = space.input_bias.detach()
     slot = 0
     for node in space.node_weights:  # only ops with weights take a slot, in node order
         if node.weight is not None:

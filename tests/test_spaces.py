@@ -23,6 +23,8 @@ from morphnas.spaces import (
     TwoInputSearchCell,
     build,
 )
+from morphnas.spaces.base import SampledMixing
+from morphnas.spaces.two_input import input_pairs
 
 T, B = 4, 3
 TOL64 = dict(rtol=1e-5, atol=1e-5)
@@ -148,6 +150,30 @@ def slow_darts(cell, x, h0=None, weights=None, masks=(None, None), bn=None, fres
     return torch.stack(outs), h
 
 
+def slow_joint_softmax(alpha: Tensor) -> Tensor:
+    """One softmax over every entry of a node's ``α``, from the definition."""
+    e = torch.exp(alpha - alpha.max())
+    return e / e.sum()
+
+
+def slow_input_choice(i: int, p: Tensor, states: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """Input choice (``wiring: search``), pair by pair: row ``r`` of ``p`` is the ordered pair
+    ``(a_r, b_r)`` of distinct states among ``-1 .. i-1``; each slot reads the states weighted by
+    the mass of the rows that put them there, the ops are weighted by their column mass, both
+    divided by the node's total mass where it exceeds one."""
+    pairs = [(a, b) for a in range(-1, i) for b in range(-1, i) if a != b]
+    assert p.shape[0] == len(pairs)
+    mass = p.sum().clamp_min(1.0)  # the total, where over one
+    a_mix = torch.zeros_like(states[-1])
+    b_mix = torch.zeros_like(states[-1])
+    for r, (ja, jb) in enumerate(pairs):
+        share = p[r].sum() / mass
+        a_mix = a_mix + share * states[ja]
+        b_mix = b_mix + share * states[jb]
+    ops = torch.stack([p[:, k].sum() for k in range(p.shape[1])]) / mass
+    return a_mix, b_mix, ops
+
+
 def slow_two_input(cell, x, h0=None, weights=None, masks=(None, None), bn=None):
     """Two-input supernet, one node and one op at a time (spec §2.2).
 
@@ -159,20 +185,25 @@ def slow_two_input(cell, x, h0=None, weights=None, masks=(None, None), bn=None):
     n_nodes = len(cell.node_weights)
     names = cell.op_names
     add_names = [n for n in names if n in ADD_ACT]
+    search = cell.wiring == "search"
     if weights is None:
-        weights = [torch.softmax(a, dim=-1) for a in cell.arch]
+        softmax = slow_joint_softmax if search else (lambda a: torch.softmax(a, dim=-1))
+        weights = [softmax(a) for a in cell.arch]
     bn = bn if bn is not None else SlowBatchNorm(cell.bn, cell.training)
     m_x, m_h = masks
     h = torch.zeros(batch, d, dtype=x.dtype) if h0 is None else h0
     outs = []
     for t in range(steps):
-        u = _mask(x[t], m_x) @ cell.input_weight
+        u = _mask(x[t], m_x) @ cell.input_weight + cell.input_bias
         states = {-1: u, 0: _mask(h, m_h)}
         for i in range(1, n_nodes + 1):
-            a = states[i - 1]
-            b = states[i - 2] if cell.wiring == "chain" else states[-1]
             nw = cell.node_weights[i - 1]
             p = weights[i - 1]
+            if search:
+                a, b, p = slow_input_choice(i, p, states)
+            else:
+                a = states[i - 1]
+                b = states[i - 2] if cell.wiring == "chain" else states[-1]
             assert p.shape == (len(names),)
             total = torch.zeros(batch, d, dtype=x.dtype)
             for k, name in enumerate(names):
@@ -290,6 +321,7 @@ def make_two(n_in, d, nodes, ops, wiring, output, sharing, bn, training, dtype=t
     with torch.no_grad():
         for a in cell.arch:
             a.normal_()
+        cell.input_bias.normal_()
     cell = cell.to(dtype)
     randomise_bn(cell)
     cell.train(training)
@@ -486,6 +518,159 @@ def test_two_input_matches_slow(fused, nodes, ops, wiring, output, variant, mode
     compare(cell, slow_two_input, x, h0, TOL64)
 
 
+@pytest.mark.parametrize("mode", MODES, ids=["nobn-train", "bn-train", "bn-eval"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(v))
+@pytest.mark.parametrize("output", ["last", "mean"])
+@pytest.mark.parametrize("ops", TWO_OP_SETS, ids=lambda o: "-".join(o))
+@pytest.mark.parametrize("nodes", [1, 4])
+def test_input_choice_matches_slow(nodes, ops, output, variant, mode):
+    """Input choice (``wiring: search``) against the pair-by-pair reference: outputs and the
+    gradient of every parameter, the pair-by-op ``α`` included."""
+    bn, training = mode
+    sharing, squash = variant
+    n_in, d = SIZES[nodes % 2]
+    cell = make_two(
+        n_in, d, nodes, ops, "search", output, sharing, bn, training, output_activation=squash
+    )
+    assert [a.shape for a in cell.arch] == [(i * (i + 1), len(ops)) for i in range(1, nodes + 1)]
+    x, h0 = inputs(n_in, d)
+    compare(cell, slow_two_input, x, h0, TOL64)
+
+
+@pytest.mark.parametrize("kind", ["per-row", "unnormalised", "closed-gates"])
+def test_input_choice_takes_any_mixing_weights(kind):
+    """Mixing weights that are not one softmax over the node (a per-row softmax, DNAL's
+    sigmoid gates, mostly closed ones) mean the same marginals: every entry divided by the
+    node's total mass where it exceeds one."""
+    nodes, ops = 3, TWO_INPUT_OPS
+    cell = make_two(3, 5, nodes, ops, "search", "mean", "per_op", False, True)
+    gen = torch.Generator().manual_seed(7)
+    ws = []
+    for a in cell.arch:
+        w = torch.rand(a.shape, generator=gen, dtype=torch.float64)
+        if kind == "per-row":
+            w = w / w.sum(-1, keepdim=True)
+        elif kind == "closed-gates":  # total mass below one
+            w = w * 0.5 / w.sum()
+        ws.append(w.requires_grad_())
+    x, h0 = inputs(3, 5)
+    compare(cell, slow_two_input, x, h0, TOL64, weights=ws)
+
+
+# A cell with inputs no fixed wiring reaches: h and u at several nodes, a gate times a node.
+CHOSEN_CELL = (
+    Node("add_sigmoid", (-1, 0)),
+    Node("add_tanh", (0, -1)),
+    Node("hadamard", (1, 2)),
+    Node("highway", (3, -1)),
+    Node("add", (4, 0)),
+)
+
+
+def _pair_entry(cell: TwoInputSearchCell, i: int, node: Node) -> int:
+    """The flat index of ``node``'s (pair, op) entry in node ``i``'s ``α``."""
+    row = input_pairs(i).index(node.inputs)
+    return row * len(cell.op_names) + cell.op_names.index(node.op)
+
+
+def _copy_into_discrete(sup: TwoInputSearchCell, disc: TwoInputCell, genotype: Genotype) -> None:
+    d = sup.hidden_size
+    add_names = [n for n in sup.op_names if n.startswith("add_")]
+    with torch.no_grad():
+        disc.input_weight.copy_(sup.input_weight)
+        disc.input_bias.copy_(sup.input_bias)
+        slot = 0
+        for node, nw in zip(genotype.nodes, sup.node_weights, strict=True):
+            if node.op in add_names:
+                q = add_names.index(node.op)
+                disc.node_weights[slot].copy_(nw.add_weight[:, q * d : (q + 1) * d])
+                slot += 1
+            elif node.op == "highway":
+                disc.node_weights[slot].copy_(nw.highway_weight)
+                slot += 1
+        assert slot == len(disc.node_weights)
+
+
+@pytest.mark.parametrize("how", ["one-hot", "sampled"])
+@pytest.mark.parametrize("output", ["last", "mean"])
+def test_input_choice_one_pair_and_op_is_the_discrete_cell(how, output):
+    """A one-hot (pair, op) per node, dense or as a hard sample (GDAS), computes the discrete
+    cell of that genotype; a sample's gradient still reaches every entry of every ``α``."""
+    n_in, d = 3, 5
+    genotype = Genotype("two_input", CHOSEN_CELL, output=output, output_activation="tanh")
+    sup = make_two(
+        n_in, d, len(CHOSEN_CELL), TWO_INPUT_OPS, "search", output, "per_op", False, True
+    )
+    disc = TwoInputCell(genotype, n_in, d).double()
+    _copy_into_discrete(sup, disc, genotype)
+    weights, choices = [], []
+    for i, (node, alpha) in enumerate(zip(CHOSEN_CELL, sup.arch, strict=True), start=1):
+        probs = torch.softmax(alpha.reshape(-1), 0)
+        choice = _pair_entry(sup, i, node)
+        hot = torch.zeros_like(probs)
+        hot[choice] = 1.0
+        weights.append((hot - probs.detach() + probs).reshape(alpha.shape))  # straight-through
+        choices.append(choice)
+    mixing = SampledMixing(weights, choices) if how == "sampled" else weights
+    x, h0 = inputs(n_in, d)
+    out_sup, h_sup = sup(x, h0, weights=mixing)
+    out_disc, h_disc = disc(x, h0)
+    torch.testing.assert_close(out_sup, out_disc, **TOL64)
+    torch.testing.assert_close(h_sup, h_disc, **TOL64)
+    out_sup.sum().backward()
+    for alpha in sup.arch:
+        assert alpha.grad is not None and bool((alpha.grad != 0).all())
+
+
+def test_input_choice_derive_hand_set():
+    """The likeliest op with the likeliest pair of distinct inputs, both conditioned on an op
+    other than ``none`` (a pair whose mass is on ``none`` is not chosen)."""
+    ops = TWO_INPUT_OPS  # none add_tanh add_sigmoid add_relu add_identity hadamard add highway
+    cell = TwoInputSearchCell(3, 4, nodes=3, ops=ops, wiring="search")
+    with torch.no_grad():
+        for a in cell.arch:
+            a.zero_()
+        pairs2 = input_pairs(2)
+        cell.arch[0][input_pairs(1).index((0, -1)), ops.index("none")] = 9.0  # none: skipped
+        cell.arch[0][input_pairs(1).index((-1, 0)), ops.index("add_sigmoid")] = 3.0
+        cell.arch[1][pairs2.index((1, 0)), ops.index("hadamard")] = 6.0
+        cell.arch[2][:, ops.index("highway")] = 1.0  # the op, whatever the pair
+        cell.arch[2][input_pairs(3).index((2, -1)), ops.index("add_tanh")] = 2.0  # its pair
+        cell.arch[2][input_pairs(3).index((1, 2)), 0] = 6.0  # mass on 'none' picks no inputs
+    g = cell.derive()
+    assert g.nodes == (
+        Node("add_sigmoid", (-1, 0)),
+        Node("hadamard", (1, 0)),
+        Node("highway", (2, -1)),
+    )
+    options = cell.node_options(2, cell.mixing_weights()[1])
+    scores = [score for score, _ in options]
+    assert scores == sorted(scores, reverse=True)
+    assert all(n.inputs[0] != n.inputs[1] and n.op != "none" for _, n in options)
+    assert len(options) == (len(ops) - 1) * 3 * 2
+
+
+def test_input_choice_prune_keeps_the_chosen_inputs():
+    """A pruned node reads its chosen inputs: the pruned supernet is the derived cell."""
+    n_in, d = 3, 5
+    sup = make_two(n_in, d, 3, TWO_INPUT_OPS, "search", "last", "per_op", False, False)
+    genotype = sup.derive()
+    sup.prune()
+    assert [sup.fixed[i] for i in (1, 2, 3)] == list(genotype.nodes)
+    for i in (1, 2, 3):
+        hot = sup.mixing_weights()[i - 1]
+        assert float(hot.reshape(-1)[_pair_entry(sup, i, genotype.nodes[i - 1])]) == 1.0
+    disc = TwoInputCell(genotype, n_in, d).double().eval()
+    with torch.no_grad():
+        disc.input_weight.copy_(sup.input_weight)
+        disc.input_bias.copy_(sup.input_bias)
+        weights = [nw.weight for nw in sup.node_weights if nw.weight is not None]
+        for target, source in zip(disc.node_weights, weights, strict=True):
+            target.copy_(source)
+    x, h0 = inputs(n_in, d)
+    torch.testing.assert_close(sup(x, h0)[0], disc(x, h0)[0], **TOL64)
+
+
 def test_two_input_eval_without_bn():
     cell = make_two(3, 5, 3, TWO_INPUT_OPS, "chain", "mean", "per_op", False, False)
     x, h0 = inputs(3, 5)
@@ -619,6 +804,7 @@ def test_two_input_onehot_equals_discrete_cell(seed, wiring, output, training):
     add_names = [n for n in ops if n.startswith("add_")]
     with torch.no_grad():
         disc.input_weight.copy_(sup.input_weight)
+        disc.input_bias.copy_(sup.input_bias)
         slot = 0
         for node, nw in zip(genotype.nodes, sup.node_weights, strict=True):
             if node.op in add_names:

@@ -628,8 +628,11 @@ TINY = [
     ],
     ids=lambda f: "-".join(f[1:2] + f[3:4]).replace("search.strategy_options.", ""),
 )
-def test_search_runs_every_strategy_end_to_end(tmp_path, synthetic_csv, flags, growth):
+@pytest.mark.parametrize("wiring", ["chain", "search"])
+def test_search_runs_every_strategy_end_to_end(tmp_path, synthetic_csv, flags, growth, wiring):
+    """Every strategy, on a fixed wiring and on input choice (the node's inputs searched)."""
     grow = ["--growth", "grow-then-prune", "--nodes-start", "1"] if growth else []
+    grow += ["--set", f"space.options.wiring={wiring}"]
     out = tmp_path / "run"
     args = ["search", "--csv", str(synthetic_csv), *TINY, *flags, *grow, "--out", str(out)]
     done = CliRunner().invoke(app, [*args, "--json"])

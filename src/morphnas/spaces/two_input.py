@@ -1,16 +1,32 @@
 """The two-input recurrent backbone (Jie & Gao), fused; our reading of the paper (morphism.md §2.2).
 
-Every candidate op takes two inputs ``(a, b)``. Seeds: ``u_t = W_x x_t`` (state -1) and
+Every candidate op takes two inputs ``(a, b)``. Seeds: ``u_t = x_t W_x + b_x`` (state -1) and
 ``h_{t-1}`` (state 0). Wiring ``chain``: node ``i`` reads ``(s_{i-1}, s_{i-2})``, so node 1 sees
-``(h_{t-1}, u_t)``; wiring ``input``: node ``i`` reads ``(s_{i-1}, u_t)`` ("input injection").
-A mixed node is ``Σ_k softmax(α_i)_k · o_k(a, b)``; the output is the last node or the mean,
-squashed by ``tanh`` by default (``output_activation``): LSTM and GRU keep their state bounded by
+``(h_{t-1}, u_t)``; wiring ``input``: node ``i`` reads ``(s_{i-1}, u_t)`` ("input injection");
+wiring ``search``: node ``i`` *chooses* its two inputs among every earlier state (``u_t``,
+``h_{t-1}``, ``s_1 … s_{i-1}``), topology variables searched beside the ops. A mixed node is
+``Σ_k softmax(α_i)_k · o_k(a, b)``; the output is the last node or the mean, squashed by
+``tanh`` by default (``output_activation``): LSTM and GRU keep their state bounded by
 construction, and without a squash a cell of parameter-free ``add`` nodes (``s2 = s1 + h``)
 multiplies the state at every step and overflows within a few dozen steps.
 
 Growth (``grow``) appends a residual node ``s = base + γ ⊙ mixed(a, b)`` with ``γ = 0``, where
 ``base`` is the output rule over the existing nodes, so the cell's function is unchanged;
 ``prune`` fixes every searched node to its strongest op, keeping only that op's weights.
+
+Input choice (``wiring: search``), our design: node ``i``'s ``α`` has one row per ordered pair
+of distinct candidate states ``(a, b)`` and one column per op, as a DARTS node has one row per
+predecessor, so every strategy (softmax, Gumbel, sampling, sigmoid gates, penalties) searches it
+unchanged; its read-out is one softmax over the whole node (a per-row softmax would give every
+pair the same mass and leave the input choice unlearnable). The dense forward is the mean-field
+relaxation of that joint distribution: its op marginal mixes the ops, and each input slot reads
+the marginal mixture of the candidate states, ``ā = Σ_j P(a = j) s_j``, ``b̄`` alike. Under the
+product of the marginals that is the exact expectation for the bilinear ops
+(``E[a ⊙ b] = E[a] ⊙ E[b]`` for independent slots, ``E[a + b]`` likewise) and moves the mixture
+inside the activation for the weighted ones; it costs one weighted sum per slot instead of one
+op evaluation per pair (the pair count grows as ``i²``), and a hard sample (GDAS, random search)
+runs exactly its one pair and op. Derivation takes the ``(op, a, b)``, ``a ≠ b``, with the
+largest product of marginals (``node_options``).
 
 Fused: the input projection runs once for all time steps, the softmax once per forward, the
 ``add_*`` ops of a node share one matmul on ``[a, b]`` (one ``2d × n·d`` block), the highway op
@@ -38,6 +54,7 @@ from morphnas.spaces.base import (
     Widening,
     check_dropout,
     combine_nodes,
+    joint_softmax,
     new_alpha,
     parameter_like,
     sampled_scales,
@@ -52,7 +69,7 @@ from morphnas.spaces.fused_two_input import (
     TwoInputPlan,
 )
 
-WIRINGS = ("chain", "input")
+WIRINGS = ("chain", "input", "search")
 WEIGHT_SHARING = ("per_op", "per_node")
 
 
@@ -65,8 +82,18 @@ def _b_only(highway_weight: Tensor | None) -> Tensor | None:
 
 
 def node_inputs(i: int, wiring: str) -> tuple[int, int]:
-    """The two states node ``i`` (1-based) reads under a wiring."""
+    """The two states node ``i`` (1-based) reads under a fixed wiring (``chain``/``input``)."""
+    if wiring == "search":
+        raise ValueError("under wiring 'search' a node's inputs are searched, not fixed")
     return (i - 1, i - 2) if wiring == "chain" else (i - 1, -1)
+
+
+def input_pairs(i: int) -> tuple[tuple[int, int], ...]:
+    """The ordered pairs of distinct states node ``i`` may read under ``wiring: search``: every
+    earlier state, ``u_t`` (-1), ``h_{t-1}`` (0) and ``s_1 … s_{i-1}``. Row ``r`` of the node's
+    ``α`` is pair ``r``."""
+    states = range(-1, i)
+    return tuple((a, b) for a in states for b in states if a != b)
 
 
 class TwoInputNodeWeights(nn.Module):
@@ -94,7 +121,8 @@ class FixedNodeWeights(nn.Module):
 
 
 class TwoInputSearchCell(ArchitectureMixin, nn.Module):
-    """Two-input supernet. ``arch[i-1]`` has shape ``(len(ops),)``: one mixture per node."""
+    """Two-input supernet. ``arch[i-1]`` has shape ``(len(ops),)``: one mixture per node; under
+    ``wiring: search`` ``(len(input_pairs(i)), len(ops))``: one row per candidate input pair."""
 
     space = "two_input"
 
@@ -139,6 +167,10 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         self.dropout_x, self.dropout_h = dropout_x, dropout_h
         self.init_range = 1.0 / math.sqrt(hidden_size) if init_range is None else init_range
         self.fused = fused
+        self.input_choice = wiring == "search"
+        if self.input_choice:
+            # One categorical over (pair, op) per node: see the module docstring.
+            self.read_out = joint_softmax
         self.add_ops = [name for name in self.op_names if name in ADD_OPS]
         self._op_index = {name: k for k, name in enumerate(self.op_names)}
         # The order in which _mixed produces op outputs ('none' produces none).
@@ -151,9 +183,12 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         n_add = len(self.add_ops) if weight_sharing == "per_op" else min(len(self.add_ops), 1)
         self._add_width = n_add * hidden_size
         self.input_weight = uniform_parameter(input_size, hidden_size, bound=self.init_range)
+        # u_t = x_t W_x + b_x: with fewer inputs than hidden units b_x gives every op that reads
+        # u an affine term of its own, the biases LSTM and GRU gates have (genotype.KNOWN).
+        self.input_bias = nn.Parameter(torch.zeros(hidden_size))
         self.node_weights = nn.ModuleList(self._new_node_weights() for _ in range(nodes))
         self.bn = nn.BatchNorm1d(hidden_size, affine=False) if batchnorm else None
-        self.arch = nn.ParameterList(new_alpha(len(self.op_names)) for _ in range(nodes))
+        self.arch = nn.ParameterList(self._new_alpha(i) for i in range(1, nodes + 1))
         self.gammas = nn.ParameterDict()
         self.fixed: dict[int, Node] = {}
 
@@ -166,9 +201,46 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
             self.init_range,
         )
 
+    def _new_alpha(self, i: int) -> nn.Parameter:
+        """Node ``i``'s ``α``: one row of op logits, or one per input pair (``wiring: search``)."""
+        if self.input_choice:
+            return new_alpha(len(input_pairs(i)), len(self.op_names))
+        return new_alpha(len(self.op_names))
+
     @property
     def nodes(self) -> int:
         return len(self.node_weights)
+
+    def input_marginals(self, i: int, p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Node ``i``'s mixing weights ``p`` (pairs × ops, ``wiring: search``) as marginals:
+        the op weights, and the probability that slot ``a`` (then ``b``) reads state ``j``, at
+        position ``j + 1`` (state -1, ``u_t``, first). Each is divided by the node's total
+        mass where it exceeds one, so a per-row softmax means what one softmax over the node
+        means, and sigmoid gates (DNAL) that are mostly closed shrink the node towards zero, as
+        their plain sum would, instead of dividing by a vanishing mass."""
+        pairs = input_pairs(i)
+        mass = p.sum().clamp_min(1.0)
+        rows = p.sum(-1) / mass
+        first = torch.tensor([a + 1 for a, _ in pairs], device=p.device)
+        second = torch.tensor([b + 1 for _, b in pairs], device=p.device)
+        slot_a = rows.new_zeros(i + 1).index_add(0, first, rows)
+        slot_b = rows.new_zeros(i + 1).index_add(0, second, rows)
+        return p.sum(0) / mass, slot_a, slot_b
+
+    def _inputs(self, i: int) -> tuple[int, int]:
+        """The two states a fixed-input node reads: a pruned node's own, else the wiring's."""
+        fixed = self.fixed.get(i)
+        if fixed is None:
+            return node_inputs(i, self.wiring)
+        a, b = fixed.inputs
+        return a, b
+
+    def _sampled_node(self, i: int, choice: int) -> tuple[str, tuple[int, int]]:
+        """The op and inputs of a hard sample's entry ``choice`` (a flat index into ``α``)."""
+        if not self.input_choice:
+            return self.op_names[choice], node_inputs(i, self.wiring)
+        row, k = divmod(choice, len(self.op_names))
+        return self.op_names[k], input_pairs(i)[row]
 
     def _node_plan(self, p: Tensor, weights: TwoInputNodeWeights) -> tuple[Tensor | None, Tensor]:
         """Once per forward: the node's merged matrix and its op weights in term order.
@@ -215,7 +287,11 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
     def _can_fuse(self, batch: int, probs: list[Tensor]) -> bool:
         """Whether the sequence kernel runs this forward (``fused_ops.kernel_applies``); it takes
         a hard sample too, each sampled node as its op and the constant ``ONE``."""
-        return kernel_applies(self.fused, self.bn, batch, probs, takes_sampled=True)
+        # The kernels read fixed input slots; input choice runs the eager loop.
+        fixed_wiring = not self.input_choice
+        return fixed_wiring and kernel_applies(
+            self.fused, self.bn, batch, probs, takes_sampled=True
+        )
 
     def _fused_spec(self, i: int, choice: int | None = None) -> TwoInputNodeSpec:
         """Node ``i``'s terms and column blocks: mixed (every op), fixed (its one op) or sampled
@@ -247,7 +323,7 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         batch = x.shape[1]
         mask_x = variational_mask(batch, self.input_size, self.dropout_x, x, self.training)
         mask_h = variational_mask(batch, self.hidden_size, self.dropout_h, x, self.training)
-        u_all = (x if mask_x is None else x * mask_x) @ self.input_weight
+        u_all = (x if mask_x is None else x * mask_x) @ self.input_weight + self.input_bias
         h = x.new_zeros(batch, self.hidden_size) if h0 is None else h0
         sampled = sampled_scales(probs) if isinstance(probs, SampledMixing) else None
         specs, weights, op_weights = [], [], []
@@ -286,11 +362,20 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         sampled = sampled_scales(probs) if isinstance(probs, SampledMixing) else None
         mask_x = variational_mask(batch, self.input_size, self.dropout_x, x, self.training)
         mask_h = variational_mask(batch, self.hidden_size, self.dropout_h, x, self.training)
-        u_all = (x if mask_x is None else x * mask_x) @ self.input_weight  # hoisted
-        plans = [
-            None if isinstance(node, FixedNodeWeights) else self._node_plan(p, node)
-            for p, node in zip(probs, self.node_weights, strict=True)
-        ]
+        u_all = (x if mask_x is None else x * mask_x) @ self.input_weight + self.input_bias
+        plans: list[tuple[Tensor | None, Tensor] | None] = []
+        slots: list[tuple[Tensor, Tensor] | None] = []  # input marginals, wiring 'search'
+        for i, (p, node) in enumerate(zip(probs, self.node_weights, strict=True), start=1):
+            if isinstance(node, FixedNodeWeights) or (sampled and sampled[i - 1] is not None):
+                plans.append(None)
+                slots.append(None)
+            elif self.input_choice:
+                op_weights, slot_a, slot_b = self.input_marginals(i, p)
+                plans.append(self._node_plan(op_weights, node))
+                slots.append((slot_a, slot_b))
+            else:
+                plans.append(self._node_plan(p, node))
+                slots.append(None)
         h = x.new_zeros(batch, self.hidden_size) if h0 is None else h0
         outputs = []
         for t in range(steps):
@@ -298,12 +383,20 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
             states = {-1: u, 0: h if mask_h is None else h * mask_h}
             node_states: list[Tensor] = []
             for i, node in enumerate(self.node_weights, start=1):
-                a, b = (states[j] for j in node_inputs(i, self.wiring))
                 if isinstance(node, FixedNodeWeights):
+                    a, b = (states[j] for j in self._inputs(i))
                     s = apply_two_input(node.op, node.weight, a, b)
                 elif sampled is not None and sampled[i - 1] is not None:
-                    s = self._sampled(probs.choices[i - 1], sampled[i - 1], node, a, b)
+                    op, pair = self._sampled_node(i, probs.choices[i - 1])
+                    a, b = (states[j] for j in pair)
+                    s = self._sampled(op, sampled[i - 1], node, a, b)
+                elif self.input_choice:
+                    slot = slots[i - 1]
+                    stacked = torch.stack([states[j] for j in range(-1, i)])
+                    a, b = (torch.tensordot(w, stacked, dims=1) for w in slot)
+                    s = self._mixed(plans[i - 1], a, b)
                 else:
+                    a, b = (states[j] for j in node_inputs(i, self.wiring))
                     s = self._mixed(plans[i - 1], a, b)
                 s = self.bn(s) if self.bn is not None else s
                 gamma = self.gammas.get(str(i))
@@ -317,7 +410,7 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
 
     def _sampled(
         self,
-        choice: int,
+        op: str,
         scales: tuple[Tensor, Tensor],
         node: TwoInputNodeWeights,
         a: Tensor,
@@ -325,7 +418,6 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
     ) -> Tensor:
         """Only the sampled op runs (with only its own weight slice), scaled by its
         straight-through weight (see ``SampledMixing``)."""
-        op = self.op_names[choice]
         return scales[0] * apply_two_input(op, self._op_weight(node, op), a, b) + scales[1]
 
     def op_cost(self, op: str) -> tuple[int, int]:
@@ -344,15 +436,47 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
 
     def _one_hot(self, i: int) -> Tensor:
         hot = torch.zeros_like(self.arch[i - 1])
-        hot[self.op_names.index(self.fixed[i].op)] = 1.0
+        node = self.fixed[i]
+        k = self.op_names.index(node.op)
+        if self.input_choice:
+            hot[input_pairs(i).index(node.inputs), k] = 1.0  # type: ignore[arg-type]
+        else:
+            hot[k] = 1.0
         return hot
 
     @torch.no_grad()
+    def node_options(self, i: int, p: Tensor) -> list[tuple[float, Node]]:
+        """Node ``i``'s discrete choices under mixing weights ``p``, best first, with scores.
+
+        Fixed wiring: every op but ``none``, scored by its weight. ``wiring: search``: every
+        (op, a, b) with ``a ≠ b``, scored by the product of the marginals (``input_marginals``)
+        of the entries other than ``none`` (a derived node is never ``none``, so mass a pair
+        puts on ``none`` does not choose it): the likeliest op with the likeliest pair of
+        distinct inputs.
+        """
+        residual = str(i) in self.gammas
+        ops = [k for k, name in enumerate(self.op_names) if name != "none"]
+        if not self.input_choice:
+            inputs = node_inputs(i, self.wiring)
+            ranked = sorted(ops, key=lambda k: -float(p[k]))
+            return [(float(p[k]), Node(self.op_names[k], inputs, residual)) for k in ranked]
+        op_weights, slot_a, slot_b = self.input_marginals(i, p[:, ops])
+        scores = op_weights[:, None, None] * slot_a[None, :, None] * slot_b[None, None, :]
+        scores = scores - 2 * torch.eye(i + 1, dtype=scores.dtype, device=scores.device)
+        order = torch.argsort(scores.reshape(-1), descending=True, stable=True).tolist()
+        options = []
+        for flat in order:
+            k, rest = divmod(flat, (i + 1) ** 2)
+            a, b = divmod(rest, i + 1)
+            if a != b:
+                node = Node(self.op_names[ops[k]], (a - 1, b - 1), residual)
+                options.append((float(scores.reshape(-1)[flat]), node))
+        return options
+
     def _choose(self, i: int, p: Tensor) -> Node:
-        """The strongest op other than ``none``; the inputs follow from the wiring."""
-        candidates = [k for k, name in enumerate(self.op_names) if name != "none"]
-        k = candidates[int(p[candidates].argmax())]
-        return Node(self.op_names[k], node_inputs(i, self.wiring), str(i) in self.gammas)
+        """The best of ``node_options``: the strongest op other than ``none`` (and, under
+        ``wiring: search``, its likeliest distinct inputs)."""
+        return self.node_options(i, p)[0][1]
 
     def _op_weight(self, node: TwoInputNodeWeights, op: str) -> Tensor | None:
         """The slice of a mixed node's weights that belongs to one op."""
@@ -372,6 +496,7 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         """
         w = widening
         self.input_weight = w.producer(self.input_weight, dim=1)
+        self.input_bias = w.producer(self.input_bias, dim=0)
         for node in self.node_weights:
             if isinstance(node, FixedNodeWeights):
                 if node.weight is not None:
@@ -406,12 +531,15 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         node = self._new_node_weights().to(device=ref.device, dtype=ref.dtype)
         searched = [self.arch[i - 1] for i in self.mixed_nodes]
         alpha, gamma = (
-            parameter_like(ref, p)
-            for p in (new_alpha(len(self.op_names)), torch.zeros(self.hidden_size))
+            parameter_like(ref, p) for p in (self._new_alpha(n), torch.zeros(self.hidden_size))
         )
         if alpha_init == "mean" and searched:
+            # Under input choice the nodes' pair rows differ: the new node starts from their
+            # mean op preference, with every pair of inputs alike.
             with torch.no_grad():
-                alpha.copy_(torch.stack(searched).mean(0))
+                alpha.copy_(
+                    torch.stack([a.reshape(-1, alpha.shape[-1]).mean(0) for a in searched]).mean(0)
+                )
         self.node_weights.append(node)
         self.arch.append(alpha)
         self.gammas[str(n)] = gamma

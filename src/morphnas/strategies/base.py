@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from morphnas.genotype import Genotype
 from morphnas.optim import rebuild_optimizer
-from morphnas.spaces.base import SampledMixing, SearchSpace, softmax_last
+from morphnas.spaces.base import SampledMixing, SearchSpace
 from morphnas.strategies.penalties import PENALTIES, CostPenalty, proximity
 
 # A loss on one batch under given mixing weights: the strategy picks the weights, the task the loss.
@@ -187,8 +187,10 @@ class Strategy(ABC):
     # ------------------------------------------------------------------ parameterisation
 
     def transform(self, alpha: Tensor) -> Tensor:
-        """``α`` → deterministic mixing weights of one node (DARTS: a softmax per row)."""
-        return softmax_last(alpha)
+        """``α`` → deterministic mixing weights of one node: the space's read-out (DARTS: a
+        softmax per row of ``darts_rnn``'s edges; one softmax over a two-input node's (input
+        pair, op) entries under input choice, where a per-row softmax could not learn inputs)."""
+        return self.space.read_out(alpha)
 
     def mixing_weights(self) -> list[Tensor]:
         """Mixing weights for the weight step (a fresh sample for sampling strategies)."""

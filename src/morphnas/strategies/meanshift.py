@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from morphnas.errors import check_count
-from morphnas.spaces.base import SearchSpace, softmax_last
+from morphnas.spaces.base import SearchSpace, joint_softmax
 from morphnas.strategies.base import BatchLoss, Objective, Strategy, draw_seed
 
 
@@ -78,10 +78,10 @@ class MsDarts(Strategy):
         """The shifted point of the last arch step (its training batch), else the softmax."""
         if self._shifted is not None and len(self._shifted) == len(self.space.arch):
             return self._shifted
-        return self.space.mixing_weights(softmax_last)
+        return self.space.mixing_weights()
 
     def eval_mixing(self) -> list[Tensor]:
-        return self.space.mixing_weights(softmax_last)
+        return self.space.mixing_weights()
 
     def on_space_change(self) -> None:
         super().on_space_change()
@@ -99,7 +99,7 @@ class MsDarts(Strategy):
     @torch.no_grad()
     def mean_shift(self, objective: Objective | BatchLoss, batch: Any) -> list[Tensor]:
         """``iterations`` mean-shift steps from ``softmax(α)`` (see the module doc)."""
-        p = [w.detach() for w in self.space.mixing_weights(softmax_last)]
+        p = [w.detach() for w in self.space.mixing_weights()]
         searched = [i - 1 for i in range(1, len(p) + 1) if i not in self.space.fixed]
         seed = draw_seed()
         norm = self.bandwidth * math.sqrt(2 * math.pi)
@@ -124,14 +124,21 @@ class MsDarts(Strategy):
         return p
 
     def _perturb(self, p: list[Tensor], searched: list[int]) -> list[Tensor]:
-        """``p + U(−ε_t, ε_t)`` on searched nodes, projected row-wise onto the simplex."""
+        """``p + U(−ε_t, ε_t)`` on searched nodes, projected row-wise onto the simplex.
+
+        Under a read-out with one simplex per node (``joint_softmax``: two-input input choice)
+        each row keeps its share of the node's mass, so the perturbation moves the ops within a
+        pair and never erases which inputs the node prefers."""
         out = list(p)
         eps = self.radius
+        joint = self.space.read_out is joint_softmax
         for a in searched:
             x = (p[a] + (torch.rand_like(p[a]) * 2 - 1) * eps).clamp(0.0, 1.0)
             total = x.sum(-1, keepdim=True)
             fallback = torch.zeros_like(x).scatter_(-1, p[a].argmax(-1, keepdim=True), 1.0)
             out[a] = torch.where(total > 0, x / total.clamp_min(1e-12), fallback)
+            if joint:
+                out[a] = out[a] * p[a].sum(-1, keepdim=True)
         return out
 
 
