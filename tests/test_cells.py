@@ -66,7 +66,8 @@ def slow_darts_cell(cell, x, h0=None, masks=(None, None)):
 
 
 def slow_two_input_cell(cell, x, h0=None, masks=(None, None)):
-    """Discrete two-input cell (spec §2.2): each node one op on its two input states."""
+    """Discrete two-input cell (spec §2.2): each node one op on its two input states; u has the
+    input bias, and a ``cell_state`` node's value is read at the next step as state -2."""
     steps, batch, _ = x.shape
     d = cell.hidden_size
     m_x, m_h = masks
@@ -76,9 +77,11 @@ def slow_two_input_cell(cell, x, h0=None, masks=(None, None)):
         per_node.append(next(weights) if node.op in ADD_ACT or node.op == "highway" else None)
     assert next(weights, None) is None
     h = torch.zeros(batch, d, dtype=x.dtype) if h0 is None else h0
+    c = torch.zeros(batch, d, dtype=x.dtype)
     outs = []
     for t in range(steps):
-        states = {-1: _mask(x[t], m_x) @ cell.input_weight, 0: _mask(h, m_h)}
+        states = {-1: _mask(x[t], m_x) @ cell.input_weight + cell.input_bias, 0: _mask(h, m_h)}
+        states[-2] = c  # read only by a genotype with a cell_state
         for i, (node, w) in enumerate(zip(cell.genotype.nodes, per_node, strict=True), start=1):
             a, b = (states[j] for j in node.inputs)
             if node.op in ADD_ACT:
@@ -97,6 +100,8 @@ def slow_two_input_cell(cell, x, h0=None, masks=(None, None)):
         nodes = [states[i] for i in range(1, len(cell.genotype.nodes) + 1)]
         h = nodes[-1] if cell.genotype.output == "last" else sum(nodes) / len(nodes)
         h = SQUASH[cell.genotype.output_activation](h)  # the next step reads the squashed h
+        if cell.genotype.cell_state is not None:
+            c = states[cell.genotype.cell_state]
         outs.append(h)
     return torch.stack(outs), h
 
@@ -164,14 +169,31 @@ TWO_GENOTYPES = [
         output="mean",
         output_activation="tanh",
     ),
+    Genotype(  # a carried cell state, read by two nodes (the kernel path falls back to eager)
+        "two_input",
+        (
+            Node("add_sigmoid", (-1, 0)),
+            Node("hadamard", (1, -2)),
+            Node("add_tanh", (0, -1)),
+            Node("add", (2, 3)),
+            Node("add_tanh", (4, -2)),
+        ),
+        output="mean",
+        cell_state=4,
+    ),
 ]
+TWO_IDS = ["n1", "lstm_like", "mixed_mean", "cell_state"]
 
 
 def make(kind, genotype, n_in, d, training, dtype=torch.float64, **kw):
     torch.manual_seed(3)
     cls = DartsRNNCell if kind == "darts" else TwoInputCell
     extra = {"init_range": 0.5} if kind == "darts" else {}  # large enough to make gates matter
-    return cls(genotype, n_in, d, **extra, **kw).to(dtype).train(training)
+    cell = cls(genotype, n_in, d, **extra, **kw)
+    if kind == "two":  # the input bias starts at zero, which would hide a wrong use of it
+        with torch.no_grad():
+            cell.input_bias.uniform_(-0.5, 0.5)
+    return cell.to(dtype).train(training)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["kernel", "eager"])
@@ -193,7 +215,7 @@ def test_darts_cell_matches_slow(genotype, sizes, dropout, training, fused):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("sizes", [(3, 5), (5, 2)])
-@pytest.mark.parametrize("genotype", TWO_GENOTYPES, ids=["n1", "lstm_like", "mixed_mean"])
+@pytest.mark.parametrize("genotype", TWO_GENOTYPES, ids=TWO_IDS)
 def test_two_input_cell_matches_slow(genotype, sizes, dropout, training, fused):
     """Both paths of the two-input cell: the sequence kernel (the default) and the eager loop."""
     n_in, d = sizes
@@ -272,11 +294,11 @@ def test_darts_cell_parameter_count(genotype):
     assert count(DartsRNNCell(genotype, n_in, d)) == (n_in + d) * 2 * d + n * d * 2 * d
 
 
-@pytest.mark.parametrize("genotype", TWO_GENOTYPES, ids=["n1", "lstm_like", "mixed_mean"])
+@pytest.mark.parametrize("genotype", TWO_GENOTYPES, ids=TWO_IDS)
 def test_two_input_cell_parameter_count(genotype):
     n_in, d = 3, 5
     weighted = sum(1 for n in genotype.nodes if n.op.startswith("add_") or n.op == "highway")
-    assert count(TwoInputCell(genotype, n_in, d)) == n_in * d + weighted * 2 * d * d
+    assert count(TwoInputCell(genotype, n_in, d)) == n_in * d + d + weighted * 2 * d * d
 
 
 @pytest.mark.parametrize(("name", "gates"), [("lstm", 4), ("gru", 3)])

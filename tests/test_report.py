@@ -14,7 +14,7 @@ from rich.console import Console
 
 from morphnas import report
 from morphnas.errors import UserError
-from morphnas.genotype import DARTS_PRIMITIVES, TWO_INPUT_OPS, Genotype, Node
+from morphnas.genotype import DARTS_PRIMITIVES, KNOWN, TWO_INPUT_OPS, Genotype, Node
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -239,6 +239,7 @@ GENOTYPES = [
         "last",
     ),
     Genotype("two_input", (Node("add", (-1, 0)),), "mean"),
+    KNOWN["lstm"],  # carries c: an input box c_{t-1} and an output box c_t
 ]
 
 
@@ -268,6 +269,14 @@ def test_plot_genotype_uses_graphviz_when_dot_exists(
     (source,) = sources
     assert "s2\\nadd_tanh" in source and "hₜ = s3" in source
     assert source.count("label=a") == 3 and source.count("label=b") == 3
+
+
+def test_cell_graph_shows_the_carried_cell_state() -> None:
+    states, edges = report._cell_graph(KNOWN["lstm"])
+    labels = {s.key: s.label for s in states}
+    assert labels["c"] == "cₜ₋₁" and labels["c_out"] == "cₜ = s7"
+    assert ("c", "s5", "b") in edges and ("s7", "c_out", "") in edges
+    assert "c" not in {s.key for s in report._cell_graph(KNOWN["gru"])[0]}
 
 
 @pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz 'dot' binary not installed")

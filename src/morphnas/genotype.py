@@ -5,11 +5,14 @@ node states into the cell's output. State indices are shared by both recurrent s
 
 * ``darts_rnn``: state 0 is the highway init node ``s_0`` (on ``[x_t, h_{t-1}]``); node ``i``
   (1-based) applies one activation edge to one earlier state ``j < i``.
-* ``two_input``: state -1 is the projected input ``u_t = W_x x_t``, state 0 is ``h_{t-1}``; node
-  ``i`` applies a two-input operation to two earlier states ``a, b < i``.
+* ``two_input``: state -1 is the projected input ``u_t = W_x x_t + b_x``, state 0 is
+  ``h_{t-1}``; node ``i`` applies a two-input operation to two earlier states ``a, b < i``. A
+  cell with a ``cell_state`` node also carries that node's value to the next step, as an LSTM
+  carries its memory cell: there state -2 is ``c_{t-1}`` (zero at the first step).
 
 The JSON form carries ``format`` and ``version`` so that files written today stay readable, and
 loading validates everything a discrete cell relies on, with messages a person can act on.
+Version 2 added ``cell_state``; a version-1 file (which has none) still loads, meaning the same.
 """
 
 from __future__ import annotations
@@ -25,10 +28,14 @@ from typing import Any
 from morphnas.errors import UserError
 
 FORMAT = "morphnas.genotype"
-VERSION = 1
+VERSION = 2
 # The fields of the JSON form; anything else is refused, because a misspelt optional field
 # ("ouptut") would otherwise be ignored and the cell silently built with the default.
-FIELDS = ("format", "version", "space", "output", "output_activation", "nodes", "metadata")
+FIELDS = (
+    "format", "version", "space", "output", "output_activation", "cell_state", "nodes", "metadata",
+)  # fmt: skip
+# Per version read, the fields it may hold: version 1 predates the carried cell state.
+VERSION_FIELDS = {1: tuple(f for f in FIELDS if f != "cell_state"), 2: FIELDS}
 NODE_FIELDS = ("op", "inputs", "residual")
 
 DARTS_PRIMITIVES = ("none", "tanh", "relu", "sigmoid", "identity")
@@ -51,6 +58,7 @@ SPACE_OPS: dict[str, tuple[str, ...]] = {
 }
 SPACE_ARITY = {"darts_rnn": 1, "two_input": 2}
 SPACE_FIRST_STATE = {"darts_rnn": 0, "two_input": -1}
+CELL_STATE = -2  # the index of c_{t-1} in a two_input cell that carries a cell state
 OUTPUTS = ("mean", "last")
 # Squashing applied to the combined node states to form h_t: "tanh" keeps the recurrent state
 # bounded whatever ops a cell uses (a cell of parameter-free adds otherwise grows without bound).
@@ -74,12 +82,18 @@ class Node:
 
 @dataclass(frozen=True)
 class Genotype:
-    """A discrete recurrent cell; ``metadata`` (how it was found) is informative only."""
+    """A discrete recurrent cell; ``metadata`` (how it was found) is informative only.
+
+    ``cell_state`` (two_input only): the 1-based node whose value the cell carries to the next
+    step beside ``h``, readable there as state -2; ``None``: the cell carries ``h`` alone. It is
+    what lets the space hold an LSTM, whose memory cell is not its output.
+    """
 
     space: str
     nodes: tuple[Node, ...]
     output: str = "last"
     output_activation: str = "identity"
+    cell_state: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -92,6 +106,7 @@ class Genotype:
             "space": self.space,
             "output": self.output,
             "output_activation": self.output_activation,
+            "cell_state": self.cell_state,
             "nodes": [
                 {"op": n.op, "inputs": list(n.inputs), "residual": n.residual} for n in self.nodes
             ],
@@ -123,7 +138,7 @@ class Genotype:
 
     def __str__(self) -> str:
         """Readable one-line-per-node text, e.g. ``s2 = hadamard(s1, h)``."""
-        names = {-1: "u", 0: "h" if self.space == "two_input" else "s0"}
+        names = {CELL_STATE: "c", -1: "u", 0: "h" if self.space == "two_input" else "s0"}
 
         def state(i: int) -> str:
             return names.get(i, f"s{i}")
@@ -131,7 +146,8 @@ class Genotype:
         rule = "last node" if self.output == "last" else "mean of nodes"
         if self.output_activation != "identity":
             rule = f"{self.output_activation}({rule})"
-        lines = [f"{self.space} cell, h_t = {rule}"]
+        carried = "" if self.cell_state is None else f", c_t = s{self.cell_state}"
+        lines = [f"{self.space} cell, h_t = {rule}{carried}"]
         for i, node in enumerate(self.nodes, start=1):
             op = f"{node.op}({', '.join(state(j) for j in node.inputs)})"
             if node.residual:
@@ -159,7 +175,10 @@ def validate(genotype: Genotype) -> None:
         )
     if not genotype.nodes:
         raise UserError("genotype: 'nodes' is empty; a cell needs at least one node")
+    _validate_cell_state(genotype)
     arity, first = SPACE_ARITY[space], SPACE_FIRST_STATE[space]
+    if genotype.cell_state is not None:
+        first = CELL_STATE
     for i, node in enumerate(genotype.nodes, start=1):
         if node.op not in SPACE_OPS[space]:
             raise UserError(
@@ -185,10 +204,30 @@ def validate(genotype: Genotype) -> None:
                     f"order); node {i} may read states {first}..{i - 1}"
                 )
             if j < first:
+                hint = ""
+                if j == CELL_STATE and space == "two_input":
+                    hint = " (state -2, c, exists only in a cell with a 'cell_state' node)"
                 raise UserError(
-                    f"genotype: node {i} reads state {j}, which does not exist (states of "
+                    f"genotype: node {i} reads state {j}, which does not exist{hint} (states of "
                     f"{space} start at {first}); node {i} may read states {first}..{i - 1}"
                 )
+
+
+def _validate_cell_state(genotype: Genotype) -> None:
+    """``cell_state`` names a node of a two_input cell, or is ``None``."""
+    cell_state, n = genotype.cell_state, len(genotype.nodes)
+    if cell_state is None:
+        return
+    if genotype.space != "two_input":
+        raise UserError(
+            f"genotype: 'cell_state' is for two_input cells; a {genotype.space} cell carries "
+            "only h (remove 'cell_state')"
+        )
+    if isinstance(cell_state, bool) or not isinstance(cell_state, int) or not 1 <= cell_state <= n:
+        raise UserError(
+            f"genotype: cell_state {_short(cell_state)} is not a node of this cell; give the "
+            f"number (1..{n}) of the node whose value is carried as c, or null"
+        )
 
 
 def from_dict(data: Any) -> Genotype:
@@ -198,7 +237,9 @@ def from_dict(data: Any) -> Genotype:
     if data.get("format") != FORMAT:
         raise UserError(f"genotype: 'format' must be {FORMAT!r}; is this a morphnas genotype file?")
     _check_version(data.get("version"))
-    _check_fields(data, FIELDS, "the top level")
+    if data["version"] == 1 and "cell_state" in data:
+        raise UserError("genotype: 'cell_state' needs genotype version 2 (this file says 1)")
+    _check_fields(data, VERSION_FIELDS[data["version"]], "the top level")
     for key in ("space", "nodes"):
         if key not in data:
             raise UserError(f"genotype: missing field {key!r}")
@@ -226,27 +267,35 @@ def from_dict(data: Any) -> Genotype:
     squash = data.get("output_activation", "identity")
     if not all(isinstance(v, str) for v in (space, output, squash)):
         raise UserError("genotype: 'space', 'output' and 'output_activation' must be strings")
+    cell_state = data.get("cell_state")
     return Genotype(
-        space=space, nodes=tuple(nodes), output=output, output_activation=squash, metadata=metadata
+        space=space,
+        nodes=tuple(nodes),
+        output=output,
+        output_activation=squash,
+        cell_state=cell_state,
+        metadata=metadata,
     )
 
 
 def _check_version(version: Any) -> None:
-    """Only this version is read; a newer one is named as such, so the fix (upgrade) is clear."""
+    """Versions 1..VERSION are read; a newer one is named as such, so the fix (upgrade) is
+    clear."""
+    readable = f"versions 1..{VERSION}"
     if isinstance(version, bool) or not isinstance(version, int):
         raise UserError(
             f"genotype: 'version' must be an integer, got {_short(version)} (this morphnas "
-            f"reads version {VERSION})"
+            f"reads {readable})"
         )
     if version > VERSION:
         raise UserError(
             f"genotype: written by a newer morphnas (genotype version {version}; this one reads "
-            f"version {VERSION}); upgrade morphnas (pip install -U morphnas)"
+            f"{readable}); upgrade morphnas (pip install -U morphnas)"
         )
-    if version != VERSION:
+    if version not in VERSION_FIELDS:
         raise UserError(
             f"genotype: version {version} is not a genotype version this morphnas reads "
-            f"({VERSION}); write the file again with morphnas"
+            f"({readable}); write the file again with morphnas"
         )
 
 
@@ -322,6 +371,45 @@ KNOWN: dict[str, Genotype] = {
         ),
         output="mean",
         metadata={"source": "DARTS (Liu et al. 2019), PTB search, rnn/genotypes.py DARTS_V2"},
+    ),
+    # GRU and LSTM as points of the two-input space: with suitable weights these cells compute
+    # torch.nn.GRUCell / LSTMCell exactly (tests/test_known_cells.py copies the weights over).
+    # Each op reading u gets its bias through b_x, the input bias of u = x W_x + b_x.
+    "gru": Genotype(
+        "two_input",
+        (
+            Node("add_sigmoid", (-1, 0)),  # r = σ(W_ir x + b_ir + W_hr h + b_hr)
+            Node("add_sigmoid", (-1, 0)),  # z = σ(W_iz x + b_iz + W_hz h + b_hz)
+            Node("add_identity", (0, -1)),  # W_hn h + b_hn (the u term supplies b_hn alone)
+            Node("hadamard", (1, 3)),  # r ⊙ (W_hn h + b_hn)
+            Node("add_tanh", (-1, 4)),  # n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))
+            Node("add_identity", (0, 5)),  # h − n
+            Node("hadamard", (2, 6)),  # z ⊙ (h − n)
+            Node("add", (5, 7)),  # h' = n + z ⊙ (h − n) = (1 − z) ⊙ n + z ⊙ h
+        ),
+        metadata={
+            "source": "GRU (Cho et al. 2014) in torch.nn.GRUCell's form (r, z, n), written as a "
+            "two_input cell: s1 = r, s2 = z, s5 = n, s8 = h'"
+        },
+    ),
+    "lstm": Genotype(
+        "two_input",
+        (
+            Node("add_sigmoid", (-1, 0)),  # i
+            Node("add_sigmoid", (-1, 0)),  # f
+            Node("add_tanh", (-1, 0)),  # g
+            Node("add_sigmoid", (-1, 0)),  # o
+            Node("hadamard", (2, CELL_STATE)),  # f ⊙ c
+            Node("hadamard", (1, 3)),  # i ⊙ g
+            Node("add", (5, 6)),  # c' = f ⊙ c + i ⊙ g
+            Node("add_tanh", (7, -1)),  # tanh(c') (A = I, no u term)
+            Node("hadamard", (4, 8)),  # h' = o ⊙ tanh(c')
+        ),
+        cell_state=7,
+        metadata={
+            "source": "LSTM (Hochreiter & Schmidhuber 1997) in torch.nn.LSTMCell's form (i, f, g, "
+            "o), written as a two_input cell: s7 = c' is carried as c, s9 = h'"
+        },
     ),
 }
 

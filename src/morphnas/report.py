@@ -187,10 +187,12 @@ def _save(fig: Figure, path: Path) -> Path:
 def _node_op_probabilities(
     rows: Sequence[Mapping[str, Any]], n_ops: int
 ) -> dict[int, tuple[list[int], np.ndarray]]:
-    """Per node (1-based): the epochs it exists in and its op probabilities, averaged over edges.
+    """Per node (1-based): the epochs it exists in and its op probabilities, the op marginal.
 
-    Averaging the edge rows gives one "which op does this node prefer" curve per op for both
-    spaces (darts_rnn nodes have one row per candidate input, two_input nodes a single row).
+    Summing the rows and dividing by the node's total gives one "which op does this node prefer"
+    curve per op for every space: darts_rnn nodes have one softmax row per candidate input (the
+    mean of the rows), two_input nodes a single row, or under input choice one row per input
+    pair of a single softmax over the node (the column sums).
     """
     epochs: dict[int, list[int]] = {}
     probs: dict[int, list[np.ndarray]] = {}
@@ -203,7 +205,8 @@ def _node_op_probabilities(
                     f"but {n_ops} op names"
                 )
             epochs.setdefault(node, []).append(row["epoch"])
-            probs.setdefault(node, []).append(edge_probs.mean(axis=0))
+            total = max(float(edge_probs.sum()), 1e-30)  # closed sigmoid gates sum to 0
+            probs.setdefault(node, []).append(edge_probs.sum(axis=0) / total)
     return {node: (epochs[node], np.stack(probs[node])) for node in sorted(epochs)}
 
 
@@ -432,6 +435,9 @@ def _cell_graph(genotype: Genotype) -> tuple[list[_State], list[tuple[str, str, 
         states = [_State("u", "uₜ", "input"), _State("h", "hₜ₋₁", "input")]
         edges = []
         names = {-1: "u", 0: "h"}
+        if genotype.cell_state is not None:  # the carried memory cell, state -2
+            states.append(_State("c", "cₜ₋₁", "input"))
+            names[-2] = "c"
     for i, node in enumerate(genotype.nodes, start=1):
         sources = [names.get(j, f"s{j}") for j in node.inputs]
         if genotype.space == "darts_rnn":
@@ -448,6 +454,9 @@ def _cell_graph(genotype: Genotype) -> tuple[list[_State], list[tuple[str, str, 
     )
     sources = range(1, n + 1) if genotype.output == "mean" else [n]
     edges += [(f"s{i}", "out", "") for i in sources]
+    if genotype.cell_state is not None:
+        states.append(_State("c_out", f"cₜ = s{genotype.cell_state}", "output"))
+        edges.append((f"s{genotype.cell_state}", "c_out", ""))
     return states, edges
 
 
@@ -678,11 +687,19 @@ def _format_cell(key: str, value: Any) -> str:
 
 def results_table(results: Sequence[Mapping[str, Any]], title: str = "results") -> Table:
     """A rich table of models and their metrics; the best (lowest) test RSE in bold (test
-    perplexity for language models).
+    perplexity for language models). A row marked ``degenerate`` (a cell whose output ignores
+    its input or its state, ``morphnas.degenerate``) says so by its name and in the caption:
+    its numbers are the model around the cell, not a cell.
 
     Cells are ``Text`` objects, not markup strings, so a model named like ``[red]`` prints as is.
     """
-    table = Table(title=title)
+    degenerate = [r for r in results if r.get("degenerate")]
+    caption = "; ".join(
+        f"{r['model']}: a degenerate cell ({r.get('degenerate_reason', '')}); its numbers are "
+        "the model's without a working cell"
+        for r in degenerate
+    )
+    table = Table(title=title, caption=caption or None)
     lm = any("test_ppl" in result for result in results)
     columns, best_key = (_LM_COLUMNS, "test_ppl") if lm else (_COLUMNS, "test_rse")
     best_position = [key for key, _ in columns].index(best_key)
@@ -696,6 +713,8 @@ def results_table(results: Sequence[Mapping[str, Any]], title: str = "results") 
     best = min(finite, default=None)
     for result, score in zip(results, scores, strict=True):
         cells = [Text(_format_cell(key, result.get(key))) for key, _ in columns]
+        if result.get("degenerate"):
+            cells[0].append(" (degenerate)", style="yellow")
         if best is not None and score == best:
             for position in (0, best_position):  # the model's name and its test score
                 cells[position].stylize("bold")

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from morphnas.cells.fused_darts_cell import CellPlan, FusedDartsCellSequence, group_weight
 from morphnas.cells.fused_two_input_cell import FusedTwoInputCellSequence, TwoInputCellPlan
-from morphnas.genotype import Genotype
+from morphnas.genotype import CELL_STATE, Genotype
 from morphnas.ops import ACTIVATIONS, apply_two_input, two_input_weight_shape
 from morphnas.spaces.base import (
     check_dropout,
@@ -110,8 +110,13 @@ class DartsRNNCell(nn.Module):
 class TwoInputCell(nn.Module):
     """A discrete two-input cell: each node one op on its two input states.
 
+    ``u_t = x_t W_x + b_x``: the input bias gives every op that reads ``u`` an affine term, which
+    is what lets the space hold a GRU or an LSTM exactly (their gates have biases). A genotype
+    with a ``cell_state`` node also carries that node's value ``c`` from step to step (state -2).
+
     With ``fused=True`` (the default) the sequence runs on ``cells.fused_two_input_cell``'s
-    kernel whenever it can; the eager loop below is its specification and fallback.
+    kernel whenever it can (not for a cell that carries ``c``, which the kernel does not know);
+    the eager loop below is its specification and fallback.
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class TwoInputCell(nn.Module):
         d = hidden_size
         bound = 1.0 / math.sqrt(d) if init_range is None else init_range
         self.input_weight = uniform_parameter(input_size, d, bound=bound)
+        self.input_bias = nn.Parameter(torch.zeros(d))
         # One weight per node: [A; B] (2d x d) for add ops, [C, H] (d x 2d) for highway, else none.
         self.node_weights = nn.ParameterList()
         self._weight_slot: list[int | None] = []
@@ -152,17 +158,43 @@ class TwoInputCell(nn.Module):
         return apply_two_input(self.genotype.nodes[i].op, weight, a, b)
 
     def forward(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(outputs, h_last)`` from ``h0`` (zeros if None); a carried ``c`` starts at zero."""
+        outputs, h, _ = self._sequence(x, h0, None)
+        return outputs, h
+
+    def forward_with_state(
+        self, x: Tensor, state: Tensor | tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
+        """The outputs and the whole carried state, ``(h, c)`` for a cell with a ``cell_state``
+        node, else ``h``: a language model carries it across BPTT windows, as it does an LSTM's.
+
+        ``state``: what a previous call returned (a bare ``h`` starts ``c`` at zero)."""
+        if self.genotype.cell_state is None:
+            return self(x, state)  # through ``forward``, so a compiled forward is used
+        h0, c0 = (state, None) if state is None or isinstance(state, Tensor) else state
+        outputs, h, c = self._sequence(x, h0, c0)
+        assert c is not None
+        return outputs, (h, c)
+
+    def _sequence(
+        self, x: Tensor, h0: Tensor | None, c0: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Outputs, last ``h`` and last ``c`` (None when the cell carries none)."""
         steps, batch, _ = x.shape
         mask_x = variational_mask(batch, self.input_size, self.dropout_x, x, self.training)
         mask_h = variational_mask(batch, self.hidden_size, self.dropout_h, x, self.training)
-        u_all = (x if mask_x is None else x * mask_x) @ self.input_weight
+        u_all = (x if mask_x is None else x * mask_x) @ self.input_weight + self.input_bias
         h = x.new_zeros(batch, self.hidden_size) if h0 is None else h0
-        if self.fused and kernels_allowed():
-            return self._fused_forward(u_all, h, mask_h)
+        carried = self.genotype.cell_state
+        if carried is None and self.fused and kernels_allowed():
+            return (*self._fused_forward(u_all, h, mask_h), None)
+        c = x.new_zeros(batch, self.hidden_size) if carried is not None and c0 is None else c0
         squash = ACTIVATIONS[self.genotype.output_activation]
         outputs = []
         for t in range(steps):
             states = {-1: u_all[t], 0: h if mask_h is None else h * mask_h}
+            if c is not None:
+                states[CELL_STATE] = c
             node_states: list[Tensor] = []
             for i, node in enumerate(self.genotype.nodes):
                 a, b = (states[j] for j in node.inputs)
@@ -175,8 +207,10 @@ class TwoInputCell(nn.Module):
                 states[i + 1] = s
                 node_states.append(s)
             h = squash(combine_nodes(node_states, self.genotype.output))
+            if carried is not None:
+                c = states[carried]
             outputs.append(h)
-        return torch.stack(outputs), h
+        return torch.stack(outputs), h, c
 
     def _fused_forward(
         self, u_all: Tensor, h0: Tensor, mask_h: Tensor | None

@@ -29,7 +29,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from morphnas.cells.baselines import RecurrentBaseline
 from morphnas.data.corpus import Corpus, check_lengths, load_corpus
 from morphnas.spaces.base import check_dropout, variational_mask
 from morphnas.spaces.fused_ops import transforms_active
@@ -127,8 +126,9 @@ class LanguageModel(nn.Module):
 
     ``forward(tokens (T, B), state=None, **cell_kwargs)``: keyword arguments go to the cell, so a
     supernet receives a strategy's mixing weights as ``weights=``. ``state`` is whatever the
-    cell carries: the hidden state ``(B, d)``, or ``(h, c)`` for an LSTM baseline, whose memory
-    cell must be carried too for the comparison to be fair.
+    cell carries: the hidden state ``(B, d)``, or ``(h, c)`` for an LSTM baseline or a two-input
+    cell with a ``cell_state`` node, whose memory cell must be carried too for the comparison
+    to be fair.
     """
 
     def __init__(
@@ -162,8 +162,11 @@ class LanguageModel(nn.Module):
     def forward(self, tokens: Tensor, state: State | None = None, **cell_kwargs: Any) -> LMOutput:
         emb = embedding_dropout(self.embedding, tokens, self.dropout_e, self.training)
         emb = locked_dropout(emb, self.dropout_i, self.training)
-        if isinstance(self.cell, RecurrentBaseline):
-            raw, state = self.cell.forward_with_state(emb, state)
+        # A cell that carries more than h (an LSTM's memory cell, a two-input cell's cell_state)
+        # says so with ``forward_with_state``, whose state comes back whole.
+        with_state = getattr(self.cell, "forward_with_state", None)
+        if with_state is not None:
+            raw, state = with_state(emb, state, **cell_kwargs)
         else:
             raw, state = self.cell(emb, state, **cell_kwargs)
         dropped = locked_dropout(raw, self.dropout, self.training)
