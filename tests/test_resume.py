@@ -173,6 +173,32 @@ def test_resume_rebuilds_a_pruned_and_widened_darts_supernet(tmp_path, module_cs
     assert_same(outcome(cut), outcome(whole))
 
 
+def test_warm_up_and_candidate_retraining_resume_exactly(tmp_path, module_csv):
+    """Weight-only warm-up epochs, then candidates retrained briefly and chosen on valid: killed
+    (or stopped) mid warm-up, after it, inside each candidate's retraining and after the choice,
+    the run ends as an uninterrupted one, choice and candidates' scores included."""
+    extra = [
+        "--set", "search.warmup_epochs=2", "--set", "search.select=valid",
+        "--set", "search.candidates=2", "--set", "search.select_epochs=2",
+    ]  # fmt: skip
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    args = [str(module_csv) if a == "" else a for a in RUN]
+    assert morphnas(*args, *extra, "--out", str(whole)).returncode == 0
+    # 6 search steps an epoch, 3 retraining steps; the counts restart in every process.
+    crashes = ["step:9:TERM", "step:7", "train-step:5:TERM", "train-step:4", "train-step:8"]
+    done = morphnas(*args, *extra, "--out", str(cut), crash=crashes[0])
+    assert done.returncode == 130, done.stderr
+    for crash in [*crashes[1:], None]:
+        done = morphnas("search", "--resume", str(cut), "--json", crash=crash)
+        code = 130 if crash and crash.endswith("TERM") else -9 if crash else 0
+        assert done.returncode == code, (crash, done.stderr)
+    assert_same(outcome(cut), outcome(whole))
+    selections = [json.loads((run / "selection.json").read_text()) for run in (cut, whole)]
+    assert selections[0] == selections[1] and len(selections[0]) == 2
+    search_rows = [r for r in rows(cut) if r["phase"] == "search"]
+    assert [r.get("warmup", False) for r in search_rows] == [True, True, False, False]
+
+
 @pytest.mark.parametrize(("crash", "code"), [("train-step:9", -9), ("train-step:5:TERM", 130)])
 def test_train_resume_equals_an_uninterrupted_run(tmp_path, module_csv, crash, code):
     args = [

@@ -91,7 +91,9 @@ def search(
     Each iteration first lets the strategy update the architecture on a validation batch, then
     takes one weight step on a training batch under the strategy's (detached) mixing weights, as
     the DARTS code does; with ``config.weight_steps`` n > 1 the architecture steps on every n-th
-    batch of an epoch only (the first, the (n+1)-th, …), so n weight steps follow each. After
+    batch of an epoch only (the first, the (n+1)-th, …), so n weight steps follow each. The
+    first ``config.warmup_epochs`` epochs take weight steps only: parametric ops learn before
+    they compete with parameter-free ones, whose output is useful from the first step. After
     every epoch: the full validation loss, the mixing probabilities (and what the strategy
     measured, ``epoch_metrics``) in ``metrics.jsonl``, a checkpoint (``last``, and ``best`` by
     validation loss) and, with growth on, the growth trigger; every growth or prune event goes
@@ -202,13 +204,19 @@ def search(
         )
         saved_epoch = None
         first = run["position"]
+        # Warm-up: the weights learn under the initial mixture before α moves (a function of
+        # the epoch alone, so a resumed run warms up exactly as long).
+        warming = epoch <= config.warmup_epochs
+        searching = bool(space.arch_parameters()) and not warming
         progress.start(
-            f"search epoch {epoch}/{config.epochs} ({space.nodes} nodes)", len(epoch_batches)
+            f"search epoch {epoch}/{config.epochs} ({space.nodes} nodes"
+            f"{', warm-up' if warming else ''})",
+            len(epoch_batches),
         )
         progress.advance(first)
         for k in range(first, len(epoch_batches)):
             batch = epoch_batches[k]
-            if space.arch_parameters() and k % config.weight_steps == 0:
+            if searching and k % config.weight_steps == 0:
                 strategy.arch_step(objective, batch, next(valid_stream))
             optimizer.zero_grad(set_to_none=True)
             loss = batch_loss(batch, strategy.weight_mixing())
@@ -247,6 +255,7 @@ def search(
                 "seconds": run["elapsed"] + time.perf_counter() - started,
                 "nodes": space.nodes,
                 "train_windows": count,
+                **({"warmup": True} if warming else {}),
                 "arch": [
                     w.detach().reshape(-1, w.shape[-1]).tolist() for w in space.mixing_weights()
                 ],

@@ -53,11 +53,14 @@ def train(
     checkpoint_path: Path | None = None,
     resume: dict[str, Any] | None = None,
     stop: StopFlag | None = None,
+    phase: str = "train",
 ) -> TrainOutcome:
     """Adam on all parameters; stop after ``patience`` epochs without a better valid loss.
 
     The model is left holding the weights of its best validation epoch. With ``checkpoint_path``
-    the state is saved after every epoch; ``resume`` continues from such a checkpoint.
+    the state is saved after every epoch; ``resume`` continues from such a checkpoint. ``phase``
+    labels the epoch rows in ``metrics.jsonl`` (``select``: a candidate cell's brief retraining,
+    which the learning-curve plots leave out).
     """
     progress = progress or Silent()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -133,7 +136,7 @@ def train(
         check_finite(valid_loss, f"{name}'s validation loss", epoch)
         log.append(
             {
-                "phase": "train",
+                "phase": phase,
                 "model": name,
                 "epoch": epoch,
                 "train_loss": train_loss,

@@ -20,7 +20,10 @@ class SearchSpace(Protocol):
 
     A strategy never looks inside a space: it reads ``arch_parameters()``, turns them into mixing
     weights (one tensor per node, the last axis over the space's ``op_names``), and passes those to
-    ``forward``. ``derive()`` discretises the current architecture parameters. ``read_out`` is the
+    ``forward``. ``derive()`` discretises the current architecture parameters: each searched node
+    ``i`` becomes the first of ``node_options(i, p)``, its discrete choices under mixing weights
+    ``p`` with their scores (likelihoods: probabilities or gates), best first; the rest are the
+    alternatives a selection of the derived cell tries (``morphnas.selection``). ``read_out`` is the
     map from ``α`` to the probabilities that ``derive``, ``prune`` and the logs read (a softmax per
     row unless the strategy sets another, e.g. one categorical over a whole node). ``op_cost``
     gives the parameters and FLOPs (per sample and time step) one op adds to a derived node, for
@@ -44,6 +47,8 @@ class SearchSpace(Protocol):
     ) -> tuple[Tensor, Tensor]: ...
 
     def derive(self) -> Genotype: ...
+
+    def node_options(self, i: int, p: Tensor) -> list[tuple[float, Node]]: ...
 
     def op_cost(self, op: str) -> tuple[int, int]: ...
 
@@ -88,14 +93,21 @@ class ArchitectureMixin:
         raise NotImplementedError
 
     def _choose(self, i: int, p: Tensor) -> Node:
-        """The discrete node a searched node ``i`` derives to from its mixing weights ``p``."""
+        """The discrete node a searched node ``i`` derives to from its mixing weights ``p`` (a
+        space that ranks its choices overrides ``node_options`` instead)."""
         raise NotImplementedError
+
+    def node_options(self, i: int, p: Tensor) -> list[tuple[float, Node]]:
+        """The discrete choices for searched node ``i`` under mixing weights ``p``, with scores,
+        best first. This default knows only ``_choose``'s one choice (score 1), so a space that
+        does not rank its options still derives; it then offers no alternatives."""
+        return [(1.0, self._choose(i, p))]
 
     @torch.no_grad()
     def derive(self) -> Genotype:
-        """The discrete cell: fixed nodes as they were fixed, searched nodes by ``_choose``."""
+        """The discrete cell: fixed nodes as they were fixed, searched nodes their best option."""
         nodes = [
-            self.fixed[i] if i in self.fixed else self._choose(i, p)
+            self.fixed[i] if i in self.fixed else self.node_options(i, p)[0][1]
             for i, p in enumerate(self.mixing_weights(), start=1)
         ]
         return Genotype(

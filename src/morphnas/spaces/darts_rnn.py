@@ -260,12 +260,18 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
         return hot
 
     @torch.no_grad()
-    def _choose(self, i: int, p: Tensor) -> Node:
-        """The predecessor whose best non-``none`` probability is largest, and that op."""
-        candidates = [k for k, name in enumerate(self.op_names) if name != "none"]
-        best_p, best_k = p[:, candidates].max(dim=1)
-        j = int(best_p.argmax())
-        return Node(self.op_names[candidates[int(best_k[j])]], (j,), str(i) in self.gammas)
+    def node_options(self, i: int, p: Tensor) -> list[tuple[float, Node]]:
+        """Every edge node ``i`` may keep, one (predecessor ``j``, op) pair with its mixing weight
+        ``p[j, op]``, ``none`` left out, best first; ties go to the earlier predecessor, then the
+        earlier op. The first is DARTS's rule: the strongest non-``none`` entry of the node."""
+        residual = str(i) in self.gammas
+        options = [
+            (weight, Node(self.op_names[k], (j,), residual))
+            for j, row in enumerate(p.tolist())
+            for k, weight in enumerate(row)
+            if self.op_names[k] != "none"
+        ]
+        return sorted(options, key=lambda option: -option[0])  # stable: ties keep (j, op) order
 
     def op_cost(self, op: str) -> tuple[int, int]:
         """(parameters, FLOPs per sample and time step) ``op`` adds to a derived node.
@@ -322,7 +328,7 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
         pruned = []
         for i, p in enumerate(self.mixing_weights(), start=1):
             if i not in self.fixed:
-                self.fix(i, self._choose(i, p))
+                self.fix(i, self.node_options(i, p)[0][1])
                 pruned.append(i)
         return pruned
 
