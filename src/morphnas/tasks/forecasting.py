@@ -27,6 +27,14 @@ class ForecastModel(nn.Module):
     Every model of a comparison gets the same head; ``cell=None`` is the linear baseline ``ar``
     that shows what the recurrent part adds. Keyword arguments of ``forward`` go to the
     cell, so a supernet receives a strategy's mixing weights while discrete cells take none.
+
+    ``layout="global"`` makes the cell channel-independent, as PatchTST does: every series of
+    every window is its own sequence of one value per step (``series_sequences``), so one cell
+    and a one-output head are shared by all series, and the ``(B·m, 1)`` forecasts are laid back
+    out as ``(B, m)``, so loss and metrics are those of the multivariate layout. The ``cell``
+    must then read ``1 + series_embedding`` features: ``series_embedding > 0`` appends a learned
+    row per series to each step, so the shared cell can still tell the series apart. The
+    autoregressive part and ``window_norm`` act per series in either layout.
     """
 
     def __init__(
@@ -37,18 +45,32 @@ class ForecastModel(nn.Module):
         dropout: float = 0.0,
         ar_window: int = 0,
         window_norm: str = "none",
+        *,
+        layout: str = "multivariate",
+        series_embedding: int = 0,
     ):
         super().__init__()
         if cell is None and ar_window <= 0:
             raise ValueError("a forecaster needs a cell, an autoregressive window, or both")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if series_embedding < 0 or (series_embedding > 0 and layout != "global"):
+            raise ValueError("series_embedding must be >= 0, and > 0 only with layout 'global'")
         self.cell = cell
+        self.layout = layout
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(hidden_size, n_series) if cell is not None else None
+        outputs = 1 if layout == "global" else n_series
+        self.head = nn.Linear(hidden_size, outputs) if cell is not None else None
         self.ar_window = ar_window
         if window_norm not in WINDOW_NORMS:
             raise ValueError(f"window_norm must be one of {WINDOW_NORMS}, got {window_norm!r}")
         self.window_norm = window_norm
         self.autoregressive = nn.Linear(ar_window, 1) if ar_window > 0 else None
+        self.series_embedding = (
+            nn.Embedding(n_series, series_embedding)
+            if cell is not None and series_embedding > 0
+            else None
+        )
 
     def forward(self, window: Tensor, **cell_kwargs: Any) -> Tensor:
         reference = _window_reference(window, self.window_norm)
@@ -56,15 +78,39 @@ class ForecastModel(nn.Module):
             window = window - reference.unsqueeze(1)
         forecast = window.new_zeros(window.shape[0], window.shape[2])
         if self.cell is not None:
-            _, h_last = self.cell(window.transpose(0, 1), **cell_kwargs)
-            forecast = self.head(self.dropout(h_last))
+            forecast = self._cell_forecast(window, **cell_kwargs)
         if self.autoregressive is not None:
             recent = window[:, -self.ar_window :, :].transpose(1, 2)  # (B, m, ar_window)
             forecast = forecast + self.autoregressive(recent).squeeze(-1)
         return forecast if reference is None else forecast + reference
 
+    def _cell_forecast(self, window: Tensor, **cell_kwargs: Any) -> Tensor:
+        """The head's reading of the cell's last state, ``(B, m)`` in either layout."""
+        if self.layout == "multivariate":
+            _, h_last = self.cell(window.transpose(0, 1), **cell_kwargs)
+            return self.head(self.dropout(h_last))
+        table = None if self.series_embedding is None else self.series_embedding.weight
+        _, h_last = self.cell(series_sequences(window, table), **cell_kwargs)
+        return self.head(self.dropout(h_last)).view(window.shape[0], window.shape[2])
+
 
 WINDOW_NORMS = ("none", "last", "mean")
+LAYOUTS = ("multivariate", "global")
+
+
+def series_sequences(window: Tensor, embedding: Tensor | None = None) -> Tensor:
+    """Windows ``(B, P, m)`` as ``B·m`` single-series sequences ``(P, B·m, 1 + e)``, the cell's
+    input in the global layout: sequence ``b·m + j`` is series ``j`` of window ``b``, so the
+    ``B·m`` outputs reshape back to ``(B, m)`` as they are. ``embedding``: an ``(m, e)`` table
+    whose row ``j`` is appended to every step of series ``j`` (None: no id features).
+    """
+    n, steps, m = window.shape
+    sequences = window.permute(1, 0, 2).reshape(steps, n * m, 1)
+    if embedding is None:
+        return sequences
+    ids = embedding.expand(steps, n, m, embedding.shape[1]).reshape(steps, n * m, -1)
+    return torch.cat([sequences, ids], dim=-1)
+
 
 Batch = tuple[Tensor, Tensor]
 
@@ -92,8 +138,17 @@ class ForecastTask:
 
     probe_size = 64
 
-    def __init__(self, train: Batch, valid: Batch, batch_size: int) -> None:
+    def __init__(
+        self,
+        train: Batch,
+        valid: Batch,
+        batch_size: int,
+        *,
+        layout: str = "multivariate",
+        series_embedding: int = 0,
+    ) -> None:
         self.train, self.valid, self.batch_size = train, valid, batch_size
+        self.layout, self.series_embedding = layout, series_embedding
         self._mse = nn.MSELoss()
 
     def epoch_batches(self, generator: torch.Generator, fraction: float = 1.0) -> list[Batch]:
@@ -114,8 +169,20 @@ class ForecastTask:
         return float(self._mse(predict(model, self.valid[0], **model_kwargs), self.valid[1]))
 
     def probe(self) -> tuple[Tensor, Tensor]:
+        """Fixed validation windows, and the cell's input sequence for them in the run's layout.
+
+        The task does not own a global model's series embedding; a growth check only needs
+        *some* fixed input of the cell's width, so a fixed pseudo-embedding stands in for it.
+        """
         windows = self.valid[0][: self.probe_size]
-        return windows, windows.transpose(0, 1)
+        if self.layout == "multivariate":
+            return windows, windows.transpose(0, 1)
+        table = None
+        if self.series_embedding > 0:
+            generator = torch.Generator().manual_seed(0)
+            table = torch.randn(windows.shape[2], self.series_embedding, generator=generator)
+            table = table.to(windows)
+        return windows, series_sequences(windows, table)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
