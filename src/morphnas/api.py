@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from morphnas import cells, degenerate, engine, report, selection, spaces, strategies
+from morphnas import cells, degenerate, engine, report, selection, spaces, strategies, warmstart
 from morphnas import config as config_mod
 from morphnas import data as data_mod
 from morphnas import genotype as genotype_mod
@@ -112,6 +112,8 @@ def search(
         )
     except (TypeError, ValueError) as err:
         raise UserError(f"space.options: {err}") from None
+    if saved is None:  # a checkpoint holds α, warm start included
+        warmstart.warm_start(space, config)
     strategy = _strategy(config, space)  # before the run directory: bad options leave none
     if resume:
         _continue_run(run_dir, config, saved)
@@ -791,6 +793,8 @@ def _with_search_metadata(outcome: engine.SearchOutcome, space: Any, config: Run
         "op_names": list(space.op_names),
         "probabilities": [p.detach().tolist() for p in space.mixing_weights()],
     }
+    if config.search.start_from is not None:
+        metadata.update(start_from=config.search.start_from, start_logit=config.search.start_logit)
     return dataclasses.replace(outcome.genotype, metadata=metadata)
 
 

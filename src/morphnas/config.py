@@ -137,6 +137,15 @@ class SearchConfig(_Strict):
         description="a cell whose output ignores its input or its state, or is constant: skip "
         "= never kept (the next likely one is), keep = kept but reported",
     )
+    start_from: str | None = Field(
+        None,
+        min_length=1,
+        description="warm start: a published cell (gru, lstm, darts_v2) or a genotype.json "
+        "whose choices start start_logit ahead in α (a prior, not a constraint)",
+    )
+    start_logit: float = Field(
+        3.0, gt=0, allow_inf_nan=False, description="what start_from adds to its α entries"
+    )
 
     @model_validator(mode="after")
     def _warmup_leaves_architecture_steps(self) -> SearchConfig:

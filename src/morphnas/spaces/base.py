@@ -68,6 +68,8 @@ class ArchitectureMixin:
 
     arch: nn.ParameterList
     fixed: dict[int, Node]  # 1-based node index -> the op (and inputs) it was fixed to
+    op_names: tuple[str, ...]
+    gammas: nn.ParameterDict  # grown (residual) nodes' scales, keyed by their 1-based index
 
     def arch_parameters(self) -> list[nn.Parameter]:
         return [alpha for i, alpha in enumerate(self.arch, start=1) if i not in self.fixed]
@@ -89,8 +91,54 @@ class ArchitectureMixin:
             for i, alpha in enumerate(self.arch, start=1)
         ]
 
-    def _one_hot(self, i: int) -> Tensor:
+    def _entry(self, i: int, node: Node) -> tuple[int, ...]:
+        """The index of node ``i``'s ``α`` that stands for the discrete ``node``: what a fixed
+        node's one-hot sets and a warm start (``prefer``) raises. ``ValueError`` when ``node``
+        is not one of node ``i``'s choices in this supernet."""
         raise NotImplementedError
+
+    def _op_column(self, op: str) -> int:
+        """The last axis of ``α`` is the op; ``ValueError`` for an op the supernet lacks (its
+        ``ops``/``primitives`` option may leave some out)."""
+        if op not in self.op_names:
+            raise ValueError(f"op {op!r} is not among the supernet's ops {list(self.op_names)}")
+        return self.op_names.index(op)
+
+    def _one_hot(self, i: int) -> Tensor:
+        hot = torch.zeros_like(self.arch[i - 1])
+        hot[self._entry(i, self.fixed[i])] = 1.0
+        return hot
+
+    @torch.no_grad()
+    def prefer(self, genotype: Genotype, logit: float) -> None:
+        """Warm start (``search.start_from``): add ``logit`` to the ``α`` entry of each of
+        ``genotype``'s nodes, so that ``derive`` gives ``genotype`` from the first step.
+
+        A prior, not a constraint: every other entry keeps its value, so its read-out mass stays
+        positive and its gradient flows, and the search leaves the known cell wherever
+        validation pulls harder than ``logit``. Nodes past the genotype's stay as they are.
+        ``genotype`` must be a cell of this space without a cell state and with at most
+        ``len(self.arch)`` nodes (``morphnas.warmstart`` checks those against the config); what
+        only the supernet knows is checked here, every node before any ``α`` moves.
+        """
+        rule = (genotype.output, genotype.output_activation)
+        own = (self.output, self.output_activation)  # type: ignore[attr-defined]
+        if rule != own:
+            raise ValueError(
+                "its output rule (output={}, output_activation={}) is not the supernet's "
+                "(output={}, output_activation={})".format(*rule, *own)
+            )
+        entries = []
+        for i, node in enumerate(genotype.nodes, start=1):
+            grown = str(i) in self.gammas
+            if node.residual != grown:
+                raise ValueError(
+                    f"node {i} is {'' if node.residual else 'not '}residual (a grown node) and "
+                    f"the supernet's node {i} is {'' if grown else 'not '}residual"
+                )
+            entries.append(self._entry(i, node))
+        for alpha, entry in zip(self.arch, entries, strict=False):  # extra nodes: untouched
+            alpha[entry] += logit
 
     def _choose(self, i: int, p: Tensor) -> Node:
         """The discrete node a searched node ``i`` derives to from its mixing weights ``p`` (a

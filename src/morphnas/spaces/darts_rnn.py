@@ -253,11 +253,10 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
             outputs.append(h)
         return torch.stack(outputs), h
 
-    def _one_hot(self, i: int) -> Tensor:
-        node = self.fixed[i]
-        hot = torch.zeros_like(self.arch[i - 1])
-        hot[node.inputs[0], self.op_names.index(node.op)] = 1.0
-        return hot
+    def _entry(self, i: int, node: Node) -> tuple[int, ...]:
+        """``(predecessor, op)``: the one edge a derived node keeps (a genotype's node ``i``
+        reads a state below ``i``, every one of which is a row of ``α_i``)."""
+        return (node.inputs[0], self._op_column(node.op))
 
     @torch.no_grad()
     def node_options(self, i: int, p: Tensor) -> list[tuple[float, Node]]:

@@ -434,15 +434,25 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
             return 2 * d * d, 4 * d * d + 6 * d
         return (0, d) if op in ("hadamard", "add") else (0, 0)
 
-    def _one_hot(self, i: int) -> Tensor:
-        hot = torch.zeros_like(self.arch[i - 1])
-        node = self.fixed[i]
-        k = self.op_names.index(node.op)
-        if self.input_choice:
-            hot[input_pairs(i).index(node.inputs), k] = 1.0  # type: ignore[arg-type]
-        else:
-            hot[k] = 1.0
-        return hot
+    def _entry(self, i: int, node: Node) -> tuple[int, ...]:
+        """``(op,)`` under a fixed wiring, which gives the inputs; ``(input pair, op)`` under
+        ``wiring: search``, whose pairs are of distinct states."""
+        k = self._op_column(node.op)
+        if not self.input_choice:
+            wired = node_inputs(i, self.wiring)
+            if node.inputs != wired:
+                raise ValueError(
+                    f"node {i} reads states {list(node.inputs)}, but wiring {self.wiring!r} "
+                    f"gives node {i} states {list(wired)}"
+                )
+            return (k,)
+        pairs = input_pairs(i)
+        if node.inputs not in pairs:
+            raise ValueError(
+                f"node {i} reads states {list(node.inputs)}; under wiring 'search' a node "
+                f"reads two distinct states among -1..{i - 1}"
+            )
+        return (pairs.index(node.inputs), k)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def node_options(self, i: int, p: Tensor) -> list[tuple[float, Node]]:
