@@ -801,20 +801,7 @@ def test_two_input_onehot_equals_discrete_cell(seed, wiring, output, training):
         **kw,
     )
     disc = TwoInputCell(genotype, n_in, d, **kw).double().train(training)
-    add_names = [n for n in ops if n.startswith("add_")]
-    with torch.no_grad():
-        disc.input_weight.copy_(sup.input_weight)
-        disc.input_bias.copy_(sup.input_bias)
-        slot = 0
-        for node, nw in zip(genotype.nodes, sup.node_weights, strict=True):
-            if node.op in add_names:
-                q = add_names.index(node.op)
-                disc.node_weights[slot].copy_(nw.add_weight[:, q * d : (q + 1) * d])
-                slot += 1
-            elif node.op == "highway":
-                disc.node_weights[slot].copy_(nw.highway_weight)
-                slot += 1
-        assert slot == len(disc.node_weights)
+    _copy_into_discrete(sup, disc, genotype)
     onehot = [torch.eye(len(ops), dtype=torch.float64)[ops.index(op)] for op in chosen]
     x, h0 = inputs(n_in, d)
     torch.manual_seed(8)

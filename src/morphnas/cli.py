@@ -270,6 +270,9 @@ HorizonOpt = Annotated[int | None, typer.Option(help="steps ahead to forecast")]
 HiddenOpt = Annotated[int | None, typer.Option(help="hidden size of every model")]
 RetrainOpt = Annotated[int | None, typer.Option(help="max training epochs (early stopping)")]
 SeedOpt = Annotated[int | None, typer.Option(help="random seed")]
+JobsOpt = Annotated[
+    int, typer.Option(help="runs at once, in separate processes sharing the cores", min=1)
+]
 OutOpt = Annotated[Path | None, typer.Option(help="run directory (default runs/<time>-...)")]
 ThreadsOpt = Annotated[
     int | None, typer.Option(help="torch threads (default: by size and the cores left free)")
@@ -489,10 +492,7 @@ def compare(
         ),
     ] = None,
     seeds: Annotated[int, typer.Option(help="seeds per variant (0, 1, ...)", min=1)] = 3,
-    jobs: Annotated[
-        int,
-        typer.Option(help="runs at once, in separate processes sharing the cores", min=1),
-    ] = 1,
+    jobs: JobsOpt = 1,
     reuse: Annotated[
         bool,
         typer.Option(
@@ -577,10 +577,7 @@ def benchmark(
         bool,
         typer.Option("--quick", help="a smoke budget of a few minutes (CI); numbers mean nothing"),
     ] = False,
-    jobs: Annotated[
-        int,
-        typer.Option(help="runs at once, in separate processes sharing the cores", min=1),
-    ] = 1,
+    jobs: JobsOpt = 1,
     reuse: Annotated[
         bool,
         typer.Option(
