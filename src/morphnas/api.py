@@ -287,6 +287,7 @@ def _retrain_candidates(
     path = run_dir / "selection.json"
     done = {r["rank"]: r for r in json.loads(path.read_text("utf-8"))} if path.is_file() else {}
     brief = config.train.model_copy(update={"epochs": config.search.select_epochs})
+    task = _task(config, data, brief.batch_size)  # one for all candidates, as in retraining
     for record, genotype in usable:
         saved = done.get(record["rank"])
         if saved is not None and saved["nodes"] == record["nodes"]:
@@ -299,7 +300,6 @@ def _retrain_candidates(
             resumed = _checked_checkpoint(checkpoint_path, "train")
         seed_everything(config.seed)
         model = _build_model(genotype, config, data)
-        task = _task(config, data, brief.batch_size)
         try:
             outcome = engine.train(
                 model, task, brief, name=name, seed=config.seed, log=log, progress=progress,

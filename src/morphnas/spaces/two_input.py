@@ -40,6 +40,7 @@ a constant term weighted by the unsampled ops' sum, as ``_sampled`` computes it.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -88,6 +89,7 @@ def node_inputs(i: int, wiring: str) -> tuple[int, int]:
     return (i - 1, i - 2) if wiring == "chain" else (i - 1, -1)
 
 
+@functools.cache
 def input_pairs(i: int) -> tuple[tuple[int, int], ...]:
     """The ordered pairs of distinct states node ``i`` may read under ``wiring: search``: every
     earlier state, ``u_t`` (-1), ``h_{t-1}`` (0) and ``s_1 … s_{i-1}``. Row ``r`` of the node's
@@ -396,7 +398,7 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
                     a, b = (torch.tensordot(w, stacked, dims=1) for w in slot)
                     s = self._mixed(plans[i - 1], a, b)
                 else:
-                    a, b = (states[j] for j in node_inputs(i, self.wiring))
+                    a, b = (states[j] for j in self._inputs(i))
                     s = self._mixed(plans[i - 1], a, b)
                 s = self.bn(s) if self.bn is not None else s
                 gamma = self.gammas.get(str(i))
