@@ -75,7 +75,14 @@ INPUT_CHOICE_CONFIGS = [
         ("last", "mean"), ("tanh", "identity"), (False, True)
     )
 ]
-TWO_INPUT_CONFIGS += INPUT_CHOICE_CONFIGS
+# Input choice with a carried cell state c (node 1 carried; grown nodes come after it), unbounded
+# as a derived cell carries it, so that a pruned supernet is that cell exactly.
+CELL_STATE_CONFIGS = [
+    ("two_input", {**options, "cell_state": 1, "cell_bound": None})
+    for _, options in INPUT_CHOICE_CONFIGS
+    if options["output_activation"] == "identity"
+]
+TWO_INPUT_CONFIGS += INPUT_CHOICE_CONFIGS + CELL_STATE_CONFIGS
 CONFIGS = DARTS_CONFIGS + TWO_INPUT_CONFIGS
 NO_BN_CONFIGS = [(k, o) for k, o in CONFIGS if not o["batchnorm"]]
 
@@ -83,7 +90,8 @@ NO_BN_CONFIGS = [(k, o) for k, o in CONFIGS if not o["batchnorm"]]
 def config_id(config: tuple[str, dict]) -> str:
     kind, options = config
     short = {True: "bn", False: "nobn"}
-    return "-".join([kind, *(short.get(v, str(v)) for v in options.values())])
+    values = (short[v] if isinstance(v, bool) else str(v) for v in options.values())
+    return "-".join([kind, *values])
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,10 +521,10 @@ def slow_two_input_weight(space: nn.Module, node: nn.Module, name: str) -> Tenso
     return node.add_weight[:, k * D : (k + 1) * D]
 
 
-def slow_input_choice(i: int, p: Tensor, states: dict) -> tuple[Tensor, Tensor, Tensor]:
+def slow_input_choice(i: int, p: Tensor, states: dict, first: int) -> tuple[Tensor, Tensor, Tensor]:
     """Input choice pair by pair: each slot reads the states weighted by the mass of the
     (pair, op) rows that put them there, the ops by their column mass (over the total)."""
-    pairs = [(a, b) for a in range(-1, i) for b in range(-1, i) if a != b]
+    pairs = [(a, b) for a in range(first, i) for b in range(first, i) if a != b]
     mass = p.sum().clamp_min(1.0)  # the total, where over one
     a_mix = sum(p[r].sum() / mass * states[ja] for r, (ja, _) in enumerate(pairs))
     b_mix = sum(p[r].sum() / mass * states[jb] for r, (_, jb) in enumerate(pairs))
@@ -531,9 +539,12 @@ def slow_two_input(space: nn.Module, x: Tensor, h0: Tensor) -> Tensor:
         for a in space.arch
     ]
     squash = ACT[space.output_activation]
-    h, outs = h0, []
+    carried = space.cell_state
+    h, c, outs = h0, torch.zeros_like(h0), []
     for t in range(T):
         states = {-1: x[t] @ space.input_weight + space.input_bias, 0: h}
+        if carried is not None:
+            states[-2] = c
         node_states: list[Tensor] = []
         for i in range(1, space.nodes + 1):
             node = space.node_weights[i - 1]
@@ -542,7 +553,8 @@ def slow_two_input(space: nn.Module, x: Tensor, h0: Tensor) -> Tensor:
                 s = slow_two_input_op(space, space.fixed[i].op, node.weight, a, b)
                 p = None
             elif search:
-                a, b, p = slow_input_choice(i, probs[i - 1], states)
+                first = -1 if carried is None else -2
+                a, b, p = slow_input_choice(i, probs[i - 1], states, first)
             else:
                 a = states[i - 1]
                 b = states[i - 2] if space.wiring == "chain" else states[-1]
@@ -558,6 +570,9 @@ def slow_two_input(space: nn.Module, x: Tensor, h0: Tensor) -> Tensor:
             states[i] = s
             node_states.append(s)
         h = squash(slow_output_rule(node_states, space.output))
+        if carried is not None:
+            bound = space.cell_bound
+            c = states[carried] if bound is None else bound * torch.tanh(states[carried] / bound)
         outs.append(h)
     return torch.stack(outs)
 
@@ -638,7 +653,8 @@ def one_hots(space: nn.Module, genotype: Genotype) -> list[Tensor]:
         if space.space == "darts_rnn":
             hot[node.inputs[0], k] = 1.0
         elif space.wiring == "search":
-            hot[input_pairs(len(hots) + 1).index(node.inputs), k] = 1.0
+            first = -1 if space.cell_state is None else -2
+            hot[input_pairs(len(hots) + 1, first).index(node.inputs), k] = 1.0
         else:
             hot[k] = 1.0
         hots.append(hot)

@@ -444,6 +444,11 @@ def _run(args: list[str]) -> dict:
     ("space", "extra"),
     [
         ("two_input", []),
+        # input choice with a carried cell state: the supernet's (h, c) crosses BPTT windows
+        (
+            "two_input",
+            ["--set", "space.options.wiring=search", "--set", "space.options.cell_state=2"],
+        ),
         ("darts_rnn", []),
         ("darts_rnn", ["--growth", "grow-and-prune", "--nodes-start", "1"]),
     ],
@@ -452,7 +457,8 @@ def test_cli_search_and_retraining_on_the_tiny_corpus(tmp_path, space, extra):
     run = tmp_path / "run"
     out = _run([*TINY, "--space", space, *extra, "--out", str(run)])
     rows = {row["model"]: row for row in out["results"]}
-    expected = {"searched", "lstm", "gru"} | ({"one-shot"} if extra else set())
+    grown = "--growth" in extra
+    expected = {"searched", "lstm", "gru"} | ({"one-shot"} if grown else set())
     assert set(rows) == expected
     for name in ("searched", "lstm", "gru"):
         row = rows[name]
@@ -472,7 +478,9 @@ def test_cli_search_and_retraining_on_the_tiny_corpus(tmp_path, space, extra):
     for name in ("arch", "genotype", "learning_curves"):
         assert (run / "plots" / f"{name}.png").is_file()
     assert not (run / "plots" / "forecast.png").exists()
-    if extra:
+    if "cell_state=2" in " ".join(extra):
+        assert out["genotype"]["cell_state"] == 2
+    if grown:
         events = json.loads((run / "history.json").read_text())
         assert any(e["kind"] == "grow" for e in events)
 

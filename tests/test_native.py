@@ -95,10 +95,11 @@ def float32_two_input_cell(training: bool, hidden: int = D) -> torch.nn.Module:
     return derived_cell(GROWN_TWO_INPUT, 4.0, training, hidden)
 
 
-def float32_two_input_supernet(hidden: int = D) -> torch.nn.Module:
-    """The two-input search cell with every op, grown, with BatchNorm and dropout."""
+def float32_two_input_supernet(hidden: int = D, wiring: str = "chain") -> torch.nn.Module:
+    """The two-input search cell with every op, grown, with BatchNorm and dropout; under
+    ``wiring: search`` its nodes read their slots' mixtures of the states."""
     torch.manual_seed(0)
-    cell = TwoInputSearchCell(N_IN, hidden, nodes=3, dropout_x=0.2, dropout_h=0.3)
+    cell = TwoInputSearchCell(N_IN, hidden, nodes=3, dropout_x=0.2, dropout_h=0.3, wiring=wiring)
     cell.grow()
     with torch.no_grad():
         for a in cell.arch:
@@ -183,6 +184,7 @@ def split_supernet() -> torch.nn.Module:
         (lambda: float32_two_input_supernet(16).double(), 2),
         (lambda: float32_two_input_supernet(16).double(), 3),
         (lambda: float32_two_input_supernet(16).double().eval(), 3),
+        (lambda: float32_two_input_supernet(16, "search").double(), 3),
     ],
     ids=[
         "supernet",
@@ -195,6 +197,7 @@ def split_supernet() -> torch.nn.Module:
         "two_input_supernet",
         "two_input_supernet-3",
         "two_input_supernet-3-eval",
+        "two_input_supernet-3-search",
     ],
 )
 def test_rows_split_across_threads_give_the_one_thread_result(make, threads):

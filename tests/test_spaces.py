@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from morphnas.cells import DartsRNNCell, TwoInputCell
-from morphnas.genotype import DARTS_PRIMITIVES, TWO_INPUT_OPS, Genotype, Node
+from morphnas.genotype import DARTS_PRIMITIVES, KNOWN, TWO_INPUT_OPS, Genotype, Node
 from morphnas.spaces import (
     SPACES,
     DartsRNNSearchCell,
@@ -156,12 +156,15 @@ def slow_joint_softmax(alpha: Tensor) -> Tensor:
     return e / e.sum()
 
 
-def slow_input_choice(i: int, p: Tensor, states: dict) -> tuple[Tensor, Tensor, Tensor]:
+def slow_input_choice(
+    i: int, p: Tensor, states: dict, first: int = -1
+) -> tuple[Tensor, Tensor, Tensor]:
     """Input choice (``wiring: search``), pair by pair: row ``r`` of ``p`` is the ordered pair
-    ``(a_r, b_r)`` of distinct states among ``-1 .. i-1``; each slot reads the states weighted by
-    the mass of the rows that put them there, the ops are weighted by their column mass, both
-    divided by the node's total mass where it exceeds one."""
-    pairs = [(a, b) for a in range(-1, i) for b in range(-1, i) if a != b]
+    ``(a_r, b_r)`` of distinct states among ``first .. i-1`` (``first`` -2 when the cell carries
+    ``c``); each slot reads the states weighted by the mass of the rows that put them there, the
+    ops are weighted by their column mass, both divided by the node's total mass where it
+    exceeds one."""
+    pairs = [(a, b) for a in range(first, i) for b in range(first, i) if a != b]
     assert p.shape[0] == len(pairs)
     mass = p.sum().clamp_min(1.0)  # the total, where over one
     a_mix = torch.zeros_like(states[-1])
@@ -174,11 +177,13 @@ def slow_input_choice(i: int, p: Tensor, states: dict) -> tuple[Tensor, Tensor, 
     return a_mix, b_mix, ops
 
 
-def slow_two_input(cell, x, h0=None, weights=None, masks=(None, None), bn=None):
+def slow_two_input(cell, x, h0=None, weights=None, masks=(None, None), bn=None, c0=None):
     """Two-input supernet, one node and one op at a time (spec §2.2).
 
     ``h_t`` is the last node or the mean of the nodes, then squashed by ``output_activation``;
-    the squashed value is what the next step reads as ``h_{t-1}``.
+    the squashed value is what the next step reads as ``h_{t-1}``. A cell with a
+    ``cell_state`` also reads node ``cell_state``'s previous value as state -2 (from ``c0``, or
+    zero) and returns ``(outputs, h, c)``.
     """
     steps, batch, _ = x.shape
     d = cell.hidden_size
@@ -192,15 +197,19 @@ def slow_two_input(cell, x, h0=None, weights=None, masks=(None, None), bn=None):
     bn = bn if bn is not None else SlowBatchNorm(cell.bn, cell.training)
     m_x, m_h = masks
     h = torch.zeros(batch, d, dtype=x.dtype) if h0 is None else h0
+    carried = cell.cell_state
+    c = torch.zeros(batch, d, dtype=x.dtype) if c0 is None else c0
     outs = []
     for t in range(steps):
         u = _mask(x[t], m_x) @ cell.input_weight + cell.input_bias
         states = {-1: u, 0: _mask(h, m_h)}
+        if carried is not None:
+            states[-2] = c
         for i in range(1, n_nodes + 1):
             nw = cell.node_weights[i - 1]
             p = weights[i - 1]
             if search:
-                a, b, p = slow_input_choice(i, p, states)
+                a, b, p = slow_input_choice(i, p, states, -2 if carried is not None else -1)
             else:
                 a = states[i - 1]
                 b = states[i - 2] if cell.wiring == "chain" else states[-1]
@@ -232,7 +241,13 @@ def slow_two_input(cell, x, h0=None, weights=None, masks=(None, None), bn=None):
         nodes = [states[i] for i in range(1, n_nodes + 1)]
         h = nodes[-1] if cell.output == "last" else sum(nodes) / n_nodes
         h = SQUASH[cell.output_activation](h)
+        if carried is not None:
+            c = states[carried]
+            if cell.cell_bound is not None:
+                c = cell.cell_bound * torch.tanh(c / cell.cell_bound)
         outs.append(h)
+    if carried is not None and c0 is not None:
+        return torch.stack(outs), h, c
     return torch.stack(outs), h
 
 
@@ -569,7 +584,7 @@ CHOSEN_CELL = (
 
 def _pair_entry(cell: TwoInputSearchCell, i: int, node: Node) -> int:
     """The flat index of ``node``'s (pair, op) entry in node ``i``'s ``α``."""
-    row = input_pairs(i).index(node.inputs)
+    row = input_pairs(i, -1 if cell.cell_state is None else -2).index(node.inputs)
     return row * len(cell.op_names) + cell.op_names.index(node.op)
 
 
@@ -622,6 +637,106 @@ def test_input_choice_one_pair_and_op_is_the_discrete_cell(how, output):
         assert alpha.grad is not None and bool((alpha.grad != 0).all())
 
 
+# (nodes, cell_state): c from the first, a middle and the last node.
+CARRIED = [(1, 1), (3, 2), (4, 4)]
+
+
+@pytest.mark.parametrize("mode", MODES[:2], ids=["nobn-train", "bn-train"])
+@pytest.mark.parametrize("output", ["last", "mean"])
+@pytest.mark.parametrize(("nodes", "cell_state"), CARRIED)
+def test_cell_state_matches_slow(nodes, cell_state, output, mode):
+    """A supernet that carries ``c`` (``cell_state``) against the pair-by-pair reference:
+    ``c_{t-1}`` is one more candidate state of every slot, node ``cell_state`` its next value."""
+    bn, training = mode
+    n_in, d = SIZES[nodes % 2]
+    cell = make_two(
+        n_in, d, nodes, TWO_INPUT_OPS, "search", output, "per_op", bn, training,
+        cell_state=cell_state,
+    )  # fmt: skip
+    assert [a.shape[0] for a in cell.arch] == [(i + 2) * (i + 1) for i in range(1, nodes + 1)]
+    x, h0 = inputs(n_in, d)
+    compare(cell, slow_two_input, x, h0, TOL64)
+
+
+@pytest.mark.parametrize("bound", [10.0, 0.5, None])
+@pytest.mark.parametrize(("nodes", "cell_state"), CARRIED)
+def test_cell_state_carried_across_calls(nodes, cell_state, bound):
+    """``forward_with_state`` takes and returns ``(h, c)``, as a language model carries it
+    across BPTT windows: outputs, the last ``(h, c)`` and the gradients of every parameter,
+    ``x``, ``h0`` and ``c0`` against the reference."""
+    n_in, d = SIZES[nodes % 2]
+    cell = make_two(
+        n_in, d, nodes, TWO_INPUT_OPS, "search", "mean", "per_node", False, False,
+        cell_state=cell_state, cell_bound=bound,
+    )  # fmt: skip
+    x, h0 = inputs(n_in, d)
+    c0 = torch.randn(B, d, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    c0.requires_grad_()
+    wrt = [*cell.parameters(), x, h0, c0]
+    ref = slow_two_input(cell, x, h0, c0=c0)
+    out, (h, c) = cell.forward_with_state(x, (h0, c0))
+    for got, want in zip((out, h, c), ref, strict=True):
+        torch.testing.assert_close(got, want, **TOL64)
+    probe = [torch.randn_like(t) for t in ref]
+    loss = sum((t * w).sum() for t, w in zip((out, h, c), probe, strict=True))
+    ref_loss = sum((t * w).sum() for t, w in zip(ref, probe, strict=True))
+    got, want = torch.autograd.grad(loss, wrt), torch.autograd.grad(ref_loss, wrt)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, **TOL64)
+    assert cell.forward_with_state(x, h0)[1][1].shape == (B, d)  # a bare h: c from zero
+
+
+@pytest.mark.parametrize("how", ["one-hot", "sampled"])
+def test_lstm_is_a_point_of_the_cell_state_supernet(how):
+    """With ``cell_state=7`` and 9 nodes the supernet holds ``KNOWN["lstm"]``: one (pair, op)
+    per node, dense or sampled, computes the discrete LSTM cell, ``(h, c)`` included, and a warm
+    start at it derives it."""
+    n_in, d, lstm = 3, 5, KNOWN["lstm"]
+    sup = make_two(
+        n_in, d, 9, TWO_INPUT_OPS, "search", "last", "per_op", False, True,
+        output_activation="identity", cell_state=7, cell_bound=None,
+    )  # fmt: skip
+    disc = TwoInputCell(lstm, n_in, d).double()
+    _copy_into_discrete(sup, disc, lstm)
+    weights, choices = [], []
+    for i, (node, alpha) in enumerate(zip(lstm.nodes, sup.arch, strict=True), start=1):
+        choice = _pair_entry(sup, i, node)
+        hot = torch.zeros(alpha.numel(), dtype=alpha.dtype)
+        hot[choice] = 1.0
+        weights.append(hot.reshape(alpha.shape))
+        choices.append(choice)
+    mixing = SampledMixing(weights, choices) if how == "sampled" else weights
+    x, h0 = inputs(n_in, d)
+    c0 = torch.randn(B, d, dtype=torch.float64)
+    out_sup, (h_sup, c_sup) = sup.forward_with_state(x, (h0, c0), weights=mixing)
+    out_disc, (h_disc, c_disc) = disc.forward_with_state(x, (h0, c0))
+    for got, want in ((out_sup, out_disc), (h_sup, h_disc), (c_sup, c_disc)):
+        torch.testing.assert_close(got, want, **TOL64)
+    sup.prefer(lstm, 40.0)
+    assert sup.derive() == lstm
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"cell_state": 2, "wiring": "chain"}, r"cell_state needs wiring 'search'"),
+        ({"cell_state": 4, "wiring": "search"}, r"cell_state 4 is not a node of a 3-node cell"),
+        ({"cell_state": True, "wiring": "search"}, r"cell_state must be a node number"),
+        ({"cell_state": 1, "wiring": "search", "cell_bound": 0.0}, r"cell_bound must be positive"),
+    ],
+)
+def test_cell_state_refusals(options, message):
+    with pytest.raises(ValueError, match=message):
+        TwoInputSearchCell(3, 4, nodes=3, **options)
+
+
+def test_cell_state_warm_start_must_match():
+    """A warm start's cell carries what the supernet carries, or it is refused by name."""
+    sup = TwoInputSearchCell(3, 4, nodes=9, wiring="search", output_activation="identity")
+    with pytest.raises(ValueError, match=r"carries node 7 as its cell state and the supernet"):
+        sup.prefer(KNOWN["lstm"], 5.0)
+
+
 def test_input_choice_derive_hand_set():
     """The likeliest op with the likeliest pair of distinct inputs, both conditioned on an op
     other than ``none`` (a pair whose mass is on ``none`` is not chosen)."""
@@ -650,11 +765,17 @@ def test_input_choice_derive_hand_set():
     assert len(options) == (len(ops) - 1) * 3 * 2
 
 
-def test_input_choice_prune_keeps_the_chosen_inputs():
-    """A pruned node reads its chosen inputs: the pruned supernet is the derived cell."""
+@pytest.mark.parametrize("cell_state", [None, 2])
+def test_input_choice_prune_keeps_the_chosen_inputs(cell_state):
+    """A pruned node reads its chosen inputs: the pruned supernet is the derived cell (which
+    carries the same ``c``)."""
     n_in, d = 3, 5
-    sup = make_two(n_in, d, 3, TWO_INPUT_OPS, "search", "last", "per_op", False, False)
+    sup = make_two(
+        n_in, d, 3, TWO_INPUT_OPS, "search", "last", "per_op", False, False,
+        cell_state=cell_state, cell_bound=None,
+    )  # fmt: skip
     genotype = sup.derive()
+    assert genotype.cell_state == cell_state
     sup.prune()
     assert [sup.fixed[i] for i in (1, 2, 3)] == list(genotype.nodes)
     for i in (1, 2, 3):

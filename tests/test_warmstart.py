@@ -163,7 +163,15 @@ REFUSALS = {
         {"space": {"options": {**GRU_SPACE, "wiring": "chain"}}},
         r"node 1 reads states \[-1, 0\], but wiring 'chain' gives node 1 states \[0, -1\]",
     ),
-    "cell state": ({"start_from": "lstm"}, r"carries a cell state .* no supernet carries"),
+    "cell state": (
+        {"start_from": "lstm", "space": {"nodes": 9}},
+        r"carries node 7 as its cell state \(c\) and the supernet no cell state; set "
+        r"space\.options\.cell_state=7",
+    ),
+    "no cell state": (
+        {"space": {"options": {**GRU_SPACE, "cell_state": 8}}},
+        r"carries no cell state and the supernet node 8 .*; drop space\.options\.cell_state",
+    ),
     "op": (
         {"space": {"options": {**GRU_SPACE, "ops": ["add_tanh", "add_sigmoid", "add"]}}},
         r"op 'add_identity' is not among the supernet's ops",

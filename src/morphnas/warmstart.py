@@ -18,11 +18,15 @@ from morphnas.genotype import load_or_known
 from morphnas.spaces.base import ArchitectureMixin
 
 
+def _carried(cell_state: object) -> str:
+    return "no cell state" if cell_state is None else f"node {cell_state} as its cell state (c)"
+
+
 def warm_start(space: ArchitectureMixin, config: RunConfig) -> None:
     """Put ``config.search.start_from`` (if set) into the freshly built supernet ``space``.
 
     Every misfit is a one-line ``UserError``, raised before the run directory exists: what the
-    config decides (the space, the node count, no cell state) here, with the key to change; what
+    config decides (the space, the node count, the cell state) here, with the key to change; what
     only the supernet knows (output rule, ops, inputs under the wiring) by ``space.prefer``.
     """
     reference = config.search.start_from
@@ -38,10 +42,16 @@ def warm_start(space: ArchitectureMixin, config: RunConfig) -> None:
             f"{where} is a {cell.space} cell and this search's space is {config.space.name} "
             "(space.name)"
         )
-    if cell.cell_state is not None:
+    carried = config.space.options.get("cell_state")
+    if cell.cell_state != carried:
+        fix = (
+            f"set space.options.cell_state={cell.cell_state} (with wiring=search)"
+            if cell.cell_state is not None
+            else "drop space.options.cell_state"
+        )
         raise UserError(
-            f"{where} carries a cell state (s{cell.cell_state} as c, as an LSTM does) and no "
-            "supernet carries one yet; start from a cell without one, e.g. gru"
+            f"{where} carries {_carried(cell.cell_state)} and the supernet "
+            f"{_carried(carried)}; {fix}"
         )
     nodes, start = len(cell.nodes), config.nodes_initial
     if nodes > start:

@@ -9,7 +9,10 @@
 // common.h's ``RowNorm``; a node's terms and their mixture at a step are one pass over its rows,
 // forward, and their gradients another, backward, with the op weights' reductions taken in that
 // pass. With more than one intra-op thread the batch is split into parts, one a thread, for the
-// whole sequence (``Loops``), as in the DARTS supernet.
+// whole sequence (``Loops``), as in the DARTS supernet. Under input choice a node reads the
+// mixtures its slot weights make of the earlier states, written into buffers of its own at each
+// step; backward, it keeps ``d a`` and ``d b`` of every step for the slot weights' gradients,
+// which Python takes once per sequence, and hands each state its share within the step.
 
 #pragma once
 
@@ -22,9 +25,13 @@ namespace morphnas_native::two_input_supernet {
 enum Kind : int64_t { kAddAct = 0, kHighway = 1, kHadamard = 2, kAdd = 3, kOne = 4 };
 
 // One node, as ``fused_two_input._Node`` holds it. States: ``-1`` is ``u``, ``0`` is ``m ⊙ h``,
-// ``j`` node ``j``.
+// ``j`` node ``j``. Under input choice (``choice``) ``a`` and ``b`` are unused: the node reads
+// ``a_in`` and ``b_in``, its slot weights' mixtures of the states ``-1 … i−1`` (weight ``j + 1``
+// for state ``j``), which the forward writes.
 struct Node {
   int64_t a = 0, b = 0;
+  bool choice = false;
+  OptTensor slot_a, slot_b, a_in, b_in;  // (i + 1,) ×2; (T, B, d) ×2
   std::vector<int64_t> kinds, acts, columns;  // per term: its kind, an add_*'s activation and
   std::vector<bool> first;                    // column in ``pre``, and whether it writes first
   int64_t highway_column = -1, a_cols = 0;    // the highway's ``[c | g]`` columns; columns on a
@@ -83,8 +90,11 @@ class Loops {
 
   // Fills ``d_u`` (all but the hoisted matmuls' share) and ``d_pre``, adds into ``d_op_w`` and
   // ``d_gamma`` (per node; an empty tensor for a node without), and returns d h0.
+  // Under input choice, ``d_a_in`` and ``d_b_in`` (per node; zeros, ``None`` for a node without)
+  // take ``d a`` and ``d b`` of every step.
   Tensor backward(const Tensor& grad_out, const Tensor& d_u, const std::vector<OptTensor>& d_pre,
-                  const std::vector<Tensor>& d_op_w, const std::vector<Tensor>& d_gamma) {
+                  const std::vector<Tensor>& d_op_w, const std::vector<Tensor>& d_gamma,
+                  const std::vector<OptTensor>& d_a_in, const std::vector<OptTensor>& d_b_in) {
     const int64_t steps = s_.u.size(0), N = n();
     const auto opt = grad_out.options();
     Tensor carry = at::zeros({B_, d_}, opt);
@@ -106,7 +116,8 @@ class Loops {
           else
             for (int64_t i = 1; i <= N; ++i) rows[i * size + j] = dh * share;
         }
-        for (int64_t i = N - 1; i >= 0; --i) node_backward(t, i, p, d_u, d_pre[i]);
+        for (int64_t i = N - 1; i >= 0; --i)
+          node_backward(t, i, p, d_u, d_pre[i], d_a_in[i], d_b_in[i]);
         for (int64_t j = 0; j < size; ++j) c[j] = m != nullptr ? rows[j] * m[j] : rows[j];
       }
     });
@@ -164,11 +175,8 @@ class Loops {
     if (j == 0) return s_.h_in;
     return s_.nodes[j - 1].state;
   }
-  // Its rows in part ``p`` at step ``t`` (contiguous), and as a view for ATen.
+  // Its rows in part ``p`` at step ``t`` (contiguous).
   T* state(int64_t t, int64_t j, int64_t p) const { return split_.rows_of<T>(states_of(j), t, p); }
-  Tensor state_view(int64_t t, int64_t j, int64_t p) const {
-    return split_.rows_of(states_of(j).select(0, t), p);
-  }
 
   // ``out`` = the output rule over nodes 1..count at step ``t``, part ``p``'s rows.
   void base_of(int64_t t, int64_t count, int64_t p, T* out) const {
@@ -176,17 +184,69 @@ class Loops {
     output_rule(s_.output_mean, count, split_.rows(p) * d_, node, out);
   }
 
+  // What a node reads at every step as ``a`` (``second`` false) or ``b``: a state, or under input
+  // choice its own buffer of the mixture; its rows in part ``p`` at step ``t``, and as a view.
+  const Tensor& input_of(const Node& node, bool second) const {
+    if (node.choice) return second ? *node.b_in : *node.a_in;
+    return states_of(second ? node.b : node.a);
+  }
+  T* input(const Node& node, bool second, int64_t t, int64_t p) const {
+    return split_.rows_of<T>(input_of(node, second), t, p);
+  }
+  Tensor input_view(const Node& node, bool second, int64_t t, int64_t p) const {
+    return split_.rows_of(input_of(node, second).select(0, t), p);
+  }
+
+  // Input choice: ``a`` and ``b`` at step ``t`` as the slot weights' mixtures of the states.
+  void mix_inputs(int64_t t, const Node& node, int64_t p) {
+    const T* wa = node.slot_a->data_ptr<T>();
+    const T* wb = node.slot_b->data_ptr<T>();
+    const int64_t states = node.slot_a->numel(), d = d_;
+    T* a = input(node, false, t, p);
+    T* b = input(node, true, t, p);
+    over_rows(split_.rows(p), d * states, [&](int64_t r0, int64_t r1) {
+      const int64_t lo = r0 * d, hi = r1 * d;
+      for (int64_t j = lo; j < hi; ++j) a[j] = b[j] = T(0);
+      for (int64_t q = 0; q < states; ++q) {
+        const T* s = state(t, q - 1, p);
+        const T x = wa[q], y = wb[q];
+        for (int64_t j = lo; j < hi; ++j) {
+          a[j] += x * s[j];
+          b[j] += y * s[j];
+        }
+      }
+    });
+  }
+
+  // Input choice: what ``d a`` and ``d b`` at step ``t`` send back to each state ``j``,
+  // ``P(a = j) d a + P(b = j) d b`` (the slot weights' own gradients are taken in Python).
+  void spread_inputs(int64_t t, const Node& node, int64_t p, const T* da, const T* db,
+                     const Tensor& d_u) {
+    const T* wa = node.slot_a->data_ptr<T>();
+    const T* wb = node.slot_b->data_ptr<T>();
+    const int64_t states = node.slot_a->numel(), d = d_;
+    over_rows(split_.rows(p), d * states, [&](int64_t r0, int64_t r1) {
+      const int64_t lo = r0 * d, hi = r1 * d;
+      for (int64_t q = 0; q < states; ++q) {
+        T* target = d_row(t, q - 1, p, d_u);
+        const T x = wa[q], y = wb[q];
+        for (int64_t j = lo; j < hi; ++j) target[j] += x * da[j] + y * db[j];
+      }
+    });
+  }
+
   void node_forward(int64_t t, int64_t i, int64_t p) {
     const Node& node = s_.nodes[i];
     const int64_t d = d_, K = node.n_terms(), R = split_.rows(p), first = split_.first_row(p);
+    if (node.choice) mix_inputs(t, node, p);
     if (node.pre.has_value()) {
       Tensor pre_t = split_.rows_of(node.pre->select(0, t), p);
-      if (!node.hoisted) at::mm_out(pre_t, state_view(t, node.b, p), *node.w_b);
+      if (!node.hoisted) at::mm_out(pre_t, input_view(node, true, t, p), *node.w_b);
       if (node.a_cols > 0)
-        pre_t.narrow(1, 0, node.a_cols).addmm_(state_view(t, node.a, p), *node.w_a);
+        pre_t.narrow(1, 0, node.a_cols).addmm_(input_view(node, false, t, p), *node.w_a);
     }
-    const T* a = state(t, node.a, p);
-    const T* b = state(t, node.b, p);
+    const T* a = input(node, false, t, p);
+    const T* b = input(node, true, t, p);
     T* pre = node.pre.has_value() ? split_.rows_of<T>(*node.pre, t, p) : nullptr;
     const int64_t width = node.pre.has_value() ? node.pre->size(2) : 0;
     T* terms = step_of<T>(node.terms, t) + first * d;  // term k's rows: ``k·B·d`` further on
@@ -287,7 +347,8 @@ class Loops {
     return parts_[p].d_states.select(0, j);
   }
 
-  void node_backward(int64_t t, int64_t i, int64_t p, const Tensor& d_u, const OptTensor& d_pre) {
+  void node_backward(int64_t t, int64_t i, int64_t p, const Tensor& d_u, const OptTensor& d_pre,
+                     const OptTensor& d_a_in, const OptTensor& d_b_in) {
     const Node& node = s_.nodes[i];
     Part& part = parts_[p];
     const int64_t d = d_, K = node.n_terms(), R = split_.rows(p), size = R * d;
@@ -309,10 +370,10 @@ class Loops {
       d_s = part.scaled;
     }
     const T* dm = norm_backward(t, i, p, d_s.data_ptr<T>());
-    const T* a = state(t, node.a, p);
-    const T* b = state(t, node.b, p);
-    T* da = d_row(t, node.a, p, d_u);
-    T* db = d_row(t, node.b, p, d_u);
+    const T* a = input(node, false, t, p);
+    const T* b = input(node, true, t, p);
+    T* da = node.choice ? split_.rows_of<T>(*d_a_in, t, p) : d_row(t, node.a, p, d_u);
+    T* db = node.choice ? split_.rows_of<T>(*d_b_in, t, p) : d_row(t, node.b, p, d_u);
     const T* pre = node.pre.has_value() ? split_.rows_of<T>(*node.pre, t, p) : nullptr;
     T* dpre = d_pre.has_value() ? split_.rows_of<T>(*d_pre, t, p) : nullptr;
     const int64_t width = node.pre.has_value() ? node.pre->size(2) : 0;
@@ -382,10 +443,16 @@ class Loops {
     part.chunks.merge_into(part.reduced[i]);
     if (d_pre.has_value()) {
       Tensor d_pre_t = split_.rows_of(d_pre->select(0, t), p);
-      if (node.a_cols > 0)
-        d_row_view(t, node.a, p, d_u).addmm_(d_pre_t.narrow(1, 0, node.a_cols), node.w_a->t());
-      if (!node.hoisted) d_row_view(t, node.b, p, d_u).addmm_(d_pre_t, node.w_b->t());
+      Tensor d_a = node.choice ? split_.rows_of(d_a_in->select(0, t), p)
+                               : d_row_view(t, node.a, p, d_u);
+      if (node.a_cols > 0) d_a.addmm_(d_pre_t.narrow(1, 0, node.a_cols), node.w_a->t());
+      if (!node.hoisted) {
+        Tensor d_b = node.choice ? split_.rows_of(d_b_in->select(0, t), p)
+                                 : d_row_view(t, node.b, p, d_u);
+        d_b.addmm_(d_pre_t, node.w_b->t());
+      }
     }
+    if (node.choice) spread_inputs(t, node, p, da, db, d_u);
   }
 };
 
@@ -397,12 +464,13 @@ inline void forward(const Sequence& sequence) {
 
 inline Tensor backward(const Sequence& sequence, const Tensor& grad_out, const Tensor& d_u,
                        const std::vector<OptTensor>& d_pre, const std::vector<Tensor>& d_op_w,
-                       const std::vector<Tensor>& d_gamma) {
+                       const std::vector<Tensor>& d_gamma, const std::vector<OptTensor>& d_a_in,
+                       const std::vector<OptTensor>& d_b_in) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Tensor grad = grad_out.contiguous();
   Tensor d_h0;
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "two_input_supernet_backward", [&] {
-    d_h0 = Loops<scalar_t>(sequence).backward(grad, d_u, d_pre, d_op_w, d_gamma);
+    d_h0 = Loops<scalar_t>(sequence).backward(grad, d_u, d_pre, d_op_w, d_gamma, d_a_in, d_b_in);
   });
   return d_h0;
 }
@@ -412,6 +480,11 @@ inline void bind(pybind11::module_ m) {
       .def(pybind11::init<>())
       .def_readwrite("a", &Node::a)
       .def_readwrite("b", &Node::b)
+      .def_readwrite("choice", &Node::choice)
+      .def_readwrite("slot_a", &Node::slot_a)
+      .def_readwrite("slot_b", &Node::slot_b)
+      .def_readwrite("a_in", &Node::a_in)
+      .def_readwrite("b_in", &Node::b_in)
       .def_readwrite("kinds", &Node::kinds)
       .def_readwrite("acts", &Node::acts)
       .def_readwrite("columns", &Node::columns)

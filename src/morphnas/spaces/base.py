@@ -70,6 +70,9 @@ class ArchitectureMixin:
     fixed: dict[int, Node]  # 1-based node index -> the op (and inputs) it was fixed to
     op_names: tuple[str, ...]
     gammas: nn.ParameterDict  # grown (residual) nodes' scales, keyed by their 1-based index
+    # The node carried to the next step as c (state -2), as an LSTM's memory cell; two_input's
+    # ``cell_state`` option, None in every other space.
+    cell_state: int | None = None
 
     def arch_parameters(self) -> list[nn.Parameter]:
         return [alpha for i, alpha in enumerate(self.arch, start=1) if i not in self.fixed]
@@ -117,7 +120,7 @@ class ArchitectureMixin:
         A prior, not a constraint: every other entry keeps its value, so its read-out mass stays
         positive and its gradient flows, and the search leaves the known cell wherever
         validation pulls harder than ``logit``. Nodes past the genotype's stay as they are.
-        ``genotype`` must be a cell of this space without a cell state and with at most
+        ``genotype`` must be a cell of this space with the supernet's cell state and at most
         ``len(self.arch)`` nodes (``morphnas.warmstart`` checks those against the config); what
         only the supernet knows is checked here, every node before any ``α`` moves.
         """
@@ -127,6 +130,11 @@ class ArchitectureMixin:
             raise ValueError(
                 "its output rule (output={}, output_activation={}) is not the supernet's "
                 "(output={}, output_activation={})".format(*rule, *own)
+            )
+        if genotype.cell_state != self.cell_state:
+            raise ValueError(
+                f"it carries {_carried(genotype.cell_state)} and the supernet carries "
+                f"{_carried(self.cell_state)} (space.options.cell_state)"
             )
         entries = []
         for i, node in enumerate(genotype.nodes, start=1):
@@ -163,12 +171,17 @@ class ArchitectureMixin:
             nodes=tuple(nodes),
             output=self.output,  # type: ignore[attr-defined]
             output_activation=self.output_activation,  # type: ignore[attr-defined]
+            cell_state=self.cell_state,
         )
 
     @property
     def mixed_nodes(self) -> list[int]:
         """1-based indices of the nodes still being searched."""
         return [i for i in range(1, len(self.arch) + 1) if i not in self.fixed]
+
+
+def _carried(cell_state: int | None) -> str:
+    return "no cell state" if cell_state is None else f"node {cell_state} as its cell state"
 
 
 def joint_softmax(alpha: Tensor) -> Tensor:

@@ -20,9 +20,18 @@ computed outside, where autograd handles it) and state ``0`` is ``m ⊙ h_{t−1
   ``base`` the output rule over ``s_1..s_{i−1}`` (the last one, or their mean);
 * ``h_t = squash(last or mean of s_1..s_N)``.
 
-When ``b`` is ``u`` (node 1 under ``chain`` wiring, every node under ``input`` wiring) the
-``u M_b`` product is taken for all steps in one matmul before the loop, and its gradients after.
-Weight and op-weight gradients are reduced once per sequence, not once per step.
+Input choice (``wiring: search``): a mixed node reads, instead of two fixed states, the
+mixtures ``a = Σ_j P(a = j) s_j`` and ``b = Σ_j P(b = j) s_j`` over the states ``-1 … i−1``
+(``TwoInputSearchCell.input_marginals``; its slot weights are inputs of the function, like the
+op weights), written at every step into a buffer of the node's own; backward, ``d a`` and
+``d b`` are kept for every step, each state gets ``P(a = j) d a + P(b = j) d b`` within the step,
+and the slot weights' gradients ``Σ ⟨s_j, d a⟩`` are taken once per sequence, after the loop. A
+sampled or fixed node of such a cell reads its one pair, ``u`` in either slot.
+
+When ``b`` is ``u`` (node 1 under ``chain`` wiring, every node under ``input`` wiring, a sampled
+or fixed node that reads ``u`` as ``b``) the ``u M_b`` product is taken for all steps in one
+matmul before the loop, and its gradients after. Weight, op-weight and slot-weight gradients are
+reduced once per sequence, not once per step.
 Differentiable once, like ``FusedDartsSequence``: a backward with ``create_graph=True`` raises,
 and the space falls back to its eager loop under ``torch.func`` transforms and inside
 ``fused_ops.eager_kernels``.
@@ -61,17 +70,23 @@ ONE = "one"
 
 @dataclass(frozen=True)
 class TwoInputNodeSpec:
-    """One node: the states it reads (``a ≥ 0``, its predecessor; ``b`` may be ``-1``, which is
-    ``u``; ``0`` is ``h``), its terms in the order of its op weights, for each ``add_*`` term the
-    first column of its block of ``pre``, the first column of the highway block (``None``: no
-    highway) and whether it is residual. A sampled node's terms are its op and ``ONE``."""
+    """One node: the states it reads (``-1`` is ``u``, ``0`` is ``h``, ``j`` node ``j``; both
+    ``None`` under input choice: the mixtures its slot weights make of the states ``-1 … i−1``),
+    its terms in the order of its op weights, for each ``add_*`` term the first column of its
+    block of ``pre``, the first column of the highway block (``None``: no highway) and whether it
+    is residual. A sampled node's terms are its op and ``ONE``."""
 
-    a: int
-    b: int
+    a: int | None
+    b: int | None
     terms: tuple[str, ...]
     add_columns: tuple[int, ...]
     highway_column: int | None
     residual: bool
+
+    @property
+    def chooses(self) -> bool:
+        """Whether the node reads mixtures of states (input choice) rather than two states."""
+        return self.a is None
 
     def program(self) -> list[tuple[str, int, int, bool]]:
         """Per term: its kind (``hadamard``, ``add``, ``highway``, or an ``add_*`` op's
@@ -104,7 +119,8 @@ class _Node:
 
     ``pre``: ``a M_a + b M_b`` (``σ``/``tanh`` applied in place on the highway block);
     ``terms``: every term, stacked so that the mixture is one ``mm`` with the op weights;
-    ``normed``: a residual node's BN output (before ``γ``).
+    ``normed``: a residual node's BN output (before ``γ``); ``a_all``, ``b_all``: what the
+    node reads, two states or (input choice) its own buffer of their mixtures.
 
     The per-step views (``*_t``) are made on first use: only the Python loops read them. A view
     costs about a microsecond, a sequence needs hundreds per node, and the native loops, which
@@ -119,11 +135,20 @@ class _Node:
         state: Tensor,
         norm: SequenceNorm,
         index: int,
+        seq: list[Tensor],
+        slots: tuple[Tensor | None, Tensor | None],
     ) -> None:
         steps, batch, d = u.shape
         new = u.new_empty
         self.spec, self.weight, self.norm, self.index = spec, weight, norm, index
         self.hoisted = weight is not None and spec.b == -1
+        self.slot_a, self.slot_b = slots
+        if spec.chooses:  # written at every step by the loops
+            self.inputs: Tensor | None = new(2, steps, batch, d)
+            self.a_all, self.b_all = self.inputs.unbind(0)
+        else:
+            self.inputs = None
+            self.a_all, self.b_all = seq[spec.a + 1], seq[spec.b + 1]  # type: ignore[operator]
         if weight is not None:
             # Only the add_* blocks read a; the highway block (last) reads b alone.
             self.a_cols = weight.shape[1] if spec.highway_column is None else spec.highway_column
@@ -139,6 +164,19 @@ class _Node:
                 self.terms[:, k].fill_(1.0)
         self.state_all = state
         self.normed = new(steps, batch, d) if spec.residual else state
+
+    @cached_property
+    def a_t(self) -> tuple[Tensor, ...]:
+        return self.a_all.unbind(0)
+
+    @cached_property
+    def b_t(self) -> tuple[Tensor, ...]:
+        return self.b_all.unbind(0)
+
+    @cached_property
+    def slots_k(self) -> tuple[tuple[Tensor, Tensor], ...]:
+        """Input choice: per state ``j`` (from ``-1``), its weights in slots ``a`` and ``b``."""
+        return tuple(zip(self.slot_a.unbind(0), self.slot_b.unbind(0), strict=True))  # type: ignore[union-attr]
 
     @cached_property
     def pre_t(self) -> tuple[Tensor, ...]:
@@ -212,7 +250,9 @@ class FusedTwoInputSequence(torch.autograd.Function):
 
     Inputs: ``plan``; ``u`` ``(T, B, d)``; ``h0`` ``(B, d)``; ``mask_h`` ``(B, d)`` or ``None``;
     then per node its matrix ``(2d, width)`` or ``None``, per node its op weights
-    ``(len(terms),)``, per node its ``γ`` ``(d,)`` or ``None``. Output: ``(T, B, d)``, the ``h_t``.
+    ``(len(terms),)``, per node its ``γ`` ``(d,)`` or ``None``, per node its slot weights ``a``
+    ``(i + 1,)`` (input choice; else ``None``), per node those of slot ``b``. Output:
+    ``(T, B, d)``, the ``h_t``.
     """
 
     @staticmethod
@@ -225,7 +265,8 @@ class FusedTwoInputSequence(torch.autograd.Function):
         *per_node: Tensor | None,
     ) -> Tensor:
         n = len(plan.nodes)
-        weights, op_w, gammas = per_node[:n], per_node[n : 2 * n], per_node[2 * n :]
+        weights, op_w, gammas = per_node[:n], per_node[n : 2 * n], per_node[2 * n : 3 * n]
+        slots = zip(per_node[3 * n : 4 * n], per_node[4 * n :], strict=True)
         steps, batch, d = u.shape
         hs = u.new_empty(steps + 1, batch, d)  # h_{t-1} of every step, then the last h
         h0_states = hs[:steps] if mask_h is None else u.new_empty(steps, batch, d)
@@ -233,7 +274,8 @@ class FusedTwoInputSequence(torch.autograd.Function):
         seq = [u, h0_states, *node_states.unbind(0)]  # state j at seq[j + 1]
         norm = SequenceNorm(plan.bn, u, n)
         nodes = [
-            _Node(spec, weights[i], u, node_states[i], norm, i) for i, spec in enumerate(plan.nodes)
+            _Node(spec, weights[i], u, node_states[i], norm, i, seq, slot)
+            for i, (spec, slot) in enumerate(zip(plan.nodes, slots, strict=True))
         ]
         hs[0].copy_(h0)
         ctx.native = native.two_input_supernet() if native.handles(u) else None  # type: ignore[attr-defined]
@@ -249,7 +291,7 @@ class FusedTwoInputSequence(torch.autograd.Function):
         if counter is not None:  # None also under a functional call that freezes the statistics
             counter.add_(steps * n)
         ctx.plan, ctx.norm, ctx.nodes = plan, norm, nodes  # type: ignore[attr-defined]
-        ctx.seq, ctx.hs = seq, hs  # type: ignore[attr-defined]
+        ctx.seq, ctx.hs, ctx.node_states = seq, hs, node_states  # type: ignore[attr-defined]
         ctx.save_for_backward(mask_h, *per_node)
         return hs[1:].clone()
 
@@ -263,38 +305,72 @@ class FusedTwoInputSequence(torch.autograd.Function):
         hs: Tensor = ctx.hs  # type: ignore[attr-defined]
         mask_h, *per_node = ctx.saved_tensors  # type: ignore[attr-defined]
         n = len(plan.nodes)
-        op_w, gammas = per_node[n : 2 * n], per_node[2 * n :]
+        op_w, gammas = per_node[n : 2 * n], per_node[2 * n : 3 * n]
         steps, batch, d = seq[0].shape
         d_u = torch.zeros_like(seq[0], memory_format=torch.contiguous_format)
         d_pre = [
             grad_out.new_empty(node.pre.shape) if node.weight is not None else None
             for node in nodes
         ]
+        # Input choice: d a and d b of every step (accumulated, hence zeros), for the slot weights
+        d_in = [torch.zeros_like(node.inputs) if node.spec.chooses else None for node in nodes]
         if ctx.native is not None:  # type: ignore[attr-defined]
             kernel, sequence = ctx.native, ctx.sequence  # type: ignore[attr-defined]
             d_op_w = [torch.zeros(w.shape, dtype=w.dtype) for w in op_w]  # type: ignore[union-attr]
             d_gamma = [None if g is None else torch.zeros(g.shape, dtype=g.dtype) for g in gammas]
             no_gamma = d_u.new_empty(0)
             d_gamma_in = [no_gamma if g is None else g for g in d_gamma]
-            carry = kernel.backward(sequence, grad_out, d_u, d_pre, d_op_w, d_gamma_in)
+            d_a_in, d_b_in = ([None if x is None else x[k] for x in d_in] for k in (0, 1))
+            carry = kernel.backward(
+                sequence, grad_out, d_u, d_pre, d_op_w, d_gamma_in, d_a_in, d_b_in
+            )
         else:
             carry, d_op_w, d_gamma = _backward_loop(
-                plan, nodes, norm, seq, hs, grad_out, mask_h, op_w, gammas, d_u, d_pre
+                plan, nodes, norm, seq, hs, grad_out, mask_h, op_w, gammas, d_u, d_pre, d_in
             )
+        needed = ctx.needs_input_grad[4 + 3 * n :]  # type: ignore[attr-defined]
+        d_slots = _slot_gradients(seq, ctx.node_states, d_in, needed)  # type: ignore[attr-defined]
         d_weights: list[Tensor | None] = []
-        for node, dp in zip(nodes, d_pre, strict=True):
+        for node, dp, dx in zip(nodes, d_pre, d_in, strict=True):
             if dp is None:
                 d_weights.append(None)
                 continue
-            spec, flat = node.spec, dp.view(steps * batch, -1)
-            a_seq, b_seq = (seq[j + 1].reshape(steps * batch, d) for j in (spec.a, spec.b))
+            flat = dp.view(steps * batch, -1)
+            if dx is None:
+                a_seq, b_seq = (x.reshape(steps * batch, d) for x in (node.a_all, node.b_all))
+            else:  # the mixtures: a buffer of the node's own, contiguous
+                a_seq, b_seq = node.inputs.view(2, steps * batch, d).unbind(0)  # type: ignore[union-attr]
             d_w = torch.zeros_like(node.weight)  # the highway block of M_a stays 0: it is not read
             torch.mm(a_seq.T, flat[:, : node.a_cols], out=d_w[:d, : node.a_cols])
             torch.mm(b_seq.T, flat, out=d_w[d:])
             if node.hoisted:
                 d_u.view(steps * batch, d).addmm_(flat, node.w_b.T)
             d_weights.append(d_w)
-        return None, d_u, carry, None, *d_weights, *d_op_w, *d_gamma
+        d_slot_a, d_slot_b = zip(*d_slots, strict=True)
+        return None, d_u, carry, None, *d_weights, *d_op_w, *d_gamma, *d_slot_a, *d_slot_b
+
+
+def _slot_gradients(
+    seq: list[Tensor],
+    node_states: Tensor,
+    d_in: list[Tensor | None],
+    needed: tuple[bool, ...],
+) -> list[tuple[Tensor | None, Tensor | None]]:
+    """Per node, the gradients of its slot weights ``a`` and ``b`` (input choice; else
+    ``None``): ``Σ_{t, batch} ⟨s_j, d a⟩`` for each state ``j``, over the whole sequence at once.
+    ``needed``: ``needs_input_grad`` from the slot weights ``a`` on."""
+    n, grads = len(d_in), []
+    for i, dx in enumerate(d_in):
+        if dx is None or not (needed[i] or needed[n + i]):
+            grads.append((None, None))
+            continue
+        flat = dx.view(2, -1)  # d a; d b
+        rows = [flat @ seq[0].reshape(-1), flat @ seq[1].reshape(-1)]  # u, h (each (2,))
+        d_slots = torch.stack(rows)
+        if i > 0:  # nodes 1 … i: one product
+            d_slots = torch.cat([d_slots, node_states[:i].reshape(i, -1) @ flat.T])
+        grads.append((d_slots[:, 0], d_slots[:, 1]))
+    return grads
 
 
 def _forward_loop(
@@ -321,7 +397,14 @@ def _forward_loop(
             torch.mul(h_t[t], mask_h, out=at[1][t])
         for i, node in enumerate(nodes):
             spec = node.spec
-            a, b = at[spec.a + 1][t], at[spec.b + 1][t]
+            a, b = node.a_t[t], node.b_t[t]
+            if spec.chooses:  # the slots' mixtures of the states -1 … i
+                (w_a, w_b), *rest = node.slots_k
+                torch.mul(at[0][t], w_a, out=a)
+                torch.mul(at[0][t], w_b, out=b)
+                for j, (w_a, w_b) in enumerate(rest, start=1):
+                    a.addcmul_(at[j][t], w_a)
+                    b.addcmul_(at[j][t], w_b)
             if node.weight is not None:
                 if not node.hoisted:
                     torch.mm(b, node.w_b, out=node.pre_t[t])
@@ -367,12 +450,13 @@ def _backward_loop(
     gammas: list[Tensor | None],
     d_u: Tensor,
     d_pre: list[Tensor | None],
+    d_in: list[Tensor | None],
 ) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
     """The backward's time loop on the Python kernel: fills ``d_u`` (all but the hoisted
-    matmuls' share) and ``d_pre``; returns d h0 and the op weights' and ``γ``'s gradients."""
+    matmuls' share), ``d_pre`` and (input choice) ``d_in``, zeros, with d a and d b; returns
+    d h0 and the op weights' and ``γ``'s gradients."""
     n, (steps, batch, d) = len(nodes), seq[0].shape
     new = grad_out.new_empty
-    at = [s.unbind(0) for s in seq]
     d_u_t = d_u.unbind(0)
     d_states = new(n + 1, batch, d)  # d s_0 .. d s_N at the current step
     rows = d_states.unbind(0)
@@ -385,6 +469,7 @@ def _backward_loop(
         _blocks(x, node.spec, d) if x is not None else ([], (), ())
         for x, node in zip(d_pre, nodes, strict=True)
     ]
+    d_in_t = [None if x is None else (x[0].unbind(0), x[1].unbind(0)) for x in d_in]
     d_op_w = [torch.zeros_like(w).view(-1, 1) for w in op_w]  # type: ignore[arg-type]
     w_k = [w.unbind(0) for w in op_w]  # type: ignore[union-attr]
     d_gammas = {i: new(steps, d) for i, node in enumerate(nodes) if node.spec.residual}
@@ -413,15 +498,21 @@ def _backward_loop(
                 d_s = d_s * gammas[i]
             d_mixed = norm.backward(t, i, d_s)
             d_op_w[i].addmm_(node.flat_t[t], d_mixed.view(-1, 1))
-            a, b = at[spec.a + 1][t], at[spec.b + 1][t]
-            d_a = rows[spec.a]
-            d_b = d_u_t[t] if spec.b == -1 else rows[spec.b]
+            a, b = node.a_t[t], node.b_t[t]
+            if spec.chooses:
+                d_a, d_b = d_in_t[i][0][t], d_in_t[i][1][t]  # type: ignore[index]
+            else:
+                d_a, d_b = (d_u_t[t] if j == -1 else rows[j] for j in (spec.a, spec.b))
             _terms_backward(node, t, d_mixed, w_k[i], a, b, d_a, d_b, d_blocks[i], scratch)
             if node.weight is not None:
                 if node.a_cols:
                     d_a.addmm_(d_pre_a[i][t], node.w_a.T)
                 if not node.hoisted:
                     d_b.addmm_(d_pre[i][t], node.w_b.T)  # type: ignore[index]
+            if spec.chooses:  # each state j gets P(a = j) d a + P(b = j) d b
+                for j, (w_a, w_b) in enumerate(node.slots_k):
+                    target = d_u_t[t] if j == 0 else rows[j - 1]
+                    target.addcmul_(d_a, w_a).addcmul_(d_b, w_b)
         carry = rows[0].clone() if mask_h is None else rows[0] * mask_h
     d_gamma = [d_gammas[i].sum(0) if i in d_gammas else None for i in range(n)]
     return carry, [g.view(-1) for g in d_op_w], d_gamma
@@ -511,7 +602,12 @@ def _native_node(
 ) -> object:
     """One node as the C++ loops take it (``Node``)."""
     spec, out = node.spec, kernel.Node()
-    out.a, out.b = spec.a, spec.b
+    if spec.chooses:
+        out.choice = True
+        out.slot_a, out.slot_b = node.slot_a.contiguous(), node.slot_b.contiguous()  # type: ignore[union-attr]
+        out.a_in, out.b_in = node.a_all, node.b_all
+    else:
+        out.a, out.b = spec.a, spec.b
     program = node.program
     out.kinds = [NATIVE_KINDS.get(kind, 0) for kind, _, _, _ in program]
     out.acts = [native.ACTIVATION_CODES.get(kind, 3) for kind, _, _, _ in program]

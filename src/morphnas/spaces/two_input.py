@@ -35,7 +35,11 @@ fallback and the specification: when it can (``fused=True``, the default), the f
 whole sequence to the hand-written kernel of ``spaces.fused_two_input`` (one
 ``autograd.Function``, backward written out; tests/test_fused_two_input.py checks it). A sample
 (GDAS, random search: ``SampledMixing``) goes to the kernel too, each sampled node as its op and
-a constant term weighted by the unsampled ops' sum, as ``_sampled`` computes it.
+a constant term weighted by the unsampled ops' sum, as ``_sampled`` computes it, and so does
+input choice: a mixed node's op marginal and slot weights (``input_marginals``, once per
+forward) go in, and the kernel mixes the states into each slot at every step; a sampled or
+fixed node reads its one pair. A cell that carries a cell state (``cell_state``) runs the eager
+loop.
 """
 
 from __future__ import annotations
@@ -47,7 +51,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from morphnas.genotype import OUTPUT_ACTIVATIONS, OUTPUTS, TWO_INPUT_OPS, Node
+from morphnas.genotype import (
+    CELL_STATE,
+    OUTPUT_ACTIVATIONS,
+    OUTPUTS,
+    TWO_INPUT_OPS,
+    Node,
+)
 from morphnas.ops import ACTIVATIONS, ADD_OPS, apply_two_input
 from morphnas.spaces.base import (
     ArchitectureMixin,
@@ -74,6 +84,25 @@ WIRINGS = ("chain", "input", "search")
 WEIGHT_SHARING = ("per_op", "per_node")
 
 
+def _check_cell_state(cell_state: int | None, nodes: int, wiring: str) -> None:
+    """``cell_state`` names one of the ``nodes`` and comes with input choice: under a fixed
+    wiring no node reads ``c_{t-1}``, so carrying it would change nothing."""
+    if cell_state is None:
+        return
+    if isinstance(cell_state, bool) or not isinstance(cell_state, int):
+        raise ValueError(f"two_input cell_state must be a node number; got {cell_state!r}")
+    if not 1 <= cell_state <= nodes:
+        raise ValueError(
+            f"two_input cell_state {cell_state} is not a node of a {nodes}-node cell; give "
+            f"1..{nodes} (an LSTM has 9 nodes and carries node 7)"
+        )
+    if wiring != "search":
+        raise ValueError(
+            f"two_input cell_state needs wiring 'search' (got {wiring!r}): under a fixed wiring "
+            "no node reads the carried c"
+        )
+
+
 def _b_only(highway_weight: Tensor | None) -> Tensor | None:
     """A highway's ``[C H]`` (``d × 2d``) as the kernel's node matrix ``[0; C H]``: it reads
     ``b`` only."""
@@ -90,11 +119,12 @@ def node_inputs(i: int, wiring: str) -> tuple[int, int]:
 
 
 @functools.cache
-def input_pairs(i: int) -> tuple[tuple[int, int], ...]:
+def input_pairs(i: int, first: int = -1) -> tuple[tuple[int, int], ...]:
     """The ordered pairs of distinct states node ``i`` may read under ``wiring: search``: every
-    earlier state, ``u_t`` (-1), ``h_{t-1}`` (0) and ``s_1 … s_{i-1}``. Row ``r`` of the node's
-    ``α`` is pair ``r``."""
-    states = range(-1, i)
+    earlier state, ``u_t`` (-1), ``h_{t-1}`` (0) and ``s_1 … s_{i-1}``, and ``c_{t-1}`` (-2)
+    when ``first`` is -2 (a supernet with a ``cell_state``). Row ``r`` of the node's ``α`` is
+    pair ``r``."""
+    states = range(first, i)
     return tuple((a, b) for a in states for b in states if a != b)
 
 
@@ -143,6 +173,8 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         dropout_h: float = 0.0,
         init_range: float | None = None,
         fused: bool = True,
+        cell_state: int | None = None,
+        cell_bound: float | None = 10.0,
     ) -> None:
         super().__init__()
         if set(ops) - set(TWO_INPUT_OPS) or not set(ops) - {"none"}:
@@ -160,6 +192,9 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
                 raise ValueError(f"two_input {name} must be one of {allowed}; got {value!r}")
         if nodes < 1:
             raise ValueError("two_input needs at least one node")
+        _check_cell_state(cell_state, nodes, wiring)
+        if cell_bound is not None and not cell_bound > 0:
+            raise ValueError(f"two_input cell_bound must be positive or None; got {cell_bound}")
         self.input_size, self.hidden_size = input_size, hidden_size
         self.op_names = tuple(ops)
         self.wiring, self.output, self.weight_sharing = wiring, output, weight_sharing
@@ -170,6 +205,9 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         self.init_range = 1.0 / math.sqrt(hidden_size) if init_range is None else init_range
         self.fused = fused
         self.input_choice = wiring == "search"
+        self.cell_state, self.cell_bound = cell_state, cell_bound
+        # The first candidate state: c_{t-1} (-2) when the cell carries one, else u_t (-1).
+        self._first = CELL_STATE if cell_state is not None else -1
         if self.input_choice:
             # One categorical over (pair, op) per node: see the module docstring.
             self.read_out = joint_softmax
@@ -206,27 +244,43 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
     def _new_alpha(self, i: int) -> nn.Parameter:
         """Node ``i``'s ``α``: one row of op logits, or one per input pair (``wiring: search``)."""
         if self.input_choice:
-            return new_alpha(len(input_pairs(i)), len(self.op_names))
+            return new_alpha(len(self._pairs(i)), len(self.op_names))
         return new_alpha(len(self.op_names))
 
     @property
     def nodes(self) -> int:
         return len(self.node_weights)
 
+    def _bound_cell(self, c: Tensor) -> Tensor:
+        """The carried ``c``, softly bounded: ``K tanh(c / K)`` (``cell_bound`` = K; None: as
+        is). An LSTM's forget gate keeps its ``c`` from growing geometrically; a supernet's
+        mixture has linear paths from ``c`` to ``c`` (``add_identity``) whose gain can exceed
+        one, and without the bound the search overflows within an epoch. Within ``|c| ≲ K/3``
+        the bound is nearly the identity (2 % off at ``K/3``); derived cells carry ``c`` as is."""
+        if self.cell_bound is None:
+            return c
+        return self.cell_bound * torch.tanh(c / self.cell_bound)
+
+    def _pairs(self, i: int) -> tuple[tuple[int, int], ...]:
+        """Node ``i``'s candidate input pairs (``wiring: search``), ``c_{t-1}`` among them when
+        the cell carries one."""
+        return input_pairs(i, self._first)
+
     def input_marginals(self, i: int, p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Node ``i``'s mixing weights ``p`` (pairs × ops, ``wiring: search``) as marginals:
         the op weights, and the probability that slot ``a`` (then ``b``) reads state ``j``, at
-        position ``j + 1`` (state -1, ``u_t``, first). Each is divided by the node's total
+        position ``j + 1`` (state -1, ``u_t``, first), or ``j + 2`` when the cell carries
+        ``c_{t-1}`` (state -2, then first). Each is divided by the node's total
         mass where it exceeds one, so a per-row softmax means what one softmax over the node
         means, and sigmoid gates (DNAL) that are mostly closed shrink the node towards zero, as
         their plain sum would, instead of dividing by a vanishing mass."""
-        pairs = input_pairs(i)
+        pairs, offset = self._pairs(i), -self._first
         mass = p.sum().clamp_min(1.0)
         rows = p.sum(-1) / mass
-        first = torch.tensor([a + 1 for a, _ in pairs], device=p.device)
-        second = torch.tensor([b + 1 for _, b in pairs], device=p.device)
-        slot_a = rows.new_zeros(i + 1).index_add(0, first, rows)
-        slot_b = rows.new_zeros(i + 1).index_add(0, second, rows)
+        first = torch.tensor([a + offset for a, _ in pairs], device=p.device)
+        second = torch.tensor([b + offset for _, b in pairs], device=p.device)
+        slot_a = rows.new_zeros(i + offset).index_add(0, first, rows)
+        slot_b = rows.new_zeros(i + offset).index_add(0, second, rows)
         return p.sum(0) / mass, slot_a, slot_b
 
     def _inputs(self, i: int) -> tuple[int, int]:
@@ -242,7 +296,7 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         if not self.input_choice:
             return self.op_names[choice], node_inputs(i, self.wiring)
         row, k = divmod(choice, len(self.op_names))
-        return self.op_names[k], input_pairs(i)[row]
+        return self.op_names[k], self._pairs(i)[row]
 
     def _node_plan(self, p: Tensor, weights: TwoInputNodeWeights) -> tuple[Tensor | None, Tensor]:
         """Once per forward: the node's merged matrix and its op weights in term order.
@@ -288,22 +342,25 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
 
     def _can_fuse(self, batch: int, probs: list[Tensor]) -> bool:
         """Whether the sequence kernel runs this forward (``fused_ops.kernel_applies``); it takes
-        a hard sample too, each sampled node as its op and the constant ``ONE``."""
-        # The kernels read fixed input slots; input choice runs the eager loop.
-        fixed_wiring = not self.input_choice
-        return fixed_wiring and kernel_applies(
-            self.fused, self.bn, batch, probs, takes_sampled=True
-        )
+        a hard sample too, each sampled node as its op and the constant ``ONE``, and input
+        choice, each mixed node reading its slots' mixtures of the states."""
+        return kernel_applies(self.fused, self.bn, batch, probs, takes_sampled=True)
 
     def _fused_spec(self, i: int, choice: int | None = None) -> TwoInputNodeSpec:
-        """Node ``i``'s terms and column blocks: mixed (every op), fixed (its one op) or sampled
-        (op ``choice`` then ``ONE``, as ``_sampled`` computes it)."""
-        a, b = node_inputs(i, self.wiring)
+        """Node ``i``'s inputs, terms and column blocks: mixed (every op; under input choice it
+        reads its slots' mixtures, ``a`` and ``b`` None), fixed (its one op and pair) or sampled
+        (op ``choice`` then ``ONE``, as ``_sampled`` computes it, and the sampled pair)."""
         residual, d = str(i) in self.gammas, self.hidden_size
         fixed = self.fixed.get(i)
-        op = self.op_names[choice] if choice is not None else None
+        op: str | None = None
+        a: int | None
+        b: int | None
         if fixed is not None:
-            op = fixed.op
+            op, (a, b) = fixed.op, self._inputs(i)
+        elif choice is not None:
+            op, (a, b) = self._sampled_node(i, choice)
+        else:
+            a, b = (None, None) if self.input_choice else node_inputs(i, self.wiring)
         if op is not None:
             terms = () if op == "none" else (op,)
             if fixed is None:  # sampled
@@ -321,7 +378,8 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """The same function as the eager loop, by ``FusedTwoInputSequence``: masks drawn in
         the same order, the input projection and each node's merged matrix built here (autograd
-        differentiates them), a fixed node as its one op at weight 1."""
+        differentiates them), a fixed node as its one op at weight 1, under input choice a
+        mixed node's op and slot weights from ``input_marginals`` (autograd takes them to α)."""
         batch = x.shape[1]
         mask_x = variational_mask(batch, self.input_size, self.dropout_x, x, self.training)
         mask_h = variational_mask(batch, self.hidden_size, self.dropout_h, x, self.training)
@@ -329,38 +387,74 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         h = x.new_zeros(batch, self.hidden_size) if h0 is None else h0
         sampled = sampled_scales(probs) if isinstance(probs, SampledMixing) else None
         specs, weights, op_weights = [], [], []
+        slots: list[tuple[Tensor | None, Tensor | None]] = []
         for i, (p, node) in enumerate(zip(probs, self.node_weights, strict=True), start=1):
             scales = None if sampled is None else sampled[i - 1]
             choice = None if scales is None else probs.choices[i - 1]
             spec = self._fused_spec(i, choice)
+            slots.append((None, None))
             if isinstance(node, FixedNodeWeights):
                 weights.append(_b_only(node.weight) if node.op == "highway" else node.weight)
                 op_weights.append(x.new_ones(len(spec.terms)))
             elif scales is not None:  # w[c] · op_c(a, b) + Σ_{k≠c} w[k], as ``_sampled``
-                op = self.op_names[choice]
+                op, _ = self._sampled_node(i, choice)  # type: ignore[arg-type]
                 weight = self._op_weight(node, op)
                 weights.append(_b_only(weight) if op == "highway" else weight)
                 # (w[c], Σ_{k≠c} w[k]) for (op, ONE); a sampled ``none`` has the constant alone
                 op_weights.append(torch.stack(scales[-len(spec.terms) :]))
             else:
+                if spec.chooses:  # the op marginal, and each slot's weights over states -1 … i-1
+                    p, slots[-1] = self._slot_weights(i, p)
                 merged, op_w = self._node_plan(p, node)
                 weights.append(merged)
                 op_weights.append(op_w)
             specs.append(spec)
         gammas = [self.gammas.get(str(i)) for i in range(1, self.nodes + 1)]
+        slots_a, slots_b = zip(*slots, strict=True)
         plan = TwoInputPlan(tuple(specs), self.output, self.output_activation, self.bn)
         outputs = FusedTwoInputSequence.apply(
-            plan, u_all, h, mask_h, *weights, *op_weights, *gammas
+            plan, u_all, h, mask_h, *weights, *op_weights, *gammas, *slots_a, *slots_b
         )
         return outputs, outputs[-1]
+
+    def _slot_weights(self, i: int, p: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """``input_marginals`` as the kernel takes them: the op marginal and the two slots'
+        weights over the states ``-1 … i−1`` (the kernel knows no carried ``c``)."""
+        op_weights, slot_a, slot_b = self.input_marginals(i, p)
+        if slot_a.shape[0] != i + 1:
+            raise ValueError("the two-input kernel reads the states -1 … i-1 only")
+        return op_weights, (slot_a, slot_b)
 
     def forward(
         self, x: Tensor, h0: Tensor | None = None, weights: list[Tensor] | None = None
     ) -> tuple[Tensor, Tensor]:
+        """``(outputs, h_last)`` from ``h0`` (zeros if None); a carried ``c`` starts at zero."""
+        outputs, h, _ = self._sequence(x, h0, None, weights)
+        return outputs, h
+
+    def forward_with_state(
+        self,
+        x: Tensor,
+        state: Tensor | tuple[Tensor, Tensor] | None = None,
+        weights: list[Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
+        """The outputs and the whole carried state: ``(h, c)`` with a ``cell_state``, else ``h``
+        (a language model carries it across BPTT windows, as ``cells.TwoInputCell`` does)."""
+        if self.cell_state is None:
+            return self(x, state, weights=weights)
+        h0, c0 = (state, None) if state is None or isinstance(state, Tensor) else state
+        outputs, h, c = self._sequence(x, h0, c0, weights)
+        assert c is not None
+        return outputs, (h, c)
+
+    def _sequence(
+        self, x: Tensor, h0: Tensor | None, c0: Tensor | None, weights: list[Tensor] | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Outputs, last ``h`` and last ``c`` (None when the cell carries none)."""
         steps, batch, _ = x.shape
         probs = self.mixing_weights() if weights is None else weights
-        if self._can_fuse(batch, probs):
-            return self._fused_forward(x, h0, probs)
+        if self.cell_state is None and self._can_fuse(batch, probs):
+            return (*self._fused_forward(x, h0, probs), None)
         sampled = sampled_scales(probs) if isinstance(probs, SampledMixing) else None
         mask_x = variational_mask(batch, self.input_size, self.dropout_x, x, self.training)
         mask_h = variational_mask(batch, self.hidden_size, self.dropout_h, x, self.training)
@@ -379,10 +473,14 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
                 plans.append(self._node_plan(p, node))
                 slots.append(None)
         h = x.new_zeros(batch, self.hidden_size) if h0 is None else h0
+        carried = self.cell_state
+        c = x.new_zeros(batch, self.hidden_size) if carried is not None and c0 is None else c0
         outputs = []
         for t in range(steps):
             u = u_all[t]
             states = {-1: u, 0: h if mask_h is None else h * mask_h}
+            if c is not None:
+                states[CELL_STATE] = c
             node_states: list[Tensor] = []
             for i, node in enumerate(self.node_weights, start=1):
                 if isinstance(node, FixedNodeWeights):
@@ -394,7 +492,7 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
                     s = self._sampled(op, sampled[i - 1], node, a, b)
                 elif self.input_choice:
                     slot = slots[i - 1]
-                    stacked = torch.stack([states[j] for j in range(-1, i)])
+                    stacked = torch.stack([states[j] for j in range(self._first, i)])
                     a, b = (torch.tensordot(w, stacked, dims=1) for w in slot)
                     s = self._mixed(plans[i - 1], a, b)
                 else:
@@ -407,8 +505,10 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
                 states[i] = s
                 node_states.append(s)
             h = self._squash(combine_nodes(node_states, self.output))
+            if carried is not None:
+                c = self._bound_cell(states[carried])
             outputs.append(h)
-        return torch.stack(outputs), h
+        return torch.stack(outputs), h, c
 
     def _sampled(
         self,
@@ -448,11 +548,11 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
                     f"gives node {i} states {list(wired)}"
                 )
             return (k,)
-        pairs = input_pairs(i)
+        pairs = self._pairs(i)
         if node.inputs not in pairs:
             raise ValueError(
                 f"node {i} reads states {list(node.inputs)}; under wiring 'search' a node "
-                f"reads two distinct states among -1..{i - 1}"
+                f"reads two distinct states among {self._first}..{i - 1}"
             )
         return (pairs.index(node.inputs), k)  # type: ignore[arg-type]
 
@@ -473,15 +573,16 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
             ranked = sorted(ops, key=lambda k: -float(p[k]))
             return [(float(p[k]), Node(self.op_names[k], inputs, residual)) for k in ranked]
         op_weights, slot_a, slot_b = self.input_marginals(i, p[:, ops])
+        n, first = len(slot_a), self._first
         scores = op_weights[:, None, None] * slot_a[None, :, None] * slot_b[None, None, :]
-        scores = scores - 2 * torch.eye(i + 1, dtype=scores.dtype, device=scores.device)
+        scores = scores - 2 * torch.eye(n, dtype=scores.dtype, device=scores.device)
         order = torch.argsort(scores.reshape(-1), descending=True, stable=True).tolist()
         options = []
         for flat in order:
-            k, rest = divmod(flat, (i + 1) ** 2)
-            a, b = divmod(rest, i + 1)
+            k, rest = divmod(flat, n**2)
+            a, b = divmod(rest, n)
             if a != b:
-                node = Node(self.op_names[ops[k]], (a - 1, b - 1), residual)
+                node = Node(self.op_names[ops[k]], (a + first, b + first), residual)
                 options.append((float(scores.reshape(-1)[flat]), node))
         return options
 
