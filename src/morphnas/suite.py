@@ -11,10 +11,16 @@ a model on valid would have gained or lost on test.
 The runs go through ``api.compare`` (one "variant" per dataset), so they are resumable,
 ``reuse`` keeps finished ones, and ``jobs`` runs several at once; the mean ± std is compare's
 ``_aggregate``. Every run is its own run directory, ``<out>/<dataset>-seed<k>``.
+
+Where the ``peers`` extra (neuralforecast) is installed, its NHITS and LSTM run on every
+forecasting dataset and seed on the same windows and split (``morphnas.peers``), as the rows
+``nf_nhits`` and ``nf_lstm``, stored in each run directory's ``peers.json`` so that ``reuse``
+keeps them. They are peers, not baselines: the paired difference never picks them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import math
@@ -29,6 +35,7 @@ from pydantic import ValidationError
 from morphnas import api, bench, report
 from morphnas import config as config_mod
 from morphnas import genotype as genotype_mod
+from morphnas import peers as peers_mod
 from morphnas.config import RunConfig, TrainConfig
 from morphnas.engine.progress import Progress
 from morphnas.engine.runtime import resolve_device
@@ -56,10 +63,8 @@ MODEL_METRICS = (
     "search_seconds", "search_cpu_seconds",
 )  # fmt: skip
 DELTA_METRICS = ("delta_test_rse", "delta_test_corr", "delta_test_ppl")
-PEERS = (
-    "peers: none (no adapter for neuralforecast's NHITS and LSTM yet, so no external models "
-    "run on these splits)"
-)
+# The table's last line where neuralforecast is not installed (``peers.describe`` otherwise).
+PEERS = peers_mod.describe(peers_mod.DEFAULT_BUDGET, installed=False)
 
 
 def benchmark(
@@ -75,6 +80,8 @@ def benchmark(
     force: bool = False,
     progress: Progress | None = None,
     command: str | None = None,
+    peers: bool = True,
+    peer_budget: peers_mod.PeerBudget | None = None,
 ) -> api.RunResult:
     """Search and every baseline on each dataset and seed; write ``benchmark.json`` and
     ``benchmark.md`` to ``out`` (default ``runs/<time>-benchmark``) and return the table.
@@ -83,6 +90,10 @@ def benchmark(
     of the defaults, or of ``QUICK`` with ``quick``. The language model starts from its own
     defaults (``config.LM_DEFAULTS``), as ``search --task lm`` does. ``command`` is recorded
     in the table (the CLI passes the line that was typed).
+
+    ``peers`` (where neuralforecast is installed) adds NeuralForecast's NHITS and LSTM on each
+    forecasting dataset and seed, under ``peer_budget`` (default ``peers.DEFAULT_BUDGET``,
+    ``peers.QUICK_BUDGET`` with ``quick``; on the runs' ``threads``, or one thread).
     """
     names = _datasets(datasets)
     if not seeds or len(set(seeds)) < len(seeds):
@@ -101,7 +112,15 @@ def benchmark(
     base = config_mod.resolve(base=base, overrides={"out": str(base_dir)})
     variants = [(name, _as_overrides(cfg)) for name, cfg in configs.items()]
     api.compare(base, variants, list(seeds), progress=progress, force=force, jobs=jobs, reuse=reuse)
-    runs = collect(base_dir, names, seeds)
+    budget = None
+    if peers:
+        budget = peer_budget or (peers_mod.QUICK_BUDGET if quick else peers_mod.DEFAULT_BUDGET)
+    peer_rows, peer_line = {}, peers_mod.describe(budget)
+    if budget is not None and all(name == LM_DATASET for name in names):
+        peer_line = "peers: none (they forecast series; the language model has no peer)"
+    elif budget is not None and peers_mod.available():
+        peer_rows = run_peers(base_dir, configs, seeds, budget, reuse=reuse, progress=progress)
+    runs = collect(base_dir, names, seeds, peer_rows)
     result = {
         "command": command or "morphnas.suite.benchmark (Python API)",
         "commit": _commit(),
@@ -111,7 +130,7 @@ def benchmark(
             {"dataset": name, "budget": describe_budget(cfg)} for name, cfg in configs.items()
         ],
         "seeds": list(seeds),
-        "peers": PEERS,
+        "peers": peer_line,
         "runs": runs,
         **aggregate(runs),
     }
@@ -200,10 +219,46 @@ def compact_genotype(genotype: genotype_mod.Genotype) -> str:
     return f"{ops} → {header.split(', ', 1)[1]}"
 
 
-def collect(base_dir: Path, datasets: Sequence[str], seeds: Sequence[int]) -> list[dict[str, Any]]:
+def run_peers(
+    base_dir: Path,
+    configs: Mapping[str, RunConfig],
+    seeds: Sequence[int],
+    budget: peers_mod.PeerBudget,
+    *,
+    reuse: bool = False,
+    progress: Progress | None = None,
+) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """The peers of every forecasting run (the language model has none), by (dataset, seed):
+    run in each run directory, or kept from its ``peers.json`` with ``reuse``. The config is
+    the run's own ``config.yaml``, so the peers see its very data, split and seed."""
+    runs = [(name, seed) for seed in seeds for name in configs if name != LM_DATASET]
+    if progress is not None and runs:
+        progress.start("peers (neuralforecast)", len(runs))
+    results = {}
+    try:
+        for name, seed in runs:
+            run_dir = base_dir / f"{name}-seed{seed}"
+            config = config_mod.resolve(run_dir / "config.yaml", overrides={"out": str(run_dir)})
+            own = dataclasses.replace(budget, threads=config.threads or budget.threads)
+            results[name, seed] = peers_mod.run_stored(run_dir, config, own, reuse=reuse)
+            if progress is not None:
+                progress.advance()
+    finally:
+        if progress is not None and runs:
+            progress.stop()
+    return results
+
+
+def collect(
+    base_dir: Path,
+    datasets: Sequence[str],
+    seeds: Sequence[int],
+    peer_rows: Mapping[tuple[str, int], Sequence[Mapping[str, Any]]] | None = None,
+) -> list[dict[str, Any]]:
     """Every model's row of every run, from the runs' ``summary.json``: with its dataset, seed
     and run directory, whether it is a baseline (the ``one-shot`` row of grow-and-prune is not),
-    and, on the searched cell's row, the search's figures and the derived cell."""
+    and, on the searched cell's row, the search's figures and the derived cell; after each
+    run's rows, its peers' rows from ``peer_rows`` (``peer: True``, never a baseline)."""
     rows = []
     for seed in seeds:
         for name in datasets:
@@ -219,6 +274,9 @@ def collect(base_dir: Path, datasets: Sequence[str], seeds: Sequence[int]) -> li
                     cell = genotype_mod.from_dict(summary["genotype"])
                     row["genotype"] = compact_genotype(cell)
                 rows.append(row)
+            for result in (peer_rows or {}).get((name, seed), []):
+                row = {"dataset": name, "seed": seed, "run_dir": str(run_dir), **result}
+                rows.append({**row, "baseline": False, "peer": True})
     return rows
 
 
@@ -278,7 +336,8 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for (dataset, model), group in _groups(rows, ("dataset", "model")).items():
         mean = api._aggregate(model, list(group), metrics=MODEL_METRICS)
         del mean["variant"]
-        table.append({"dataset": dataset, "model": model, **mean})
+        peer = {"peer": True} if any(r.get("peer") for r in group) else {}
+        table.append({"dataset": dataset, "model": model, **mean, **peer})
     paired = paired_differences(rows)
     by_dataset = _groups(paired, ("dataset",))
     summary = []
@@ -367,7 +426,8 @@ def markdown(result: Mapping[str, Any]) -> str:
         "Δ = searched − best baseline, per seed, then mean ± std over seeds. The best baseline "
         "of each seed is the one with the lowest **valid** RSE (valid perplexity for the "
         "language model), never chosen on test. Negative Δ test RSE / ppl and positive Δ test "
-        "CORR favour the searched cell.",
+        "CORR favour the searched cell. Only our own baselines are candidates: the peers "
+        "(neuralforecast's models, marked *peer* below) are not.",
         "",
         "| dataset | search s | Δ test RSE / ppl | Δ test CORR | best baseline per seed |",
         "|---|---:|---:|---:|---|",
@@ -386,7 +446,8 @@ def markdown(result: Mapping[str, Any]) -> str:
         "## Every model",
         "",
         "Mean ± std over seeds; test scores on the held-out test span (original units); "
-        "train s: retraining seconds.",
+        "train s: retraining seconds (a peer's: fitting and forecasting). Rows marked *peer* "
+        "are external models on the same windows and split, for reference, not baselines.",
         "",
         "| dataset | model | seeds | params | valid RSE / ppl | test RSE / ppl | test CORR "
         "| train s |",
@@ -394,8 +455,9 @@ def markdown(result: Mapping[str, Any]) -> str:
     ]
     for row in result["table"]:
         valid, test = ("valid_ppl", "test_ppl") if _is_lm(row) else ("valid_rse", "test_rse")
+        model = f"{row['model']} (*peer*)" if row.get("peer") else row["model"]
         lines.append(
-            f"| {row['dataset']} | {row['model']} | {row['seeds']} | {_mean_std(row, 'params')} "
+            f"| {row['dataset']} | {model} | {row['seeds']} | {_mean_std(row, 'params')} "
             f"| {_mean_std(row, valid)} | {_mean_std(row, test)} | "
             f"{_mean_std(row, 'test_corr')} | {_mean_std(row, 'train_seconds')} |"
         )
