@@ -250,9 +250,11 @@ def test_torch_func_transforms_fall_back_to_eager():
         torch.testing.assert_close(by_func[name], g, **TOL)
 
 
-def test_float32_kernel_matches_eager():
-    """The dtype searches run in: agreement at float32 rounding over a short sequence."""
-    cell = make_cell(grow=1).float()
+@pytest.mark.parametrize("wiring", ["chain", "search"])
+def test_float32_kernel_matches_eager(wiring):
+    """The dtype searches run in: agreement at float32 rounding over a short sequence, fixed
+    wiring and input choice alike."""
+    cell = make_cell(grow=1, wiring=wiring).float()
     eager = copy.deepcopy(cell)
     eager.fused = False
     x = torch.randn(T, B, N_IN)
@@ -260,6 +262,7 @@ def test_float32_kernel_matches_eager():
     a = cell(x)[0]
     torch.manual_seed(2)
     b = eager(x)[0]
+    assert type(a.grad_fn).__name__ == "FusedTwoInputSequenceBackward"
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -350,16 +353,3 @@ def test_input_choice_kernel_passes_gradcheck():
     out = fn(x, h0, *leaves, *weights)
     assert type(out.grad_fn).__name__ == "FusedTwoInputSequenceBackward"
     assert torch.autograd.gradcheck(fn, (x, h0, *leaves, *weights), eps=1e-6, atol=1e-5)
-
-
-def test_input_choice_float32_kernel_matches_eager():
-    cell = make_cell(grow=1, wiring="search").float()
-    eager = copy.deepcopy(cell)
-    eager.fused = False
-    x = torch.randn(T, B, N_IN)
-    torch.manual_seed(2)
-    a = cell(x)[0]
-    torch.manual_seed(2)
-    b = eager(x)[0]
-    assert type(a.grad_fn).__name__ == "FusedTwoInputSequenceBackward"
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
