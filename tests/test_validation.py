@@ -648,7 +648,8 @@ def test_exponent_notation_is_a_number_in_set_and_in_config_files(tmp_path: Path
     )
     assert parsed["search"]["strategy_options"] == {"eps": 1e-5, "gamma": 2000.0}
     assert parsed["x"]["y"] == "1e" and parsed["z"] == 3
-    file = write(tmp_path / "c.yaml", "search:\n  strategy_options: {eps: 1e-5, steps: 1}\n")
+    text = "search:\n  strategy: idarts\n  strategy_options: {eps: 1e-5, steps: 1}\n"
+    file = write(tmp_path / "c.yaml", text)
     options = config.resolve(file=file).search.strategy_options
     assert options == {"eps": 1e-5, "steps": 1} and isinstance(options["eps"], float)
 

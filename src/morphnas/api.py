@@ -25,7 +25,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from morphnas import cells, degenerate, engine, report, selection, spaces, strategies, warmstart
+from morphnas import (
+    cells,
+    degenerate,
+    engine,
+    report,
+    runs,
+    selection,
+    spaces,
+    strategies,
+    warmstart,
+)
 from morphnas import config as config_mod
 from morphnas import data as data_mod
 from morphnas import genotype as genotype_mod
@@ -92,6 +102,10 @@ def search(
 
     ``resume``: continue the run in ``config.out`` (its own saved config) from its checkpoints;
     it finishes exactly as if it had never stopped (CPU, same machine).
+
+    ``force``: replace the run already in ``config.out``. Nothing of it is read: it is moved
+    aside when this run writes its first file and deleted once that succeeded (put back if it
+    failed; ``morphnas.runs``), so the result is that of a run in an empty directory.
     """
     # Everything a person can get wrong is checked before the run directory exists, so a
     # failed start leaves nothing behind that would block the corrected command.
@@ -118,7 +132,7 @@ def search(
     if resume:
         _continue_run(run_dir, config, saved)
     else:
-        _start_run(run_dir, config)
+        _start_run(run_dir, config, replace=force)
     log = report.MetricsLog(run_dir / "metrics.jsonl")
     model = _wrap(space, config, data, config.space.hidden)
     task = _task(config, data, config.search.batch_size)
@@ -389,7 +403,9 @@ def train(
     """Train one model from scratch (a genotype's cell or a baseline) and evaluate it on test.
 
     ``resume``: continue the run in ``config.out`` from its checkpoint (the model to train is
-    read from the run's ``summary``-to-be: its ``genotype.json`` or its saved baseline name)."""
+    read from the run's ``summary``-to-be: its ``genotype.json`` or its saved baseline name).
+    ``force``: replace the run already in ``config.out``, reading nothing of it (as ``search``).
+    """
     if resume:
         genotype, baseline = _resumed_model(config)
     if (genotype is None) == (baseline is None):
@@ -399,7 +415,7 @@ def train(
     if resume:
         _continue_run(run_dir, config, None)
     else:
-        _start_run(run_dir, config)
+        _start_run(run_dir, config, replace=force)
         if baseline is not None:
             report.write_json(run_dir / "model.json", {"baseline": baseline})
     log = report.MetricsLog(run_dir / "metrics.jsonl")
@@ -494,17 +510,24 @@ def compare(
 
     ``reuse``: ``out`` may hold an earlier compare; a run there with the same config (threads
     aside) is kept if finished and resumed if stopped, so a compare can be continued, or extended
-    with seeds or variants, without redoing work.
+    with seeds or variants, without redoing work. ``force`` instead replaces the whole earlier
+    compare in ``out``, every run in it, as ``search``'s ``force`` does; the two exclude each other.
     """
+    if force and reuse:
+        raise UserError(
+            "--reuse keeps the runs in --out and --force replaces them: pass only one of the two"
+        )
     for name, overrides in variants:  # a bad strategy option: an error before any run or file
         variant = config_mod.resolve(base=config, overrides=overrides)
         try:
             _strategy(variant, spaces.build(variant.space.name, 1, 2, 1))
         except UserError as err:
             raise UserError(f"compare variant {name!r}: {err}") from None
-    base_dir = _claim_run_dir(config, "compare", force or (reuse and config.out is not None))
+    base_dir = _claim_run_dir(config, "compare", force, reuse=reuse)
     share = {} if config.threads or jobs == 1 else {"threads": max(1, cpu_cores() // jobs)}
-    _start_run(base_dir, config.model_copy(update=share))  # a worker's share is its count
+    # A worker's share is its count. With ``force`` every earlier run under base_dir goes now,
+    # so each run below starts in an empty directory.
+    _start_run(base_dir, config.model_copy(update=share), replace=force)
     # Seed-major order: drifting load on a shared machine hits every variant alike.
     planned = [
         (name, seed, config_mod.resolve(
@@ -581,7 +604,7 @@ def _same_run(config: RunConfig) -> bool:
     if config_mod.dump(saved) != config_mod.dump(config):
         raise UserError(
             f"{config.out} holds a run with another config than this compare plans; "
-            "use a new --out, or drop --reuse and pass --force to overwrite"
+            "use a new --out, or drop --reuse and pass --force to replace the whole compare"
         )
     return True
 
@@ -637,20 +660,27 @@ def plot(run_dir: Path) -> list[Path]:
     return written
 
 
-def _claim_run_dir(config: RunConfig, kind: str, force: bool, resume: bool = False) -> Path:
+def _claim_run_dir(
+    config: RunConfig, kind: str, force: bool, resume: bool = False, *, reuse: bool = False
+) -> Path:
     """The run directory this command will write: refused if it already holds a run, unless the
-    command resumes it (then it must hold an unfinished run)."""
+    command resumes it (then it must hold an unfinished run), continues it (a compare's
+    ``reuse``) or replaces it (``force``: only a morphnas run, and not one that holds this
+    run's input or working directory; the replacement itself waits for ``_start_run``)."""
     if resume:
         return _resumable(config.out)
     name = config.data.csv.stem if config.data.csv else config.data.dataset
     if config.task == "lm" and config.lm.corpus is not None:
         name = config.lm.corpus.stem
     run_dir = config.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{name}"
-    if _writable_dir(run_dir) and any(run_dir.iterdir()) and not force:
+    if not _writable_dir(run_dir) or not any(run_dir.iterdir()) or reuse:
+        return run_dir
+    if not force:
         raise UserError(
             f"output directory {run_dir} already holds files; choose another --out, "
-            "pass --resume to continue it, or --force to overwrite it"
+            "pass --resume to continue it, or --force to replace it"
         )
+    runs.check_replaceable(run_dir, (config.data.csv, config.lm.corpus))
     return run_dir
 
 
@@ -704,18 +734,28 @@ def resume_config(run_dir: Path, threads: int | None = None) -> RunConfig:
     return config_mod.resolve(base=saved, overrides={"out": str(run_dir)})
 
 
-def _start_run(run_dir: Path, config: RunConfig) -> None:
+def _start_run(run_dir: Path, config: RunConfig, *, replace: bool = False) -> None:
     """Set the thread count, create the run directory and save the resolved config, the thread
-    count included (a resumed run keeps it, whatever else runs on the machine then)."""
+    count included (a resumed run keeps it, whatever else runs on the machine then).
+
+    ``replace`` (``--force``): an old run in ``run_dir`` is moved aside first and deleted once
+    the config is written, or put back if that fails (``runs.replace_run``)."""
     config = config.model_copy(update={"threads": _apply_thread_policy(config)})
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_mod.dump(config), encoding="utf-8")
-    except OSError as err:
-        raise UserError(
-            f"cannot write to output directory {run_dir}: {err.strerror}; choose another --out "
-            "or free space / fix its permissions"
-        ) from None
+
+    def start() -> None:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(config_mod.dump(config), encoding="utf-8")
+        except OSError as err:
+            raise UserError(
+                f"cannot write to output directory {run_dir}: {err.strerror}; choose another "
+                "--out or free space / fix its permissions"
+            ) from None
+
+    if replace:
+        runs.replace_run(run_dir, start)
+    else:
+        start()
 
 
 def _continue_run(run_dir: Path, config: RunConfig, saved: dict[str, Any] | None) -> None:

@@ -155,16 +155,24 @@ def _value(raw: str) -> Any:
 
 
 def _parse_set(assignments: list[str]) -> dict[str, Any]:
-    """``--set a.b.c=VALUE`` pairs into a nested dict; values are read as YAML (numbers, lists)."""
-    nested: dict[str, Any] = {}
+    """``--set a.b.c=VALUE`` pairs into a nested dict; values are read as YAML (numbers, lists).
+    Two that disagree (one key twice, or a key and a key inside it) are refused, naming both."""
+    return config_mod.combine(_labelled_sets(assignments))
+
+
+def _labelled_sets(assignments: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Each ``--set`` as (what was typed, its nested dict)."""
+    labelled = []
     for item in assignments:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        if not sep or not all(part.strip() for part in key.split(".")):
             raise UserError(
                 f"--set expects KEY=VALUE (e.g. space.options.wiring=input), got {item!r}"
             )
+        nested: dict[str, Any] = {}
         _set_path(nested, key.split("."), _value(raw))
-    return nested
+        labelled.append((f"--set {item}", nested))
+    return labelled
 
 
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
@@ -177,8 +185,8 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _overrides(**flags: Any) -> dict[str, Any]:
-    """Map the flags a person typed (None = not given) onto config sections."""
+def _labelled_flags(**flags: Any) -> list[tuple[str, dict[str, Any]]]:
+    """Each flag a person typed (None = not given) as (``--flag value``, its config section)."""
     where = {
         "dataset": ("data", "dataset"),
         "csv": ("data", "csv"),
@@ -213,18 +221,23 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         "device": ("device",),
         "compile": ("train", "compile"),
     }
-    result: dict[str, Any] = {}
+    labelled = []
     for name, value in flags.items():
         if value is None:
             continue
+        label = f"--{name.replace('_', '-')} {value}"
         if name == "columns":
             value = [c.strip() for c in value.split(",") if c.strip()]
-        _set_path(result, list(where[name]), value)
-    return result
+        section: dict[str, Any] = {}
+        _set_path(section, list(where[name]), value)
+        labelled.append((label, section))
+    return labelled
 
 
 def _resolve(config: Path | None, sets: list[str] | None, **flags: Any) -> config_mod.RunConfig:
-    overrides = config_mod.merge(_parse_set(sets or []), _overrides(**flags))
+    """Flags and ``--set`` over the config file; a flag and a ``--set`` of one key with
+    different values are refused, naming both (neither is silently dropped)."""
+    overrides = config_mod.combine([*_labelled_sets(sets or []), *_labelled_flags(**flags)])
     return config_mod.resolve(config, overrides)
 
 
@@ -316,7 +329,10 @@ CompileOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="write into an existing run directory")]
+ForceOpt = Annotated[
+    bool,
+    typer.Option("--force", help="replace the run in --out: it is deleted, nothing of it is read"),
+]
 
 
 StrategyOpt = Annotated[

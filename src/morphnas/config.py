@@ -1,17 +1,21 @@
 """The resolved configuration of a run: typed, validated, saved with every run.
 
 One ``RunConfig`` comes from defaults, an optional YAML file and command-line flags (flags
-override the file). Unknown keys, wrong types and out-of-range values are refused with a
-one-line message naming the key.
+override the file; a flag and a ``--set`` of one key must agree, ``combine``). Unknown keys,
+wrong types and out-of-range values are refused with a one-line message naming the key: a
+section given a value, a word for a boolean, inf/nan, a seed beyond the generators' range, and
+free-form options that their constructor's signature does not take (docs/errors.md).
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Mapping
+import types
+import typing
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
@@ -20,11 +24,21 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
 from morphnas.data.corpus import CORPORA
 from morphnas.errors import UserError
+from morphnas.options import (
+    INT64_MAX,
+    checked_options,
+    short_repr,
+    space_option_types,
+    strategy_option_types,
+    try_space,
+)
 
 
 def _sums_to_one(value: tuple[float, float, float]) -> tuple[float, float, float]:
@@ -36,8 +50,36 @@ def _sums_to_one(value: tuple[float, float, float]) -> tuple[float, float, float
 Split = Annotated[tuple[float, float, float], AfterValidator(_sums_to_one)]
 
 
+def _takes_numbers(annotation: Any) -> bool:
+    """Whether a field's type is a number (``int``, ``float``, a ``Literal`` of integers), alone
+    or with ``None``."""
+    if annotation in (int, float):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return any(type(arg) is int for arg in typing.get_args(annotation))
+    if origin in (Union, types.UnionType):
+        return any(_takes_numbers(arg) for arg in typing.get_args(annotation))
+    return False
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: no float key takes inf or nan (``penalty_weight: .inf`` is a slip).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """A number key given true/false is a slip, not 1/0 (pydantic would take it); an integer
+        beyond 64 bits would overflow in torch or NumPy."""
+        field = cls.model_fields.get(info.field_name or "")
+        if field is None or not _takes_numbers(field.annotation):
+            return value
+        if isinstance(value, bool):
+            raise ValueError("Input should be a number, not true or false")
+        if isinstance(value, int) and abs(value) > INT64_MAX:
+            raise ValueError(f"Input should fit in 64 bits (at most {INT64_MAX} in size)")
+        return value
 
 
 class DataConfig(_Strict):
@@ -64,6 +106,22 @@ class SpaceConfig(_Strict):
         default_factory=dict,
         description="space constructor options: wiring, output, ops/primitives, batchnorm, ...",
     )
+
+    @field_validator("options")
+    @classmethod
+    def _options_fit_the_space(
+        cls, options: dict[str, Any], info: ValidationInfo
+    ) -> dict[str, Any]:
+        """Typed by the space constructor's annotations, then tried on a tiny supernet, so
+        that a bad option is refused here (before any run), also by ``train``, which builds
+        no supernet (the constructor's own range checks, e.g. dropout in [0, 1))."""
+        name, nodes = info.data.get("name"), info.data.get("nodes")
+        if name is None:
+            return options
+        checked = checked_options(name, options, space_option_types(name))
+        if nodes is not None:
+            try_space(name, nodes, checked)
+        return checked
 
 
 class GrowthConfig(_Strict):
@@ -100,6 +158,18 @@ class SearchConfig(_Strict):
         default_factory=dict,
         description="the strategy's own options (docs/method.md), e.g. steps, terms, tau_start",
     )
+
+    @field_validator("strategy_options")
+    @classmethod
+    def _options_fit_the_strategy(
+        cls, options: dict[str, Any], info: ValidationInfo
+    ) -> dict[str, Any]:
+        """Typed by the strategy constructor's annotations (its ranges: when it is built)."""
+        name = info.data.get("strategy")
+        if name is None:
+            return options
+        return checked_options(name, options, strategy_option_types(name))
+
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(64, ge=2)
     lr: float = Field(3e-3, gt=0, description="weight learning rate (Adam)")
@@ -260,9 +330,18 @@ def _fill_missing(data: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str
 
 
 class RunConfig(_Strict):
-    seed: int = 0
+    seed: int = Field(
+        0,
+        ge=0,
+        le=INT64_MAX,
+        description="seeds Python, NumPy and torch: 0 .. 2**63-1 (torch takes up to 2**64-1 "
+        "but reads a negative seed as a large one, and NumPy's generators take no negative)",
+    )
     threads: int | None = Field(
-        None, ge=1, description="torch threads; None: by size and the cores left free at start"
+        None,
+        ge=1,
+        le=1024,
+        description="torch threads; None: by size and the cores left free at start",
     )
     out: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -338,26 +417,130 @@ class RunConfig(_Strict):
         return self.space.nodes if self.growth.mode == "none" else self.growth.nodes_start
 
 
-def merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+def merge(
+    base: Mapping[str, Any], overrides: Mapping[str, Any], _where: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """``base`` with ``overrides`` laid over it, section by section. A key given a value in
+    ``base`` and keys inside it in ``overrides`` is a ``UserError``: the value would be lost."""
     merged = dict(base)
     for key, value in overrides.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
+        old = merged.get(key)
+        if isinstance(value, Mapping) and isinstance(old, Mapping):
+            merged[key] = merge(old, value, (*_where, str(key)))
+        elif isinstance(value, Mapping) and value and old is not None:
+            where = _printable(".".join((*_where, str(key))))
+            inner = _printable(str(next(iter(value))))
+            raise UserError(
+                f"config: {where} holds a value ({short_repr(old)}), not a section: cannot set "
+                f"{where}.{inner} inside it"
+            )
         else:
             merged[key] = value
     return merged
 
 
+def leaves(
+    tree: Mapping[Any, Any], prefix: tuple[str, ...] = ()
+) -> list[tuple[tuple[str, ...], Any]]:
+    """Every value of a nested mapping with its key path; an empty mapping sets nothing."""
+    found: list[tuple[tuple[str, ...], Any]] = []
+    for key, value in tree.items():
+        path = (*prefix, str(key))
+        if isinstance(value, Mapping):
+            found.extend(leaves(value, path))
+        else:
+            found.append((path, value))
+    return found
+
+
+def combine(given: Iterable[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """Overrides from several places, each labelled as the person typed it (``--epochs 3``,
+    ``--set search.epochs=5``), as one nested mapping. None is dropped: two that set one key to
+    different values, or one a key to a value and the other a key inside it, are a
+    ``UserError`` naming both."""
+    seen: list[tuple[tuple[str, ...], Any, str]] = []
+    tree: dict[str, Any] = {}
+    for label, overrides in given:
+        for path, value in leaves(overrides):
+            for other_path, other_value, other_label in seen:
+                shared = min(len(path), len(other_path))
+                if path[:shared] != other_path[:shared]:
+                    continue
+                key = _printable(".".join(path))
+                if path == other_path and _same(value, other_value):
+                    break
+                first, second = _printable(other_label), _printable(label)
+                if path == other_path:
+                    raise UserError(f"{first} and {second} both set {key}; give one of them")
+                outer, inner = sorted((".".join(path), ".".join(other_path)), key=len)
+                raise UserError(
+                    f"{first} and {second} disagree: one sets {_printable(outer)} to a value, "
+                    f"the other sets {_printable(inner)} inside it; give one of them"
+                )
+            else:
+                seen.append((path, value, label))
+                node = tree
+                for part in path[:-1]:
+                    node = node.setdefault(part, {})
+                node[path[-1]] = value
+    return tree
+
+
+def _same(a: Any, b: Any) -> bool:
+    """One value typed twice (a path given as text and as a ``Path`` included)."""
+    if isinstance(a, Path) or isinstance(b, Path):
+        return str(a) == str(b)
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    try:
+        return bool(a == b)
+    except Exception:  # a value whose comparison fails cannot be shown to agree
+        return False
+
+
+def check_sections(data: Mapping[Any, Any], origin: str) -> None:
+    """A section (``search``, ``space.options``, ...) given a value instead of keys is a
+    ``UserError`` naming it, before anything is merged over it and the value is lost."""
+    _check_sections(data, origin, RunConfig, "")
+
+
+def _check_sections(data: Mapping[Any, Any], origin: str, model: type[BaseModel], at: str) -> None:
+    for key, value in data.items():
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            continue  # an unknown key: refused, with a suggestion, when validated
+        annotation, where = field.annotation, f"{at}{key}"
+        section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        options = typing.get_origin(annotation) is dict
+        if not (section or options) or isinstance(value, BaseModel):
+            continue
+        if isinstance(value, Mapping):
+            if section:
+                _check_sections(value, origin, annotation, f"{where}.")
+            continue
+        inner = next(iter(annotation.model_fields)) if section else "NAME"
+        raise UserError(
+            f"{origin}: {where} is a section, not a value: set the keys inside it "
+            f"(e.g. {where}.{inner}) (got {short_repr(value)})"
+        )
+
+
 def _one_line(err: ValidationError, origin: str) -> str:
     first = err.errors()[0]
-    where = ".".join(str(part) for part in first["loc"])
+    where = ".".join(_printable(str(part)) for part in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key" + _closest_key(first["loc"])
     value = first.get("input")
-    got = "" if isinstance(value, dict) or not where else f" (got {value!r})"
+    got = "" if isinstance(value, dict) or not where else f" (got {short_repr(value)})"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"{origin}: {where + ': ' if where else ''}{message}{got}{more}"
+
+
+def _printable(text: str) -> str:
+    """``text`` as typed, or quoted where it holds a line break or another control character
+    (a message stays one line)."""
+    return text if text.isprintable() else repr(text)
 
 
 def _closest_key(loc: tuple[Any, ...]) -> str:
@@ -415,10 +598,14 @@ def resolve(
     data: dict[str, Any] = {}
     if base is not None:
         data = base.model_dump() if isinstance(base, RunConfig) else dict(base)
+        check_sections(data, "config")
     origin = "config"
     if file is not None:
-        data = merge(data, read_yaml(file))
+        from_file = read_yaml(file)
+        check_sections(from_file, str(file))
+        data = merge(data, from_file)
         origin = str(file)
+    check_sections(overrides or {}, "config")
     data = merge(data, overrides or {})
     try:
         return RunConfig.model_validate(data)
