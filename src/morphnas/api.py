@@ -1093,16 +1093,39 @@ def _write_summary(
     results: list[dict[str, Any]],
     extra: dict[str, Any],
 ) -> None:
+    """Write ``summary.json``; a figure that is not a finite number is written as null, listed
+    under ``non_finite``, and then refused with a one-line error (exit 2): a run never reports
+    NaN or inf as a result and exits 0, and what it wrote stays."""
     entries = [
         {"name": name, "kind": "genotype" if isinstance(arch, Genotype) else arch}
         for name, arch in models
     ]
+    non_finite = [
+        (str(row.get("model")), key, value)
+        for row in results
+        for key, value in row.items()
+        if isinstance(value, float) and not math.isfinite(value)
+    ]
+    written = [
+        {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+        for row in results
+    ]
+    bad = [f"{model}.{key}" for model, key, _ in non_finite]
     report.write_json(
         run_dir / "summary.json",
         {
             "genotype": genotype.to_dict() if genotype else None,
             "models": entries,
-            "results": results,
+            "results": written,
+            **({"non_finite": bad} if bad else {}),
             **extra,
         },
     )
+    if non_finite:
+        model, key, value = non_finite[0]
+        more = f" (and {len(non_finite) - 1} more)" if len(non_finite) > 1 else ""
+        raise UserError(
+            f"the run finished, but {model}'s {key} is {value}{more}, not a number: "
+            f"{run_dir / 'summary.json'} records it as null; usual causes are a model that "
+            "diverged (lower search.lr / train.lr), or a test span whose targets never vary"
+        )

@@ -75,6 +75,7 @@ def _check_series(data: SeriesData) -> None:
             f"series '{data.name}': column '{data.columns[col]}' row {row + 1} is "
             f"{values[row, col]}; fill or drop non-finite values before using the series"
         )
+    _check_magnitudes(data)
     if data.index is not None and len(data.index) != values.shape[0]:
         raise UserError(
             f"series '{data.name}' has {values.shape[0]} rows but {len(data.index)} timestamps; "
@@ -260,6 +261,23 @@ class WindowedSplits:
     horizon: int
     columns: tuple[str, ...]
     test_index: pd.DatetimeIndex | None = None
+
+
+def _check_magnitudes(data: SeriesData) -> None:
+    """Refuse a column whose sum of squares overflows float64 (values beyond about 1e154): the
+    scaler's variance and every RSE square the values, so the run would finish with NaN figures.
+    The unit of a column does not change a forecast: rescaling it is the fix."""
+    with np.errstate(over="ignore"):
+        energy = np.square(data.values).sum(axis=0)
+    overflowing = np.flatnonzero(~np.isfinite(energy))
+    if overflowing.size:
+        k = int(overflowing[0])
+        peak = float(np.abs(data.values[:, k]).max())
+        raise UserError(
+            f"series '{data.name}': column '{data.columns[k]}' has values up to {peak:.3g}, whose "
+            "squares overflow float64 (the scaler's variance and the RSE would be inf or NaN); "
+            "rescale the column, e.g. divide it by a power of ten"
+        )
 
 
 def make_windows(
