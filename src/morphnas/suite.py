@@ -102,7 +102,7 @@ def benchmark(
     if base_dir.is_dir() and any(base_dir.iterdir()) and not (reuse or force):
         raise UserError(
             f"output directory {base_dir} already holds files; choose another --out, pass "
-            "--reuse to continue that benchmark, or --force to overwrite it"
+            "--reuse to continue that benchmark, or --force to replace it"
         )
     configs = {name: dataset_config(name, file, overrides or {}, quick) for name in names}
     # compare resolves each variant on its base config; every variant carries its whole config
