@@ -345,6 +345,69 @@ def test_the_build_is_named_for_the_sources_and_flags(monkeypatch, tmp_path):
     assert native._build_tag() != second  # the same sources compiled otherwise
 
 
+def test_two_installs_never_share_a_build(monkeypatch, tmp_path):
+    """Two installs (two checkouts, each with its virtual environment) sharing torch's extension
+    cache: each its own entry, even with the same sources, since torch's ``build.ninja`` names
+    the sources' and torch's paths and ninja rebuilds whatever command changed, so one shared
+    entry was rebuilt by each in turn. One install keeps one entry; and what is hashed as the
+    sources' directory is the one the build is given."""
+    trees = [tmp_path / "a" / "native", tmp_path / "b" / "native"]
+    for tree in trees:
+        tree.mkdir(parents=True)
+        for source in native._SOURCE_DIR.glob("*.[ch]*"):
+            shutil.copy(source, tree / source.name)
+    loads = []
+
+    def recording_load(**kwargs):
+        loads.append(kwargs)
+        raise RuntimeError("error: not built here")
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", recording_load)
+
+    def name_and_sources(tree: Path) -> tuple[str, list[str]]:
+        monkeypatch.setattr(native, "_SOURCE_DIR", tree)
+        tag = native._build_tag()
+        with pytest.warns(RuntimeWarning, match="not built here"):
+            assert native._build.__wrapped__() is None
+        assert loads[-1]["name"] == f"morphnas_kernels_{tag}"
+        return tag, loads[-1]["sources"]
+
+    a, a_sources = name_and_sources(trees[0])
+    assert name_and_sources(trees[0]) == (a, a_sources)  # the same install: the same entry
+    assert a_sources == [str(trees[0] / "kernels.cpp")]
+    b, _ = name_and_sources(trees[1])
+    assert b != a  # the same sources elsewhere
+    (trees[1] / "common.h").write_text("// another version\n")
+    assert name_and_sources(trees[1])[0] not in (a, b)
+
+    monkeypatch.setattr(native, "_SOURCE_DIR", trees[0])
+    assert native._build_tag() == a
+    monkeypatch.setenv("CXX", "clang++")  # another compiler
+    assert native._build_tag() != a
+    monkeypatch.delenv("CXX")
+    other_torch = [str(tmp_path / "venv" / "torch" / "include")]
+    monkeypatch.setattr(
+        "torch.utils.cpp_extension.include_paths", lambda *args, **kwargs: other_torch
+    )
+    assert native._build_tag() != a  # another virtual environment's torch
+    monkeypatch.undo()
+    assert native._build_tag() == native._build_tag()
+
+
+def test_a_later_process_loads_the_build_without_rebuilding():
+    """What ``python -m morphnas.native`` (``make setup``) or a first use built, a later process
+    loads from the same entry, named for this install, and leaves as it was."""
+    library = Path(native._build().__file__)
+    assert library.parent.name == library.stem == f"morphnas_kernels_{native._build_tag()}"
+    built = library.stat().st_mtime_ns
+    script = "from morphnas import native; print(native._build().__file__)"
+    loaded = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert Path(loaded) == library
+    assert library.stat().st_mtime_ns == built
+
+
 def test_parts_pool_their_sums_over_alternating_rounds():
     """``PartPool``: three parts (more than the cores here) pool six rounds of column sums, the
     two sets of slots alternating; every part sees every round's totals."""

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import os
 import platform
+import sysconfig
 import time
 import warnings
 from collections.abc import Iterator
@@ -107,7 +108,7 @@ def _build() -> ModuleType | None:
         with _packaged_ninja():
             module = cpp_extension.load(
                 name=f"morphnas_kernels_{_build_tag()}",
-                sources=[str(_SOURCE_DIR / "kernels.cpp")],
+                sources=[str(_SOURCE_DIR.absolute() / "kernels.cpp")],  # as _install_identity
                 extra_cflags=_FLAGS,
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
@@ -126,14 +127,17 @@ def _build() -> ModuleType | None:
 
 
 def _build_tag() -> str:
-    """A short hash of the CPU's model and flags, of the kernels' sources and of the compiler's
-    flags (a version that changes only ``_FLAGS`` must not load a library built without them).
+    """A short hash of the CPU's model and flags, of the kernels' sources, of the compiler's
+    flags (a version that changes only ``_FLAGS`` must not load a library built without them)
+    and of the install (``_install_identity``).
 
     The CPU: the build is for this CPU (``-march=native``), so a cache shared between machines
     (a network home) keeps one build per kind of CPU. The sources: two versions of morphnas
-    sharing a cache (two checkouts, two virtual environments) each keep their own build, rather
-    than rebuilding one another's at every start, and a process never loads a library that
-    another built meanwhile from different sources.
+    sharing a cache each keep their own build, and a process never loads a library that another
+    built meanwhile from different sources. The install: two installs of the same version at
+    different paths (two checkouts, each with its virtual environment) would otherwise share one
+    entry and rebuild it in turn, 20–28 s each time, since torch's ``build.ninja`` names the
+    sources' and torch's paths, and ninja rebuilds whenever a build command changes.
     """
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -145,7 +149,32 @@ def _build_tag() -> str:
     digest.update(" ".join(_FLAGS).encode())
     for source in sorted(_SOURCE_DIR.glob("*.[ch]*")):  # kernels.cpp and the headers
         digest.update(source.name.encode() + source.read_bytes())
+    for part in _install_identity():
+        digest.update(b"\0" + part.encode())
     return digest.hexdigest()[:8]
+
+
+def _install_identity() -> list[str]:
+    """What torch writes into the build's ``build.ninja`` besides the flags: the sources'
+    directory, torch's include and library directories (its virtual environment), Python's
+    headers and the compiler (``CXX``); and torch's version.
+
+    Why not the sources' contents alone (one entry for identical sources wherever installed):
+    the build commands would still differ by these paths, and ninja rebuilds a target whose
+    command changed, so two such installs would rebuild one entry in turn, as before. Each install
+    builds once (``make setup``), into its own entry; another install, or an install moved or
+    with its torch upgraded, gets a new one and never rebuilds another's.
+    """
+    from torch.utils import cpp_extension
+
+    return [
+        str(_SOURCE_DIR.absolute()),
+        *cpp_extension.include_paths(),
+        *cpp_extension.library_paths(),
+        sysconfig.get_path("include"),
+        os.environ.get("CXX", "c++"),
+        torch.__version__,
+    ]
 
 
 @contextlib.contextmanager

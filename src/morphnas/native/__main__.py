@@ -1,6 +1,6 @@
 """``python -m morphnas.native``: build the native kernels now, into torch's extension cache.
 
-``make setup`` runs it, so that the build (under a minute, once per version and kind of CPU)
+``make setup`` runs it, so that the build (under a minute, once per install and kind of CPU)
 belongs to the install rather than stalling the first search, training or ``bench``. A failed
 build is not an error here: it warns, as it would at first use, and the Python kernels run.
 """
