@@ -180,6 +180,7 @@ def search(
         "nodes": len(genotype.nodes),
         "growth_events": len(outcome.events),
         "selection": chosen,
+        **_column_summary(data),
     }
     _write_summary(run_dir, genotype, models, results, extra)
     return RunResult(run_dir, genotype, results, extra)
@@ -427,7 +428,7 @@ def train(
     )
     with stop_on_signals() as stop:
         results = _train_and_compare(models, config, data, run_dir, log, progress, stop)
-    _write_summary(run_dir, genotype, models, results, {})
+    _write_summary(run_dir, genotype, models, results, _column_summary(data))
     return RunResult(run_dir, genotype, results)
 
 
@@ -805,11 +806,21 @@ def _apply_thread_policy(config: RunConfig) -> int:
 
 
 def _load_series(config: RunConfig) -> data_mod.SeriesData:
-    """The run's series: its CSV, or the named dataset."""
+    """The run's series: its CSV, or the named dataset. A CSV column that was dropped or
+    converted is said once, as a warning (``column_notes`` keeps every column's fate)."""
     cfg = config.data
-    if cfg.csv is not None:
-        return data_mod.load_csv(cfg.csv, time_col=cfg.time_col, columns=cfg.columns)
-    return data_mod.load_dataset(cfg.dataset)
+    if cfg.csv is None:
+        return data_mod.load_dataset(cfg.dataset)
+    series = data_mod.load_csv(cfg.csv, time_col=cfg.time_col, columns=cfg.columns)
+    for note in getattr(series, "columns_report", ()):
+        if note.role == "dropped" or note.converted:
+            warnings.warn(f"{cfg.csv.name}: {note.line()}", stacklevel=2)
+    return series
+
+
+def column_notes(series: data_mod.SeriesData) -> tuple[str, ...]:
+    """One line per column of a user's file (empty for a bundled dataset)."""
+    return tuple(note.line() for note in getattr(series, "columns_report", ()))
 
 
 def _load_windows(config: RunConfig) -> data_mod.WindowedSplits:
@@ -819,6 +830,7 @@ def _load_windows(config: RunConfig) -> data_mod.WindowedSplits:
     windows = data_mod.make_windows(
         series, cfg.window, cfg.horizon, fractions=cfg.split, scaler=cfg.scaler
     )
+    windows.column_notes = column_notes(series)
     device = resolve_device(config.device)
     for part in ("train", "valid", "test"):
         x, y = getattr(windows, part)
@@ -1084,6 +1096,12 @@ def _train_and_compare(
         report.read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots/learning_curves.png"
     )
     return results
+
+
+def _column_summary(data: data_mod.WindowedSplits | Corpus) -> dict[str, Any]:
+    """``{"columns": [...]}``: what became of each column of a user's CSV, for summary.json."""
+    notes = getattr(data, "column_notes", ())
+    return {"columns": list(notes)} if notes else {}
 
 
 def _write_summary(

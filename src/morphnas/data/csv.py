@@ -12,6 +12,17 @@ Accepted layouts:
   "0".."m-1". A first line made only of numbers is taken as data, never as a header.
 Columns that are mostly text (labels, ids) are left out unless named in `columns`.
 
+No column is dropped or rewritten silently: the returned `SeriesData` carries a
+`columns_report` attribute, a tuple of `ColumnNote` (name, role "used"/"time"/"dropped",
+one-line reason) in file order, and every drop or conversion is also noted in `source`. Cells
+in another notation are converted when one reading fits the whole column: quoted decimal
+commas ("1,5", "1.234,5"), thousands separators ("1,234.5", "1 234") and booleans
+(true/false, yes/no -> 1/0); a column whose reading is ambiguous ("1,234" alone) or mixed is
+refused by name. Without a time column, a column of strictly increasing integers that are
+unix-epoch seconds or milliseconds in 1990..2100 is taken as the time column, not modelled
+(name it in `columns` to model it). UTF-8 (with or without a BOM) and UTF-16 with a BOM are
+read; FIFOs, devices, sockets and symlink loops are refused before being opened.
+
 Timestamps must be unique, increasing and on one regular grid (a fixed step such as 1h, or a
 calendar one such as business days or month starts). Rows missing from the grid (weekends,
 holidays, sensor outages) are accepted while at most 10% of the grid's steps lack a row, and
@@ -27,8 +38,10 @@ from __future__ import annotations
 
 import codecs
 import difflib
+import errno
 import os
 import re
+import stat
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -76,8 +89,9 @@ def load_csv(
     if isinstance(columns, str):
         columns = [c.strip() for c in columns.split(",")]
     file = Path(path)
-    _check_bytes(file, shown)
-    first = _first_row(file, shown)
+    _check_file(file, shown)
+    encoding = _check_bytes(file, shown)
+    first = _first_row(file, shown, encoding)
     has_header = not (any(c != "" for c in first) and all(c == "" or _is_number(c) for c in first))
     names = _header_names(first, shown) if has_header else [str(i) for i in range(len(first))]
     wanted = _check_selection(names, shown, has_header, time_col, columns)
@@ -88,7 +102,7 @@ def load_csv(
     # Date-named columns are parsed as timestamps only; one that turns out not to hold dates
     # is read again as values below (rare), which keeps the common case to a single pass.
     value_names = wanted or [n for n in names if n not in time_names]
-    table = _read_columns(file, shown, has_header, names, value_names, time_names)
+    table = _read_columns(file, shown, encoding, has_header, names, value_names, time_names)
     if table.rows < 2:
         empty = has_header and table.rows == 0
         what = "a header line but no data rows" if empty else f"{table.rows} data row(s)"
@@ -100,24 +114,48 @@ def load_csv(
     candidates = wanted or [c for c in names if c != time_name]
     late = [c for c in candidates if c not in table.values]
     if late:
-        table.values.update(_read_columns(file, shown, has_header, names, late, []).values)
+        late_table = _read_columns(file, shown, encoding, has_header, names, late, [])
+        table.values.update(late_table.values)
+    report: dict[str, ColumnNote] = {}
+    if time_name is not None:
+        how = "given as --time-col" if time_name == time_col else "found by its name"
+        report[time_name] = ColumnNote(time_name, "time", f"timestamps ({how})")
     kept: dict[str, np.ndarray] = {}
     for name in candidates:  # popped: each column's parsed pieces are dropped once joined
-        column = table.values.pop(name).result(name, shown, required=wanted is not None)
+        numbers = table.values.pop(name)
+        column = numbers.result(name, shown, required=wanted is not None)
         if column is not None:
             kept[name] = column
+            report[name] = ColumnNote(name, "used", numbers.note or "numbers", bool(numbers.note))
+        else:
+            report[name] = ColumnNote(name, "dropped", f"not numeric ({numbers.why_text()})")
         column = None
     if not kept:
         raise UserError(_no_numbers_message(names, first, shown))
+    if index is None and wanted is None:
+        found = _epoch_column(kept, shown)
+        if found is not None:
+            time_name, index, unit = found
+            del kept[time_name]
+            report[time_name] = ColumnNote(
+                time_name, "time", f"unix-epoch {unit} (integers), used as the time column", True
+            )
+            if not kept:
+                raise UserError(
+                    f"{shown}: column {time_name!r} holds unix-epoch {unit}, taken as the time "
+                    "column, and no other column holds numbers; give at least one value column"
+                )
     _check_not_constant(kept, shown)
-    dropped = [c for c in candidates if c not in kept]
+    dropped = [c for c in candidates if c not in kept and c != time_name]
     note = f"; left out non-numeric columns {_names(dropped)}" if dropped else ""
+    converted = [n for n in report.values() if n.role != "dropped" and n.converted]
+    note += "".join(f"; column {n.name!r}: {n.reason}" for n in converted)
     frequency, gaps = _check_spacing(index, time_name, shown) if index is not None else (None, "")
     kept_names = tuple(kept)
     values = np.empty((n_rows, len(kept)), dtype=np.float64)
     for j, name in enumerate(kept_names):
         values[:, j] = kept.pop(name)  # free each column once copied: peak stays ~2x the output
-    return SeriesData(
+    data = SeriesData(
         name=file.stem,
         values=values,
         columns=kept_names,
@@ -126,25 +164,103 @@ def load_csv(
         source=f"CSV file {shown}{note}{gaps}",
         licence="user data (licence unknown to morphnas)",
     )
+    # SeriesData is a frozen dataclass owned elsewhere: the report rides along as an attribute.
+    object.__setattr__(data, "columns_report", tuple(report[n] for n in names if n in report))
+    return data
+
+
+@dataclass(frozen=True)
+class ColumnNote:
+    """What `load_csv` did with one column of the file, for a person to read.
+
+    `role` is "used" (a value column, modelled), "time" (the timestamps) or "dropped" (left
+    out, with why); `reason` is one line, e.g. "booleans true/false read as 1/0" or "not
+    numeric (text such as 'x' in data row 1)". `converted` is True when cells were rewritten
+    (decimal commas, thousands separators, booleans, epoch integers) rather than read as written.
+    """
+
+    name: str
+    role: str
+    reason: str
+    converted: bool = False
+
+    def line(self) -> str:
+        """One line such as `column 'a': used, numbers`."""
+        return f"column {self.name!r}: {self.role}, {self.reason}"
 
 
 # --- the file as bytes -----------------------------------------------------------------------
 
 
-def _check_bytes(path: Path, shown: str) -> None:
-    """Refuse what is not UTF-8 text before pandas sees it, reading one block at a time.
+def _check_file(path: Path, shown: str) -> None:
+    """Refuse what is not a regular file before it is opened: opening a FIFO for reading
+    blocks until a writer comes (a hang), and a device may never end."""
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UserError(
+                f"{shown} is a symbolic link loop (a link that leads back to itself); point "
+                "--csv at the real file"
+            ) from None
+        if err.errno != errno.ENOENT:
+            raise UserError(
+                f"cannot read {shown}: {err.strerror or err}; check that the file is readable"
+            ) from None
+        if os.path.islink(path):
+            raise UserError(
+                f"{shown} is a symbolic link to {os.readlink(path)!r}, which does not exist; "
+                "fix the link or give the path of the file"
+            ) from None
+        raise UserError(
+            f"CSV file not found: {shown}; check the path (working directory: {Path.cwd()})"
+        ) from None
+    mode = info.st_mode
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{shown} is a directory, not a CSV file; give the path of the file")
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISFIFO(mode):
+        what = "a named pipe (FIFO)"
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        what = "a device"
+    elif stat.S_ISSOCK(mode):
+        what = "a socket"
+    else:
+        what = "not a regular file"
+    raise UserError(
+        f"{shown} is {what}, not a regular file, so it is not read (it could wait forever); "
+        "save the data to a CSV file and give its path"
+    )
+
+
+def _check_bytes(path: Path, shown: str) -> str:
+    """Refuse what is not UTF-8 or UTF-16 text before pandas sees it, one block at a time;
+    return the encoding to read it with ("utf-8-sig" or "utf-16").
 
     pandas would report a binary or mis-encoded file as a tokenizer error (or, for NUL bytes,
     silently cut lines short), so the file is streamed once here: known binary formats by their
-    first bytes, a NUL byte, or an invalid UTF-8 sequence are each named with their line.
+    first bytes, a NUL byte, or an invalid UTF-8 sequence are each named with their line. A
+    UTF-16 file with a byte-order mark is read; one without (NUL bytes between the letters) and
+    UTF-32 are refused by name.
     """
-    if not path.exists():
+    try:
+        with path.open("rb") as handle:
+            start = handle.read(4)
+    except OSError as err:
         raise UserError(
-            f"CSV file not found: {shown}; check the path (working directory: {Path.cwd()})"
+            f"cannot read {shown}: {err.strerror or err}; check that the file is readable"
+        ) from None
+    for bom, name in ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32")):
+        if start.startswith(bom):
+            raise UserError(f"{shown} is {name} text; save it as UTF-8 CSV")
+    utf16 = start.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    if not utf16 and len(start) >= 4 and (start[1::2] == b"\0\0" or start[0::2] == b"\0\0"):
+        raise UserError(
+            f"{shown} looks like UTF-16 text without a byte-order mark; save it as UTF-8 CSV"
         )
-    if path.is_dir():
-        raise UserError(f"{shown} is a directory, not a CSV file; give the path of the file")
-    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    encoding = "utf-16" if utf16 else "utf-8-sig"
+    decoder = codecs.getincrementaldecoder(encoding)()
     lines, blank, head = 1, True, True
     try:
         with path.open("rb") as handle:
@@ -154,7 +270,7 @@ def _check_bytes(path: Path, shown: str) -> None:
                         if block.startswith(magic):
                             raise UserError(f"{shown} {what}")
                     head = False
-                nul = block.find(b"\x00")
+                nul = -1 if utf16 else block.find(b"\x00")
                 if nul >= 0:
                     line = lines + block[:nul].count(b"\n")
                     raise UserError(
@@ -165,17 +281,33 @@ def _check_bytes(path: Path, shown: str) -> None:
                 try:
                     text = decoder.decode(block)
                 except UnicodeDecodeError as err:
+                    if utf16:
+                        raise UserError(
+                            f"{shown} starts with a UTF-16 byte-order mark but is not valid "
+                            "UTF-16 text; save it as UTF-8 CSV"
+                        ) from None
                     at = max(0, err.start - pending)
                     line = lines + block[:at].count(b"\n")
+                    byte = err.object[err.start]
                     raise UserError(
-                        f"{shown} is not UTF-8 text (byte 0x{err.object[err.start]:02x} on line "
-                        f"{line}); save it as UTF-8 CSV"
+                        f"{shown} is not UTF-8 text (byte 0x{byte:02x} on line {line}"
+                        f"{_guess_encoding(block)}); save it as UTF-8 CSV"
                     ) from None
+                if utf16 and "\0" in text:
+                    line = lines + text[: text.index("\0")].count("\n")
+                    raise UserError(
+                        f"{shown} looks like a binary file, not CSV text (NUL character on line "
+                        f"{line}); give a comma-separated text file"
+                    )
                 blank = blank and not text.strip()
-                lines += block.count(b"\n")
+                lines += text.count("\n") if utf16 else block.count(b"\n")
             try:
                 decoder.decode(b"", final=True)
             except UnicodeDecodeError:
+                if utf16:
+                    raise UserError(
+                        f"{shown} is UTF-16 text cut off inside a character; save it as UTF-8 CSV"
+                    ) from None
                 raise UserError(
                     f"{shown} is not UTF-8 text (it ends inside a multi-byte character on line "
                     f"{lines}); save it as UTF-8 CSV"
@@ -186,22 +318,32 @@ def _check_bytes(path: Path, shown: str) -> None:
         ) from None
     if blank:
         raise UserError(f"{shown} is empty; give a CSV file with one row per time step")
+    return encoding
 
 
-def _first_row(path: Path, shown: str) -> list[str]:
+def _guess_encoding(block: bytes) -> str:
+    """A hint for a refused byte: Windows-1252/Latin-1 when the bytes decode as that."""
+    try:
+        block.decode("cp1252")
+    except UnicodeDecodeError:
+        return ""
+    return "; it looks like Windows-1252 or Latin-1 text"
+
+
+def _first_row(path: Path, shown: str, encoding: str) -> list[str]:
     """The first non-blank line's fields, as written (decides header or not, and the width)."""
-    frame = _parse(path, shown, header=None, nrows=1, dtype=str)
+    frame = _parse(path, shown, encoding, header=None, nrows=1, dtype=str)
     if frame.empty:
         raise UserError(f"{shown} is empty; give a CSV file with one row per time step")
     return [str(c).strip() for c in frame.iloc[0]]
 
 
-def _parse(path: Path, shown: str, **options: Any) -> Any:
+def _parse(path: Path, shown: str, encoding: str, **options: Any) -> Any:
     """pandas' CSV reader with every cell kept as written (no NaN guessing) and blank lines
     skipped; a ragged row or broken quoting becomes a UserError."""
     try:
         return pd.read_csv(
-            path, encoding="utf-8-sig", na_filter=False, skip_blank_lines=True, **options
+            path, encoding=encoding, na_filter=False, skip_blank_lines=True, **options
         )
     except pd.errors.ParserError as err:
         raise UserError(_parser_message(err, shown)) from None
@@ -241,12 +383,30 @@ class _Numbers:
     first_missing: int | None = None
     first_text: tuple[int, str] | None = None
     first_inf: tuple[int, str] | None = None
+    # Text cells written as numbers in another notation: their rows, kinds and values (kept
+    # only while every text cell so far has such a reading), and counts of each kind.
+    kinds: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, str] = field(default_factory=dict)
+    other_rows: list[np.ndarray] = field(default_factory=list)
+    other_kinds: list[np.ndarray] = field(default_factory=list)
+    other_values: list[np.ndarray] = field(default_factory=list)
+    n_dotted: int = 0  # plain numbers with a fractional part (contradict decimal commas)
+    n_plain: int = 0
+    note: str = ""
 
     def add(self, column: pd.Series, offset: int) -> None:
         numbers, missing = _cells_as_numbers(column)
         text = ~missing & np.isnan(numbers)
         self.n_missing += int(missing.sum())
         self.n_text += int(text.sum())
+        plain = ~missing & ~text
+        self.n_plain += int(plain.sum())
+        if column.dtype.kind in "fiu":
+            self.n_dotted += int((plain & (numbers != np.round(numbers))).sum())
+        elif plain.any():
+            self.n_dotted += int(column[plain].astype(str).str.contains(".", regex=False).sum())
+        if text.any() and self.kinds.get("other", 0) == 0:
+            self._read_notations(column, text, offset)
         if self.first_missing is None and missing.any():
             self.first_missing = offset + int(np.argmax(missing))
         if self.first_text is None and text.any():
@@ -258,6 +418,76 @@ class _Numbers:
             self.first_inf = (offset + row, _show(column, row))
         self.pieces.append(numbers)
         self.rows += len(numbers)
+
+    def _read_notations(self, column: pd.Series, text: np.ndarray, offset: int) -> None:
+        cells = column[text].astype(str).str.strip()
+        kinds, values = _notations(cells)
+        for kind in _KINDS:
+            where = kinds == _KINDS.index(kind)
+            count = int(where.sum())
+            if count:
+                self.kinds[kind] = self.kinds.get(kind, 0) + count
+                self.examples.setdefault(kind, _show(cells, int(np.argmax(where))))
+        if self.kinds.get("other", 0):
+            self.other_rows, self.other_kinds, self.other_values = [], [], []
+            return
+        self.other_rows.append(offset + np.flatnonzero(text))
+        self.other_kinds.append(kinds)
+        self.other_values.append(values)
+
+    def why_text(self) -> str:
+        """Why a dropped column is text: an example cell and its row."""
+        if self.first_text is None:
+            return "text"
+        row, cell = self.first_text
+        return f"text such as {cell} in data row {row + 1}"
+
+    def _convert(self, name: str, shown: str) -> None:
+        """Rewrite text cells that are numbers in another notation, when one reading fits
+        every cell of the column; refuse a column whose notation is ambiguous or mixed."""
+        kinds = {k: n for k, n in self.kinds.items() if n}
+        fix = "rewrite the column as plain numbers (e.g. 1234.5) or leave it out with --columns"
+        eg = self.examples
+        if "bool" in kinds and (len(kinds) > 1 or self.n_plain):
+            other = eg.get("bool")
+            raise UserError(
+                f"{shown}: column {name!r} mixes booleans ({other}) with numbers; write it as "
+                "1/0 throughout or leave it out with --columns"
+            )
+        if "decimal" in kinds and "thousands" in kinds:
+            raise UserError(
+                f"{shown}: column {name!r} mixes decimal commas ({eg['decimal']}) with "
+                f"thousands separators ({eg['thousands']}); {fix}"
+            )
+        if "decimal" in kinds and self.n_dotted:
+            raise UserError(
+                f"{shown}: column {name!r} mixes decimal commas ({eg['decimal']}) with decimal "
+                f"points; {fix}"
+            )
+        if set(kinds) == {"ambiguous"}:
+            raise UserError(
+                f"{shown}: column {name!r} holds {eg['ambiguous']}, which could be a thousands "
+                f"separator or a decimal comma; {fix}"
+            )
+        if "bool" in kinds:
+            words = "yes/no" if eg["bool"].lower().strip("'\"") in ("yes", "no") else "true/false"
+            self.note, use = f"booleans ({words}) read as 1/0", "bool"
+        elif "decimal" in kinds:
+            self.note, use = "decimal commas read as decimal points", "decimal"
+        else:
+            self.note, use = "thousands separators removed", "thousands"
+        numbers = np.concatenate(self.pieces) if len(self.pieces) != 1 else self.pieces[0]
+        rows = np.concatenate(self.other_rows)
+        kinds_at = np.concatenate(self.other_kinds)
+        values = np.concatenate(self.other_values)
+        if use == "decimal":  # '1,234' next to '1,5' is 1.234
+            values = np.where(kinds_at == _KINDS.index("ambiguous"), values / 1000, values)
+        if not numbers.flags.writeable:  # a view of pandas' buffer
+            numbers = numbers.copy()
+        numbers[rows] = values
+        self.pieces = [numbers]
+        self.other_rows, self.other_kinds, self.other_values = [], [], []
+        self.first_text, self.n_text = None, 0
 
     def result(self, name: str, shown: str, required: bool) -> np.ndarray | None:
         """The column as float64, or None for a text column that was not asked for by name.
@@ -271,6 +501,8 @@ class _Numbers:
                 f"{shown}: column {name!r} is empty (no value in any row); delete it or leave "
                 "it out with --columns"
             )
+        if self.first_text is not None and not self.kinds.get("other", 0):
+            self._convert(name, shown)
         if self.first_text is not None:
             if not required and 2 * self.n_text >= present:
                 return None
@@ -303,9 +535,16 @@ class _Times:
     rows: int = 0
     n_bad: int = 0
     first_bad: tuple[int, str] | None = None
+    integers: list[np.ndarray] | None = field(default_factory=list)  # while every cell is one
 
     def add(self, column: pd.Series, offset: int) -> None:
         cells = column.astype(str)
+        if self.integers is not None:
+            numbers = pd.to_numeric(cells.str.strip(), errors="coerce").to_numpy(np.float64)
+            if np.all(np.isfinite(numbers)) and np.all(numbers == np.round(numbers)):
+                self.integers.append(numbers)  # read as epoch time if no cell is a date
+            else:
+                self.integers = None
         parsed = _to_datetimes(cells)
         if parsed.isna().any():  # stripping is slow, so only when a cell did not parse as is
             cells = cells.str.strip()
@@ -327,6 +566,18 @@ class _Times:
             joined = pd.to_datetime(joined, utc=True)
         return pd.DatetimeIndex(joined, name=name)
 
+    @property
+    def epoch(self) -> pd.DatetimeIndex | None:
+        """The column as unix-epoch timestamps, when every cell is an epoch integer."""
+        if not self.integers:
+            return None
+        numbers = np.concatenate(self.integers)
+        found = _epoch_unit(numbers)
+        if found is None:
+            return None
+        index = pd.to_datetime(numbers.astype(np.int64), unit=found[1])
+        return pd.DatetimeIndex(index)
+
 
 @dataclass
 class _Table:
@@ -340,6 +591,7 @@ class _Table:
 def _read_columns(
     path: Path,
     shown: str,
+    encoding: str,
     has_header: bool,
     names: list[str],
     value_names: Sequence[str],
@@ -354,7 +606,7 @@ def _read_columns(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", pd.errors.ParserWarning)
         warnings.simplefilter("ignore", pd.errors.DtypeWarning)
-        for chunk in _chunks(path, shown, has_header, names, chunk_rows):
+        for chunk in _chunks(path, shown, encoding, has_header, names, chunk_rows):
             for name, numbers in values.items():
                 numbers.add(chunk[name], rows)
             for name, stamps in times.items():
@@ -364,12 +616,13 @@ def _read_columns(
 
 
 def _chunks(
-    path: Path, shown: str, has_header: bool, names: list[str], chunk_rows: int
+    path: Path, shown: str, encoding: str, has_header: bool, names: list[str], chunk_rows: int
 ) -> Iterator[pd.DataFrame]:
     """The data rows under their column names, `chunk_rows` at a time."""
     reader = _parse(
         path,
         shown,
+        encoding,
         header=0 if has_header else None,
         names=names,
         index_col=False,
@@ -488,6 +741,8 @@ def _find_index(
         explicit = name == time_col
         if not explicit and 2 * stamps.n_bad >= stamps.rows:
             continue
+        if explicit and stamps.n_bad == stamps.rows and stamps.epoch is not None:
+            return stamps.epoch, name
         if stamps.first_bad is not None:
             row, cell = stamps.first_bad
             raise UserError(
@@ -498,6 +753,39 @@ def _find_index(
         _check_chronological(index, name, shown)
         return index, name
     return None, None
+
+
+# Unix-epoch integers between 1990-01-01 and 2100-01-01, in seconds or milliseconds.
+_EPOCH_RANGES = (("seconds", "s", 631_152_000, 4_102_444_800),)
+_EPOCH_RANGES += (("milliseconds", "ms", 631_152_000_000, 4_102_444_800_000),)
+
+
+def _epoch_unit(numbers: np.ndarray) -> tuple[str, str] | None:
+    """("seconds", "s") or ("milliseconds", "ms") when `numbers` are strictly increasing
+    integers that all fall in 1990..2100 read in that unit; else None."""
+    if len(numbers) < 2 or not np.all(np.isfinite(numbers)):
+        return None
+    if not np.all(numbers == np.round(numbers)) or not np.all(np.diff(numbers) > 0):
+        return None
+    for words, unit, low, high in _EPOCH_RANGES:
+        if low <= numbers[0] and numbers[-1] < high:
+            return words, unit
+    return None
+
+
+def _epoch_column(
+    kept: dict[str, np.ndarray], shown: str
+) -> tuple[str, pd.DatetimeIndex, str] | None:
+    """The first value column that is unix-epoch time (see `_epoch_unit`), as timestamps: it
+    is the clock of the rows, not a series to forecast."""
+    for name, numbers in kept.items():
+        found = _epoch_unit(numbers)
+        if found is not None:
+            words, unit = found
+            index = pd.DatetimeIndex(pd.to_datetime(numbers.astype(np.int64), unit=unit), name=name)
+            _check_chronological(index, name, shown)
+            return name, index, words
+    return None
 
 
 def _to_datetimes(cells: pd.Series) -> pd.Series:
@@ -650,6 +938,35 @@ def _cells_as_numbers(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     missing = cells.str.lower().isin(_MISSING).to_numpy()
     numbers = pd.to_numeric(cells.mask(missing), errors="coerce").to_numpy(dtype=np.float64)
     return numbers, missing
+
+
+_KINDS = ("other", "bool", "decimal", "thousands", "ambiguous")
+_BOOLS = {"true": 1.0, "false": 0.0, "yes": 1.0, "no": 0.0}
+_GROUP = "[ \u00a0\u202f]"  # spaces that group thousands (plain, no-break, narrow no-break)
+_AMBIGUOUS = re.compile(r"[+-]?[1-9]\d{0,2},\d{3}")
+_THOUSANDS = re.compile(rf"[+-]?\d{{1,3}}(?:(?:,\d{{3}})+|(?:{_GROUP}\d{{3}})+)(?:\.\d+)?")
+_DECIMAL = re.compile(rf"[+-]?(?:\d+|\d{{1,3}}(?:[.]\d{{3}})+|\d{{1,3}}(?:{_GROUP}\d{{3}})+),\d+")
+
+
+def _notations(cells: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """For text cells: the index in `_KINDS` of each cell's notation and its value (for an
+    ambiguous '1,234', the thousands reading 1234)."""
+    kinds = np.zeros(len(cells), dtype=np.int8)
+    values = np.full(len(cells), np.nan)
+    for i, cell in enumerate(cells):
+        lower = cell.lower()
+        if lower in _BOOLS:
+            kinds[i], values[i] = 1, _BOOLS[lower]
+        elif _AMBIGUOUS.fullmatch(cell):
+            kinds[i], values[i] = 4, float(cell.replace(",", ""))
+        elif _THOUSANDS.fullmatch(cell):
+            kinds[i], values[i] = 3, float(re.sub(f",|{_GROUP}", "", cell))
+        elif _DECIMAL.fullmatch(cell):
+            digits = re.sub(f"[.]|{_GROUP}", "", cell)
+            kinds[i], values[i] = 2, float(digits.replace(",", "."))
+        else:
+            break  # one unreadable cell makes the column text: the rest need no look
+    return kinds, values
 
 
 def _show(column: pd.Series, row: int) -> str:

@@ -261,6 +261,9 @@ class WindowedSplits:
     horizon: int
     columns: tuple[str, ...]
     test_index: pd.DatetimeIndex | None = None
+    # What the loader did with each column of a user's file (`data.csv.ColumnNote.line()`), for
+    # the run's summary: used, the time column, dropped (and why), converted.
+    column_notes: tuple[str, ...] = ()
 
 
 def _check_magnitudes(data: SeriesData) -> None:
