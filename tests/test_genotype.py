@@ -248,3 +248,18 @@ def test_every_op_of_each_space_is_accepted():
     for op in gt.SPACE_OPS["two_input"]:
         Genotype("two_input", (Node(op, (0, -1)),), "last")
     assert "none" not in gt.SPACE_OPS["darts_rnn"] + gt.SPACE_OPS["two_input"]
+
+
+def test_a_cell_beyond_the_node_limit_is_refused_before_it_is_built(tmp_path):
+    """A file with a huge node count is one line at once (it used to run for minutes), in the
+    file and in code; a cell at the limit is fine."""
+    node = {"op": "add", "inputs": [-1, 0]}
+    data = {"format": gt.FORMAT, "version": gt.VERSION, "space": "two_input"}
+    path = tmp_path / "huge.json"
+    path.write_text(json.dumps({**data, "nodes": [node] * 1_000_000}))
+    with pytest.raises(UserError, match=r"1000000 nodes; a cell may have at most 64") as err:
+        gt.load(path)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match=r"65 nodes; a cell may have at most 64"):
+        Genotype("two_input", (Node("add", (-1, 0)),) * 65)
+    assert len(gt.from_dict({**data, "nodes": [node] * 64}).nodes) == 64

@@ -87,8 +87,10 @@ class DataConfig(_Strict):
     csv: Path | None = None
     time_col: str | None = None
     columns: list[str] | None = None
-    window: int = Field(28, ge=1, description="past steps the model sees")
-    horizon: int = Field(1, ge=1, description="steps ahead of the window's end to forecast")
+    window: int = Field(28, ge=1, le=100_000, description="past steps the model sees")
+    horizon: int = Field(
+        1, ge=1, le=100_000, description="steps ahead of the window's end to forecast"
+    )
     split: Split = (0.6, 0.2, 0.2)
     scaler: Literal["standard", "max", "none"] = "standard"
     layout: Literal["multivariate", "global"] = Field(

@@ -58,6 +58,9 @@ SPACE_OPS: dict[str, tuple[str, ...]] = {
 }
 SPACE_ARITY = {"darts_rnn": 1, "two_input": 2}
 SPACE_FIRST_STATE = {"darts_rnn": 0, "two_input": -1}
+# The most nodes a genotype may have: twice the search spaces' own limit (space.nodes ≤ 32), room
+# for hand-written cells, and a bound on what a corrupt or hostile file can make us build.
+MAX_NODES = 64
 CELL_STATE = -2  # the index of c_{t-1} in a two_input cell that carries a cell state
 OUTPUTS = ("mean", "last")
 # Squashing applied to the combined node states to form h_t: "tanh" keeps the recurrent state
@@ -157,6 +160,16 @@ class Genotype:
         return "\n".join(lines)
 
 
+def _check_node_count(count: int) -> None:
+    """A cell of more than ``MAX_NODES`` nodes is refused before it is built: a file with a
+    million nodes would otherwise run for minutes before anything is said."""
+    if count > MAX_NODES:
+        raise UserError(
+            f"genotype: {count} nodes; a cell may have at most {MAX_NODES} (searches grow to "
+            "32 at most: space.nodes); check the file"
+        )
+
+
 def validate(genotype: Genotype) -> None:
     """Raise ``UserError`` unless every node names a known op and reads only earlier states."""
     space = genotype.space
@@ -175,6 +188,7 @@ def validate(genotype: Genotype) -> None:
         )
     if not genotype.nodes:
         raise UserError("genotype: 'nodes' is empty; a cell needs at least one node")
+    _check_node_count(len(genotype.nodes))
     _validate_cell_state(genotype)
     arity, first = SPACE_ARITY[space], SPACE_FIRST_STATE[space]
     if genotype.cell_state is not None:
@@ -245,6 +259,7 @@ def from_dict(data: Any) -> Genotype:
             raise UserError(f"genotype: missing field {key!r}")
     if not isinstance(data["nodes"], list):
         raise UserError("genotype: 'nodes' must be a list of {'op', 'inputs'} objects")
+    _check_node_count(len(data["nodes"]))
     nodes = []
     for i, raw in enumerate(data["nodes"], start=1):
         if not isinstance(raw, dict) or not {"op", "inputs"} <= raw.keys():
