@@ -127,7 +127,13 @@ def test_cli_train_gru_force_then_killed_then_resumed(tmp_path):
     again = ["--retrain-epochs", "3", "--seed", "2"]
     killed = morphnas(*TRAIN_GRU, *again, "--out", str(d), "--force", crash="train-step:3")
     assert killed.returncode != 0
-    only_new = {"config.yaml", "model.json", "metrics.jsonl", "checkpoints"}  # no summary, models
+    only_new = {
+        "run.json",
+        "config.yaml",
+        "model.json",
+        "metrics.jsonl",
+        "checkpoints",
+    }  # no summary
     assert {p.name for p in d.iterdir()} <= only_new
     assert "seed: 2" in (d / "config.yaml").read_text().splitlines()
     resumed = morphnas("train", "--resume", str(d), "--json")
@@ -269,3 +275,23 @@ def test_benchmark_force_starts_over(tmp_path):
     written = json.loads((out / "benchmark.json").read_text())
     assert {row["seed"] for row in written["runs"]} == {1}
     no_leftovers(tmp_path)
+
+
+def test_resume_refuses_a_run_of_the_other_command_before_touching_it(tmp_path: Path):
+    """`train --resume` on a stopped search would finish it as a one-model run (its search lost),
+    and `search --resume` on a train run would run a whole search inside it: both refused in one
+    line, naming the command that continues the run, with every file as it was."""
+    search_dir, train_dir = tmp_path / "s", tmp_path / "t"
+    for run_dir, kind in ((search_dir, "search"), (train_dir, "train")):
+        cfg = config.resolve(None, {"out": str(run_dir), "threads": 1})
+        api._start_run(run_dir, cfg, kind)
+    for run_dir, other, started in (
+        (search_dir, "train", "search"),
+        (train_dir, "search", "train"),
+    ):
+        before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+        with pytest.raises(UserError, match=rf"is a {started} run, not a {other} run") as err:
+            api.resume_config(run_dir, threads=2, kind=other)
+        assert f"morphnas {started} --resume" in str(err.value) and "\n" not in str(err.value)
+        assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+        assert api.resume_config(run_dir, kind=started).out == run_dir

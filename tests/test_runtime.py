@@ -157,7 +157,7 @@ def test_a_run_on_a_busy_machine_says_so_takes_the_free_cores_and_saves_the_coun
     monkeypatch.setattr(api, "busy_cores", lambda: 1.0)
     config = _config(tmp_path)
     with pytest.warns(UserWarning, match=r"keep 1\.0 of this machine's 2 cores busy.*--threads"):
-        api._start_run(config.out, config)
+        api._start_run(config.out, config, "search")
     assert torch.get_num_threads() == 1
     saved = config_mod.resolve(config.out / "config.yaml")
     assert saved.threads == 1  # the resolved config pins it, so a resume runs as the run began
@@ -177,7 +177,7 @@ def test_a_quiet_machine_or_a_chosen_count_runs_as_the_size_says(
     config = _config(tmp_path, threads=threads)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        api._start_run(config.out, config)
+        api._start_run(config.out, config, "search")
     assert torch.get_num_threads() == 2
     assert config_mod.resolve(config.out / "config.yaml").threads == 2
 
@@ -200,9 +200,9 @@ def test_a_resume_may_change_the_thread_count_and_the_saved_config_says_so(tmp_p
     config = _config(tmp_path, threads=2)
     (run / "config.yaml").write_text(config_mod.dump(config), encoding="utf-8")
     assert api.resume_config(run).threads == 2
-    assert cli._resumed(run, threads=1).threads == 1
+    assert cli._resumed("search", run, threads=1).threads == 1
     saved = config_mod.resolve(run / "config.yaml")
     assert saved.threads == 1  # the next resume goes on with it
     assert saved.model_copy(update={"threads": 2}) == config  # and nothing else changed
     with pytest.raises(UserError, match="drop --epochs"):
-        cli._resumed(run, threads=1, epochs=3)
+        cli._resumed("search", run, threads=1, epochs=3)

@@ -132,7 +132,7 @@ def search(
     if resume:
         _continue_run(run_dir, config, saved)
     else:
-        _start_run(run_dir, config, replace=force)
+        _start_run(run_dir, config, "search", replace=force)
     log = report.MetricsLog(run_dir / "metrics.jsonl")
     model = _wrap(space, config, data, config.space.hidden)
     task = _task(config, data, config.search.batch_size)
@@ -416,7 +416,7 @@ def train(
     if resume:
         _continue_run(run_dir, config, None)
     else:
-        _start_run(run_dir, config, replace=force)
+        _start_run(run_dir, config, "train", replace=force)
         if baseline is not None:
             report.write_json(run_dir / "model.json", {"baseline": baseline})
     log = report.MetricsLog(run_dir / "metrics.jsonl")
@@ -528,7 +528,7 @@ def compare(
     share = {} if config.threads or jobs == 1 else {"threads": max(1, cpu_cores() // jobs)}
     # A worker's share is its count. With ``force`` every earlier run under base_dir goes now,
     # so each run below starts in an empty directory.
-    _start_run(base_dir, config.model_copy(update=share), replace=force)
+    _start_run(base_dir, config.model_copy(update=share), None, replace=force)
     # Seed-major order: drifting load on a shared machine hits every variant alike.
     planned = [
         (name, seed, config_mod.resolve(
@@ -669,7 +669,7 @@ def _claim_run_dir(
     ``reuse``) or replaces it (``force``: only a morphnas run, and not one that holds this
     run's input or working directory; the replacement itself waits for ``_start_run``)."""
     if resume:
-        return _resumable(config.out)
+        return _resumable(config.out, kind)
     name = config.data.csv.stem if config.data.csv else config.data.dataset
     if config.task == "lm" and config.lm.corpus is not None:
         name = config.lm.corpus.stem
@@ -708,15 +708,41 @@ def _writable_dir(run_dir: Path) -> bool:
         raise UserError(f"cannot use output directory {run_dir}: {err.strerror}; {fix}") from None
 
 
-def _resumable(run_dir: Path | None) -> Path:
+def _resumable(run_dir: Path | None, kind: str | None = None) -> Path:
+    """``run_dir``, checked before anything in it is touched: an unfinished morphnas run of the
+    command ``kind`` (a search resumed by ``train`` would finish as a one-model run, its search
+    lost; a train run resumed by ``search`` would run a whole search inside it)."""
     if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a morphnas run directory (no config.yaml) to resume")
     if (Path(run_dir) / "summary.json").is_file():
         raise UserError(f"{run_dir} has finished (summary.json exists): nothing to resume")
+    started = _run_kind(Path(run_dir))
+    if kind is not None and started is not None and started != kind:
+        raise UserError(
+            f"{run_dir} is a {started} run, not a {kind} run; continue it with "
+            f"`morphnas {started} --resume {run_dir}`"
+        )
     return Path(run_dir)
 
 
-def resume_config(run_dir: Path, threads: int | None = None) -> RunConfig:
+RUN_FILE = "run.json"  # which command started a run directory: {"kind": "search" | "train" | ...}
+
+
+def _run_kind(run_dir: Path) -> str | None:
+    """The command that started ``run_dir``: its ``run.json``, or for a run from before that
+    file, a search checkpoint says search; None when nothing says."""
+    try:
+        kind = json.loads((run_dir / RUN_FILE).read_text("utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if isinstance(kind, str):
+        return kind
+    return "search" if (run_dir / "checkpoints" / "search_last.pt").is_file() else None
+
+
+def resume_config(
+    run_dir: Path, threads: int | None = None, *, kind: str | None = None
+) -> RunConfig:
     """The saved config of a run, to continue it with ``search``/``train(..., resume=True)``.
 
     ``threads`` replaces the saved thread count, in ``config.yaml`` too, so that the file says
@@ -724,7 +750,7 @@ def resume_config(run_dir: Path, threads: int | None = None) -> RunConfig:
     threads wait on each other when one shares a core). Another count changes the order of
     float sums, so the resumed run then matches an uninterrupted one only to float rounding.
     """
-    run_dir = _resumable(Path(run_dir))
+    run_dir = _resumable(Path(run_dir), kind)
     saved = config_mod.resolve(run_dir / "config.yaml")
     if threads is not None and threads != saved.threads:
         saved = config_mod.resolve(base=saved, overrides={"threads": threads})
@@ -735,9 +761,13 @@ def resume_config(run_dir: Path, threads: int | None = None) -> RunConfig:
     return config_mod.resolve(base=saved, overrides={"out": str(run_dir)})
 
 
-def _start_run(run_dir: Path, config: RunConfig, *, replace: bool = False) -> None:
+def _start_run(
+    run_dir: Path, config: RunConfig, kind: str | None, *, replace: bool = False
+) -> None:
     """Set the thread count, create the run directory and save the resolved config, the thread
-    count included (a resumed run keeps it, whatever else runs on the machine then).
+    count included (a resumed run keeps it, whatever else runs on the machine then), and for a
+    run ``--resume`` continues, ``run.json`` with its ``kind`` (search, train), which
+    ``_resumable`` checks.
 
     ``replace`` (``--force``): an old run in ``run_dir`` is moved aside first and deleted once
     the config is written, or put back if that fails (``runs.replace_run``)."""
@@ -746,6 +776,8 @@ def _start_run(run_dir: Path, config: RunConfig, *, replace: bool = False) -> No
     def start() -> None:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
+            if kind is not None:  # a run --resume continues: search or train
+                (run_dir / RUN_FILE).write_text(json.dumps({"kind": kind}) + "\n", "utf-8")
             (run_dir / "config.yaml").write_text(config_mod.dump(config), encoding="utf-8")
         except OSError as err:
             raise UserError(

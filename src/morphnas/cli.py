@@ -241,15 +241,18 @@ def _resolve(config: Path | None, sets: list[str] | None, **flags: Any) -> confi
     return config_mod.resolve(config, overrides)
 
 
-def _resumed(run_dir: Path, threads: int | None = None, **given: Any) -> config_mod.RunConfig:
-    """The saved config of the run to resume; other options would silently change it: refused.
-    ``--threads`` is taken, for a run that a machine grown busy slowed down (``resume_config``)."""
+def _resumed(
+    kind: str, run_dir: Path, threads: int | None = None, **given: Any
+) -> config_mod.RunConfig:
+    """The saved config of the ``kind`` run (search, train) to resume; other options would
+    silently change it: refused. ``--threads`` is taken, for a run that a machine grown busy
+    slowed down (``resume_config``)."""
     extra = sorted(f"--{name.rstrip('_').replace('_', '-')}" for name, v in given.items() if v)
     if extra:
         raise UserError(
             f"--resume continues {run_dir} with its saved config; drop {', '.join(extra)}"
         )
-    return api.resume_config(run_dir, threads)
+    return api.resume_config(run_dir, threads, kind=kind)
 
 
 def _finish(result: api.RunResult, as_json: bool, title: str) -> None:
@@ -433,7 +436,7 @@ def search(
         penalty_weight=penalty_weight, compile=compile_,
     )  # fmt: skip
     if resume is not None:
-        cfg = _resumed(resume, config=config, set_=set_, force=force or None, **flags)
+        cfg = _resumed("search", resume, config=config, set_=set_, force=force or None, **flags)
         result = api.search(cfg, progress=BarProgress(), resume=True)
     else:
         result = api.search(_resolve(config, set_, **flags), progress=BarProgress(), force=force)
@@ -479,7 +482,7 @@ def train(
     )  # fmt: skip
     if resume is not None:
         given = dict(genotype=genotype, baseline=baseline, config=config, set_=set_, **flags)
-        cfg = _resumed(resume, force=force or None, **given)
+        cfg = _resumed("train", resume, force=force or None, **given)
         result = api.train(cfg, progress=BarProgress(), resume=True)
         _finish(result, as_json, "trained from scratch (test span)")
         return
