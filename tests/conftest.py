@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -19,3 +22,26 @@ def synthetic_csv(tmp_path: Path) -> Path:
     path = tmp_path / "series.csv"
     frame.to_csv(path, index=False, float_format="%.6f")
     return path
+
+
+# Helpers for the tests that run the CLI in a subprocess and compare runs (test_resume,
+# test_force): plain functions, imported as `from conftest import ...`.
+
+
+def morphnas(*args: str, crash: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "MORPHNAS_CRASH_AT"}
+    if crash:
+        env["MORPHNAS_CRASH_AT"] = crash
+    return subprocess.run(
+        [sys.executable, "-m", "morphnas.cli", *args],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+
+
+def without_times(value):
+    """A run's record with wall-clock fields removed (they differ between any two runs)."""
+    if isinstance(value, dict):
+        return {k: without_times(v) for k, v in value.items() if "seconds" not in k and k != "time"}
+    if isinstance(value, list):
+        return [without_times(v) for v in value]
+    return value

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import errno
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import morphnas, without_times
 from morphnas import api, config, runs, suite
 from morphnas.errors import UserError
 from morphnas.genotype import KNOWN
@@ -28,24 +26,6 @@ TINY = {
 
 def tiny(out: Path, **overrides) -> config.RunConfig:
     return config.resolve(overrides=config.merge(config.merge(TINY, overrides), {"out": str(out)}))
-
-
-def morphnas(*args: str, crash: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "MORPHNAS_CRASH_AT"}
-    if crash:
-        env["MORPHNAS_CRASH_AT"] = crash
-    return subprocess.run(
-        [sys.executable, "-m", "morphnas.cli", *args],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-
-
-def without_times(value):
-    if isinstance(value, dict):
-        return {k: without_times(v) for k, v in value.items() if "seconds" not in k and k != "time"}
-    if isinstance(value, list):
-        return [without_times(v) for v in value]
-    return value
 
 
 def record(run: Path) -> dict:

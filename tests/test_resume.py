@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import morphnas, without_times
 from morphnas import api, config
 from morphnas.engine.checkpoint import load
 from morphnas.errors import UserError
@@ -29,28 +28,9 @@ RUN = [
 ]  # fmt: skip
 
 
-def morphnas(*args: str, crash: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "MORPHNAS_CRASH_AT"}
-    if crash:
-        env["MORPHNAS_CRASH_AT"] = crash
-    return subprocess.run(
-        [sys.executable, "-m", "morphnas.cli", *args],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-
-
 def start(csv: Path, out: Path, crash: str | None = None) -> subprocess.CompletedProcess[str]:
     args = [str(csv) if a == "" else a for a in RUN]
     return morphnas(*args, "--out", str(out), crash=crash)
-
-
-def without_times(value):
-    """A run's record with wall-clock fields removed (they differ between any two runs)."""
-    if isinstance(value, dict):
-        return {k: without_times(v) for k, v in value.items() if "seconds" not in k and k != "time"}
-    if isinstance(value, list):
-        return [without_times(v) for v in value]
-    return value
 
 
 def rows(run: Path) -> list[dict]:
