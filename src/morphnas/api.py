@@ -716,28 +716,13 @@ def _resumable(run_dir: Path | None, kind: str | None = None) -> Path:
         raise UserError(f"{run_dir} is not a morphnas run directory (no config.yaml) to resume")
     if (Path(run_dir) / "summary.json").is_file():
         raise UserError(f"{run_dir} has finished (summary.json exists): nothing to resume")
-    started = _run_kind(Path(run_dir))
+    started = runs.kind_of(Path(run_dir))
     if kind is not None and started is not None and started != kind:
         raise UserError(
             f"{run_dir} is a {started} run, not a {kind} run; continue it with "
             f"`morphnas {started} --resume {run_dir}`"
         )
     return Path(run_dir)
-
-
-RUN_FILE = "run.json"  # which command started a run directory: {"kind": "search" | "train" | ...}
-
-
-def _run_kind(run_dir: Path) -> str | None:
-    """The command that started ``run_dir``: its ``run.json``, or for a run from before that
-    file, a search checkpoint says search; None when nothing says."""
-    try:
-        kind = json.loads((run_dir / RUN_FILE).read_text("utf-8")).get("kind")
-    except (OSError, ValueError, AttributeError):
-        kind = None
-    if isinstance(kind, str):
-        return kind
-    return "search" if (run_dir / "checkpoints" / "search_last.pt").is_file() else None
 
 
 def resume_config(
@@ -777,7 +762,7 @@ def _start_run(
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             if kind is not None:  # a run --resume continues: search or train
-                (run_dir / RUN_FILE).write_text(json.dumps({"kind": kind}) + "\n", "utf-8")
+                runs.record_kind(run_dir, kind)
             (run_dir / "config.yaml").write_text(config_mod.dump(config), encoding="utf-8")
         except OSError as err:
             raise UserError(

@@ -1,5 +1,7 @@
-"""Replacing a run directory (``--force``): a transaction, so that a directory never holds two
-runs and nothing of the old run is ever read by the new one.
+"""Run directories: which command started one (``run.json``, what ``--resume`` checks, so that
+``train --resume`` never finishes a stopped search), and replacing one (``--force``): a
+transaction, so that a directory never holds two runs and nothing of the old run is ever read
+by the new one.
 
 ``--force`` over a directory that holds a run does not write into it: when the new run is
 about to write its first file (every check a person can fail — config, data, space, strategy
@@ -16,6 +18,7 @@ it, which is deleted the same way; nothing in morphnas reads such a folder.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -28,6 +31,27 @@ from morphnas.errors import UserError
 
 # Every run morphnas writes (search, train, compare, benchmark) starts with this file.
 MARKER = "config.yaml"
+
+
+# Which command started a run directory, {"kind": "search" | "train"}: what --resume checks.
+KIND_FILE = "run.json"
+
+
+def record_kind(run_dir: Path, kind: str) -> None:
+    """Write which command started ``run_dir`` (``OSError`` to the caller, which names it)."""
+    (run_dir / KIND_FILE).write_text(json.dumps({"kind": kind}) + "\n", encoding="utf-8")
+
+
+def kind_of(run_dir: Path) -> str | None:
+    """The command that started ``run_dir``: its ``run.json``, or for a run from before that
+    file, a search checkpoint says search; None when nothing says."""
+    try:
+        kind = json.loads((run_dir / KIND_FILE).read_text("utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if isinstance(kind, str):
+        return kind
+    return "search" if (run_dir / "checkpoints" / "search_last.pt").is_file() else None
 
 
 def holds_files(run_dir: Path) -> bool:
