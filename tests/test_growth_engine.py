@@ -19,7 +19,8 @@ from morphnas.growth import (
     widen_checked,
 )
 from morphnas.optim import rebuild_optimizer
-from morphnas.report import plot_growth, read_metrics
+from morphnas.report import plot_growth
+from morphnas.run_files import read_metrics
 from morphnas.spaces.base import Widening
 from morphnas.tasks.forecasting import ForecastModel
 

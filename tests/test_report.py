@@ -12,7 +12,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from morphnas import report
+from morphnas import report, run_files
 from morphnas.errors import UserError
 from morphnas.genotype import DARTS_PRIMITIVES, KNOWN, TWO_INPUT_OPS, Genotype, Node
 
@@ -86,7 +86,7 @@ def test_metrics_log_round_trips_numpy_and_torch_values(tmp_path: Path) -> None:
         }
     )
     log.append({"epoch": 4, "loss": 0.25})
-    rows = report.read_metrics(path)
+    rows = run_files.read_metrics(path)
     assert rows == [
         {
             "epoch": 3,
@@ -106,39 +106,39 @@ def test_metrics_log_reopened_appends_instead_of_truncating(tmp_path: Path) -> N
     path = tmp_path / "metrics.jsonl"
     report.MetricsLog(path).append({"epoch": 0})
     report.MetricsLog(path).append({"epoch": 1})
-    assert [r["epoch"] for r in report.read_metrics(path)] == [0, 1]
+    assert [r["epoch"] for r in run_files.read_metrics(path)] == [0, 1]
 
 
 def test_metrics_log_rejects_unserialisable_values(tmp_path: Path) -> None:
     log = report.MetricsLog(tmp_path / "metrics.jsonl")
     with pytest.raises(TypeError, match="object"):
         log.append({"bad": object()})
-    assert report.read_metrics(log.path) == []
+    assert run_files.read_metrics(log.path) == []
 
 
 def test_read_metrics_skips_a_truncated_last_line(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"epoch": 0}\n{"epoch": 1}\n{"epoch": 2, "lo', encoding="utf-8")
-    assert report.read_metrics(path) == [{"epoch": 0}, {"epoch": 1}]
+    assert run_files.read_metrics(path) == [{"epoch": 0}, {"epoch": 1}]
 
 
 def test_resumed_log_drops_the_partial_line_so_new_rows_stay_readable(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"epoch": 0}\n{"epoch": 1, "lo', encoding="utf-8")
     report.MetricsLog(path).append({"epoch": 1})
-    assert report.read_metrics(path) == [{"epoch": 0}, {"epoch": 1}]
+    assert run_files.read_metrics(path) == [{"epoch": 0}, {"epoch": 1}]
 
 
 def test_read_metrics_reports_damage_before_the_last_line(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"epoch": 0}\nnot json\n{"epoch": 2}\n', encoding="utf-8")
     with pytest.raises(UserError, match="line 2"):
-        report.read_metrics(path)
+        run_files.read_metrics(path)
 
 
 def test_read_metrics_missing_file_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not found"):
-        report.read_metrics(tmp_path / "nope.jsonl")
+        run_files.read_metrics(tmp_path / "nope.jsonl")
 
 
 # --------------------------------------------------------------------------- write_json

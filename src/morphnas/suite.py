@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import subprocess
 import time
@@ -32,7 +31,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from morphnas import api, bench, report
+from morphnas import api, bench, report, run_files
 from morphnas import config as config_mod
 from morphnas import genotype as genotype_mod
 from morphnas import peers as peers_mod
@@ -263,7 +262,7 @@ def collect(
     for seed in seeds:
         for name in datasets:
             run_dir = base_dir / f"{name}-seed{seed}"  # compare's naming of its runs
-            summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+            summary = run_files.read_summary(run_dir)
             baselines = {m["name"] for m in summary["models"]} - {api.SEARCHED}
             extra = {k: v for k, v in summary.items() if k not in ("genotype", "models", "results")}
             for result in summary["results"]:
