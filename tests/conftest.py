@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
+from morphnas import cli
 from morphnas.data import synthetic_series
 
 
@@ -24,8 +27,8 @@ def synthetic_csv(tmp_path: Path) -> Path:
     return path
 
 
-# Helpers for the tests that run the CLI in a subprocess and compare runs (test_resume,
-# test_force): plain functions, imported as `from conftest import ...`.
+# Helpers for the tests that run the CLI (in a subprocess, or in-process) and compare runs or
+# their files: plain functions, imported as `from conftest import ...`.
 
 
 def morphnas(*args: str, crash: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -45,3 +48,21 @@ def without_times(value):
     if isinstance(value, list):
         return [without_times(v) for v in value]
     return value
+
+
+def run_cli(*args: str) -> tuple[int, list[str]]:
+    """The CLI in-process: exit code and the non-empty stderr lines."""
+    result = CliRunner().invoke(cli.app, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file and folder under ``root``: a hash of a file's bytes, "dir" for a folder."""
+    return {
+        str(p.relative_to(root)): "dir"
+        if p.is_dir()
+        else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+    }

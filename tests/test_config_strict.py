@@ -12,8 +12,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
+from conftest import run_cli
 from morphnas import cli, config, options
 from morphnas.config import RunConfig
 from morphnas.errors import UserError
@@ -27,14 +27,6 @@ def refused(overrides: dict[str, Any] | None = None, file: Path | None = None) -
     message = str(caught.value)
     assert "\n" not in message, message
     return message
-
-
-def run_cli(*args: str) -> tuple[int, list[str]]:
-    """The CLI in-process: exit code and the non-empty stderr lines (no exception escapes)."""
-    result = CliRunner().invoke(cli.app, list(args))
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, [line for line in result.stderr.splitlines() if line.strip()]
 
 
 # --- a section given a value ------------------------------------------------------------------
@@ -208,6 +200,8 @@ def test_set_of_one_key_twice_with_different_values_is_refused():
         (["--set", "space.options.fused=maybe"], ["space.options", "fused", "'maybe'"]),
         (["--seed", str(2**64)], ["seed", "64 bits"]),
         (["--penalty-weight", "inf"], ["search.penalty_weight", "finite"]),
+        (["--dataset", "births"], ["--dataset births and --csv", "give one of them"]),
+        (["--set", "data.dataset=exchange"], ["--set data.dataset=exchange and --csv"]),
     ],
 )
 def test_cli_refuses_with_one_line_and_no_run_directory(tmp_path, synthetic_csv, args, fragments):

@@ -223,7 +223,7 @@ def test_a_killed_compare_continues_with_reuse(tmp_path, module_csv):
 
 def test_resume_refuses_a_finished_run_and_extra_flags(tmp_path, module_csv):
     missing = morphnas("search", "--resume", str(tmp_path / "nothing"))
-    assert missing.returncode == 2 and "no config.yaml" in missing.stderr
+    assert missing.returncode == 2 and "not found" in missing.stderr
     cfg_dir = tmp_path / "run"
     cfg_dir.mkdir()
     (cfg_dir / "config.yaml").write_text("seed: 0\n")
@@ -294,3 +294,24 @@ def test_nan_retry_restarts_from_the_checkpoint_at_half_the_rates(tmp_path, monk
     assert math.isfinite(result.extra["search_valid_loss"])
     state = load(tmp_path / "run" / "checkpoints" / "search_last.pt")
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(cfg.search.lr / 2)
+
+
+@pytest.mark.parametrize("existed", [False, True], ids=["new-out", "empty-out"])
+def test_a_run_that_diverges_before_its_first_checkpoint_leaves_nothing(
+    tmp_path, monkeypatch, existed
+):
+    """Nothing a --resume could continue: the directory is cleared and the message says so, so
+    that the corrected command runs with the same --out (not "already holds files")."""
+    out = tmp_path / "run"
+    if existed:
+        out.mkdir()
+    _poison_after(monkeypatch, calls=1)
+    cfg = config.resolve(overrides={**TINY, "out": str(out)})
+    with pytest.raises(UserError) as err:
+        api.search(cfg)
+    message = str(err.value)
+    assert "diverged" in message and f"nothing was saved, so {out} was cleared" in message
+    assert "\n" not in message
+    assert out.is_dir() == existed and (not existed or not any(out.iterdir()))
+    monkeypatch.undo()
+    assert api.search(cfg).run_dir == out  # the same --out, no --force needed

@@ -200,7 +200,10 @@ def test_a_resume_may_change_the_thread_count_and_the_saved_config_says_so(tmp_p
     config = _config(tmp_path, threads=2)
     (run / "config.yaml").write_text(config_mod.dump(config), encoding="utf-8")
     assert api.resume_config(run).threads == 2
-    assert cli._resumed("search", run, threads=1).threads == 1
+    resumed = cli._resumed("search", run, threads=1)
+    assert resumed.threads == 1
+    assert config_mod.resolve(run / "config.yaml").threads == 2  # not before the run writes
+    api._continue_run(run, resumed, None)()  # the repairs its first metrics row runs
     saved = config_mod.resolve(run / "config.yaml")
     assert saved.threads == 1  # the next resume goes on with it
     assert saved.model_copy(update={"threads": 2}) == config  # and nothing else changed

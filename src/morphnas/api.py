@@ -17,6 +17,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from morphnas import (
     degenerate,
     engine,
     report,
+    run_files,
     runs,
     selection,
     spaces,
@@ -45,12 +47,7 @@ from morphnas.engine.checkpoint import load as load_checkpoint
 from morphnas.engine.checkpoint import save_atomic
 from morphnas.engine.compiled import compile_cell, wants_compile
 from morphnas.engine.progress import Progress
-from morphnas.engine.resume import (
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_VERSION,
-    StopFlag,
-    stop_on_signals,
-)
+from morphnas.engine.resume import StopFlag, checked, fits, stop_on_signals
 from morphnas.engine.runtime import (
     apply_threads,
     busy_cores,
@@ -129,14 +126,15 @@ def search(
     if saved is None:  # a checkpoint holds α, warm start included
         warmstart.warm_start(space, config)
     strategy = _strategy(config, space)  # before the run directory: bad options leave none
-    if resume:
-        _continue_run(run_dir, config, saved)
-    else:
+    repair = _continue_run(run_dir, config, saved) if resume else None
+    existed = run_dir.exists()
+    if not resume:
         _start_run(run_dir, config, "search", replace=force)
-    log = report.MetricsLog(run_dir / "metrics.jsonl")
+    log = report.MetricsLog(run_dir / "metrics.jsonl", before_first=repair)
     model = _wrap(space, config, data, config.space.hidden)
     task = _task(config, data, config.search.batch_size)
-    with stop_on_signals() as stop:
+    cleared = nullcontext() if resume else runs.dropped_if_nothing_saved(run_dir, existed)
+    with stop_on_signals() as stop, cleared:
         outcome = engine.search(
             model,
             strategy,
@@ -150,6 +148,7 @@ def search(
             history_path=run_dir / "history.json",
             progress=progress,
             resume=saved,
+            stamp=_stamp(run_dir),
             stop=stop,
         )
         genotype = _with_search_metadata(outcome, space, config)
@@ -312,13 +311,14 @@ def _retrain_candidates(
         checkpoint_path = run_dir / "checkpoints" / f"train_{name}.pt"
         resumed = None
         if checkpoint_path.is_file():
-            resumed = _checked_checkpoint(checkpoint_path, "train")
+            resumed = _checked_checkpoint(checkpoint_path, "train", run_dir)
         seed_everything(config.seed)
         model = _build_model(genotype, config, data)
         try:
             outcome = engine.train(
                 model, task, brief, name=name, seed=config.seed, log=log, progress=progress,
-                checkpoint_path=checkpoint_path, resume=resumed, stop=stop, phase="select",
+                checkpoint_path=checkpoint_path, resume=resumed, stamp=_stamp(run_dir),
+                stop=stop, phase="select",
             )  # fmt: skip
             record.update(
                 valid_loss=outcome.valid_loss,
@@ -334,7 +334,7 @@ def _retrain_candidates(
 
 def _log_once(log: report.MetricsLog, row: dict[str, Any]) -> None:
     """Append ``row`` unless a resumed run's log already holds it (it is never trimmed)."""
-    if row not in report.read_metrics(log.path):
+    if row not in run_files.read_metrics(log.path):
         log.append(row)
 
 
@@ -345,21 +345,19 @@ def _at_width(config: RunConfig, hidden: int) -> RunConfig:
 def _saved_search(run_dir: Path) -> dict[str, Any] | None:
     """The search checkpoint a resumed run continues from (None: the search had not saved yet)."""
     path = run_dir / "checkpoints" / "search_last.pt"
-    return _checked_checkpoint(path, "search") if path.is_file() else None
+    return _checked_checkpoint(path, "search", run_dir) if path.is_file() else None
 
 
-def _checked_checkpoint(path: Path, kind: str) -> dict[str, Any]:
-    """A checkpoint of ``kind`` written by this version of morphnas, or a one-line error."""
-    state = load_checkpoint(path)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a morphnas checkpoint; start the run again with --force")
-    if state.get("version") != CHECKPOINT_VERSION or state.get("kind") != kind:
-        raise UserError(
-            f"{path} was written by another morphnas version (checkpoint version "
-            f"{state.get('version')!r}, this one reads {CHECKPOINT_VERSION}); "
-            "start the run again with --force"
-        )
-    return state
+def _checked_checkpoint(path: Path, kind: str, run_dir: Path) -> dict[str, Any]:
+    """A whole checkpoint of ``kind`` written by this version of morphnas for the run in
+    ``run_dir`` (the id in its ``run.json``), or a one-line error."""
+    return checked(load_checkpoint(path), path, kind, runs.read_record(run_dir).get("id"))
+
+
+def _stamp(run_dir: Path) -> dict[str, Any] | None:
+    """What every checkpoint of the run in ``run_dir`` carries under ``run``: its id."""
+    run_id = runs.read_record(run_dir).get("id")
+    return {"id": run_id} if run_id else None
 
 
 def _strategy(config: RunConfig, space: Any) -> strategies.Strategy:
@@ -385,7 +383,7 @@ def _plot_search(
     run_dir: Path, op_names: Sequence[str], genotype: Genotype, events: Sequence[Any]
 ) -> None:
     """The search's plots: mixing weights over epochs, the derived cell, the growth timeline."""
-    rows = report.read_metrics(run_dir / "metrics.jsonl")
+    rows = run_files.read_metrics(run_dir / "metrics.jsonl")
     report.plot_arch_weights(rows, op_names, run_dir / "plots/arch.png")
     report.plot_genotype(genotype, run_dir / "plots/genotype.png")
     if events:
@@ -413,20 +411,21 @@ def train(
         raise UserError("give exactly one of --genotype FILE or --baseline lstm|gru|naive")
     run_dir = _claim_run_dir(config, "train", force, resume)
     data = _load_data(config)
-    if resume:
-        _continue_run(run_dir, config, None)
-    else:
+    repair = _continue_run(run_dir, config, None) if resume else None
+    existed = run_dir.exists()
+    if not resume:
         _start_run(run_dir, config, "train", replace=force)
         if baseline is not None:
             report.write_json(run_dir / "model.json", {"baseline": baseline})
-    log = report.MetricsLog(run_dir / "metrics.jsonl")
+    log = report.MetricsLog(run_dir / "metrics.jsonl", before_first=repair)
     if genotype is not None:
         genotype.save(run_dir / "genotype.json")
         report.plot_genotype(genotype, run_dir / "plots/genotype.png")
     models: list[tuple[str, Genotype | str]] = (
         [("genotype", genotype)] if genotype is not None else [(str(baseline), str(baseline))]
     )
-    with stop_on_signals() as stop:
+    cleared = nullcontext() if resume else runs.dropped_if_nothing_saved(run_dir, existed)
+    with stop_on_signals() as stop, cleared:
         results = _train_and_compare(models, config, data, run_dir, log, progress, stop)
     _write_summary(run_dir, genotype, models, results, _column_summary(data))
     return RunResult(run_dir, genotype, results)
@@ -446,21 +445,26 @@ def _resumed_model(config: RunConfig) -> tuple[Genotype | None, str | None]:
 
 
 def evaluate(run_dir: Path) -> RunResult:
-    """Re-score a finished run's saved models on its test span (data rebuilt from its config)."""
-    run_dir = Path(run_dir)
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        raise UserError(f"{run_dir} is not a finished morphnas run (no summary.json)")
-    try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read {summary_path}: {err}") from None
-    config = config_mod.resolve(run_dir / "config.yaml")
+    """Re-score a finished run's saved models on its test span (data rebuilt from its config).
+
+    Every file it reads is checked (``run_files``) before any work: a damaged one is a one-line
+    error naming it."""
+    run_dir = run_files.check_run_dir(run_dir)
+    summary = run_files.read_summary(run_dir)
+    known = {"genotype", "naive", "ar", *GENOTYPE_BASELINES, *cells.BASELINES}
+    for entry in summary["models"]:
+        if entry["kind"] not in known:
+            raise UserError(
+                f"{run_dir / 'summary.json'}: model {entry['name']!r} has the unknown kind "
+                f"{entry['kind']!r} (expected one of {', '.join(sorted(known))}); "
+                f"{run_files.DAMAGED}"
+            )
+    config = run_files.read_config(run_dir)
     _apply_thread_policy(config)  # the run's own count, which its config.yaml records
     if "hidden" in summary:  # width growth retrains every model at the width it found
         config = config_mod.resolve(base=config, overrides={"space": {"hidden": summary["hidden"]}})
-    data = _load_data(config)
     genotype = genotype_mod.load(run_dir / "genotype.json") if summary.get("genotype") else None
+    data = _load_data(config)
     results = []
     for entry in summary["models"]:
         name, kind = entry["name"], entry["kind"]
@@ -613,10 +617,15 @@ def _same_run(config: RunConfig) -> bool:
 def _finished(config: RunConfig) -> dict[str, Any] | None:
     """The compare row of a finished run of this config in ``config.out``, else None."""
     summary_path = Path(config.out) / "summary.json"
-    if not (_same_run(config) and summary_path.is_file()):
+    if not (_same_run(config) and summary_path.exists()):
         return None
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    searched = next(r for r in summary["results"] if r["model"] == SEARCHED)
+    summary = run_files.read_summary(Path(config.out))
+    searched = next((r for r in summary["results"] if r["model"] == SEARCHED), None)
+    if searched is None:
+        raise UserError(
+            f"{summary_path}: no result for the {SEARCHED!r} model; {run_files.DAMAGED} "
+            "(pass --force instead of --reuse to run the compare again)"
+        )
     extra = {k: v for k, v in summary.items() if k not in ("genotype", "models", "results")}
     return {**extra, **searched}
 
@@ -638,27 +647,51 @@ def _aggregate(
 
 
 def plot(run_dir: Path) -> list[Path]:
-    """Redraw a run's plots from its files (metrics, genotype, growth history); return them."""
-    run_dir = Path(run_dir)
+    """Redraw a run's plots from its files (metrics, genotype, growth history); return them.
+
+    Every file is read and checked (``run_files``), and every plot's place, before the first
+    plot is written: a damaged file or a ``plots`` that is a file changes nothing."""
+    run_dir = run_files.check_run_dir(run_dir)
     metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
+    if not metrics.exists():
         raise UserError(f"{run_dir} is not a morphnas run directory (no metrics.jsonl)")
-    rows = report.read_metrics(metrics)
-    written = []
-    if any(row.get("phase") in ("search", "train") for row in rows):
-        written.append(report.plot_learning_curves(rows, run_dir / "plots/learning_curves.png"))
+    rows = run_files.read_metrics(metrics)
     genotype_path = run_dir / "genotype.json"
-    genotype = genotype_mod.load(genotype_path) if genotype_path.is_file() else None
+    genotype = genotype_mod.load(genotype_path) if genotype_path.exists() else None
+    history = run_dir / "history.json"
+    events = run_files.read_history(history) if history.exists() else None
+    plots = run_dir / "plots"
+    planned: list[tuple[Callable[[Path], Path], Path]] = []
+    if any(row.get("phase") in ("search", "train") for row in rows):
+        planned.append(
+            (lambda out: report.plot_learning_curves(rows, out), plots / "learning_curves.png")
+        )
     if genotype is not None:
-        written.append(report.plot_genotype(genotype, run_dir / "plots/genotype.png"))
+        planned.append((lambda out: report.plot_genotype(genotype, out), plots / "genotype.png"))
         op_names = genotype.metadata.get("op_names")
         if op_names and any(row.get("phase") == "search" for row in rows):
-            written.append(report.plot_arch_weights(rows, op_names, run_dir / "plots/arch.png"))
-    history = run_dir / "history.json"
-    if history.is_file():
-        events = json.loads(history.read_text(encoding="utf-8"))
-        written.append(report.plot_growth(rows, events, run_dir / "plots/growth.png"))
-    return written
+            if not (isinstance(op_names, list) and all(isinstance(n, str) for n in op_names)):
+                raise UserError(
+                    f"{genotype_path}: metadata.op_names must be a list of op names; "
+                    f"{run_files.DAMAGED}"
+                )
+            planned.append(
+                (lambda out: _plot_arch(rows, op_names, out, metrics), plots / "arch.png")
+            )
+    if events is not None:
+        planned.append((lambda out: report.plot_growth(rows, events, out), plots / "growth.png"))
+    for _, out in planned:
+        report.check_output(out)
+    return [draw(out) for draw, out in planned]
+
+
+def _plot_arch(rows: list[dict], op_names: list[str], out: Path, metrics: Path) -> Path:
+    """``report.plot_arch_weights``; search rows whose ``arch`` does not fit the op names (a
+    damaged metrics file) are one line naming the file."""
+    try:
+        return report.plot_arch_weights(rows, op_names, out)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{metrics}: cannot plot the architecture weights: {err}") from None
 
 
 def _claim_run_dir(
@@ -669,7 +702,9 @@ def _claim_run_dir(
     ``reuse``) or replaces it (``force``: only a morphnas run, and not one that holds this
     run's input or working directory; the replacement itself waits for ``_start_run``)."""
     if resume:
-        return _resumable(config.out, kind)
+        run_dir = _resumable(config.out, kind)
+        runs.check_continuable(run_dir, config)
+        return run_dir
     name = config.data.csv.stem if config.data.csv else config.data.dataset
     if config.task == "lm" and config.lm.corpus is not None:
         name = config.lm.corpus.stem
@@ -712,10 +747,24 @@ def _resumable(run_dir: Path | None, kind: str | None = None) -> Path:
     """``run_dir``, checked before anything in it is touched: an unfinished morphnas run of the
     command ``kind`` (a search resumed by ``train`` would finish as a one-model run, its search
     lost; a train run resumed by ``search`` would run a whole search inside it)."""
+    if run_dir is not None and not Path(run_dir).exists():
+        raise UserError(f"run directory {run_dir} not found; give the --out of the stopped run")
     if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a morphnas run directory (no config.yaml) to resume")
     if (Path(run_dir) / "summary.json").is_file():
-        raise UserError(f"{run_dir} has finished (summary.json exists): nothing to resume")
+        raise UserError(
+            f"{run_dir} has finished (summary.json exists): nothing to resume; `morphnas "
+            f"evaluate {run_dir}` scores it again, --force runs it again from the start"
+        )
+    try:
+        blank = not (Path(run_dir) / "config.yaml").read_text("utf-8", "replace").strip()
+    except OSError:
+        blank = False  # named when it is read
+    if blank:
+        raise UserError(
+            f"{Path(run_dir) / 'config.yaml'} is empty; put back the config the run started "
+            f'with (run.json holds a copy, under "config"), or start afresh with --force'
+        )
     started = runs.kind_of(Path(run_dir))
     if kind is not None and started is not None and started != kind:
         raise UserError(
@@ -728,21 +777,20 @@ def _resumable(run_dir: Path | None, kind: str | None = None) -> Path:
 def resume_config(
     run_dir: Path, threads: int | None = None, *, kind: str | None = None
 ) -> RunConfig:
-    """The saved config of a run, to continue it with ``search``/``train(..., resume=True)``.
+    """The saved config of a run, to continue it with ``search``/``train(..., resume=True)``,
+    once checked against what the run started with (``runs.check_continuable``).
 
-    ``threads`` replaces the saved thread count, in ``config.yaml`` too, so that the file says
-    what the run goes on with: for a run that other processes slowed down after its start (its
-    threads wait on each other when one shares a core). Another count changes the order of
-    float sums, so the resumed run then matches an uninterrupted one only to float rounding.
+    ``threads`` replaces the saved thread count; the resumed run writes it to ``config.yaml``
+    with its first row, so that the file says what the run goes on with: for a run that other
+    processes slowed down after its start (its threads wait on each other when one shares a
+    core). Another count changes the order of float sums, so the resumed run then matches an
+    uninterrupted one only to float rounding.
     """
     run_dir = _resumable(Path(run_dir), kind)
     saved = config_mod.resolve(run_dir / "config.yaml")
+    runs.check_continuable(run_dir, saved)
     if threads is not None and threads != saved.threads:
         saved = config_mod.resolve(base=saved, overrides={"threads": threads})
-        try:
-            (run_dir / "config.yaml").write_text(config_mod.dump(saved), encoding="utf-8")
-        except OSError as err:
-            raise UserError(f"cannot update {run_dir / 'config.yaml'}: {err.strerror}") from None
     return config_mod.resolve(base=saved, overrides={"out": str(run_dir)})
 
 
@@ -751,18 +799,20 @@ def _start_run(
 ) -> None:
     """Set the thread count, create the run directory and save the resolved config, the thread
     count included (a resumed run keeps it, whatever else runs on the machine then), and for a
-    run ``--resume`` continues, ``run.json`` with its ``kind`` (search, train), which
-    ``_resumable`` checks.
+    run ``--resume`` continues, ``run.json``: its ``kind`` (search, train), id, config and
+    input files (``runs.start_record``), which ``--resume`` checks.
 
     ``replace`` (``--force``): an old run in ``run_dir`` is moved aside first and deleted once
     the config is written, or put back if that fails (``runs.replace_run``)."""
     config = config.model_copy(update={"threads": _apply_thread_policy(config)})
+    inputs = (config.data.csv, config.lm.corpus if config.task == "lm" else None)
+    record = runs.start_record(kind, config, inputs) if kind is not None else None
 
     def start() -> None:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            if kind is not None:  # a run --resume continues: search or train
-                runs.record_kind(run_dir, kind)
+            if record is not None:  # a run --resume continues: search or train
+                runs.write_record(run_dir, record)
             (run_dir / "config.yaml").write_text(config_mod.dump(config), encoding="utf-8")
         except OSError as err:
             raise UserError(
@@ -776,29 +826,49 @@ def _start_run(
         start()
 
 
-def _continue_run(run_dir: Path, config: RunConfig, saved: dict[str, Any] | None) -> None:
-    """Bring a stopped run's files back to the state of its checkpoints: drop the metrics rows
-    written after them (they will be written again), and the growth history likewise."""
+def _continue_run(
+    run_dir: Path, config: RunConfig, saved: dict[str, Any] | None
+) -> Callable[[], None]:
+    """Check what a stopped run holds, and return the repairs that bring its files back to the
+    state of its checkpoints: the metrics rows written after them dropped (they will be written
+    again), the growth history likewise, and a new thread count (``--resume --threads``) saved.
+
+    Every check is made now: each checkpoint and saved model must be whole and of this run
+    (``_checked_checkpoint``), every metrics line readable. The repairs run when the resumed run
+    writes its first row (``report.MetricsLog``), so a resume that fails before then — a
+    checkpoint that does not fit the model built from the config, say — changes no file.
+    """
     search_done = 0
     if saved is not None:
         search_done = saved["epoch"] if saved["position"] is None else saved["epoch"] - 1
-        report.write_json(run_dir / "history.json", saved["growth"]["events"])
     trained = {}
     for path in (run_dir / "models").glob("*.pt"):
+        _checked_checkpoint(path, "model", run_dir)
         trained[path.stem] = float("inf")
     for path in (run_dir / "checkpoints").glob("train_*.pt"):
+        state = _checked_checkpoint(path, "train", run_dir)
         name = path.stem.removeprefix("train_")
         if name not in trained:
-            state = _checked_checkpoint(path, "train")
             trained[name] = state["epoch"] if state["position"] is None else state["epoch"] - 1
+    metrics = report.MetricsLog(run_dir / "metrics.jsonl")
+    run_files.read_metrics(metrics.path)  # a damaged line is refused now, naming it
 
     def keep(row: dict[str, Any]) -> bool:
         if row.get("phase") == "search":
             return row.get("epoch", 0) <= search_done
         return row.get("epoch", 0) <= trained.get(row.get("model", ""), 0)
 
-    report.MetricsLog(run_dir / "metrics.jsonl").keep(keep)
+    def repair() -> None:
+        metrics.keep(keep)
+        if saved is not None:
+            report.write_json(run_dir / "history.json", saved["growth"]["events"])
+        on_file = config_mod.resolve(run_dir / "config.yaml")
+        if on_file.threads != config.threads:
+            update = config_mod.resolve(base=on_file, overrides={"threads": config.threads})
+            (run_dir / "config.yaml").write_text(config_mod.dump(update), encoding="utf-8")
+
     _apply_thread_policy(config)
+    return repair
 
 
 def _apply_thread_policy(config: RunConfig) -> int:
@@ -1059,9 +1129,16 @@ def _train_and_compare(
         final_path = run_dir / "models" / f"{name}.pt"
         checkpoint_path = run_dir / "checkpoints" / f"train_{name}.pt"
         compile_seconds = None
-        if final_path.is_file() and "outcome" in (saved := load_checkpoint(final_path)):
-            model.load_state_dict(saved["state_dict"])
-            outcome = engine.TrainOutcome(**saved["outcome"])
+        if final_path.is_file():
+            saved = _checked_checkpoint(final_path, "model", run_dir)
+            fits(model, saved["state_dict"], final_path)
+            try:
+                outcome = engine.TrainOutcome(**saved["outcome"])
+            except TypeError:
+                raise UserError(
+                    f"{final_path} does not record how its model was trained (edited or "
+                    "damaged); delete it to train that model again"
+                ) from None
         else:
             if isinstance(architecture, Genotype):
                 compile_seconds = _compile_cell(model, task, config)
@@ -1075,13 +1152,18 @@ def _train_and_compare(
                 progress=progress,
                 checkpoint_path=checkpoint_path,
                 resume=(
-                    _checked_checkpoint(checkpoint_path, "train")
+                    _checked_checkpoint(checkpoint_path, "train", run_dir)
                     if checkpoint_path.is_file()
                     else None
                 ),
+                stamp=_stamp(run_dir),
                 stop=stop,
             )
-            state = {"state_dict": model.state_dict(), "outcome": dataclasses.asdict(outcome)}
+            state = {
+                "state_dict": model.state_dict(),
+                "outcome": dataclasses.asdict(outcome),
+                "run": _stamp(run_dir),
+            }
             save_atomic(state, final_path)
         row = {"model": name, "params": _count_params(model), **_score(model, data, config)}
         row.update(
@@ -1098,7 +1180,7 @@ def _train_and_compare(
             test_predictions[name] = predict(model, data.test[0])
     if isinstance(data, Corpus):  # no forecast plot for a language model
         report.plot_learning_curves(
-            report.read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots/learning_curves.png"
+            run_files.read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots/learning_curves.png"
         )
         return results
     inverse = data.scaler.inverse
@@ -1110,7 +1192,7 @@ def _train_and_compare(
         index=data.test_index,
     )
     report.plot_learning_curves(
-        report.read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots/learning_curves.png"
+        run_files.read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots/learning_curves.png"
     )
     return results
 
@@ -1162,5 +1244,6 @@ def _write_summary(
         raise UserError(
             f"the run finished, but {model}'s {key} is {value}{more}, not a number: "
             f"{run_dir / 'summary.json'} records it as null; usual causes are a model that "
-            "diverged (lower search.lr / train.lr), or a test span whose targets never vary"
+            "diverged (lower the rates: --set search.lr=VALUE, --set train.lr=VALUE), or a "
+            "test span whose targets never vary"
         )

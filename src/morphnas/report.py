@@ -1,14 +1,16 @@
 """What a run directory shows a person: ``metrics.jsonl``, plots and the results table.
 
 The engine appends one JSON row per epoch to ``metrics.jsonl`` (:class:`MetricsLog`); the plots are
-drawn from those rows (:func:`read_metrics`), so any run directory (finished, crashed or resumed)
-can be plotted again without its model. Figures are built on ``matplotlib.figure.Figure`` directly,
-never through ``pyplot``: that renders with Agg, never opens a window, and leaves nothing in
-pyplot's global figure registry to close or leak, whatever backend the caller has chosen.
+drawn from those rows (:func:`morphnas.run_files.read_metrics`), so any run directory (finished,
+crashed or resumed) can be plotted again without its model. Figures are built on
+``matplotlib.figure.Figure`` directly, never through ``pyplot``: that renders with Agg, never opens
+a window, and leaves nothing in pyplot's global figure registry to close or leak, whatever backend
+the caller has chosen.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import math
@@ -33,6 +35,7 @@ from rich.text import Text
 
 from morphnas.errors import UserError
 from morphnas.genotype import Genotype
+from morphnas.run_files import read_metrics
 
 DPI = 110
 MISSING = "–"
@@ -51,22 +54,40 @@ def _to_builtin(value: Any) -> Any:
 class MetricsLog:
     """Append-only metrics.jsonl: one JSON object per line, written whole so a crash loses nothing.
 
-    Each row is written with its newline and the file closed before ``append`` returns. Opening a
-    log whose last line was cut off by a crash drops that partial line, so the next row starts on
-    a line of its own instead of fusing with it into a line nobody can parse.
+    Each row is written with its newline and the file closed before ``append`` returns. A log
+    whose last line was cut off by a crash has that partial line dropped before the next row,
+    so the row starts on a line of its own instead of fusing with it into a line nobody can
+    parse.
+
+    Opening an existing log changes nothing: a resumed run's repairs (``before_first``: drop
+    the rows written after its checkpoints, rewrite the growth history) run just before its
+    first row is written, so a resumed run that fails before then (a checkpoint that does not
+    fit, say) leaves every file of the run as it was.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, before_first: Callable[[], None] | None = None) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _drop_partial_last_line(self.path)
-        self.path.touch()
+        self._before_first = before_first
+        self._opened = False  # no row written yet by this process
+        if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch()
 
     def append(self, row: dict[str, Any]) -> None:
         """Write ``row`` as one line; numpy/torch values are converted to plain numbers."""
         line = json.dumps(row, default=_to_builtin)
+        self._ready()
         with self.path.open("a", encoding="utf-8") as file:
             file.write(line + "\n")
+
+    def _ready(self) -> None:
+        """Before the first row: a partial last line dropped, then the owner's repairs."""
+        if self._opened:
+            return
+        _drop_partial_last_line(self.path)
+        if self._before_first is not None:
+            self._before_first()
+        self._opened = True
 
     def keep(self, predicate: Callable[[dict[str, Any]], bool]) -> None:
         """Keep only the rows ``predicate`` accepts (a resumed run drops the rows it will write
@@ -86,32 +107,6 @@ def _drop_partial_last_line(path: Path) -> None:
     if data and not data.endswith(b"\n"):
         with path.open("r+b") as file:
             file.truncate(data.rfind(b"\n") + 1)
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Rows of a metrics.jsonl, skipping a last line cut off mid-write by a crash.
-
-    Any other unreadable line means the file was damaged by something else, which is reported
-    rather than silently dropped.
-    """
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UserError(f"metrics file not found: {path} (is this a run directory?)") from None
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break
-            raise UserError(
-                f"{path}: line {number} is not valid JSON; the file is damaged"
-            ) from None
-    return rows
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -174,10 +169,35 @@ def _png_path(path: Path) -> Path:
     return Path(path).with_suffix(".png")
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def check_output(path: Path) -> Path:
+    """The PNG ``path`` becomes, its folder created: a one-line error instead of a traceback when
+    the folder is a file or the plot's place a directory. A full or read-only disk stays an
+    ``OSError`` (the CLI's message for it says to free space and run again)."""
     out = _png_path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png", dpi=DPI)
+    for parent in (out.parent, *out.parent.parents):
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{parent} is a file; move it away so the plots can be written")
+    if out.is_dir():
+        raise UserError(f"{out} is a directory; move it away so the plot can be written")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        _plot_write_error(out.parent, err)
+    return out
+
+
+def _plot_write_error(path: Path, err: OSError) -> None:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        raise err
+    raise UserError(f"cannot write the plot {path}: {err.strerror or err}") from None
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    out = check_output(path)
+    try:
+        fig.savefig(out, format="png", dpi=DPI)
+    except OSError as err:
+        _plot_write_error(out, err)
     return out
 
 
@@ -632,10 +652,12 @@ def plot_genotype(genotype: Genotype, path: Path) -> Path:
     out large cells best), and a matplotlib drawing otherwise, so a plot never needs a system
     package.
     """
-    out = _png_path(path)
+    out = check_output(path)
     if shutil.which("dot") and importlib.util.find_spec("graphviz"):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(_render_graphviz(genotype))
+        try:
+            out.write_bytes(_render_graphviz(genotype))
+        except OSError as err:
+            _plot_write_error(out, err)
         return out
     return _save(_render_matplotlib(genotype), out)
 

@@ -18,14 +18,18 @@ it, which is deleted the same way; nothing in morphnas reads such a folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import time
+import uuid
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from morphnas.errors import UserError
 
@@ -33,25 +37,145 @@ from morphnas.errors import UserError
 MARKER = "config.yaml"
 
 
-# Which command started a run directory, {"kind": "search" | "train"}: what --resume checks.
+# What a run directory is (``{"kind", "id", "config", "inputs"}``), written when the run starts:
+# the command that started it (search or train), a run id that every checkpoint of the run also
+# carries, the config it started with and the size and hash of each input file. ``--resume``
+# checks all four before it touches anything, so a stopped run continues only with its own
+# config, its own checkpoints and the data it started on.
 KIND_FILE = "run.json"
 
+# Keys a resumed run may change in config.yaml: the thread count (``--resume --threads``) and
+# where the directory is (a run directory can be moved).
+_FREE_KEYS = ("threads", "out")
 
-def record_kind(run_dir: Path, kind: str) -> None:
-    """Write which command started ``run_dir`` (``OSError`` to the caller, which names it)."""
-    (run_dir / KIND_FILE).write_text(json.dumps({"kind": kind}) + "\n", encoding="utf-8")
+
+def config_record(config: Any) -> dict[str, Any]:
+    """The part of a resolved config a resumed run must share with its start (JSON values)."""
+    record = config.model_dump(mode="json")
+    for key in _FREE_KEYS:
+        record.pop(key, None)
+    return record
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """Size and SHA-256 of an input file (1 MiB blocks: a large CSV is never held whole)."""
+    digest = hashlib.sha256()
+    size = 0
+    with Path(path).open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+            size += len(block)
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def start_record(kind: str, config: Any, inputs: Iterable[Path | None] = ()) -> dict[str, Any]:
+    """The ``run.json`` of a run that starts now: a fresh id, its config and its input files."""
+    return {
+        "kind": kind,
+        "id": uuid.uuid4().hex,
+        "config": config_record(config),
+        "inputs": {str(p): file_digest(p) for p in inputs if p is not None},
+    }
+
+
+def write_record(run_dir: Path, record: dict[str, Any]) -> None:
+    """Write ``run.json`` (``OSError`` to the caller, which names it)."""
+    (run_dir / KIND_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+
+
+def read_record(run_dir: Path) -> dict[str, Any]:
+    """``run.json`` as a dict; ``{}`` for a run from before it existed. A damaged one is a
+    one-line error: without it nothing a ``--resume`` must check could be checked."""
+    path = run_dir / KIND_FILE
+    try:
+        record = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("kind", ""), str):
+        raise UserError(
+            f"{path} is damaged (it records what the run started with, which --resume checks); "
+            "restore it from a copy, or start afresh with --force"
+        )
+    return record
 
 
 def kind_of(run_dir: Path) -> str | None:
     """The command that started ``run_dir``: its ``run.json``, or for a run from before that
     file, a search checkpoint says search; None when nothing says."""
-    try:
-        kind = json.loads((run_dir / KIND_FILE).read_text("utf-8")).get("kind")
-    except (OSError, ValueError, AttributeError):
-        kind = None
-    if isinstance(kind, str):
+    kind = read_record(run_dir).get("kind")
+    if kind is not None:
         return kind
     return "search" if (run_dir / "checkpoints" / "search_last.pt").is_file() else None
+
+
+def check_continuable(run_dir: Path, config: Any) -> dict[str, Any]:
+    """Refuse to resume ``run_dir`` with ``config`` (its config.yaml, resolved) when that file
+    no longer says what the run started with, or an input file changed since; return the
+    run's record (its ``id`` is what the checkpoints must carry)."""
+    record = read_record(run_dir)
+    started = record.get("config")
+    fresh = "start afresh with --force"
+    if isinstance(started, dict):
+        changed = _differences(started, config_record(config))
+        if changed:
+            shown = "; ".join(f"{key}: {was!r} then, {now!r} now" for key, was, now in changed[:3])
+            more = f" (and {len(changed) - 3} more)" if len(changed) > 3 else ""
+            raise UserError(
+                f"{run_dir / MARKER} was edited after the run started ({shown}{more}); a run "
+                f"resumes only with the config it started with: put it back, or {fresh}"
+            )
+    for name, digest in (record.get("inputs") or {}).items():
+        try:
+            now = file_digest(Path(name))
+        except OSError as err:
+            raise UserError(
+                f"cannot read {name}, an input of {run_dir} ({err.strerror}); a run resumes "
+                f"on the data it started with: put the file back, or {fresh}"
+            ) from None
+        if now != digest:
+            how = (
+                f"{digest.get('bytes')} bytes then, {now['bytes']} now"
+                if now["bytes"] != digest.get("bytes")
+                else "same size, other content"
+            )
+            raise UserError(
+                f"{name} changed after {run_dir} started ({how}); a run resumes on the data it "
+                f"started with: restore that file, or {fresh} on the new data"
+            )
+    return record
+
+
+def _differences(then: Any, now: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """Dotted keys whose values differ between two config records."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        found = []
+        for key in list(then) + [k for k in now if k not in then]:
+            found += _differences(then.get(key), now.get(key), f"{prefix}{key}.")
+        return found
+    return [] if then == now else [(prefix.rstrip("."), then, now)]
+
+
+@contextmanager
+def dropped_if_nothing_saved(run_dir: Path, existed: bool) -> Iterator[None]:
+    """A new run that fails with a ``UserError`` before it saved a checkpoint or a model (a
+    loss that diverged in the first epoch, say) holds nothing a ``--resume`` could continue:
+    its directory is removed (emptied, if it existed before the run), so that the corrected
+    command runs with the same ``--out``, and the message says so."""
+    try:
+        yield
+    except UserError as err:
+        if run_dir.is_dir() and not any(run_dir.rglob("*.pt")):
+            try:
+                for entry in run_dir.iterdir():
+                    _delete(entry)
+                if not existed:
+                    run_dir.rmdir()
+            except OSError:
+                raise err from None
+            raise UserError(f"{err}; nothing was saved, so {run_dir} was cleared") from None
+        raise
 
 
 def holds_files(run_dir: Path) -> bool:

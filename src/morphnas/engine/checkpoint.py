@@ -112,7 +112,9 @@ def load(path: Path) -> dict[str, Any]:
         raise UserError(f"checkpoint not found: {path}; check the run directory") from None
     except OSError as err:
         raise UserError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
-    recreate = "re-create it by running the search or training again"
+    recreate = (
+        "delete it and --resume to redo that part of a stopped run, or run again with --force"
+    )
     if not head:
         raise UserError(
             f"checkpoint {path} is empty (0 bytes: the write that made it was cut short); "

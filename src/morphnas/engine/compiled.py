@@ -3,9 +3,10 @@
 A derived cell unrolled over a window is hundreds of small kernels per step; compiling the whole
 unroll fuses the elementwise work (and on CUDA, ``reduce-overhead`` replays it as one CUDA
 graph, the fixed-length path the launch overhead asks for). Compiling costs time up front: on
-the 2-core CPU, minutes for a 35-step unroll against a ≈1.45× faster step (docs/benchmarks.md), so
-``auto`` compiles on CUDA only. Search supernets are not compiled: their fused kernel is already a
-hand-written sequence autograd function, and growth changes their shapes.
+the 2-core CPU, minutes for a 35-step unroll against a ≈1.45× faster step
+(docs/bench/journal-benchmarks.md), so ``auto`` compiles on CUDA only. Search supernets are not
+compiled: their fused kernel is already a hand-written sequence autograd function, and growth
+changes their shapes.
 
 A cell is compiled in place (its ``forward`` attribute), so its ``state_dict`` and checkpoints are
 those of the eager cell. It is warmed up at once on a probe batch, forward and backward, so the

@@ -12,12 +12,15 @@ from morphnas.errors import UserError
 from morphnas.tasks.base import Task
 
 
-def check_finite(value: float, what: str, epoch: int) -> None:
-    """Stop a diverging run with advice instead of writing garbage results."""
+def check_finite(value: float, what: str, epoch: int, section: str = "train") -> None:
+    """Stop a diverging run with advice instead of writing garbage results. ``section`` is the
+    config section whose optimizer diverged (``train``: retraining and a search's candidate
+    retraining, ``search.select``, both use train's), named in the options the advice gives."""
     if not math.isfinite(value):
         raise UserError(
-            f"{what} became {value} at epoch {epoch}: training diverged; "
-            "lower the learning rate (--lr) or the gradient clip, or change the seed"
+            f"{what} became {value} at epoch {epoch}: training diverged; lower the learning "
+            f"rate (--set {section}.lr=VALUE) or the gradient clip (--set {section}.clip=VALUE), "
+            "or change the seed (--seed)"
         )
 
 

@@ -8,6 +8,7 @@ tensors, numbers, strings, lists, tuples and dicts only.
 from __future__ import annotations
 
 import random
+import re
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from morphnas.genotype import Node
+from morphnas.errors import UserError
+from morphnas.genotype import MAX_NODES, Node
 
 CHECKPOINT_FORMAT = "morphnas.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -104,7 +106,105 @@ def reshape_space(space: Any, shape: dict[str, Any]) -> None:
     checkpoint's ``state_dict`` loads into it strictly. Values do not matter: they are loaded."""
     if space.hidden_size != shape["hidden"]:
         raise ValueError(f"supernet built at width {space.hidden_size}, saved at {shape['hidden']}")
+    if not 0 < shape["nodes"] <= MAX_NODES:
+        raise ValueError(f"{shape['nodes']} nodes saved; a cell has 1 to {MAX_NODES}")
     while space.nodes < shape["nodes"]:
         space.grow()
     for i, (op, inputs, residual) in shape["fixed"].items():
         space.fix(int(i), Node(op, tuple(inputs), residual))
+
+
+# What each kind of checkpoint holds (the dicts built in ``engine.search``, ``engine.train`` and
+# the final model saved after training), and of which type: a file that lacks one of these, or
+# holds another type there, was edited or damaged and cannot be continued. Counts are checked
+# for their range too (``_COUNTS``); the contents of the nested states are checked when they
+# are loaded, before the resumed run writes anything.
+_STATE, _TENSOR, _INT, _NUMBER = dict, torch.Tensor, int, (int, float)
+CHECKPOINT_KEYS: dict[str, dict[str, Any]] = {
+    "search": {
+        "epoch": _INT, "step": _INT, "best": _NUMBER, "valid_loss": _NUMBER, "retries": _INT,
+        "position": (int, type(None)), "elapsed": _NUMBER, "totals": (list, tuple),
+        "model": _STATE, "shape": _STATE, "optimizer": _STATE, "strategy": _STATE,
+        "growth": _STATE, "task": _STATE, "rng": _STATE, "generator": _TENSOR,
+        "epoch_generator": _TENSOR, "valid_stream": _STATE,
+    },
+    "train": {
+        "name": str, "epoch": _INT, "best": _NUMBER, "best_epoch": _INT,
+        "position": (int, type(None)), "elapsed": _NUMBER, "totals": (list, tuple),
+        "model": _STATE, "optimizer": _STATE, "best_state": _STATE, "rng": _STATE,
+        "generator": _TENSOR, "epoch_generator": _TENSOR,
+    },
+    "model": {"state_dict": _STATE, "outcome": _STATE},
+}  # fmt: skip
+_COUNTS = {"epoch": 1, "step": 0, "retries": 0, "position": 0, "best_epoch": 0}  # their minimum
+
+
+def _problem(state: dict[str, Any], kind: str) -> str | None:
+    """What is wrong with the top level of a checkpoint of ``kind``, or None."""
+    missing = [key for key in CHECKPOINT_KEYS[kind] if key not in state]
+    if missing:
+        return f"lacks {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}"
+    for key, types in CHECKPOINT_KEYS[kind].items():
+        value = state[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and types is not bool):
+            return f"holds a {type(value).__name__} as {key}"
+        if key in _COUNTS and value is not None and value < _COUNTS[key]:
+            return f"holds {key} {value}, below {_COUNTS[key]}"
+    if "totals" in state and (
+        len(state["totals"]) != 2 or not isinstance(state["totals"][0], torch.Tensor)
+    ):
+        return "holds running totals of the wrong form"
+    return None
+
+
+def checked(state: dict[str, Any], path: Any, kind: str, run_id: str | None) -> dict[str, Any]:
+    """``state`` (a loaded checkpoint of ``kind``) if this version of morphnas can continue it
+    and it belongs to the run ``run_id`` (every checkpoint carries its run's id under ``run``);
+    else a one-line ``UserError`` naming the file. ``run_id`` None: a run from before run ids,
+    whose checkpoints carry none."""
+    again = "start the run again with --force"
+    if kind != "model":
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise UserError(f"{path} is not a morphnas checkpoint; {again}")
+        if state.get("version") != CHECKPOINT_VERSION or state.get("kind") != kind:
+            raise UserError(
+                f"{path} was written by another morphnas version (checkpoint version "
+                f"{state.get('version')!r}, this one reads {CHECKPOINT_VERSION}); {again}"
+            )
+    problem = _problem(state, kind)
+    if problem is not None:
+        raise UserError(
+            f"{path} {problem}: it is not a whole {kind} checkpoint (edited or damaged); "
+            f"delete it to redo that part of the run, or {again}"
+        )
+    if run_id is not None:
+        stamp = state.get("run")
+        owner = stamp.get("id") if isinstance(stamp, dict) else None
+        if owner != run_id:
+            whose = f"run {owner}" if isinstance(owner, str) else "no run id"
+            raise UserError(
+                f"{path} belongs to another run ({whose}; this run is {run_id}): it was "
+                f"copied in from elsewhere; put this run's own file back, or {again}"
+            )
+    return state
+
+
+def reason(err: BaseException) -> str:
+    """An exception from loading a checkpoint, shortened for a one-line message (torch's
+    "Error(s) in loading state_dict for X:" preamble dropped)."""
+    text = " ".join(str(err).split())
+    text = re.sub(r"^Error\(s\) in loading state_dict for \w+: ", "", text)
+    return text.rstrip(".")[:160] or type(err).__name__
+
+
+def fits(module: torch.nn.Module, state_dict: Any, path: Any) -> None:
+    """Load ``state_dict`` into ``module``; a checkpoint whose weights do not fit it (other
+    names or shapes: edited, or saved by another configuration) is a one-line ``UserError``."""
+    try:
+        module.load_state_dict(state_dict)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as err:
+        raise UserError(
+            f"the weights in {path} do not fit the model this run builds ({reason(err)}); the "
+            "checkpoint was edited or comes from another configuration: start the run again "
+            "with --force"
+        ) from None

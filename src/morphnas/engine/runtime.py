@@ -62,8 +62,8 @@ def choose_threads(
     (``busy``: how many cores they keep busy, ``busy_cores``). The native kernels' threads meet
     hundreds of times a time step, so a thread that has to share its core with another process
     holds up the others: beside one CPU-bound process on 2 cores, a search epoch took 5.0 s on
-    two threads and 0.60 s on one (docs/benchmarks.md). On a CUDA ``device`` the host threads
-    only launch kernels, so the current count is kept rather than changed for nothing.
+    two threads and 0.60 s on one (docs/bench/journal-benchmarks.md). On a CUDA ``device`` the
+    host threads only launch kernels, so the current count is kept rather than changed for nothing.
     """
     if requested is not None:
         return requested
@@ -137,7 +137,7 @@ def keep_freed_memory() -> str:
     glibc serves any block above 32 MB with a fresh ``mmap`` and unmaps it on ``free``, so every
     training step page-faults all its buffers in again. At the DARTS size that is about 900,000
     minor faults a step, and the step took 5.5–9.2 s instead of 3.6–4.8 s on the 2-core CI
-    machine; an end-to-end search there ran 1.3–1.5× faster kept (docs/benchmarks.md).
+    machine; an end-to-end search there ran 1.3–1.5× faster kept (docs/bench/journal-benchmarks.md).
     Raising the mmap threshold to 1 GiB and never trimming keeps the memory for the next step;
     the process's resident memory then stays at its peak, as with PyTorch's CUDA caching
     allocator, and the peak can be a few % higher (the heap fragments; 7 % in a retraining).

@@ -27,6 +27,7 @@ from morphnas.engine.resume import (
     CHECKPOINT_VERSION,
     StopFlag,
     StopRequested,
+    reason,
     reshape_space,
     restore_rng,
     rng_state,
@@ -83,6 +84,7 @@ def search(
     history_path: Path | None = None,
     progress: Progress | None = None,
     resume: dict[str, Any] | None = None,
+    stamp: dict[str, Any] | None = None,
     stop: StopFlag | None = None,
 ) -> SearchOutcome:
     """Bilevel search: weights learn on the task's training batches, architecture parameters on
@@ -100,10 +102,12 @@ def search(
     to ``history.json``.
 
     ``resume``: a checkpoint of this search (``search_last.pt``); the model must have been built
-    at the checkpoint's width. ``stop``: when raised (SIGINT/SIGTERM), the loop saves a
-    checkpoint after the current step and raises ``StopRequested``. A non-finite loss stops the
-    run (``config.nan_policy = "stop"``) or restarts from the last checkpoint at half the learning
-    rates (``"retry"``, at most three times).
+    at the checkpoint's width. ``stamp``: the run's id, saved in every checkpoint under ``run``
+    (``runs.start_record``), so that a checkpoint of another run is refused on resume.
+    ``stop``: when raised (SIGINT/SIGTERM), the loop saves a checkpoint after the current step
+    and raises ``StopRequested``. A non-finite loss stops the run (``config.nan_policy =
+    "stop"``) or restarts from the last checkpoint at half the learning rates (``"retry"``, at
+    most three times).
     """
     progress = progress or Silent()
     growth = growth or GrowthConfig()
@@ -146,6 +150,7 @@ def search(
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
             "kind": "search",
+            "run": stamp,
             **{k: run[k] for k in ("epoch", "step", "best", "valid_loss", "retries")},
             "position": position,
             "elapsed": run["elapsed"] + time.perf_counter() - started,
@@ -191,7 +196,15 @@ def search(
         saved_epoch = None if complete else state
 
     if resume is not None:
-        restore(resume)
+        try:
+            restore(resume)
+        except UserError:
+            raise
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as err:
+            raise UserError(
+                f"{last_path} does not fit the search this run builds ({reason(err)}): it was "
+                "edited, or comes from another configuration; start the run again with --force"
+            ) from None
     started, started_cpu = time.perf_counter(), time.process_time()
     while run["epoch"] <= config.epochs:
         epoch = run["epoch"]
@@ -311,10 +324,14 @@ def _check_retry(
         return
     what = f"training loss {train_loss:.4g}, validation loss {valid_loss:.4g}"
     usable = f"the last good checkpoint is {last_path}" if last_path.exists() else "no checkpoint"
+    rates = (
+        f"--set search.lr=VALUE (now {config.lr:g}) and --set search.arch_lr=VALUE (now "
+        f"{config.arch_lr:g})"
+    )
     advice = (
-        "lower the learning rate (--lr) or use --nan-policy retry"
+        f"lower the learning rates ({rates}) or use --nan-policy retry"
         if config.nan_policy == "stop"
-        else f"{retries} retries at lower learning rates did not help; lower --lr"
+        else f"{retries} retries at lower learning rates did not help; lower them ({rates})"
     )
     raise UserError(
         f"the search diverged at epoch {epoch} ({what}); {usable}; {advice}, or change the seed"

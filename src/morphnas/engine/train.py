@@ -26,9 +26,12 @@ from morphnas.engine.resume import (
     CHECKPOINT_VERSION,
     StopFlag,
     StopRequested,
+    fits,
+    reason,
     restore_rng,
     rng_state,
 )
+from morphnas.errors import UserError
 from morphnas.report import MetricsLog
 from morphnas.tasks.base import Task
 
@@ -52,15 +55,17 @@ def train(
     progress: Progress | None = None,
     checkpoint_path: Path | None = None,
     resume: dict[str, Any] | None = None,
+    stamp: dict[str, Any] | None = None,
     stop: StopFlag | None = None,
     phase: str = "train",
 ) -> TrainOutcome:
     """Adam on all parameters; stop after ``patience`` epochs without a better valid loss.
 
-    The model is left holding the weights of its best validation epoch. With ``checkpoint_path``
-    the state is saved after every epoch; ``resume`` continues from such a checkpoint. ``phase``
-    labels the epoch rows in ``metrics.jsonl`` (``select``: a candidate cell's brief retraining,
-    which the learning-curve plots leave out).
+        The model is left holding the weights of its best validation epoch. With ``checkpoint_path``
+        the state is saved after every epoch, with ``stamp`` (the run's id, ``runs.start_record``)
+    under ``run``; ``resume`` continues from such a checkpoint. ``phase``
+        labels the epoch rows in ``metrics.jsonl`` (``select``: a candidate cell's brief retraining,
+        which the learning-curve plots leave out).
     """
     progress = progress or Silent()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -70,12 +75,19 @@ def train(
     epoch_start = generator.get_state()
     saved_epoch: dict[str, Any] | None = None  # a checkpoint from inside the epoch to continue
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
+        fits(model, resume["best_state"], checkpoint_path)
+        fits(model, resume["model"], checkpoint_path)
+        try:
+            optimizer.load_state_dict(resume["optimizer"])
+            restore_rng(resume["rng"])
+            generator.set_state(resume["generator"])
+            task.load_state_dict(resume.get("task", {}))  # e.g. a language model's carried state
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as err:
+            raise UserError(
+                f"{checkpoint_path} cannot be continued ({reason(err)}): it was edited or damaged; "
+                "delete it to train that model again, or start the run again with --force"
+            ) from None
         best_state = resume["best_state"]
-        restore_rng(resume["rng"])
-        generator.set_state(resume["generator"])
-        task.load_state_dict(resume.get("task", {}))  # e.g. a language model's carried state
         complete = resume["position"] is None
         run.update({k: resume[k] for k in ("best", "best_epoch", "elapsed")})
         run["epoch"] = resume["epoch"] + 1 if complete else resume["epoch"]
@@ -87,6 +99,7 @@ def train(
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
             "kind": "train",
+            "run": stamp,
             "name": name,
             **{k: run[k] for k in ("epoch", "best", "best_epoch")},
             "position": position,
