@@ -230,3 +230,68 @@ def test_our_warnings_are_one_line_without_source(tmp_path, synthetic_csv, comma
         assert line.startswith("warning: iDARTS: γ·λ_max(H) = ")
         assert "search.strategy_options.gamma to" in line
     assert "implicit.py" not in done.stderr and "RuntimeWarning" not in done.stderr
+
+
+def test_divergence_advice_names_options_the_cli_accepts(tmp_path):
+    """Issue 27: the advice after a non-finite loss named a --lr flag that does not exist. Every
+    option it names now must be a real flag of the command, or a --set KEY the config takes,
+    in the section of the phase that diverged."""
+    import re
+
+    import typer
+
+    from morphnas import cli
+    from morphnas import config as config_mod
+    from morphnas.engine.loops import check_finite
+    from morphnas.engine.search import _check_retry
+    from morphnas.errors import UserError
+
+    commands = typer.main.get_command(cli.app).commands
+    messages = []
+    search_cfg = config_mod.resolve().search
+    for policy in ("stop", "retry"):
+        cfg = search_cfg.model_copy(update={"nan_policy": policy})
+        with pytest.raises(UserError) as err:
+            _check_retry(cfg, 3, 2, float("nan"), float("inf"), tmp_path / "last.pt")
+        messages.append(("search", "search", str(err.value)))
+    with pytest.raises(UserError) as err:
+        check_finite(float("nan"), "gru's training loss", 3)
+    messages.append(("train", "train", str(err.value)))
+    for command, section, message in messages:
+        assert "--lr" not in message and "\n" not in message, message
+        sets = re.findall(r"--set ([\w.]+)=VALUE", message)
+        assert sets and all(key.startswith(f"{section}.") for key in sets), message
+        assert f"{section}.lr" in sets, message
+        for key in sets:  # each resolves through the CLI's own --set parsing
+            resolved = config_mod.resolve(overrides=cli._parse_set([f"{key}=0.0001"]))
+            part, name = key.split(".")
+            assert getattr(getattr(resolved, part), name) == 0.0001
+        flags = {o for p in commands[command].params for o in p.opts}
+        named = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", message)) - {"--set"}
+        assert named <= flags, (named - flags, message)
+
+
+def test_interrupted_compare_advises_the_command_that_continues_it(tmp_path, synthetic_csv):
+    """Issue 27: Ctrl-C (SIGTERM here) in a compare advised `morphnas compare --resume`, which
+    does not exist; the advice is now this command with --reuse (and the default --out it
+    wrote to, without --force), and running it finishes the compare."""
+    import shlex
+
+    args = ["compare", "--csv", str(synthetic_csv), "--growth", "none", "--seeds", "1",
+            "--epochs", "2", "--retrain-epochs", "1", "--hidden", "6", "--window", "6",
+            "--threads", "1", "--force"]  # fmt: skip
+    env = {**os.environ, "COLUMNS": "200", "MORPHNAS_CRASH_AT": "step:3:TERM"}
+    stopped = subprocess.run(
+        [sys.executable, "-m", "morphnas.cli", *args],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
+    )  # fmt: skip
+    assert stopped.returncode == 130, stopped.stderr
+    line = stopped.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in stopped.stderr and "--resume" not in line, line
+    advised = shlex.split(line.split("`")[1])
+    assert advised[0] == "morphnas" and "--reuse" in advised and "--force" not in advised
+    out = Path(advised[advised.index("--out") + 1])
+    assert (tmp_path / out).is_dir() and out.parts[0] == "runs"
+    done = morphnas(*advised[1:], "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["run_dir"] == str(out)

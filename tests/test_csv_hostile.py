@@ -267,3 +267,49 @@ def test_a_run_says_and_saves_what_became_of_each_column(tmp_path: Path):
     summary = json.loads((out / "summary.json").read_text())
     said = [line.removeprefix("warning: mixed.csv: ") for line in warned]
     assert summary["columns"] == ["column 'a': used, numbers", *said]
+
+
+def test_semicolon_file_with_decimal_commas_is_read(tmp_path: Path) -> None:
+    """A European Excel export (issue 27): `;` between fields, `,` as the decimal mark, quoted
+    cells and `.` thousands separators."""
+    rows = [("1,5", "2,25"), ('"1.234,5"', "3"), ("-0,75", '"4,5"'), ("2", "1.000,25")]
+    body = "date;a;b\n" + "".join(
+        f"2020-01-01 {h:02d}:00;{a};{b}\n" for h, (a, b) in enumerate(rows)
+    )
+    data = load_csv(write(tmp_path, body))
+    assert data.columns == ("a", "b")
+    np.testing.assert_array_equal(data.values[:, 0], [1.5, 1234.5, -0.75, 2.0])
+    np.testing.assert_array_equal(data.values[:, 1], [2.25, 3.0, 4.5, 1000.25])
+    assert data.frequency == "h" and "separated by semicolons" in data.source
+    assert report(data)["a"] == ("used", "decimal commas read as decimal points")
+
+
+def test_tab_file_with_decimal_commas_is_read(tmp_path: Path) -> None:
+    body = "date\ta\tb\n2020-01-01\t1,5\t2,25\n2020-01-02\t2,5\t3\n2020-01-03\t0,5\t1\n"
+    data = load_csv(write(tmp_path, body))
+    np.testing.assert_array_equal(data.values, [[1.5, 2.25], [2.5, 3.0], [0.5, 1.0]])
+    assert "separated by tabs" in data.source
+
+
+def test_semicolon_file_problems_are_named_by_line_and_column(tmp_path: Path) -> None:
+    # a ragged row: the separator still comes from the header line
+    ragged = "date;a;b\n2020-01-01;1,5;2\n2020-01-02;2,5;3;4\n"
+    message = error(write(tmp_path, ragged))
+    assert "line 3 has 4 semicolon-separated fields" in message, message
+    # '1,234' alone is a thousands separator or a decimal comma: refused, not guessed
+    message = error(write(tmp_path, "date;a\n2020-01-01;1,234\n2020-01-02;2,345\n"))
+    assert "could be a thousands separator or a decimal comma" in message, message
+    # a comma file with semicolons inside quoted cells stays a comma file
+    data = load_csv(write(tmp_path, 'a,note\n1.5,"x;y"\n2.5,"z;w"\n'))
+    assert data.columns == ("a",) and "semicolons" not in data.source
+
+
+def test_a_leading_zero_group_is_a_decimal_comma_not_a_thousands_separator(tmp_path: Path):
+    """'0,847' cannot be 847 thousandths of nothing: an Excel export whose trailing zeros were
+    dropped mixes it with '0,0126', all decimal commas."""
+    body = "date;a\n" + "".join(
+        f"2020-01-{d:02d};{v}\n" for d, v in enumerate(["0,0126", "0,847", "1,5", "0,25"], 1)
+    )
+    with pytest.warns(UserWarning, match="fields separated by semicolons"):
+        data = load_csv(write(tmp_path, body))
+    np.testing.assert_array_equal(data.values[:, 0], [0.0126, 0.847, 1.5, 0.25])

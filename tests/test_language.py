@@ -161,6 +161,42 @@ def test_too_short_corpus_is_refused_with_one_line(tmp_path):
     assert "too short" in message and "train split" in message and "\n" not in message
 
 
+def test_one_line_corpus_is_split_inside_the_line(tmp_path):
+    """Issue 27: a corpus saved as one long line (~300,000 words) is split by characters, not
+    refused as too short; a corpus of many lines keeps its split by lines."""
+    words = corpus_mod.tiny_text(lines=30_000).replace("\n", " ")
+    assert len(words.split()) > 250_000
+    path = tmp_path / "one.txt"
+    path.write_text(words + "\n", encoding="utf-8")
+    config = config_mod.resolve(
+        overrides={"task": "lm", "lm": {"corpus": str(path), "train_tokens": None}}
+    )
+    corpus = language.load_lm_corpus(config, torch.device("cpu"))
+    sizes = [len(corpus.train), len(corpus.valid), len(corpus.test)]
+    assert all(abs(n / sum(sizes) - f) < 0.01 for n, f in zip(sizes, (0.8, 0.1, 0.1), strict=True))
+    assert "by characters" in corpus.source
+    # the cuts fall between words: the pieces' tokens are the whole text's
+    whole = corpus_mod.tokenize(words, "word")
+    assert sum(sizes) == len(whole) + 2  # one <eos> more at each of the two cuts
+    many = corpus_mod.split_text(corpus_mod.tiny_text(), "t", "word", 100, (0.8, 0.1, 0.1))
+    lines = corpus_mod.tiny_text().splitlines(keepends=True)
+    by_line = corpus_mod.tokenize("".join(lines[:480]), "word")
+    assert len(many.train) == len(by_line) and "by characters" not in many.source
+
+
+def test_too_short_message_states_the_whole_text_needed(tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("to be or not to be " * 30, encoding="utf-8")  # one line, 180 words
+    config = config_mod.resolve(overrides={"task": "lm", "lm": {"corpus": str(path)}})
+    with pytest.raises(UserError) as err:
+        language.load_lm_corpus(config, torch.device("cpu"))
+    message = str(err.value)
+    # batch 32 x (bptt 35 + 1) = 1152 training tokens at 80%: 1440 in all
+    assert "train split has 146 tokens, 1,152 are needed" in message, message  # words + <eos>
+    assert "the whole text needs at least 1,440 tokens" in message and "\n" not in message
+    assert "--set search.batch_size=N" in message and "--bptt" in message
+
+
 def test_cli_reports_a_missing_corpus_with_exit_code_2(tmp_path):
     result = CliRunner().invoke(
         cli.app, ["search", "--task", "lm", "--corpus", str(tmp_path / "nope.txt")]

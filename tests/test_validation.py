@@ -79,8 +79,7 @@ HOURS = pd.date_range("2021-03-01", periods=60, freq="h")
         (b"\x89PNG\r\n\x1a\n", ("PNG image",)),
         ("a,b\n1,2\ncaf\u00e9,3\n".encode("latin-1"), ("not UTF-8", "0xe9", "line 3")),
         ("a,b\n1,2\n3,\u00e9".encode()[:-1], ("not UTF-8", "ends inside")),
-        (b"date;a;b\n2020-01-01;1,5;2\n2020-01-02;2,5;3\n", ("separated by semicolons",)),
-        (b"a\tb\n1\t2\n3\t4\n", ("separated by tabs", "sep='\\t'")),
+        (b"a|b\n1|2\n3|4\n", ("separated by bars", "sep='|'")),
         (b'a,b\n"1,2\n3,4\n', ("could not be parsed", "quoting")),
         (b"a,b\n1,2\n3,4,5\n", ("line 3", "3 comma-separated fields")),
     ],
@@ -664,3 +663,28 @@ def test_text_for_a_numeric_strategy_option_names_the_option(
     assert done.exit_code == 2
     assert "idarts option gamma must be a number, got 'abc'" in done.output
     assert len(done.output.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("option", ["--csv", "--config", "--genotype"])
+def test_a_symlink_loop_or_a_directory_as_a_path_option(
+    tmp_path: Path, synthetic_csv: Path, option: str
+) -> None:
+    """Issue 27: a symlink loop given as --csv, --config or --genotype is named as a loop (not
+    "not found"), a directory as a directory, a dangling link by its target; nothing runs."""
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone.yaml")
+    out = tmp_path / "run"
+    data = [] if option == "--csv" else ["--csv", str(synthetic_csv)]
+    command = "train" if option == "--genotype" else "search"
+    cases = [
+        ("a", ("symbolic link loop", "real")),
+        ("folder", ("is a directory",)),
+        ("dangling", ("symbolic link to", "gone.yaml", "does not exist")),
+    ]
+    for name, fragments in cases:
+        code, lines, _ = run_cli(command, *data, option, str(tmp_path / name), "--out", str(out))
+        assert_one_line(code, lines, *fragments)
+        assert "not found" not in lines[0]
+        assert not out.exists()

@@ -131,6 +131,9 @@ class BarProgress:
             TextColumn("{task.fields[status]}"),
             console=stderr,
             transient=True,
+            # Drawn on a terminal only: elsewhere (a log file, a pipe) rich would leave a blank
+            # line per bar, and the error line of a failed run would not be the only line.
+            disable=not stderr.is_terminal,
         )
         self._bar.start()
         self._task = self._bar.add_task(description, total=total, status="")
@@ -237,8 +240,19 @@ def _labelled_flags(**flags: Any) -> list[tuple[str, dict[str, Any]]]:
 def _resolve(config: Path | None, sets: list[str] | None, **flags: Any) -> config_mod.RunConfig:
     """Flags and ``--set`` over the config file; a flag and a ``--set`` of one key with
     different values are refused, naming both (neither is silently dropped)."""
-    overrides = config_mod.combine([*_labelled_sets(sets or []), *_labelled_flags(**flags)])
-    return config_mod.resolve(config, overrides)
+    labelled = [*_labelled_sets(sets or []), *_labelled_flags(**flags)]
+    resolved = config_mod.resolve(config, config_mod.combine(labelled))
+    named = [label for label, tree in labelled if "dataset" in tree.get("data", {})]
+    if named and resolved.data.csv is not None:
+        csv = next(
+            (label for label, tree in labelled if "csv" in tree.get("data", {})),
+            f"data.csv in {config}",
+        )
+        raise UserError(
+            f"{named[0]} and {csv} both say which data to use (a CSV is read instead of a "
+            "built-in dataset); give one of them"
+        )
+    return resolved
 
 
 def _resumed(
@@ -563,20 +577,48 @@ def compare(
             for g_name, g_over in growths
         ]
         what = "strategies × growth modes"
-    result = api.compare(
-        cfg,
-        variants,
-        list(range(seeds)),
-        progress=BarProgress(),
-        force=force,
-        jobs=jobs,
-        reuse=reuse,
-    )
+    try:
+        result = api.compare(
+            cfg,
+            variants,
+            list(range(seeds)),
+            progress=BarProgress(),
+            force=force,
+            jobs=jobs,
+            reuse=reuse,
+        )
+    except StopRequested as err:  # a compare goes on with --reuse, not search's --resume
+        saved = Path(err.checkpoint)  # <compare dir>/<variant>-seed<k>/checkpoints/<file>.pt
+        if cfg.out is not None:
+            again = _reuse_command(reuse, None)
+        elif saved.parent.name == "checkpoints":
+            again = _reuse_command(reuse, saved.parent.parent.parent)
+        else:
+            again = _reuse_command(reuse, Path("COMPARE_DIR"))
+        stderr.print(
+            f"interrupted: finished runs are kept, the stopped one saved in {saved}; continue "
+            f"with `{again}`",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(130) from None
     if as_json:
         typer.echo(json.dumps(result.to_json(), default=str))
         return
     stdout.print(report.compare_table(result.results, title=f"{what} over {seeds} seeds"))
     stdout.print(f"runs and table: {result.run_dir}", highlight=False)
+
+
+def _reuse_command(reuse: bool, out: Path | None) -> str:
+    """The command line that continues an interrupted compare or benchmark: this one with
+    ``--reuse``, without ``--force`` (which excludes it, and would replace the finished runs),
+    and with ``--out`` when the runs went to a default, time-stamped directory."""
+    args = [arg for arg in sys.argv[1:] if arg != "--force"]
+    if not reuse:
+        args.append("--reuse")
+    if out is not None:
+        args += ["--out", str(out)]
+    return shlex.join(["morphnas", *args])
 
 
 @app.command()
@@ -645,10 +687,10 @@ def benchmark(
             budget, max_steps=peer_steps, val_check_steps=min(budget.val_check_steps, peer_steps)
         )
     command = shlex.join(["morphnas", *sys.argv[1:]])
-    again = command if reuse else f"{command} --reuse"
+    given_out = out
     if out is None:  # the time-stamped default: the command that continues must name it
         out = suite.default_out()
-        again += f" --out {shlex.quote(str(out))}"
+    again = _reuse_command(reuse, out if given_out is None else None)
     try:
         result = suite.benchmark(
             names,

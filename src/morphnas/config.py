@@ -10,6 +10,7 @@ free-form options that their constructor's signature does not take (docs/errors.
 from __future__ import annotations
 
 import difflib
+import errno
 import re
 import types
 import typing
@@ -582,8 +583,24 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = load_yaml(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if Path(path).is_symlink():
+            raise UserError(
+                f"config file {path} is a symbolic link to {str(Path(path).readlink())!r}, "
+                "which does not exist; fix the link or give the path of the file"
+            ) from None
         raise UserError(f"config file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+    except IsADirectoryError:
+        raise UserError(
+            f"config file {path} is a directory; give the path of a YAML config file"
+        ) from None
+    except OSError as err:
+        if err.errno != errno.ELOOP:
+            raise UserError(f"cannot read config file {path}: {err.strerror or err}") from None
+        raise UserError(
+            f"config file {path} is a symbolic link loop (a link that leads back to itself); give "
+            "the path of the real file"
+        ) from None
+    except (UnicodeDecodeError, yaml.YAMLError) as err:
         reason = str(err).replace("\n", " ")
         raise UserError(f"cannot read config file {path}: {reason}") from None
     if data is None:

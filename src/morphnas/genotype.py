@@ -18,6 +18,7 @@ Version 2 added ``cell_state``; a version-1 file (which has none) still loads, m
 from __future__ import annotations
 
 import difflib
+import errno
 import json
 import os
 import tempfile
@@ -351,6 +352,11 @@ def load(path: str | Path) -> Genotype:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
+        if path.is_symlink():
+            raise UserError(
+                f"genotype file {path} is a symbolic link to {str(path.readlink())!r}, which "
+                "does not exist; fix the link or give the path of the genotype.json"
+            ) from None
         raise UserError(f"genotype file not found: {path}{_known_hint(str(path))}") from None
     except IsADirectoryError:
         raise UserError(
@@ -362,6 +368,11 @@ def load(path: str | Path) -> Genotype:
             f"at offset {err.start}); give the genotype.json a search wrote"
         ) from None
     except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UserError(
+                f"genotype file {path} is a symbolic link loop (a link that leads back to itself); "
+                "give the path of the real genotype.json"
+            ) from None
         raise UserError(f"cannot read genotype file {path}: {err.strerror or err}") from None
     try:
         return from_json(text)

@@ -15,8 +15,10 @@ Character level keeps case and uses ``\\n`` as the line separator. The vocabular
 
 from __future__ import annotations
 
+import math
 import random
 import re
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +100,7 @@ class Corpus:
     source: str
     licence: str
     parts: dict[str, tuple[str, ...]] = field(default_factory=dict)  # split -> works
+    fractions: tuple[float, float, float] | None = None  # a split text's train/valid/test shares
 
     def describe(self) -> str:
         sizes = ", ".join(f"{s} {len(getattr(self, s)):,}" for s in ("train", "valid", "test"))
@@ -289,20 +292,52 @@ def split_text(
     source: str = "",
     licence: str = "",
 ) -> Corpus:
-    """One text split into contiguous train / valid / test blocks of lines, in order."""
+    """One text split into contiguous train / valid / test blocks of lines, in order.
+
+    A text with too few lines for that (one of the blocks would hold no text: a corpus saved as
+    one long line, or a handful of paragraphs) is cut inside its lines instead, at the
+    character positions of ``fractions``, moved on to the next whitespace so no word is cut;
+    ``source`` then says so. A text every block of which holds text is split as before.
+    """
     _check_level(level)
     lines = text.splitlines(keepends=True)
     n = len(lines)
     n_train = round(n * fractions[0])
     n_valid = round(n * fractions[1])
-    parts = {
-        "train": [(name, "".join(lines[:n_train]))],
-        "valid": [(name, "".join(lines[n_train : n_train + n_valid]))],
-        "test": [(name, "".join(lines[n_train + n_valid :]))],
-    }
-    return build_corpus(
+    blocks = [
+        "".join(lines[:n_train]),
+        "".join(lines[n_train : n_train + n_valid]),
+        "".join(lines[n_train + n_valid :]),
+    ]
+    if not all(block.strip() for block in blocks):
+        blocks = _cut_inside_lines(text, fractions)
+        shares = "/".join(f"{f:.0%}" for f in fractions)
+        source += f" (split {shares} by characters: {n} line(s) are too few to split by line)"
+        warnings.warn(
+            f"{name}: {n} line(s) are too few to split by line; split {shares} by characters",
+            stacklevel=2,
+        )
+    parts = {split: [(name, block)] for split, block in zip(SPLITS, blocks, strict=True)}
+    corpus = build_corpus(
         name, level, parts, vocab_size, train_tokens=train_tokens, source=source, licence=licence
     )
+    corpus.fractions = (float(fractions[0]), float(fractions[1]), float(fractions[2]))
+    return corpus
+
+
+SPLITS = ("train", "valid", "test")
+_SPACE = re.compile(r"\s")
+
+
+def _cut_inside_lines(text: str, fractions: tuple[float, float, float]) -> list[str]:
+    """``text`` in three consecutive pieces of about ``fractions`` of its characters, each cut
+    moved on to the next whitespace (the end of the word it falls in)."""
+    cuts = []
+    for share in (fractions[0], fractions[0] + fractions[1]):
+        at = min(len(text), max(cuts[-1] if cuts else 0, round(len(text) * share)))
+        space = _SPACE.search(text, at)
+        cuts.append(space.start() if space else len(text))
+    return [text[: cuts[0]], text[cuts[0] : cuts[1]], text[cuts[1] :]]
 
 
 def load_corpus_file(
@@ -344,11 +379,25 @@ def load_corpus(
 
 
 def check_lengths(corpus: Corpus, needs: dict[str, int], hint: str) -> None:
-    """Each split must hold at least ``needs[split]`` tokens; else a one-line error."""
+    """Each split must hold at least ``needs[split]`` tokens; else a one-line error that, for a
+    split text, also gives the least length of the whole text that meets every need."""
+    unit = "characters" if corpus.level == "char" else "tokens"
+    fix = (
+        "give a longer text, or lower --bptt or the batch sizes (--set search.batch_size=N, "
+        "--set train.batch_size=N, --set lm.eval_batch_size=N)"
+    )
     for split, need in needs.items():
         have = len(getattr(corpus, split))
         if have < need:
+            whole = ""
+            if corpus.fractions is not None:
+                shares = dict(zip(SPLITS, corpus.fractions, strict=True))
+                least = max(math.ceil(n / shares[s]) for s, n in needs.items() if shares[s] > 0)
+                whole = (
+                    f"; split {'/'.join(f'{f:.0%}' for f in corpus.fractions)}, the whole text "
+                    f"needs at least {least:,} {unit}"
+                )
             raise UserError(
-                f"corpus {corpus.name!r} is too short: its {split} split has {have} tokens, "
-                f"{need} are needed ({hint}); give a longer text or lower the batch size / bptt"
+                f"corpus {corpus.name!r} is too short: its {split} split has {have:,} {unit}, "
+                f"{need:,} are needed ({hint}){whole}; {fix}"
             )

@@ -10,6 +10,9 @@ Accepted layouts:
   then the series), which is found automatically when named date/time/timestamp/datetime;
 - the LSTNet text layout: no header, all numbers, one row per step; the columns are named
   "0".."m-1". A first line made only of numbers is taken as data, never as a header.
+Fields are split on commas, or on semicolons or tabs when the first rows split evenly on those
+and not on commas (an Excel export where the comma is the decimal mark: `date;a` /
+`2020-01-01 00:00;1,5`); the separator is noted in `source`.
 Columns that are mostly text (labels, ids) are left out unless named in `columns`.
 
 No column is dropped or rewritten silently: the returned `SeriesData` carries a
@@ -37,8 +40,10 @@ output (the columns, then the stacked array), not several copies of its text.
 from __future__ import annotations
 
 import codecs
+import csv
 import difflib
 import errno
+import io
 import os
 import re
 import stat
@@ -60,6 +65,8 @@ _SHOW_NAMES = 20  # how many column names an error message lists before abbrevia
 _BLOCK_BYTES = 1 << 20  # the byte check reads the file in blocks of this size
 _CHUNK_CELLS = 1_000_000  # cells parsed at once: bounds the text pandas holds in memory
 _OTHER_SEPARATORS = {";": "semicolons", "\t": "tabs", "|": "bars"}
+_SNIFF_CHARS = 1 << 16  # the separator is guessed from the lines in this much text
+_SNIFF_ROWS = 50
 # A regular grid may miss at most this fraction of its steps (weekends, holidays, outages);
 # sparser timestamps are irregular samples, not a series with gaps.
 _MAX_MISSING_FRACTION = 0.1
@@ -91,7 +98,8 @@ def load_csv(
     file = Path(path)
     _check_file(file, shown)
     encoding = _check_bytes(file, shown)
-    first = _first_row(file, shown, encoding)
+    sep = _separator(file, encoding)
+    first = _first_row(file, shown, encoding, sep)
     has_header = not (any(c != "" for c in first) and all(c == "" or _is_number(c) for c in first))
     names = _header_names(first, shown) if has_header else [str(i) for i in range(len(first))]
     wanted = _check_selection(names, shown, has_header, time_col, columns)
@@ -102,7 +110,7 @@ def load_csv(
     # Date-named columns are parsed as timestamps only; one that turns out not to hold dates
     # is read again as values below (rare), which keeps the common case to a single pass.
     value_names = wanted or [n for n in names if n not in time_names]
-    table = _read_columns(file, shown, encoding, has_header, names, value_names, time_names)
+    table = _read_columns(file, shown, encoding, sep, has_header, names, value_names, time_names)
     if table.rows < 2:
         empty = has_header and table.rows == 0
         what = "a header line but no data rows" if empty else f"{table.rows} data row(s)"
@@ -114,7 +122,7 @@ def load_csv(
     candidates = wanted or [c for c in names if c != time_name]
     late = [c for c in candidates if c not in table.values]
     if late:
-        late_table = _read_columns(file, shown, encoding, has_header, names, late, [])
+        late_table = _read_columns(file, shown, encoding, sep, has_header, names, late, [])
         table.values.update(late_table.values)
     report: dict[str, ColumnNote] = {}
     if time_name is not None:
@@ -147,7 +155,10 @@ def load_csv(
                 )
     _check_not_constant(kept, shown)
     dropped = [c for c in candidates if c not in kept and c != time_name]
-    note = f"; left out non-numeric columns {_names(dropped)}" if dropped else ""
+    note = f"; fields separated by {_OTHER_SEPARATORS[sep]}" if sep != "," else ""
+    if sep != ",":  # said once, as the columns are: a person should know how the file was read
+        warnings.warn(f"{shown}: fields separated by {_OTHER_SEPARATORS[sep]}", stacklevel=2)
+    note += f"; left out non-numeric columns {_names(dropped)}" if dropped else ""
     converted = [n for n in report.values() if n.role != "dropped" and n.converted]
     note += "".join(f"; column {n.name!r}: {n.reason}" for n in converted)
     frequency, gaps = _check_spacing(index, time_name, shown) if index is not None else (None, "")
@@ -330,9 +341,44 @@ def _guess_encoding(block: bytes) -> str:
     return "; it looks like Windows-1252 or Latin-1 text"
 
 
-def _first_row(path: Path, shown: str, encoding: str) -> list[str]:
+def _separator(path: Path, encoding: str) -> str:
+    """The field separator: a comma, unless the first rows split into one same number (above
+    one) of fields on a semicolon or a tab and not on commas, as in an Excel export from a
+    locale whose decimal mark is the comma (`date;a` / `2020-01-01 00:00;1,5`). Quoted fields
+    are respected. Failing that, a first line with no comma but a semicolon or tab between
+    fields picks that one (so a ragged row is reported by line); else commas."""
+    try:
+        with path.open(encoding=encoding, newline="") as handle:
+            text = handle.read(_SNIFF_CHARS)
+            if handle.read(1):  # more follows: drop the last, maybe partial, line
+                text = text[: text.rfind("\n") + 1]
+    except (OSError, UnicodeError):
+        return ","
+    widths: dict[str, list[int]] = {}
+    for sep in (",", ";", "\t"):
+        found: list[int] = []
+        widths[sep] = found
+        try:
+            reader = csv.reader(io.StringIO(text), delimiter=sep, quotechar='"')
+            for row in reader:
+                if any(cell.strip() for cell in row):
+                    found.append(len(row))
+                    if len(set(found)) > 1 or reader.line_num > _SNIFF_ROWS:
+                        break
+        except csv.Error:
+            continue
+        if len(set(found)) == 1 and found[0] > 1:
+            return sep
+    if widths[","][:1] == [1]:
+        for sep in (";", "\t"):
+            if widths[sep][:1] and widths[sep][0] > 1:
+                return sep
+    return ","
+
+
+def _first_row(path: Path, shown: str, encoding: str, sep: str = ",") -> list[str]:
     """The first non-blank line's fields, as written (decides header or not, and the width)."""
-    frame = _parse(path, shown, encoding, header=None, nrows=1, dtype=str)
+    frame = _parse(path, shown, encoding, header=None, nrows=1, dtype=str, sep=sep)
     if frame.empty:
         raise UserError(f"{shown} is empty; give a CSV file with one row per time step")
     return [str(c).strip() for c in frame.iloc[0]]
@@ -346,20 +392,21 @@ def _parse(path: Path, shown: str, encoding: str, **options: Any) -> Any:
             path, encoding=encoding, na_filter=False, skip_blank_lines=True, **options
         )
     except pd.errors.ParserError as err:
-        raise UserError(_parser_message(err, shown)) from None
+        raise UserError(_parser_message(err, shown, options.get("sep", ","))) from None
     except (pd.errors.EmptyDataError, ValueError, OverflowError) as err:
         raise UserError(_parse_failure(err, shown)) from None
 
 
-def _parser_message(err: Exception, shown: str) -> str:
+def _parser_message(err: Exception, shown: str, sep: str = ",") -> str:
     """Turn pandas' ragged-row error into one line that names the line and the fix."""
     found = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(err))
     if found:
         expected, line, saw = found.groups()
+        what = _OTHER_SEPARATORS.get(sep, "commas")
         return (
-            f"{shown}: line {line} has {saw} comma-separated fields but the first line has "
-            f"{expected}; give every row the same number of fields (quote cells that contain "
-            "commas)"
+            f"{shown}: line {line} has {saw} {what.removesuffix('s')}-separated fields but the "
+            f"first line has {expected}; give every row the same number of fields (quote cells "
+            f"that contain {what})"
         )
     return _parse_failure(err, shown)
 
@@ -592,6 +639,7 @@ def _read_columns(
     path: Path,
     shown: str,
     encoding: str,
+    sep: str,
     has_header: bool,
     names: list[str],
     value_names: Sequence[str],
@@ -606,7 +654,7 @@ def _read_columns(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", pd.errors.ParserWarning)
         warnings.simplefilter("ignore", pd.errors.DtypeWarning)
-        for chunk in _chunks(path, shown, encoding, has_header, names, chunk_rows):
+        for chunk in _chunks(path, shown, encoding, sep, has_header, names, chunk_rows):
             for name, numbers in values.items():
                 numbers.add(chunk[name], rows)
             for name, stamps in times.items():
@@ -616,13 +664,20 @@ def _read_columns(
 
 
 def _chunks(
-    path: Path, shown: str, encoding: str, has_header: bool, names: list[str], chunk_rows: int
+    path: Path,
+    shown: str,
+    encoding: str,
+    sep: str,
+    has_header: bool,
+    names: list[str],
+    chunk_rows: int,
 ) -> Iterator[pd.DataFrame]:
     """The data rows under their column names, `chunk_rows` at a time."""
     reader = _parse(
         path,
         shown,
         encoding,
+        sep=sep,
         header=0 if has_header else None,
         names=names,
         index_col=False,
@@ -635,7 +690,7 @@ def _chunks(
             except StopIteration:
                 return
             except pd.errors.ParserError as err:
-                raise UserError(_parser_message(err, shown)) from None
+                raise UserError(_parser_message(err, shown, sep)) from None
             except (ValueError, OverflowError) as err:
                 raise UserError(_parse_failure(err, shown)) from None
             yield chunk
@@ -944,7 +999,8 @@ _KINDS = ("other", "bool", "decimal", "thousands", "ambiguous")
 _BOOLS = {"true": 1.0, "false": 0.0, "yes": 1.0, "no": 0.0}
 _GROUP = "[ \u00a0\u202f]"  # spaces that group thousands (plain, no-break, narrow no-break)
 _AMBIGUOUS = re.compile(r"[+-]?[1-9]\d{0,2},\d{3}")
-_THOUSANDS = re.compile(rf"[+-]?\d{{1,3}}(?:(?:,\d{{3}})+|(?:{_GROUP}\d{{3}})+)(?:\.\d+)?")
+# A leading group of 0 is never written ("0,847" is a decimal comma, never 847 thousandths).
+_THOUSANDS = re.compile(rf"[+-]?[1-9]\d{{0,2}}(?:(?:,\d{{3}})+|(?:{_GROUP}\d{{3}})+)(?:\.\d+)?")
 _DECIMAL = re.compile(rf"[+-]?(?:\d+|\d{{1,3}}(?:[.]\d{{3}})+|\d{{1,3}}(?:{_GROUP}\d{{3}})+),\d+")
 
 
