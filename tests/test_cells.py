@@ -26,7 +26,7 @@ SQUASH = {"identity": lambda z: z, "tanh": torch.tanh}
 
 
 def draw_masks(batch, input_size, hidden, p_x, p_h, like):
-    """As documented in spaces/base.py: x's mask first, then h's, each bernoulli(keep) / keep."""
+    """As documented in kernels/blocks.py: x's mask first, then h's, each bernoulli(keep) / keep."""
 
     def one(size, p):
         if p <= 0:

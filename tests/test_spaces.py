@@ -1004,7 +1004,7 @@ def test_two_input_derive_subset_without_none():
     assert cell.derive().ops() == ["hadamard", "add"]
 
 
-@pytest.mark.parametrize("space", ["darts_rnn", "two_input"])
+@pytest.mark.parametrize("space", list(SPACES))
 def test_derived_genotype_builds_a_discrete_cell(space):
     from morphnas import cells
 
@@ -1053,7 +1053,7 @@ def test_arch_and_weight_parameters_partition(space, options):
     assert isinstance(cell, SearchSpace)
 
 
-@pytest.mark.parametrize("space", ["darts_rnn", "two_input"])
+@pytest.mark.parametrize("space", list(SPACES))
 def test_mixing_weights_are_softmax(space):
     cell = build(space, 3, 4, 3)
     for a, w in zip(cell.arch, cell.mixing_weights(), strict=True):
@@ -1101,7 +1101,7 @@ def test_build_rejects_bad_name_or_options(name, options):
 
 
 @pytest.mark.parametrize("value", [1.0, -0.1])
-@pytest.mark.parametrize("space", ["darts_rnn", "two_input"])
+@pytest.mark.parametrize("space", list(SPACES))
 def test_build_rejects_dropout_out_of_range(space, value):
     """A dropout probability must lie in [0, 1).
 
@@ -1120,7 +1120,7 @@ def test_unknown_space_message_lists_choices():
 
 def test_variational_mask_scale():
     """Sanity of the reference's assumption: masks are 0 or 1/keep, one per (batch, unit)."""
-    from morphnas.spaces.base import variational_mask
+    from morphnas.kernels.blocks import variational_mask
 
     like = torch.zeros(1, dtype=torch.float64)
     torch.manual_seed(0)

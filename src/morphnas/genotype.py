@@ -63,6 +63,12 @@ SPACE_FIRST_STATE = {"darts_rnn": 0, "two_input": -1}
 # for hand-written cells, and a bound on what a corrupt or hostile file can make us build.
 MAX_NODES = 64
 CELL_STATE = -2  # the index of c_{t-1} in a two_input cell that carries a cell state
+# Per space: the names of the states a node may read below node 1 (the cell's inputs), shared by
+# the text form and the drawings (``report``) so that both name a state alike.
+SPACE_STATE_NAMES: dict[str, dict[int, str]] = {
+    "darts_rnn": {0: "s0"},
+    "two_input": {CELL_STATE: "c", -1: "u", 0: "h"},
+}
 OUTPUTS = ("mean", "last")
 # Squashing applied to the combined node states to form h_t: "tanh" keeps the recurrent state
 # bounded whatever ops a cell uses (a cell of parameter-free adds otherwise grows without bound).
@@ -142,7 +148,7 @@ class Genotype:
 
     def __str__(self) -> str:
         """Readable one-line-per-node text, e.g. ``s2 = hadamard(s1, h)``."""
-        names = {CELL_STATE: "c", -1: "u", 0: "h" if self.space == "two_input" else "s0"}
+        names = SPACE_STATE_NAMES[self.space]  # a known space: ``validate`` checked it
 
         def state(i: int) -> str:
             return names.get(i, f"s{i}")
@@ -220,7 +226,7 @@ def validate(genotype: Genotype) -> None:
                 )
             if j < first:
                 hint = ""
-                if j == CELL_STATE and space == "two_input":
+                if j == CELL_STATE and CELL_STATE in SPACE_STATE_NAMES[space]:
                     hint = " (state -2, c, exists only in a cell with a 'cell_state' node)"
                 raise UserError(
                     f"genotype: node {i} reads state {j}, which does not exist{hint} (states of "
@@ -233,10 +239,11 @@ def _validate_cell_state(genotype: Genotype) -> None:
     cell_state, n = genotype.cell_state, len(genotype.nodes)
     if cell_state is None:
         return
-    if genotype.space != "two_input":
+    if CELL_STATE not in SPACE_STATE_NAMES[genotype.space]:
+        carry = [name for name, states in SPACE_STATE_NAMES.items() if CELL_STATE in states]
         raise UserError(
-            f"genotype: 'cell_state' is for two_input cells; a {genotype.space} cell carries "
-            "only h (remove 'cell_state')"
+            f"genotype: 'cell_state' is for {', '.join(carry)} cells; a {genotype.space} cell "
+            "carries only h (remove 'cell_state')"
         )
     if isinstance(cell_state, bool) or not isinstance(cell_state, int) or not 1 <= cell_state <= n:
         raise UserError(

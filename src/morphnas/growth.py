@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from morphnas.config import GrowthConfig
-from morphnas.spaces.base import Widening
+from morphnas.spaces.base import GrowableSpace, Widening
 
 MODES = ("none", "grow-then-prune", "grow-and-prune")
 
@@ -106,7 +106,7 @@ def probe_output(space: nn.Module, probe: Tensor) -> Tensor:
 
 
 def grow_checked(
-    space: Any, probe: Tensor, config: GrowthConfig
+    space: GrowableSpace, probe: Tensor, config: GrowthConfig
 ) -> tuple[list[nn.Parameter], float]:
     """Append one node and prove the function did not change; return (new params, max |Δ|)."""
     before = probe_output(space, probe)
@@ -126,7 +126,7 @@ def widen_checked(
 ) -> float:
     """Widen the cell's hidden state (and the head that reads it) by ``width_step`` units and
     prove the forecasts did not change; return max |Δ| on the probe windows."""
-    space = model.cell
+    space: GrowableSpace = model.cell
     extra = config.width_step
     if config.width_max is not None:
         extra = min(extra, config.width_max - space.hidden_size)
@@ -161,7 +161,8 @@ class Growth:
         """``probe``: a fixed batch of model inputs (widening checks the model's output on it);
         ``cell_probe``: the same batch as the cell's input sequence (growth checks the cell's
         outputs at every step on it). Without it, ``probe`` is taken as windows ``(B, P, m)``."""
-        self.model, self.space, self.config = model, model.cell, config
+        self.model, self.config = model, config
+        self.space: GrowableSpace = model.cell
         self.probe = probe
         self.cell_probe = probe.transpose(0, 1) if cell_probe is None else cell_probe
         self.valid_loss = valid_loss

@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.func import grad, hessian, vjp
 
 from morphnas.errors import check_count
-from morphnas.spaces.fused_ops import eager_kernels, transforms_active
+from morphnas.kernels.fused_ops import eager_kernels, transforms_active
 
 __all__ = [
     "HVP_MODES",

@@ -15,15 +15,15 @@ from torch import Tensor, nn
 from morphnas.cells.fused_darts_cell import CellPlan, FusedDartsCellSequence, group_weight
 from morphnas.cells.fused_two_input_cell import FusedTwoInputCellSequence, TwoInputCellPlan
 from morphnas.genotype import CELL_STATE, Genotype
-from morphnas.ops import ACTIVATIONS, apply_two_input, two_input_weight_shape
-from morphnas.spaces.base import (
+from morphnas.kernels.blocks import (
     check_dropout,
     combine_nodes,
     residual_gammas,
     uniform_parameter,
     variational_mask,
 )
-from morphnas.spaces.fused_ops import doubled_tanh_half, kernels_allowed
+from morphnas.kernels.fused_ops import doubled_tanh_half, kernels_allowed
+from morphnas.ops import ACTIVATIONS, apply_two_input, two_input_weight_shape
 
 
 class DartsRNNCell(nn.Module):

@@ -52,7 +52,7 @@ from torch.autograd.function import FunctionCtx
 
 from morphnas import native
 from morphnas.genotype import Genotype
-from morphnas.spaces.fused_ops import (
+from morphnas.kernels.fused_ops import (
     SequenceOutput,
     activation_backward_into,
     doubled,

@@ -47,8 +47,7 @@ from torch.autograd.function import FunctionCtx
 
 from morphnas import native
 from morphnas.genotype import Genotype
-from morphnas.ops import ADD_OPS
-from morphnas.spaces.fused_ops import (
+from morphnas.kernels.fused_ops import (
     SequenceOutput,
     activation_backward_into,
     activation_into,
@@ -61,6 +60,7 @@ from morphnas.spaces.fused_ops import (
     refuse_double_backward,
     sigmoid_to_tanh_,
 )
+from morphnas.ops import ADD_OPS
 
 U, H = 0, 1  # slots of the input projection and of the (masked) previous state
 

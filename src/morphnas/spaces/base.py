@@ -1,4 +1,5 @@
-"""What every search space offers a strategy, and the small pieces the recurrent spaces share."""
+"""What every search space offers a strategy (``SearchSpace``) and growth (``GrowableSpace``), and
+the small pieces the recurrent supernets share."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from morphnas.genotype import Genotype, Node
+from morphnas.kernels.fused_ops import kernels_allowed, supports_batchnorm
 
 Transform = Callable[[Tensor], Tensor]
 
@@ -51,6 +53,39 @@ class SearchSpace(Protocol):
     def node_options(self, i: int, p: Tensor) -> list[tuple[float, Node]]: ...
 
     def op_cost(self, op: str) -> tuple[int, int]: ...
+
+
+@runtime_checkable
+class GrowableSpace(SearchSpace, Protocol):
+    """A search space whose backbone transforms during search: what ``morphnas.growth`` (the
+    growth modes and their checks) and ``engine.resume`` (rebuilding a grown, pruned supernet
+    from a checkpoint) call on it, so that a new space states the capability by these members
+    instead of being found out by an ``AttributeError`` mid-search.
+
+    ``grow`` appends one residual node with ``γ = 0`` (function-preserving) and returns the new
+    parameters, which need fresh optimizer state; ``widen`` widens the hidden state in place by a
+    ``Widening`` (function-preserving; every widened weight is a new parameter); ``prune`` fixes
+    every searched node to its best choice and returns their 1-based indices; ``fix`` fixes one
+    node to a given ``Node`` (pruning, or a resume replaying ``fixed``). ``nodes`` and
+    ``hidden_size`` are the current shape, ``mixed_nodes`` the nodes still searched. The
+    implementers are ``nn.Module``s: growth runs them on a probe batch in eval mode.
+    """
+
+    hidden_size: int
+
+    @property
+    def nodes(self) -> int: ...
+
+    @property
+    def mixed_nodes(self) -> list[int]: ...
+
+    def grow(self, alpha_init: str = ...) -> list[nn.Parameter]: ...
+
+    def prune(self) -> list[int]: ...
+
+    def widen(self, widening: Widening) -> None: ...
+
+    def fix(self, i: int, node: Node) -> None: ...
 
 
 def softmax_last(alpha: Tensor) -> Tensor:
@@ -232,22 +267,26 @@ def sampled_scales(weights: SampledMixing) -> list[tuple[Tensor, Tensor] | None]
     return scales
 
 
-def combine_nodes(node_states: list[Tensor], output: str) -> Tensor:
-    """A cell's output rule over its node states (before squashing): the last, or the mean.
+def kernel_applies(
+    fused: bool,
+    bn: nn.BatchNorm1d | None,
+    batch: int,
+    mixing: object,
+    takes_sampled: bool = False,
+) -> bool:
+    """Whether a space's sequence kernel runs this forward.
 
-    The same rule gives a residual node its base, so appending one is function-preserving.
+    Not when the user chose the eager path (``fused=False``), not for a sampled mixing unless
+    the space's kernel takes it (``takes_sampled``; otherwise one op per node runs eagerly), not
+    where the graph will be differentiated twice (``kernels_allowed``: the exact Hessian products
+    of ``hypergrad``; a kernel's backward is hand-written and once-only), and not for BatchNorm
+    settings the kernels do not reproduce.
     """
-    return node_states[-1] if output == "last" else torch.stack(node_states).mean(0)
-
-
-def residual_gammas(nodes: Iterable[Node], hidden_size: int) -> nn.ParameterDict:
-    """``γ_i`` (zeros) for every residual node, keyed by its 1-based index."""
-    return nn.ParameterDict(
-        {
-            str(i): nn.Parameter(torch.zeros(hidden_size))
-            for i, n in enumerate(nodes, 1)
-            if n.residual
-        }
+    return (
+        fused
+        and (takes_sampled or not isinstance(mixing, SampledMixing))
+        and kernels_allowed()
+        and supports_batchnorm(bn, batch)
     )
 
 
@@ -259,27 +298,6 @@ def new_alpha(*shape: int) -> nn.Parameter:
 def parameter_like(ref: Tensor, values: Tensor) -> nn.Parameter:
     """A new parameter holding ``values`` on ``ref``'s device and dtype (for grown nodes)."""
     return nn.Parameter(values.detach().to(device=ref.device, dtype=ref.dtype))
-
-
-def uniform_parameter(*shape: int, bound: float) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
-
-
-def check_dropout(**probabilities: float) -> None:
-    """Dropout probabilities must lie in [0, 1): ``p = 1`` would divide the mask by zero."""
-    for name, p in probabilities.items():
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {p}")
-
-
-def variational_mask(
-    batch: int, size: int, p: float, like: Tensor, training: bool
-) -> Tensor | None:
-    """One dropout mask per sequence, shared by every time step (locked / variational dropout)."""
-    if not training or p <= 0.0:
-        return None
-    keep = 1.0 - p
-    return like.new_empty(batch, size).bernoulli_(keep) / keep
 
 
 @dataclass(frozen=True)

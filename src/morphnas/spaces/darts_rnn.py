@@ -28,25 +28,27 @@ import torch
 from torch import Tensor, nn
 
 from morphnas.genotype import DARTS_PRIMITIVES, Node
+from morphnas.kernels.blocks import (
+    check_dropout,
+    combine_nodes,
+    uniform_parameter,
+    variational_mask,
+)
 from morphnas.ops import ACTIVATIONS
 from morphnas.spaces.base import (
     ArchitectureMixin,
     SampledMixing,
     Widening,
-    check_dropout,
-    combine_nodes,
+    kernel_applies,
     new_alpha,
     parameter_like,
     sampled_scales,
-    uniform_parameter,
-    variational_mask,
 )
 from morphnas.spaces.fused_darts import (
     FusedDartsSequence,
     NodeSpec,
     Plan,
 )
-from morphnas.spaces.fused_ops import kernel_applies
 
 
 class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
@@ -156,7 +158,7 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
         return scales[0] * s + scales[1]
 
     def _can_fuse(self, batch: int, probs: list[Tensor]) -> bool:
-        """Whether the sequence kernel runs this forward (``fused_ops.kernel_applies``).
+        """Whether the sequence kernel runs this forward (``base.kernel_applies``).
 
         A sampled mixing runs on it when BatchNorm normalises by batch statistics (training).
         The kernel has no place for a sampled node's ``Σ_{k≠c} w[k]`` (``sampled_scales``): its

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 from morphnas import native
-from morphnas.spaces.fused_ops import (
+from morphnas.kernels.fused_ops import (
     SequenceNorm,
     activation_backward_into,
     activation_into,

@@ -52,8 +52,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 from morphnas import native
-from morphnas.ops import ADD_OPS
-from morphnas.spaces.fused_ops import (
+from morphnas.kernels.fused_ops import (
     SequenceNorm,
     activation_backward_into,
     activation_into,
@@ -62,6 +61,7 @@ from morphnas.spaces.fused_ops import (
     tanh_backward_into,
     tanh_into,
 )
+from morphnas.ops import ADD_OPS
 
 # The constant term of a sampled node (GDAS's hard sample, ``base.SampledMixing``): 1 everywhere,
 # weighted by the unsampled ops' ``Σ_{k≠c} w_k``, so that each gets its gradient (Σ d mixed).

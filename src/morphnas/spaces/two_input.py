@@ -58,21 +58,23 @@ from morphnas.genotype import (
     TWO_INPUT_OPS,
     Node,
 )
+from morphnas.kernels.blocks import (
+    check_dropout,
+    combine_nodes,
+    uniform_parameter,
+    variational_mask,
+)
 from morphnas.ops import ACTIVATIONS, ADD_OPS, apply_two_input
 from morphnas.spaces.base import (
     ArchitectureMixin,
     SampledMixing,
     Widening,
-    check_dropout,
-    combine_nodes,
     joint_softmax,
+    kernel_applies,
     new_alpha,
     parameter_like,
     sampled_scales,
-    uniform_parameter,
-    variational_mask,
 )
-from morphnas.spaces.fused_ops import kernel_applies
 from morphnas.spaces.fused_two_input import (
     ONE,
     FusedTwoInputSequence,
@@ -341,7 +343,7 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
         return torch.tensordot(op_weights, torch.stack(terms), dims=1)
 
     def _can_fuse(self, batch: int, probs: list[Tensor]) -> bool:
-        """Whether the sequence kernel runs this forward (``fused_ops.kernel_applies``); it takes
+        """Whether the sequence kernel runs this forward (``base.kernel_applies``); it takes
         a hard sample too, each sampled node as its op and the constant ``ONE``, and input
         choice, each mixed node reading its slots' mixtures of the states."""
         return kernel_applies(self.fused, self.bn, batch, probs, takes_sampled=True)

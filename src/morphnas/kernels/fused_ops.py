@@ -16,8 +16,6 @@ from functools import cached_property
 import torch
 from torch import Tensor, nn
 
-from morphnas.spaces.base import SampledMixing
-
 aten = torch.ops.aten
 
 
@@ -194,7 +192,7 @@ def per_step_rows(slots: Tensor | Sequence[Tensor]) -> list[tuple[Tensor, ...]]:
 
 def output_rule(states: Tensor, count: int, output: str) -> Tensor:
     """A cell's output rule over ``s_1..s_count`` of one step's states (index 0 is not a node):
-    the last, or the mean (``spaces.base.combine_nodes``)."""
+    the last, or the mean (``kernels.blocks.combine_nodes``)."""
     return states[count] if output == "last" else states[1 : count + 1].mean(0)
 
 
@@ -241,29 +239,6 @@ def refuse_double_backward(kernel: str) -> None:
             f"the fused {kernel} kernel is differentiable once (create_graph=True was asked); "
             "build the space with fused=False for higher-order gradients"
         )
-
-
-def kernel_applies(
-    fused: bool,
-    bn: nn.BatchNorm1d | None,
-    batch: int,
-    mixing: object,
-    takes_sampled: bool = False,
-) -> bool:
-    """Whether a space's sequence kernel runs this forward.
-
-    Not when the user chose the eager path (``fused=False``), not for a sampled mixing unless
-    the space's kernel takes it (``takes_sampled``; otherwise one op per node runs eagerly), not
-    where the graph will be differentiated twice (``kernels_allowed``: the exact Hessian products
-    of ``hypergrad``; a kernel's backward is hand-written and once-only), and not for BatchNorm
-    settings the kernels do not reproduce.
-    """
-    return (
-        fused
-        and (takes_sampled or not isinstance(mixing, SampledMixing))
-        and kernels_allowed()
-        and supports_batchnorm(bn, batch)
-    )
 
 
 def supports_batchnorm(bn: nn.BatchNorm1d | None, batch: int) -> bool:
