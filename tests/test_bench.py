@@ -17,16 +17,10 @@ from typer.testing import CliRunner
 
 from morphnas import bench, cells
 from morphnas.bench import (
-    CELL_MODELS,
-    COMPILABLE,
-    COMPILED_SUFFIX,
     DARTS_V2,
     PARTS,
-    SEARCH_VARIANTS,
     TWO_INPUT_GATED,
-    CellConfig,
     ReferenceDartsCell,
-    SupernetConfig,
     bench_table,
     cell_flops,
     multithread_crossover,
@@ -34,10 +28,17 @@ from morphnas.bench import (
     supernet_flops,
     thread_point,
 )
+from morphnas.bench import timing as bench_timing
+from morphnas.bench.parts import cell as cell_part
+from morphnas.bench.parts import supernet as supernet_part
+from morphnas.bench.parts.cell import CELL_MODELS, COMPILABLE, COMPILED_SUFFIX
+from morphnas.bench.parts.search import SEARCH_VARIANTS
+from morphnas.bench.reference import STEP_FLOPS
+from morphnas.bench.workloads import CellConfig, SupernetConfig
 from morphnas.cli import app
 from morphnas.engine.runtime import MULTITHREAD_FROM, choose_threads
 from morphnas.errors import UserError
-from morphnas.spaces import DartsRNNSearchCell
+from morphnas.spaces import SPACES, DartsRNNSearchCell
 from morphnas.strategies import STRATEGIES
 
 TOL64 = dict(rtol=1e-5, atol=1e-5)
@@ -129,6 +130,13 @@ def test_cell_flops_equal_a_hand_count():
     assert cell_flops(TWO_INPUT_GATED, batch=2, input_size=3, hidden=4, bptt=1) == 3 * 2 * 216
 
 
+def test_every_registered_space_has_a_flop_count(monkeypatch):
+    assert set(STEP_FLOPS) == set(SPACES)
+    monkeypatch.delitem(STEP_FLOPS, "two_input")  # a space without one is named, not guessed
+    with pytest.raises(ValueError, match=r"'two_input'; known: \['darts_rnn'\]"):
+        cell_flops(TWO_INPUT_GATED, batch=2, input_size=3, hidden=4, bptt=1)
+
+
 @pytest.mark.parametrize(
     ("name", "genotype"), [("darts", DARTS_V2), ("two_input", TWO_INPUT_GATED)]
 )
@@ -136,8 +144,8 @@ def test_eager_models_are_the_same_cells_without_their_kernels(name, genotype):
     """``cell.<config>.<model>_eager`` is the kernel's side-by-side baseline: same genotype and
     FLOPs, eager loop; only the kernel-backed cells are compiled under ``--compile``."""
     assert CELL_MODELS[name + "_eager"] is CELL_MODELS[name] is genotype
-    assert bench._cell_module(name, genotype, 4).fused
-    assert not bench._cell_module(name + "_eager", genotype, 4).fused
+    assert cell_part._cell_module(name, genotype, 4).fused
+    assert not cell_part._cell_module(name + "_eager", genotype, 4).fused
     assert COMPILABLE == ("darts", "two_input")
 
 
@@ -367,7 +375,7 @@ def test_compile_adds_the_compiled_cells_to_the_cell_part(monkeypatch):
     # aot_eager traces like inductor (Dynamo, AOT autograd) without generating C++, and one short
     # configuration: tracing cost grows with the unroll, seconds here rather than minutes.
     monkeypatch.setattr(
-        bench, "QUICK_CELL_CONFIGS", {"small": CellConfig(batch=4, hidden=8, bptt=3)}
+        cell_part, "QUICK_CELL_CONFIGS", {"small": CellConfig(batch=4, hidden=8, bptt=3)}
     )
     result = run_bench(["cell"], quick=True, compile=True, compile_backend="aot_eager")
     assert set(result) == {"machine", "matmul", "matmul_gflops", "cell", "wall_seconds"}
@@ -434,7 +442,7 @@ def test_measure_without_probe_times_every_count_and_keeps_the_faster():
     before = torch.get_num_threads()
     try:
         works = {"one": _ThreadBound(1), "two": _ThreadBound(2)}
-        result = bench.measure(works, torch.device("cpu"), 3, (1, 2), probe=False)
+        result = bench_timing.measure(works, torch.device("cpu"), 3, (1, 2), probe=False)
     finally:
         torch.set_num_threads(before)
     assert result["one"]["threads"] == 1 and result["two"]["threads"] == 2
@@ -446,13 +454,16 @@ def test_measure_without_probe_times_every_count_and_keeps_the_faster():
 def test_supernet_part_probes_only_above_its_flop_threshold(monkeypatch, probe_above_gflop, probed):
     # The quick ``small`` configuration is 0.009 GFLOP a step: under a threshold of 1 it is timed
     # at every count in full, over one of 0.001 each implementation's count comes from the probe.
-    monkeypatch.setattr(bench, "PROBE_ABOVE_GFLOP", probe_above_gflop)
+    monkeypatch.setattr(supernet_part, "PROBE_ABOVE_GFLOP", probe_above_gflop)
     calls = []
-    measure = bench.measure
+    measure = bench_timing.measure
     monkeypatch.setattr(
-        bench, "measure", lambda *args, **kw: calls.append(kw["probe"]) or measure(*args, **kw)
+        bench_timing,
+        "measure",
+        lambda *args, **kw: calls.append(kw["probe"]) or measure(*args, **kw),
     )
-    ctx = bench.Context(torch.device("cpu"), (1,))
-    result = bench.bench_supernet_config(bench.QUICK_SUPERNET_CONFIGS["small"], ctx, repeats=1)
+    ctx = bench_timing.Context(torch.device("cpu"), (1,))
+    small = supernet_part.QUICK_SUPERNET_CONFIGS["small"]
+    result = supernet_part.bench_supernet_config(small, ctx, repeats=1)
     assert calls == [probed]
     assert _positive(result["speedup"])
