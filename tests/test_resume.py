@@ -18,6 +18,14 @@ import torch
 from conftest import morphnas, without_times
 from morphnas import api, config
 from morphnas.engine.checkpoint import load
+from morphnas.engine.resume import checked
+from morphnas.engine.state import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    SCHEMAS,
+    SearchProgress,
+    TrainProgress,
+)
 from morphnas.errors import UserError
 
 RUN = [
@@ -315,3 +323,89 @@ def test_a_run_that_diverges_before_its_first_checkpoint_leaves_nothing(
     assert out.is_dir() == existed and (not existed or not any(out.iterdir()))
     monkeypatch.undo()
     assert api.search(cfg).run_dir == out  # the same --out, no --force needed
+
+
+# The flat layout of version-1 checkpoints: files written before the loop state became
+# dataclasses (issue 28) hold exactly these keys, in this order, and must keep resuming.
+V1_KEYS = {
+    "search": [
+        "format", "version", "kind", "run", "epoch", "step", "best", "valid_loss", "retries",
+        "position", "elapsed", "cpu", "totals", "model", "shape", "optimizer", "strategy",
+        "growth", "task", "rng", "generator", "epoch_generator", "valid_stream",
+    ],
+    "train": [
+        "format", "version", "kind", "run", "name", "epoch", "best", "best_epoch", "position",
+        "elapsed", "totals", "model", "optimizer", "best_state", "rng", "generator",
+        "epoch_generator", "task",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["search", "train"])
+def test_checkpoints_keep_the_version_1_layout(kind):
+    schema = SCHEMAS[kind]
+    entries = {key: None for key in [*schema.before, *schema.after]}
+    built = schema.build({"id": "x"}, schema.progress(), **entries)
+    assert list(built) == V1_KEYS[kind]
+    assert (built["format"], built["version"], built["kind"]) == (
+        CHECKPOINT_FORMAT,
+        CHECKPOINT_VERSION,
+        kind,
+    )
+    with pytest.raises(TypeError):  # a loop that forgets an entry is a bug, caught at once
+        schema.build(None, schema.progress(), **dict(list(entries.items())[1:]))
+
+
+def _valid(kind: str) -> dict:
+    """A checkpoint of ``kind`` that passes ``checked``, built from the schema's own rules."""
+    schema = SCHEMAS[kind]
+    samples = {dict: {}, torch.Tensor: torch.zeros(1), str: "searched"}
+    entries = {
+        key: [torch.zeros(()), 0] if key == "totals" else samples[rule.types]
+        for key, rule in {**schema.before, **schema.after}.items()
+    }
+    return schema.build(None, schema.progress(), **entries)
+
+
+def test_progress_resumes_after_a_complete_or_inside_an_epoch():
+    saved = SearchProgress(epoch=3, step=40, best=0.5, valid_loss=0.6, position=None, elapsed=9.0)
+    progress = SearchProgress()
+    assert not progress.resume(saved.state_dict())  # complete: the next epoch, from its start
+    assert (progress.epoch, progress.position, progress.step) == (4, 0, 40)
+    inside = TrainProgress(epoch=2, best=0.4, best_epoch=1, position=7, elapsed=3.0)
+    progress_ = TrainProgress()
+    assert progress_.resume(inside.state_dict())  # mid-epoch: the saved batch of that epoch
+    assert progress_ == inside
+
+
+def test_a_checkpoint_from_before_cpu_time_still_resumes():
+    state = _valid("search")
+    del state["cpu"]  # written before the search counted CPU seconds
+    assert checked(state, "search_last.pt", "search", None) is state
+    progress = SearchProgress(cpu=5.0)
+    progress.resume(state)
+    assert progress.cpu == 0.0
+    train = _valid("train")
+    del train["task"]  # written before training carried a task's state
+    assert checked(train, "train_x.pt", "train", None) is train
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("step", True, "holds a bool as step"),
+        ("epoch", 0, "holds epoch 0, below 1"),
+        ("position", -1, "holds position -1, below 0"),
+        ("best", "low", "holds a str as best"),
+        ("cpu", "1s", "holds a str as cpu"),
+        ("valid_stream", KeyError, "lacks valid_stream"),
+    ],
+)
+def test_checked_refuses_a_counter_of_the_wrong_type_or_range(key, value, problem):
+    state = _valid("search")
+    if value is KeyError:
+        del state[key]
+    else:
+        state[key] = value
+    with pytest.raises(UserError, match=problem):
+        checked(state, "search_last.pt", "search", None)

@@ -1,5 +1,6 @@
 """Everything a checkpoint needs beyond weights to continue a run exactly: random-number states,
-the shape a growing supernet has reached, and a clean stop on SIGINT/SIGTERM.
+the shape a growing supernet has reached, a clean stop on SIGINT/SIGTERM, and the checks a loaded
+checkpoint passes before a run continues from it (its layout is ``engine.state``'s schema).
 
 Checkpoints are loaded with ``torch.load(weights_only=True)``, so every value here is made of
 tensors, numbers, strings, lists, tuples and dicts only.
@@ -18,11 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from morphnas.engine.state import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, SCHEMAS
 from morphnas.errors import UserError
 from morphnas.genotype import MAX_NODES, Node
-
-CHECKPOINT_FORMAT = "morphnas.checkpoint"
-CHECKPOINT_VERSION = 1
+from morphnas.spaces.base import GrowableSpace
 
 
 class StopRequested(Exception):
@@ -89,7 +89,7 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def space_shape(space: Any) -> dict[str, Any]:
+def space_shape(space: GrowableSpace) -> dict[str, Any]:
     """The shape a supernet has grown to: node count, hidden width, the nodes fixed by pruning."""
     return {
         "nodes": space.nodes,
@@ -101,7 +101,7 @@ def space_shape(space: Any) -> dict[str, Any]:
     }
 
 
-def reshape_space(space: Any, shape: dict[str, Any]) -> None:
+def reshape_space(space: GrowableSpace, shape: dict[str, Any]) -> None:
     """Grow a freshly built supernet (built at the saved width) to a saved shape, so that the
     checkpoint's ``state_dict`` loads into it strictly. Values do not matter: they are loaded."""
     if space.hidden_size != shape["hidden"]:
@@ -114,42 +114,25 @@ def reshape_space(space: Any, shape: dict[str, Any]) -> None:
         space.fix(int(i), Node(op, tuple(inputs), residual))
 
 
-# What each kind of checkpoint holds (the dicts built in ``engine.search``, ``engine.train`` and
-# the final model saved after training), and of which type: a file that lacks one of these, or
-# holds another type there, was edited or damaged and cannot be continued. Counts are checked
-# for their range too (``_COUNTS``); the contents of the nested states are checked when they
-# are loaded, before the resumed run writes anything.
-_STATE, _TENSOR, _INT, _NUMBER = dict, torch.Tensor, int, (int, float)
-CHECKPOINT_KEYS: dict[str, dict[str, Any]] = {
-    "search": {
-        "epoch": _INT, "step": _INT, "best": _NUMBER, "valid_loss": _NUMBER, "retries": _INT,
-        "position": (int, type(None)), "elapsed": _NUMBER, "totals": (list, tuple),
-        "model": _STATE, "shape": _STATE, "optimizer": _STATE, "strategy": _STATE,
-        "growth": _STATE, "task": _STATE, "rng": _STATE, "generator": _TENSOR,
-        "epoch_generator": _TENSOR, "valid_stream": _STATE,
-    },
-    "train": {
-        "name": str, "epoch": _INT, "best": _NUMBER, "best_epoch": _INT,
-        "position": (int, type(None)), "elapsed": _NUMBER, "totals": (list, tuple),
-        "model": _STATE, "optimizer": _STATE, "best_state": _STATE, "rng": _STATE,
-        "generator": _TENSOR, "epoch_generator": _TENSOR,
-    },
-    "model": {"state_dict": _STATE, "outcome": _STATE},
-}  # fmt: skip
-_COUNTS = {"epoch": 1, "step": 0, "retries": 0, "position": 0, "best_epoch": 0}  # their minimum
-
-
 def _problem(state: dict[str, Any], kind: str) -> str | None:
-    """What is wrong with the top level of a checkpoint of ``kind``, or None."""
-    missing = [key for key in CHECKPOINT_KEYS[kind] if key not in state]
+    """What is wrong with the top level of a checkpoint of ``kind`` (``engine.state.SCHEMAS``),
+    or None: a key lacking, or holding another type or a count below its minimum, means the file
+    was edited or damaged. The contents of the nested states are checked when they are loaded,
+    before the resumed run writes anything."""
+    rules = SCHEMAS[kind].rules()
+    missing = [key for key, rule in rules.items() if not rule.optional and key not in state]
     if missing:
         return f"lacks {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}"
-    for key, types in CHECKPOINT_KEYS[kind].items():
+    for key, rule in rules.items():
+        if key not in state:
+            continue
         value = state[key]
-        if not isinstance(value, types) or (isinstance(value, bool) and types is not bool):
+        if not isinstance(value, rule.types) or (
+            isinstance(value, bool) and rule.types is not bool
+        ):
             return f"holds a {type(value).__name__} as {key}"
-        if key in _COUNTS and value is not None and value < _COUNTS[key]:
-            return f"holds {key} {value}, below {_COUNTS[key]}"
+        if rule.minimum is not None and value is not None and value < rule.minimum:
+            return f"holds {key} {value}, below {rule.minimum}"
     if "totals" in state and (
         len(state["totals"]) != 2 or not isinstance(state["totals"][0], torch.Tensor)
     ):
@@ -163,7 +146,7 @@ def checked(state: dict[str, Any], path: Any, kind: str, run_id: str | None) -> 
     else a one-line ``UserError`` naming the file. ``run_id`` None: a run from before run ids,
     whose checkpoints carry none."""
     again = "start the run again with --force"
-    if kind != "model":
+    if SCHEMAS[kind].versioned:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise UserError(f"{path} is not a morphnas checkpoint; {again}")
         if state.get("version") != CHECKPOINT_VERSION or state.get("kind") != kind:

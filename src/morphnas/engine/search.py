@@ -3,14 +3,14 @@ growing (and pruning) the backbone between epochs when a growth mode is on.
 
 The loop can stop at any step boundary and continue exactly: its checkpoint holds the weights,
 the backbone's shape, both optimizers, the strategy's and the growth policy's state, every random
-state and the position inside the epoch (see ``engine.resume``).
+state and the position inside the epoch (``engine.state.SEARCH``; resumed via ``engine.resume``).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,6 @@ from morphnas.engine.faults import crash_point
 from morphnas.engine.loops import draw_epoch
 from morphnas.engine.progress import Progress, Silent
 from morphnas.engine.resume import (
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_VERSION,
     StopFlag,
     StopRequested,
     reason,
@@ -33,11 +31,12 @@ from morphnas.engine.resume import (
     rng_state,
     space_shape,
 )
+from morphnas.engine.state import SEARCH, SearchProgress
 from morphnas.errors import UserError
 from morphnas.genotype import Genotype
 from morphnas.growth import Growth, GrowthEvent
 from morphnas.optim import rebuild_optimizer
-from morphnas.report import MetricsLog, write_json
+from morphnas.run_files import MetricsLog, write_json
 from morphnas.strategies import Objective, Strategy
 from morphnas.strategies.base import detach_mixing
 from morphnas.tasks.base import Task
@@ -109,117 +108,197 @@ def search(
     "stop"``) or restarts from the last checkpoint at half the learning rates (``"retry"``, at
     most three times).
     """
-    progress = progress or Silent()
-    growth = growth or GrowthConfig()
-    space = model.cell
-    last_path = checkpoint_dir / "search_last.pt"
-    generator = torch.Generator().manual_seed(seed)
-    valid_stream = task.valid_stream(generator)
-    model_input, cell_input = task.probe()
-    grower = Growth(
+    loop = _SearchLoop(
         model,
-        growth,
-        config.epochs,
-        nodes_max or space.nodes,
-        probe=model_input,
-        cell_probe=cell_input,
-        valid_loss=lambda: task.valid_loss(model, weights=_mixing(strategy)),
+        strategy,
+        task,
+        config,
         seed=seed,
+        log=log,
+        checkpoint_dir=checkpoint_dir,
+        growth=growth or GrowthConfig(),
+        nodes_max=nodes_max,
+        history_path=history_path,
+        progress=progress or Silent(),
+        stamp=stamp,
+        stop=stop,
     )
+    if resume is not None:
+        loop.resume(resume)
+    return loop.run()
 
-    def batch_loss(batch: Any, mixing: list[Tensor]) -> Tensor:
-        return task.loss(model, batch, weights=mixing)
 
-    # The strategies' view of the loss: batch_loss, plus a pure function of (weights, α) for the
-    # bilevel methods; the weights are read at each step (growth replaces the list).
-    objective = Objective(model, batch_loss, lambda: weights)
-    objective.full_valid_loss = lambda mixing: task.valid_loss(model, weights=mixing)
+class _SearchLoop:
+    """The search's state between steps, held as attributes so that ``restore`` (a resume or a
+    NaN retry) can replace the optimizer and the weight list that the steps and the objective
+    read; ``counters`` are the numbers a checkpoint carries (``engine.state.SEARCH``)."""
 
-    weights = _weights(model)
-    optimizer = torch.optim.Adam(weights, lr=config.lr, weight_decay=config.weight_decay)
-    run: dict[str, Any] = {
-        "epoch": 1, "position": 0, "step": 0, "best": math.inf, "elapsed": 0.0, "cpu": 0.0,
-        "valid_loss": math.nan, "retries": 0,
-    }  # fmt: skip
-    epoch_start = generator.get_state()
-    saved_epoch: dict[str, Any] | None = None  # a checkpoint from inside the epoch to continue
+    def __init__(
+        self,
+        model: nn.Module,
+        strategy: Strategy,
+        task: Task,
+        config: SearchConfig,
+        *,
+        seed: int,
+        log: MetricsLog,
+        checkpoint_dir: Path,
+        growth: GrowthConfig,
+        nodes_max: int | None,
+        history_path: Path | None,
+        progress: Progress,
+        stamp: dict[str, Any] | None,
+        stop: StopFlag | None,
+    ) -> None:
+        self.model, self.strategy, self.task, self.config = model, strategy, task, config
+        self.space = model.cell
+        self.log, self.progress, self.stamp, self.stop = log, progress, stamp, stop
+        self.checkpoint_dir, self.history_path = checkpoint_dir, history_path
+        self.last_path = checkpoint_dir / "search_last.pt"
+        self.generator = torch.Generator().manual_seed(seed)
+        self.valid_stream = task.valid_stream(self.generator)
+        model_input, cell_input = task.probe()
+        self.grower = Growth(
+            model,
+            growth,
+            config.epochs,
+            nodes_max or self.space.nodes,
+            probe=model_input,
+            cell_probe=cell_input,
+            valid_loss=lambda: task.valid_loss(model, weights=_mixing(strategy)),
+            seed=seed,
+        )
+        # The strategies' view of the loss: batch_loss, plus a pure function of (weights, α) for
+        # the bilevel methods; the weights are read at each step (growth replaces the list).
+        self.objective = Objective(model, self.batch_loss, lambda: self.weights)
+        self.objective.full_valid_loss = lambda mixing: task.valid_loss(model, weights=mixing)
+        self.weights = _weights(model)
+        self.optimizer = torch.optim.Adam(
+            self.weights, lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.counters = SearchProgress()
+        self.epoch_start = self.generator.get_state()
+        self.saved_epoch: dict[str, Any] | None = None  # a checkpoint inside the epoch to continue
+        self.started = self.started_cpu = 0.0  # this session's clocks, set by ``run``
 
-    def checkpoint(position: int | None, totals: tuple[Tensor, int], started: float) -> dict:
+    def batch_loss(self, batch: Any, mixing: list[Tensor]) -> Tensor:
+        """The task's loss on one batch under ``mixing``: the weight step's and the strategies'."""
+        return self.task.loss(self.model, batch, weights=mixing)
+
+    def seconds(self) -> float:
+        """Wall seconds of the whole search, earlier sessions included."""
+        return self.counters.elapsed + time.perf_counter() - self.started
+
+    def checkpoint(self, position: int | None, totals: tuple[Tensor, int]) -> dict[str, Any]:
         """Everything needed to continue; ``position`` None: the epoch is complete."""
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "kind": "search",
-            "run": stamp,
-            **{k: run[k] for k in ("epoch", "step", "best", "valid_loss", "retries")},
-            "position": position,
-            "elapsed": run["elapsed"] + time.perf_counter() - started,
-            "cpu": run["cpu"] + time.process_time() - started_cpu,
-            "totals": [totals[0].detach().cpu(), totals[1]],
-            "model": model.state_dict(),
-            "shape": space_shape(space),
-            "optimizer": optimizer.state_dict(),
-            "strategy": strategy.state_dict(),
-            "growth": grower.state_dict(),
-            "task": task.state_dict(),
-            "rng": rng_state(),
-            "generator": generator.get_state(),
-            "epoch_generator": epoch_start,
-            "valid_stream": valid_stream.state_dict(),
-        }
+        counters = replace(
+            self.counters,
+            position=position,
+            elapsed=self.seconds(),
+            cpu=self.counters.cpu + time.process_time() - self.started_cpu,
+        )
+        return SEARCH.build(
+            self.stamp,
+            counters,
+            totals=[totals[0].detach().cpu(), totals[1]],
+            model=self.model.state_dict(),
+            shape=space_shape(self.space),
+            optimizer=self.optimizer.state_dict(),
+            strategy=self.strategy.state_dict(),
+            growth=self.grower.state_dict(),
+            task=self.task.state_dict(),
+            rng=rng_state(),
+            generator=self.generator.get_state(),
+            epoch_generator=self.epoch_start,
+            valid_stream=self.valid_stream.state_dict(),
+        )
 
-    def restore(state: dict[str, Any], lr_scale: float = 1.0) -> None:
-        nonlocal weights, optimizer, saved_epoch
-        reshape_space(space, state["shape"])
-        model.load_state_dict(state["model"])
-        weights = _weights(model)
-        optimizer = torch.optim.Adam(weights, lr=config.lr, weight_decay=config.weight_decay)
-        optimizer.load_state_dict(state["optimizer"])
-        strategy.on_space_change()
-        strategy.load_state_dict(state["strategy"])
-        for group in optimizer.param_groups:
+    def restore(self, state: dict[str, Any], lr_scale: float = 1.0) -> None:
+        """Load a checkpoint; ``lr_scale`` scales both learning rates (a NaN retry)."""
+        config = self.config
+        reshape_space(self.space, state["shape"])
+        self.model.load_state_dict(state["model"])
+        self.weights = _weights(self.model)
+        self.optimizer = torch.optim.Adam(
+            self.weights, lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.strategy.on_space_change()
+        self.strategy.load_state_dict(state["strategy"])
+        for group in self.optimizer.param_groups:
             group["lr"] *= lr_scale
         if lr_scale != 1.0:
-            strategy.scale_lr(lr_scale)
-        grower.load_state_dict(state["growth"])
-        task.load_state_dict(state["task"])
+            self.strategy.scale_lr(lr_scale)
+        self.grower.load_state_dict(state["growth"])
+        self.task.load_state_dict(state["task"])
         restore_rng(state["rng"])
-        generator.set_state(state["generator"])
-        valid_stream.load_state_dict(state["valid_stream"])
-        complete = state["position"] is None
-        run.update(
-            {k: state[k] for k in ("step", "best", "valid_loss", "elapsed", "retries")},
-            cpu=state.get("cpu", 0.0),
-            epoch=state["epoch"] + 1 if complete else state["epoch"],
-            position=0 if complete else state["position"],
-        )
-        saved_epoch = None if complete else state
+        self.generator.set_state(state["generator"])
+        self.valid_stream.load_state_dict(state["valid_stream"])
+        self.saved_epoch = state if self.counters.resume(state) else None
 
-    if resume is not None:
+    def resume(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``; one that does not fit this search is a ``UserError``."""
         try:
-            restore(resume)
+            self.restore(state)
         except UserError:
             raise
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as err:
             raise UserError(
-                f"{last_path} does not fit the search this run builds ({reason(err)}): it was "
-                "edited, or comes from another configuration; start the run again with --force"
+                f"{self.last_path} does not fit the search this run builds ({reason(err)}): it "
+                "was edited, or comes from another configuration; start the run again with --force"
             ) from None
-    started, started_cpu = time.perf_counter(), time.process_time()
-    while run["epoch"] <= config.epochs:
-        epoch = run["epoch"]
-        model.train()
-        strategy.start_epoch(epoch, config.epochs)
-        fraction = streamed_fraction(config.stream, epoch, config.epochs)
-        device = next(model.parameters()).device
-        epoch_batches, epoch_start, total, count = draw_epoch(
-            task, generator, device, fraction, saved_epoch
+
+    def run(self) -> SearchOutcome:
+        """The epochs from ``counters.epoch`` on, each closed by validation, logging, growth and
+        a checkpoint; a non-finite loss goes to ``retry`` and redoes the epoch."""
+        config, counters = self.config, self.counters
+        self.started, self.started_cpu = time.perf_counter(), time.process_time()
+        while counters.epoch <= config.epochs:
+            epoch = counters.epoch
+            warming = epoch <= config.warmup_epochs
+            total, count = self.train_epoch(epoch, warming)
+            counters.position = 0
+            train_loss = float(total) / count
+            valid_loss = self.task.valid_loss(self.model, weights=_mixing(self.strategy))
+            if not (math.isfinite(train_loss) and math.isfinite(valid_loss)):
+                self.retry(epoch, train_loss, valid_loss)
+                continue
+            counters.valid_loss = valid_loss
+            self.log_epoch(epoch, train_loss, valid_loss, count, warming)
+            self.grow(epoch, valid_loss)
+            improved = valid_loss < counters.best
+            counters.best = min(counters.best, valid_loss)
+            state = self.checkpoint(None, (total, count))
+            save_atomic(state, self.last_path)
+            if improved:
+                save_atomic(state, self.checkpoint_dir / "search_best.pt")
+            if self.stop is not None and self.stop.requested and epoch < config.epochs:
+                raise StopRequested(str(self.last_path))
+            counters.epoch += 1
+        return SearchOutcome(
+            genotype=self.strategy.derive(),
+            seconds=self.seconds(),
+            cpu_seconds=counters.cpu + time.process_time() - self.started_cpu,
+            valid_loss=counters.valid_loss,
+            epochs=config.epochs,
+            events=list(self.grower.events),
         )
-        saved_epoch = None
-        first = run["position"]
+
+    def train_epoch(self, epoch: int, warming: bool) -> tuple[Tensor, int]:
+        """The epoch's steps from ``counters.position`` on; its running loss sum and count. A
+        stop request saves a checkpoint after the current step and raises ``StopRequested``."""
+        config, space, progress = self.config, self.space, self.progress
+        self.model.train()
+        self.strategy.start_epoch(epoch, config.epochs)
+        fraction = streamed_fraction(config.stream, epoch, config.epochs)
+        device = next(self.model.parameters()).device
+        epoch_batches, self.epoch_start, total, count = draw_epoch(
+            self.task, self.generator, device, fraction, self.saved_epoch
+        )
+        self.saved_epoch = None
+        first = self.counters.position
         # Warm-up: the weights learn under the initial mixture before α moves (a function of
         # the epoch alone, so a resumed run warms up exactly as long).
-        warming = epoch <= config.warmup_epochs
         searching = bool(space.arch_parameters()) and not warming
         progress.start(
             f"search epoch {epoch}/{config.epochs} ({space.nodes} nodes"
@@ -230,79 +309,75 @@ def search(
         for k in range(first, len(epoch_batches)):
             batch = epoch_batches[k]
             if searching and k % config.weight_steps == 0:
-                strategy.arch_step(objective, batch, next(valid_stream))
-            optimizer.zero_grad(set_to_none=True)
-            loss = batch_loss(batch, strategy.weight_mixing())
+                self.strategy.arch_step(self.objective, batch, next(self.valid_stream))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.batch_loss(batch, self.strategy.weight_mixing())
             loss.backward()
-            nn.utils.clip_grad_norm_(weights, config.clip)
-            optimizer.step()
-            size = task.batch_weight(batch)
+            nn.utils.clip_grad_norm_(self.weights, config.clip)
+            self.optimizer.step()
+            size = self.task.batch_weight(batch)
             total, count = total + loss.detach() * size, count + size
-            run["step"] += 1
+            self.counters.step += 1
             progress.advance()
             crash_point("step")
-            if stop is not None and stop.requested and k + 1 < len(epoch_batches):
+            if self.stop is not None and self.stop.requested and k + 1 < len(epoch_batches):
                 progress.stop()
-                save_atomic(checkpoint(k + 1, (total, count), started), last_path)
-                raise StopRequested(str(last_path))
+                save_atomic(self.checkpoint(k + 1, (total, count)), self.last_path)
+                raise StopRequested(str(self.last_path))
         progress.stop()
-        run["position"] = 0
-        train_loss = float(total) / count
-        valid_loss = task.valid_loss(model, weights=_mixing(strategy))
-        if not (math.isfinite(train_loss) and math.isfinite(valid_loss)):
-            _check_retry(config, run["retries"], epoch, train_loss, valid_loss, last_path)
-            retries, state = run["retries"], load(last_path)
-            # Halve the rates for every retry since the checkpoint we go back to.
-            scale = 0.5 ** (retries - state["retries"] + 1)
-            restore(state, lr_scale=scale)
-            run["retries"] = retries + 1
-            log.append({"phase": "search", "event": "nan-retry", "epoch": epoch, "lr_scale": scale})
-            continue
-        run["valid_loss"] = valid_loss
-        log.append(
+        return total, count
+
+    def retry(self, epoch: int, train_loss: float, valid_loss: float) -> None:
+        """A non-finite loss: go back to the last checkpoint at lower learning rates, or stop."""
+        _check_retry(
+            self.config, self.counters.retries, epoch, train_loss, valid_loss, self.last_path
+        )
+        retries, state = self.counters.retries, load(self.last_path)
+        # Halve the rates for every retry since the checkpoint we go back to.
+        scale = 0.5 ** (retries - state["retries"] + 1)
+        self.restore(state, lr_scale=scale)
+        self.counters.retries = retries + 1
+        self.log.append(
+            {"phase": "search", "event": "nan-retry", "epoch": epoch, "lr_scale": scale}
+        )
+
+    def log_epoch(
+        self, epoch: int, train_loss: float, valid_loss: float, count: int, warming: bool
+    ) -> None:
+        """The epoch's row of ``metrics.jsonl``: losses, size, mixing weights, strategy metrics."""
+        self.log.append(
             {
                 "phase": "search",
                 "epoch": epoch,
                 "train_loss": train_loss,
                 "valid_loss": valid_loss,
-                "seconds": run["elapsed"] + time.perf_counter() - started,
-                "nodes": space.nodes,
+                "seconds": self.seconds(),
+                "nodes": self.space.nodes,
                 "train_windows": count,
                 **({"warmup": True} if warming else {}),
                 "arch": [
-                    w.detach().reshape(-1, w.shape[-1]).tolist() for w in space.mixing_weights()
+                    w.detach().reshape(-1, w.shape[-1]).tolist()
+                    for w in self.space.mixing_weights()
                 ],
-                **strategy.epoch_metrics(),
+                **self.strategy.epoch_metrics(),
             }
         )
-        changed = grower.after_epoch(epoch, run["step"], valid_loss)
-        if epoch == config.epochs:
-            changed = grower.finish(epoch, run["step"], valid_loss) or changed
+
+    def grow(self, epoch: int, valid_loss: float) -> None:
+        """The growth policy's turn after an epoch (and its last word after the last one); a
+        changed supernet gets a rebuilt optimizer and its events go to ``history.json``."""
+        step = self.counters.step
+        changed = self.grower.after_epoch(epoch, step, valid_loss)
+        if epoch == self.config.epochs:
+            changed = self.grower.finish(epoch, step, valid_loss) or changed
         if changed:
             crash_point("growth")
-            weights = _weights(model)
-            optimizer = rebuild_optimizer(optimizer, weights)
-            if space.arch_parameters():
-                strategy.on_space_change()
-            if history_path is not None:
-                write_json(history_path, [event.to_dict() for event in grower.events])
-        improved = valid_loss < run["best"]
-        run["best"] = min(run["best"], valid_loss)
-        state = checkpoint(None, (total, count), started)
-        save_atomic(state, last_path)
-        if improved:
-            save_atomic(state, checkpoint_dir / "search_best.pt")
-        if stop is not None and stop.requested and epoch < config.epochs:
-            raise StopRequested(str(last_path))
-        run["epoch"] += 1
-    return SearchOutcome(
-        genotype=strategy.derive(),
-        seconds=run["elapsed"] + time.perf_counter() - started,
-        cpu_seconds=run["cpu"] + time.process_time() - started_cpu,
-        valid_loss=run["valid_loss"],
-        epochs=config.epochs,
-        events=list(grower.events),
-    )
+            self.weights = _weights(self.model)
+            self.optimizer = rebuild_optimizer(self.optimizer, self.weights)
+            if self.space.arch_parameters():
+                self.strategy.on_space_change()
+            if self.history_path is not None:
+                write_json(self.history_path, [event.to_dict() for event in self.grower.events])
 
 
 def _mixing(strategy: Strategy) -> list[Tensor]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,6 @@ from morphnas.engine.faults import crash_point
 from morphnas.engine.loops import check_finite, draw_epoch
 from morphnas.engine.progress import Progress, Silent
 from morphnas.engine.resume import (
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_VERSION,
     StopFlag,
     StopRequested,
     fits,
@@ -31,8 +29,9 @@ from morphnas.engine.resume import (
     restore_rng,
     rng_state,
 )
+from morphnas.engine.state import TRAIN, TrainProgress
 from morphnas.errors import UserError
-from morphnas.report import MetricsLog
+from morphnas.run_files import MetricsLog
 from morphnas.tasks.base import Task
 
 
@@ -61,17 +60,16 @@ def train(
 ) -> TrainOutcome:
     """Adam on all parameters; stop after ``patience`` epochs without a better valid loss.
 
-        The model is left holding the weights of its best validation epoch. With ``checkpoint_path``
-        the state is saved after every epoch, with ``stamp`` (the run's id, ``runs.start_record``)
-    under ``run``; ``resume`` continues from such a checkpoint. ``phase``
-        labels the epoch rows in ``metrics.jsonl`` (``select``: a candidate cell's brief retraining,
-        which the learning-curve plots leave out).
+    The model is left holding the weights of its best validation epoch. With ``checkpoint_path``
+    the state is saved after every epoch, with ``stamp`` (the run's id, ``runs.start_record``)
+    under ``run``; ``resume`` continues from such a checkpoint. ``phase`` labels the epoch rows
+    in ``metrics.jsonl`` (``select``: a candidate cell's brief retraining, which the
+    learning-curve plots leave out).
     """
     progress = progress or Silent()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    run: dict[str, Any] = {"epoch": 1, "position": 0, "best": float("inf"), "best_epoch": 0}
-    run["elapsed"], best_state = 0.0, copy.deepcopy(model.state_dict())
+    counters, best_state = TrainProgress(), copy.deepcopy(model.state_dict())
     epoch_start = generator.get_state()
     saved_epoch: dict[str, Any] | None = None  # a checkpoint from inside the epoch to continue
     if resume is not None:
@@ -88,46 +86,43 @@ def train(
                 "delete it to train that model again, or start the run again with --force"
             ) from None
         best_state = resume["best_state"]
-        complete = resume["position"] is None
-        run.update({k: resume[k] for k in ("best", "best_epoch", "elapsed")})
-        run["epoch"] = resume["epoch"] + 1 if complete else resume["epoch"]
-        run["position"] = 0 if complete else resume["position"]
-        saved_epoch = None if complete else resume
+        saved_epoch = resume if counters.resume(resume) else None
+
+    def seconds() -> float:
+        """Wall seconds of the whole training, earlier sessions included."""
+        return counters.elapsed + time.perf_counter() - started
 
     def checkpoint(position: int | None, total: torch.Tensor, count: int) -> dict[str, Any]:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "kind": "train",
-            "run": stamp,
-            "name": name,
-            **{k: run[k] for k in ("epoch", "best", "best_epoch")},
-            "position": position,
-            "elapsed": run["elapsed"] + time.perf_counter() - started,
-            "totals": [total.detach().cpu(), count],
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "best_state": best_state,
-            "rng": rng_state(),
-            "generator": generator.get_state(),
-            "epoch_generator": epoch_start,
-            "task": task.state_dict(),
-        }
+        """Everything needed to continue; ``position`` None: the epoch is complete."""
+        return TRAIN.build(
+            stamp,
+            replace(counters, position=position, elapsed=seconds()),
+            name=name,
+            totals=[total.detach().cpu(), count],
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            best_state=best_state,
+            rng=rng_state(),
+            generator=generator.get_state(),
+            epoch_generator=epoch_start,
+            task=task.state_dict(),
+        )
 
     device = next(model.parameters()).device
     started = time.perf_counter()
-    epoch = run["epoch"] - 1
+    epoch = counters.epoch - 1
     progress.start(f"train {name}", config.epochs)
     progress.advance(epoch)
-    stopped_early = run["epoch"] - run["best_epoch"] > config.patience and run["best_epoch"] > 0
-    while not stopped_early and run["epoch"] <= config.epochs:
-        epoch = run["epoch"]
+    best_epoch = counters.best_epoch
+    stopped_early = counters.epoch - best_epoch > config.patience and best_epoch > 0
+    while not stopped_early and counters.epoch <= config.epochs:
+        epoch = counters.epoch
         model.train()
         epoch_batches, epoch_start, total, count = draw_epoch(
             task, generator, device, saved=saved_epoch
         )
         saved_epoch = None
-        for k in range(run["position"], len(epoch_batches)):
+        for k in range(counters.position, len(epoch_batches)):
             batch = epoch_batches[k]
             optimizer.zero_grad(set_to_none=True)
             loss = task.loss(model, batch)
@@ -142,7 +137,7 @@ def train(
                 if checkpoint_path is not None:
                     save_atomic(checkpoint(k + 1, total, count), checkpoint_path)
                 raise StopRequested(str(checkpoint_path))
-        run["position"] = 0
+        counters.position = 0
         train_loss = float(total) / count
         check_finite(train_loss, f"{name}'s training loss", epoch)
         valid_loss = task.valid_loss(model)
@@ -154,21 +149,20 @@ def train(
                 "epoch": epoch,
                 "train_loss": train_loss,
                 "valid_loss": valid_loss,
-                "seconds": run["elapsed"] + time.perf_counter() - started,
+                "seconds": seconds(),
             }
         )
         progress.advance(valid_loss=valid_loss)
-        if valid_loss < run["best"]:
-            run["best"], run["best_epoch"] = valid_loss, epoch
+        if valid_loss < counters.best:
+            counters.best, counters.best_epoch = valid_loss, epoch
             best_state = copy.deepcopy(model.state_dict())
-        stopped_early = epoch - run["best_epoch"] >= config.patience
+        stopped_early = epoch - counters.best_epoch >= config.patience
         if checkpoint_path is not None:
             save_atomic(checkpoint(None, total, count), checkpoint_path)
         if stop is not None and stop.requested and not stopped_early and epoch < config.epochs:
             progress.stop()
             raise StopRequested(str(checkpoint_path))
-        run["epoch"] += 1
+        counters.epoch += 1
     progress.stop()
     model.load_state_dict(best_state)
-    seconds = run["elapsed"] + time.perf_counter() - started
-    return TrainOutcome(seconds, epoch, run["best_epoch"], run["best"])
+    return TrainOutcome(seconds(), epoch, counters.best_epoch, counters.best)
