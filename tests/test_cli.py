@@ -7,9 +7,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+
+from morphnas import cli, strategies
+from morphnas import config as config_mod
 
 SMALL = ["--epochs", "2", "--retrain-epochs", "3", "--nodes", "2", "--hidden", "8", "--window", "6"]
 RESULT_KEYS = {
@@ -162,6 +166,35 @@ def test_datasets_lists_the_registry():
     assert {"births", "exchange", "elecdemand", "synthetic"} <= names
 
 
+@pytest.mark.parametrize("name", list(cli.FLAGS))
+def test_every_flag_sets_a_config_key(name):
+    """``FLAGS`` is the one table of flags: each path is a key of the config, and a value
+    typed for it (as the command line gives it) lands there."""
+    flag, typed = cli.FLAGS[name], {int: 2, float: 0.5, Path: "x.csv"}
+    value = typed.get(flag.kind, "a,b" if name == "columns" else "text")
+    [(label, section)] = cli._labelled_flags({**dict.fromkeys(cli.FLAGS), name: value})
+    assert label == f"--{name.replace('_', '-')} {value}"
+    model: Any = config_mod.RunConfig
+    for part in flag.path[:-1]:
+        model = model.model_fields[part].annotation
+    assert flag.path[-1] in model.model_fields
+    assert config_mod.leaves(section) == [(flag.path, ["a", "b"] if flag.parse else value)]
+
+
+@pytest.mark.parametrize(
+    ("command", "names"),
+    [("search", list(cli.FLAGS)), ("compare", ["space", "nodes", "epochs", "device"])],
+)
+def test_commands_take_their_options_from_the_flag_table(command, names):
+    done = morphnas(command, "--help")
+    assert done.returncode == 0, done.stderr
+    assert all(f"--{name.replace('_', '-')} " in done.stdout for name in names)
+
+
+def test_strategy_help_lists_the_registry():
+    assert cli.FLAGS["strategy"].help.startswith(" | ".join(strategies.STRATEGIES))
+
+
 def test_search_keeps_the_derived_output_rule(tmp_path, synthetic_csv):
     """The genotype saved by a search carries the space's output squashing to retraining."""
     run = tmp_path / "run"
@@ -240,8 +273,6 @@ def test_divergence_advice_names_options_the_cli_accepts(tmp_path):
 
     import typer
 
-    from morphnas import cli
-    from morphnas import config as config_mod
     from morphnas.engine.loops import check_finite
     from morphnas.engine.search import _check_retry
     from morphnas.errors import UserError

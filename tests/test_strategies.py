@@ -112,7 +112,7 @@ def test_unrolled_strategy_equals_autograd_through_one_sgd_step(space_name, hvp,
         assert torch.allclose(g, w, rtol=tol, atol=tol * float(w.abs().max()))
 
 
-@pytest.mark.parametrize("space_name", ["two_input", "darts_rnn"])
+@pytest.mark.parametrize("space_name", list(spaces.SPACES))
 @pytest.mark.parametrize(
     ("name", "options"),
     [("darts", {"order": 2, "hvp": "finite"}), ("idarts", {"steps": 1, "terms": 1})],
@@ -148,7 +148,7 @@ def _products_at_a_point(space_name: str, **options):
     return train_loss, w, a, v, pull_w, pull_a
 
 
-@pytest.mark.parametrize("space_name", ["two_input", "darts_rnn"])
+@pytest.mark.parametrize("space_name", list(spaces.SPACES))
 def test_exact_hessian_products_equal_torch_func_on_the_supernets(space_name):
     """The top-level double backward (autograd on the eager loops, with the kernels switched on)
     gives the products of torch.func's vjp of the weight gradient, both kinds, and again on the
@@ -174,7 +174,7 @@ SMOOTH = {
 }
 
 
-@pytest.mark.parametrize("space_name", ["two_input", "darts_rnn"])
+@pytest.mark.parametrize("space_name", list(spaces.SPACES))
 def test_central_difference_products_approach_the_exact_ones_on_the_supernets(space_name):
     """``hvp="finite_all"``: both products by central difference on the kernels, against
     torch.func's exact products; float64 and ε = 1e-5, so the O(ε²) truncation is ~1e-7 of
@@ -188,7 +188,7 @@ def test_central_difference_products_approach_the_exact_ones_on_the_supernets(sp
             torch.testing.assert_close(g, x, rtol=1e-5, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize("space_name", ["two_input", "darts_rnn"])
+@pytest.mark.parametrize("space_name", list(spaces.SPACES))
 def test_idarts_with_every_product_finite_runs_on_the_kernels_only(monkeypatch, space_name):
     """``hvp="finite_all"`` never takes the eager path: every product is first-order, so the
     kernel runs T inner gradients, ∇L_val, two per Neumann term and two for the mixed term;
@@ -287,7 +287,7 @@ def test_idarts_diagonal_hessian_is_the_official_approx_variant():
         torch.testing.assert_close(got_i, a - m, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("space_name", ["two_input", "darts_rnn"])
+@pytest.mark.parametrize("space_name", list(spaces.SPACES))
 def test_idarts_curvature_check_matches_the_dense_hessian(space_name):
     """Spec 2f's diagnostic: λ_max at ``w_T`` by power iteration equals the dominant eigenvalue
     of the dense Hessian there, and γλ_max goes to the epoch's metrics with the γ in use."""
@@ -392,21 +392,17 @@ def test_second_order_term_is_not_zero():
 
 # --------------------------------------------------------------------------- invariants
 
-VARIANTS = [
-    ("darts", {}),
+# Every registered strategy (a new one is covered at once), sized for two steps where its
+# defaults would be slow (idarts) or still warming up (msdarts), then settings worth their own run.
+SMALL = {"idarts": {"steps": 1, "terms": 1}, "msdarts": {"warmup": 0}}
+VARIANTS = [(name, SMALL.get(name, {})) for name in strategies.STRATEGIES] + [
     ("darts", {"order": 2}),
     ("darts", {"order": 2, "perturb_unrolled": True}),
-    ("idarts", {"steps": 1, "terms": 1}),
-    ("snas", {}),
-    ("gdas", {}),
-    ("dnal", {}),
-    ("msdarts", {"warmup": 0}),
-    ("random", {}),
     ("darts", {"penalty": "flops", "proximity": 0.1}),
 ]
 
 
-@pytest.mark.parametrize("space_name", ["two_input", "darts_rnn"])
+@pytest.mark.parametrize("space_name", list(spaces.SPACES))
 @pytest.mark.parametrize(("name", "options"), VARIANTS)
 def test_arch_step_leaves_the_weights_bit_identical(space_name, name, options):
     space, _, weights, objective, train, valid = _setup(space_name)
@@ -506,7 +502,7 @@ def test_darts_rnn_samples_one_edge_per_node_from_the_joint_softmax():
     assert float((3000 * (freq - p) ** 2 / p).sum()) < 27.9  # χ²(9) 0.999 quantile
 
 
-@pytest.mark.parametrize("space_name", ["two_input", "darts_rnn"])
+@pytest.mark.parametrize("space_name", list(spaces.SPACES))
 def test_gdas_runs_only_the_sampled_op(space_name, monkeypatch):
     """Count every call of a candidate activation: the sampled path calls one per node and
     step, the dense path all of them; both give the same value."""
@@ -683,7 +679,7 @@ def test_weight_steps_per_architecture_step(tmp_path, weight_steps, monkeypatch)
     from morphnas.config import SearchConfig
     from morphnas.data import make_windows, synthetic_series
     from morphnas.engine.search import search as run_search
-    from morphnas.report import MetricsLog
+    from morphnas.run_files import MetricsLog
     from morphnas.tasks.forecasting import ForecastTask
 
     torch.manual_seed(0)

