@@ -14,6 +14,7 @@ from conftest import morphnas, without_times
 from morphnas import api, config, runs, suite
 from morphnas.errors import UserError
 from morphnas.genotype import KNOWN
+from morphnas.tasks.forecasting import Forecasting
 
 TINY = {
     "data": {"dataset": "synthetic", "window": 6},
@@ -170,7 +171,7 @@ def test_a_forced_run_that_fails_to_start_keeps_the_old_run(tmp_path, monkeypatc
     kept = fake_run(old)
     # A mistake found before the start (in the data, read after the claim): nothing moved.
     with monkeypatch.context() as patch:
-        patch.setattr(api, "_load_data", lambda _: _raise(UserError("bad data")))
+        patch.setattr(Forecasting, "load", lambda _: _raise(UserError("bad data")))
         for command in (api.search, lambda cfg, force: api.train(cfg, baseline="gru", force=force)):
             with pytest.raises(UserError, match="bad data"):
                 command(tiny(old), force=True)

@@ -20,7 +20,13 @@ from morphnas.engine import faults
 from morphnas.engine.checkpoint import load
 from morphnas.engine.resume import StopRequested
 from morphnas.errors import UserError
-from morphnas.tasks.forecasting import ForecastModel, ForecastTask, predict, series_sequences
+from morphnas.tasks.forecasting import (
+    Forecasting,
+    ForecastModel,
+    ForecastTask,
+    predict,
+    series_sequences,
+)
 
 B, P, M, E, H = 3, 5, 4, 2, 6
 
@@ -99,8 +105,9 @@ def test_a_hand_made_global_forecaster_scores_exactly_as_the_naive_row(embedding
         model.head.bias.zero_()
     pred = predict(model, data.test[0], batch_size=7)  # several batches: their order is kept too
     assert torch.equal(pred, data.test[0][:, -1, :])
-    naive = api._naive_result(data)
-    scored = api._score(model, data)
+    kind = Forecasting(config.resolve(overrides={"data": {"window": 6, "horizon": 2}}))
+    naive, _ = kind.reference("naive", data)
+    scored = kind.score(model, data)
     assert scored == {
         k: v for k, v in naive.items() if k not in ("model", "params", "train_seconds")
     }

@@ -248,12 +248,12 @@ def test_known_cell_parameter_counts():
 def test_baseline_names_pick_torch_or_known(overrides):
     """``lstm``/``gru`` are torch.nn's even though KNOWN has cells of those names; the
     ``*_genotype`` baselines are KNOWN's cells, fresh; all pass the config's validation."""
-    from morphnas import api, config
+    from morphnas import api, config, tasks
     from morphnas.cells.baselines import RecurrentBaseline
 
     names = ["lstm", "gru", "lstm_genotype", "gru_genotype", "darts_v2"]
     run = config.resolve(overrides={**overrides, "train": {"baselines": names}})
-    data = api._load_data(run)
+    data = tasks.kind_for(run).load()
     built = {name: api._build_model(name, run, data).cell for name in names}
     for torch_name in ("lstm", "gru"):
         cell = built[torch_name]

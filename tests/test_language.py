@@ -21,7 +21,7 @@ from morphnas.engine.checkpoint import load as load_checkpoint
 from morphnas.engine.resume import StopRequested
 from morphnas.errors import UserError
 from morphnas.genotype import KNOWN
-from morphnas.report import MetricsLog
+from morphnas.run_files import MetricsLog
 from morphnas.tasks import language
 from morphnas.tasks.language import (
     LanguageModel,

@@ -73,7 +73,7 @@ def train_rows(model: str, epochs: int = 8, scale: float = 1.0) -> list[dict]:
 
 def test_metrics_log_round_trips_numpy_and_torch_values(tmp_path: Path) -> None:
     path = tmp_path / "run" / "metrics.jsonl"
-    log = report.MetricsLog(path)
+    log = run_files.MetricsLog(path)
     log.append(
         {
             "epoch": np.int64(3),
@@ -104,13 +104,13 @@ def test_metrics_log_round_trips_numpy_and_torch_values(tmp_path: Path) -> None:
 
 def test_metrics_log_reopened_appends_instead_of_truncating(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
-    report.MetricsLog(path).append({"epoch": 0})
-    report.MetricsLog(path).append({"epoch": 1})
+    run_files.MetricsLog(path).append({"epoch": 0})
+    run_files.MetricsLog(path).append({"epoch": 1})
     assert [r["epoch"] for r in run_files.read_metrics(path)] == [0, 1]
 
 
 def test_metrics_log_rejects_unserialisable_values(tmp_path: Path) -> None:
-    log = report.MetricsLog(tmp_path / "metrics.jsonl")
+    log = run_files.MetricsLog(tmp_path / "metrics.jsonl")
     with pytest.raises(TypeError, match="object"):
         log.append({"bad": object()})
     assert run_files.read_metrics(log.path) == []
@@ -125,7 +125,7 @@ def test_read_metrics_skips_a_truncated_last_line(tmp_path: Path) -> None:
 def test_resumed_log_drops_the_partial_line_so_new_rows_stay_readable(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"epoch": 0}\n{"epoch": 1, "lo', encoding="utf-8")
-    report.MetricsLog(path).append({"epoch": 1})
+    run_files.MetricsLog(path).append({"epoch": 1})
     assert run_files.read_metrics(path) == [{"epoch": 0}, {"epoch": 1}]
 
 
@@ -146,8 +146,8 @@ def test_read_metrics_missing_file_is_a_user_error(tmp_path: Path) -> None:
 
 def test_write_json_is_complete_and_leaves_no_temp_files(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "summary.json"
-    report.write_json(path, {"old": True})
-    report.write_json(path, {"rse": np.float32(0.5), "params": np.int64(7), "names": ["a"]})
+    run_files.write_json(path, {"old": True})
+    run_files.write_json(path, {"rse": np.float32(0.5), "params": np.int64(7), "names": ["a"]})
     assert json.loads(path.read_text(encoding="utf-8")) == {"rse": 0.5, "params": 7, "names": ["a"]}
     assert path.read_text(encoding="utf-8").startswith('{\n  "rse"')  # indent 2
     assert [p.name for p in path.parent.iterdir()] == ["summary.json"]
@@ -155,9 +155,9 @@ def test_write_json_is_complete_and_leaves_no_temp_files(tmp_path: Path) -> None
 
 def test_write_json_failure_keeps_the_old_file(tmp_path: Path) -> None:
     path = tmp_path / "summary.json"
-    report.write_json(path, {"old": True})
+    run_files.write_json(path, {"old": True})
     with pytest.raises(TypeError):
-        report.write_json(path, {"bad": object()})
+        run_files.write_json(path, {"bad": object()})
     assert json.loads(path.read_text(encoding="utf-8")) == {"old": True}
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
 
@@ -165,7 +165,7 @@ def test_write_json_failure_keeps_the_old_file(tmp_path: Path) -> None:
 def test_write_json_gets_ordinary_file_permissions(tmp_path: Path) -> None:
     plain = tmp_path / "plain.json"
     plain.write_text("{}", encoding="utf-8")
-    report.write_json(tmp_path / "atomic.json", {})
+    run_files.write_json(tmp_path / "atomic.json", {})
     assert (tmp_path / "atomic.json").stat().st_mode == plain.stat().st_mode
 
 

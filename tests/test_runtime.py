@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from morphnas import api, cli
+from morphnas import api, cli, runs
 from morphnas import config as config_mod
 from morphnas.engine import runtime
 from morphnas.errors import UserError
+from morphnas.tasks.forecasting import Forecasting
 
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 BLOCKS_MB = (64, 40, 100)  # each above glibc's largest dynamic mmap threshold, 32 MB
@@ -188,7 +189,7 @@ def test_evaluate_scores_at_the_runs_own_thread_count(two_cores, monkeypatch, tm
     config = _config(tmp_path, threads=1)
     (run / "config.yaml").write_text(config_mod.dump(config), encoding="utf-8")
     (run / "summary.json").write_text('{"models": [], "results": []}', encoding="utf-8")
-    monkeypatch.setattr(api, "_load_data", lambda config: None)  # no model to score
+    monkeypatch.setattr(Forecasting, "load", lambda self: None)  # no model to score
     torch.set_num_threads(2)
     api.evaluate(run)
     assert torch.get_num_threads() == 1
@@ -203,7 +204,7 @@ def test_a_resume_may_change_the_thread_count_and_the_saved_config_says_so(tmp_p
     resumed = cli._resumed("search", run, threads=1)
     assert resumed.threads == 1
     assert config_mod.resolve(run / "config.yaml").threads == 2  # not before the run writes
-    api._continue_run(run, resumed, None)()  # the repairs its first metrics row runs
+    runs.continue_run(run, resumed, None)()  # the repairs its first metrics row runs
     saved = config_mod.resolve(run / "config.yaml")
     assert saved.threads == 1  # the next resume goes on with it
     assert saved.model_copy(update={"threads": 2}) == config  # and nothing else changed

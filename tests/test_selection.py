@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from morphnas import api, config, degenerate, report, selection, spaces
+from morphnas import api, config, degenerate, report, run_files, selection, spaces
 from morphnas.errors import UserError
 from morphnas.genotype import KNOWN, Genotype, Node
 from morphnas.spaces.base import ArchitectureMixin
@@ -230,7 +230,7 @@ def test_the_warm_up_must_leave_architecture_epochs():
 
 def test_warm_up_epochs_take_weight_steps_only(tmp_path):
     result = api.search(tiny(tmp_path, epochs=3, warmup_epochs=2))
-    rows = [r for r in report.read_metrics(result.run_dir / "metrics.jsonl")]
+    rows = [r for r in run_files.read_metrics(result.run_dir / "metrics.jsonl")]
     search = [r for r in rows if r["phase"] == "search"]
     assert [r["epoch"] for r in search] == [1, 2, 3]  # the budget is unchanged
     assert [r.get("warmup", False) for r in search] == [True, True, False]
@@ -271,7 +271,7 @@ def test_a_degenerate_derived_cell_gives_way_to_the_next_likely_one(tmp_path, mo
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert summary["selection"] == chosen and summary["results"][0]["degenerate"] is False
     assert "kept candidate 2" in chosen["note"]
-    rows = report.read_metrics(result.run_dir / "metrics.jsonl")
+    rows = run_files.read_metrics(result.run_dir / "metrics.jsonl")
     assert {"phase": "select", "event": "choice", "chosen": 2} in rows
 
 
@@ -289,7 +289,7 @@ def test_select_valid_retrains_likely_candidates_and_keeps_the_best_on_valid(tmp
     assert chosen["chosen"] == min(usable, key=lambda r: r["valid_loss"])["rank"]
     kept = records[chosen["chosen"] - 1]
     assert [n.op for n in result.genotype.nodes] == [n["op"] for n in kept["nodes"]]
-    rows = report.read_metrics(result.run_dir / "metrics.jsonl")
+    rows = run_files.read_metrics(result.run_dir / "metrics.jsonl")
     for r in usable:
         curve = [x for x in rows if x.get("model") == f"candidate-{r['rank']}"]
         assert [x["phase"] for x in curve] == ["select", "select"]

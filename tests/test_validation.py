@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from morphnas import api, cli
+from morphnas import api, cli, runs
 from morphnas import genotype as gt
 from morphnas.data import csv as csv_mod
 from morphnas.data import load_csv, load_dataset
@@ -417,7 +417,7 @@ def test_out_without_write_permission(
         def access(path: Any, mode: int, **kwargs: Any) -> bool:
             return Path(path) != parent and real_access(path, mode, **kwargs)
 
-        monkeypatch.setattr(api.os, "access", access)
+        monkeypatch.setattr(runs.os, "access", access)
     else:
         parent.chmod(0o500)
     try:
@@ -438,7 +438,7 @@ def test_disk_full_mid_run_is_one_line(
     def full(path: Path, *args: Any, **kwargs: Any) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(api.report, "write_json", full)
+    monkeypatch.setattr(api.run_files, "write_json", full)
     code, lines, _ = run_cli(
         "train", "--baseline", "naive", "--csv", str(synthetic_csv), "--window", "6",
         "--out", str(tmp_path / "run"),

@@ -12,18 +12,14 @@ import itertools
 import json
 import math
 import multiprocessing
-import os
-import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 
 from morphnas import (
@@ -36,18 +32,17 @@ from morphnas import (
     selection,
     spaces,
     strategies,
+    tasks,
     warmstart,
 )
 from morphnas import config as config_mod
-from morphnas import data as data_mod
 from morphnas import genotype as genotype_mod
 from morphnas.config import RunConfig
-from morphnas.data.corpus import Corpus
 from morphnas.engine.checkpoint import load as load_checkpoint
 from morphnas.engine.checkpoint import save_atomic
 from morphnas.engine.compiled import compile_cell, wants_compile
 from morphnas.engine.progress import Progress
-from morphnas.engine.resume import StopFlag, checked, fits, stop_on_signals
+from morphnas.engine.resume import StopFlag, fits, stop_on_signals
 from morphnas.engine.runtime import (
     apply_threads,
     busy_cores,
@@ -60,9 +55,7 @@ from morphnas.engine.runtime import (
 )
 from morphnas.errors import UserError
 from morphnas.genotype import Genotype
-from morphnas.tasks import language
 from morphnas.tasks.base import Task
-from morphnas.tasks.forecasting import ForecastModel, ForecastTask, forecast_metrics, predict
 
 SEARCHED = "searched"
 # Baseline names that stand for a published cell of ``genotype.KNOWN``, retrained from scratch.
@@ -106,10 +99,11 @@ def search(
     """
     # Everything a person can get wrong is checked before the run directory exists, so a
     # failed start leaves nothing behind that would block the corrected command.
-    run_dir = _claim_run_dir(config, "search", force, resume)
-    data = _load_data(config)
+    run_dir = runs.claim(config, "search", force, resume)
+    kind = tasks.kind_for(config)
+    data = kind.load()
     seed_everything(config.seed)
-    n_series = _input_size(config, data)
+    n_series = kind.input_size(data)
     saved = _saved_search(run_dir) if resume else None
     if saved is not None and saved["shape"]["hidden"] != config.space.hidden:
         config = _at_width(config, saved["shape"]["hidden"])
@@ -126,14 +120,9 @@ def search(
     if saved is None:  # a checkpoint holds α, warm start included
         warmstart.warm_start(space, config)
     strategy = _strategy(config, space)  # before the run directory: bad options leave none
-    repair = _continue_run(run_dir, config, saved) if resume else None
-    existed = run_dir.exists()
-    if not resume:
-        _start_run(run_dir, config, "search", replace=force)
-    log = report.MetricsLog(run_dir / "metrics.jsonl", before_first=repair)
-    model = _wrap(space, config, data, config.space.hidden)
-    task = _task(config, data, config.search.batch_size)
-    cleared = nullcontext() if resume else runs.dropped_if_nothing_saved(run_dir, existed)
+    log, cleared = _open_run(run_dir, config, "search", resume=resume, force=force, saved=saved)
+    model = kind.wrap(space, data, config.space.hidden)
+    task = kind.engine_task(data, config.search.batch_size)
     with stop_on_signals() as stop, cleared:
         outcome = engine.search(
             model,
@@ -148,14 +137,14 @@ def search(
             history_path=run_dir / "history.json",
             progress=progress,
             resume=saved,
-            stamp=_stamp(run_dir),
+            stamp=runs.stamp(run_dir),
             stop=stop,
         )
         genotype = _with_search_metadata(outcome, space, config)
         one_shot = []
         if config.growth.mode == "grow-and-prune":
             # The pruned supernet is the final cell with inherited weights: score it as it is.
-            scores = _score(model, data, config)
+            scores = kind.score(model, data)
             one_shot = [{"model": "one-shot", "params": _count_params(model, space.arch), **scores}]
         if space.hidden_size != config.space.hidden:
             # Width growth found the size: every model is retrained at it (equal hidden sizes).
@@ -179,7 +168,7 @@ def search(
         "nodes": len(genotype.nodes),
         "growth_events": len(outcome.events),
         "selection": chosen,
-        **_column_summary(data),
+        **kind.summary(data),
     }
     _write_summary(run_dir, genotype, models, results, extra)
     return RunResult(run_dir, genotype, results, extra)
@@ -189,9 +178,9 @@ def _select_cell(
     derived: Genotype,
     space: Any,
     config: RunConfig,
-    data: data_mod.WindowedSplits | Corpus,
+    data: Any,
     run_dir: Path,
-    log: report.MetricsLog,
+    log: run_files.MetricsLog,
     progress: Progress | None,
     stop: StopFlag | None,
 ) -> tuple[Genotype, dict[str, Any]]:
@@ -207,7 +196,7 @@ def _select_cell(
     """
     search = config.search
     wanted = search.candidates if search.select == "valid" else 1
-    sizes = (_input_size(config, data), config.space.hidden)
+    sizes = (tasks.kind_for(config).input_size(data), config.space.hidden)
     records: list[dict[str, Any]] = []
     usable: list[tuple[dict[str, Any], Genotype]] = []
     ranked = itertools.islice(selection.ranked_genotypes(space, derived), selection.SCAN_LIMIT)
@@ -285,9 +274,9 @@ def _selection_note(
 def _retrain_candidates(
     usable: list[tuple[dict[str, Any], Genotype]],
     config: RunConfig,
-    data: data_mod.WindowedSplits | Corpus,
+    data: Any,
     run_dir: Path,
-    log: report.MetricsLog,
+    log: run_files.MetricsLog,
     progress: Progress | None,
     stop: StopFlag | None,
 ) -> None:
@@ -301,7 +290,8 @@ def _retrain_candidates(
     path = run_dir / "selection.json"
     done = {r["rank"]: r for r in json.loads(path.read_text("utf-8"))} if path.is_file() else {}
     brief = config.train.model_copy(update={"epochs": config.search.select_epochs})
-    task = _task(config, data, brief.batch_size)  # one for all candidates, as in retraining
+    # One task for all candidates, as in retraining.
+    task = tasks.kind_for(config).engine_task(data, brief.batch_size)
     for record, genotype in usable:
         saved = done.get(record["rank"])
         if saved is not None and saved["nodes"] == record["nodes"]:
@@ -311,13 +301,13 @@ def _retrain_candidates(
         checkpoint_path = run_dir / "checkpoints" / f"train_{name}.pt"
         resumed = None
         if checkpoint_path.is_file():
-            resumed = _checked_checkpoint(checkpoint_path, "train", run_dir)
+            resumed = runs.checked_checkpoint(checkpoint_path, "train", run_dir)
         seed_everything(config.seed)
         model = _build_model(genotype, config, data)
         try:
             outcome = engine.train(
                 model, task, brief, name=name, seed=config.seed, log=log, progress=progress,
-                checkpoint_path=checkpoint_path, resume=resumed, stamp=_stamp(run_dir),
+                checkpoint_path=checkpoint_path, resume=resumed, stamp=runs.stamp(run_dir),
                 stop=stop, phase="select",
             )  # fmt: skip
             record.update(
@@ -329,10 +319,10 @@ def _retrain_candidates(
         except UserError as err:  # its loss became non-finite (engine.loops.check_finite)
             record.update(valid_loss=None, best_epoch=None, epochs=None, diverged=str(err))
         done[record["rank"]] = record
-        report.write_json(path, list(done.values()))
+        run_files.write_json(path, list(done.values()))
 
 
-def _log_once(log: report.MetricsLog, row: dict[str, Any]) -> None:
+def _log_once(log: run_files.MetricsLog, row: dict[str, Any]) -> None:
     """Append ``row`` unless a resumed run's log already holds it (it is never trimmed)."""
     if row not in run_files.read_metrics(log.path):
         log.append(row)
@@ -345,19 +335,7 @@ def _at_width(config: RunConfig, hidden: int) -> RunConfig:
 def _saved_search(run_dir: Path) -> dict[str, Any] | None:
     """The search checkpoint a resumed run continues from (None: the search had not saved yet)."""
     path = run_dir / "checkpoints" / "search_last.pt"
-    return _checked_checkpoint(path, "search", run_dir) if path.is_file() else None
-
-
-def _checked_checkpoint(path: Path, kind: str, run_dir: Path) -> dict[str, Any]:
-    """A whole checkpoint of ``kind`` written by this version of morphnas for the run in
-    ``run_dir`` (the id in its ``run.json``), or a one-line error."""
-    return checked(load_checkpoint(path), path, kind, runs.read_record(run_dir).get("id"))
-
-
-def _stamp(run_dir: Path) -> dict[str, Any] | None:
-    """What every checkpoint of the run in ``run_dir`` carries under ``run``: its id."""
-    run_id = runs.read_record(run_dir).get("id")
-    return {"id": run_id} if run_id else None
+    return runs.checked_checkpoint(path, "search", run_dir) if path.is_file() else None
 
 
 def _strategy(config: RunConfig, space: Any) -> strategies.Strategy:
@@ -370,7 +348,9 @@ def _strategy(config: RunConfig, space: Any) -> strategies.Strategy:
         "penalty": search.penalty,
         "penalty_weight": search.penalty_weight,
         "proximity": search.proximity,
-        **({"order": search.order} if search.strategy == "darts" else {}),
+        # ``search.order`` goes to the strategies that take one (config refuses order 2 for
+        # the others).
+        **({"order": search.order} if "order" in strategies.options_of(search.strategy) else {}),
         **search.strategy_options,
     }
     try:
@@ -409,25 +389,21 @@ def train(
         genotype, baseline = _resumed_model(config)
     if (genotype is None) == (baseline is None):
         raise UserError("give exactly one of --genotype FILE or --baseline lstm|gru|naive")
-    run_dir = _claim_run_dir(config, "train", force, resume)
-    data = _load_data(config)
-    repair = _continue_run(run_dir, config, None) if resume else None
-    existed = run_dir.exists()
-    if not resume:
-        _start_run(run_dir, config, "train", replace=force)
-        if baseline is not None:
-            report.write_json(run_dir / "model.json", {"baseline": baseline})
-    log = report.MetricsLog(run_dir / "metrics.jsonl", before_first=repair)
+    run_dir = runs.claim(config, "train", force, resume)
+    kind = tasks.kind_for(config)
+    data = kind.load()
+    log, cleared = _open_run(run_dir, config, "train", resume=resume, force=force)
+    if baseline is not None and not resume:
+        run_files.write_json(run_dir / "model.json", {"baseline": baseline})
     if genotype is not None:
         genotype.save(run_dir / "genotype.json")
         report.plot_genotype(genotype, run_dir / "plots/genotype.png")
     models: list[tuple[str, Genotype | str]] = (
         [("genotype", genotype)] if genotype is not None else [(str(baseline), str(baseline))]
     )
-    cleared = nullcontext() if resume else runs.dropped_if_nothing_saved(run_dir, existed)
     with stop_on_signals() as stop, cleared:
         results = _train_and_compare(models, config, data, run_dir, log, progress, stop)
-    _write_summary(run_dir, genotype, models, results, _column_summary(data))
+    _write_summary(run_dir, genotype, models, results, kind.summary(data))
     return RunResult(run_dir, genotype, results)
 
 
@@ -464,13 +440,15 @@ def evaluate(run_dir: Path) -> RunResult:
     if "hidden" in summary:  # width growth retrains every model at the width it found
         config = config_mod.resolve(base=config, overrides={"space": {"hidden": summary["hidden"]}})
     genotype = genotype_mod.load(run_dir / "genotype.json") if summary.get("genotype") else None
-    data = _load_data(config)
+    task_kind = tasks.kind_for(config)
+    data = task_kind.load()
     results = []
     for entry in summary["models"]:
         name, kind = entry["name"], entry["kind"]
         architecture: Genotype | str = genotype if kind == "genotype" and genotype else kind
-        if kind == "naive":
-            results.append(_naive_result(data))
+        untrained = task_kind.reference(kind, data)
+        if untrained is not None:
+            results.append(untrained[0])
             continue
         model = _build_model(architecture, config, data, reference=genotype)
         state = load_checkpoint(run_dir / "models" / f"{name}.pt")
@@ -479,7 +457,7 @@ def evaluate(run_dir: Path) -> RunResult:
         except (KeyError, RuntimeError) as err:
             reason = str(err).splitlines()[0]
             raise UserError(f"models/{name}.pt does not match its architecture: {reason}") from None
-        row = {"model": name, "params": _count_params(model), **_score(model, data, config)}
+        row = {"model": name, "params": _count_params(model), **task_kind.score(model, data)}
         row["train_seconds"] = next(
             (r.get("train_seconds") for r in summary["results"] if r["model"] == name), None
         )
@@ -528,7 +506,7 @@ def compare(
             _strategy(variant, spaces.build(variant.space.name, 1, 2, 1))
         except UserError as err:
             raise UserError(f"compare variant {name!r}: {err}") from None
-    base_dir = _claim_run_dir(config, "compare", force, reuse=reuse)
+    base_dir = runs.claim(config, "compare", force, reuse=reuse)
     share = {} if config.threads or jobs == 1 else {"threads": max(1, cpu_cores() // jobs)}
     # A worker's share is its count. With ``force`` every earlier run under base_dir goes now,
     # so each run below starts in an empty directory.
@@ -554,13 +532,13 @@ def compare(
         fresh = _in_processes(pending, force, jobs, progress)
     for i, row in zip(todo, fresh, strict=True):
         rows[i] = row
-    runs = [
+    each = [
         {"variant": name, "seed": seed, **row}
         for (name, seed, _), row in zip(planned, rows, strict=True)
     ]
-    table = [_aggregate(name, [r for r in runs if r["variant"] == name]) for name, _ in variants]
-    report.write_json(base_dir / "compare.json", {"runs": runs, "table": table})
-    return RunResult(base_dir, None, table, {"runs": runs})
+    table = [_aggregate(name, [r for r in each if r["variant"] == name]) for name, _ in variants]
+    run_files.write_json(base_dir / "compare.json", {"runs": each, "table": table})
+    return RunResult(base_dir, None, table, {"runs": each})
 
 
 def _compare_run(
@@ -694,86 +672,6 @@ def _plot_arch(rows: list[dict], op_names: list[str], out: Path, metrics: Path) 
         raise UserError(f"{metrics}: cannot plot the architecture weights: {err}") from None
 
 
-def _claim_run_dir(
-    config: RunConfig, kind: str, force: bool, resume: bool = False, *, reuse: bool = False
-) -> Path:
-    """The run directory this command will write: refused if it already holds a run, unless the
-    command resumes it (then it must hold an unfinished run), continues it (a compare's
-    ``reuse``) or replaces it (``force``: only a morphnas run, and not one that holds this
-    run's input or working directory; the replacement itself waits for ``_start_run``)."""
-    if resume:
-        run_dir = _resumable(config.out, kind)
-        runs.check_continuable(run_dir, config)
-        return run_dir
-    name = config.data.csv.stem if config.data.csv else config.data.dataset
-    if config.task == "lm" and config.lm.corpus is not None:
-        name = config.lm.corpus.stem
-    run_dir = config.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{name}"
-    if not _writable_dir(run_dir) or not any(run_dir.iterdir()) or reuse:
-        return run_dir
-    if not force:
-        raise UserError(
-            f"output directory {run_dir} already holds files; choose another --out, "
-            "pass --resume to continue it, or --force to replace it"
-        )
-    runs.check_replaceable(run_dir, (config.data.csv, config.lm.corpus))
-    return run_dir
-
-
-def _writable_dir(run_dir: Path) -> bool:
-    """Whether ``run_dir`` exists; refuse now an --out that could not be created or written,
-    rather than after the data were loaded or a search ran (nothing is created here)."""
-    fix = "choose another --out"
-    try:
-        existing = run_dir
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        if existing.exists() and not existing.is_dir():
-            where = "is a file" if existing == run_dir else f"is inside {existing}, a file"
-            raise UserError(f"output path {run_dir} {where}; {fix}")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise UserError(
-                f"cannot write to output directory {run_dir}: {existing} is not writable "
-                f"(permission denied); {fix} or make it writable"
-            )
-        if existing == run_dir:
-            next(run_dir.iterdir(), None)  # readable too: it is checked for an earlier run
-        return existing == run_dir
-    except OSError as err:
-        raise UserError(f"cannot use output directory {run_dir}: {err.strerror}; {fix}") from None
-
-
-def _resumable(run_dir: Path | None, kind: str | None = None) -> Path:
-    """``run_dir``, checked before anything in it is touched: an unfinished morphnas run of the
-    command ``kind`` (a search resumed by ``train`` would finish as a one-model run, its search
-    lost; a train run resumed by ``search`` would run a whole search inside it)."""
-    if run_dir is not None and not Path(run_dir).exists():
-        raise UserError(f"run directory {run_dir} not found; give the --out of the stopped run")
-    if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
-        raise UserError(f"{run_dir} is not a morphnas run directory (no config.yaml) to resume")
-    if (Path(run_dir) / "summary.json").is_file():
-        raise UserError(
-            f"{run_dir} has finished (summary.json exists): nothing to resume; `morphnas "
-            f"evaluate {run_dir}` scores it again, --force runs it again from the start"
-        )
-    try:
-        blank = not (Path(run_dir) / "config.yaml").read_text("utf-8", "replace").strip()
-    except OSError:
-        blank = False  # named when it is read
-    if blank:
-        raise UserError(
-            f"{Path(run_dir) / 'config.yaml'} is empty; put back the config the run started "
-            f'with (run.json holds a copy, under "config"), or start afresh with --force'
-        )
-    started = runs.kind_of(Path(run_dir))
-    if kind is not None and started is not None and started != kind:
-        raise UserError(
-            f"{run_dir} is a {started} run, not a {kind} run; continue it with "
-            f"`morphnas {started} --resume {run_dir}`"
-        )
-    return Path(run_dir)
-
-
 def resume_config(
     run_dir: Path, threads: int | None = None, *, kind: str | None = None
 ) -> RunConfig:
@@ -786,7 +684,7 @@ def resume_config(
     core). Another count changes the order of float sums, so the resumed run then matches an
     uninterrupted one only to float rounding.
     """
-    run_dir = _resumable(Path(run_dir), kind)
+    run_dir = runs.resumable(Path(run_dir), kind)
     saved = config_mod.resolve(run_dir / "config.yaml")
     runs.check_continuable(run_dir, saved)
     if threads is not None and threads != saved.threads:
@@ -794,81 +692,37 @@ def resume_config(
     return config_mod.resolve(base=saved, overrides={"out": str(run_dir)})
 
 
+def _open_run(
+    run_dir: Path,
+    config: RunConfig,
+    command: str,
+    *,
+    resume: bool,
+    force: bool,
+    saved: dict[str, Any] | None = None,
+) -> tuple[run_files.MetricsLog, AbstractContextManager[None]]:
+    """Start ``run_dir`` for ``command`` (search, train), or, resuming, check what it holds and
+    plan its repairs (``runs.continue_run``; ``saved``: the search checkpoint). Returns the
+    metrics log the run writes (the repairs run before its first row) and the context the run
+    works in: a new run that fails before its first checkpoint leaves nothing behind."""
+    repair = runs.continue_run(run_dir, config, saved) if resume else None
+    existed = run_dir.exists()
+    if resume:
+        _apply_thread_policy(config)
+    else:
+        _start_run(run_dir, config, command, replace=force)
+    log = run_files.MetricsLog(run_dir / "metrics.jsonl", before_first=repair)
+    cleared = nullcontext() if resume else runs.dropped_if_nothing_saved(run_dir, existed)
+    return log, cleared
+
+
 def _start_run(
     run_dir: Path, config: RunConfig, kind: str | None, *, replace: bool = False
 ) -> None:
-    """Set the thread count, create the run directory and save the resolved config, the thread
-    count included (a resumed run keeps it, whatever else runs on the machine then), and for a
-    run ``--resume`` continues, ``run.json``: its ``kind`` (search, train), id, config and
-    input files (``runs.start_record``), which ``--resume`` checks.
-
-    ``replace`` (``--force``): an old run in ``run_dir`` is moved aside first and deleted once
-    the config is written, or put back if that fails (``runs.replace_run``)."""
+    """Set the thread count for this run's size and the cores free now, then start the run
+    directory with the config that records it (``runs.start``)."""
     config = config.model_copy(update={"threads": _apply_thread_policy(config)})
-    inputs = (config.data.csv, config.lm.corpus if config.task == "lm" else None)
-    record = runs.start_record(kind, config, inputs) if kind is not None else None
-
-    def start() -> None:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if record is not None:  # a run --resume continues: search or train
-                runs.write_record(run_dir, record)
-            (run_dir / "config.yaml").write_text(config_mod.dump(config), encoding="utf-8")
-        except OSError as err:
-            raise UserError(
-                f"cannot write to output directory {run_dir}: {err.strerror}; choose another "
-                "--out or free space / fix its permissions"
-            ) from None
-
-    if replace:
-        runs.replace_run(run_dir, start)
-    else:
-        start()
-
-
-def _continue_run(
-    run_dir: Path, config: RunConfig, saved: dict[str, Any] | None
-) -> Callable[[], None]:
-    """Check what a stopped run holds, and return the repairs that bring its files back to the
-    state of its checkpoints: the metrics rows written after them dropped (they will be written
-    again), the growth history likewise, and a new thread count (``--resume --threads``) saved.
-
-    Every check is made now: each checkpoint and saved model must be whole and of this run
-    (``_checked_checkpoint``), every metrics line readable. The repairs run when the resumed run
-    writes its first row (``report.MetricsLog``), so a resume that fails before then — a
-    checkpoint that does not fit the model built from the config, say — changes no file.
-    """
-    search_done = 0
-    if saved is not None:
-        search_done = saved["epoch"] if saved["position"] is None else saved["epoch"] - 1
-    trained = {}
-    for path in (run_dir / "models").glob("*.pt"):
-        _checked_checkpoint(path, "model", run_dir)
-        trained[path.stem] = float("inf")
-    for path in (run_dir / "checkpoints").glob("train_*.pt"):
-        state = _checked_checkpoint(path, "train", run_dir)
-        name = path.stem.removeprefix("train_")
-        if name not in trained:
-            trained[name] = state["epoch"] if state["position"] is None else state["epoch"] - 1
-    metrics = report.MetricsLog(run_dir / "metrics.jsonl")
-    run_files.read_metrics(metrics.path)  # a damaged line is refused now, naming it
-
-    def keep(row: dict[str, Any]) -> bool:
-        if row.get("phase") == "search":
-            return row.get("epoch", 0) <= search_done
-        return row.get("epoch", 0) <= trained.get(row.get("model", ""), 0)
-
-    def repair() -> None:
-        metrics.keep(keep)
-        if saved is not None:
-            report.write_json(run_dir / "history.json", saved["growth"]["events"])
-        on_file = config_mod.resolve(run_dir / "config.yaml")
-        if on_file.threads != config.threads:
-            update = config_mod.resolve(base=on_file, overrides={"threads": config.threads})
-            (run_dir / "config.yaml").write_text(config_mod.dump(update), encoding="utf-8")
-
-    _apply_thread_policy(config)
-    return repair
+    runs.start(run_dir, config, kind, replace=replace)
 
 
 def _apply_thread_policy(config: RunConfig) -> int:
@@ -890,39 +744,6 @@ def _apply_thread_policy(config: RunConfig) -> int:
             threads = free
     apply_threads(threads)
     return threads
-
-
-def _load_series(config: RunConfig) -> data_mod.SeriesData:
-    """The run's series: its CSV, or the named dataset. A CSV column that was dropped or
-    converted is said once, as a warning (``column_notes`` keeps every column's fate)."""
-    cfg = config.data
-    if cfg.csv is None:
-        return data_mod.load_dataset(cfg.dataset)
-    series = data_mod.load_csv(cfg.csv, time_col=cfg.time_col, columns=cfg.columns)
-    for note in getattr(series, "columns_report", ()):
-        if note.role == "dropped" or note.converted:
-            warnings.warn(f"{cfg.csv.name}: {note.line()}", stacklevel=2)
-    return series
-
-
-def column_notes(series: data_mod.SeriesData) -> tuple[str, ...]:
-    """One line per column of a user's file (empty for a bundled dataset)."""
-    return tuple(note.line() for note in getattr(series, "columns_report", ()))
-
-
-def _load_windows(config: RunConfig) -> data_mod.WindowedSplits:
-    """The run's windows, already on the run's device (they are small; moved once)."""
-    cfg = config.data
-    series = _load_series(config)
-    windows = data_mod.make_windows(
-        series, cfg.window, cfg.horizon, fractions=cfg.split, scaler=cfg.scaler
-    )
-    windows.column_notes = column_notes(series)
-    device = resolve_device(config.device)
-    for part in ("train", "valid", "test"):
-        x, y = getattr(windows, part)
-        setattr(windows, part, (x.to(device), y.to(device)))
-    return windows
 
 
 def _with_search_metadata(outcome: engine.SearchOutcome, space: Any, config: RunConfig) -> Genotype:
@@ -951,13 +772,14 @@ def _cell_options(config: RunConfig) -> dict[str, Any]:
 def _build_model(
     architecture: Genotype | str,
     config: RunConfig,
-    data: data_mod.WindowedSplits | Corpus,
+    data: Any,
     reference: Genotype | None = None,
 ) -> nn.Module:
     """A genotype's cell, a recurrent baseline, or ``ar`` (the linear part alone), in the task's
-    model. Language modelling sizes a baseline to the ``reference`` cell's parameter count."""
+    model; a baseline is as wide as the task's kind says beside the ``reference`` cell."""
+    kind = tasks.kind_for(config)
     hidden = config.space.hidden
-    n_series = _input_size(config, data)
+    n_series = kind.input_size(data)
     if isinstance(architecture, str) and architecture in GENOTYPE_BASELINES:
         architecture = genotype_mod.KNOWN[GENOTYPE_BASELINES[architecture]]
     if isinstance(architecture, Genotype):
@@ -967,129 +789,15 @@ def _build_model(
             raise UserError("the 'ar' baseline needs train.ar_window >= 1")
         cell = None
     else:
-        if isinstance(data, Corpus) and reference is not None and config.lm.match_params:
-            hidden = _matched_hidden(architecture, config, data, reference)
+        hidden = kind.baseline_hidden(architecture, data, reference)
         cell = cells.baseline(architecture, n_series, hidden)
-    return _wrap(cell, config, data, hidden)
-
-
-def _matched_hidden(kind: str, config: RunConfig, corpus: Corpus, reference: Genotype) -> int:
-    """The baseline's hidden size whose recurrent weights match the reference cell's (its
-    language model's weights but the vocabulary's, which every model of the run shares)."""
-    cell = cells.build(reference, _input_size(config, corpus), config.space.hidden)
-    target = language.recurrent_params(_wrap(cell, config, corpus, config.space.hidden))
-    emb = language.emb_size(config)
-    return language.matched_hidden(kind, target, emb, config.lm.tie_weights)
-
-
-def _load_data(config: RunConfig) -> data_mod.WindowedSplits | Corpus:
-    """The run's data on its device: forecasting windows, or a tokenised corpus."""
-    if config.task == "lm":
-        return language.load_lm_corpus(config, resolve_device(config.device))
-    return _load_windows(config)
-
-
-def _input_size(config: RunConfig, data: data_mod.WindowedSplits | Corpus) -> int:
-    """Features the cell reads per step: the series (global layout: one, plus its id embedding),
-    or the token embedding size."""
-    if isinstance(data, Corpus):
-        return language.emb_size(config)
-    if config.data.layout == "global":
-        return 1 + config.train.series_embedding
-    return len(data.columns)
-
-
-def _wrap(
-    cell: nn.Module | None,
-    config: RunConfig,
-    data: data_mod.WindowedSplits | Corpus,
-    hidden: int,
-) -> nn.Module:
-    """The task's model around a cell (a supernet, a discrete cell or a baseline)."""
-    if isinstance(data, Corpus):
-        if cell is None:
-            raise UserError("--task lm needs a recurrent cell (no 'ar' baseline)")
-        model = language.build_lm(cell, config, data, hidden)
-        return model.to(resolve_device(config.device))
-    return _forecaster(cell, config, len(data.columns))
-
-
-def _task(config: RunConfig, data: data_mod.WindowedSplits | Corpus, batch_size: int) -> Task:
-    """The engine's view of the data: forecasting windows or BPTT windows of a corpus."""
-    if isinstance(data, Corpus):
-        return language.lm_task(config, data, batch_size)
-    return ForecastTask(
-        data.train,
-        data.valid,
-        batch_size,
-        layout=config.data.layout,
-        series_embedding=config.train.series_embedding,
-    )
-
-
-def _forecaster(cell: nn.Module | None, config: RunConfig, n_series: int) -> ForecastModel:
-    """The same head (and ``data.layout``) for every model of a run, searched or baseline."""
-    ar = min(config.train.ar_window, config.data.window)
-    model = ForecastModel(
-        cell,
-        config.space.hidden,
-        n_series,
-        config.train.dropout,
-        ar,
-        config.train.window_norm,
-        layout=config.data.layout,
-        series_embedding=config.train.series_embedding,
-    )
-    return model.to(resolve_device(config.device))
+    return kind.wrap(cell, data, hidden)
 
 
 def _count_params(model: nn.Module, exclude: Iterable[nn.Parameter] = ()) -> int:
     """Trainable weights of a model; architecture parameters passed in ``exclude`` don't count."""
     skip = {id(p) for p in exclude}
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
-
-
-def _score(
-    model: nn.Module,
-    data: data_mod.WindowedSplits | Corpus,
-    config: RunConfig | None = None,
-) -> dict[str, float]:
-    """The task's metrics on valid and test (a corpus needs the run's ``config``)."""
-    if isinstance(data, Corpus):
-        if config is None:
-            raise ValueError("scoring a language model needs the run's config")
-        return language.score_lm(model, config, data)
-    return _score_predictions(predict(model, data.valid[0]), predict(model, data.test[0]), data)
-
-
-def _score_predictions(
-    valid_pred: torch.Tensor, test_pred: torch.Tensor, data: data_mod.WindowedSplits
-) -> dict[str, float]:
-    """Valid RSE and the test metrics, in original units and (suffix ``_scaled``) scaled units."""
-    inverse = data.scaler.inverse
-    valid = forecast_metrics(inverse(_numpy(valid_pred)), inverse(_numpy(data.valid[1])))
-    test = forecast_metrics(inverse(_numpy(test_pred)), inverse(_numpy(data.test[1])))
-    scaled = forecast_metrics(_numpy(test_pred), _numpy(data.test[1]))
-    row = {"valid_rse": valid["rse"]}
-    row.update({f"test_{k}": v for k, v in test.items()})
-    row.update({f"test_{k}_scaled": v for k, v in scaled.items()})
-    return row
-
-
-def _numpy(values: torch.Tensor) -> np.ndarray:
-    return values.detach().cpu().numpy()
-
-
-def _naive_predictions(x: torch.Tensor) -> torch.Tensor:
-    """The last observed value of each series: the floor every forecaster must beat."""
-    return x[:, -1, :]
-
-
-def _naive_result(data: data_mod.WindowedSplits) -> dict[str, Any]:
-    scores = _score_predictions(
-        _naive_predictions(data.valid[0]), _naive_predictions(data.test[0]), data
-    )
-    return {"model": "naive", "params": 0, **scores, "train_seconds": 0.0}
 
 
 def _compile_cell(model: nn.Module, task: Task, config: RunConfig) -> float | None:
@@ -1105,9 +813,9 @@ def _compile_cell(model: nn.Module, task: Task, config: RunConfig) -> float | No
 def _train_and_compare(
     models: Sequence[tuple[str, Genotype | str]],
     config: RunConfig,
-    data: data_mod.WindowedSplits,
+    data: Any,
     run_dir: Path,
-    log: report.MetricsLog,
+    log: run_files.MetricsLog,
     progress: Progress | None,
     stop: StopFlag | None = None,
 ) -> list[dict[str, Any]]:
@@ -1116,13 +824,16 @@ def _train_and_compare(
     A model whose final weights are already saved (a resumed run) is loaded, not retrained; one
     with a training checkpoint continues from it.
     """
+    kind = tasks.kind_for(config)
     results, test_predictions = [], {}
-    task = _task(config, data, config.train.batch_size)
+    task = kind.engine_task(data, config.train.batch_size)
     reference = next((a for _, a in models if isinstance(a, Genotype)), None)
     for name, architecture in models:
-        if architecture == "naive":
-            results.append(_naive_result(data))
-            test_predictions[name] = _naive_predictions(data.test[0])
+        untrained = kind.reference(architecture, data) if isinstance(architecture, str) else None
+        if untrained is not None:  # a baseline without weights (forecasting's naive)
+            results.append(untrained[0])
+            if untrained[1] is not None:
+                test_predictions[name] = untrained[1]
             continue
         seed_everything(config.seed)
         model = _build_model(architecture, config, data, reference=reference)
@@ -1130,7 +841,7 @@ def _train_and_compare(
         checkpoint_path = run_dir / "checkpoints" / f"train_{name}.pt"
         compile_seconds = None
         if final_path.is_file():
-            saved = _checked_checkpoint(final_path, "model", run_dir)
+            saved = runs.checked_checkpoint(final_path, "model", run_dir)
             fits(model, saved["state_dict"], final_path)
             try:
                 outcome = engine.TrainOutcome(**saved["outcome"])
@@ -1152,55 +863,35 @@ def _train_and_compare(
                 progress=progress,
                 checkpoint_path=checkpoint_path,
                 resume=(
-                    _checked_checkpoint(checkpoint_path, "train", run_dir)
+                    runs.checked_checkpoint(checkpoint_path, "train", run_dir)
                     if checkpoint_path.is_file()
                     else None
                 ),
-                stamp=_stamp(run_dir),
+                stamp=runs.stamp(run_dir),
                 stop=stop,
             )
             state = {
                 "state_dict": model.state_dict(),
                 "outcome": dataclasses.asdict(outcome),
-                "run": _stamp(run_dir),
+                "run": runs.stamp(run_dir),
             }
             save_atomic(state, final_path)
-        row = {"model": name, "params": _count_params(model), **_score(model, data, config)}
+        row = {"model": name, "params": _count_params(model), **kind.score(model, data)}
         row.update(
             train_seconds=outcome.seconds, epochs=outcome.epochs, best_epoch=outcome.best_epoch
         )
         if compile_seconds is not None:
             row["compile_seconds"] = compile_seconds
-        if isinstance(task, language.LanguageTask):
-            # Training throughput, the per-epoch validation included (what a user waits for).
-            row["hidden"] = model.hidden_size
-            row["train_tokens_per_s"] = outcome.epochs * task.tokens_per_epoch / outcome.seconds
+        row.update(kind.row_extras(model, task, outcome.seconds, outcome.epochs))
         results.append(row)
-        if not isinstance(data, Corpus):
-            test_predictions[name] = predict(model, data.test[0])
-    if isinstance(data, Corpus):  # no forecast plot for a language model
-        report.plot_learning_curves(
-            run_files.read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots/learning_curves.png"
-        )
-        return results
-    inverse = data.scaler.inverse
-    report.plot_forecasts(
-        inverse(_numpy(data.test[1])),
-        {name: inverse(_numpy(p)) for name, p in test_predictions.items()},
-        data.columns,
-        run_dir / "plots/forecast.png",
-        index=data.test_index,
-    )
+        predictions = kind.test_predictions(model, data)
+        if predictions is not None:
+            test_predictions[name] = predictions
+    kind.plots(run_dir, data, test_predictions)
     report.plot_learning_curves(
         run_files.read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots/learning_curves.png"
     )
     return results
-
-
-def _column_summary(data: data_mod.WindowedSplits | Corpus) -> dict[str, Any]:
-    """``{"columns": [...]}``: what became of each column of a user's CSV, for summary.json."""
-    notes = getattr(data, "column_notes", ())
-    return {"columns": list(notes)} if notes else {}
 
 
 def _write_summary(
@@ -1228,7 +919,7 @@ def _write_summary(
         for row in results
     ]
     bad = [f"{model}.{key}" for model, key, _ in non_finite]
-    report.write_json(
+    run_files.write_json(
         run_dir / "summary.json",
         {
             "genotype": genotype.to_dict() if genotype else None,

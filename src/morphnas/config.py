@@ -14,7 +14,7 @@ import errno
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -22,6 +22,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -30,13 +31,14 @@ from pydantic import (
     model_validator,
 )
 
-from morphnas.data.corpus import CORPORA
 from morphnas.errors import UserError
 from morphnas.options import (
     INT64_MAX,
     checked_options,
     short_repr,
+    space_names,
     space_option_types,
+    strategy_names,
     strategy_option_types,
     try_space,
 )
@@ -49,6 +51,26 @@ def _sums_to_one(value: tuple[float, float, float]) -> tuple[float, float, float
 
 
 Split = Annotated[tuple[float, float, float], AfterValidator(_sums_to_one)]
+
+
+def _registered(what: str, names: Callable[[], tuple[str, ...]]) -> BeforeValidator:
+    """A name checked against a registry when a config is validated: the registry is the one
+    list of names, so a new entry is accepted at once. ``names`` imports it on demand, so that
+    importing the config stays light (the registries import torch)."""
+
+    def check(value: Any) -> Any:
+        known = names()
+        if isinstance(value, str) and value in known:
+            return value
+        close = difflib.get_close_matches(str(value), known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown {what} {value!r}{hint} (expected one of {', '.join(known)})")
+
+    return BeforeValidator(check)
+
+
+SpaceName = Annotated[str, _registered("search space", space_names)]
+StrategyName = Annotated[str, _registered("strategy", strategy_names)]
 
 
 def _takes_numbers(annotation: Any) -> bool:
@@ -102,7 +124,7 @@ class DataConfig(_Strict):
 
 
 class SpaceConfig(_Strict):
-    name: Literal["darts_rnn", "two_input"] = "two_input"
+    name: SpaceName = "two_input"
     nodes: int = Field(4, ge=1, le=32)
     hidden: int = Field(32, ge=1, le=4096)
     options: dict[str, Any] = Field(
@@ -146,11 +168,8 @@ class GrowthConfig(_Strict):
     )
 
 
-STRATEGY_NAMES = ("darts", "idarts", "snas", "gdas", "dnal", "msdarts", "random")
-
-
 class SearchConfig(_Strict):
-    strategy: Literal["darts", "idarts", "snas", "gdas", "dnal", "msdarts", "random"] = "darts"
+    strategy: StrategyName = "darts"
     order: Literal[1, 2] = Field(1, description="DARTS order: 2 = unrolled (darts only)")
     penalty: Literal["none", "params", "flops", "latency"] = Field(
         "none", description="expected resource cost added to the architecture loss"
@@ -307,18 +326,12 @@ class LMConfig(_Strict):
     )
 
 
-# The language-modelling budget (docs/lm.md): every value a person did not give, when
-# ``task: lm``. Sized so that `morphnas search --task lm` (search and three retrainings) ends
-# within 15 minutes on two CPU cores.
-LM_DEFAULTS: dict[str, Any] = {
-    "data": {"dataset": "shakespeare"},
-    "space": {"hidden": 64, "options": {"dropout_x": 0.1, "dropout_h": 0.1}},
-    "search": {"epochs": 2, "batch_size": 32, "lr": 2e-3, "clip": 0.25},
-    "train": {
-        "epochs": 3, "batch_size": 32, "lr": 2e-3, "clip": 0.25, "patience": 2,
-        "baselines": ["lstm", "gru"],
-    },
-}  # fmt: skip
+def _task_kinds() -> Mapping[str, Any]:
+    """The task registry (``tasks.KINDS``), imported when a config is checked, not when this
+    module is: the tasks import torch, and a config is read before anything is built."""
+    from morphnas.tasks import KINDS
+
+    return KINDS
 
 
 def _fill_missing(data: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -353,42 +366,33 @@ class RunConfig(_Strict):
     search: SearchConfig = Field(default_factory=SearchConfig)
     growth: GrowthConfig = Field(default_factory=GrowthConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    task: Literal["forecast", "lm"] = Field("forecast", description="forecast | lm")
+    task: str = Field("forecast", description="the task's kind (tasks.KINDS): forecast | lm")
     lm: LMConfig = Field(default_factory=LMConfig)
 
     @model_validator(mode="before")
     @classmethod
     def _task_defaults(cls, data: Any) -> Any:
-        """Language modelling starts from its own budget (``LM_DEFAULTS``) where not given."""
-        if isinstance(data, dict) and data.get("task") == "lm":
-            return _fill_missing(data, LM_DEFAULTS)
+        """A task kind starts from its own budget (its ``defaults``) where not given."""
+        if isinstance(data, dict) and isinstance(data.get("task"), str):
+            kind = _task_kinds().get(data["task"])
+            if kind is not None and kind.defaults:
+                return _fill_missing(data, kind.defaults)
         return data
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        kinds = _task_kinds()
+        if value not in kinds:
+            close = difflib.get_close_matches(value, list(kinds), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown task {value!r}{hint} (tasks: {', '.join(kinds)})")
+        return value
 
     @model_validator(mode="after")
     def _task_fits_the_data(self) -> RunConfig:
-        if self.task == "forecast":
-            if self.data.dataset in CORPORA and self.data.csv is None:
-                raise ValueError(
-                    f"{self.data.dataset!r} is a text corpus: add --task lm to model it"
-                )
-            return self
-        if self.data.csv is not None:
-            raise ValueError("--task lm reads text: give it with --corpus FILE, not --csv")
-        if self.data.layout != "multivariate":
-            raise ValueError(
-                f"data.layout {self.data.layout!r} is for forecasting: --task lm has one token "
-                "stream, no series to share a model between"
-            )
-        if self.growth.width_step > 0:
-            raise ValueError(
-                "width growth (growth.width_step) is not supported for --task lm; grow nodes only"
-            )
-        tabular = sorted(set(self.train.baselines) & {"ar", "naive"})
-        if tabular:
-            raise ValueError(
-                f"baselines {tabular} are forecasting baselines; --task lm takes lstm, gru, "
-                "darts_v2, lstm_genotype, gru_genotype"
-            )
+        """The task's kind refuses what it cannot run (its ``check``)."""
+        _task_kinds()[self.task].check(self)
         return self
 
     @model_validator(mode="after")

@@ -7,13 +7,14 @@ a baseline: the searched cell's paired difference is against our own baselines.
 
 What "the same split" means here:
 
-- **Data and scaling.** The series is loaded and scaled exactly as ``api._load_windows`` does
-  (``data.make_windows`` with the run's window, horizon, split and scaler, fitted on the train
-  rows); NeuralForecast receives the *scaled* series in long format (``unique_id`` = column
-  number, integer ``ds`` = row number, ``y``), and its forecasts are scaled back by our scaler and
-  scored by ``api._score_predictions``: the RSE / CORR functions, units and samples of every
-  other row of the table. (Each model keeps its own per-window ``scaler_type`` on top; that is
-  part of the model, and uses no row it does not see.)
+- **Data and scaling.** The series is loaded and scaled exactly as the forecasting task
+  (``tasks.forecasting.Forecasting``) does (``data.make_windows`` with the run's window, horizon,
+  split and scaler, fitted on the train rows); NeuralForecast receives the *scaled* series in
+  long format (``unique_id`` = column number, integer ``ds`` = row number, ``y``), and its
+  forecasts are scaled back by our scaler and scored by ``tasks.forecasting.score_predictions``:
+  the RSE / CORR functions, units and samples of every other row of the table. (Each model
+  keeps its own per-window ``scaler_type`` on top; that is part of the model, and uses no row it
+  does not see.)
 - **Alignment.** Our sample with target row ``r`` reads rows ``r-horizon-window+1 .. r-horizon``
   and predicts the single value at ``r``, for all series at once. NeuralForecast's models are
   global univariate models forecasting ``h`` steps after the last input; with
@@ -73,11 +74,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from morphnas import api, report
 from morphnas import data as data_mod
+from morphnas import run_files, tasks
 from morphnas.config import RunConfig
 from morphnas.engine.runtime import apply_threads
 from morphnas.errors import UserError
+from morphnas.tasks.forecasting import Forecasting, score_predictions
 
 MODELS = ("nf_nhits", "nf_lstm")
 INSTALL_HINT = "pip install 'morphnas[peers]'"
@@ -147,7 +149,7 @@ def run(
     """Fit and score each peer on ``config``'s data, split and seed; one result row per model,
     shaped like our models' rows (``model``, ``params``, ``valid_rse``, ``test_*``,
     ``train_seconds``) plus ``peer: True``, ``steps`` and ``best_step``."""
-    if config.task != "forecast":
+    if not isinstance(tasks.kind_for(config), Forecasting):
         raise UserError("peers forecast series: they have no language model")
     for name in models:
         if name not in MODELS:
@@ -163,9 +165,9 @@ def run(
 
 
 def load(config: RunConfig) -> tuple[data_mod.SeriesData, data_mod.WindowedSplits]:
-    """The run's series and its windows, built as ``api._load_windows`` builds them (on CPU)."""
+    """The run's series and its windows, built as the forecasting task builds them (on CPU)."""
     cfg = config.data
-    series = api._load_series(config)
+    series = Forecasting(config).series()
     windows = data_mod.make_windows(
         series, cfg.window, cfg.horizon, fractions=cfg.split, scaler=cfg.scaler
     )
@@ -200,7 +202,7 @@ def fit_and_score(
         name, series, windows, fractions, seed, budget, root_dir
     )
     valid_pred, test_pred = predictions
-    scores = api._score_predictions(valid_pred, test_pred, windows)
+    scores = score_predictions(valid_pred, test_pred, windows)
     keeper = _keeper(fitted)
     return {
         "model": name,
@@ -428,5 +430,5 @@ def run_stored(
         if saved.get("record") == wanted:
             return saved["results"]
     results = run(config, budget, models, root_dir=Path(run_dir))
-    report.write_json(path, {"record": wanted, "results": results})
+    run_files.write_json(path, {"record": wanted, "results": results})
     return results

@@ -1,7 +1,7 @@
-"""What a run directory shows a person: ``metrics.jsonl``, plots and the results table.
+"""What a run directory shows a person: its plots and the results table.
 
-The engine appends one JSON row per epoch to ``metrics.jsonl`` (:class:`MetricsLog`); the plots are
-drawn from those rows (:func:`morphnas.run_files.read_metrics`), so any run directory (finished,
+The engine appends one JSON row per epoch to ``metrics.jsonl`` (``run_files.MetricsLog``); the
+plots are drawn from those rows (``run_files.read_metrics``), so any run directory (finished,
 crashed or resumed) can be plotted again without its model. Figures are built on
 ``matplotlib.figure.Figure`` directly, never through ``pyplot``: that renders with Agg, never opens
 a window, and leaves nothing in pyplot's global figure registry to close or leak, whatever backend
@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import errno
 import importlib.util
-import json
 import math
-import os
 import shutil
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
@@ -34,102 +31,10 @@ from rich.table import Table
 from rich.text import Text
 
 from morphnas.errors import UserError
-from morphnas.genotype import Genotype
-from morphnas.run_files import read_metrics
+from morphnas.genotype import SPACE_ARITY, SPACE_STATE_NAMES, Genotype
 
 DPI = 110
 MISSING = "–"
-
-
-# --------------------------------------------------------------------------- metrics files
-
-
-def _to_builtin(value: Any) -> Any:
-    """``json`` fallback: numpy and torch scalars and arrays become Python numbers and lists."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-class MetricsLog:
-    """Append-only metrics.jsonl: one JSON object per line, written whole so a crash loses nothing.
-
-    Each row is written with its newline and the file closed before ``append`` returns. A log
-    whose last line was cut off by a crash has that partial line dropped before the next row,
-    so the row starts on a line of its own instead of fusing with it into a line nobody can
-    parse.
-
-    Opening an existing log changes nothing: a resumed run's repairs (``before_first``: drop
-    the rows written after its checkpoints, rewrite the growth history) run just before its
-    first row is written, so a resumed run that fails before then (a checkpoint that does not
-    fit, say) leaves every file of the run as it was.
-    """
-
-    def __init__(self, path: Path, before_first: Callable[[], None] | None = None) -> None:
-        self.path = Path(path)
-        self._before_first = before_first
-        self._opened = False  # no row written yet by this process
-        if not self.path.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.touch()
-
-    def append(self, row: dict[str, Any]) -> None:
-        """Write ``row`` as one line; numpy/torch values are converted to plain numbers."""
-        line = json.dumps(row, default=_to_builtin)
-        self._ready()
-        with self.path.open("a", encoding="utf-8") as file:
-            file.write(line + "\n")
-
-    def _ready(self) -> None:
-        """Before the first row: a partial last line dropped, then the owner's repairs."""
-        if self._opened:
-            return
-        _drop_partial_last_line(self.path)
-        if self._before_first is not None:
-            self._before_first()
-        self._opened = True
-
-    def keep(self, predicate: Callable[[dict[str, Any]], bool]) -> None:
-        """Keep only the rows ``predicate`` accepts (a resumed run drops the rows it will write
-        again); the file is replaced atomically."""
-        rows = [row for row in read_metrics(self.path) if predicate(row)]
-        text = "".join(json.dumps(row, default=_to_builtin) + "\n" for row in rows)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, self.path)
-
-
-def _drop_partial_last_line(path: Path) -> None:
-    """Truncate ``path`` after its last newline, if a crash left a line without one."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with path.open("r+b") as file:
-            file.truncate(data.rfind(b"\n") + 1)
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as indented JSON atomically: readers see the old file or the new, never half.
-
-    The temporary file is created in the target's directory (``os.replace`` is atomic only within
-    one file system) with ``os.open`` rather than ``mkstemp``, so the result gets the usual
-    umask-based permissions instead of mkstemp's owner-only 0600.
-    """
-    path = Path(path)
-    text = json.dumps(data, indent=2, default=_to_builtin) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- shared plot helpers
@@ -438,6 +343,16 @@ class _State:
 
 
 _FILL = {"input": "#cfe2f3", "init": "#e6e6e6", "node": "#d9ead3", "output": "#fce5cd"}
+# Per space, the boxes its cell reads before node 1 and the arrows among them; the boxes' keys are
+# the state names of ``genotype.SPACE_STATE_NAMES``. A space missing here is refused by
+# ``_cell_graph``, never drawn as another space's cell.
+_CELL_INPUTS: dict[str, tuple[tuple[_State, ...], tuple[tuple[str, str, str], ...]]] = {
+    "darts_rnn": (
+        (_State("x", "xₜ", "input"), _State("h", "hₜ₋₁", "input"), _State("s0", "s0", "init")),
+        (("x", "s0", ""), ("h", "s0", "")),
+    ),
+    "two_input": ((_State("u", "uₜ", "input"), _State("h", "hₜ₋₁", "input")), ()),
+}
 
 
 def _cell_graph(genotype: Genotype) -> tuple[list[_State], list[tuple[str, str, str]]]:
@@ -445,25 +360,20 @@ def _cell_graph(genotype: Genotype) -> tuple[list[_State], list[tuple[str, str, 
 
     Both renderers draw from this, so graphviz and matplotlib pictures always agree.
     """
-    n = len(genotype.nodes)
-    if genotype.space == "darts_rnn":
-        states = [_State("x", "xₜ", "input"), _State("h", "hₜ₋₁", "input")]
-        states.append(_State("s0", "s0", "init"))
-        edges = [("x", "s0", ""), ("h", "s0", "")]
-        names = {0: "s0"}
-    else:
-        states = [_State("u", "uₜ", "input"), _State("h", "hₜ₋₁", "input")]
-        edges = []
-        names = {-1: "u", 0: "h"}
-        if genotype.cell_state is not None:  # the carried memory cell, state -2
-            states.append(_State("c", "cₜ₋₁", "input"))
-            names[-2] = "c"
+    n, space = len(genotype.nodes), genotype.space
+    if space not in _CELL_INPUTS:
+        raise ValueError(f"no cell drawing for space {space!r}; add it to report._CELL_INPUTS")
+    inputs, arrows = _CELL_INPUTS[space]
+    states, edges = list(inputs), list(arrows)
+    names = SPACE_STATE_NAMES[space]
+    if genotype.cell_state is not None:  # the carried memory cell, state -2
+        states.append(_State("c", "cₜ₋₁", "input"))
     for i, node in enumerate(genotype.nodes, start=1):
         sources = [names.get(j, f"s{j}") for j in node.inputs]
-        if genotype.space == "darts_rnn":
+        if SPACE_ARITY[space] == 1:  # one input: the op labels the edge
             states.append(_State(f"s{i}", f"s{i}", "node"))
             edges.append((sources[0], f"s{i}", node.op))
-        else:
+        else:  # the op labels the node, the letters its inputs (strict: two of them)
             states.append(_State(f"s{i}", f"s{i}\n{node.op}", "node"))
             edges += [(source, f"s{i}", label) for source, label in zip(sources, "ab", strict=True)]
     combined = f"mean(s1..s{n})" if genotype.output == "mean" and n > 1 else f"s{n}"

@@ -1,4 +1,7 @@
-"""Reading a run's files back: each reader validates and names file and line.
+"""A run's own files: written whole (``MetricsLog``, ``write_json``: a crash never leaves half a
+row or half a file), and read back through readers that validate and name file and line.
+
+The engine writes through this module only (never through the plotting module, ``report``).
 
 ``evaluate``, ``plot``, ``compare --reuse`` and the benchmark suite read a finished (or stopped)
 run's ``summary.json``, ``history.json``, ``metrics.jsonl`` and ``config.yaml`` only through these
@@ -10,6 +13,9 @@ line can be named, the line: never a traceback, and never a silently wrong resul
 from __future__ import annotations
 
 import json
+import os
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +28,94 @@ if TYPE_CHECKING:
 # one comes from a copy, an editor or a failing disk.
 DAMAGED = "the file is damaged: restore it from a copy, or run the command again with --force"
 _TYPE_NAMES = {dict: "a JSON object", list: "a JSON list", str: "a string", int: "an integer"}
+
+
+def _to_builtin(value: Any) -> Any:
+    """``json`` fallback: numpy and torch scalars and arrays become Python numbers and lists."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl: one JSON object per line, written whole so a crash loses nothing.
+
+    Each row is written with its newline and the file closed before ``append`` returns. A log
+    whose last line was cut off by a crash has that partial line dropped before the next row,
+    so the row starts on a line of its own instead of fusing with it into a line nobody can
+    parse.
+
+    Opening an existing log changes nothing: a resumed run's repairs (``before_first``: drop
+    the rows written after its checkpoints, rewrite the growth history) run just before its
+    first row is written, so a resumed run that fails before then (a checkpoint that does not
+    fit, say) leaves every file of the run as it was.
+    """
+
+    def __init__(self, path: Path, before_first: Callable[[], None] | None = None) -> None:
+        self.path = Path(path)
+        self._before_first = before_first
+        self._opened = False  # no row written yet by this process
+        if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch()
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Write ``row`` as one line; numpy/torch values are converted to plain numbers."""
+        line = json.dumps(row, default=_to_builtin)
+        self._ready()
+        with self.path.open("a", encoding="utf-8") as file:
+            file.write(line + "\n")
+
+    def _ready(self) -> None:
+        """Before the first row: a partial last line dropped, then the owner's repairs."""
+        if self._opened:
+            return
+        _drop_partial_last_line(self.path)
+        if self._before_first is not None:
+            self._before_first()
+        self._opened = True
+
+    def keep(self, predicate: Callable[[dict[str, Any]], bool]) -> None:
+        """Keep only the rows ``predicate`` accepts (a resumed run drops the rows it will write
+        again); the file is replaced atomically."""
+        rows = [row for row in read_metrics(self.path) if predicate(row)]
+        text = "".join(json.dumps(row, default=_to_builtin) + "\n" for row in rows)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+def _drop_partial_last_line(path: Path) -> None:
+    """Truncate ``path`` after its last newline, if a crash left a line without one."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as file:
+            file.truncate(data.rfind(b"\n") + 1)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON atomically: readers see the old file or the new, never half.
+
+    The temporary file is created in the target's directory (``os.replace`` is atomic only within
+    one file system) with ``os.open`` rather than ``mkstemp``, so the result gets the usual
+    umask-based permissions instead of mkstemp's owner-only 0600.
+    """
+    path = Path(path)
+    text = json.dumps(data, indent=2, default=_to_builtin) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _kind(value: Any) -> str:
@@ -124,14 +218,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     else, which is reported with its line number rather than silently dropped.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"metrics file not found: {path} (is this a run directory?)") from None
-    except IsADirectoryError:
-        raise UserError(f"{path} is a directory, not a file; move it away") from None
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+    data = _read_bytes(path)
     end = data.rfind(b"\n") + 1
     lines, cut_off = _decode(path, data[:end]).split("\n")[:-1], data[end:]
     rows = []

@@ -1,5 +1,8 @@
-"""Run directories: which command started one (``run.json``, what ``--resume`` checks, so that
-``train --resume`` never finishes a stopped search), and replacing one (``--force``): a
+"""Run directories, from the start of a run to its resumption: where a command may write
+(``claim``: refused over an existing run without ``--resume`` or ``--force``), what a run
+records when it starts (``start``: ``config.yaml`` and ``run.json``), what ``--resume`` checks
+before it touches anything (``resumable``, ``check_continuable``, ``checked_checkpoint``) and
+the repairs it makes once it writes (``continue_run``), and replacing one (``--force``): a
 transaction, so that a directory never holds two runs and nothing of the old run is ever read
 by the new one.
 
@@ -31,6 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from morphnas import config as config_mod
+from morphnas import run_files, tasks
+from morphnas.config import RunConfig
+from morphnas.engine.checkpoint import load as load_checkpoint
+from morphnas.engine.resume import checked
 from morphnas.errors import UserError
 
 # Every run morphnas writes (search, train, compare, benchmark) starts with this file.
@@ -49,7 +57,7 @@ KIND_FILE = "run.json"
 _FREE_KEYS = ("threads", "out")
 
 
-def config_record(config: Any) -> dict[str, Any]:
+def config_record(config: RunConfig) -> dict[str, Any]:
     """The part of a resolved config a resumed run must share with its start (JSON values)."""
     record = config.model_dump(mode="json")
     for key in _FREE_KEYS:
@@ -68,7 +76,9 @@ def file_digest(path: Path) -> dict[str, Any]:
     return {"bytes": size, "sha256": digest.hexdigest()}
 
 
-def start_record(kind: str, config: Any, inputs: Iterable[Path | None] = ()) -> dict[str, Any]:
+def start_record(
+    kind: str, config: RunConfig, inputs: Iterable[Path | None] = ()
+) -> dict[str, Any]:
     """The ``run.json`` of a run that starts now: a fresh id, its config and its input files."""
     return {
         "kind": kind,
@@ -110,7 +120,7 @@ def kind_of(run_dir: Path) -> str | None:
     return "search" if (run_dir / "checkpoints" / "search_last.pt").is_file() else None
 
 
-def check_continuable(run_dir: Path, config: Any) -> dict[str, Any]:
+def check_continuable(run_dir: Path, config: RunConfig) -> dict[str, Any]:
     """Refuse to resume ``run_dir`` with ``config`` (its config.yaml, resolved) when that file
     no longer says what the run started with, or an input file changed since; return the
     run's record (its ``id`` is what the checkpoints must carry)."""
@@ -302,3 +312,166 @@ def _cannot(run_dir: Path, err: OSError) -> UserError:
         f"cannot move the old run in {run_dir} out of the way ({err.strerror}); it is kept as "
         "it was: delete it yourself or choose another --out"
     )
+
+
+def claim(
+    config: RunConfig, kind: str, force: bool, resume: bool = False, *, reuse: bool = False
+) -> Path:
+    """The run directory this command will write: refused if it already holds a run, unless the
+    command resumes it (then it must hold an unfinished run), continues it (a compare's
+    ``reuse``) or replaces it (``force``: only a morphnas run, and not one that holds this
+    run's input or working directory; the replacement itself waits for ``start``)."""
+    if resume:
+        run_dir = resumable(config.out, kind)
+        check_continuable(run_dir, config)
+        return run_dir
+    name = tasks.kind_for(config).run_name()
+    run_dir = config.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{name}"
+    if not writable_dir(run_dir) or not any(run_dir.iterdir()) or reuse:
+        return run_dir
+    if not force:
+        raise UserError(
+            f"output directory {run_dir} already holds files; choose another --out, "
+            "pass --resume to continue it, or --force to replace it"
+        )
+    check_replaceable(run_dir, tasks.kind_for(config).inputs())
+    return run_dir
+
+
+def writable_dir(run_dir: Path) -> bool:
+    """Whether ``run_dir`` exists; refuse now an --out that could not be created or written,
+    rather than after the data were loaded or a search ran (nothing is created here)."""
+    fix = "choose another --out"
+    try:
+        existing = run_dir
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if existing.exists() and not existing.is_dir():
+            where = "is a file" if existing == run_dir else f"is inside {existing}, a file"
+            raise UserError(f"output path {run_dir} {where}; {fix}")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(
+                f"cannot write to output directory {run_dir}: {existing} is not writable "
+                f"(permission denied); {fix} or make it writable"
+            )
+        if existing == run_dir:
+            next(run_dir.iterdir(), None)  # readable too: it is checked for an earlier run
+        return existing == run_dir
+    except OSError as err:
+        raise UserError(f"cannot use output directory {run_dir}: {err.strerror}; {fix}") from None
+
+
+def resumable(run_dir: Path | None, kind: str | None = None) -> Path:
+    """``run_dir``, checked before anything in it is touched: an unfinished morphnas run of the
+    command ``kind`` (a search resumed by ``train`` would finish as a one-model run, its search
+    lost; a train run resumed by ``search`` would run a whole search inside it)."""
+    if run_dir is not None and not Path(run_dir).exists():
+        raise UserError(f"run directory {run_dir} not found; give the --out of the stopped run")
+    if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a morphnas run directory (no config.yaml) to resume")
+    if (Path(run_dir) / "summary.json").is_file():
+        raise UserError(
+            f"{run_dir} has finished (summary.json exists): nothing to resume; `morphnas "
+            f"evaluate {run_dir}` scores it again, --force runs it again from the start"
+        )
+    try:
+        blank = not (Path(run_dir) / "config.yaml").read_text("utf-8", "replace").strip()
+    except OSError:
+        blank = False  # named when it is read
+    if blank:
+        raise UserError(
+            f"{Path(run_dir) / 'config.yaml'} is empty; put back the config the run started "
+            f'with (run.json holds a copy, under "config"), or start afresh with --force'
+        )
+    started = kind_of(Path(run_dir))
+    if kind is not None and started is not None and started != kind:
+        raise UserError(
+            f"{run_dir} is a {started} run, not a {kind} run; continue it with "
+            f"`morphnas {started} --resume {run_dir}`"
+        )
+    return Path(run_dir)
+
+
+def start(run_dir: Path, config: RunConfig, kind: str | None, *, replace: bool = False) -> None:
+    """Create the run directory and save the resolved config, its thread count included (set
+    by the caller; a resumed run keeps it, whatever else runs on the machine then), and for a
+    run ``--resume`` continues, ``run.json``: its ``kind`` (search, train), id, config and
+    input files (``start_record``), which ``--resume`` checks.
+
+    ``replace`` (``--force``): an old run in ``run_dir`` is moved aside first and deleted once
+    the config is written, or put back if that fails (``replace_run``)."""
+    inputs = tasks.kind_for(config).inputs()
+    record = start_record(kind, config, inputs) if kind is not None else None
+
+    def begin() -> None:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if record is not None:  # a run --resume continues: search or train
+                write_record(run_dir, record)
+            (run_dir / "config.yaml").write_text(config_mod.dump(config), encoding="utf-8")
+        except OSError as err:
+            raise UserError(
+                f"cannot write to output directory {run_dir}: {err.strerror}; choose another "
+                "--out or free space / fix its permissions"
+            ) from None
+
+    if replace:
+        replace_run(run_dir, begin)
+    else:
+        begin()
+
+
+def continue_run(
+    run_dir: Path, config: RunConfig, saved: dict[str, Any] | None
+) -> Callable[[], None]:
+    """Check what a stopped run holds, and return the repairs that bring its files back to the
+    state of its checkpoints: the metrics rows written after them dropped (they will be written
+    again), the growth history likewise, and a new thread count (``--resume --threads``) saved.
+
+    Every check is made now: each checkpoint and saved model must be whole and of this run
+    (``_checked_checkpoint``), every metrics line readable. The repairs run when the resumed run
+    writes its first row (``run_files.MetricsLog``), so a resume that fails before then — a
+    checkpoint that does not fit the model built from the config, say — changes no file.
+    """
+    search_done = 0
+    if saved is not None:
+        search_done = saved["epoch"] if saved["position"] is None else saved["epoch"] - 1
+    trained = {}
+    for path in (run_dir / "models").glob("*.pt"):
+        checked_checkpoint(path, "model", run_dir)
+        trained[path.stem] = float("inf")
+    for path in (run_dir / "checkpoints").glob("train_*.pt"):
+        state = checked_checkpoint(path, "train", run_dir)
+        name = path.stem.removeprefix("train_")
+        if name not in trained:
+            trained[name] = state["epoch"] if state["position"] is None else state["epoch"] - 1
+    metrics = run_files.MetricsLog(run_dir / "metrics.jsonl")
+    run_files.read_metrics(metrics.path)  # a damaged line is refused now, naming it
+
+    def keep(row: dict[str, Any]) -> bool:
+        if row.get("phase") == "search":
+            return row.get("epoch", 0) <= search_done
+        return row.get("epoch", 0) <= trained.get(row.get("model", ""), 0)
+
+    def repair() -> None:
+        metrics.keep(keep)
+        if saved is not None:
+            run_files.write_json(run_dir / "history.json", saved["growth"]["events"])
+        on_file = config_mod.resolve(run_dir / "config.yaml")
+        if on_file.threads != config.threads:
+            update = config_mod.resolve(base=on_file, overrides={"threads": config.threads})
+            (run_dir / "config.yaml").write_text(config_mod.dump(update), encoding="utf-8")
+
+    return repair
+
+
+def checked_checkpoint(path: Path, kind: str, run_dir: Path) -> dict[str, Any]:
+    """A whole checkpoint of ``kind`` written by this version of morphnas for the run in
+    ``run_dir`` (the id in its ``run.json``), or a one-line error."""
+    return checked(load_checkpoint(path), path, kind, read_record(run_dir).get("id"))
+
+
+def stamp(run_dir: Path) -> dict[str, Any] | None:
+    """What every checkpoint of the run in ``run_dir`` carries under ``run``: its id."""
+    run_id = read_record(run_dir).get("id")
+    return {"id": run_id} if run_id else None

@@ -31,7 +31,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from morphnas import api, bench, report, run_files
+from morphnas import api, bench, report, run_files, tasks
 from morphnas import config as config_mod
 from morphnas import genotype as genotype_mod
 from morphnas import peers as peers_mod
@@ -87,8 +87,8 @@ def benchmark(
 
     ``file`` and ``overrides`` (a YAML config and ``--set`` values) apply to every run; on top
     of the defaults, or of ``QUICK`` with ``quick``. The language model starts from its own
-    defaults (``config.LM_DEFAULTS``), as ``search --task lm`` does. ``command`` is recorded
-    in the table (the CLI passes the line that was typed).
+    defaults (``tasks.language.LanguageModelling.defaults``), as ``search --task lm`` does.
+    ``command`` is recorded in the table (the CLI passes the line that was typed).
 
     ``peers`` (where neuralforecast is installed) adds NeuralForecast's NHITS and LSTM on each
     forecasting dataset and seed, under ``peer_budget`` (default ``peers.DEFAULT_BUDGET``,
@@ -133,7 +133,7 @@ def benchmark(
         "runs": runs,
         **aggregate(runs),
     }
-    report.write_json(base_dir / "benchmark.json", result)
+    run_files.write_json(base_dir / "benchmark.json", result)
     (base_dir / "benchmark.md").write_text(markdown(result), encoding="utf-8")
     table = result.pop("table")
     return api.RunResult(base_dir, None, table, result)
@@ -205,9 +205,7 @@ def describe_budget(config: RunConfig) -> str:
         f"{config.search.strategy} {config.search.epochs} search epochs, retrain ≤ "
         f"{config.train.epochs} epochs"
     )
-    if config.task == "lm":
-        return f"{text}, {config.lm.train_tokens} train tokens, vocab {config.lm.vocab_size}"
-    return f"{text}, window {config.data.window}, horizon {config.data.horizon}"
+    return f"{text}, {tasks.kind_for(config).budget()}"
 
 
 def compact_genotype(genotype: genotype_mod.Genotype) -> str:

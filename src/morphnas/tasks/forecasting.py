@@ -7,14 +7,24 @@ with both sums over every sample and series and ``ȳ`` the mean of the whole tar
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from morphnas.data import SeriesData, WindowedSplits, load_csv, load_dataset, make_windows
+from morphnas.data.corpus import CORPORA
+from morphnas.engine.runtime import resolve_device
+from morphnas.report import plot_forecasts
 from morphnas.tasks.base import IndexStream
+from morphnas.tasks.kinds import TaskKind
+
+if TYPE_CHECKING:
+    from morphnas.config import RunConfig
 
 
 class ForecastModel(nn.Module):
@@ -250,3 +260,131 @@ def forecast_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
         "mae": float(np.abs(err).mean()),
         "rmse": float(np.sqrt((err**2).mean())),
     }
+
+
+class Forecasting(TaskKind):
+    """Multivariate forecasting of a CSV's or a bundled dataset's series: windows in, the next
+    values out (``ForecastModel``), scored by RSE, CORR, MAE and RMSE in original units, beside
+    the naive last-value forecast, with the test span's forecasts plotted."""
+
+    name = "forecast"
+
+    @classmethod
+    def check(cls, config: RunConfig) -> None:
+        if config.data.dataset in CORPORA and config.data.csv is None:
+            raise ValueError(f"{config.data.dataset!r} is a text corpus: add --task lm to model it")
+
+    def load(self) -> WindowedSplits:
+        cfg = self.config.data
+        series = self.series()
+        windows = make_windows(
+            series, cfg.window, cfg.horizon, fractions=cfg.split, scaler=cfg.scaler
+        )
+        windows.column_notes = tuple(note.line() for note in getattr(series, "columns_report", ()))
+        device = resolve_device(self.config.device)
+        for part in ("train", "valid", "test"):
+            x, y = getattr(windows, part)
+            setattr(windows, part, (x.to(device), y.to(device)))
+        return windows
+
+    def series(self) -> SeriesData:
+        """The run's series: its CSV, or the named dataset. A CSV column that was dropped or
+        converted is said once, as a warning (``column_notes`` keeps every column's fate)."""
+        cfg = self.config.data
+        if cfg.csv is None:
+            return load_dataset(cfg.dataset)
+        series = load_csv(cfg.csv, time_col=cfg.time_col, columns=cfg.columns)
+        for note in getattr(series, "columns_report", ()):
+            if note.role == "dropped" or note.converted:
+                warnings.warn(f"{cfg.csv.name}: {note.line()}", stacklevel=3)
+        return series
+
+    def inputs(self) -> tuple[Path, ...]:
+        return (self.config.data.csv,) if self.config.data.csv is not None else ()
+
+    def run_name(self) -> str:
+        csv = self.config.data.csv
+        return csv.stem if csv is not None else self.config.data.dataset
+
+    def budget(self) -> str:
+        return f"window {self.config.data.window}, horizon {self.config.data.horizon}"
+
+    def summary(self, data: WindowedSplits) -> dict[str, Any]:
+        notes = getattr(data, "column_notes", ())
+        return {"columns": list(notes)} if notes else {}
+
+    def input_size(self, data: WindowedSplits) -> int:
+        """The series (global layout: one, plus its id embedding)."""
+        if self.config.data.layout == "global":
+            return 1 + self.config.train.series_embedding
+        return len(data.columns)
+
+    def wrap(self, cell: nn.Module | None, data: WindowedSplits, hidden: int) -> nn.Module:
+        """The same head (and ``data.layout``) for every model of a run, searched or baseline;
+        without a cell, the autoregressive part alone (the ``ar`` baseline)."""
+        config = self.config
+        model = ForecastModel(
+            cell,
+            hidden,
+            len(data.columns),
+            config.train.dropout,
+            min(config.train.ar_window, config.data.window),
+            config.train.window_norm,
+            layout=config.data.layout,
+            series_embedding=config.train.series_embedding,
+        )
+        return model.to(resolve_device(config.device))
+
+    def engine_task(self, data: WindowedSplits, batch_size: int) -> ForecastTask:
+        return ForecastTask(
+            data.train,
+            data.valid,
+            batch_size,
+            layout=self.config.data.layout,
+            series_embedding=self.config.train.series_embedding,
+        )
+
+    def score(self, model: nn.Module, data: WindowedSplits) -> dict[str, float]:
+        return score_predictions(predict(model, data.valid[0]), predict(model, data.test[0]), data)
+
+    def reference(
+        self, name: str, data: WindowedSplits
+    ) -> tuple[dict[str, Any], Tensor | None] | None:
+        """``naive``: the last observed value of each series, the floor every forecaster must
+        beat."""
+        if name != "naive":
+            return None
+        scores = score_predictions(data.valid[0][:, -1, :], data.test[0][:, -1, :], data)
+        row = {"model": "naive", "params": 0, **scores, "train_seconds": 0.0}
+        return row, data.test[0][:, -1, :]
+
+    def test_predictions(self, model: nn.Module, data: WindowedSplits) -> Tensor:
+        return predict(model, data.test[0])
+
+    def plots(self, run_dir: Path, data: WindowedSplits, predictions: dict[str, Tensor]) -> None:
+        inverse = data.scaler.inverse
+        plot_forecasts(
+            inverse(_numpy(data.test[1])),
+            {name: inverse(_numpy(p)) for name, p in predictions.items()},
+            data.columns,
+            run_dir / "plots/forecast.png",
+            index=data.test_index,
+        )
+
+
+def score_predictions(
+    valid_pred: Tensor, test_pred: Tensor, data: WindowedSplits
+) -> dict[str, float]:
+    """Valid RSE and the test metrics, in original units and (suffix ``_scaled``) scaled units."""
+    inverse = data.scaler.inverse
+    valid = forecast_metrics(inverse(_numpy(valid_pred)), inverse(_numpy(data.valid[1])))
+    test = forecast_metrics(inverse(_numpy(test_pred)), inverse(_numpy(data.test[1])))
+    scaled = forecast_metrics(_numpy(test_pred), _numpy(data.test[1]))
+    row = {"valid_rse": valid["rse"]}
+    row.update({f"test_{k}": v for k, v in test.items()})
+    row.update({f"test_{k}_scaled": v for k, v in scaled.items()})
+    return row
+
+
+def _numpy(values: Tensor) -> np.ndarray:
+    return values.detach().cpu().numpy()

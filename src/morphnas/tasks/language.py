@@ -22,19 +22,27 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from morphnas import cells
 from morphnas.data.corpus import Corpus, check_lengths, load_corpus
-from morphnas.spaces.base import check_dropout, variational_mask
-from morphnas.spaces.fused_ops import transforms_active
+from morphnas.engine.runtime import resolve_device
+from morphnas.errors import UserError
+from morphnas.kernels.blocks import check_dropout, variational_mask
+from morphnas.kernels.fused_ops import transforms_active
+from morphnas.tasks.kinds import TaskKind
 
 if TYPE_CHECKING:
     from morphnas.config import RunConfig
+    from morphnas.genotype import Genotype
+    from morphnas.tasks.base import Task
 
 State = Tensor | tuple[Tensor, ...]
 
@@ -470,3 +478,89 @@ def matched_hidden(kind: str, target: int, emb: int, tie: bool, limit: int = 819
         range(1, limit + 1),
         key=lambda h: (abs(baseline_recurrent_params(kind, emb, h, tie) - target), h),
     )
+
+
+class LanguageModelling(TaskKind):
+    """Word- or character-level language modelling of a corpus (``LanguageModel`` around the
+    cell), scored by perplexity; LSTM and GRU baselines are sized to the searched cell's
+    recurrent parameter count (``lm.match_params``)."""
+
+    name = "lm"
+    # The language-modelling budget (docs/lm.md): every value a person did not give. Sized so
+    # that `morphnas search --task lm` (search and three retrainings) ends within 15 minutes on
+    # two CPU cores.
+    defaults: ClassVar[Mapping[str, Any]] = {
+        "data": {"dataset": "shakespeare"},
+        "space": {"hidden": 64, "options": {"dropout_x": 0.1, "dropout_h": 0.1}},
+        "search": {"epochs": 2, "batch_size": 32, "lr": 2e-3, "clip": 0.25},
+        "train": {
+            "epochs": 3, "batch_size": 32, "lr": 2e-3, "clip": 0.25, "patience": 2,
+            "baselines": ["lstm", "gru"],
+        },
+    }  # fmt: skip
+
+    @classmethod
+    def check(cls, config: RunConfig) -> None:
+        if config.data.csv is not None:
+            raise ValueError("--task lm reads text: give it with --corpus FILE, not --csv")
+        if config.data.layout != "multivariate":
+            raise ValueError(
+                f"data.layout {config.data.layout!r} is for forecasting: --task lm has one "
+                "token stream, no series to share a model between"
+            )
+        if config.growth.width_step > 0:
+            raise ValueError(
+                "width growth (growth.width_step) is not supported for --task lm; grow nodes only"
+            )
+        tabular = sorted(set(config.train.baselines) & {"ar", "naive"})
+        if tabular:
+            raise ValueError(
+                f"baselines {tabular} are forecasting baselines; --task lm takes lstm, gru, "
+                "darts_v2, lstm_genotype, gru_genotype"
+            )
+
+    def load(self) -> Corpus:
+        return load_lm_corpus(self.config, resolve_device(self.config.device))
+
+    def inputs(self) -> tuple[Path, ...]:
+        return (self.config.lm.corpus,) if self.config.lm.corpus is not None else ()
+
+    def run_name(self) -> str:
+        corpus = self.config.lm.corpus
+        return corpus.stem if corpus is not None else self.config.data.dataset
+
+    def budget(self) -> str:
+        lm = self.config.lm
+        return f"{lm.train_tokens} train tokens, vocab {lm.vocab_size}"
+
+    def input_size(self, data: Corpus) -> int:
+        """The token embedding size."""
+        return emb_size(self.config)
+
+    def wrap(self, cell: nn.Module | None, data: Corpus, hidden: int) -> nn.Module:
+        if cell is None:
+            raise UserError("--task lm needs a recurrent cell (no 'ar' baseline)")
+        return build_lm(cell, self.config, data, hidden).to(resolve_device(self.config.device))
+
+    def baseline_hidden(self, name: str, data: Corpus, reference: Genotype | None) -> int:
+        """The baseline's hidden size whose recurrent weights match the ``reference`` cell's
+        (its language model's weights but the vocabulary's, which every model of the run
+        shares); the run's hidden size without a reference or with ``lm.match_params`` off."""
+        config = self.config
+        if reference is None or not config.lm.match_params:
+            return config.space.hidden
+        cell = cells.build(reference, self.input_size(data), config.space.hidden)
+        target = recurrent_params(self.wrap(cell, data, config.space.hidden))
+        return matched_hidden(name, target, emb_size(config), config.lm.tie_weights)
+
+    def engine_task(self, data: Corpus, batch_size: int) -> LanguageTask:
+        return lm_task(self.config, data, batch_size)
+
+    def score(self, model: nn.Module, data: Corpus) -> dict[str, float]:
+        return score_lm(model, self.config, data)
+
+    def row_extras(self, model: nn.Module, task: Task, seconds: float, epochs: int) -> dict:
+        """The model's width (a matched baseline's differs) and its training throughput, the
+        per-epoch validation included (what a user waits for)."""
+        tokens = epochs * task.tokens_per_epoch  # type: ignore[attr-defined]
+        return {"hidden": model.hidden_size, "train_tokens_per_s": tokens / seconds}
