@@ -54,13 +54,11 @@ from morphnas.engine.runtime import (
     seed_everything,
 )
 from morphnas.errors import UserError
-from morphnas.genotype import Genotype
+from morphnas.genotype import PUBLISHED_BASELINES, Genotype
+from morphnas.options import baseline_names
 from morphnas.tasks.base import Task
 
 SEARCHED = "searched"
-# Baseline names that stand for a published cell of ``genotype.KNOWN``, retrained from scratch.
-# KNOWN's "lstm" and "gru" go by ``*_genotype`` here: the bare names are torch.nn's LSTM and GRU.
-GENOTYPE_BASELINES = {"darts_v2": "darts_v2", "lstm_genotype": "lstm", "gru_genotype": "gru"}
 
 
 @dataclass
@@ -388,7 +386,9 @@ def train(
     if resume:
         genotype, baseline = _resumed_model(config)
     if (genotype is None) == (baseline is None):
-        raise UserError("give exactly one of --genotype FILE or --baseline lstm|gru|naive")
+        raise UserError(
+            f"give exactly one of --genotype FILE or --baseline {'|'.join(baseline_names())}"
+        )
     run_dir = runs.claim(config, "train", force, resume)
     kind = tasks.kind_for(config)
     data = kind.load()
@@ -427,7 +427,7 @@ def evaluate(run_dir: Path) -> RunResult:
     error naming it."""
     run_dir = run_files.check_run_dir(run_dir)
     summary = run_files.read_summary(run_dir)
-    known = {"genotype", "naive", "ar", *GENOTYPE_BASELINES, *cells.BASELINES}
+    known = {"genotype", *baseline_names()}
     for entry in summary["models"]:
         if entry["kind"] not in known:
             raise UserError(
@@ -780,8 +780,8 @@ def _build_model(
     kind = tasks.kind_for(config)
     hidden = config.space.hidden
     n_series = kind.input_size(data)
-    if isinstance(architecture, str) and architecture in GENOTYPE_BASELINES:
-        architecture = genotype_mod.KNOWN[GENOTYPE_BASELINES[architecture]]
+    if isinstance(architecture, str) and architecture in PUBLISHED_BASELINES:
+        architecture = genotype_mod.KNOWN[PUBLISHED_BASELINES[architecture]]
     if isinstance(architecture, Genotype):
         cell = cells.build(architecture, n_series, hidden, **_cell_options(config))
     elif architecture == "ar":

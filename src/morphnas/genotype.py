@@ -446,6 +446,10 @@ KNOWN: dict[str, Genotype] = {
     ),
 }
 
+# Baseline names that stand for a published cell of ``KNOWN``, retrained from scratch. KNOWN's
+# "lstm" and "gru" go by ``*_genotype`` here: the bare names are torch.nn's LSTM and GRU.
+PUBLISHED_BASELINES = {"darts_v2": "darts_v2", "lstm_genotype": "lstm", "gru_genotype": "gru"}
+
 
 def load_or_known(reference: str | Path) -> Genotype:
     """A genotype file, or the name of a published cell in ``KNOWN`` when no such file exists."""

@@ -46,6 +46,17 @@ def strategy_names() -> tuple[str, ...]:
     return tuple(strategies.STRATEGIES)
 
 
+def baseline_names() -> tuple[str, ...]:
+    """Every baseline a run can train beside its cell: torch's recurrent cells
+    (``cells.BASELINES``), the published cells (``genotype.PUBLISHED_BASELINES``) and each task
+    kind's own (``TaskKind.baselines``; config refuses another kind's)."""
+    from morphnas import cells, tasks  # on demand, as space_names
+    from morphnas.genotype import PUBLISHED_BASELINES
+
+    own = [name for kind in tasks.KINDS.values() for name in kind.baselines]
+    return (*cells.BASELINES, *PUBLISHED_BASELINES, *own)
+
+
 @functools.cache
 def space_option_types(name: str) -> dict[str, Any]:
     """The options space ``name`` takes (its constructor's parameters but the sizes) and their

@@ -39,6 +39,7 @@ from morphnas.config import RunConfig, TrainConfig
 from morphnas.engine.progress import Progress
 from morphnas.engine.runtime import resolve_device
 from morphnas.errors import UserError
+from morphnas.tasks.forecasting import Forecasting
 
 # The language model's entry: ``shakespeare`` means ``--task lm --dataset shakespeare``.
 LM_DATASET = "shakespeare"
@@ -46,7 +47,6 @@ DATASETS = ("births", "exchange", "elecdemand", "synthetic", LM_DATASET)
 # Every baseline, in table order; those the installed config does not accept are left out (the
 # *_genotype cells came later than the others), and ``ar``/``naive`` are not language models.
 BASELINES = ("lstm", "gru", "gru_genotype", "lstm_genotype", "ar", "naive")
-FORECAST_ONLY = ("ar", "naive")
 # The smoke budget of ``quick``: a few minutes on two cores for all five datasets, what CI runs.
 # It only shows that every part runs; its numbers mean nothing.
 QUICK: dict[str, Any] = {
@@ -169,7 +169,7 @@ def accepted_baselines(lm: bool) -> list[str]:
             TrainConfig(baselines=[name])
         except ValidationError:
             continue
-        if not (lm and name in FORECAST_ONLY):
+        if not (lm and name in Forecasting.baselines):
             names.append(name)
     return names
 

@@ -268,6 +268,7 @@ class Forecasting(TaskKind):
     the naive last-value forecast, with the test span's forecasts plotted."""
 
     name = "forecast"
+    baselines = ("ar", "naive")  # the linear part alone; the last observed value
 
     @classmethod
     def check(cls, config: RunConfig) -> None:

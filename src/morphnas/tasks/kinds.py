@@ -36,6 +36,9 @@ class TaskKind(ABC):
     # Config values of this kind's own budget, used where a person gave none (config applies
     # them before it checks anything).
     defaults: ClassVar[Mapping[str, Any]] = {}
+    # Baselines only this kind has (besides the recurrent cells every kind trains): a model
+    # without a cell (``wrap(None, ...)``) or one ``reference`` gives without training.
+    baselines: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config

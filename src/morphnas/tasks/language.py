@@ -512,12 +512,6 @@ class LanguageModelling(TaskKind):
             raise ValueError(
                 "width growth (growth.width_step) is not supported for --task lm; grow nodes only"
             )
-        tabular = sorted(set(config.train.baselines) & {"ar", "naive"})
-        if tabular:
-            raise ValueError(
-                f"baselines {tabular} are forecasting baselines; --task lm takes lstm, gru, "
-                "darts_v2, lstm_genotype, gru_genotype"
-            )
 
     def load(self) -> Corpus:
         return load_lm_corpus(self.config, resolve_device(self.config.device))
