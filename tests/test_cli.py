@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from conftest import run_cli
 from morphnas import cli, strategies
 from morphnas import config as config_mod
 
@@ -326,3 +327,15 @@ def test_interrupted_compare_advises_the_command_that_continues_it(tmp_path, syn
     done = morphnas(*advised[1:], "--json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["run_dir"] == str(out)
+
+
+def test_train_the_naive_baseline_alone(tmp_path):
+    """A run that trains nothing (the naive forecast) still finishes: there are no learning
+    curves to draw, which is no error."""
+    out = tmp_path / "r"
+    args = ["--baseline", "naive", "--dataset", "synthetic", "--out", str(out)]
+    code, lines = run_cli("train", *args)
+    assert code == 0, lines
+    summary = json.loads((out / "summary.json").read_text())
+    assert [row["model"] for row in summary["results"]] == ["naive"]
+    assert (out / "plots/forecast.png").is_file()

@@ -888,9 +888,9 @@ def _train_and_compare(
         if predictions is not None:
             test_predictions[name] = predictions
     kind.plots(run_dir, data, test_predictions)
-    report.plot_learning_curves(
-        run_files.read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots/learning_curves.png"
-    )
+    rows = run_files.read_metrics(run_dir / "metrics.jsonl")
+    if any(row.get("phase") in ("search", "train") for row in rows):  # naive alone trains none
+        report.plot_learning_curves(rows, run_dir / "plots/learning_curves.png")
     return results
 
 
