@@ -305,3 +305,30 @@ def test_property_a_forced_command_with_bad_input_leaves_the_old_run(
         contract(run, "search", "--csv", str(bad_csv), *force, "--epochs", "1", allowed=(0, 2))
         contract(run, "train", "--genotype", str(bad_genotype), *force, allowed=(0, 2))
         contract(run, "search", "--set", f"{key}={text}", "--set", "data.window=1000000", *force)
+
+
+@pytest.fixture(scope="module")
+def stopped_between_candidates(stopped: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A search killed between its candidates' retrainings (``search.select: valid``): the
+    first candidate's score is in selection.json."""
+    csv = Path(yaml.safe_load((stopped / "config.yaml").read_text())["data"]["csv"])
+    run = tmp_path_factory.mktemp("select") / "run"
+    killed = morphnas(
+        "search", "--csv", str(csv), "--window", "6", "--hidden", "6", "--epochs", "2",
+        "--threads", "1", "--set", "search.batch_size=32", "--set", "search.select=valid",
+        "--set", "search.candidates=2", "--set", "search.select_epochs=2",
+        "--set", "train.baselines=[]", "--out", str(run), crash="train-step:8",
+    )  # fmt: skip
+    assert killed.returncode != 0 and (run / "selection.json").is_file(), killed.stderr
+    return run
+
+
+@pytest.mark.parametrize("text", ["[1]", '[{"rank": 1}]', "{", ""])
+def test_a_damaged_selection_record_is_refused(
+    tmp_path: Path, stopped_between_candidates: Path, text: str
+) -> None:
+    """The candidates' scores a resumed search reads are checked before anything is
+    retrained."""
+    run = Path(shutil.copytree(stopped_between_candidates, tmp_path / "run"))
+    (run / "selection.json").write_text(text)
+    refused(run, "selection.json")

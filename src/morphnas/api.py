@@ -56,6 +56,7 @@ from morphnas.engine.runtime import (
 from morphnas.errors import UserError
 from morphnas.genotype import PUBLISHED_BASELINES, Genotype
 from morphnas.options import baseline_names
+from morphnas.tasks import TaskKind
 from morphnas.tasks.base import Task
 
 SEARCHED = "searched"
@@ -77,6 +78,24 @@ class RunResult:
             "results": self.results,
             **self.extra,
         }
+
+
+@dataclass
+class _Run:
+    """What every step of one run shares: its directory, data, metrics log, progress display
+    and stop flag, and its config (replaced when width growth finds another hidden size)."""
+
+    dir: Path
+    config: RunConfig
+    data: Any
+    log: run_files.MetricsLog
+    progress: Progress | None
+    stop: StopFlag | None
+
+    @property
+    def kind(self) -> TaskKind:
+        """The run's task kind, for its config as it is now."""
+        return tasks.kind_for(self.config)
 
 
 def search(
@@ -147,12 +166,13 @@ def search(
         if space.hidden_size != config.space.hidden:
             # Width growth found the size: every model is retrained at it (equal hidden sizes).
             config = _at_width(config, space.hidden_size)
-        genotype, chosen = _select_cell(genotype, space, config, data, run_dir, log, progress, stop)
+        run = _Run(run_dir, config, data, log, progress, stop)
+        genotype, chosen = _select_cell(genotype, space, run)
         genotype.save(run_dir / "genotype.json")
         _plot_search(run_dir, space.op_names, genotype, outcome.events)
         models: list[tuple[str, Genotype | str]] = [(SEARCHED, genotype)]
         models += [(name, name) for name in config.train.baselines]
-        results = _train_and_compare(models, config, data, run_dir, log, progress, stop)
+        results = _train_and_compare(models, run)
     results[1:1] = one_shot
     searched = next(row for row in results if row["model"] == SEARCHED)
     searched["degenerate"] = chosen["degenerate"]
@@ -172,16 +192,7 @@ def search(
     return RunResult(run_dir, genotype, results, extra)
 
 
-def _select_cell(
-    derived: Genotype,
-    space: Any,
-    config: RunConfig,
-    data: Any,
-    run_dir: Path,
-    log: run_files.MetricsLog,
-    progress: Progress | None,
-    stop: StopFlag | None,
-) -> tuple[Genotype, dict[str, Any]]:
+def _select_cell(derived: Genotype, space: Any, run: _Run) -> tuple[Genotype, dict[str, Any]]:
     """The cell the run retrains, and how it was chosen (``selection`` in summary.json).
 
     ``derive`` trusts the largest ``α`` blindly; here the likeliest genotypes
@@ -192,9 +203,9 @@ def _select_cell(
     over; when none of the ``SCAN_LIMIT`` likeliest is usable, the derived cell is kept and the
     record, a warning and the results row say that it is degenerate.
     """
-    search = config.search
+    search = run.config.search
     wanted = search.candidates if search.select == "valid" else 1
-    sizes = (tasks.kind_for(config).input_size(data), config.space.hidden)
+    sizes = (run.kind.input_size(run.data), run.config.space.hidden)
     records: list[dict[str, Any]] = []
     usable: list[tuple[dict[str, Any], Genotype]] = []
     ranked = itertools.islice(selection.ranked_genotypes(space, derived), selection.SCAN_LIMIT)
@@ -213,7 +224,7 @@ def _select_cell(
             if len(usable) == wanted:
                 break
     if search.select == "valid" and len(usable) > 1:  # one alone has nothing to beat
-        _retrain_candidates(usable, config, data, run_dir, log, progress, stop)
+        _retrain_candidates(usable, run)
     scored = [pair for pair in usable if pair[0].get("valid_loss") is not None]
     if scored:
         best, genotype = min(scored, key=lambda pair: pair[0]["valid_loss"])
@@ -229,7 +240,7 @@ def _select_cell(
     }
     flagged = best["degenerate"] or records[0]["degenerate"]
     if search.select == "valid" or flagged:
-        _log_once(log, {"phase": "select", "event": "choice", "chosen": best["rank"]})
+        _log_once(run.log, {"phase": "select", "event": "choice", "chosen": best["rank"]})
     if flagged:
         warnings.warn(chosen["note"], stacklevel=2)
     metadata = {**genotype.metadata, "selection": {"select": search.select, "rank": best["rank"]}}
@@ -269,15 +280,7 @@ def _selection_note(
     return "; ".join(parts) or None
 
 
-def _retrain_candidates(
-    usable: list[tuple[dict[str, Any], Genotype]],
-    config: RunConfig,
-    data: Any,
-    run_dir: Path,
-    log: run_files.MetricsLog,
-    progress: Progress | None,
-    stop: StopFlag | None,
-) -> None:
+def _retrain_candidates(usable: list[tuple[dict[str, Any], Genotype]], run: _Run) -> None:
     """Retrain each candidate from scratch for ``search.select_epochs`` epochs (the train
     config's optimizer, seed and batches) and put its best valid loss in its record.
 
@@ -285,11 +288,11 @@ def _retrain_candidates(
     only what was left (a candidate stopped midway continues from its checkpoint). A candidate
     whose training diverges is recorded as such and not chosen.
     """
+    config, data, run_dir = run.config, run.data, run.dir
     path = run_dir / "selection.json"
-    done = {r["rank"]: r for r in json.loads(path.read_text("utf-8"))} if path.is_file() else {}
+    done = {r["rank"]: r for r in _read_selection(path)} if path.exists() else {}
     brief = config.train.model_copy(update={"epochs": config.search.select_epochs})
-    # One task for all candidates, as in retraining.
-    task = tasks.kind_for(config).engine_task(data, brief.batch_size)
+    task = run.kind.engine_task(data, brief.batch_size)  # one for all, as in retraining
     for record, genotype in usable:
         saved = done.get(record["rank"])
         if saved is not None and saved["nodes"] == record["nodes"]:
@@ -304,9 +307,9 @@ def _retrain_candidates(
         model = _build_model(genotype, config, data)
         try:
             outcome = engine.train(
-                model, task, brief, name=name, seed=config.seed, log=log, progress=progress,
-                checkpoint_path=checkpoint_path, resume=resumed, stamp=runs.stamp(run_dir),
-                stop=stop, phase="select",
+                model, task, brief, name=name, seed=config.seed, log=run.log,
+                progress=run.progress, checkpoint_path=checkpoint_path, resume=resumed,
+                stamp=runs.stamp(run_dir), stop=run.stop, phase="select",
             )  # fmt: skip
             record.update(
                 valid_loss=outcome.valid_loss,
@@ -318,6 +321,20 @@ def _retrain_candidates(
             record.update(valid_loss=None, best_epoch=None, epochs=None, diverged=str(err))
         done[record["rank"]] = record
         run_files.write_json(path, list(done.values()))
+
+
+def _read_selection(path: Path) -> list[dict[str, Any]]:
+    """A stopped run's ``selection.json``: the candidates it has retrained, checked (a damaged
+    file is a one-line error naming it, before anything is retrained)."""
+    records = run_files.read_json(path, expect=list)
+    keys = ("rank", "nodes", "valid_loss", "best_epoch", "epochs", "diverged")
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict) or any(key not in record for key in keys):
+            raise UserError(
+                f"{path}: candidate {number} is not a whole record ({', '.join(keys)}); "
+                f"{run_files.DAMAGED}"
+            )
+    return records
 
 
 def _log_once(log: run_files.MetricsLog, row: dict[str, Any]) -> None:
@@ -402,7 +419,7 @@ def train(
         [("genotype", genotype)] if genotype is not None else [(str(baseline), str(baseline))]
     )
     with stop_on_signals() as stop, cleared:
-        results = _train_and_compare(models, config, data, run_dir, log, progress, stop)
+        results = _train_and_compare(models, _Run(run_dir, config, data, log, progress, stop))
     _write_summary(run_dir, genotype, models, results, kind.summary(data))
     return RunResult(run_dir, genotype, results)
 
@@ -811,20 +828,14 @@ def _compile_cell(model: nn.Module, task: Task, config: RunConfig) -> float | No
 
 
 def _train_and_compare(
-    models: Sequence[tuple[str, Genotype | str]],
-    config: RunConfig,
-    data: Any,
-    run_dir: Path,
-    log: run_files.MetricsLog,
-    progress: Progress | None,
-    stop: StopFlag | None = None,
+    models: Sequence[tuple[str, Genotype | str]], run: _Run
 ) -> list[dict[str, Any]]:
     """Train each model from the same seed on the same data; score all on valid and test.
 
     A model whose final weights are already saved (a resumed run) is loaded, not retrained; one
     with a training checkpoint continues from it.
     """
-    kind = tasks.kind_for(config)
+    config, data, run_dir, kind = run.config, run.data, run.dir, run.kind
     results, test_predictions = [], {}
     task = kind.engine_task(data, config.train.batch_size)
     reference = next((a for _, a in models if isinstance(a, Genotype)), None)
@@ -859,8 +870,8 @@ def _train_and_compare(
                 config.train,
                 name=name,
                 seed=config.seed,
-                log=log,
-                progress=progress,
+                log=run.log,
+                progress=run.progress,
                 checkpoint_path=checkpoint_path,
                 resume=(
                     runs.checked_checkpoint(checkpoint_path, "train", run_dir)
@@ -868,7 +879,7 @@ def _train_and_compare(
                     else None
                 ),
                 stamp=runs.stamp(run_dir),
-                stop=stop,
+                stop=run.stop,
             )
             state = {
                 "state_dict": model.state_dict(),
