@@ -429,7 +429,7 @@ def continue_run(
     again), the growth history likewise, and a new thread count (``--resume --threads``) saved.
 
     Every check is made now: each checkpoint and saved model must be whole and of this run
-    (``_checked_checkpoint``), every metrics line readable. The repairs run when the resumed run
+    (``checked_checkpoint``), every metrics line readable. The repairs run when the resumed run
     writes its first row (``run_files.MetricsLog``), so a resume that fails before then — a
     checkpoint that does not fit the model built from the config, say — changes no file.
     """
