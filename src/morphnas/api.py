@@ -693,7 +693,8 @@ def resume_config(
     run_dir: Path, threads: int | None = None, *, kind: str | None = None
 ) -> RunConfig:
     """The saved config of a run, to continue it with ``search``/``train(..., resume=True)``,
-    once checked against what the run started with (``runs.check_continuable``).
+    which check it against what the run started with (``runs.check_continuable``, once: it
+    hashes the run's input files).
 
     ``threads`` replaces the saved thread count; the resumed run writes it to ``config.yaml``
     with its first row, so that the file says what the run goes on with: for a run that other
@@ -703,7 +704,6 @@ def resume_config(
     """
     run_dir = runs.resumable(Path(run_dir), kind)
     saved = config_mod.resolve(run_dir / "config.yaml")
-    runs.check_continuable(run_dir, saved)
     if threads is not None and threads != saved.threads:
         saved = config_mod.resolve(base=saved, overrides={"threads": threads})
     return config_mod.resolve(base=saved, overrides={"out": str(run_dir)})
