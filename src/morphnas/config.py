@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from morphnas.errors import UserError
+from morphnas.errors import LINK_LOOP, UserError, dangling_link
 from morphnas.options import (
     INT64_MAX,
     baseline_names,
@@ -591,10 +591,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = load_yaml(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        if Path(path).is_symlink():
+        if dangling := dangling_link(path):
             raise UserError(
-                f"config file {path} is a symbolic link to {str(Path(path).readlink())!r}, "
-                "which does not exist; fix the link or give the path of the file"
+                f"config file {path} {dangling}; fix the link or give the path of the file"
             ) from None
         raise UserError(f"config file not found: {path}") from None
     except IsADirectoryError:
@@ -604,10 +603,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except OSError as err:
         if err.errno != errno.ELOOP:
             raise UserError(f"cannot read config file {path}: {err.strerror or err}") from None
-        raise UserError(
-            f"config file {path} is a symbolic link loop (a link that leads back to itself); give "
-            "the path of the real file"
-        ) from None
+        raise UserError(f"config file {path} {LINK_LOOP}; give the path of the real file") from None
     except (UnicodeDecodeError, yaml.YAMLError) as err:
         reason = str(err).replace("\n", " ")
         raise UserError(f"cannot read config file {path}: {reason}") from None

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from morphnas.errors import UserError
+from morphnas.errors import LINK_LOOP, UserError, dangling_link
 
 FORMAT = "morphnas.genotype"
 VERSION = 2
@@ -359,10 +359,10 @@ def load(path: str | Path) -> Genotype:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        if path.is_symlink():
+        if dangling := dangling_link(path):
             raise UserError(
-                f"genotype file {path} is a symbolic link to {str(path.readlink())!r}, which "
-                "does not exist; fix the link or give the path of the genotype.json"
+                f"genotype file {path} {dangling}; fix the link or give the path of the "
+                "genotype.json"
             ) from None
         raise UserError(f"genotype file not found: {path}{_known_hint(str(path))}") from None
     except IsADirectoryError:
@@ -377,8 +377,7 @@ def load(path: str | Path) -> Genotype:
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise UserError(
-                f"genotype file {path} is a symbolic link loop (a link that leads back to itself); "
-                "give the path of the real genotype.json"
+                f"genotype file {path} {LINK_LOOP}; give the path of the real genotype.json"
             ) from None
         raise UserError(f"cannot read genotype file {path}: {err.strerror or err}") from None
     try:

@@ -57,7 +57,7 @@ import numpy as np
 import pandas as pd
 
 from morphnas.data.series import SeriesData
-from morphnas.errors import UserError
+from morphnas.errors import LINK_LOOP, UserError, dangling_link
 
 _TIME_NAMES = frozenset({"date", "time", "timestamp", "datetime"})
 _MISSING = frozenset({"", "nan", "+nan", "-nan", "na", "n/a", "#n/a", "null", "none"})
@@ -210,18 +210,14 @@ def _check_file(path: Path, shown: str) -> None:
         info = os.stat(path)
     except OSError as err:
         if err.errno == errno.ELOOP:
-            raise UserError(
-                f"{shown} is a symbolic link loop (a link that leads back to itself); point "
-                "--csv at the real file"
-            ) from None
+            raise UserError(f"{shown} {LINK_LOOP}; point --csv at the real file") from None
         if err.errno != errno.ENOENT:
             raise UserError(
                 f"cannot read {shown}: {err.strerror or err}; check that the file is readable"
             ) from None
-        if os.path.islink(path):
+        if dangling := dangling_link(path):
             raise UserError(
-                f"{shown} is a symbolic link to {os.readlink(path)!r}, which does not exist; "
-                "fix the link or give the path of the file"
+                f"{shown} {dangling}; fix the link or give the path of the file"
             ) from None
         raise UserError(
             f"CSV file not found: {shown}; check the path (working directory: {Path.cwd()})"
