@@ -16,6 +16,13 @@ from morphnas import cli
 from morphnas.data import synthetic_series
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Caches a run may fill (E2NAS's trained graph VAEs) go to a folder of this session, shared
+    by its tests and the CLI they start, never to the user's ``~/.cache``."""
+    os.environ["MORPHNAS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture
 def synthetic_csv(tmp_path: Path) -> Path:
     """A small synthetic multivariate series as a daily CSV with a ``date`` column."""

@@ -34,6 +34,7 @@ The finite-difference denominator is ``(2 * eps)`` with brackets (NNI #3044, pt.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -368,23 +369,45 @@ def _unrolled(
     return _axpy(-lr, mixed, g_a)
 
 
+@dataclass(frozen=True)
+class _Options:
+    """``hypergradient``'s keyword options, checked once when built and then handed on whole, so
+    that the implicit solver reads them by name rather than through a long positional list."""
+
+    method: str
+    lr: float
+    steps: int
+    terms: int
+    eps: float | None
+    hvp: str
+    gamma: float | None
+
+    def __post_init__(self) -> None:
+        """Reject bad options with a ValueError that names the option and the allowed values."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+        check_hvp_options(self.hvp, self.eps)
+        check_count("steps", self.steps, 1)
+        check_count("terms", self.terms, 0)
+        if not self.lr > 0:  # also rejects NaN
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        check_gamma(self.gamma)
+
+    @property
+    def series_gamma(self) -> float:
+        """γ of the Neumann series: ``gamma``, or ``lr`` when it is None (as iDARTS does)."""
+        return self.lr if self.gamma is None else self.gamma
+
+
 def _implicit(
-    train_loss: Loss,
-    val_loss: Loss,
-    weights: Tensors,
-    arch: Tensors,
-    method: str,
-    lr: float,
-    steps: int,
-    terms: int,
-    hvp: str,
-    eps: float | None,
-    gamma: float,
+    train_loss: Loss, val_loss: Loss, weights: Tensors, arch: Tensors, options: _Options
 ) -> Tensors:
     """IFT gradient ``∇_α L_val − ∇²_{αw} L_train · H⁻¹ · ∇_w L_val`` at ``w_T`` (iDARTS)."""
-    w_t = _inner_sgd(train_loss, weights, arch, lr, steps)
+    method, terms, gamma = options.method, options.terms, options.series_gamma
+    w_t = _inner_sgd(train_loss, weights, arch, options.lr, options.steps)
     g_w, g_a = _grads(val_loss, w_t, arch)
-    curvature = Curvature(train_loss, w_t, arch, hvp, eps)  # every product below is at (w_T, α)
+    # every product below is at (w_T, α)
+    curvature = Curvature(train_loss, w_t, arch, options.hvp, options.eps)
     if method == "neumann":
         p = _neumann(curvature, g_w, gamma, terms)
     elif method == "neumann_diagonal":
@@ -396,26 +419,8 @@ def _implicit(
     return _axpy(-1.0, curvature.mixed(p), g_a)
 
 
-def _validate(
-    weights: Tensors,
-    arch: Tensors,
-    method: str,
-    lr: float,
-    steps: int,
-    terms: int,
-    eps: float | None,
-    hvp: str,
-    gamma: float | None,
-) -> None:
-    """Reject bad arguments with a ValueError that names the argument and the allowed values."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    check_hvp_options(hvp, eps)
-    check_count("steps", steps, 1)
-    check_count("terms", terms, 0)
-    if not lr > 0:  # also rejects NaN
-        raise ValueError(f"lr must be > 0, got {lr!r}")
-    check_gamma(gamma)
+def _check_tensors(weights: Tensors, arch: Tensors) -> None:
+    """Reject ``weights`` or ``arch`` that are not non-empty tuples of tensors."""
     for name, group in (("weights", weights), ("arch", arch)):
         if not isinstance(group, tuple) or not group:
             raise ValueError(f"{name} must be a non-empty tuple of tensors")
@@ -467,7 +472,8 @@ def hypergradient(
         ValueError: unknown ``method``/``hvp``, ``steps < 1``, ``terms < 0``, ``lr <= 0``,
             ``eps <= 0``, ``gamma <= 0``, or ``weights``/``arch`` not non-empty tuples of tensors.
     """
-    _validate(weights, arch, method, lr, steps, terms, eps, hvp, gamma)
+    options = _Options(method, lr, steps, terms, eps, hvp, gamma)
+    _check_tensors(weights, arch)
     # torch.func needs no requires_grad; detaching (a view, never a write) keeps the caller's
     # autograd graph out of every product and saves its memory.
     weights = tuple(t.detach() for t in weights)
@@ -477,8 +483,5 @@ def hypergradient(
     elif method == "unrolled":
         out = _unrolled(train_loss, val_loss, weights, arch, lr, hvp, eps)
     else:
-        gamma = lr if gamma is None else gamma
-        out = _implicit(
-            train_loss, val_loss, weights, arch, method, lr, steps, terms, hvp, eps, gamma
-        )
+        out = _implicit(train_loss, val_loss, weights, arch, options)
     return tuple(t.detach() for t in out)

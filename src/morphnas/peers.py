@@ -158,9 +158,8 @@ def run(
     rows = []
     for name in models:
         with _scratch(root_dir) as where:
-            rows.append(
-                fit_and_score(name, series, windows, config.data.split, config.seed, budget, where)
-            )
+            fit = fit_predict(name, series, windows, config.data.split, config.seed, budget, where)
+            rows.append(_result_row(name, windows, *fit))
     return rows
 
 
@@ -187,20 +186,15 @@ def long_frame(scaled: np.ndarray) -> pd.DataFrame:
     )
 
 
-def fit_and_score(
+def _result_row(
     name: str,
-    series: data_mod.SeriesData,
     windows: data_mod.WindowedSplits,
-    fractions: Sequence[float],
-    seed: int,
-    budget: PeerBudget,
-    root_dir: Path,
+    fitted: Any,
+    predictions: tuple[torch.Tensor, torch.Tensor],
+    seconds: float,
 ) -> dict[str, Any]:
-    """One peer: fit on train (selected on valid), forecast every valid and test target, score.
-    ``windows`` are ``series`` cut by ``data.make_windows`` with the split ``fractions``."""
-    fitted, predictions, seconds = fit_predict(
-        name, series, windows, fractions, seed, budget, root_dir
-    )
+    """One peer's result row from what ``fit_predict`` returned for it: its valid and test
+    predictions scored against ``windows``' targets, its size and its training curve."""
     valid_pred, test_pred = predictions
     scores = score_predictions(valid_pred, test_pred, windows)
     keeper = _keeper(fitted)

@@ -26,12 +26,14 @@ from morphnas.kernels.fused_ops import doubled_tanh_half, kernels_allowed
 from morphnas.ops import ACTIVATIONS, apply_two_input, two_input_weight_shape
 
 
-class DartsRNNCell(nn.Module):
-    """The DARTS evaluation cell: highway init node, then ``s_i = s_j + c ⊙ (f(g) − s_j)``.
+class _DerivedCell(nn.Module):
+    """What the discrete cells share: a genotype run over ``(T, B, input_size)`` sequences at
+    ``hidden_size``, with variational dropout on the input (``dropout_x``) and on the recurrent
+    state (``dropout_h``), on its sequence kernel when ``fused`` allows.
 
-    The output is the genotype's: DARTS derives ``mean`` (of nodes 1..N) with no squashing.
-    With ``fused=True`` (the default) the sequence runs on ``cells.fused_darts_cell``'s kernel
-    whenever it can; the eager loop below is its specification and fallback.
+    A subclass makes its own weights in ``_build``, from ``init_range`` (the bound of their
+    uniform init) or, when that is None, from its ``_default_bound``; ``__init__`` calls it
+    once, before the residual nodes' ``γ``, so every cell draws its weights in its own order.
     """
 
     def __init__(
@@ -41,7 +43,7 @@ class DartsRNNCell(nn.Module):
         hidden_size: int,
         dropout_x: float = 0.0,
         dropout_h: float = 0.0,
-        init_range: float = 0.04,
+        init_range: float | None = None,
         fused: bool = True,
     ) -> None:
         super().__init__()
@@ -50,13 +52,36 @@ class DartsRNNCell(nn.Module):
         check_dropout(dropout_x=dropout_x, dropout_h=dropout_h)
         self.dropout_x, self.dropout_h = dropout_x, dropout_h
         self.fused = fused
-        self._plan = CellPlan.of(genotype)
-        d = hidden_size
-        self.init_weight = uniform_parameter(input_size + d, 2 * d, bound=init_range)
+        self._build(self._default_bound() if init_range is None else init_range)
+        self.gammas = residual_gammas(genotype.nodes, hidden_size)
+
+    def _default_bound(self) -> float:
+        """The init bound when ``init_range`` is None."""
+        raise NotImplementedError
+
+    def _build(self, bound: float) -> None:
+        """Make the cell's weights, drawn from ``U(−bound, bound)``."""
+        raise NotImplementedError
+
+
+class DartsRNNCell(_DerivedCell):
+    """The DARTS evaluation cell: highway init node, then ``s_i = s_j + c ⊙ (f(g) − s_j)``.
+
+    The output is the genotype's: DARTS derives ``mean`` (of nodes 1..N) with no squashing.
+    With ``fused=True`` (the default) the sequence runs on ``cells.fused_darts_cell``'s kernel
+    whenever it can; the eager loop below is its specification and fallback.
+    """
+
+    def _default_bound(self) -> float:
+        return 0.04  # the DARTS code's init range
+
+    def _build(self, bound: float) -> None:
+        self._plan = CellPlan.of(self.genotype)
+        d = self.hidden_size
+        self.init_weight = uniform_parameter(self.input_size + d, 2 * d, bound=bound)
         self.node_weights = nn.ParameterList(
-            uniform_parameter(d, 2 * d, bound=init_range) for _ in genotype.nodes
+            uniform_parameter(d, 2 * d, bound=bound) for _ in self.genotype.nodes
         )
-        self.gammas = residual_gammas(genotype.nodes, d)
 
     def forward(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
         steps, batch, _ = x.shape
@@ -107,7 +132,7 @@ class DartsRNNCell(nn.Module):
         return outputs, outputs[-1]
 
 
-class TwoInputCell(nn.Module):
+class TwoInputCell(_DerivedCell):
     """A discrete two-input cell: each node one op on its two input states.
 
     ``u_t = x_t W_x + b_x``: the input bias gives every op that reads ``u`` an affine term, which
@@ -119,38 +144,24 @@ class TwoInputCell(nn.Module):
     the eager loop below is its specification and fallback.
     """
 
-    def __init__(
-        self,
-        genotype: Genotype,
-        input_size: int,
-        hidden_size: int,
-        dropout_x: float = 0.0,
-        dropout_h: float = 0.0,
-        init_range: float | None = None,
-        fused: bool = True,
-    ) -> None:
-        super().__init__()
-        self.genotype = genotype
-        self.input_size, self.hidden_size = input_size, hidden_size
-        check_dropout(dropout_x=dropout_x, dropout_h=dropout_h)
-        self.dropout_x, self.dropout_h = dropout_x, dropout_h
-        self.fused = fused
-        self._plan = TwoInputCellPlan.of(genotype)
-        d = hidden_size
-        bound = 1.0 / math.sqrt(d) if init_range is None else init_range
-        self.input_weight = uniform_parameter(input_size, d, bound=bound)
+    def _default_bound(self) -> float:
+        return 1.0 / math.sqrt(self.hidden_size)
+
+    def _build(self, bound: float) -> None:
+        self._plan = TwoInputCellPlan.of(self.genotype)
+        d = self.hidden_size
+        self.input_weight = uniform_parameter(self.input_size, d, bound=bound)
         self.input_bias = nn.Parameter(torch.zeros(d))
         # One weight per node: [A; B] (2d x d) for add ops, [C, H] (d x 2d) for highway, else none.
         self.node_weights = nn.ParameterList()
         self._weight_slot: list[int | None] = []
-        for node in genotype.nodes:
+        for node in self.genotype.nodes:
             shape = two_input_weight_shape(node.op, d)
             if shape is not None:
                 self._weight_slot.append(len(self.node_weights))
                 self.node_weights.append(uniform_parameter(*shape, bound=bound))
             else:
                 self._weight_slot.append(None)
-        self.gammas = residual_gammas(genotype.nodes, d)
 
     def _node(self, i: int, a: Tensor, b: Tensor) -> Tensor:
         slot = self._weight_slot[i]

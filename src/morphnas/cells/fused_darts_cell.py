@@ -52,19 +52,7 @@ from torch.autograd.function import FunctionCtx
 
 from morphnas import native
 from morphnas.genotype import Genotype
-from morphnas.kernels.fused_ops import (
-    SequenceOutput,
-    activation_backward_into,
-    doubled,
-    highway_factors,
-    live_nodes,
-    output_rule,
-    output_rule_backward,
-    pairs,
-    per_step_rows,
-    refuse_double_backward,
-    sigmoid_to_tanh_,
-)
+from morphnas.kernels import fused_ops
 
 
 @dataclass(frozen=True)
@@ -106,7 +94,7 @@ class CellPlan:
     @cached_property
     def live(self) -> tuple[bool, ...]:
         """Per node whether the output depends on it (``live_nodes``)."""
-        return live_nodes([(p,) for p in self.parents], self.residual, self.output)
+        return fused_ops.live_nodes([(p,) for p in self.parents], self.residual, self.output)
 
     def _act(self, i: int) -> tuple[int, int]:
         return ACTIVATION_ORDER[self.acts[i]], i
@@ -121,7 +109,7 @@ def group_weight(weights: list[Tensor], acts: list[str], d: int) -> Tensor:
     ``[C_1 … C_k | G_1 … G_k]``, a ``tanh`` child's ``G`` doubled (``doubled_tanh_half``);
     autograd splits the gradient back (and doubles it for those columns)."""
     values = [
-        doubled(w[:, d:]) if act == "tanh" else w[:, d:]
+        fused_ops.doubled(w[:, d:]) if act == "tanh" else w[:, d:]
         for w, act in zip(weights, acts, strict=True)
     ]
     return torch.cat([w[:, :d] for w in weights] + values, dim=1)
@@ -172,10 +160,10 @@ class _Group:
         and ``∂y/∂s = 1 − σ`` goes to ``keep``. In place, once: the backward needs the forward's
         values only through these factors, so later backwards (``retain_graph``) reuse them.
         """
-        self.keep = highway_factors(self.z, parent, self.runs, self.k)
+        self.keep = fused_ops.highway_factors(self.z, parent, self.runs, self.k)
         k, d = self.k, self.d
         self.keep_t = [self.keep[..., r * d : (r + 1) * d].unbind(0) for r in range(k)]
-        self.factors_t = pairs(self.z, k)
+        self.factors_t = fused_ops.pairs(self.z, k)
 
     def grad_buffers(self, d_states: Tensor) -> None:
         """Fresh gradient buffers ``dz`` for one backward, and the children's rows of
@@ -183,7 +171,7 @@ class _Group:
         when they are evenly spaced (always, for one child), else gathered (``index``) at
         every step into ``picked``."""
         self.dz = torch.empty_like(self.z)
-        self.dz_t, self.d_pairs_t = self.dz.unbind(0), pairs(self.dz, self.k)
+        self.dz_t, self.d_pairs_t = self.dz.unbind(0), fused_ops.pairs(self.dz, self.k)
         rows = [i + 1 for i in self.children]
         stride = rows[1] - rows[0] if self.k > 1 else 1
         self.index: Tensor | None = None
@@ -211,11 +199,11 @@ def _init_factors(init: Tensor, h_prev: Tensor) -> tuple[tuple[Tensor, ...], ...
     init node is one highway blend of ``h`` with ``tanh``. Per step ``[∂y/∂c | ∂y/∂g]`` as
     ``(B, 2, 1, d)`` and ``∂y/∂h``."""
     d = h_prev.shape[-1]
-    keep = highway_factors(init, h_prev, [("tanh", d, 2 * d)], 1)
-    return pairs(init, 1), keep.unbind(0)
+    keep = fused_ops.highway_factors(init, h_prev, [("tanh", d, 2 * d)], 1)
+    return fused_ops.pairs(init, 1), keep.unbind(0)
 
 
-FINISH = {"tanh": sigmoid_to_tanh_, "relu": lambda value, _: value.clamp_min_(0.0)}
+FINISH = {"tanh": fused_ops.sigmoid_to_tanh_, "relu": lambda value, _: value.clamp_min_(0.0)}
 """What a column run needs after the gates' ``sigmoid_`` (``sigmoid``: nothing more;
 ``identity``: nothing at all)."""
 
@@ -266,7 +254,13 @@ class FusedDartsCellSequence(torch.autograd.Function):
         blocks, gammas = blocks_and_gammas[:n_groups], blocks_and_gammas[n_groups:]
         ctx.native = native.darts_cell() if native.handles(x_proj) else None  # type: ignore[attr-defined]
         if ctx.native is not None:  # type: ignore[attr-defined]
-            return _native_forward(ctx, plan, x_proj, h0, w_h, mask_h, blocks, gammas)
+            # by the C++ kernel (``native.darts_cell``)
+            kernel = ctx.native  # type: ignore[attr-defined]
+            settings = ctx.native_plan = _native_plan(kernel, plan)  # type: ignore[attr-defined]
+            output, *buffers = kernel.forward(settings, x_proj, h0, w_h, mask_h, blocks, gammas)
+            ctx.buffers, ctx.n_blocks = buffers, len(blocks)  # type: ignore[attr-defined]
+            ctx.save_for_backward(w_h, mask_h, *blocks, *gammas)
+            return output
         steps, batch, two_d = x_proj.shape
         d, n = two_d // 2, len(plan.parents)
         states = x_proj.new_empty(steps, n + 1, batch, d)  # s_0..s_N
@@ -281,16 +275,16 @@ class FusedDartsCellSequence(torch.autograd.Function):
             children_of[group.parent] = (group, block)
         nodes = _nodes(plan, groups, gammas)
         minus_one = x_proj.new_full((), -1.0)
-        state_t, masked_t, ys_t = per_step_rows(states), per_step_rows(masked), per_step_rows(ys)
+        state_t, masked_t, ys_t = map(fused_ops.per_step_rows, (states, masked, ys))
         h_t, xp_t, init_t = hs.unbind(0), x_proj.unbind(0), init.unbind(0)
         c0_t, g0_t = init[..., :d].unbind(0), init[..., d:].unbind(0)
-        output = SequenceOutput(plan.squash, plan.output, states[:, 1:], hs)
+        output = fused_ops.SequenceOutput(plan.squash, plan.output, states[:, 1:], hs)
         h_t[0].copy_(h0)
         for t in range(steps):
             h, row, masked_row = h_t[t], state_t[t], masked_t[t]
             torch.addmm(xp_t[t], h if mask_h is None else h * mask_h, w_h, out=init_t[t])
             init_t[t].sigmoid_()
-            sigmoid_to_tanh_(g0_t[t], minus_one)
+            fused_ops.sigmoid_to_tanh_(g0_t[t], minus_one)
             torch.lerp(h, g0_t[t], c0_t[t], out=row[0])
             for j in range(n + 1):
                 if j > 0:  # node j−1 computes state j
@@ -303,7 +297,10 @@ class FusedDartsCellSequence(torch.autograd.Function):
                     else:
                         y = torch.lerp(row[node.parent], value, gate, out=ys_t[t][j - 1])
                         torch.addcmul(
-                            output_rule(states[t], j - 1, plan.output), node.gamma, y, out=row[j]
+                            fused_ops.output_rule(states[t], j - 1, plan.output),
+                            node.gamma,
+                            y,
+                            out=row[j],
                         )
                 if mask_h is not None:
                     torch.mul(row[j], mask_h, out=masked_row[j])
@@ -321,7 +318,7 @@ class FusedDartsCellSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        refuse_double_backward("derived DARTS cell")
+        fused_ops.refuse_double_backward("derived DARTS cell")
         if ctx.native is not None:  # type: ignore[attr-defined]
             return _native_backward(ctx, grad_out)
         plan: CellPlan = ctx.plan  # type: ignore[attr-defined]
@@ -348,18 +345,18 @@ class FusedDartsCellSequence(torch.autograd.Function):
             group.grad_buffers(d_states)
             children_of[group.parent] = (group, block.T)
         d_init = new(steps, batch, 2 * d)
-        d_init_t, d_init_pairs_t = d_init.unbind(0), pairs(d_init, 1)
+        d_init_t, d_init_pairs_t = d_init.unbind(0), fused_ops.pairs(d_init, 1)
         d_s0_b = d_states[0].view(batch, 1, 1, d)  # against the init node's (B, 2, 1, d) pairs
         d_res = torch.zeros_like(ys)  # d s_i of residual nodes, for γ's gradient at the end
-        d_res_t = per_step_rows(d_res)
+        d_res_t = fused_ops.per_step_rows(d_res)
         d_in, d_base = new(batch, d), new(batch, d)
         h_t, out_t = hs.unbind(0), grad_out.unbind(0)
         d_h0, no_output = new(batch, d), grad_out.new_zeros(())
         d_base.copy_(out_t[steps - 1])  # d h_t: the output's gradient, plus h_{t+1}'s share
         for t in reversed(range(steps)):
-            activation_backward_into(plan.squash, d_base, h_t[t + 1], h_t[t + 1], d_base)
+            fused_ops.activation_backward_into(plan.squash, d_base, h_t[t + 1], h_t[t + 1], d_base)
             d_states.zero_()
-            output_rule_backward(d_states, n, plan.output, d_base)
+            fused_ops.output_rule_backward(d_states, n, plan.output, d_base)
             for j in reversed(range(n + 1)):
                 children = children_of[j]
                 if children is not None:  # all children of state j are done: d(m ⊙ s_j)
@@ -375,7 +372,7 @@ class FusedDartsCellSequence(torch.autograd.Function):
                 if node is not None and node.gamma is not None:
                     # row j final: its own share, then the op's
                     d_res_t[t][j - 1].copy_(rows[j])
-                    output_rule_backward(d_states, j - 1, plan.output, rows[j])
+                    fused_ops.output_rule_backward(d_states, j - 1, plan.output, rows[j])
                     rows[j].mul_(node.gamma)
             torch.mul(d_s0_b, init_factors_t[t], out=d_init_pairs_t[t])
             # d h_{t−1}, added straight to the output's gradient there (d h0 at the first step)
@@ -412,25 +409,6 @@ def _native_plan(kernel: ModuleType, plan: CellPlan) -> object:
         plan.output == "mean",
         plan.squash == "tanh",
     )
-
-
-def _native_forward(
-    ctx: FunctionCtx,
-    plan: CellPlan,
-    x_proj: Tensor,
-    h0: Tensor,
-    w_h: Tensor,
-    mask_h: Tensor | None,
-    blocks: tuple[Tensor, ...],
-    gammas: tuple[Tensor, ...],
-) -> Tensor:
-    """``FusedDartsCellSequence.forward`` by the C++ kernel (``native.darts_cell``)."""
-    kernel = ctx.native  # type: ignore[attr-defined]
-    ctx.native_plan = _native_plan(kernel, plan)  # type: ignore[attr-defined]
-    output, *buffers = kernel.forward(ctx.native_plan, x_proj, h0, w_h, mask_h, blocks, gammas)  # type: ignore[attr-defined]
-    ctx.buffers, ctx.n_blocks = buffers, len(blocks)  # type: ignore[attr-defined]
-    ctx.save_for_backward(w_h, mask_h, *blocks, *gammas)
-    return output
 
 
 def _native_backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:

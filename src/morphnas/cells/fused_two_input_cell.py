@@ -47,19 +47,7 @@ from torch.autograd.function import FunctionCtx
 
 from morphnas import native
 from morphnas.genotype import Genotype
-from morphnas.kernels.fused_ops import (
-    SequenceOutput,
-    activation_backward_into,
-    activation_into,
-    highway_factors,
-    live_nodes,
-    output_rule,
-    output_rule_backward,
-    pairs,
-    per_step_rows,
-    refuse_double_backward,
-    sigmoid_to_tanh_,
-)
+from morphnas.kernels import fused_ops
 from morphnas.ops import ADD_OPS
 
 U, H = 0, 1  # slots of the input projection and of the (masked) previous state
@@ -80,7 +68,7 @@ class TwoInputCellPlan:
     def live(self) -> tuple[bool, ...]:
         """Per node whether the output depends on it (``fused_ops.live_nodes``)."""
         states = [(a - 1, b - 1) for a, b in self.inputs]  # slot j is state j − 1
-        return live_nodes(states, self.residual, self.output)
+        return fused_ops.live_nodes(states, self.residual, self.output)
 
     @classmethod
     def of(cls, genotype: Genotype) -> TwoInputCellPlan:
@@ -231,7 +219,7 @@ class FusedTwoInputCellSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        refuse_double_backward("derived two-input cell")
+        fused_ops.refuse_double_backward("derived two-input cell")
         plan: TwoInputCellPlan = ctx.plan  # type: ignore[attr-defined]
         nodes: list[_Node | None] = ctx.nodes  # type: ignore[attr-defined]
         shared: Tensor | None = ctx.shared  # type: ignore[attr-defined]
@@ -298,8 +286,8 @@ def _forward_loop(
     steps = hs.shape[0] - 1
     shared_t = shared.unbind(0) if shared is not None else None
     minus_one = hs.new_full((), -1.0)
-    rows, h_t = per_step_rows(seq), hs.unbind(0)
-    output = SequenceOutput(plan.squash, plan.output, states[:, 2:], hs)
+    rows, h_t = fused_ops.per_step_rows(seq), hs.unbind(0)
+    output = fused_ops.SequenceOutput(plan.squash, plan.output, states[:, 2:], hs)
     for t in range(steps):
         row = rows[t]
         if mask_h is not None:  # (without a mask, slot H is h itself)
@@ -310,7 +298,7 @@ def _forward_loop(
             out = row[node.slot] if node.y_t is None else node.y_t[t]
             _op_forward(node, row, t, out, minus_one)
             if node.gamma is not None:
-                base = output_rule(states[t, 1:], node.slot - 2, plan.output)
+                base = fused_ops.output_rule(states[t, 1:], node.slot - 2, plan.output)
                 torch.addcmul(base, node.gamma, out, out=row[node.slot])
         output.step(t, minus_one)
 
@@ -338,20 +326,20 @@ def _backward_loop(
     if not ctx.factors:  # type: ignore[attr-defined]  # the first backward
         for _, node in live:
             if node.op == "highway":  # in place: later backwards (retain_graph) reuse them
-                node.keep_t = highway_factors(node.z, seq[node.a], [("tanh", d, 2 * d)], 1).unbind(
-                    0
-                )
-                node.factors_t = pairs(node.z, 1)
+                node.keep_t = fused_ops.highway_factors(
+                    node.z, seq[node.a], [("tanh", d, 2 * d)], 1
+                ).unbind(0)
+                node.factors_t = fused_ops.pairs(node.z, 1)
         ctx.factors = True  # type: ignore[attr-defined]
     dz_t = [buf.unbind(0) if buf is not None else None for buf in dz]
     d_pairs_t = [
-        pairs(buf, 1) if buf is not None and node.op == "highway" else None  # type: ignore[union-attr]
+        fused_ops.pairs(buf, 1) if buf is not None and node.op == "highway" else None  # type: ignore[union-attr]
         for node, buf in zip(nodes, dz, strict=True)
     ]
     d_states = new(n + 2, batch, d)
     d_rows, d_rows_b = d_states.unbind(0), d_states.view(n + 2, batch, 1, 1, d).unbind(0)
     d_node_states = d_states[1:]  # index 0 is m ⊙ h, the nodes from 1: the output rule's view
-    rows, h_t, out_t = per_step_rows(seq), hs.unbind(0), grad_out.unbind(0)
+    rows, h_t, out_t = fused_ops.per_step_rows(seq), hs.unbind(0), grad_out.unbind(0)
     recurrent_t = [[(slot, w.T) for slot, w in node.recurrent] if node else [] for node in nodes]
     d_out, d_y = new(batch, d), new(batch, d)
     d_y_b = d_y.view(batch, 1, 1, d)
@@ -360,14 +348,14 @@ def _backward_loop(
     d_out.copy_(out_t[steps - 1])  # d h_t: the output's gradient, plus h_{t+1}'s share
     for t in reversed(range(steps)):
         row = rows[t]
-        activation_backward_into(plan.squash, d_out, h_t[t + 1], h_t[t + 1], d_out)
+        fused_ops.activation_backward_into(plan.squash, d_out, h_t[t + 1], h_t[t + 1], d_out)
         d_states.zero_()
-        output_rule_backward(d_node_states, n, plan.output, d_out)
+        fused_ops.output_rule_backward(d_node_states, n, plan.output, d_out)
         for i, node in reversed(live):
             d_s, d_s_b = d_rows[node.slot], d_rows_b[node.slot]
             if node.gamma is not None:
                 d_res[i][t].copy_(d_s)  # type: ignore[index]
-                output_rule_backward(d_node_states, i, plan.output, d_s)
+                fused_ops.output_rule_backward(d_node_states, i, plan.output, d_s)
                 d_s, d_s_b = torch.mul(d_s, node.gamma, out=d_y), d_y_b
             if node.op == "highway":  # [dc | dg] in one op, from the factors
                 torch.mul(d_s_b, node.factors_t[t], out=d_pairs_t[i][t])  # type: ignore[index]
@@ -410,10 +398,10 @@ def _op_forward(
             z.addmm_(row[slot], w)
         if op == "highway":  # [c | 2g] → [σ(c) | σ(2g)] → [σ(c) | tanh(g)]
             z.sigmoid_()
-            sigmoid_to_tanh_(node.cand_t[t], minus_one)
+            fused_ops.sigmoid_to_tanh_(node.cand_t[t], minus_one)
             torch.lerp(a, node.cand_t[t], node.gate_t[t], out=out)
         else:  # z keeps the pre-activation (relu's backward reads its sign)
-            activation_into(node.act, z, out, minus_one)
+            fused_ops.activation_into(node.act, z, out, minus_one)
     elif op == "hadamard":
         torch.mul(a, b, out=out)
     elif op == "add":
@@ -437,7 +425,7 @@ def _op_backward(
     if op in ADD_OPS:
         assert dz_t is not None
         value = row[node.slot] if node.y_t is None else node.y_t[t]
-        activation_backward_into(node.act, d_s, value, node.z_t[t], dz_t[t])
+        fused_ops.activation_backward_into(node.act, d_s, value, node.z_t[t], dz_t[t])
     elif op == "hadamard":
         d_rows[node.a].addcmul_(d_s, row[node.b])
         d_rows[node.b].addcmul_(d_s, row[node.a])

@@ -110,7 +110,8 @@ def load_csv(
     # Date-named columns are parsed as timestamps only; one that turns out not to hold dates
     # is read again as values below (rare), which keeps the common case to a single pass.
     value_names = wanted or [n for n in names if n not in time_names]
-    table = _read_columns(file, shown, encoding, sep, has_header, names, value_names, time_names)
+    layout = _Layout(file, shown, encoding, sep, has_header, names)
+    table = _read_columns(layout, value_names, time_names)
     if table.rows < 2:
         empty = has_header and table.rows == 0
         what = "a header line but no data rows" if empty else f"{table.rows} data row(s)"
@@ -122,7 +123,7 @@ def load_csv(
     candidates = wanted or [c for c in names if c != time_name]
     late = [c for c in candidates if c not in table.values]
     if late:
-        late_table = _read_columns(file, shown, encoding, sep, has_header, names, late, [])
+        late_table = _read_columns(layout, late, [])
         table.values.update(late_table.values)
     report: dict[str, ColumnNote] = {}
     if time_name is not None:
@@ -631,26 +632,31 @@ class _Table:
     times: dict[str, _Times]
 
 
-def _read_columns(
-    path: Path,
-    shown: str,
-    encoding: str,
-    sep: str,
-    has_header: bool,
-    names: list[str],
-    value_names: Sequence[str],
-    time_names: Sequence[str],
-) -> _Table:
+@dataclass(frozen=True)
+class _Layout:
+    """How to read the file's data rows, as the first look at it found: its path (and the name
+    messages show), encoding, separator, whether a header line comes first, and the column
+    names. Each pass over the rows reads with the same layout."""
+
+    path: Path
+    shown: str
+    encoding: str
+    sep: str
+    has_header: bool
+    names: list[str]
+
+
+def _read_columns(layout: _Layout, value_names: Sequence[str], time_names: Sequence[str]) -> _Table:
     """Parse the file in chunks, converting each value column to float64 and each candidate
     time column to timestamps as it goes, so no chunk's text outlives its conversion."""
     values = {name: _Numbers() for name in value_names}
     times = {name: _Times() for name in time_names}
     rows = 0
-    chunk_rows = max(1000, _CHUNK_CELLS // max(1, len(names)))
+    chunk_rows = max(1000, _CHUNK_CELLS // max(1, len(layout.names)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", pd.errors.ParserWarning)
         warnings.simplefilter("ignore", pd.errors.DtypeWarning)
-        for chunk in _chunks(path, shown, encoding, sep, has_header, names, chunk_rows):
+        for chunk in _chunks(layout, chunk_rows):
             for name, numbers in values.items():
                 numbers.add(chunk[name], rows)
             for name, stamps in times.items():
@@ -659,23 +665,16 @@ def _read_columns(
     return _Table(rows, values, times)
 
 
-def _chunks(
-    path: Path,
-    shown: str,
-    encoding: str,
-    sep: str,
-    has_header: bool,
-    names: list[str],
-    chunk_rows: int,
-) -> Iterator[pd.DataFrame]:
+def _chunks(layout: _Layout, chunk_rows: int) -> Iterator[pd.DataFrame]:
     """The data rows under their column names, `chunk_rows` at a time."""
+    path, shown, sep = layout.path, layout.shown, layout.sep
     reader = _parse(
         path,
         shown,
-        encoding,
+        layout.encoding,
         sep=sep,
-        header=0 if has_header else None,
-        names=names,
+        header=0 if layout.has_header else None,
+        names=layout.names,
         index_col=False,
         chunksize=chunk_rows,
     )

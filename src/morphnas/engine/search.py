@@ -108,11 +108,7 @@ def search(
     "stop"``) or restarts from the last checkpoint at half the learning rates (``"retry"``, at
     most three times).
     """
-    loop = _SearchLoop(
-        model,
-        strategy,
-        task,
-        config,
+    session = _Session(
         seed=seed,
         log=log,
         checkpoint_dir=checkpoint_dir,
@@ -123,9 +119,28 @@ def search(
         stamp=stamp,
         stop=stop,
     )
+    loop = _SearchLoop(model, strategy, task, config, session)
     if resume is not None:
         loop.resume(resume)
     return loop.run()
+
+
+@dataclass(frozen=True)
+class _Session:
+    """What ``search`` hands its loop besides the model, strategy, task and config, with its
+    defaults filled in: the seed, where the session writes, the growth settings, and how it
+    reports progress and is asked to stop. One object, so the public signature is the only
+    place that lists these."""
+
+    seed: int
+    log: MetricsLog
+    checkpoint_dir: Path
+    growth: GrowthConfig
+    nodes_max: int | None
+    history_path: Path | None
+    progress: Progress
+    stamp: dict[str, Any] | None
+    stop: StopFlag | None
 
 
 class _SearchLoop:
@@ -139,30 +154,23 @@ class _SearchLoop:
         strategy: Strategy,
         task: Task,
         config: SearchConfig,
-        *,
-        seed: int,
-        log: MetricsLog,
-        checkpoint_dir: Path,
-        growth: GrowthConfig,
-        nodes_max: int | None,
-        history_path: Path | None,
-        progress: Progress,
-        stamp: dict[str, Any] | None,
-        stop: StopFlag | None,
+        session: _Session,
     ) -> None:
         self.model, self.strategy, self.task, self.config = model, strategy, task, config
         self.space = model.cell
-        self.log, self.progress, self.stamp, self.stop = log, progress, stamp, stop
-        self.checkpoint_dir, self.history_path = checkpoint_dir, history_path
+        self.log, self.progress = session.log, session.progress
+        self.stamp, self.stop = session.stamp, session.stop
+        checkpoint_dir, seed = session.checkpoint_dir, session.seed
+        self.checkpoint_dir, self.history_path = checkpoint_dir, session.history_path
         self.last_path = checkpoint_dir / "search_last.pt"
         self.generator = torch.Generator().manual_seed(seed)
         self.valid_stream = task.valid_stream(self.generator)
         model_input, cell_input = task.probe()
         self.grower = Growth(
             model,
-            growth,
+            session.growth,
             config.epochs,
-            nodes_max or self.space.nodes,
+            session.nodes_max or self.space.nodes,
             probe=model_input,
             cell_probe=cell_input,
             valid_loss=lambda: task.valid_loss(model, weights=_mixing(strategy)),
@@ -311,7 +319,7 @@ class _SearchLoop:
             if searching and k % config.weight_steps == 0:
                 self.strategy.arch_step(self.objective, batch, next(self.valid_stream))
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.batch_loss(batch, self.strategy.weight_mixing())
+            loss = self.strategy.weight_loss(self.batch_loss, batch)
             loss.backward()
             nn.utils.clip_grad_norm_(self.weights, config.clip)
             self.optimizer.step()

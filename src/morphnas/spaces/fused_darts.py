@@ -42,15 +42,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 from morphnas import native
-from morphnas.kernels.fused_ops import (
-    SequenceNorm,
-    activation_backward_into,
-    activation_into,
-    refuse_double_backward,
-    sigmoid_backward_into,
-    tanh_backward_into,
-    tanh_into,
-)
+from morphnas.kernels import fused_ops
 
 
 @dataclass(frozen=True)
@@ -105,6 +97,20 @@ class _Node:
         self.mixed3 = self.mixed.view(m, batch, d)
 
 
+@dataclass(frozen=True, eq=False)
+class _EagerState:
+    """What the eager forward keeps for its backward besides the saved tensors: the plan, the
+    BatchNorm state, the per-node buffers and the whole-sequence states, ``h`` and init node
+    pre-activations. One typed object on ``ctx`` rather than six untyped attributes."""
+
+    plan: Plan
+    norm: fused_ops.SequenceNorm
+    nodes: list[_Node]
+    states: Tensor
+    hs: Tensor
+    init: Tensor
+
+
 class FusedDartsSequence(torch.autograd.Function):
     """``outputs = cell(x̂, h0)`` over a whole sequence; see the module docstring.
 
@@ -137,7 +143,7 @@ class FusedDartsSequence(torch.autograd.Function):
         masked = states if mask_h is None else torch.empty_like(states)
         hs = x_proj.new_empty(steps + 1, batch, d)  # h_{t-1} of every step, then the last h
         init = x_proj.new_empty(steps, batch, two_d)  # [σ(c₀) | tanh(g₀)]
-        norm = SequenceNorm(plan.bn, x_proj[..., :d], n + 1)
+        norm = fused_ops.SequenceNorm(plan.bn, x_proj[..., :d], n + 1)
         nodes = [_Node(spec, i, states, masked) for i, spec in enumerate(plan.nodes)]
         minus_one = x_proj.new_full((), -1.0)
         edge_sums = [w.sum(1).view(-1, 1, 1) for w in act_w if w is not None]
@@ -154,7 +160,7 @@ class FusedDartsSequence(torch.autograd.Function):
             h = h_t[t]
             torch.addmm(xp_t[t], h if mask_h is None else h * mask_h, w_h, out=init_t[t])
             c0_t[t].sigmoid_()
-            tanh_into(g0_t[t], g0_t[t], minus_one)
+            fused_ops.tanh_into(g0_t[t], g0_t[t], minus_one)
             torch.lerp(h, g0_t[t], c0_t[t], out=norm.raw(t, 0, s0_t[t]))
             norm.forward(t, 0, s0_t[t])
             if mask_h is not None:
@@ -163,7 +169,7 @@ class FusedDartsSequence(torch.autograd.Function):
                 torch.mm(node.inputs[t], weights[i], out=node.z2d[t])  # type: ignore[arg-type]
                 node.c[t].sigmoid_()
                 for k, name in enumerate(node.spec.acts):
-                    activation_into(name, node.g[t], node.act_k[k][t], minus_one)
+                    fused_ops.activation_into(name, node.g[t], node.act_k[k][t], minus_one)
                 torch.bmm(mix_w[i], node.acts3[t], out=node.mixed)
                 carried = node.prev[t] * edge_sums[i]
                 torch.sub(node.mixed3, carried, out=node.blend[t])
@@ -177,22 +183,18 @@ class FusedDartsSequence(torch.autograd.Function):
                     torch.mul(node.state[t], mask_h, out=node.masked[t])
             torch.mean(tail_t[t], 0, out=h_t[t + 1])
         _count_batches(plan, steps)
-        ctx.plan, ctx.norm, ctx.nodes = plan, norm, nodes  # type: ignore[attr-defined]
-        ctx.states, ctx.hs, ctx.init = states, hs, init  # type: ignore[attr-defined]
+        ctx.eager = _EagerState(plan, norm, nodes, states, hs, init)  # type: ignore[attr-defined]
         ctx.save_for_backward(w_h, mask_h, *per_node)
         return hs[1:].clone()
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        refuse_double_backward("DARTS")
+        fused_ops.refuse_double_backward("DARTS")
         if ctx.native is not None:  # type: ignore[attr-defined]
             return _native_backward(ctx, grad_out)
-        plan: Plan = ctx.plan  # type: ignore[attr-defined]
-        norm: SequenceNorm = ctx.norm  # type: ignore[attr-defined]
-        nodes: list[_Node] = ctx.nodes  # type: ignore[attr-defined]
-        states: Tensor = ctx.states  # type: ignore[attr-defined]
-        hs: Tensor = ctx.hs  # type: ignore[attr-defined]
-        init: Tensor = ctx.init  # type: ignore[attr-defined]
+        saved: _EagerState = ctx.eager  # type: ignore[attr-defined]
+        plan, norm, nodes = saved.plan, saved.norm, saved.nodes
+        states, hs, init = saved.states, saved.hs, saved.init
         w_h, mask_h, *per_node = ctx.saved_tensors  # type: ignore[attr-defined]
         n = len(plan.nodes)
         weights, act_w, gammas = per_node[:n], per_node[n : 2 * n], per_node[2 * n :]
@@ -234,9 +236,11 @@ class FusedDartsSequence(torch.autograd.Function):
                     d_state = d_state * gammas[i]
                 d_raw = norm.backward(t, i + 1, d_state)
                 d_f = torch.mul(node.c[t], d_raw, out=d_mixed_t[i][t])
-                sigmoid_backward_into(node.blend[t] * d_raw, node.c[t], work.dzc)
+                fused_ops.sigmoid_backward_into(node.blend[t] * d_raw, node.c[t], work.dzc)
                 for k, name in enumerate(node.spec.acts):
-                    activation_backward_into(name, d_f, node.act_k[k][t], node.g[t], work.da_k[k])
+                    fused_ops.activation_backward_into(
+                        name, d_f, node.act_k[k][t], node.g[t], work.da_k[k]
+                    )
                 torch.bmm(mix_w[i], work.da3, out=work.dg)
                 work.dzg.copy_(work.dg3)
                 d_c = torch.sub(d_raw, d_f, out=d_carried_t[i][t])
@@ -250,8 +254,8 @@ class FusedDartsSequence(torch.autograd.Function):
             d_raw = norm.backward(t, 0, rows[0])
             c0, g0 = c0_t[t], g0_t[t]
             d_g0 = d_raw * c0
-            tanh_backward_into(d_g0, g0, d_g0_t[t])
-            sigmoid_backward_into(d_raw * (g0 - h_t[t]), c0, d_c0_t[t])
+            fused_ops.tanh_backward_into(d_g0, g0, d_g0_t[t])
+            fused_ops.sigmoid_backward_into(d_raw * (g0 - h_t[t]), c0, d_c0_t[t])
             carry = d_raw - d_g0
             d_h_in = torch.mm(d_init_t[t], w_h.T)
             if mask_h is None:

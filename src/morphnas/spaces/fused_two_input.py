@@ -52,15 +52,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 from morphnas import native
-from morphnas.kernels.fused_ops import (
-    SequenceNorm,
-    activation_backward_into,
-    activation_into,
-    refuse_double_backward,
-    sigmoid_backward_into,
-    tanh_backward_into,
-    tanh_into,
-)
+from morphnas.kernels import fused_ops
 from morphnas.ops import ADD_OPS
 
 # The constant term of a sampled node (GDAS's hard sample, ``base.SampledMixing``): 1 everywhere,
@@ -114,6 +106,12 @@ class TwoInputPlan:
     bn: nn.BatchNorm1d | None
 
 
+def _per_step(name: str) -> cached_property[tuple[Tensor, ...]]:
+    """A cached per-time-step view of the ``(T, ...)`` buffer attribute ``name``: its
+    ``unbind(0)``, taken on first read, as the loops index it by step."""
+    return cached_property(lambda self: getattr(self, name).unbind(0))
+
+
 class _Node:
     """One node's forward buffers over the sequence and the per-step views the loops use.
 
@@ -133,7 +131,7 @@ class _Node:
         weight: Tensor | None,
         u: Tensor,
         state: Tensor,
-        norm: SequenceNorm,
+        norm: fused_ops.SequenceNorm,
         index: int,
         seq: list[Tensor],
         slots: tuple[Tensor | None, Tensor | None],
@@ -165,22 +163,15 @@ class _Node:
         self.state_all = state
         self.normed = new(steps, batch, d) if spec.residual else state
 
-    @cached_property
-    def a_t(self) -> tuple[Tensor, ...]:
-        return self.a_all.unbind(0)
-
-    @cached_property
-    def b_t(self) -> tuple[Tensor, ...]:
-        return self.b_all.unbind(0)
+    a_t = _per_step("a_all")
+    b_t = _per_step("b_all")
 
     @cached_property
     def slots_k(self) -> tuple[tuple[Tensor, Tensor], ...]:
         """Input choice: per state ``j`` (from ``-1``), its weights in slots ``a`` and ``b``."""
         return tuple(zip(self.slot_a.unbind(0), self.slot_b.unbind(0), strict=True))  # type: ignore[union-attr]
 
-    @cached_property
-    def pre_t(self) -> tuple[Tensor, ...]:
-        return self.pre.unbind(0)
+    pre_t = _per_step("pre")
 
     @cached_property
     def pre_a_t(self) -> tuple[Tensor, ...]:
@@ -216,13 +207,8 @@ class _Node:
         steps, n_terms, batch, d = self.terms.shape
         return self.terms.view(steps, n_terms, batch * d).unbind(0)
 
-    @cached_property
-    def state_t(self) -> tuple[Tensor, ...]:
-        return self.state_all.unbind(0)
-
-    @cached_property
-    def normed_t(self) -> tuple[Tensor, ...]:
-        return self.normed.unbind(0)
+    state_t = _per_step("state_all")
+    normed_t = _per_step("normed")
 
     @cached_property
     def mix_t(self) -> list[Tensor]:
@@ -272,7 +258,7 @@ class FusedTwoInputSequence(torch.autograd.Function):
         h0_states = hs[:steps] if mask_h is None else u.new_empty(steps, batch, d)
         node_states = u.new_empty(n, steps, batch, d)
         seq = [u, h0_states, *node_states.unbind(0)]  # state j at seq[j + 1]
-        norm = SequenceNorm(plan.bn, u, n)
+        norm = fused_ops.SequenceNorm(plan.bn, u, n)
         nodes = [
             _Node(spec, weights[i], u, node_states[i], norm, i, seq, slot)
             for i, (spec, slot) in enumerate(zip(plan.nodes, slots, strict=True))
@@ -297,9 +283,9 @@ class FusedTwoInputSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        refuse_double_backward("two-input")
+        fused_ops.refuse_double_backward("two-input")
         plan: TwoInputPlan = ctx.plan  # type: ignore[attr-defined]
-        norm: SequenceNorm = ctx.norm  # type: ignore[attr-defined]
+        norm: fused_ops.SequenceNorm = ctx.norm  # type: ignore[attr-defined]
         nodes: list[_Node] = ctx.nodes  # type: ignore[attr-defined]
         seq: list[Tensor] = ctx.seq  # type: ignore[attr-defined]
         hs: Tensor = ctx.hs  # type: ignore[attr-defined]
@@ -376,7 +362,7 @@ def _slot_gradients(
 def _forward_loop(
     plan: TwoInputPlan,
     nodes: list[_Node],
-    norm: SequenceNorm,
+    norm: fused_ops.SequenceNorm,
     seq: list[Tensor],
     node_states: Tensor,
     hs: Tensor,
@@ -418,12 +404,12 @@ def _forward_loop(
                     torch.add(a, b, out=terms[k])
                 elif kind == "highway":
                     gate, cand = node.gate_t[t].sigmoid_(), node.cand_t[t]
-                    tanh_into(cand, cand, minus_one)
+                    fused_ops.tanh_into(cand, cand, minus_one)
                     torch.lerp(a, cand, gate, out=terms[k])
                 elif kind == ONE:
                     continue
                 else:  # an add_* op's activation
-                    activation_into(kind, node.add_t[block][t], terms[k], minus_one)
+                    fused_ops.activation_into(kind, node.add_t[block][t], terms[k], minus_one)
             torch.mm(rows[i], node.flat_t[t], out=node.mix_t[t])
             norm.forward(t, i, node.normed_t[t])
             if spec.residual:
@@ -433,7 +419,7 @@ def _forward_loop(
         if plan.output == "mean":
             last = torch.mean(all_t[t], 0, out=h)
         if plan.squash == "tanh":
-            tanh_into(last, h, minus_one)
+            fused_ops.tanh_into(last, h, minus_one)
         elif plan.output == "last":
             h.copy_(last)
 
@@ -441,7 +427,7 @@ def _forward_loop(
 def _backward_loop(
     plan: TwoInputPlan,
     nodes: list[_Node],
-    norm: SequenceNorm,
+    norm: fused_ops.SequenceNorm,
     seq: list[Tensor],
     hs: Tensor,
     grad_out: Tensor,
@@ -480,7 +466,7 @@ def _backward_loop(
     for t in reversed(range(steps)):
         torch.add(grad_out[t], carry, out=d_h)
         if plan.squash == "tanh":
-            tanh_backward_into(d_h, h_t[t + 1], d_h)
+            fused_ops.tanh_backward_into(d_h, h_t[t + 1], d_h)
         d_states.zero_()
         if plan.output == "last":
             rows[n].copy_(d_h)
@@ -547,15 +533,15 @@ def _terms_backward(
             gate, cand = node.gate_t[t], node.cand_t[t]
             d_term = d_mixed * w[k]
             d_cand_term = d_term * gate
-            tanh_backward_into(d_cand_term, cand, d_cand[t])
-            sigmoid_backward_into(d_term * (cand - a), gate, d_gate[t])
+            fused_ops.tanh_backward_into(d_cand_term, cand, d_cand[t])
+            fused_ops.sigmoid_backward_into(d_term * (cand - a), gate, d_gate[t])
             d_a.add_(d_term).sub_(d_cand_term)
         else:  # an add_* op: its activation's derivative at its block of pre
             value, pre, target = node.term_t[t][k], node.add_t[block][t], d_add[block][t]
             if first:
-                activation_backward_into(kind, d_mixed, value, pre, target).mul_(w[k])
+                fused_ops.activation_backward_into(kind, d_mixed, value, pre, target).mul_(w[k])
             else:
-                activation_backward_into(kind, d_mixed, value, pre, scratch)
+                fused_ops.activation_backward_into(kind, d_mixed, value, pre, scratch)
                 target.addcmul_(scratch, w[k])
 
 
@@ -567,7 +553,7 @@ def _native_sequence(
     kernel: ModuleType,
     plan: TwoInputPlan,
     nodes: list[_Node],
-    norm: SequenceNorm,
+    norm: fused_ops.SequenceNorm,
     seq: list[Tensor],
     hs: Tensor,
     mask_h: Tensor | None,

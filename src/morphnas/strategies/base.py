@@ -204,6 +204,11 @@ class Strategy(ABC):
         """``mixing_weights()`` as constants for the weight step (a sample stays a sample)."""
         return detach_mixing(self.mixing_weights())
 
+    def weight_loss(self, loss: BatchLoss, batch: Any) -> Tensor:
+        """The loss the weight step descends on ``batch``: the task's loss under
+        ``weight_mixing()`` (E2NAS adds its complementary architectures' losses)."""
+        return loss(batch, self.weight_mixing())
+
     def cost_weights(self, alpha: Tensor) -> Tensor:
         """How much each entry of ``α`` counts in an expected cost: the probability that the
         node's one derived (edge, op) is that entry (the read-out normalised over the node)."""

@@ -300,12 +300,8 @@ class Forecasting(TaskKind):
                 warnings.warn(f"{cfg.csv.name}: {note.line()}", stacklevel=3)
         return series
 
-    def inputs(self) -> tuple[Path, ...]:
-        return (self.config.data.csv,) if self.config.data.csv is not None else ()
-
-    def run_name(self) -> str:
-        csv = self.config.data.csv
-        return csv.stem if csv is not None else self.config.data.dataset
+    def data_file(self) -> Path | None:
+        return self.config.data.csv
 
     def budget(self) -> str:
         return f"window {self.config.data.window}, horizon {self.config.data.horizon}"

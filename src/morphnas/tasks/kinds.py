@@ -56,14 +56,22 @@ class TaskKind(ABC):
     def load(self) -> Any:
         """The run's data, on its device, checked (a bad file is a ``UserError``)."""
 
+    def data_file(self) -> Path | None:
+        """The user's data file the run reads, or None for a named dataset; ``inputs`` and
+        ``run_name`` follow from it, so a kind that reads one file says only which."""
+        return None
+
     def inputs(self) -> tuple[Path, ...]:
         """The user's files the run reads (their size and hash go to ``run.json``, so that a
         resumed run is refused if one changed)."""
-        return ()
+        file = self.data_file()
+        return (file,) if file is not None else ()
 
     def run_name(self) -> str:
-        """What a default run directory is named after (its data)."""
-        return self.config.data.dataset
+        """What a default run directory is named after (its data: the file's stem, else the
+        dataset's name)."""
+        file = self.data_file()
+        return file.stem if file is not None else self.config.data.dataset
 
     @abstractmethod
     def budget(self) -> str:

@@ -516,12 +516,8 @@ class LanguageModelling(TaskKind):
     def load(self) -> Corpus:
         return load_lm_corpus(self.config, resolve_device(self.config.device))
 
-    def inputs(self) -> tuple[Path, ...]:
-        return (self.config.lm.corpus,) if self.config.lm.corpus is not None else ()
-
-    def run_name(self) -> str:
-        corpus = self.config.lm.corpus
-        return corpus.stem if corpus is not None else self.config.data.dataset
+    def data_file(self) -> Path | None:
+        return self.config.lm.corpus
 
     def budget(self) -> str:
         lm = self.config.lm
