@@ -137,6 +137,7 @@ def search(
     if saved is None:  # a checkpoint holds α, warm start included
         warmstart.warm_start(space, config)
     strategy = _strategy(config, space)  # before the run directory: bad options leave none
+    prepared = strategy.prepare(progress)  # E2NAS's VAE: an interrupt here leaves no run
     log, cleared = _open_run(run_dir, config, "search", resume=resume, force=force, saved=saved)
     model = kind.wrap(space, data, config.space.hidden)
     task = kind.engine_task(data, config.search.batch_size)
@@ -186,10 +187,27 @@ def search(
         "nodes": len(genotype.nodes),
         "growth_events": len(outcome.events),
         "selection": chosen,
+        **prepared,
         **kind.summary(data),
     }
     _write_summary(run_dir, genotype, models, results, extra)
     return RunResult(run_dir, genotype, results, extra)
+
+
+def prepare(config: RunConfig, *, progress: Progress | None = None) -> list[dict[str, Any]]:
+    """Do now, once, what the configured strategy does at the start of a search of this config
+    and at each growth (E2NAS: train the graph VAE of every cell the search visits), so that
+    later searches find it in the cache. The supernet grows as the search's does (grown nodes
+    are residual, which the VAE knows). One record per cell size: what was built or found."""
+    try:
+        space = spaces.build(config.space.name, 1, 2, config.nodes_initial, **config.space.options)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"space.options: {err}") from None
+    records = [{"nodes": space.nodes, **_strategy(config, space).prepare(progress)}]
+    while config.growth.mode != "none" and space.nodes < config.nodes_max:
+        space.grow(config.growth.alpha_init)
+        records.append({"nodes": space.nodes, **_strategy(config, space).prepare(progress)})
+    return records
 
 
 def _select_cell(derived: Genotype, space: Any, run: _Run) -> tuple[Genotype, dict[str, Any]]:

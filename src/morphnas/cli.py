@@ -701,6 +701,33 @@ def benchmark(
     stdout.print(f"runs and tables: {result.run_dir}", highlight=False)
 
 
+@app.command("e2nas-vae")
+@_friendly
+@_with_flags("space", "nodes", "growth", "nodes_start", "nodes_max", "threads")
+def e2nas_vae(
+    flags: dict[str, Any],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train E2NAS's graph VAE for a space now, for every cell size its search visits (cached:
+    later `--strategy e2nas` searches load it); options as search.strategy_options.nz, hs."""
+    cfg = _resolve(config, [*(set_ or []), "search.strategy=e2nas"], flags)
+    records = api.prepare(cfg, progress=BarProgress())
+    if as_json:
+        typer.echo(json.dumps(records))
+        return
+    for record in records:
+        done = (
+            "found in the cache"
+            if record.get("e2nas_vae_cached")
+            else f"trained in {record.get('e2nas_vae_seconds', 0.0):.1f} s"
+        )
+        accuracy = record.get("e2nas_vae_accuracy")
+        shown = "" if accuracy is None else f", reconstructs {accuracy:.1%} of held-out cells"
+        stdout.print(f"{record['nodes']} nodes: {done}{shown}", highlight=False)
+
+
 @app.command()
 @_friendly
 def bench(

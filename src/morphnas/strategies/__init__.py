@@ -9,6 +9,7 @@ from typing import Any
 from morphnas.spaces.base import SearchSpace
 from morphnas.strategies.base import BatchLoss, Objective, Strategy, detach_mixing
 from morphnas.strategies.darts import Darts, DartsFirstOrder
+from morphnas.strategies.e2nas import E2nas
 from morphnas.strategies.gumbel import Gdas, Snas
 from morphnas.strategies.implicit import IDarts
 from morphnas.strategies.meanshift import MsDarts
@@ -17,7 +18,7 @@ from morphnas.strategies.random import RandomSearch
 from morphnas.strategies.sigmoid import Dnal
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Darts, IDarts, Snas, Gdas, Dnal, MsDarts, RandomSearch)
+    cls.name: cls for cls in (Darts, IDarts, Snas, Gdas, Dnal, MsDarts, RandomSearch, E2nas)
 }
 
 
@@ -66,6 +67,7 @@ __all__ = [
     "Darts",
     "DartsFirstOrder",
     "Dnal",
+    "E2nas",
     "Gdas",
     "IDarts",
     "MsDarts",

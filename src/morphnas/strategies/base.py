@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,9 @@ from morphnas.genotype import Genotype
 from morphnas.optim import rebuild_optimizer
 from morphnas.spaces.base import SampledMixing, SearchSpace
 from morphnas.strategies.penalties import PENALTIES, CostPenalty, proximity
+
+if TYPE_CHECKING:
+    from morphnas.engine.progress import Progress
 
 # A loss on one batch under given mixing weights: the strategy picks the weights, the task the loss.
 BatchLoss = Callable[[Any, list[Tensor]], Tensor]
@@ -203,6 +206,13 @@ class Strategy(ABC):
     def weight_mixing(self) -> list[Tensor]:
         """``mixing_weights()`` as constants for the weight step (a sample stays a sample)."""
         return detach_mixing(self.mixing_weights())
+
+    def prepare(self, progress: Progress | None = None) -> dict[str, float]:
+        """Work done once before the search starts, shown on the run's ``progress`` (E2NAS
+        trains or loads its graph VAE); returns figures for the run's summary. None by
+        default."""
+        del progress
+        return {}
 
     def weight_loss(self, loss: BatchLoss, batch: Any) -> Tensor:
         """The loss the weight step descends on ``batch``: the task's loss under

@@ -22,6 +22,8 @@ SEARCH_SETUP = {"hidden": 32, "nodes": 4, "window": 24, "n_series": 8, "batch_si
 # ``search.<variant>``: a strategy with options other than its defaults, timed beside them.
 SEARCH_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "idarts_finite_all": ("idarts", {"hvp": "finite_all"}),
+    # E2NAS without complementation: its cost beside GDAS's without the two extra sub-networks.
+    "e2nas_no_complement": ("e2nas", {"complementation": "off"}),
 }
 
 
@@ -41,6 +43,7 @@ def _search_epoch_seconds(
     space = spaces.build(space_name, n_series, setup["hidden"], setup["nodes"])
     model = ForecastModel(space, setup["hidden"], n_series).to(device)
     strategy = strategies.build(strategy_name, space, **(options or {}))
+    strategy.prepare()  # once per search, not per epoch (E2NAS's VAE): not timed
     train = tuple(t.to(device) for t in data.train)
     valid = tuple(t.to(device) for t in data.valid)
     config = SearchConfig(strategy=strategy_name, epochs=1, batch_size=setup["batch_size"])
