@@ -82,6 +82,18 @@ def _default_warn(message: str) -> None:
     warnings.warn(message, stacklevel=3)
 
 
+def _header(table: ChoiceTable, *, nz: int, hs: int, seed: int) -> dict[str, Any]:
+    """What a cache file must say it is: written with the weights, compared on load."""
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "key": table.key,
+        "nz": nz,
+        "hs": hs,
+        "seed": seed,
+    }
+
+
 def _load(
     path: Path, table: ChoiceTable, *, nz: int, hs: int, seed: int, warn: Callable[[str], None]
 ) -> tuple[GraphVae, dict] | None:
@@ -92,14 +104,7 @@ def _load(
     except Exception as err:  # any unreadable file: truncated, garbage, another pickle
         warn(f"e2nas: cached VAE {path.name} is unreadable ({type(err).__name__}); retraining")
         return None
-    expected = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "key": table.key,
-        "nz": nz,
-        "hs": hs,
-        "seed": seed,
-    }
+    expected = _header(table, nz=nz, hs=hs, seed=seed)
     if not isinstance(blob, dict):
         warn(f"e2nas: cached VAE {path.name} is not a VAE file; retraining")
         return None
@@ -139,12 +144,7 @@ def _save(
     """Write the VAE and its metadata atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "key": table.key,
-        "nz": nz,
-        "hs": hs,
-        "seed": seed,
+        **_header(table, nz=nz, hs=hs, seed=seed),
         "accuracy": float(info["accuracy"]),
         "seconds": float(info["seconds"]),
         "steps": int(info["steps"]),

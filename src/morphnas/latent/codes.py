@@ -18,6 +18,7 @@ Three indexings of a node's choice are used:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Sequence
@@ -117,7 +118,7 @@ class ChoiceTable:
             )
         out = []
         for i, node in enumerate(genotype.nodes, start=1):
-            lookup = self._lookup()[i - 1]
+            lookup = self._lookup[i - 1]
             if node not in lookup:
                 raise ValueError(
                     f"node {i} ({node.op} of states {list(node.inputs)}"
@@ -149,7 +150,7 @@ class ChoiceTable:
             raise ValueError(f"{len(choices)} choices for a {self.nodes}-node table")
         out = []
         for i, e in enumerate(choices):
-            index = self._entry_index()[i].get(int(e))
+            index = self._entry_index[i].get(int(e))
             if index is None:
                 raise ValueError(f"entry {int(e)} is not an allowed choice of node {i + 1}")
             out.append(index)
@@ -171,21 +172,18 @@ class ChoiceTable:
         axes = [torch.arange(len(e)) for e in self.entries]
         return torch.cartesian_prod(*axes).reshape(-1, self.nodes)
 
-    # ---- lazily built lookups (the dataclass is frozen, hence object.__setattr__) -------------
+    # ---- lookups built on first use (``cached_property`` writes the instance's ``__dict__``,
+    # which a frozen dataclass allows) -----------------------------------------------------------
 
+    @functools.cached_property
     def _lookup(self) -> list[dict[Node, int]]:
-        cached = self.__dict__.get("_node_lookup")
-        if cached is None:
-            cached = [{n: p for p, n in enumerate(nodes)} for nodes in self.nodes_of]
-            object.__setattr__(self, "_node_lookup", cached)
-        return cached
+        """Per node: the position of each Node among its entries."""
+        return [{n: p for p, n in enumerate(nodes)} for nodes in self.nodes_of]
 
+    @functools.cached_property
     def _entry_index(self) -> list[dict[int, int]]:
-        cached = self.__dict__.get("_flat_lookup")
-        if cached is None:
-            cached = [{e: p for p, e in enumerate(entries)} for entries in self.entries]
-            object.__setattr__(self, "_flat_lookup", cached)
-        return cached
+        """Per node: the position of each allowed flat entry."""
+        return [{e: p for p, e in enumerate(entries)} for entries in self.entries]
 
 
 def _node_choices(

@@ -367,10 +367,14 @@ class E2nas(Strategy):
     def weight_mixing(self) -> list[Tensor]:
         """A fresh ancestral sample as exact one-hot constants (the weight step needs no ``q``)."""
         self._ensure()
+        return self._hard_decode(stochastic=True)
+
+    def _hard_decode(self, stochastic: bool) -> SampledMixing:
+        """A sample (or the argmax) of the decoder as one-hot constants, without a graph."""
         if self.vae is None:
             return self._mixing(None, [])
         with torch.no_grad():
-            _, chosen = self._decode(stochastic=True, grad=False)
+            _, chosen = self._decode(stochastic=stochastic, grad=False)
         return self._mixing(None, chosen, straight=False)
 
     def argmax(self) -> SampledMixing:
@@ -380,11 +384,7 @@ class E2nas(Strategy):
         self._ensure()
         if self._alpha_stale:
             self._sync_alpha()
-        if self.vae is None:
-            return self._mixing(None, [])
-        with torch.no_grad():
-            _, chosen = self._decode(stochastic=False, grad=False)
-        return self._mixing(None, chosen, straight=False)
+        return self._hard_decode(stochastic=False)
 
     def eval_mixing(self) -> list[Tensor]:
         return self.argmax()
