@@ -421,9 +421,7 @@ def test_arch_step_leaves_the_weights_bit_identical(space_name, name, options):
         assert math.isfinite(float(value))
         assert all(torch.equal(b, w) for b, w in zip(before, weights, strict=True))
         assert all(w.grad is None for w in weights)
-    moved = any(
-        not torch.equal(a, b) for a, b in zip(alpha_before, searched, strict=True)
-    )
+    moved = any(not torch.equal(a, b) for a, b in zip(alpha_before, searched, strict=True))
     assert moved == (name != "random")
     mixing = strategy.weight_mixing()
     assert all(not m.requires_grad for m in mixing)

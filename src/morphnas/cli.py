@@ -724,7 +724,8 @@ def e2nas_vae(
             else f"trained in {record.get('e2nas_vae_seconds', 0.0):.1f} s"
         )
         accuracy = record.get("e2nas_vae_accuracy")
-        shown = "" if accuracy is None else f", reconstructs {accuracy:.1%} of held-out cells"
+        measured = "held-out cells" if record.get("e2nas_vae_heldout", 1.0) else "its cells"
+        shown = "" if accuracy is None else f", reconstructs {accuracy:.1%} of {measured}"
         stdout.print(f"{record['nodes']} nodes: {done}{shown}", highlight=False)
 
 
