@@ -346,6 +346,23 @@ def test_arch_step_moves_z_only_and_novelty_joins_when_the_archive_is_full(toy):
     assert float(off.novelty_term()) == 0.0
 
 
+def test_a_nan_loss_leaves_z_as_it_was_for_the_engines_nan_policy(toy):
+    """A diverged supernet (NaN validation loss) must not make z NaN: the next decode would
+    fail with a traceback before the engine could retry or stop (seen on births)."""
+    space, _, _, objective, train, valid = _setup("two_input")
+    strategy = strategies.build("e2nas", space, nz=4)
+    strategy.start_epoch(1, 10)
+    z0 = strategy.z.detach().clone()
+
+    def diverged(batch, mixing):
+        return objective(batch, mixing) * float("nan")
+
+    value = strategy.arch_step(diverged, train, valid)
+    assert math.isnan(float(value))
+    assert torch.equal(strategy.z.detach(), z0)
+    assert all(torch.isfinite(w).all() for w in strategy.weight_mixing())
+
+
 def test_state_round_trip_continues_exactly(toy):
     space, _, _, objective, train, valid = _setup("two_input", nodes=3)
     strategy = strategies.build("e2nas", space, nz=4, archive=2)

@@ -443,6 +443,10 @@ class E2nas(Strategy):
         if extra is not None:
             loss = loss + extra
         (grad,) = torch.autograd.grad(loss, [self.z], allow_unused=True)
+        if grad is not None and not bool(torch.isfinite(grad).all()):
+            # A diverged supernet (a NaN loss): a step would make z NaN and the next decode
+            # fail. z stays; the engine's nan_policy acts on the epoch's losses.
+            return value.detach()
         self.z.grad = torch.zeros_like(self.z) if grad is None else grad.detach()
         if self.arch_clip is not None:
             nn.utils.clip_grad_norm_([self.z], self.arch_clip)
