@@ -304,6 +304,45 @@ def test_nan_retry_restarts_from_the_checkpoint_at_half_the_rates(tmp_path, monk
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(cfg.search.lr / 2)
 
 
+class _InfiniteGradient(torch.autograd.Function):
+    """The identity forward, an infinite backward: a finite loss whose gradient overflows."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.inf
+
+
+def test_a_weight_step_whose_gradient_overflows_is_skipped_and_logged(tmp_path, monkeypatch):
+    """A hard-sampled cell whose gradient overflows (seen with E2NAS and GDAS on births) used to
+    turn every weight NaN through the clip; its step is skipped and the search goes on."""
+    from morphnas.tasks import forecasting
+
+    original, seen = forecasting.ForecastTask.loss, {"n": 0}
+
+    def loss(self, model, batch, **kwargs):
+        value = original(self, model, batch, **kwargs)
+        mixing = kwargs.get("weights")
+        weight_step = model.training and mixing and not any(w.requires_grad for w in mixing)
+        if weight_step:
+            seen["n"] += 1
+            if seen["n"] in (3, 5):
+                return _InfiniteGradient.apply(value)
+        return value
+
+    monkeypatch.setattr(forecasting.ForecastTask, "loss", loss)
+    cfg = config.resolve(overrides={**TINY, "out": str(tmp_path / "run")})
+    result = api.search(cfg)
+    skipped = [r for r in rows(tmp_path / "run") if r.get("event") == "skipped-step"]
+    assert [(r["epoch"], r["batch"]) for r in skipped] == [(1, 2), (1, 4)]
+    assert math.isfinite(result.extra["search_valid_loss"])
+    state = load(tmp_path / "run" / "checkpoints" / "search_last.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
 @pytest.mark.parametrize("existed", [False, True], ids=["new-out", "empty-out"])
 def test_a_run_that_diverges_before_its_first_checkpoint_leaves_nothing(
     tmp_path, monkeypatch, existed

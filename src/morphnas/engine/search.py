@@ -321,8 +321,17 @@ class _SearchLoop:
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.strategy.weight_loss(self.batch_loss, batch)
             loss.backward()
-            nn.utils.clip_grad_norm_(self.weights, config.clip)
-            self.optimizer.step()
+            norm = nn.utils.clip_grad_norm_(self.weights, config.clip)
+            if torch.isfinite(norm):
+                self.optimizer.step()
+            elif torch.isfinite(loss):
+                # One sampled cell's gradient overflowed (a hard sample of an unbounded cell,
+                # GDAS/E2NAS/random): clipping an infinite norm would make every weight NaN.
+                # The step is skipped, as a loss scaler skips one; a NaN loss is left to
+                # nan_policy at the epoch's end.
+                self.log.append(
+                    {"phase": "search", "event": "skipped-step", "epoch": epoch, "batch": k}
+                )
             size = self.task.batch_weight(batch)
             total, count = total + loss.detach() * size, count + size
             self.counters.step += 1
