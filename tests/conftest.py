@@ -10,10 +10,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
+from torch import nn
 from typer.testing import CliRunner
 
-from morphnas import cli
+from morphnas import cli, spaces
 from morphnas.data import synthetic_series
+from morphnas.strategies import Objective
+from morphnas.tasks.forecasting import ForecastModel
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -73,3 +77,36 @@ def tree(root: Path) -> dict[str, str]:
         else hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
     }
+
+
+# A tiny supernet for the strategy tests (test_strategies, test_e2nas): its sizes, and its set-up.
+N_SERIES, HIDDEN, WINDOW, BATCH = 2, 4, 5, 8
+
+
+def tiny_supernet(
+    space_name: str = "two_input", nodes: int = 2, dtype=torch.float32, seed: int = 0, **options
+):
+    """A tiny supernet in a forecaster (no dropout), its Objective and a train/valid batch;
+    ``options`` go to the space.
+
+    Eager spaces: a fused kernel's hand-written backward is once-differentiable, and the
+    brute-force references differentiate through a gradient."""
+    torch.manual_seed(seed)
+    space = spaces.build(space_name, N_SERIES, HIDDEN, nodes, fused=False, **options)
+    model = ForecastModel(space, HIDDEN, N_SERIES, 0.0, 3, "last").to(dtype)
+    arch_ids = {id(p) for p in space.arch}
+    weights = [p for p in model.parameters() if id(p) not in arch_ids]
+    mse = nn.MSELoss()
+
+    def loss(batch, mixing):
+        return mse(model(batch[0], weights=mixing), batch[1])
+
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    def batch():
+        return (
+            torch.randn(BATCH, WINDOW, N_SERIES, generator=gen, dtype=dtype),
+            torch.randn(BATCH, N_SERIES, generator=gen, dtype=dtype),
+        )
+
+    return space, model, weights, Objective(model, loss, weights), batch(), batch()

@@ -17,14 +17,12 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from conftest import HIDDEN, N_SERIES, tiny_supernet
 from morphnas import spaces, strategies
 from morphnas.cli import app
 from morphnas.spaces.base import SampledMixing
-from morphnas.strategies import Objective, e2nas
+from morphnas.strategies import e2nas
 from morphnas.strategies.base import one_hot_like
-from morphnas.tasks.forecasting import ForecastModel
-
-N_SERIES, HIDDEN, WINDOW, BATCH = 2, 4, 5, 8
 
 
 @pytest.fixture(autouse=True)
@@ -85,26 +83,9 @@ def toy(monkeypatch):
     monkeypatch.setattr(e2nas, "load_vae", load)
 
 
-def _setup(space_name="two_input", nodes=2, dtype=torch.float64, seed=0, **options):
-    torch.manual_seed(seed)
-    space = spaces.build(space_name, N_SERIES, HIDDEN, nodes, fused=False, **options)
-    model = ForecastModel(space, HIDDEN, N_SERIES, 0.0, 3, "last").to(dtype)
-    arch_ids = {id(p) for p in space.arch}
-    weights = [p for p in model.parameters() if id(p) not in arch_ids]
-    mse = nn.MSELoss()
-
-    def loss(batch, mixing):
-        return mse(model(batch[0], weights=mixing), batch[1])
-
-    gen = torch.Generator().manual_seed(seed + 1)
-
-    def batch():
-        return (
-            torch.randn(BATCH, WINDOW, N_SERIES, generator=gen, dtype=dtype),
-            torch.randn(BATCH, N_SERIES, generator=gen, dtype=dtype),
-        )
-
-    return space, model, weights, Objective(model, loss, weights), batch(), batch()
+def _setup(*args, **options):
+    """``tiny_supernet`` in float64 (the gradient checks compare against finite differences)."""
+    return tiny_supernet(*args, dtype=torch.float64, **options)
 
 
 # --------------------------------------------------------------------------- pure pieces

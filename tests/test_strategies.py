@@ -9,10 +9,10 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 from torch.func import functional_call, grad, vjp
 from typer.testing import CliRunner
 
+from conftest import BATCH, HIDDEN, N_SERIES, WINDOW, tiny_supernet
 from morphnas import config, hypergrad, spaces, strategies
 from morphnas.cli import app
 from morphnas.genotype import DARTS_PRIMITIVES, TWO_INPUT_OPS
@@ -20,10 +20,8 @@ from morphnas.ops import recurrent
 from morphnas.spaces.base import SampledMixing
 from morphnas.spaces.fused_darts import FusedDartsSequence
 from morphnas.spaces.fused_two_input import FusedTwoInputSequence
-from morphnas.strategies import Objective, implicit
+from morphnas.strategies import implicit
 from morphnas.tasks.forecasting import ForecastModel
-
-N_SERIES, HIDDEN, WINDOW, BATCH = 2, 4, 5, 8
 
 
 @pytest.fixture(autouse=True)
@@ -38,35 +36,6 @@ def _one_thread():
 # Both spaces have a sequence kernel: the tests ask for the eager path where they count its op
 # calls or differentiate a gradient again (the kernels' backward is once-differentiable).
 EAGER = {"fused": False}
-
-
-def _setup(
-    space_name: str = "two_input", nodes: int = 2, dtype=torch.float32, seed: int = 0, **options
-):
-    """A tiny supernet in a forecaster (no dropout), its Objective and a train/valid batch;
-    ``options`` go to the space.
-
-    Eager spaces: a fused kernel's hand-written backward is once-differentiable, and the
-    brute-force references below differentiate through a gradient."""
-    torch.manual_seed(seed)
-    space = spaces.build(space_name, N_SERIES, HIDDEN, nodes, **EAGER, **options)
-    model = ForecastModel(space, HIDDEN, N_SERIES, 0.0, 3, "last").to(dtype)
-    arch_ids = {id(p) for p in space.arch}
-    weights = [p for p in model.parameters() if id(p) not in arch_ids]
-    mse = nn.MSELoss()
-
-    def loss(batch, mixing):
-        return mse(model(batch[0], weights=mixing), batch[1])
-
-    gen = torch.Generator().manual_seed(seed + 1)
-
-    def batch():
-        return (
-            torch.randn(BATCH, WINDOW, N_SERIES, generator=gen, dtype=dtype),
-            torch.randn(BATCH, N_SERIES, generator=gen, dtype=dtype),
-        )
-
-    return space, model, weights, Objective(model, loss, weights), batch(), batch()
 
 
 def _captured_grads(strategy, objective, train, valid):
@@ -87,7 +56,7 @@ def _captured_grads(strategy, objective, train, valid):
     [("two_input", "exact", 1e-8), ("darts_rnn", "exact", 1e-8), ("two_input", "finite", 1e-4)],
 )
 def test_unrolled_strategy_equals_autograd_through_one_sgd_step(space_name, hvp, tol):
-    space, model, weights, objective, train, valid = _setup(space_name, dtype=torch.float64)
+    space, model, weights, objective, train, valid = tiny_supernet(space_name, dtype=torch.float64)
     xi = 0.05
     names = {id(p): n for n, p in model.named_parameters()}
     w_names = [names[id(w)] for w in weights]
@@ -120,7 +89,7 @@ def test_unrolled_strategy_equals_autograd_through_one_sgd_step(space_name, hvp,
 def test_bilevel_steps_run_the_sequence_kernel(monkeypatch, space_name, name, options):
     """The hypergradient's first-order products use autograd, so the kernels run there; the
     exact Hessian products (iDARTS's default) differentiate twice and take the eager path."""
-    space, _, _, objective, train, valid = _setup(space_name)
+    space, _, _, objective, train, valid = tiny_supernet(space_name)
     space.fused = True
     kernel = FusedTwoInputSequence if space_name == "two_input" else FusedDartsSequence
     calls = []
@@ -135,7 +104,9 @@ def _products_at_a_point(space_name: str, **options):
     """A float64 supernet on its kernels: the training loss, the point ``(w, α)``, a random
     direction ``v``, and torch.func's pull-backs of the weight gradient in ``w`` and in ``α``
     (the exact second-order products the tests compare with)."""
-    space, _, _, objective, train, _ = _setup(space_name, nodes=3, dtype=torch.float64, **options)
+    space, _, _, objective, train, _ = tiny_supernet(
+        space_name, nodes=3, dtype=torch.float64, **options
+    )
     space.fused = True
     train_loss, _, weights, arch = strategies.build("idarts", space)._bilevel(
         objective, train, train
@@ -193,7 +164,7 @@ def test_idarts_with_every_product_finite_runs_on_the_kernels_only(monkeypatch, 
     """``hvp="finite_all"`` never takes the eager path: every product is first-order, so the
     kernel runs T inner gradients, ∇L_val, two per Neumann term and two for the mixed term;
     and the hypergradient is the exact one's, up to the central difference (float64, ε 1e-5)."""
-    space, _, _, objective, train, valid = _setup(
+    space, _, _, objective, train, valid = tiny_supernet(
         space_name, dtype=torch.float64, **SMOOTH[space_name]
     )
     space.fused = True
@@ -255,7 +226,7 @@ def _tuple_sum(parts: list) -> tuple:
 def test_idarts_step_is_the_neumann_hypergradient_with_its_own_gamma():
     """The α gradient iDARTS applies is ``∇_α L_val − ∇²_{αw} L_train · γ Σ_k p_k`` with the
     configured γ, apart from the inner steps' ``weight_lr``; brute force by torch.func."""
-    space, _, _, objective, train, valid = _setup(dtype=torch.float64)
+    space, _, _, objective, train, valid = tiny_supernet(dtype=torch.float64)
     options = {"steps": 2, "terms": 2, "gamma": 0.3, "weight_lr": 0.05, "power_iters": 0}
     strategy = strategies.build("idarts", space, **options)
     at = _inner_solution_by_hand(strategy, objective, train, valid)
@@ -270,7 +241,7 @@ def test_idarts_step_is_the_neumann_hypergradient_with_its_own_gamma():
 def test_idarts_diagonal_hessian_is_the_official_approx_variant():
     """``hessian="diagonal"`` (architect_approx.py): ``d = H·g/‖g‖`` with ``g = ∇_w L_train`` at
     ``w_T``, the direction ``γ v₀ ⊙ Σ_k (1 − γd)^k``; brute force by torch.func's products."""
-    space, _, _, objective, train, valid = _setup(dtype=torch.float64)
+    space, _, _, objective, train, valid = tiny_supernet(dtype=torch.float64)
     options = {"steps": 2, "terms": 2, "gamma": 0.3, "weight_lr": 0.05, "power_iters": 0}
     strategy = strategies.build("idarts", space, hessian="diagonal", **options)
     at = _inner_solution_by_hand(strategy, objective, train, valid)
@@ -291,7 +262,7 @@ def test_idarts_diagonal_hessian_is_the_official_approx_variant():
 def test_idarts_curvature_check_matches_the_dense_hessian(space_name):
     """Spec 2f's diagnostic: λ_max at ``w_T`` by power iteration equals the dominant eigenvalue
     of the dense Hessian there, and γλ_max goes to the epoch's metrics with the γ in use."""
-    space, _, _, objective, train, valid = _setup(space_name, dtype=torch.float64)
+    space, _, _, objective, train, valid = tiny_supernet(space_name, dtype=torch.float64)
     strategy = strategies.build("idarts", space, power_iters=400, gamma=0.01, weight_lr=0.05)
     at = _inner_solution_by_hand(strategy, objective, train, valid)
     train_loss, w_t, a = at["train_loss"], at["w_t"], at["arch"]
@@ -317,7 +288,7 @@ def test_idarts_curvature_check_runs_once_an_epoch_and_changes_nothing(monkeypat
     )
     alphas = {}
     for iters in (0, 3):
-        space, _, _, objective, train, valid = _setup(seed=4)
+        space, _, _, objective, train, valid = tiny_supernet(seed=4)
         strategy = strategies.build("idarts", space, power_iters=iters)
         for epoch in (1, 2):
             strategy.start_epoch(epoch, 2)
@@ -338,7 +309,7 @@ def test_idarts_curvature_check_runs_once_an_epoch_and_changes_nothing(monkeypat
 
 def test_idarts_warns_once_when_gamma_times_lambda_max_reaches_one():
     """The hint names the option to set and a γ that passes the check."""
-    space, _, _, objective, train, valid = _setup()
+    space, _, _, objective, train, valid = tiny_supernet()
     probe = strategies.build("idarts", space, power_iters=20)
     probe.arch_step(objective, train, valid)
     top = abs(probe.epoch_metrics()["lambda_max"])
@@ -359,7 +330,7 @@ def test_idarts_warns_once_when_gamma_times_lambda_max_reaches_one():
 def test_idarts_residual_noise_moves_the_weights_by_the_official_codes_change():
     """Spec 2e.1's quirk: the live weights end ``−ε(p₁ + … + p_K)`` away, ``p_k = (I − γH)^k v₀``
     at ``w_T`` and the stepped α, ``ε = 0.01/‖v₀‖``; brute force by torch.func's exact products."""
-    space, _, weights, objective, train, valid = _setup(dtype=torch.float64)
+    space, _, weights, objective, train, valid = tiny_supernet(dtype=torch.float64)
     options = {"steps": 1, "terms": 2, "gamma": 0.2, "weight_lr": 0.05, "power_iters": 0}
     strategy = strategies.build("idarts", space, residual_noise=True, **options)
     before = [w.detach().clone() for w in weights]
@@ -381,7 +352,7 @@ def test_idarts_residual_noise_moves_the_weights_by_the_official_codes_change():
 
 def test_second_order_term_is_not_zero():
     """A silent fall-back to first order (NeroLoh/darts-tensorflow#1) would pass many tests."""
-    space, _, _, objective, train, valid = _setup()
+    space, _, _, objective, train, valid = tiny_supernet()
     first = _captured_grads(strategies.build("darts", space, lr=1e-12), objective, train, valid)
     second = _captured_grads(
         strategies.build("darts", space, order=2, weight_lr=0.5, lr=1e-12), objective, train, valid
@@ -409,7 +380,7 @@ VARIANTS = [(name, SMALL.get(name, {})) for name in strategies.STRATEGIES] + [
 @pytest.mark.parametrize("space_name", list(spaces.SPACES))
 @pytest.mark.parametrize(("name", "options"), VARIANTS)
 def test_arch_step_leaves_the_weights_bit_identical(space_name, name, options):
-    space, _, weights, objective, train, valid = _setup(space_name)
+    space, _, weights, objective, train, valid = tiny_supernet(space_name)
     strategy = strategies.build(name, space, **options)
     strategy.start_epoch(2, 4)
     # What the architecture step optimises: α, or E2NAS's latent code.
@@ -547,7 +518,7 @@ def test_gdas_runs_only_the_sampled_op(space_name, monkeypatch):
 
 
 def test_gdas_gradient_reaches_every_alpha():
-    space, _, _, objective, train, valid = _setup()
+    space, _, _, objective, train, valid = tiny_supernet()
     strategy = strategies.build("gdas", space, lr=1e-12)
     grads = _captured_grads(strategy, objective, train, valid)
     assert all(bool((g != 0).all()) for g in grads)
@@ -557,7 +528,7 @@ def test_gdas_gradient_reaches_every_alpha():
 
 
 def test_dnal_gates_become_binary_as_beta_grows():
-    space, _, _, objective, train, valid = _setup()
+    space, _, _, objective, train, valid = tiny_supernet()
     strategy = strategies.build("dnal", space)
     epochs, fractions = 10, []
     for epoch in range(1, epochs + 1):
@@ -575,7 +546,7 @@ def test_dnal_gates_become_binary_as_beta_grows():
 
 @pytest.mark.parametrize("kind", ["params", "flops", "latency"])
 def test_a_heavy_penalty_lowers_the_expected_cost(kind):
-    space, _, _, objective, train, valid = _setup()
+    space, _, _, objective, train, valid = tiny_supernet()
     strategy = strategies.build("darts", space, penalty=kind, penalty_weight=100.0, lr=0.05)
 
     def cost() -> float:
@@ -590,7 +561,7 @@ def test_a_heavy_penalty_lowers_the_expected_cost(kind):
 
 
 def test_proximity_pulls_towards_the_derived_cell():
-    space, _, _, objective, train, valid = _setup()
+    space, _, _, objective, train, valid = tiny_supernet()
     strategy = strategies.build("darts", space, proximity=100.0, lr=0.05)
     strategy.start_epoch(4, 4)
     best = [int(torch.softmax(a, -1).argmax()) for a in space.arch_parameters()]
