@@ -171,6 +171,7 @@ class E2nas(Strategy):
         if not exploration_ratio >= 0:
             raise ValueError(f"exploration_ratio must be >= 0, got {exploration_ratio!r}")
         self.nz_option, self.hs, self.z_init, self.gradient = nz, hs, z_init, gradient
+        self._table_for: tuple[tuple, Any] | None = None  # (space signature, its ChoiceTable)
         self.nz = self._latent_size()
         self.complementation, self.complement_weight = complementation, complement_weight
         self.novelty, self.archive_size, self.exploration_ratio = (
@@ -204,19 +205,28 @@ class E2nas(Strategy):
     def _adam(self) -> torch.optim.Optimizer:
         return torch.optim.Adam([self.z], lr=self.lr, betas=BETAS, weight_decay=self.weight_decay)
 
-    def _latent_size(self, table: Any = None) -> int:
+    def _current_table(self) -> Any:
+        """The space's ``ChoiceTable`` as it is now, built once per shape of the space (the
+        latent size and the VAE both need it, and an 8-node input-choice table takes ~0.3 s)."""
+        from morphnas.latent.codes import ChoiceTable
+
+        signature = self._space_signature()
+        if self._table_for is None or self._table_for[0] != signature:
+            self._table_for = (signature, ChoiceTable.from_space(self.space))
+        return self._table_for[1]
+
+    def _latent_size(self) -> int:
         """``nz``: the option when given; else every ``α`` entry for ``gradient="latent"`` (the
         authors' softmax over z needs one dimension per entry), and else ``suggested_nz`` of
         the space's table (about one dimension per bit of the number of cells: a fixed 16 left
         8-node ``wiring: search`` at 16 % held-out reconstruction)."""
-        from morphnas.latent.codes import ChoiceTable
         from morphnas.latent.vae import suggested_nz
 
         if self.nz_option is not None:
             return self.nz_option
         if self.gradient == "latent":
             return sum(a.numel() for a in self.space.arch)
-        return suggested_nz(table or ChoiceTable.from_space(self.space))
+        return suggested_nz(self._current_table())
 
     def _check_latent_size(self) -> None:
         entries = sum(a.numel() for a in self.space.arch)
@@ -244,8 +254,6 @@ class E2nas(Strategy):
         signature = self._space_signature()
         if signature == self._signature:
             return False
-        from morphnas.latent.codes import ChoiceTable
-
         changed = self._signature is not None
         self._signature = signature
         if not self.space.arch_parameters():  # everything fixed: nothing left to decode
@@ -253,8 +261,8 @@ class E2nas(Strategy):
             return changed
         if self.gradient == "latent":
             self._check_latent_size()
-        table = ChoiceTable.from_space(self.space)
-        nz = self._latent_size(table)
+        table = self._current_table()
+        nz = self._latent_size()
         if nz != self.nz:  # a grown space's table is larger: so is its suggested code
             self.nz = nz
             self.z = nn.Parameter(self.z.new_zeros(nz))  # re-encoded below
