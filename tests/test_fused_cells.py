@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 
 from morphnas import cells, native
-from morphnas.api import _cell_options
 from morphnas.bench import TWO_INPUT_GATED
 from morphnas.cells.fused_darts_cell import CellPlan, group_weight
 from morphnas.config import resolve
@@ -316,7 +315,7 @@ def test_no_grad_and_float32_match_the_eager_loop(space, kernel):
 def test_the_space_option_fused_reaches_the_discrete_cells():
     """``space.options.fused: false`` keeps retraining on the eager loop too."""
     config = resolve(overrides={"space": {"options": {"fused": False, "dropout_h": 0.2}}})
-    assert _cell_options(config) == {"fused": False, "dropout_h": 0.2}
+    assert cells.options_for(KNOWN["darts_v2"], config) == {"fused": False, "dropout_h": 0.2}
 
 
 def test_a_node_weight_changed_before_the_backward_is_refused():

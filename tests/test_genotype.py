@@ -68,7 +68,7 @@ def test_json_round_trip_exact(g):
 def test_json_has_format_and_version():
     d = json.loads(LSTM_LIKE.to_json())
     assert d["format"] == gt.FORMAT == "morphnas.genotype"
-    assert d["version"] == gt.VERSION == 2
+    assert d["version"] == gt.VERSION == 3
     assert d["cell_state"] is None
     assert d["nodes"][2] == {"op": "hadamard", "inputs": [1, 2], "residual": False}
     assert d["output"] == "last" and d["output_activation"] == "tanh"
@@ -136,7 +136,7 @@ BAD = [
     ("top level list", "[1, 2]", "JSON object"),
     ("wrong format", with_(format="darts.genotype"), "format"),
     ("missing format", with_(format=...), "format"),
-    ("wrong version", with_(version=3), "version"),
+    ("wrong version", with_(version=4), "version"),
     ("string version", with_(version="1"), "version"),
     ("boolean version", with_(version=True), "version"),
     ("missing version", with_(version=...), "version"),

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from conftest import SEQUENCE_SPACES
 from morphnas import api, config, spaces
 from morphnas.config import GrowthConfig
 from morphnas.engine.search import streamed_fraction
@@ -96,7 +97,7 @@ def test_a_growth_that_changes_the_function_stops_the_run():
         grow_checked(space, torch.randn(4, 2, 3), GrowthConfig())
 
 
-@pytest.mark.parametrize("space", list(spaces.SPACES))
+@pytest.mark.parametrize("space", SEQUENCE_SPACES)
 def test_grow_then_prune_records_every_checked_growth(tmp_path, space):
     cfg = tiny(tmp_path, mode="grow-then-prune", nodes_start=1, every=1)
     cfg = config.resolve(base=cfg, overrides={"space": {"name": space}})

@@ -14,10 +14,12 @@ import pytest
 import torch
 from torch import Tensor
 
+from conftest import SEQUENCE_SPACES
 from morphnas.cells import DartsRNNCell, TwoInputCell
 from morphnas.genotype import DARTS_PRIMITIVES, KNOWN, TWO_INPUT_OPS, Genotype, Node
 from morphnas.spaces import (
     SPACES,
+    DartsCNNSearchNetwork,
     DartsRNNSearchCell,
     SearchSpace,
     TwoInputSearchCell,
@@ -1004,7 +1006,7 @@ def test_two_input_derive_subset_without_none():
     assert cell.derive().ops() == ["hadamard", "add"]
 
 
-@pytest.mark.parametrize("space", list(SPACES))
+@pytest.mark.parametrize("space", SEQUENCE_SPACES)
 def test_derived_genotype_builds_a_discrete_cell(space):
     from morphnas import cells
 
@@ -1071,7 +1073,8 @@ def test_darts_arch_shapes_and_init():
 def test_build_returns_registered_spaces():
     assert isinstance(build("darts_rnn", 3, 4, 2), DartsRNNSearchCell)
     assert isinstance(build("two_input", 3, 4, 2), TwoInputSearchCell)
-    assert set(SPACES) == {"darts_rnn", "two_input"}
+    assert isinstance(build("darts_cnn", 3, 4, 2), DartsCNNSearchNetwork)
+    assert set(SPACES) == {"darts_rnn", "two_input", "darts_cnn"}
 
 
 @pytest.mark.parametrize(
@@ -1101,7 +1104,7 @@ def test_build_rejects_bad_name_or_options(name, options):
 
 
 @pytest.mark.parametrize("value", [1.0, -0.1])
-@pytest.mark.parametrize("space", list(SPACES))
+@pytest.mark.parametrize("space", SEQUENCE_SPACES)
 def test_build_rejects_dropout_out_of_range(space, value):
     """A dropout probability must lie in [0, 1).
 

@@ -502,7 +502,8 @@ def evaluate(run_dir: Path) -> RunResult:
 
 COMPARE_METRICS = (
     "search_seconds", "search_cpu_seconds", "search_valid_loss", "nodes", "params",
-    "valid_rse", "test_rse", "test_corr", "valid_ppl", "test_ppl",
+    "valid_rse", "test_rse", "test_corr", "valid_ppl", "test_ppl", "flops", "valid_accuracy",
+    "test_accuracy",
 )  # fmt: skip
 
 
@@ -797,13 +798,6 @@ def _with_search_metadata(outcome: engine.SearchOutcome, space: Any, config: Run
     return dataclasses.replace(outcome.genotype, metadata=metadata)
 
 
-def _cell_options(config: RunConfig) -> dict[str, Any]:
-    """Space options that a discrete cell also takes (dropout, init, and ``fused``: whether it
-    runs its sequence kernel); the others are search-only."""
-    keep = ("dropout_x", "dropout_h", "init_range", "fused")
-    return {k: v for k, v in config.space.options.items() if k in keep}
-
-
 def _build_model(
     architecture: Genotype | str,
     config: RunConfig,
@@ -818,14 +812,16 @@ def _build_model(
     if isinstance(architecture, str) and architecture in PUBLISHED_BASELINES:
         architecture = genotype_mod.KNOWN[PUBLISHED_BASELINES[architecture]]
     if isinstance(architecture, Genotype):
-        cell = cells.build(architecture, n_series, hidden, **_cell_options(config))
+        cell = cells.build(
+            architecture, n_series, hidden, **cells.options_for(architecture, config)
+        )
     elif architecture == "ar":
         if config.train.ar_window < 1:
             raise UserError("the 'ar' baseline needs train.ar_window >= 1")
         cell = None
     else:
         hidden = kind.baseline_hidden(architecture, data, reference)
-        cell = cells.baseline(architecture, n_series, hidden)
+        cell = kind.baseline(architecture, data, hidden)
     return kind.wrap(cell, data, hidden)
 
 

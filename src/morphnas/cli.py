@@ -200,15 +200,16 @@ def _resolve(
     labelled = [*_labelled_sets(sets or []), *_labelled_flags(flags)]
     resolved = config_mod.resolve(config, config_mod.combine(labelled))
     named = [label for label, tree in labelled if "dataset" in tree.get("data", {})]
-    if named and resolved.data.csv is not None:
-        csv = next(
-            (label for label, tree in labelled if "csv" in tree.get("data", {})),
-            f"data.csv in {config}",
-        )
-        raise UserError(
-            f"{named[0]} and {csv} both say which data to use (a CSV is read instead of a "
-            "built-in dataset); give one of them"
-        )
+    for key, what in (("csv", "a CSV"), ("images", "an image folder or .npz")):
+        if named and getattr(resolved.data, key) is not None:
+            given = next(
+                (label for label, tree in labelled if key in tree.get("data", {})),
+                f"data.{key} in {config}",
+            )
+            raise UserError(
+                f"{named[0]} and {given} both say which data to use ({what} is read instead "
+                "of a built-in dataset); give one of them"
+            )
     return resolved
 
 
@@ -311,6 +312,12 @@ class Flag:
 FLAGS: dict[str, Flag] = {
     "dataset": Flag(("data", "dataset"), str, "bundled dataset (see `morphnas datasets`)"),
     "csv": Flag(("data", "csv"), Path, "your own CSV: numeric columns, one row a step"),
+    "images": Flag(
+        ("data", "images"),
+        Path,
+        "--task classify: your images, a folder of class sub-folders or an .npz of x and y",
+    ),
+    "limit": Flag(("data", "limit"), int, "--task classify: at most N training images"),
     "time_col": Flag(("data", "time_col"), str, "timestamp column of the CSV"),
     "columns": Flag(
         ("data", "columns"), str, "comma-separated CSV columns to use", parse=_column_list
@@ -320,7 +327,9 @@ FLAGS: dict[str, Flag] = {
         str,
         _choices(spaces.SPACES, config_mod.SpaceConfig, "name"),
     ),
-    "nodes": Flag(("space", "nodes"), int, "intermediate nodes of the cell"),
+    "nodes": Flag(
+        ("space", "nodes"), int, "intermediate nodes of the cell (darts_cnn: cells stacked)"
+    ),
     "hidden": Flag(("space", "hidden"), int, "hidden size of every model"),
     "epochs": Flag(("search", "epochs"), int, "search epochs"),
     "growth": Flag(
@@ -353,7 +362,7 @@ FLAGS: dict[str, Flag] = {
         str,
         "stop | retry: on a non-finite loss, stop or retry at half the rates",
     ),
-    "task": Flag(("task",), str, "forecast | lm (language modelling)"),
+    "task": Flag(("task",), str, "forecast | lm (language modelling) | classify (images)"),
     "corpus": Flag(("lm", "corpus"), Path, "--task lm: your own UTF-8 text file (split 80/10/10)"),
     "level": Flag(("lm", "level"), str, "--task lm: word | char tokens"),
     "bptt": Flag(("lm", "bptt"), int, "--task lm: mean BPTT window length"),
@@ -465,8 +474,9 @@ def search(
 @app.command()
 @_friendly
 @_with_flags(
-    "dataset", "csv", "time_col", "columns", "hidden", "retrain_epochs", "window", "horizon",
-    "task", "corpus", "level", "bptt", "seed", "out", "threads", "device", "compile",
+    "dataset", "csv", "images", "limit", "time_col", "columns", "space", "nodes", "hidden",
+    "retrain_epochs", "window", "horizon", "task", "corpus", "level", "bptt", "seed", "out",
+    "threads", "device", "compile",
 )  # fmt: skip
 def train(
     flags: dict[str, Any],
@@ -501,8 +511,8 @@ def train(
 @app.command()
 @_friendly
 @_with_flags(
-    "dataset", "csv", "space", "nodes", "hidden", "epochs", "retrain_epochs", "window",
-    "horizon", "out", "threads", "device",
+    "dataset", "csv", "images", "limit", "space", "nodes", "hidden", "epochs", "retrain_epochs",
+    "window", "horizon", "task", "out", "threads", "device",
     nodes="maximum nodes of the cell", epochs="search epochs (same for all)",
 )  # fmt: skip
 def compare(

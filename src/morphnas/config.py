@@ -110,6 +110,12 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     dataset: str = "births"
     csv: Path | None = None
+    images: Path | None = Field(
+        None, description="task classify: a folder of class sub-folders, or an .npz of x and y"
+    )
+    limit: int | None = Field(
+        None, ge=10, description="task classify: at most this many training images"
+    )
     time_col: str | None = None
     columns: list[str] | None = None
     window: int = Field(28, ge=1, le=100_000, description="past steps the model sees")
@@ -330,6 +336,13 @@ def _task_kinds() -> Mapping[str, Any]:
     return KINDS
 
 
+def _space_modality(name: str) -> str:
+    """What space ``name``'s models read (its class's ``modality``), imported on demand."""
+    from morphnas.spaces import SPACES
+
+    return SPACES[name].modality
+
+
 def _fill_missing(data: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
     """``data`` with every key of ``defaults`` it lacks (recursively into sections)."""
     filled = dict(data)
@@ -362,7 +375,9 @@ class RunConfig(_Strict):
     search: SearchConfig = Field(default_factory=SearchConfig)
     growth: GrowthConfig = Field(default_factory=GrowthConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    task: str = Field("forecast", description="the task's kind (tasks.KINDS): forecast | lm")
+    task: str = Field(
+        "forecast", description="the task's kind (tasks.KINDS): forecast | lm | classify"
+    )
     lm: LMConfig = Field(default_factory=LMConfig)
 
     @model_validator(mode="before")
@@ -389,6 +404,13 @@ class RunConfig(_Strict):
     def _task_fits_the_data(self) -> RunConfig:
         """The task's kind refuses what it cannot run (its ``check``)."""
         kinds = _task_kinds()
+        reads, modality = _space_modality(self.space.name), kinds[self.task].modality
+        if reads != modality:
+            fits = [name for name, kind in kinds.items() if kind.modality == reads]
+            raise ValueError(
+                f"space {self.space.name} searches cells for {reads} and --task {self.task} "
+                f"models {modality}: use --task {' or '.join(fits)}, or another --space"
+            )
         kinds[self.task].check(self)
         own = set(kinds[self.task].baselines)
         for name, kind in kinds.items():

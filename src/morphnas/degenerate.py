@@ -55,6 +55,8 @@ def check(genotype: Genotype, input_size: int, hidden_size: int, seed: int = 0) 
     Deterministic in ``seed``; the global random state is left as it was (a run's later draws do
     not depend on whether a check ran).
     """
+    if getattr(cells.CELLS[genotype.space], "modality", "sequences") == "images":
+        return _check_images(genotype, input_size, hidden_size, seed)
     reads_input = reads_state = varies = nonzero = False
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(seed)
@@ -90,6 +92,23 @@ def check(genotype: Genotype, input_size: int, hidden_size: int, seed: int = 0) 
         if not reads_state:
             reasons.append("its output never depends on the previous state (no recurrence)")
     return Verdict(reads_input, reads_state, dead, "; ".join(reasons))
+
+
+def _check_images(genotype: Genotype, channels: int, width: int, seed: int) -> Verdict:
+    """An image network has no state to carry (``recurrent`` is true: nothing is missing), and
+    its stem and its cells' preprocessing read the input whatever the ops; what is checked is
+    that its features vary with the image and depend on it (three cells: both reductions)."""
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        torch.manual_seed(seed)
+        network = cells.build(genotype, channels, width, cells=3).double().eval()
+        x = torch.randn(BATCH, channels, 8, 8, dtype=torch.float64, requires_grad=True)
+        features = network(x)[0]
+        (grad,) = torch.autograd.grad((features * torch.randn_like(features)).sum(), [x])
+    spread = (features - features[:1]).abs().max()
+    varies = bool(spread > TOLERANCE * (1 + features.abs().max()))
+    reads = _nonzero(grad)
+    reason = "" if varies and reads else "dead: its features are the same whatever the image"
+    return Verdict(reads, True, not (varies and reads), reason)
 
 
 def _fresh_cell(genotype: Genotype, input_size: int, hidden_size: int) -> nn.Module:

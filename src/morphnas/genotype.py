@@ -9,10 +9,16 @@ node states into the cell's output. State indices are shared by both recurrent s
   ``h_{t-1}``; node ``i`` applies a two-input operation to two earlier states ``a, b < i``. A
   cell with a ``cell_state`` node also carries that node's value to the next step, as an LSTM
   carries its memory cell: there state -2 is ``c_{t-1}`` (zero at the first step).
+* ``darts_cnn`` (the DARTS CNN cell): a genotype holds two cells, the normal cell's nodes then
+  the reduction cell's, as many of each. In either, state -1 is ``c_{k-2}`` and state 0
+  ``c_{k-1}`` (the outputs of the two cells before it), and node ``i`` of that cell is the sum
+  of two edges: its ``op`` is a pair, ``op[0]`` applied to state ``inputs[0]`` plus ``op[1]``
+  applied to ``inputs[1]``. The cell's output is the concatenation of its nodes.
 
 The JSON form carries ``format`` and ``version`` so that files written today stay readable, and
 loading validates everything a discrete cell relies on, with messages a person can act on.
-Version 2 added ``cell_state``; a version-1 file (which has none) still loads, meaning the same.
+Version 2 added ``cell_state``, version 3 the ``darts_cnn`` space (ops given per input); older
+files still load, meaning the same.
 """
 
 from __future__ import annotations
@@ -29,14 +35,14 @@ from typing import Any
 from morphnas.errors import LINK_LOOP, UserError, dangling_link
 
 FORMAT = "morphnas.genotype"
-VERSION = 2
+VERSION = 3
 # The fields of the JSON form; anything else is refused, because a misspelt optional field
 # ("ouptut") would otherwise be ignored and the cell silently built with the default.
 FIELDS = (
     "format", "version", "space", "output", "output_activation", "cell_state", "nodes", "metadata",
 )  # fmt: skip
 # Per version read, the fields it may hold: version 1 predates the carried cell state.
-VERSION_FIELDS = {1: tuple(f for f in FIELDS if f != "cell_state"), 2: FIELDS}
+VERSION_FIELDS = {1: tuple(f for f in FIELDS if f != "cell_state"), 2: FIELDS, 3: FIELDS}
 NODE_FIELDS = ("op", "inputs", "residual")
 
 DARTS_PRIMITIVES = ("none", "tanh", "relu", "sigmoid", "identity")
@@ -51,14 +57,35 @@ TWO_INPUT_OPS = (
     "highway",
 )
 
+# The DARTS CNN operations (Liu et al. 2019, cnn/genotypes.py PRIMITIVES), in their order.
+CNN_OPS = (
+    "none",
+    "max_pool_3x3",
+    "avg_pool_3x3",
+    "skip_connect",
+    "sep_conv_3x3",
+    "sep_conv_5x5",
+    "dil_conv_3x3",
+    "dil_conv_5x5",
+)
+# CNN_OPS without weights: what a cell collapses to when the search prefers them.
+CNN_PARAMETER_FREE = ("max_pool_3x3", "avg_pool_3x3", "skip_connect")
+
 # Per space: the ops a node may carry (never 'none': derivation skips it), the number of inputs
 # per node, the lowest state index a node may read, and the output rules it supports.
 SPACE_OPS: dict[str, tuple[str, ...]] = {
     "darts_rnn": DARTS_PRIMITIVES[1:],
     "two_input": TWO_INPUT_OPS[1:],
+    "darts_cnn": CNN_OPS[1:],
 }
-SPACE_ARITY = {"darts_rnn": 1, "two_input": 2}
-SPACE_FIRST_STATE = {"darts_rnn": 0, "two_input": -1}
+SPACE_ARITY = {"darts_rnn": 1, "two_input": 2, "darts_cnn": 2}
+SPACE_FIRST_STATE = {"darts_rnn": 0, "two_input": -1, "darts_cnn": -1}
+# Spaces whose node takes one op per input (a pair for darts_cnn) instead of one op of all of
+# them, and the cells a genotype of the space holds (their nodes one after another, as many
+# each); the first version that knows the space.
+OP_PER_INPUT = ("darts_cnn",)
+SPACE_CELLS: dict[str, tuple[str, ...]] = {"darts_cnn": ("normal", "reduce")}
+SPACE_SINCE = {"darts_cnn": 3}
 # The most nodes a genotype may have: twice the search spaces' own limit (space.nodes ≤ 32), room
 # for hand-written cells, and a bound on what a corrupt or hostile file can make us build.
 MAX_NODES = 64
@@ -68,8 +95,15 @@ CELL_STATE = -2  # the index of c_{t-1} in a two_input cell that carries a cell 
 SPACE_STATE_NAMES: dict[str, dict[int, str]] = {
     "darts_rnn": {0: "s0"},
     "two_input": {CELL_STATE: "c", -1: "u", 0: "h"},
+    "darts_cnn": {-1: "c_k-2", 0: "c_k-1"},
 }
-OUTPUTS = ("mean", "last")
+OUTPUTS = ("mean", "last", "concat")
+# The output rules each space supports (a CNN cell concatenates its nodes' channels).
+SPACE_OUTPUTS = {
+    "darts_rnn": ("mean", "last"),
+    "two_input": ("mean", "last"),
+    "darts_cnn": ("concat",),
+}
 # Squashing applied to the combined node states to form h_t: "tanh" keeps the recurrent state
 # bounded whatever ops a cell uses (a cell of parameter-free adds otherwise grows without bound).
 OUTPUT_ACTIVATIONS = ("identity", "tanh")
@@ -85,7 +119,7 @@ class Node:
     node leaves the cell's function unchanged, which is what makes growth a morphism.
     """
 
-    op: str
+    op: str | tuple[str, ...]  # a tuple, one op per input, in the spaces of OP_PER_INPUT
     inputs: tuple[int, ...]
     residual: bool = False
 
@@ -118,7 +152,8 @@ class Genotype:
             "output_activation": self.output_activation,
             "cell_state": self.cell_state,
             "nodes": [
-                {"op": n.op, "inputs": list(n.inputs), "residual": n.residual} for n in self.nodes
+                {"op": _op_json(n.op), "inputs": list(n.inputs), "residual": n.residual}
+                for n in self.nodes
             ],
             "metadata": self.metadata,
         }
@@ -144,7 +179,15 @@ class Genotype:
             ) from None
 
     def ops(self) -> list[str]:
-        return [n.op for n in self.nodes]
+        """Every op of the cell, node by node (both ops of a node that takes one per input)."""
+        return [op for n in self.nodes for op in ((n.op,) if isinstance(n.op, str) else n.op)]
+
+    def cells(self) -> list[tuple[str, tuple[Node, ...]]]:
+        """The cells the genotype holds, ``(name, nodes)``: one unnamed cell in the recurrent
+        spaces, the normal and the reduction cell in ``darts_cnn``."""
+        names = SPACE_CELLS.get(self.space, ("",))
+        size = len(self.nodes) // len(names)
+        return [(name, self.nodes[k * size : (k + 1) * size]) for k, name in enumerate(names)]
 
     def __str__(self) -> str:
         """Readable one-line-per-node text, e.g. ``s2 = hadamard(s1, h)``."""
@@ -153,6 +196,16 @@ class Genotype:
         def state(i: int) -> str:
             return names.get(i, f"s{i}")
 
+        if self.space in OP_PER_INPUT:
+            lines = [f"{self.space} cells, output = concat of nodes"]
+            for name, nodes in self.cells():
+                lines.append(f"  {name} cell:")
+                for i, node in enumerate(nodes, start=1):
+                    edges = (
+                        f"{op}({state(j)})" for op, j in zip(node.op, node.inputs, strict=True)
+                    )
+                    lines.append(f"    s{i} = {' + '.join(edges)}")
+            return "\n".join(lines)
         rule = "last node" if self.output == "last" else "mean of nodes"
         if self.output_activation != "identity":
             rule = f"{self.output_activation}({rule})"
@@ -165,6 +218,10 @@ class Genotype:
                 op = f"{base} + γ{i} ⊙ {op}"
             lines.append(f"  s{i} = {op}")
         return "\n".join(lines)
+
+
+def _op_json(op: str | tuple[str, ...]) -> str | list[str]:
+    return op if isinstance(op, str) else list(op)
 
 
 def _check_node_count(count: int) -> None:
@@ -184,9 +241,11 @@ def validate(genotype: Genotype) -> None:
         raise UserError(
             f"genotype: unknown space {_short(space)}; expected one of {sorted(SPACE_OPS)}"
         )
-    if genotype.output not in OUTPUTS:
+    outputs = SPACE_OUTPUTS[space]
+    if genotype.output not in outputs:
         raise UserError(
-            f"genotype: unknown output {_short(genotype.output)}; expected one of {OUTPUTS}"
+            f"genotype: unknown output {_short(genotype.output)} for space {space}; expected "
+            f"one of {outputs}"
         )
     if genotype.output_activation not in OUTPUT_ACTIVATIONS:
         raise UserError(
@@ -197,41 +256,63 @@ def validate(genotype: Genotype) -> None:
         raise UserError("genotype: 'nodes' is empty; a cell needs at least one node")
     _check_node_count(len(genotype.nodes))
     _validate_cell_state(genotype)
+    cells = SPACE_CELLS.get(space, ("",))
+    if len(genotype.nodes) % len(cells):
+        raise UserError(
+            f"genotype: {len(genotype.nodes)} nodes; a {space} genotype holds its "
+            f"{' and '.join(cells)} cells' nodes one after the other, as many each"
+        )
+    size = len(genotype.nodes) // len(cells)
+    for i, node in enumerate(genotype.nodes, start=1):
+        _validate_node(genotype, i, node, (i - 1) % size + 1)
+
+
+def _validate_node(genotype: Genotype, number: int, node: Node, i: int) -> None:
+    """Node ``number`` of the genotype, node ``i`` of its own cell: known ops, as many inputs as
+    the space takes, each an earlier state of that cell."""
+    space = genotype.space
     arity, first = SPACE_ARITY[space], SPACE_FIRST_STATE[space]
     if genotype.cell_state is not None:
         first = CELL_STATE
-    for i, node in enumerate(genotype.nodes, start=1):
-        if node.op not in SPACE_OPS[space]:
+    per_input = space in OP_PER_INPUT
+    ops = node.op if per_input and isinstance(node.op, tuple) else (node.op,)
+    if per_input and (not isinstance(node.op, tuple) or len(node.op) != arity):
+        raise UserError(
+            f"genotype: node {number} needs one op per input in space {space}: a list of "
+            f"{arity} ops, e.g. {list(SPACE_OPS[space][-2:])}"
+        )
+    for op in ops:
+        if op not in SPACE_OPS[space]:
             raise UserError(
-                f"genotype: node {i} has unknown op {_short(node.op)} for space {space}; "
-                f"{_did_you_mean(node.op, SPACE_OPS[space])}"
+                f"genotype: node {number} has unknown op {_short(op)} for space {space}; "
+                f"{_did_you_mean(str(op), SPACE_OPS[space])}"
                 f"expected one of {list(SPACE_OPS[space])}"
             )
-        if len(node.inputs) != arity:
+    if len(node.inputs) != arity:
+        raise UserError(
+            f"genotype: node {number} has {len(node.inputs)} inputs; {space} nodes take {arity}"
+        )
+    if not isinstance(node.residual, bool):
+        raise UserError(f"genotype: node {number} 'residual' must be true or false")
+    if node.residual and (i == 1 or per_input):
+        why = "there is no cell output before it" if i == 1 else f"{space} cells grow by cells"
+        raise UserError(f"genotype: node {number} cannot be residual ({why})")
+    where = f"node {number}" if number == i else f"node {number} (node {i} of its cell)"
+    for j in node.inputs:
+        if j >= i:
+            later = "itself" if j == i else f"node {j}, which comes after it"
             raise UserError(
-                f"genotype: node {i} has {len(node.inputs)} inputs; {space} nodes take {arity}"
+                f"genotype: {where} reads state {j}, i.e. {later} (a cell is computed in "
+                f"order); it may read states {first}..{i - 1}"
             )
-        if not isinstance(node.residual, bool):
-            raise UserError(f"genotype: node {i} 'residual' must be true or false")
-        if node.residual and i == 1:
+        if j < first:
+            hint = ""
+            if j == CELL_STATE and CELL_STATE in SPACE_STATE_NAMES[space]:
+                hint = " (state -2, c, exists only in a cell with a 'cell_state' node)"
             raise UserError(
-                "genotype: node 1 cannot be residual (there is no cell output before it)"
+                f"genotype: {where} reads state {j}, which does not exist{hint} (states of "
+                f"{space} start at {first}); it may read states {first}..{i - 1}"
             )
-        for j in node.inputs:
-            if j >= i:
-                later = "itself" if j == i else f"node {j}, which comes after it"
-                raise UserError(
-                    f"genotype: node {i} reads state {j}, i.e. {later} (a cell is computed in "
-                    f"order); node {i} may read states {first}..{i - 1}"
-                )
-            if j < first:
-                hint = ""
-                if j == CELL_STATE and CELL_STATE in SPACE_STATE_NAMES[space]:
-                    hint = " (state -2, c, exists only in a cell with a 'cell_state' node)"
-                raise UserError(
-                    f"genotype: node {i} reads state {j}, which does not exist{hint} (states of "
-                    f"{space} start at {first}); node {i} may read states {first}..{i - 1}"
-                )
 
 
 def _validate_cell_state(genotype: Genotype) -> None:
@@ -273,20 +354,29 @@ def from_dict(data: Any) -> Genotype:
         if not isinstance(raw, dict) or not {"op", "inputs"} <= raw.keys():
             raise UserError(f"genotype: node {i} must be an object with 'op' and 'inputs'")
         _check_fields(raw, NODE_FIELDS, f"node {i}")
-        inputs = raw["inputs"]
+        inputs, op = raw["inputs"], raw["op"]
+        if isinstance(op, list) and all(isinstance(o, str) for o in op):
+            op = tuple(op)  # one op per input (darts_cnn); validate checks the space takes it
         if (
-            not isinstance(raw["op"], str)
+            not isinstance(op, str | tuple)
             or not isinstance(inputs, list)
             or not all(isinstance(j, int) and not isinstance(j, bool) for j in inputs)
         ):
             raise UserError(
-                f"genotype: node {i} needs a string 'op' and a list of integer 'inputs'"
+                f"genotype: node {i} needs a string 'op' (a list of strings, one per input, in "
+                "darts_cnn) and a list of integer 'inputs'"
             )
-        nodes.append(Node(raw["op"], tuple(inputs), raw.get("residual", False)))
+        nodes.append(Node(op, tuple(inputs), raw.get("residual", False)))
     metadata = data.get("metadata", {})
     if not isinstance(metadata, dict):
         raise UserError("genotype: 'metadata' must be an object")
-    space, output = data["space"], data.get("output", "last")
+    space = data["space"]
+    if SPACE_SINCE.get(space, 1) > data["version"]:
+        raise UserError(
+            f"genotype: space {space} needs genotype version {SPACE_SINCE[space]} (this file "
+            f"says {data['version']})"
+        )
+    output = data.get("output", "concat" if space in SPACE_CELLS else "last")
     squash = data.get("output_activation", "identity")
     if not all(isinstance(v, str) for v in (space, output, squash)):
         raise UserError("genotype: 'space', 'output' and 'output_activation' must be strings")

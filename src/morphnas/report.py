@@ -31,7 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from morphnas.errors import UserError
-from morphnas.genotype import SPACE_ARITY, SPACE_STATE_NAMES, Genotype
+from morphnas.genotype import SPACE_ARITY, SPACE_CELLS, SPACE_STATE_NAMES, Genotype
 
 DPI = 110
 MISSING = "–"
@@ -352,6 +352,7 @@ _CELL_INPUTS: dict[str, tuple[tuple[_State, ...], tuple[tuple[str, str, str], ..
         (("x", "s0", ""), ("h", "s0", "")),
     ),
     "two_input": ((_State("u", "uₜ", "input"), _State("h", "hₜ₋₁", "input")), ()),
+    "darts_cnn": ((_State("c_k-2", "cₖ₋₂", "input"), _State("c_k-1", "cₖ₋₁", "input")), ()),
 }
 
 
@@ -364,6 +365,8 @@ def _cell_graph(genotype: Genotype) -> tuple[list[_State], list[tuple[str, str, 
     if space not in _CELL_INPUTS:
         raise ValueError(f"no cell drawing for space {space!r}; add it to report._CELL_INPUTS")
     inputs, arrows = _CELL_INPUTS[space]
+    if space in SPACE_CELLS:
+        return _stacked_cells_graph(genotype, inputs)
     states, edges = list(inputs), list(arrows)
     names = SPACE_STATE_NAMES[space]
     if genotype.cell_state is not None:  # the carried memory cell, state -2
@@ -390,8 +393,36 @@ def _cell_graph(genotype: Genotype) -> tuple[list[_State], list[tuple[str, str, 
     return states, edges
 
 
+def _stacked_cells_graph(
+    genotype: Genotype, inputs: tuple[_State, ...]
+) -> tuple[list[_State], list[tuple[str, str, str]]]:
+    """A genotype of several cells (``darts_cnn``: normal and reduction) as one drawing of
+    disjoint graphs, one per cell, each edge labelled by its op, the concatenation last."""
+    names = SPACE_STATE_NAMES[genotype.space]
+    states: list[_State] = []
+    edges: list[tuple[str, str, str]] = []
+    for cell, nodes in genotype.cells():
+        states += [_State(f"{cell}:{s.key}", f"{cell}\n{s.label}", s.kind) for s in inputs]
+        for i, node in enumerate(nodes, start=1):
+            states.append(_State(f"{cell}:s{i}", f"s{i}", "node"))
+            edges += [
+                (f"{cell}:{names.get(j, f's{j}')}", f"{cell}:s{i}", op)
+                for op, j in zip(node.op, node.inputs, strict=True)
+            ]
+        states.append(_State(f"{cell}:out", f"{cell} out =\nconcat(s1..s{len(nodes)})", "output"))
+        edges += [(f"{cell}:s{i}", f"{cell}:out", "") for i in range(1, len(nodes) + 1)]
+    return states, edges
+
+
 def _genotype_title(genotype: Genotype) -> str:
     n = len(genotype.nodes)
+    if genotype.space in SPACE_CELLS:
+        cells = genotype.cells()
+        each = len(cells[0][1])
+        return (
+            f"{genotype.space}: {' and '.join(name for name, _ in cells)} cells, {each} "
+            f"node{'s' * (each != 1)} each, output = concat"
+        )
     squash = "" if genotype.output_activation == "identity" else f"{genotype.output_activation} of "
     return f"{genotype.space} cell: {n} node{'s' * (n != 1)}, output = {squash}{genotype.output}"
 
@@ -596,6 +627,33 @@ _LM_COLUMNS = (
     ("eval_tokens_per_s", "eval tok/s"),
     ("train_seconds", "train s"),
 )
+# Image classification: accuracy, and the sizes an equal-size comparison rests on.
+_CLASSIFY_COLUMNS = (
+    ("model", "model"),
+    ("params", "params"),
+    ("flops", "FLOPs"),
+    ("valid_accuracy", "valid acc"),
+    ("test_accuracy", "test acc"),
+    ("test_loss", "test loss"),
+    ("train_seconds", "train s"),
+)
+# Per kind of result (told by the metric it alone has): its columns, the score that picks the
+# best row, and whether higher is better. Forecasting, the last, is the default.
+_LAYOUTS = (
+    ("test_ppl", _LM_COLUMNS, "test_ppl", False),
+    ("test_accuracy", _CLASSIFY_COLUMNS, "test_accuracy", True),
+    ("test_rse", _COLUMNS, "test_rse", False),
+)
+
+
+def _table_layout(
+    rows: Sequence[Mapping[str, Any]],
+) -> tuple[tuple[tuple[str, str], ...], str, bool]:
+    """The columns, best-row score and direction of a table of these result rows."""
+    for marker, columns, best_key, higher in _LAYOUTS:
+        if any(marker in row for row in rows):
+            return columns, best_key, higher
+    return _COLUMNS, "test_rse", False
 
 
 def _number(value: Any) -> float | None:
@@ -612,16 +670,17 @@ def _format_cell(key: str, value: Any) -> str:
         return str(value)
     if not math.isfinite(number):
         return str(number)
-    if key == "params" or abs(number) >= 1e4:
+    if key in ("params", "flops") or abs(number) >= 1e4:
         return f"{round(number):,}"
     return f"{number:.4g}"
 
 
 def results_table(results: Sequence[Mapping[str, Any]], title: str = "results") -> Table:
-    """A rich table of models and their metrics; the best (lowest) test RSE in bold (test
-    perplexity for language models). A row marked ``degenerate`` (a cell whose output ignores
-    its input or its state, ``morphnas.degenerate``) says so by its name and in the caption:
-    its numbers are the model around the cell, not a cell.
+    """A rich table of models and their metrics; the best test score in bold (the lowest test
+    RSE, the lowest perplexity for language models, the highest accuracy for images). A row
+    marked ``degenerate`` (a cell whose output ignores its input or its state,
+    ``morphnas.degenerate``) says so by its name and in the caption: its numbers are the model
+    around the cell, not a cell.
 
     Cells are ``Text`` objects, not markup strings, so a model named like ``[red]`` prints as is.
     """
@@ -632,8 +691,7 @@ def results_table(results: Sequence[Mapping[str, Any]], title: str = "results") 
         for r in degenerate
     )
     table = Table(title=title, caption=caption or None)
-    lm = any("test_ppl" in result for result in results)
-    columns, best_key = (_LM_COLUMNS, "test_ppl") if lm else (_COLUMNS, "test_rse")
+    columns, best_key, higher = _table_layout(results)
     best_position = [key for key, _ in columns].index(best_key)
     for key, header in columns:
         if key == "model":  # names are never cut; numbers may wrap their headers instead
@@ -642,7 +700,7 @@ def results_table(results: Sequence[Mapping[str, Any]], title: str = "results") 
             table.add_column(header, justify="right")
     scores = [_number(result.get(best_key)) for result in results]
     finite = [s for s in scores if s is not None and math.isfinite(s)]
-    best = min(finite, default=None)
+    best = (max if higher else min)(finite, default=None)
     for result, score in zip(results, scores, strict=True):
         cells = [Text(_format_cell(key, result.get(key))) for key, _ in columns]
         if result.get("degenerate"):
@@ -666,6 +724,12 @@ _COMPARE_COLUMNS = (
     ("test_corr", "test CORR"),
 )
 _LM_COMPARE_COLUMNS = (*_COMPARE_COLUMNS[:5], ("valid_ppl", "valid ppl"), ("test_ppl", "test ppl"))
+_CLASSIFY_COMPARE_COLUMNS = (
+    *_COMPARE_COLUMNS[:5],
+    ("flops", "FLOPs"),
+    ("valid_accuracy", "valid acc"),
+    ("test_accuracy", "test acc"),
+)
 
 
 def compare_table(rows: Sequence[Mapping[str, Any]], title: str = "comparison") -> Table:
@@ -673,8 +737,10 @@ def compare_table(rows: Sequence[Mapping[str, Any]], title: str = "comparison") 
     table = Table(title=title)
     table.add_column("variant", no_wrap=True)
     table.add_column("seeds", justify="right")
-    lm = any("test_ppl" in row for row in rows)  # language models: perplexities, not RSE
-    columns = _LM_COMPARE_COLUMNS if lm else _COMPARE_COLUMNS
+    columns = {
+        "test_ppl": _LM_COMPARE_COLUMNS,  # language models: perplexities, not RSE
+        "test_accuracy": _CLASSIFY_COMPARE_COLUMNS,
+    }.get(_table_layout(rows)[1], _COMPARE_COLUMNS)
     for _, header in columns:
         table.add_column(header, justify="right", no_wrap=True)
     for row in rows:
@@ -684,7 +750,7 @@ def compare_table(rows: Sequence[Mapping[str, Any]], title: str = "comparison") 
             if mean is None:
                 cells.append(Text("–"))
                 continue
-            text = _format_cell(key, mean) if key == "params" else f"{mean:.4g}"
+            text = _format_cell(key, mean) if key in ("params", "flops") else f"{mean:.4g}"
             if row.get(f"{key}_std") is not None and row.get("seeds", 1) > 1:
                 text += f"±{row[f'{key}_std']:.2g}"
             cells.append(Text(text))

@@ -8,13 +8,22 @@ from typing import Any
 from torch import nn
 
 from morphnas.spaces.base import SearchSpace
+from morphnas.spaces.darts_cnn import DartsCNNSearchNetwork
 from morphnas.spaces.darts_rnn import DartsRNNSearchCell
 from morphnas.spaces.two_input import TwoInputSearchCell
 
 SPACES: dict[str, type[nn.Module]] = {
     "darts_rnn": DartsRNNSearchCell,
     "two_input": TwoInputSearchCell,
+    "darts_cnn": DartsCNNSearchNetwork,
 }
+
+
+def of_modality(modality: str) -> list[str]:
+    """The registered spaces whose networks read ``modality`` (``sequences`` or ``images``)."""
+    return [
+        name for name, cls in SPACES.items() if getattr(cls, "modality", "sequences") == modality
+    ]
 
 
 def build(name: str, input_size: int, hidden_size: int, nodes: int, **options: Any) -> nn.Module:
@@ -30,4 +39,11 @@ def build(name: str, input_size: int, hidden_size: int, nodes: int, **options: A
     return SPACES[name](input_size, hidden_size, nodes=nodes, **options)
 
 
-__all__ = ["SPACES", "DartsRNNSearchCell", "SearchSpace", "TwoInputSearchCell", "build"]
+__all__ = [
+    "SPACES",
+    "DartsCNNSearchNetwork",
+    "DartsRNNSearchCell",
+    "SearchSpace",
+    "TwoInputSearchCell",
+    "build",
+]

@@ -108,6 +108,9 @@ class ArchitectureMixin:
     # The node carried to the next step as c (state -2), as an LSTM's memory cell; two_input's
     # ``cell_state`` option, None in every other space.
     cell_state: int | None = None
+    # What the space's networks read: sequences ``(T, B, features)`` (the recurrent cells), or
+    # images ``(N, C, H, W)``; config matches it against the task kind's ``modality``.
+    modality: str = "sequences"
 
     def arch_parameters(self) -> list[nn.Parameter]:
         return [alpha for i, alpha in enumerate(self.arch, start=1) if i not in self.fixed]

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from morphnas.genotype import (
     CELL_STATE,
     OUTPUT_ACTIVATIONS,
-    OUTPUTS,
+    SPACE_OUTPUTS,
     TWO_INPUT_OPS,
     Node,
 )
@@ -186,7 +186,7 @@ class TwoInputSearchCell(ArchitectureMixin, nn.Module):
             )
         for name, value, allowed in (
             ("wiring", wiring, WIRINGS),
-            ("output", output, OUTPUTS),
+            ("output", output, SPACE_OUTPUTS["two_input"]),
             ("output_activation", output_activation, OUTPUT_ACTIVATIONS),
             ("weight_sharing", weight_sharing, WEIGHT_SHARING),
         ):

@@ -73,7 +73,7 @@ import torch
 from torch import Tensor, nn
 
 from morphnas.errors import check_count
-from morphnas.genotype import Genotype
+from morphnas.genotype import OP_PER_INPUT, Genotype
 from morphnas.spaces.base import SampledMixing, SearchSpace, joint_softmax
 from morphnas.strategies.base import BatchLoss, Objective, Strategy, none_mask, one_hot_like
 from morphnas.strategies.penalties import proximity
@@ -151,6 +151,11 @@ class E2nas(Strategy):
         **common: Any,
     ) -> None:
         super().__init__(space, lr=lr, weight_decay=weight_decay, **common)
+        if space.space in OP_PER_INPUT:  # type: ignore[attr-defined]
+            raise ValueError(
+                f"e2nas encodes one choice (an input and an op) per node, and a "
+                f"{space.space} node chooses two edges: search it with another strategy"  # type: ignore[attr-defined]
+            )
         if nz is not None:
             check_count("nz", nz, 1)
         check_count("hs", hs, 1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from morphnas.tasks.classification import Classification
 from morphnas.tasks.forecasting import Forecasting
 from morphnas.tasks.kinds import TaskKind
 from morphnas.tasks.language import LanguageModelling
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 KINDS: dict[str, type[TaskKind]] = {
     Forecasting.name: Forecasting,
     LanguageModelling.name: LanguageModelling,
+    Classification.name: Classification,
 }
 
 

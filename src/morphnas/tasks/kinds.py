@@ -39,6 +39,9 @@ class TaskKind(ABC):
     # Baselines only this kind has (besides the recurrent cells every kind trains): a model
     # without a cell (``wrap(None, ...)``) or one ``reference`` gives without training.
     baselines: ClassVar[tuple[str, ...]] = ()
+    # What the kind's models read, matched against the search space's (``modality`` of the
+    # classes in ``spaces.SPACES``): config refuses a space of another modality.
+    modality: ClassVar[str] = "sequences"
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
@@ -91,6 +94,13 @@ class TaskKind(ABC):
     def wrap(self, cell: nn.Module | None, data: Any, hidden: int) -> nn.Module:
         """The task's model around ``cell`` (a supernet, a derived cell or a baseline; None for
         a model without a recurrent part, which a kind may refuse), on the run's device."""
+
+    def baseline(self, name: str, data: Any, hidden: int) -> nn.Module:
+        """The body of the baseline ``name`` at width ``hidden`` (``wrap`` puts the task's model
+        around it): torch's recurrent cells, unless the kind has baselines of its own."""
+        from morphnas import cells  # on demand: cells import the kernels
+
+        return cells.baseline(name, self.input_size(data), hidden)
 
     def baseline_hidden(self, name: str, data: Any, reference: Genotype | None) -> int:
         """The hidden size of the baseline ``name`` beside the searched cell ``reference``."""

@@ -78,7 +78,7 @@ def bench_search(device: torch.device, repeats: int, quick: bool) -> dict[str, A
         # The median of ``repeats`` for first-order DARTS, the reference; one epoch for the
         # others, so that the whole bench stays within minutes (an iDARTS epoch is ~20× DARTS').
         count = repeats if key == "darts" else 1
-        for space_name in spaces.SPACES:
+        for space_name in spaces.of_modality("sequences"):  # forecasting searches
             runs = [
                 _search_epoch_seconds(strategy_name, space_name, data, device, options)
                 for _ in range(count)

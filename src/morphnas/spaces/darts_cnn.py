@@ -1,0 +1,398 @@
+"""The DARTS CNN cell space (Liu et al. 2019): a stack of normal and reduction cells whose edges
+mix the eight DARTS operations, sized for a CPU by default.
+
+Shape, as DARTS's search network: a 3×3 conv stem to ``stem_multiplier · C`` channels, then
+``nodes`` cells (the unit that grows here: a cell, as a recurrent space grows by a node); the
+cells at a third and two thirds of the stack are reduction cells (stride 2 on their input edges,
+channels doubled). A cell reads the outputs of the two cells before it (``c_{k-2}, c_{k-1}``,
+states -1 and 0), preprocesses them to its ``C`` channels, and computes ``steps`` nodes, each the
+sum of one mixed edge from every earlier state; its output is the concatenation of its last
+``multiplier`` nodes. Global average pooling gives the features the task's head reads
+(``forward`` returns ``(features, None)``, the pair the recurrent spaces return).
+
+Architecture parameters are shared by all cells of a type: ``arch`` holds the normal cell's
+nodes 1..steps then the reduction cell's, node ``i``'s ``α`` of shape ``(states, ops)`` (one row
+per earlier state, as ``darts_rnn``'s), read per row by a softmax (DARTS's per-edge mixture). A
+node derives to its two strongest edges (the largest non-``none`` weight of a row), each with
+its strongest op: DARTS's top-2 rule; ``node_options`` ranks the pairs for ``selection``.
+
+Speed without changing the function (each checked against ``reference_forward``, a per-edge,
+per-op loop in the DARTS code's shape): the ReLU every conv op starts with is applied once per
+state; the parameter-free ops of a state (the two pools with their BN, the identity) are
+computed once and shared by every edge that leaves it; ``none`` is never computed; a
+``SampledMixing`` (GDAS, random search) runs the sampled edge's op alone.
+
+Growth (``grow``) appends a normal cell at the end as a residual: ``out = c_L + γ ⊙ cell(c_{L-1},
+c_L)`` with ``γ = 0`` per channel, so the network's output is unchanged in train and eval mode
+(the new cell's own BatchNorm statistics move, its output is multiplied by zero).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from morphnas.genotype import CNN_OPS, CNN_PARAMETER_FREE, Genotype, Node
+from morphnas.ops.cnn import POOLS, FactorizedReduce, ReLUConvBN, make_op, op_cost
+from morphnas.spaces.base import ArchitectureMixin, SampledMixing, new_alpha
+
+# Alternatives a node offers ``selection`` besides its best pair (the likeliest pairs).
+NODE_OPTIONS = 6
+
+
+def reduction_cells(cells: int) -> tuple[int, ...]:
+    """The 0-based positions of the reduction cells in a stack of ``cells`` (DARTS: at a third
+    and two thirds; a stack of one or two has one reduction, its first cell)."""
+    return tuple(sorted({cells // 3, 2 * cells // 3}))
+
+
+class SearchCell(nn.Module):
+    """One cell of the supernet: preprocessing, and per edge the ops with weights (the shared
+    parameter-free ops live per state, ``shared``)."""
+
+    def __init__(
+        self,
+        c_prev_prev: int,
+        c_prev: int,
+        channels: int,
+        steps: int,
+        multiplier: int,
+        reduction: bool,
+        reduction_prev: bool,
+    ) -> None:
+        super().__init__()
+        self.reduction, self.steps, self.multiplier = reduction, steps, multiplier
+        self.channels = channels
+        if reduction_prev:
+            self.preprocess0: nn.Module = FactorizedReduce(c_prev_prev, channels, affine=False)
+        else:
+            self.preprocess0 = ReLUConvBN(c_prev_prev, channels, 1, 1, 0, affine=False)
+        self.preprocess1 = ReLUConvBN(c_prev, channels, 1, 1, 0, affine=False)
+        # edges[i][j]: node i+1's edge from state j-1 (row j of its α); ops with weights only.
+        self.edges = nn.ModuleList()
+        for i in range(steps):
+            node = nn.ModuleList()
+            for j in range(i + 2):
+                stride = 2 if reduction and j < 2 else 1
+                node.append(
+                    nn.ModuleDict(
+                        {
+                            name: make_op(name, channels, stride, False, relu_first=False)
+                            for name in CNN_OPS
+                            if _has_weights(name, stride)
+                        }
+                    )
+                )
+            self.edges.append(node)
+        # shared[j]: state j-1's parameter-free ops, at the stride of the edges leaving it.
+        self.shared = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    name: make_op(name, channels, self.stride(j), False, pool_bn=True)
+                    for name in POOLS
+                }
+            )
+            for j in range(steps + 1)
+        )
+
+    def stride(self, j: int) -> int:
+        """The stride of the edges leaving state row ``j`` (the cell's two inputs in a
+        reduction cell: 2)."""
+        return 2 if self.reduction and j < 2 else 1
+
+    @property
+    def out_channels(self) -> int:
+        return self.multiplier * self.channels
+
+    def inputs(self, s0: Tensor, s1: Tensor) -> list[Tensor]:
+        return [self.preprocess0(s0), self.preprocess1(s1)]
+
+    def op(self, name: str, i: int, j: int, state: Tensor, relu: Tensor | None) -> Tensor:
+        """Op ``name`` on node ``i``'s edge from state row ``j`` (``relu``: the state after the
+        ReLU, for ops with weights)."""
+        if name in POOLS:
+            return self.shared[j][name](state)
+        if name == "skip_connect" and self.stride(j) == 1:
+            return state
+        if name == "none":
+            return _zero(state, self.stride(j))
+        return self.edges[i][j][name](relu if relu is not None else torch.relu(state))
+
+    def output(self, states: list[Tensor]) -> Tensor:
+        return torch.cat(states[-self.multiplier :], dim=1)
+
+
+def _has_weights(name: str, stride: int) -> bool:
+    return name not in ("none", *POOLS) and not (name == "skip_connect" and stride == 1)
+
+
+def _zero(state: Tensor, stride: int) -> Tensor:
+    return state[:, :, ::stride, ::stride] * 0.0
+
+
+class DartsCNNSearchNetwork(ArchitectureMixin, nn.Module):
+    """The DARTS CNN supernet over ``input_size`` image channels, ``hidden_size`` = C (the first
+    cells' channels), ``nodes`` cells of ``steps`` nodes each; a cell's output concatenates its
+    last ``multiplier`` nodes (default: all), the stem has ``stem_multiplier · C`` channels."""
+
+    space = "darts_cnn"
+    modality = "images"
+    output = "concat"
+    output_activation = "identity"
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        nodes: int = 5,
+        steps: int = 4,
+        multiplier: int | None = None,
+        stem_multiplier: int = 3,
+    ) -> None:
+        super().__init__()
+        if not 1 <= steps <= 8:
+            raise ValueError(f"steps must be in 1..8, got {steps}")
+        multiplier = steps if multiplier is None else multiplier
+        if not 1 <= multiplier <= steps:
+            raise ValueError(f"multiplier ({multiplier}) must be in 1..steps ({steps})")
+        if stem_multiplier < 1:
+            raise ValueError(f"stem_multiplier must be at least 1, got {stem_multiplier}")
+        if hidden_size % 2:
+            raise ValueError(
+                f"space.hidden (the channels C) must be even for the reduction cells, got "
+                f"{hidden_size}"
+            )
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.steps, self.multiplier, self.stem_multiplier = steps, multiplier, stem_multiplier
+        self.op_names = CNN_OPS
+        c_stem = stem_multiplier * hidden_size
+        self.stem = nn.Sequential(
+            nn.Conv2d(input_size, c_stem, 3, padding=1, bias=False), nn.BatchNorm2d(c_stem)
+        )
+        self.cells = nn.ModuleList()
+        # γ of each grown (residual) cell, keyed by its 0-based position.
+        self.cell_gammas = nn.ParameterDict()
+        reductions = reduction_cells(nodes)
+        c_pp, c_p, channels, reduction_prev = c_stem, c_stem, hidden_size, False
+        for k in range(nodes):
+            reduction = k in reductions
+            channels *= 2 if reduction else 1
+            cell = SearchCell(c_pp, c_p, channels, steps, multiplier, reduction, reduction_prev)
+            self.cells.append(cell)
+            c_pp, c_p, reduction_prev = c_p, cell.out_channels, reduction
+        self.features = c_p
+        self.arch = nn.ParameterList(
+            [new_alpha(i + 2, len(CNN_OPS)) for _ in range(2) for i in range(steps)]
+        )
+        self.fixed: dict[int, Node] = {}
+        self.gammas = nn.ParameterDict()  # no residual nodes: this space grows by cells
+
+    # --- shape -------------------------------------------------------------------------------
+
+    @property
+    def nodes(self) -> int:
+        """Cells in the stack: the unit growth adds and ``space.nodes`` counts here."""
+        return len(self.cells)
+
+    def cell_alpha_index(self, cell: SearchCell) -> int:
+        """The 0-based ``arch`` index of node 1 of ``cell``'s type."""
+        return self.steps if cell.reduction else 0
+
+    # --- forward -----------------------------------------------------------------------------
+
+    def forward(
+        self, x: Tensor, h0: Tensor | None = None, weights: list[Tensor] | None = None
+    ) -> tuple[Tensor, None]:
+        """Pooled features ``(N, features)`` of images ``x`` ``(N, C, H, W)`` under mixing
+        ``weights`` (default: the read-out of ``α``); ``h0`` is not used (no recurrence)."""
+        weights = self.mixing_weights() if weights is None else weights
+        sampled = weights.choices if isinstance(weights, SampledMixing) else None
+        s0 = s1 = self.stem(x)
+        for k, cell in enumerate(self.cells):
+            out = self._cell_forward(cell, s0, s1, weights, sampled)
+            gamma = self.cell_gammas.get(str(k))
+            if gamma is not None:
+                out = s1 + gamma.view(1, -1, 1, 1) * out
+            s0, s1 = s1, out
+        return s1.mean(dim=(2, 3)), None
+
+    def _cell_forward(
+        self,
+        cell: SearchCell,
+        s0: Tensor,
+        s1: Tensor,
+        weights: list[Tensor],
+        sampled: list[int | None] | None,
+    ) -> Tensor:
+        base = self.cell_alpha_index(cell)
+        states = cell.inputs(s0, s1)
+        relus: list[Tensor | None] = [None, None]
+        shared: list[dict[str, Tensor]] = [{}, {}]
+        n_ops = len(self.op_names)
+        for i in range(self.steps):
+            w = weights[base + i]
+            number = base + i + 1
+            terms: list[Tensor] = []
+            if number in self.fixed:
+                entries = self._node_entries(self.fixed[number])
+                constant = None
+            elif sampled is not None and sampled[base + i] is not None:
+                c = sampled[base + i]
+                entries = [divmod(c, n_ops)]
+                flat = w.reshape(-1)
+                constant = flat.sum() - flat[c]  # exact zeros in value, α's gradient path
+            else:
+                entries = [
+                    (j, k) for j in range(i + 2) for k in range(1, n_ops)
+                ]  # none (k = 0) adds w · 0: nothing in value, nothing to α's gradient
+                constant = None
+            for j, k in entries:
+                name = self.op_names[k]
+                if name == "none":
+                    terms.append(w[j, k] * _zero(states[j], cell.stride(j)))
+                    continue
+                terms.append(w[j, k] * self._op_value(cell, i, j, name, states, relus, shared))
+            node = torch.stack(terms).sum(0) if len(terms) > 1 else terms[0]
+            if constant is not None:
+                node = node + constant
+            states.append(node)
+            relus.append(None)
+            shared.append({})
+        return cell.output(states)
+
+    def _op_value(
+        self,
+        cell: SearchCell,
+        i: int,
+        j: int,
+        name: str,
+        states: list[Tensor],
+        relus: list[Tensor | None],
+        shared: list[dict[str, Tensor]],
+    ) -> Tensor:
+        """Op ``name`` of node ``i``'s edge from state row ``j``; a parameter-free op's value
+        and a state's ReLU are computed once and reused by the other edges."""
+        if name in POOLS:
+            if name not in shared[j]:
+                shared[j][name] = cell.op(name, i, j, states[j], None)
+            return shared[j][name]
+        if name == "skip_connect" and cell.stride(j) == 1:
+            return states[j]
+        if relus[j] is None:
+            relus[j] = torch.relu(states[j])
+        return cell.op(name, i, j, states[j], relus[j])
+
+    def reference_forward(self, x: Tensor, weights: list[Tensor] | None = None) -> Tensor:
+        """The specification of ``forward`` (dense mixing): every edge computes every op,
+        ``none`` included, from its own state, and the node sums ``w · op(s)`` over edges and
+        ops — DARTS's ``MixedOp`` loop. Slow; for tests."""
+        weights = self.mixing_weights() if weights is None else weights
+        s0 = s1 = self.stem(x)
+        for k, cell in enumerate(self.cells):
+            base = self.cell_alpha_index(cell)
+            states = cell.inputs(s0, s1)
+            for i in range(self.steps):
+                w = weights[base + i]
+                node = 0.0
+                for j in range(i + 2):
+                    for k_op, name in enumerate(self.op_names):
+                        node = node + w[j, k_op] * cell.op(name, i, j, states[j], None)
+                states.append(node)
+            out = cell.output(states)
+            if str(k) in self.cell_gammas:
+                out = s1 + self.cell_gammas[str(k)].view(1, -1, 1, 1) * out
+            s0, s1 = s1, out
+        return s1.mean(dim=(2, 3))
+
+    # --- derivation --------------------------------------------------------------------------
+
+    def _cell_of(self, i: int) -> int:
+        """Node ``i``'s (1-based) index within its own cell."""
+        return (i - 1) % self.steps + 1
+
+    def node_options(self, i: int, p: Tensor) -> list[tuple[float, Node]]:
+        """Node ``i``'s likeliest pairs of edges, best first: each edge (a state row of ``p``)
+        with its strongest op other than ``none``, a pair scored by the product of its two
+        weights (DARTS keeps the two strongest edges: the first option)."""
+        best, ops = p[:, 1:].max(dim=1)
+        rows = p.shape[0]
+        pairs = [(float(best[a] * best[b]), a, b) for a in range(rows) for b in range(a + 1, rows)]
+        pairs.sort(key=lambda t: -t[0])
+        return [
+            (score, Node((CNN_OPS[int(ops[a]) + 1], CNN_OPS[int(ops[b]) + 1]), (a - 1, b - 1)))
+            for score, a, b in pairs[: NODE_OPTIONS + 1]
+        ]
+
+    def _entry(self, i: int, node: Node) -> tuple[list[int], list[int]]:
+        rows = self.arch[i - 1].shape[0]
+        if not isinstance(node.op, tuple) or len(node.inputs) != 2:
+            raise ValueError(f"node {i} of a darts_cnn cell takes two inputs and two ops")
+        if any(not -1 <= j < rows - 1 for j in node.inputs) or node.inputs[0] == node.inputs[1]:
+            raise ValueError(
+                f"node {self._cell_of(i)} of its cell reads two different states of "
+                f"-1..{rows - 2}, got {list(node.inputs)}"
+            )
+        return [j + 1 for j in node.inputs], [self._op_column(op) for op in node.op]
+
+    def _node_entries(self, node: Node) -> list[tuple[int, int]]:
+        return [
+            (j + 1, self.op_names.index(op)) for op, j in zip(node.op, node.inputs, strict=True)
+        ]
+
+    # --- resources ---------------------------------------------------------------------------
+
+    def op_cost(self, op: str) -> tuple[int, int]:
+        """Parameters and FLOPs per output pixel of ``op`` on an edge at C channels."""
+        return op_cost(op, self.hidden_size)
+
+    # --- growth ------------------------------------------------------------------------------
+
+    def grow(self, alpha_init: str = "random") -> list[nn.Parameter]:
+        """Append a normal cell as a residual whose scale ``γ`` starts at zero (the output is
+        unchanged); return its parameters, which need fresh optimizer state. ``alpha_init`` is
+        not used: the new cell shares the normal cell's ``α``."""
+        last = self.cells[-1]
+        c_pp = self.cells[-2].out_channels if len(self.cells) > 1 else self.stem[0].out_channels
+        ref = self.arch[0]
+        cell = SearchCell(
+            c_pp, last.out_channels, last.channels, self.steps, self.multiplier, False,
+            last.reduction,
+        ).to(device=ref.device, dtype=ref.dtype)  # fmt: skip
+        cell.train(self.training)
+        gamma = nn.Parameter(torch.zeros(cell.out_channels, device=ref.device, dtype=ref.dtype))
+        self.cell_gammas[str(len(self.cells))] = gamma
+        self.cells.append(cell)
+        return [*cell.parameters(), gamma]
+
+    @torch.no_grad()
+    def prune(self) -> list[int]:
+        """Fix every searched node to its best pair; return their 1-based indices."""
+        pruned = []
+        for i, p in enumerate(self.mixing_weights(), start=1):
+            if i not in self.fixed:
+                self.fix(i, self.node_options(i, p)[0][1])
+                pruned.append(i)
+        return pruned
+
+    @torch.no_grad()
+    def fix(self, i: int, node: Node) -> None:
+        """Fix searched node ``i`` to ``node`` (pruning, or rebuilding a pruned net on resume)."""
+        self._entry(i, node)  # refuses a node this supernet cannot hold
+        self.fixed[i] = node
+        self.arch[i - 1].requires_grad_(False).grad = None
+
+    def widen(self, widening: Any) -> None:
+        raise ValueError(
+            "darts_cnn does not widen yet (growth.width_step must be 0); it grows by cells"
+        )
+
+
+def parameter_free_fraction(genotype: Genotype) -> float:
+    """The share of a CNN genotype's edges that carry no weights (a collapsed search's sign)."""
+    ops = genotype.ops()
+    return sum(op in CNN_PARAMETER_FREE for op in ops) / max(1, len(ops))
+
+
+__all__ = ["DartsCNNSearchNetwork", "parameter_free_fraction", "reduction_cells"]
