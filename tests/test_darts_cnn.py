@@ -17,9 +17,10 @@ from morphnas.config import GrowthConfig
 from morphnas.errors import UserError
 from morphnas.genotype import CNN_OPS, Genotype, Node, from_json
 from morphnas.growth import grow_checked
+from morphnas.ops.cnn import reduction_cells
 from morphnas.spaces import build
-from morphnas.spaces.base import SampledMixing
-from morphnas.spaces.darts_cnn import DartsCNNSearchNetwork, reduction_cells
+from morphnas.spaces.base import SampledMixing, Widening
+from morphnas.spaces.darts_cnn import DartsCNNSearchNetwork
 from morphnas.tasks.classification import ImageModel
 
 GENOTYPE = Genotype(
@@ -144,9 +145,33 @@ def test_appending_a_cell_leaves_the_output_unchanged(mode, last_is_reduction):
     assert diff == 0.0
 
 
-def test_widening_is_refused_with_a_reason():
-    with pytest.raises(ValueError, match="width_step"):
-        _supernet().widen(None)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("cells_", [1, 2, 4])
+def test_widening_leaves_the_classifier_unchanged_and_equals_a_wider_build(mode, cells_):
+    """Net2WiderNet on C: every stage (C, 2C, 4C), the stem, the factorized reductions, a grown
+    cell's γ and the head's reader, on random weights and BatchNorm statistics (float64); the
+    result has the shapes of a supernet built at the new width (what a resume builds)."""
+    net = _supernet(cells_=cells_)
+    net.grow()
+    for p in net.parameters():
+        p.data.normal_(0, 0.3)
+    model = ImageModel(net, 4).double()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    model.train(mode == "train")
+    x = torch.randn(6, 2, 9, 9, dtype=torch.float64)
+    before = model(x).detach()
+    widening = Widening.random(4, 3, 0.05, torch.Generator().manual_seed(0))
+    net.widen(widening)
+    model.head.weight = net.widen_reader(model.head.weight, widening)
+    torch.testing.assert_close(model(x), before, rtol=1e-10, atol=1e-10)
+    assert net.hidden_size == 7 and net.features == model.head.weight.shape[1]
+    wider = build("darts_cnn", 2, 7, cells_, steps=2)
+    wider.grow()
+    shapes = {k: v.shape for k, v in net.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in wider.state_dict().items()}
 
 
 # --------------------------------------------------------------------------- derivation
@@ -306,6 +331,22 @@ def test_both_growth_modes_append_checked_cells(tmp_path, mode):
         assert any(e["kind"] == "prune" for e in history)
     saved = torch.load(result.run_dir / "models" / "searched.pt", weights_only=False)
     assert any(key.startswith("cell.cells.2.") for key in saved["state_dict"])  # 3 cells
+
+
+def test_width_growth_widens_checked_and_retrains_at_the_new_width(tmp_path):
+    cfg = _config(
+        tmp_path,
+        search={"epochs": 3},
+        growth={"mode": "grow-then-prune", "nodes_start": 1, "nodes_max": 2, "width_step": 2},
+    )
+    result = api.search(cfg)
+    history = json.loads((result.run_dir / "history.json").read_text())
+    widen = [e for e in history if e["kind"] == "widen"]
+    assert [(e["width_before"], e["width_after"]) for e in widen] == [(4, 6)]
+    assert widen[0]["max_abs_diff"] <= 1e-5
+    assert result.extra["hidden"] == 6
+    saved = torch.load(result.run_dir / "models" / "searched.pt", weights_only=False)
+    assert saved["state_dict"]["cell.stem.0.weight"].shape[0] == 3 * 6  # retrained at C = 6
 
 
 def test_baselines_are_as_wide_as_brings_them_nearest_the_searched_networks_size(tmp_path):

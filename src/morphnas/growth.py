@@ -133,7 +133,11 @@ def widen_checked(
     before = probe_output(model, probe)
     widening = Widening.random(space.hidden_size, extra, config.width_noise, generator)
     space.widen(widening)
-    model.head.weight = widening.reader(model.head.weight, 0, dim=1)
+    reader = getattr(space, "widen_reader", None)  # a head that reads more than one block
+    if reader is not None:
+        model.head.weight = reader(model.head.weight, widening)
+    else:
+        model.head.weight = widening.reader(model.head.weight, 0, dim=1)
     after = probe_output(model, probe)
     diff = float((after - before).abs().max())
     if not diff <= config.tolerance:

@@ -12,8 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from morphnas.genotype import Genotype, Node
-from morphnas.ops.cnn import FactorizedReduce, ReLUConvBN, make_op
-from morphnas.spaces.darts_cnn import reduction_cells
+from morphnas.ops.cnn import FactorizedReduce, ReLUConvBN, make_op, reduction_cells
 
 
 class DerivedCell(nn.Module):
@@ -74,8 +73,6 @@ class DartsCNNNetwork(nn.Module):
         multiplier = len(normal) if multiplier is None else multiplier
         if not 1 <= multiplier <= len(normal):
             raise ValueError(f"multiplier ({multiplier}) must be in 1..{len(normal)} (the steps)")
-        if hidden_size % 2:
-            raise ValueError(f"the channels C must be even, got {hidden_size}")
         c_stem = stem_multiplier * hidden_size
         self.stem = nn.Sequential(
             nn.Conv2d(input_size, c_stem, 3, padding=1, bias=False), nn.BatchNorm2d(c_stem)

@@ -142,6 +142,12 @@ def make_op(
     raise ValueError(f"unknown CNN op {name!r}; expected one of {list(CNN_OPS)}")
 
 
+def reduction_cells(cells: int) -> tuple[int, ...]:
+    """The 0-based positions of the reduction cells in a stack of ``cells`` (DARTS: at a third
+    and two thirds; a stack of one or two has one reduction, its first cell)."""
+    return tuple(sorted({cells // 3, 2 * cells // 3}))
+
+
 def op_cost(name: str, channels: int) -> tuple[int, int]:
     """``(parameters, FLOPs per output pixel)`` of op ``name`` on a stride-1 edge of
     ``channels`` channels: a conv's multiply-adds count 2 FLOPs each, a pool 9 comparisons or

@@ -29,23 +29,22 @@ c_L)`` with ``γ = 0`` per channel, so the network's output is unchanged in trai
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
-from morphnas.genotype import CNN_OPS, CNN_PARAMETER_FREE, Genotype, Node
-from morphnas.ops.cnn import POOLS, FactorizedReduce, ReLUConvBN, make_op, op_cost
-from morphnas.spaces.base import ArchitectureMixin, SampledMixing, new_alpha
+from morphnas.genotype import CNN_OPS, Node
+from morphnas.ops.cnn import (
+    POOLS,
+    FactorizedReduce,
+    ReLUConvBN,
+    make_op,
+    op_cost,
+    reduction_cells,
+)
+from morphnas.spaces.base import ArchitectureMixin, SampledMixing, Widening, new_alpha
 
 # Alternatives a node offers ``selection`` besides its best pair (the likeliest pairs).
 NODE_OPTIONS = 6
-
-
-def reduction_cells(cells: int) -> tuple[int, ...]:
-    """The 0-based positions of the reduction cells in a stack of ``cells`` (DARTS: at a third
-    and two thirds; a stack of one or two has one reduction, its first cell)."""
-    return tuple(sorted({cells // 3, 2 * cells // 3}))
 
 
 class SearchCell(nn.Module):
@@ -159,11 +158,6 @@ class DartsCNNSearchNetwork(ArchitectureMixin, nn.Module):
             raise ValueError(f"multiplier ({multiplier}) must be in 1..steps ({steps})")
         if stem_multiplier < 1:
             raise ValueError(f"stem_multiplier must be at least 1, got {stem_multiplier}")
-        if hidden_size % 2:
-            raise ValueError(
-                f"space.hidden (the channels C) must be even for the reduction cells, got "
-                f"{hidden_size}"
-            )
         self.input_size, self.hidden_size = input_size, hidden_size
         self.steps, self.multiplier, self.stem_multiplier = steps, multiplier, stem_multiplier
         self.op_names = CNN_OPS
@@ -316,7 +310,7 @@ class DartsCNNSearchNetwork(ArchitectureMixin, nn.Module):
         """Node ``i``'s likeliest pairs of edges, best first: each edge (a state row of ``p``)
         with its strongest op other than ``none``, a pair scored by the product of its two
         weights (DARTS keeps the two strongest edges: the first option)."""
-        best, ops = p[:, 1:].max(dim=1)
+        best, ops = p.detach()[:, 1:].max(dim=1)
         rows = p.shape[0]
         pairs = [(float(best[a] * best[b]), a, b) for a in range(rows) for b in range(a + 1, rows)]
         pairs.sort(key=lambda t: -t[0])
@@ -383,16 +377,133 @@ class DartsCNNSearchNetwork(ArchitectureMixin, nn.Module):
         self.fixed[i] = node
         self.arch[i - 1].requires_grad_(False).grad = None
 
-    def widen(self, widening: Any) -> None:
-        raise ValueError(
-            "darts_cnn does not widen yet (growth.width_step must be 0); it grows by cells"
-        )
+    @torch.no_grad()
+    def widen(self, widening: Widening) -> None:
+        """Widen C by ``widening`` (Net2WiderNet), function-preserving in train and eval mode.
+
+        A tensor's channels are blocks of C units: the stem's ``stem_multiplier``, a cell's
+        ``2^r`` after ``r`` reductions, its output ``multiplier · 2^r``. Every weight that
+        produces channels copies the rows of their originals (block by block), every weight
+        that reads them takes the original's column times its copy's share, and a depthwise
+        conv copies its filters; BatchNorm copies its statistics (a copy has its original's
+        batch statistics too, so train mode is preserved as well). A factorized reduction
+        produces its two halves from two convs; in blocks of C they are whole blocks (it only
+        follows a reduction, where ``2^r`` is even), so each conv widens its own blocks.
+        """
+        stem_blocks = self.stem_multiplier
+        _conv(self.stem[0], out=_layout(widening, stem_blocks))
+        self.stem[1] = _batchnorm(self.stem[1], _layout(widening, stem_blocks)[0])
+        prev_prev = prev = stem_blocks
+        for k, cell in enumerate(self.cells):
+            blocks = cell.channels // self.hidden_size
+            inner = _layout(widening, blocks)
+            _widen_cell(cell, widening, prev_prev, prev, inner)
+            cell.channels = widening.new * blocks
+            out_blocks = self.multiplier * blocks
+            gamma = self.cell_gammas.get(str(k))
+            if gamma is not None:
+                index = _layout(widening, out_blocks)[0].to(gamma.device)
+                self.cell_gammas[str(k)] = nn.Parameter(gamma.detach()[index].clone())
+            prev_prev, prev = prev, out_blocks
+        self.hidden_size = widening.new
+        self.features = self.cells[-1].out_channels
+
+    def widen_reader(self, weight: Tensor, widening: Widening) -> nn.Parameter:
+        """The head's weight, which reads the last cell's ``multiplier · 2^r`` blocks, widened
+        (``growth.widen_checked`` calls it after ``widen``, on a space that has it)."""
+        blocks = self.cells[-1].channels // self.hidden_size
+        index, share = _layout(widening, self.multiplier * blocks)
+        return nn.Parameter(_read(weight.detach(), index, share, dim=1))
 
 
-def parameter_free_fraction(genotype: Genotype) -> float:
-    """The share of a CNN genotype's edges that carry no weights (a collapsed search's sign)."""
-    ops = genotype.ops()
-    return sum(op in CNN_PARAMETER_FREE for op in ops) / max(1, len(ops))
+def _layout(widening: Widening, blocks: int) -> tuple[Tensor, Tensor]:
+    """The index (into the old channels) and reader share of every new channel of a tensor of
+    ``blocks`` blocks of C."""
+    old = widening.old
+    index = torch.cat([b * old + widening.index for b in range(blocks)])
+    return index, widening.share.repeat(blocks)
 
 
-__all__ = ["DartsCNNSearchNetwork", "parameter_free_fraction", "reduction_cells"]
+def _read(w: Tensor, index: Tensor, share: Tensor, dim: int) -> Tensor:
+    shape = [1] * w.dim()
+    shape[dim] = -1
+    return w.index_select(dim, index.to(w.device)) * share.to(w).view(shape)
+
+
+def _conv(
+    conv: nn.Conv2d,
+    out: tuple[Tensor, Tensor] | None = None,
+    reads: tuple[Tensor, Tensor] | None = None,
+) -> None:
+    """``conv`` producing the ``out`` layout's channels (copies) and reading the ``reads``
+    layout's (shares); a depthwise conv (one input channel per group) only copies."""
+    w = conv.weight.detach()
+    if reads is not None and conv.groups == 1:
+        w = _read(w, *reads, dim=1)
+    if out is not None:
+        w = w.index_select(0, out[0].to(w.device))
+    conv.weight = nn.Parameter(w.clone())
+    conv.out_channels = w.shape[0]
+    if conv.groups > 1:  # depthwise: one filter per channel, as many groups
+        conv.groups = conv.in_channels = w.shape[0]
+    else:
+        conv.in_channels = w.shape[1]
+
+
+def _batchnorm(bn: nn.BatchNorm2d, index: Tensor) -> nn.BatchNorm2d:
+    """A BatchNorm over the new channels, each with its original's statistics (and scale)."""
+    wider = nn.BatchNorm2d(len(index), eps=bn.eps, momentum=bn.momentum, affine=bn.affine)
+    wider = wider.to(device=bn.running_mean.device, dtype=bn.running_mean.dtype)
+    wider.train(bn.training)
+    index = index.to(bn.running_mean.device)
+    wider.running_mean.copy_(bn.running_mean[index])
+    wider.running_var.copy_(bn.running_var[index])
+    wider.num_batches_tracked.copy_(bn.num_batches_tracked)
+    if bn.affine:
+        wider.weight.copy_(bn.weight[index])
+        wider.bias.copy_(bn.bias[index])
+    return wider
+
+
+def _widen_sequence(seq: nn.Sequential, inner: tuple[Tensor, Tensor]) -> None:
+    """An op or a pool (channels in = channels out, one layout): its convs and BatchNorms."""
+    for position, layer in enumerate(seq):
+        if isinstance(layer, nn.Conv2d):
+            _conv(layer, out=inner, reads=inner)
+        elif isinstance(layer, nn.BatchNorm2d):
+            seq[position] = _batchnorm(layer, inner[0])
+
+
+def _widen_preprocess(
+    module: nn.Module, widening: Widening, reads: int, inner: tuple[Tensor, Tensor]
+) -> None:
+    """A cell's preprocessing of one input (``reads`` blocks) to the cell's layout."""
+    source = _layout(widening, reads)
+    if isinstance(module, FactorizedReduce):
+        half = _layout(widening, len(inner[0]) // widening.new // 2)
+        _conv(module.conv_1, out=half, reads=source)
+        _conv(module.conv_2, out=half, reads=source)
+        module.bn = _batchnorm(module.bn, inner[0])
+        return
+    _conv(module[1], out=inner, reads=source)  # ReLU → conv → BN  # type: ignore[index]
+    module[2] = _batchnorm(module[2], inner[0])  # type: ignore[index]
+
+
+def _widen_cell(
+    cell: SearchCell, widening: Widening, prev_prev: int, prev: int, inner: tuple[Tensor, Tensor]
+) -> None:
+    _widen_preprocess(cell.preprocess0, widening, prev_prev, inner)
+    _widen_preprocess(cell.preprocess1, widening, prev, inner)
+    for node in cell.edges:
+        for edge in node:
+            for op in edge.values():
+                if isinstance(op, FactorizedReduce):
+                    _widen_preprocess(op, widening, len(inner[0]) // widening.new, inner)
+                else:
+                    _widen_sequence(op, inner)
+    for pools in cell.shared:
+        for pool in pools.values():
+            _widen_sequence(pool, inner)
+
+
+__all__ = ["DartsCNNSearchNetwork", "reduction_cells"]
