@@ -211,7 +211,8 @@ def _check_impl(entry: dict) -> None:
 def test_quick_run_has_every_documented_key(quick_result):
     r = quick_result
     assert set(r) == {
-        "machine", "matmul", "matmul_gflops", "supernet_two_input", "wall_seconds", *PARTS
+        "machine", "matmul", "matmul_gflops", "supernet_two_input", "supernet_cnn",
+        "wall_seconds", *PARTS,
     }  # fmt: skip
     assert set(r["machine"]) == MACHINE_KEYS
     wall = r["wall_seconds"]
@@ -244,6 +245,13 @@ def test_quick_run_has_every_documented_key(quick_result):
     assert set(kernels) == {"darts_supernet", "darts_cell", "two_input_cell", "two_input_supernet"}
     assert _positive(kernels["darts_supernet"])
     assert len(set(kernels.values())) == 1  # one library
+    cnn = r["supernet_cnn"]["digits"]
+    assert set(cnn) == {"config", "max_abs_diff", "ours", "per_edge", "speedup"}
+    assert set(cnn["config"]) == {"batch", "channels", "image", "cells", "hidden"}
+    assert 0 <= cnn["max_abs_diff"] <= 1e-4 and _positive(cnn["speedup"])
+    for impl in ("ours", "per_edge"):
+        assert set(cnn[impl]) == {"seconds", "threads", "peak_mb"}
+        assert _positive(cnn[impl]["seconds"]) and cnn[impl]["peak_mb"] >= 0
     entry = r["supernet_two_input"]["small"]
     assert set(entry) == {
         "config", "max_abs_diff", "kernel", "kernel_python", "eager", "speedup",
@@ -348,17 +356,20 @@ def test_crossover_is_the_smallest_product_with_all_cores_winning_from_there_up(
 def test_bench_table_renders(quick_result):
     console = Console(file=io.StringIO(), width=160)
     tables = bench_table(quick_result)
-    assert len(tables) == 3 + len(PARTS)  # machine, wall seconds; the supernet part has two
+    assert len(tables) == 4 + len(PARTS)  # machine, wall seconds; the supernet part has three
     for table in tables:
         console.print(table)
     text = console.file.getvalue()
-    words = ("Machine", "reference", "kernel", "lstm", "two_input", "darts_rnn", "s/epoch", "total")
+    words = (
+        "Machine", "reference", "kernel", "lstm", "two_input", "darts_rnn", "s/epoch", "total",
+        "per_edge",
+    )  # fmt: skip
     for word in (*words, "crossover"):
         assert word in text
 
 
 def test_bench_table_shows_only_the_parts_run(quick_result):
-    dropped = ("supernet", "supernet_two_input", "cell", "threads")
+    dropped = ("supernet", "supernet_two_input", "supernet_cnn", "cell", "threads")
     partial = {k: v for k, v in quick_result.items() if k not in dropped}
     assert len(bench_table(partial)) == 3  # machine, search, wall seconds
 

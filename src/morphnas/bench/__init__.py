@@ -5,8 +5,9 @@ noisy, shared machine:
 
 * ``supernet``: one training step of our fused ``DartsRNNSearchCell`` against the loop of the DARTS
   reference code (``ReferenceDartsCell`` below, same parameters, checked to compute the same
-  function), both against the machine's own dense-matmul throughput; and (``supernet_two_input``)
-  the two-input supernet's sequence kernel against its own eager loop;
+  function), both against the machine's own dense-matmul throughput; (``supernet_two_input``)
+  the two-input supernet's sequence kernel against its own eager loop; and (``supernet_cnn``)
+  the DARTS CNN supernet against its per-edge loop;
 * ``cell``: derived discrete cells against ``torch.nn.LSTM``/``GRU`` (fused kernels) per FLOP,
   and with ``compile=True`` the same cells under ``torch.compile`` as well;
 * ``search``: seconds per epoch of the real search engine, per strategy and space;
@@ -145,6 +146,11 @@ def _run_part(
                 cfg, ctx, _repeats("supernet:small", quick, repeats)
             )
             for name, cfg in two_input.items()
+        }
+        cnn = supernet.QUICK_CNN_CONFIGS if quick else supernet.CNN_CONFIGS
+        result["supernet_cnn"] = {
+            name: supernet.bench_cnn_config(cfg, ctx, _repeats("supernet:small", quick, repeats))
+            for name, cfg in cnn.items()
         }
     elif part == "cell":
         cell_configs = cell.QUICK_CELL_CONFIGS if quick else cell.CELL_CONFIGS

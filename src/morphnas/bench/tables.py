@@ -146,6 +146,26 @@ def _threads_table(result: dict[str, Any]) -> Table:
     return table
 
 
+def _cnn_table(result: dict[str, Any]) -> Table:
+    table = Table(title="CNN supernet training step: shared ops vs the per-edge loop")
+    for column in ("config", "impl", "threads", "s/step", "peak MB", "speedup"):
+        table.add_column(column, justify="left" if column in ("config", "impl") else "right")
+    for name, entry in result["supernet_cnn"].items():
+        c = entry["config"]
+        label = f"{name} B{c['batch']} {c['channels']}×{c['image']}² L{c['cells']} C{c['hidden']}"
+        for impl in ("ours", "per_edge"):
+            e = entry[impl]
+            table.add_row(
+                label if impl == "ours" else "",
+                impl,
+                str(e["threads"]),
+                _fmt(e["seconds"]),
+                _fmt(e["peak_mb"], 4),
+                f"{entry['speedup']:.2f}×" if impl == "ours" else "",
+            )
+    return table
+
+
 def bench_table(result: dict[str, Any]) -> list[Table]:
     """Human-readable tables of a ``run_bench`` result: machine, then one table per part."""
     m = result["machine"]
@@ -166,6 +186,7 @@ def bench_table(result: dict[str, Any]) -> list[Table]:
     builders = {
         "supernet": _supernet_table,
         "supernet_two_input": _two_input_table,
+        "supernet_cnn": _cnn_table,
         "cell": _cell_table,
         "search": _search_table,
         "threads": _threads_table,

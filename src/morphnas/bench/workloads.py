@@ -40,6 +40,18 @@ def grid(
 
 
 @dataclass(frozen=True)
+class CnnConfig:
+    """One CNN supernet workload: a batch of ``channels × image × image`` images through
+    ``cells`` cells of C = ``hidden``."""
+
+    batch: int
+    channels: int
+    image: int
+    cells: int
+    hidden: int
+
+
+@dataclass(frozen=True)
 class CellConfig:
     """One discrete-cell workload; the ``cell`` part feeds it inputs of ``hidden`` features."""
 

@@ -1,5 +1,6 @@
-"""The ``supernet`` part: our fused DARTS supernet against the reference loop, and the two-input
-supernet's sequence kernel against its own eager loop (``supernet_two_input``)."""
+"""The ``supernet`` part: our fused DARTS supernet against the reference loop, the two-input
+supernet's sequence kernel against its own eager loop (``supernet_two_input``), and the DARTS CNN
+supernet against its per-edge loop (``supernet_cnn``)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,15 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from morphnas import native, spaces
 from morphnas.bench.reference import ReferenceDartsCell, supernet_flops
 from morphnas.bench.timing import Context, measure, measure_beside_ceiling, with_throughput
-from morphnas.bench.workloads import SupernetConfig, sequence, sgd_workload
+from morphnas.bench.workloads import CnnConfig, SupernetConfig, sequence, sgd_workload
 from morphnas.bench.wrappers import CudaGraphed, PythonKernels
 from morphnas.engine.runtime import apply_threads
-from morphnas.spaces import DartsRNNSearchCell
+from morphnas.spaces import DartsCNNSearchNetwork, DartsRNNSearchCell
 
 AGREEMENT_TOL = 1e-4  # float32, outputs of ours vs the reference before any timing ...
 AGREEMENT_STEPS = 10  # ... on the first steps: later, the recurrence amplifies float32 rounding
@@ -41,6 +42,13 @@ TWO_INPUT_CONFIGS = {
     "search": SupernetConfig(batch=64, hidden=32, bptt=24, nodes=4),
 }
 QUICK_TWO_INPUT_CONFIGS = {"small": QUICK_SUPERNET_CONFIGS["small"]}
+# The CNN supernet at the image task's two budgets (docs/images.md): digits (5 cells, 8×8) and
+# fashion-mnist (3 cells, 28×28), C = 8, batch 64.
+CNN_CONFIGS = {
+    "digits": CnnConfig(batch=64, channels=1, image=8, cells=5, hidden=8),
+    "fashion": CnnConfig(batch=64, channels=1, image=28, cells=3, hidden=8),
+}
+QUICK_CNN_CONFIGS = {"digits": CnnConfig(batch=16, channels=1, image=8, cells=2, hidden=4)}
 
 
 def check_agreement(ours: DartsRNNSearchCell, reference: ReferenceDartsCell, x: Tensor) -> float:
@@ -138,4 +146,36 @@ def bench_two_input_config(cfg: SupernetConfig, ctx: Context, repeats: int) -> d
     result["speedup"] = eager_seconds / measured["kernel"]["seconds"]
     if "kernel_python" in measured:
         result["speedup_python_kernel"] = eager_seconds / measured["kernel_python"]["seconds"]
+    return result
+
+
+class PerEdgeLoop(nn.Module):
+    """A CNN supernet run through ``reference_forward`` (every edge computes every op, the DARTS
+    code's ``MixedOp`` loop), with the ``(outputs, _)`` of the timed modules."""
+
+    def __init__(self, net: DartsCNNSearchNetwork) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        return self.net.reference_forward(x), None
+
+
+def bench_cnn_config(cfg: CnnConfig, ctx: Context, repeats: int) -> dict[str, Any]:
+    """The darts_cnn supernet (parameter-free ops shared per state, one ReLU per state, no
+    ``none``) against the same weights through its per-edge loop; checked to agree first."""
+    torch.manual_seed(0)
+    ours = spaces.build("darts_cnn", cfg.channels, cfg.hidden, cfg.cells).to(ctx.device)
+    loop = PerEdgeLoop(copy.deepcopy(ours))
+    x = torch.randn(cfg.batch, cfg.channels, cfg.image, cfg.image, device=ctx.device)
+    target = torch.randn(cfg.batch, ours.features, device=ctx.device)
+    apply_threads(ctx.threads[0])
+    with torch.no_grad():
+        diff = float((ours(x)[0] - loop(x)[0]).abs().max())
+    if not diff <= AGREEMENT_TOL:
+        raise RuntimeError(f"CNN supernet and its per-edge loop disagree by {diff:.2e} ({cfg})")
+    workloads = {"ours": sgd_workload(ours, x, target), "per_edge": sgd_workload(loop, x, target)}
+    measured = measure(workloads, ctx.device, repeats, ctx.threads, probe=False)
+    result = {"config": asdict(cfg), "max_abs_diff": diff, **measured}
+    result["speedup"] = measured["per_edge"]["seconds"] / measured["ours"]["seconds"]
     return result
