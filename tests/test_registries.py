@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from morphnas import api, config, spaces, strategies, tasks
 from morphnas.errors import UserError
+from morphnas.options import baseline_names
 from morphnas.spaces import TwoInputSearchCell
 from morphnas.strategies import Objective, Strategy
 from morphnas.strategies.base import BatchLoss
@@ -132,3 +133,17 @@ def test_a_toy_task_space_and_strategy_run_a_search_through_the_registries_alone
 def test_an_unknown_task_names_the_registered_ones():
     with pytest.raises(UserError, match=r"unknown task 'lmm'; did you mean 'lm'\? \(tasks: "):
         config.resolve(overrides={"task": "lmm"})
+
+
+@pytest.mark.parametrize("name", list(tasks.KINDS))
+def test_every_task_kind_starts_from_a_space_of_its_modality_and_known_baselines(name):
+    """A kind's defaults resolve to a valid config whose space reads what the kind's models
+    read, and every baseline it names is one config accepts."""
+    kind = tasks.KINDS[name]
+    resolved = config.resolve(overrides={"task": name})
+    assert spaces.SPACES[resolved.space.name].modality == kind.modality
+    assert set(kind.baselines) | set(resolved.train.baselines) <= set(baseline_names())
+    others = [s for s in spaces.SPACES if spaces.SPACES[s].modality != kind.modality]
+    for space in others:  # a space of another modality is a config error, said as such
+        with pytest.raises(UserError, match="--task"):
+            config.resolve(overrides={"task": name, "space": {"name": space}})

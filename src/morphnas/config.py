@@ -336,11 +336,23 @@ def _task_kinds() -> Mapping[str, Any]:
     return KINDS
 
 
-def _space_modality(name: str) -> str:
-    """What space ``name``'s models read (its class's ``modality``), imported on demand."""
+def _check_modality(data: Mapping[str, Any], task: str, modality: str) -> None:
+    """Refuse a space (``data``'s ``space.name``, the default's when none) whose networks read
+    another modality than the task's models (``SPACES[name].modality``, imported on demand)."""
     from morphnas.spaces import SPACES
 
-    return SPACES[name].modality
+    space = data.get("space")
+    default = SpaceConfig.model_fields["name"].default
+    name = space.get("name", default) if isinstance(space, Mapping) else default
+    if not isinstance(name, str) or name not in SPACES:  # an unknown name: said elsewhere
+        return
+    reads = getattr(SPACES[name], "modality", "sequences")
+    if reads != modality:
+        fits = [n for n, kind in _task_kinds().items() if kind.modality == reads]
+        raise ValueError(
+            f"space {name} searches cells for {reads} and --task {task} models {modality}: "
+            f"use --task {' or '.join(fits)}, or another --space"
+        )
 
 
 def _fill_missing(data: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -383,11 +395,14 @@ class RunConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _task_defaults(cls, data: Any) -> Any:
-        """A task kind starts from its own budget (its ``defaults``) where not given."""
+        """A task kind starts from its own budget (its ``defaults``) where not given; a space
+        of another modality is refused first (its options would otherwise be checked against
+        the kind's defaults and refused for a reason that is not the real one)."""
         if isinstance(data, dict) and isinstance(data.get("task"), str):
             kind = _task_kinds().get(data["task"])
-            if kind is not None and kind.defaults:
-                return _fill_missing(data, kind.defaults)
+            if kind is not None:
+                data = _fill_missing(data, kind.defaults)
+                _check_modality(data, data["task"], kind.modality)
         return data
 
     @field_validator("task")
@@ -404,13 +419,7 @@ class RunConfig(_Strict):
     def _task_fits_the_data(self) -> RunConfig:
         """The task's kind refuses what it cannot run (its ``check``)."""
         kinds = _task_kinds()
-        reads, modality = _space_modality(self.space.name), kinds[self.task].modality
-        if reads != modality:
-            fits = [name for name, kind in kinds.items() if kind.modality == reads]
-            raise ValueError(
-                f"space {self.space.name} searches cells for {reads} and --task {self.task} "
-                f"models {modality}: use --task {' or '.join(fits)}, or another --space"
-            )
+        _check_modality({"space": {"name": self.space.name}}, self.task, kinds[self.task].modality)
         kinds[self.task].check(self)
         own = set(kinds[self.task].baselines)
         for name, kind in kinds.items():
