@@ -724,8 +724,10 @@ _COMPARE_COLUMNS = (
     ("test_corr", "test CORR"),
 )
 _LM_COMPARE_COLUMNS = (*_COMPARE_COLUMNS[:5], ("valid_ppl", "valid ppl"), ("test_ppl", "test ppl"))
-_CLASSIFY_COMPARE_COLUMNS = (
-    *_COMPARE_COLUMNS[:5],
+_CLASSIFY_COMPARE_COLUMNS = (  # fewer: FLOPs and accuracies need the width
+    ("search_seconds", "search s"),
+    ("search_valid_loss", "valid loss"),
+    ("params", "params"),
     ("flops", "FLOPs"),
     ("valid_accuracy", "valid acc"),
     ("test_accuracy", "test acc"),

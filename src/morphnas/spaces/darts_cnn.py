@@ -24,7 +24,8 @@ computed once and shared by every edge that leaves it; ``none`` is never compute
 
 Growth (``grow``) appends a normal cell at the end as a residual: ``out = c_L + γ ⊙ cell(c_{L-1},
 c_L)`` with ``γ = 0`` per channel, so the network's output is unchanged in train and eval mode
-(the new cell's own BatchNorm statistics move, its output is multiplied by zero).
+(the new cell's own BatchNorm statistics move, its output is multiplied by zero). ``widen``
+widens C by Net2WiderNet, also function-preserving in both modes.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class SearchCell(nn.Module):
         for i in range(steps):
             node = nn.ModuleList()
             for j in range(i + 2):
-                stride = 2 if reduction and j < 2 else 1
+                stride = self.stride(j)
                 node.append(
                     nn.ModuleDict(
                         {
