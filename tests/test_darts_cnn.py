@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import morphnas
+from conftest import morphnas, without_times
 from morphnas import api, cells, config, report, strategies, tasks
 from morphnas.config import GrowthConfig
 from morphnas.errors import UserError
 from morphnas.genotype import CNN_OPS, Genotype, Node, from_json
 from morphnas.growth import grow_checked
 from morphnas.ops.cnn import reduction_cells
+from morphnas.run_files import read_metrics
 from morphnas.spaces import build
 from morphnas.spaces.base import SampledMixing, Widening
 from morphnas.spaces.darts_cnn import DartsCNNSearchNetwork
@@ -457,3 +458,33 @@ def test_fashion_mnist_absent_is_a_one_line_error(tmp_path):
 )
 def test_a_space_of_another_modality_or_series_data_is_refused(tmp_path, args, fragment):
     _one_line_error(morphnas("search", *args, "--out", str(tmp_path / "run")), fragment)
+
+
+def test_a_killed_image_search_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL mid-search (after growth and widening), then --resume: the same genotype, the
+    same epoch rows and the same test accuracies as a run that never stopped."""
+    images = _images(tmp_path)
+    args = [
+        "search", "--task", "classify", "--images", str(images), "--nodes", "3", "--hidden", "4",
+        "--epochs", "3", "--retrain-epochs", "1", "--set", "space.options.steps=1",
+        "--set", "search.batch_size=16", "--set", "train.batch_size=16", "--growth",
+        "grow-then-prune", "--nodes-start", "1", "--grow-every", "1", "--grow-width", "2",
+        "--threads", "1", "--json",
+    ]  # fmt: skip
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    done = morphnas(*args, "--out", str(whole))
+    assert done.returncode == 0, done.stderr
+    assert morphnas(*args, "--out", str(cut), crash="step:6").returncode == -9
+    resumed = morphnas("search", "--resume", str(cut), "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (cut / "genotype.json").read_text() == (whole / "genotype.json").read_text()
+
+    def rows(run):
+        return [r for r in read_metrics(run / "metrics.jsonl") if r.get("phase") == "search"]
+
+    assert without_times(rows(cut)) == without_times(rows(whole))
+    scores = [
+        [(r["model"], r["test_accuracy"]) for r in json.loads(out.stdout)["results"]]
+        for out in (done, resumed)
+    ]
+    assert scores[0] == scores[1]
