@@ -271,7 +271,7 @@ def test_baseline_names_pick_torch_or_known(overrides):
 def test_known_round_trip(name, tmp_path):
     g = KNOWN[name]
     data = json.loads(g.to_json())
-    assert data["version"] == gt.VERSION == 2 and data["cell_state"] == g.cell_state
+    assert data["version"] == gt.VERSION == 3 and data["cell_state"] == g.cell_state
     back = gt.from_json(g.to_json())
     assert back == g and back.cell_state == g.cell_state and back.to_json() == g.to_json()
     g.save(tmp_path / "g.json")
@@ -305,7 +305,7 @@ def test_version_1_file_still_loads():
         output_activation="tanh",
     )
     assert g.cell_state is None and g.metadata == {"seed": 1}
-    assert json.loads(g.to_json())["version"] == 2  # written back as version 2
+    assert json.loads(g.to_json())["version"] == 3  # written back as the current version
 
 
 def dict_with(**changes) -> str:

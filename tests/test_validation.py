@@ -264,7 +264,7 @@ def variant(**changes: Any) -> str:
 @pytest.mark.parametrize(
     ("text", "fragments"),
     [
-        (variant(version=3), ("written by a newer morphnas", "upgrade")),
+        (variant(version=4), ("written by a newer morphnas", "upgrade")),
         (variant(version=0), ("version 0",)),
         (variant(version=[1]), ("'version' must be an integer",)),
         (variant(ouptut="mean"), ("unknown field 'ouptut'", "did you mean 'output'")),

@@ -371,6 +371,8 @@ def from_dict(data: Any) -> Genotype:
     if not isinstance(metadata, dict):
         raise UserError("genotype: 'metadata' must be an object")
     space = data["space"]
+    if not isinstance(space, str):
+        raise UserError("genotype: 'space', 'output' and 'output_activation' must be strings")
     if SPACE_SINCE.get(space, 1) > data["version"]:
         raise UserError(
             f"genotype: space {space} needs genotype version {SPACE_SINCE[space]} (this file "
@@ -378,7 +380,7 @@ def from_dict(data: Any) -> Genotype:
         )
     output = data.get("output", "concat" if space in SPACE_CELLS else "last")
     squash = data.get("output_activation", "identity")
-    if not all(isinstance(v, str) for v in (space, output, squash)):
+    if not all(isinstance(v, str) for v in (output, squash)):
         raise UserError("genotype: 'space', 'output' and 'output_activation' must be strings")
     cell_state = data.get("cell_state")
     return Genotype(
