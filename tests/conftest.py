@@ -54,6 +54,16 @@ def morphnas(*args: str, crash: str | None = None) -> subprocess.CompletedProces
     )  # fmt: skip
 
 
+def assert_user_error(done: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    """A bad-input exit: code 2, no traceback, one stderr line holding every fragment."""
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
 def without_times(value):
     """A run's record with wall-clock fields removed (they differ between any two runs)."""
     if isinstance(value, dict):

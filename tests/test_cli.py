@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import assert_user_error, run_cli
 from morphnas import cli, strategies
 from morphnas import config as config_mod
 
@@ -105,15 +105,6 @@ def test_config_file_with_flags_overriding(tmp_path, synthetic_csv):
     assert genotype["space"] == "darts_rnn" and len(genotype["nodes"]) == 2
 
 
-def _assert_user_error(done: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert done.returncode == 2, (done.stdout, done.stderr)
-    assert "Traceback" not in done.stderr
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, done.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
@@ -131,32 +122,30 @@ def _write(path: Path, text: str) -> Path:
 )
 def test_bad_csv_is_one_line_with_exit_code_2(tmp_path, content, fragments):
     path = _write(tmp_path / "bad.csv", content)
-    _assert_user_error(morphnas("search", "--csv", str(path), *SMALL), *fragments)
+    assert_user_error(morphnas("search", "--csv", str(path), *SMALL), *fragments)
 
 
 def test_too_few_rows_for_the_window(tmp_path):
     rows = "\n".join(f"{i},{i * i % 7}" for i in range(30))
     path = _write(tmp_path / "short.csv", "a,b\n" + rows + "\n")
-    _assert_user_error(morphnas("search", "--csv", str(path), "--window", "20"), "window")
+    assert_user_error(morphnas("search", "--csv", str(path), "--window", "20"), "window")
 
 
 def test_missing_file_and_bad_flags(tmp_path):
-    _assert_user_error(morphnas("search", "--csv", str(tmp_path / "nope.csv")), "nope.csv")
-    _assert_user_error(morphnas("search", "--dataset", "birth"), "births")
-    _assert_user_error(morphnas("search", "--set", "search.epochs=0"), "search.epochs")
-    _assert_user_error(morphnas("train", "--genotype", str(tmp_path / "g.json")), "g.json")
+    assert_user_error(morphnas("search", "--csv", str(tmp_path / "nope.csv")), "nope.csv")
+    assert_user_error(morphnas("search", "--dataset", "birth"), "births")
+    assert_user_error(morphnas("search", "--set", "search.epochs=0"), "search.epochs")
+    assert_user_error(morphnas("train", "--genotype", str(tmp_path / "g.json")), "g.json")
     bad = _write(tmp_path / "g.json", '{"format": "morphnas.genotype", "version": 9}')
-    _assert_user_error(morphnas("train", "--genotype", str(bad)), "version")
-    _assert_user_error(morphnas("evaluate", str(tmp_path)), "summary.json")
+    assert_user_error(morphnas("train", "--genotype", str(bad)), "version")
+    assert_user_error(morphnas("evaluate", str(tmp_path)), "summary.json")
 
 
 def test_existing_run_directory_is_not_overwritten(tmp_path, synthetic_csv):
     run = tmp_path / "run"
     run.mkdir()
     keep = _write(run / "precious.txt", "do not lose me")
-    _assert_user_error(
-        morphnas("search", "--csv", str(synthetic_csv), "--out", str(run)), "--force"
-    )
+    assert_user_error(morphnas("search", "--csv", str(synthetic_csv), "--out", str(run)), "--force")
     assert keep.read_text() == "do not lose me"
 
 
@@ -211,13 +200,13 @@ def test_search_keeps_the_derived_output_rule(tmp_path, synthetic_csv):
 def test_a_failed_start_leaves_no_run_directory_behind(tmp_path, synthetic_csv):
     """Fixing a typo and running again must not be refused because of the failed attempt."""
     run = tmp_path / "run"
-    _assert_user_error(morphnas("search", "--csv", str(tmp_path / "typo.csv"), "--out", str(run)))
+    assert_user_error(morphnas("search", "--csv", str(tmp_path / "typo.csv"), "--out", str(run)))
     assert not run.exists()
     bad_option = morphnas(
         "search", "--csv", str(synthetic_csv), "--set", "space.options.wirng=input",
         "--out", str(run),
     )  # fmt: skip
-    _assert_user_error(bad_option, "wirng")
+    assert_user_error(bad_option, "wirng")
     assert not run.exists()
 
 

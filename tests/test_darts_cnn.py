@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import morphnas, without_times
+from conftest import assert_user_error, morphnas, without_times
 from morphnas import api, cells, config, report, strategies, tasks
 from morphnas.config import GrowthConfig
 from morphnas.errors import UserError
@@ -405,15 +405,6 @@ def test_search_on_digits_prints_accuracy_params_and_flops_per_row(tmp_path):
     assert all({"test_accuracy", "params", "flops"} <= row.keys() for row in rows)
 
 
-def _one_line_error(done, *fragments):
-    assert done.returncode == 2, (done.stdout, done.stderr)
-    assert "Traceback" not in done.stderr
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, done.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 def test_bad_images_are_one_line_errors(tmp_path):
     from PIL import Image
 
@@ -423,15 +414,15 @@ def test_bad_images_are_one_line_errors(tmp_path):
         for i in range(3):
             Image.new("L", (size, size)).save(folder / name / f"{i}.png")
     args = ("search", "--task", "classify", "--out", str(tmp_path / "run"), "--images")
-    _one_line_error(morphnas(*args, str(folder)), "8x8", "9x9")
+    assert_user_error(morphnas(*args, str(folder)), "8x8", "9x9")
     (folder / "b" / "notes.png").write_text("not an image")
     npz = tmp_path / "bad.npz"
     np.savez(npz, images=np.zeros((4, 8, 8)))
-    _one_line_error(morphnas(*args, str(npz)), "bad.npz", "x")
+    assert_user_error(morphnas(*args, str(npz)), "bad.npz", "x")
     assert not (tmp_path / "run").exists()  # nothing was started
 
 
-def test_fashion_mnist_absent_is_a_one_line_error(tmp_path):
+def test_fashion_mnist_absent_is_aassert_user_error(tmp_path):
     import os
 
     env_dir = tmp_path / "empty"
@@ -444,7 +435,7 @@ def test_fashion_mnist_absent_is_a_one_line_error(tmp_path):
         )  # fmt: skip
     finally:
         del os.environ["MORPHNAS_FASHION_MNIST"]
-    _one_line_error(done, "Fashion-MNIST", "MORPHNAS_FASHION_MNIST")
+    assert_user_error(done, "Fashion-MNIST", "MORPHNAS_FASHION_MNIST")
 
 
 @pytest.mark.parametrize(
@@ -457,7 +448,7 @@ def test_fashion_mnist_absent_is_a_one_line_error(tmp_path):
     ],
 )
 def test_a_space_of_another_modality_or_series_data_is_refused(tmp_path, args, fragment):
-    _one_line_error(morphnas("search", *args, "--out", str(tmp_path / "run")), fragment)
+    assert_user_error(morphnas("search", *args, "--out", str(tmp_path / "run")), fragment)
 
 
 def test_a_killed_image_search_resumes_to_the_uninterrupted_result(tmp_path):

@@ -43,25 +43,39 @@ def _supernet_table(result: dict[str, Any]) -> Table:
 
 
 def _two_input_table(result: dict[str, Any]) -> Table:
-    table = Table(title="Two-input supernet training step: sequence kernel vs eager loop")
-    for column in ("config", "impl", "threads", "s/step", "peak MB", "speedup"):
-        table.add_column(column, justify="left" if column in ("config", "impl") else "right")
+    table = _impl_table("Two-input supernet training step: sequence kernel vs eager loop")
     for name, entry in result["supernet_two_input"].items():
         c = entry["config"]
         label = f"{name} B{c['batch']} H{c['hidden']} T{c['bptt']} N{c['nodes']}"
         speedups = {"kernel": "speedup", "kernel_python": "speedup_python_kernel"}
         impls = [i for i in ("kernel", "kernel_python", "eager") if i in entry]
-        for impl in impls:
-            e = entry[impl]
-            table.add_row(
-                label if impl == "kernel" else "",
-                impl,
-                str(e["threads"]),
-                _fmt(e["seconds"]),
-                _fmt(e["peak_mb"], 4),
-                f"{entry[speedups[impl]]:.2f}×" if impl in speedups else "",
-            )
+        _impl_rows(table, label, entry, impls, speedups)
     return table
+
+
+def _impl_table(title: str) -> Table:
+    """A table of implementations per configuration (filled by ``_impl_rows``)."""
+    table = Table(title=title)
+    for column in ("config", "impl", "threads", "s/step", "peak MB", "speedup"):
+        table.add_column(column, justify="left" if column in ("config", "impl") else "right")
+    return table
+
+
+def _impl_rows(
+    table: Table, label: str, entry: dict[str, Any], impls: list[str], speedups: dict[str, str]
+) -> None:
+    """One row per implementation of a configuration: threads, seconds, peak memory, and its
+    speedup (the key in ``speedups``) where it has one; the label on the first row only."""
+    for position, impl in enumerate(impls):
+        e = entry[impl]
+        table.add_row(
+            label if position == 0 else "",
+            impl,
+            str(e["threads"]),
+            _fmt(e["seconds"]),
+            _fmt(e["peak_mb"], 4),
+            f"{entry[speedups[impl]]:.2f}×" if impl in speedups else "",
+        )
 
 
 def _cell_table(result: dict[str, Any]) -> Table:
@@ -147,22 +161,11 @@ def _threads_table(result: dict[str, Any]) -> Table:
 
 
 def _cnn_table(result: dict[str, Any]) -> Table:
-    table = Table(title="CNN supernet training step: shared ops vs the per-edge loop")
-    for column in ("config", "impl", "threads", "s/step", "peak MB", "speedup"):
-        table.add_column(column, justify="left" if column in ("config", "impl") else "right")
+    table = _impl_table("CNN supernet training step: shared ops vs the per-edge loop")
     for name, entry in result["supernet_cnn"].items():
         c = entry["config"]
         label = f"{name} B{c['batch']} {c['channels']}×{c['image']}² L{c['cells']} C{c['hidden']}"
-        for impl in ("ours", "per_edge"):
-            e = entry[impl]
-            table.add_row(
-                label if impl == "ours" else "",
-                impl,
-                str(e["threads"]),
-                _fmt(e["seconds"]),
-                _fmt(e["peak_mb"], 4),
-                f"{entry['speedup']:.2f}×" if impl == "ours" else "",
-            )
+        _impl_rows(table, label, entry, ["ours", "per_edge"], {"ours": "speedup"})
     return table
 
 

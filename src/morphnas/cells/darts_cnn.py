@@ -12,32 +12,24 @@ import torch
 from torch import Tensor, nn
 
 from morphnas.genotype import Genotype, Node
-from morphnas.ops.cnn import FactorizedReduce, ReLUConvBN, make_op, reduction_cells
+from morphnas.ops.cnn import CellShape, FactorizedReduce, ReLUConvBN, make_op, stack_shapes
 
 
 class DerivedCell(nn.Module):
     """One cell of the derived network: its genotype cell's nodes, one op per edge."""
 
-    def __init__(
-        self,
-        nodes: tuple[Node, ...],
-        c_prev_prev: int,
-        c_prev: int,
-        channels: int,
-        multiplier: int,
-        reduction: bool,
-        reduction_prev: bool,
-    ) -> None:
+    def __init__(self, nodes: tuple[Node, ...], shape: CellShape, multiplier: int) -> None:
         super().__init__()
         self.nodes, self.multiplier = nodes, multiplier
-        if reduction_prev:
-            self.preprocess0: nn.Module = FactorizedReduce(c_prev_prev, channels, affine=True)
+        channels = shape.channels
+        if shape.reduction_prev:
+            self.preprocess0: nn.Module = FactorizedReduce(shape.c_prev_prev, channels, affine=True)
         else:
-            self.preprocess0 = ReLUConvBN(c_prev_prev, channels, 1, 1, 0, affine=True)
-        self.preprocess1 = ReLUConvBN(c_prev, channels, 1, 1, 0, affine=True)
+            self.preprocess0 = ReLUConvBN(shape.c_prev_prev, channels, 1, 1, 0, affine=True)
+        self.preprocess1 = ReLUConvBN(shape.c_prev, channels, 1, 1, 0, affine=True)
         self.ops = nn.ModuleList(
             nn.ModuleList(
-                make_op(op, channels, 2 if reduction and j < 1 else 1, affine=True)
+                make_op(op, channels, 2 if shape.reduction and j < 1 else 1, affine=True)
                 for op, j in zip(node.op, node.inputs, strict=True)
             )
             for node in nodes
@@ -78,18 +70,10 @@ class DartsCNNNetwork(nn.Module):
             nn.Conv2d(input_size, c_stem, 3, padding=1, bias=False), nn.BatchNorm2d(c_stem)
         )
         self.cells = nn.ModuleList()
-        reductions = reduction_cells(cells)
-        c_pp, c_p, channels, reduction_prev = c_stem, c_stem, hidden_size, False
-        for k in range(cells):
-            reduction = k in reductions
-            channels *= 2 if reduction else 1
-            cell = DerivedCell(
-                reduce if reduction else normal, c_pp, c_p, channels, multiplier, reduction,
-                reduction_prev,
-            )  # fmt: skip
-            self.cells.append(cell)
-            c_pp, c_p, reduction_prev = c_p, cell.out_channels, reduction
-        self.features = c_p
+        for shape in stack_shapes(cells, c_stem, hidden_size, multiplier):
+            nodes = reduce if shape.reduction else normal
+            self.cells.append(DerivedCell(nodes, shape, multiplier))
+        self.features = self.cells[-1].out_channels
 
     def forward(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, None]:
         s0 = s1 = self.stem(x)

@@ -13,6 +13,8 @@ and FLOPs per output pixel at ``channels`` (resource penalties need only their r
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -146,6 +148,34 @@ def reduction_cells(cells: int) -> tuple[int, ...]:
     """The 0-based positions of the reduction cells in a stack of ``cells`` (DARTS: at a third
     and two thirds; a stack of one or two has one reduction, its first cell)."""
     return tuple(sorted({cells // 3, 2 * cells // 3}))
+
+
+@dataclass(frozen=True)
+class CellShape:
+    """One cell's place in a stack: the channels of its two inputs (``c_{k-2}``, ``c_{k-1}``),
+    its own C, whether it reduces, and whether the cell before it did (then ``c_{k-2}`` is
+    twice ``c_{k-1}``'s size and is reduced by its preprocessing)."""
+
+    c_prev_prev: int
+    c_prev: int
+    channels: int
+    reduction: bool
+    reduction_prev: bool
+
+
+def stack_shapes(cells: int, c_stem: int, hidden: int, multiplier: int) -> list[CellShape]:
+    """The shapes of a stack of ``cells`` after a stem of ``c_stem`` channels, C = ``hidden``
+    doubled at each reduction, each cell's output ``multiplier · C`` channels; the search
+    network and the derived network are built from the same list."""
+    reductions = reduction_cells(cells)
+    shapes = []
+    c_pp, c_p, channels, reduction_prev = c_stem, c_stem, hidden, False
+    for k in range(cells):
+        reduction = k in reductions
+        channels *= 2 if reduction else 1
+        shapes.append(CellShape(c_pp, c_p, channels, reduction, reduction_prev))
+        c_pp, c_p, reduction_prev = c_p, multiplier * channels, reduction
+    return shapes
 
 
 def op_cost(name: str, channels: int) -> tuple[int, int]:

@@ -212,6 +212,21 @@ class ArchitectureMixin:
             cell_state=self.cell_state,
         )
 
+    @torch.no_grad()
+    def prune(self) -> list[int]:
+        """Fix every searched node to its best option, weights kept (``fix``); return their
+        1-based indices. ``α`` of a fixed node is frozen and no longer searched."""
+        pruned = []
+        for i, p in enumerate(self.mixing_weights(), start=1):
+            if i not in self.fixed:
+                self.fix(i, self.node_options(i, p)[0][1])
+                pruned.append(i)
+        return pruned
+
+    def fix(self, i: int, node: Node) -> None:
+        """Fix searched node ``i`` to ``node`` (pruning, or a resume replaying ``fixed``)."""
+        raise NotImplementedError
+
     @property
     def mixed_nodes(self) -> list[int]:
         """1-based indices of the nodes still being searched."""

@@ -36,11 +36,12 @@ from torch import Tensor, nn
 from morphnas.genotype import CNN_OPS, Node
 from morphnas.ops.cnn import (
     POOLS,
+    CellShape,
     FactorizedReduce,
     ReLUConvBN,
     make_op,
     op_cost,
-    reduction_cells,
+    stack_shapes,
 )
 from morphnas.spaces.base import ArchitectureMixin, SampledMixing, Widening, new_alpha
 
@@ -52,24 +53,17 @@ class SearchCell(nn.Module):
     """One cell of the supernet: preprocessing, and per edge the ops with weights (the shared
     parameter-free ops live per state, ``shared``)."""
 
-    def __init__(
-        self,
-        c_prev_prev: int,
-        c_prev: int,
-        channels: int,
-        steps: int,
-        multiplier: int,
-        reduction: bool,
-        reduction_prev: bool,
-    ) -> None:
+    def __init__(self, shape: CellShape, steps: int, multiplier: int) -> None:
         super().__init__()
-        self.reduction, self.steps, self.multiplier = reduction, steps, multiplier
-        self.channels = channels
-        if reduction_prev:
-            self.preprocess0: nn.Module = FactorizedReduce(c_prev_prev, channels, affine=False)
+        self.reduction, self.steps, self.multiplier = shape.reduction, steps, multiplier
+        channels = self.channels = shape.channels
+        if shape.reduction_prev:
+            self.preprocess0: nn.Module = FactorizedReduce(
+                shape.c_prev_prev, channels, affine=False
+            )
         else:
-            self.preprocess0 = ReLUConvBN(c_prev_prev, channels, 1, 1, 0, affine=False)
-        self.preprocess1 = ReLUConvBN(c_prev, channels, 1, 1, 0, affine=False)
+            self.preprocess0 = ReLUConvBN(shape.c_prev_prev, channels, 1, 1, 0, affine=False)
+        self.preprocess1 = ReLUConvBN(shape.c_prev, channels, 1, 1, 0, affine=False)
         # edges[i][j]: node i+1's edge from state j-1 (row j of its α); ops with weights only.
         self.edges = nn.ModuleList()
         for i in range(steps):
@@ -169,15 +163,9 @@ class DartsCNNSearchNetwork(ArchitectureMixin, nn.Module):
         self.cells = nn.ModuleList()
         # γ of each grown (residual) cell, keyed by its 0-based position.
         self.cell_gammas = nn.ParameterDict()
-        reductions = reduction_cells(nodes)
-        c_pp, c_p, channels, reduction_prev = c_stem, c_stem, hidden_size, False
-        for k in range(nodes):
-            reduction = k in reductions
-            channels *= 2 if reduction else 1
-            cell = SearchCell(c_pp, c_p, channels, steps, multiplier, reduction, reduction_prev)
-            self.cells.append(cell)
-            c_pp, c_p, reduction_prev = c_p, cell.out_channels, reduction
-        self.features = c_p
+        for shape in stack_shapes(nodes, c_stem, hidden_size, multiplier):
+            self.cells.append(SearchCell(shape, steps, multiplier))
+        self.features = self.cells[-1].out_channels
         self.arch = nn.ParameterList(
             [new_alpha(i + 2, len(CNN_OPS)) for _ in range(2) for i in range(steps)]
         )
@@ -351,25 +339,13 @@ class DartsCNNSearchNetwork(ArchitectureMixin, nn.Module):
         last = self.cells[-1]
         c_pp = self.cells[-2].out_channels if len(self.cells) > 1 else self.stem[0].out_channels
         ref = self.arch[0]
-        cell = SearchCell(
-            c_pp, last.out_channels, last.channels, self.steps, self.multiplier, False,
-            last.reduction,
-        ).to(device=ref.device, dtype=ref.dtype)  # fmt: skip
+        shape = CellShape(c_pp, last.out_channels, last.channels, False, last.reduction)
+        cell = SearchCell(shape, self.steps, self.multiplier).to(device=ref.device, dtype=ref.dtype)
         cell.train(self.training)
         gamma = nn.Parameter(torch.zeros(cell.out_channels, device=ref.device, dtype=ref.dtype))
         self.cell_gammas[str(len(self.cells))] = gamma
         self.cells.append(cell)
         return [*cell.parameters(), gamma]
-
-    @torch.no_grad()
-    def prune(self) -> list[int]:
-        """Fix every searched node to its best pair; return their 1-based indices."""
-        pruned = []
-        for i, p in enumerate(self.mixing_weights(), start=1):
-            if i not in self.fixed:
-                self.fix(i, self.node_options(i, p)[0][1])
-                pruned.append(i)
-        return pruned
 
     @torch.no_grad()
     def fix(self, i: int, node: Node) -> None:
@@ -507,4 +483,4 @@ def _widen_cell(
             _widen_sequence(pool, inner)
 
 
-__all__ = ["DartsCNNSearchNetwork", "reduction_cells"]
+__all__ = ["DartsCNNSearchNetwork", "SearchCell"]

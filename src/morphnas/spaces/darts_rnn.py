@@ -320,20 +320,6 @@ class DartsRNNSearchCell(ArchitectureMixin, nn.Module):
         return [weight, alpha, gamma]
 
     @torch.no_grad()
-    def prune(self) -> list[int]:
-        """Fix every searched node to its derived edge and op (weights kept); return their indices.
-
-        ``W_i`` is shared by all of a node's edges, so nothing is dropped but ``α_i``, which is
-        frozen and no longer searched.
-        """
-        pruned = []
-        for i, p in enumerate(self.mixing_weights(), start=1):
-            if i not in self.fixed:
-                self.fix(i, self.node_options(i, p)[0][1])
-                pruned.append(i)
-        return pruned
-
-    @torch.no_grad()
     def fix(self, i: int, node: Node) -> None:
         """Fix searched node ``i`` to ``node`` (pruning, or rebuilding a pruned cell on resume)."""
         self.fixed[i] = node

@@ -81,3 +81,24 @@ class IndexStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.order, self.position = state["order"], state["position"]
+
+
+class PairStream:
+    """Endless shuffled ``(x, y)`` batches of one split (the architecture step's validation
+    batches for forecasting windows and images), restartable through ``IndexStream``."""
+
+    def __init__(
+        self, data: tuple[Tensor, Tensor], batch_size: int, generator: torch.Generator
+    ) -> None:
+        self.data = data
+        self.indices = IndexStream(len(data[0]), batch_size, generator)
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        idx = next(self.indices)
+        return self.data[0][idx], self.data[1][idx]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.indices.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.indices.load_state_dict(state)

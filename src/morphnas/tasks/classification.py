@@ -30,7 +30,7 @@ from morphnas.data.images import (
     load_image_file,
 )
 from morphnas.engine.runtime import resolve_device
-from morphnas.tasks.base import IndexStream
+from morphnas.tasks.base import PairStream
 from morphnas.tasks.kinds import TaskKind
 
 if TYPE_CHECKING:
@@ -54,24 +54,6 @@ class ImageModel(nn.Module):
         return self.head(self.cell(x, **cell_kwargs)[0])
 
 
-class _BatchStream:
-    """Endless shuffled batches of one split (the architecture step's validation batches)."""
-
-    def __init__(self, data: Batch, batch_size: int, generator: torch.Generator) -> None:
-        self.data = data
-        self.indices = IndexStream(len(data[0]), batch_size, generator)
-
-    def __next__(self) -> Batch:
-        idx = next(self.indices)
-        return self.data[0][idx], self.data[1][idx]
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.indices.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.indices.load_state_dict(state)
-
-
 class ClassifyTask:
     """Images → class logits under cross-entropy: the ``Task`` the engine runs."""
 
@@ -87,8 +69,8 @@ class ClassifyTask:
         order = torch.randperm(n, generator=generator)
         return [(x[idx], y[idx]) for idx in order.split(self.batch_size)]
 
-    def valid_stream(self, generator: torch.Generator) -> _BatchStream:
-        return _BatchStream(self.valid, self.batch_size, generator)
+    def valid_stream(self, generator: torch.Generator) -> PairStream:
+        return PairStream(self.valid, self.batch_size, generator)
 
     def loss(self, model: nn.Module, batch: Batch, **model_kwargs: Any) -> Tensor:
         return F.cross_entropy(model(batch[0], **model_kwargs), batch[1])

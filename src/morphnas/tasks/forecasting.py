@@ -20,7 +20,7 @@ from morphnas.data import SeriesData, WindowedSplits, load_csv, load_dataset, ma
 from morphnas.data.corpus import CORPORA
 from morphnas.engine.runtime import resolve_device
 from morphnas.report import plot_forecasts
-from morphnas.tasks.base import IndexStream
+from morphnas.tasks.base import PairStream
 from morphnas.tasks.kinds import TaskKind
 
 if TYPE_CHECKING:
@@ -125,24 +125,6 @@ def series_sequences(window: Tensor, embedding: Tensor | None = None) -> Tensor:
 Batch = tuple[Tensor, Tensor]
 
 
-class _WindowStream:
-    """Endless shuffled ``(x, y)`` batches of the validation windows (see ``IndexStream``)."""
-
-    def __init__(self, data: Batch, batch_size: int, generator: torch.Generator) -> None:
-        self.data = data
-        self.indices = IndexStream(len(data[0]), batch_size, generator)
-
-    def __next__(self) -> Batch:
-        idx = next(self.indices)
-        return self.data[0][idx], self.data[1][idx]
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.indices.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.indices.load_state_dict(state)
-
-
 class ForecastTask:
     """Windows → next values under MSE: the ``Task`` the engine runs for forecasting."""
 
@@ -166,8 +148,8 @@ class ForecastTask:
         n = max(1, round(len(x) * fraction))
         return [(x[idx], y[idx]) for idx in batches(n, self.batch_size, generator)]
 
-    def valid_stream(self, generator: torch.Generator) -> _WindowStream:
-        return _WindowStream(self.valid, self.batch_size, generator)
+    def valid_stream(self, generator: torch.Generator) -> PairStream:
+        return PairStream(self.valid, self.batch_size, generator)
 
     def loss(self, model: nn.Module, batch: Batch, **model_kwargs: Any) -> Tensor:
         return self._mse(model(batch[0], **model_kwargs), batch[1])
