@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import assert_user_error, morphnas, without_times
-from morphnas import api, cells, config, report, strategies, tasks
+from morphnas import api, cells, config, report, runs, strategies, tasks
 from morphnas.config import GrowthConfig
 from morphnas.errors import UserError
 from morphnas.genotype import CNN_OPS, Genotype, Node, from_json
@@ -479,3 +479,30 @@ def test_a_killed_image_search_resumes_to_the_uninterrupted_result(tmp_path):
         for out in (done, resumed)
     ]
     assert scores[0] == scores[1]
+
+
+def test_an_image_folder_is_recorded_so_that_a_resume_sees_any_change(tmp_path):
+    """``run.json`` keeps a digest of the whole folder: a search on a folder runs, and adding,
+    renaming or editing an image changes the digest that ``--resume`` compares."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    generator = np.random.default_rng(0)
+    for name in ("cat", "dog", "owl"):
+        (folder / name).mkdir(parents=True)
+        for i in range(4):
+            pixels = (generator.random((8, 8)) * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / name / f"{i}.png")
+    cfg = _config(tmp_path, data={"images": str(folder)}, search={"epochs": 1})
+    result = api.search(cfg)
+    record = json.loads((result.run_dir / "run.json").read_text())
+    before = record["inputs"][str(folder)]
+    assert before == runs.file_digest(folder) and before["bytes"] > 0
+    seen = {before["sha256"]}
+    (folder / "owl" / "3.png").rename(folder / "owl" / "9.png")
+    seen.add(runs.file_digest(folder)["sha256"])
+    Image.new("L", (8, 8)).save(folder / "owl" / "9.png")
+    seen.add(runs.file_digest(folder)["sha256"])
+    Image.new("L", (8, 8)).save(folder / "cat" / "5.png")
+    seen.add(runs.file_digest(folder)["sha256"])
+    assert len(seen) == 4

@@ -66,13 +66,20 @@ def config_record(config: RunConfig) -> dict[str, Any]:
 
 
 def file_digest(path: Path) -> dict[str, Any]:
-    """Size and SHA-256 of an input file (1 MiB blocks: a large CSV is never held whole)."""
+    """Size and SHA-256 of an input file (1 MiB blocks: a large CSV is never held whole), or
+    of a folder of them (an image folder: every file's relative path and bytes, in sorted
+    order, so that a file added, removed, renamed or changed is seen)."""
+    path = Path(path)
     digest = hashlib.sha256()
     size = 0
-    with Path(path).open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-            size += len(block)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if file != path:
+            digest.update(str(file.relative_to(path)).encode("utf-8") + b"\0")
+        with file.open("rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+                size += len(block)
     return {"bytes": size, "sha256": digest.hexdigest()}
 
 
