@@ -7,6 +7,7 @@ engine, strategies and growth run on either.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
@@ -102,3 +103,21 @@ class PairStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.indices.load_state_dict(state)
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Tensor]:
+    """Index batches over ``n`` samples: shuffled with ``generator``, in order without one."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    yield from order.split(batch_size)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, batch_size: int = 512, **cell_kwargs: Any) -> Tensor:
+    """The model's outputs for every sample in ``x`` (forecasts of windows, logits of images),
+    ``batch_size`` at a time, in eval mode (the caller's mode is restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model(x[i], **cell_kwargs) for i in batches(len(x), batch_size)])
+    finally:
+        model.train(was_training)

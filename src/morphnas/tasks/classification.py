@@ -30,7 +30,7 @@ from morphnas.data.images import (
     load_image_file,
 )
 from morphnas.engine.runtime import resolve_device
-from morphnas.tasks.base import PairStream
+from morphnas.tasks.base import PairStream, batches, predict
 from morphnas.tasks.kinds import TaskKind
 
 if TYPE_CHECKING:
@@ -66,8 +66,7 @@ class ClassifyTask:
     def epoch_batches(self, generator: torch.Generator, fraction: float = 1.0) -> list[Batch]:
         x, y = self.train
         n = max(1, round(len(x) * fraction))
-        order = torch.randperm(n, generator=generator)
-        return [(x[idx], y[idx]) for idx in order.split(self.batch_size)]
+        return [(x[idx], y[idx]) for idx in batches(n, self.batch_size, generator)]
 
     def valid_stream(self, generator: torch.Generator) -> PairStream:
         return PairStream(self.valid, self.batch_size, generator)
@@ -92,17 +91,6 @@ class ClassifyTask:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: Tensor, batch_size: int = 256, **cell_kwargs: Any) -> Tensor:
-    """Logits for every image in ``x`` in eval mode (the caller's mode is restored)."""
-    was_training = model.training
-    model.eval()
-    try:
-        return torch.cat([model(part, **cell_kwargs) for part in x.split(batch_size)])
-    finally:
-        model.train(was_training)
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> float:
@@ -217,8 +205,8 @@ class Classification(TaskKind):
         return ClassifyTask(data.train, data.valid, batch_size)
 
     def score(self, model: nn.Module, data: ImageSplits) -> dict[str, float]:
-        valid = predict(model, data.valid[0])
-        test = predict(model, data.test[0])
+        valid = predict(model, data.valid[0], ClassifyTask.eval_batch)
+        test = predict(model, data.test[0], ClassifyTask.eval_batch)
         return {
             "valid_accuracy": accuracy(valid, data.valid[1]),
             "valid_loss": float(F.cross_entropy(valid, data.valid[1])),

@@ -8,7 +8,6 @@ with both sums over every sample and series and ``ȳ`` the mean of the whole tar
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +19,7 @@ from morphnas.data import SeriesData, WindowedSplits, load_csv, load_dataset, ma
 from morphnas.data.corpus import CORPORA
 from morphnas.engine.runtime import resolve_device
 from morphnas.report import plot_forecasts
-from morphnas.tasks.base import PairStream
+from morphnas.tasks.base import PairStream, batches, predict
 from morphnas.tasks.kinds import TaskKind
 
 if TYPE_CHECKING:
@@ -194,23 +193,6 @@ def _window_reference(window: Tensor, kind: str) -> Tensor | None:
     if kind == "mean":
         return window.mean(dim=1)
     return None
-
-
-def batches(n: int, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Tensor]:
-    """Index batches over ``n`` samples: shuffled with ``generator``, in order without one."""
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    yield from order.split(batch_size)
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: Tensor, batch_size: int = 512, **cell_kwargs: Any) -> Tensor:
-    """Forecasts for every window in ``x`` in eval mode (the caller's mode is restored)."""
-    was_training = model.training
-    model.eval()
-    try:
-        return torch.cat([model(x[i], **cell_kwargs) for i in batches(len(x), batch_size)])
-    finally:
-        model.train(was_training)
 
 
 def rse(pred: np.ndarray, truth: np.ndarray) -> float:
