@@ -13,6 +13,7 @@ import torch
 
 from conftest import assert_user_error, morphnas, without_times
 from morphnas import api, cells, config, report, runs, strategies, tasks
+from morphnas.cells.image_baselines import IMAGE_BASELINES, image_baseline
 from morphnas.config import GrowthConfig
 from morphnas.errors import UserError
 from morphnas.genotype import CNN_OPS, Genotype, Node, from_json
@@ -308,7 +309,7 @@ def test_every_strategy_searches_darts_cnn_and_retrains_beside_the_baselines(
     cfg = _config(tmp_path, search={"strategy": name, **search})
     result = api.search(cfg)
     assert result.genotype.space == "darts_cnn" and len(result.genotype.nodes) == 2
-    assert [r["model"] for r in result.results] == ["searched", "lenet", "resnet20"]
+    assert [r["model"] for r in result.results] == ["searched", *IMAGE_BASELINES]
     for row in result.results:
         assert 0 <= row["test_accuracy"] <= 1 and row["params"] > 0 and row["flops"] > 0
     summary = json.loads((result.run_dir / "summary.json").read_text())
@@ -361,7 +362,7 @@ def test_baselines_are_as_wide_as_brings_them_nearest_the_searched_networks_size
     target = size(
         kind.wrap(cells.build(GENOTYPE, 1, 8, **cells.options_for(GENOTYPE, cfg)), data, 8)
     )
-    for name in ("lenet", "resnet20"):
+    for name in IMAGE_BASELINES:
         width = kind.baseline_hidden(name, data, GENOTYPE)
         gaps = {
             w: abs(size(kind.wrap(kind.baseline(name, data, w), data, w)) - target)
@@ -401,8 +402,32 @@ def test_search_on_digits_prints_accuracy_params_and_flops_per_row(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout)["results"]
-    assert [r["model"] for r in rows] == ["searched", "lenet", "resnet20"]
+    assert [r["model"] for r in rows] == ["searched", *IMAGE_BASELINES]
     assert all({"test_accuracy", "params", "flops"} <= row.keys() for row in rows)
+
+
+@pytest.mark.parametrize("name", IMAGE_BASELINES)
+def test_train_each_image_baseline_alone_and_evaluate_it(tmp_path, name):
+    """``train --baseline NAME`` on images: one row, at ``--hidden`` (nothing to match), and
+    ``evaluate`` rebuilds the saved model by its name and scores it the same."""
+    out = tmp_path / "run"
+    done = morphnas(
+        "train", "--task", "classify", "--baseline", name, "--images", str(_images(tmp_path)),
+        "--hidden", "4", "--retrain-epochs", "2", "--set", "train.batch_size=16",
+        "--out", str(out), "--threads", "1", "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)["results"]
+    assert [r["model"] for r in rows] == [name]
+    (row,) = rows
+    assert 0 <= row["test_accuracy"] <= 1 and math.isfinite(row["test_loss"])
+    assert row["params"] > 0 and row["flops"] > 0
+    body = image_baseline(name, 1, 4, (8, 8))  # --hidden 4 on 1-channel 8x8 images
+    assert row["params"] == sum(p.numel() for p in ImageModel(body, 3).parameters())
+    again = morphnas("evaluate", str(out), "--json")
+    assert again.returncode == 0, again.stderr
+    (scored,) = json.loads(again.stdout)["results"]
+    assert scored["test_accuracy"] == row["test_accuracy"] and scored["flops"] == row["flops"]
 
 
 def test_bad_images_are_one_line_errors(tmp_path):

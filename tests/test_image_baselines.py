@@ -1,5 +1,5 @@
 """The hand-designed CNN baselines (shapes, structure, size) and ``count_flops`` against counts
-worked out by hand."""
+worked out by hand: counters checked against hand-counted small networks."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from morphnas.cells.image_baselines import (
     IMAGE_BASELINES,
     LeNet,
     ResNet20,
+    VGGSmall,
     count_flops,
     image_baseline,
 )
@@ -45,7 +46,8 @@ def test_features_shape_and_gradients(name: str, width: int, image: tuple[int, i
 def test_factory_classes_and_unknown_name() -> None:
     assert isinstance(image_baseline("lenet", 1, 8, (8, 8)), LeNet)
     assert isinstance(image_baseline("resnet20", 1, 8, (8, 8)), ResNet20)
-    with pytest.raises(ValueError, match="resnet20"):
+    assert isinstance(image_baseline("vgg_small", 1, 8, (8, 8)), VGGSmall)
+    with pytest.raises(ValueError, match=r"resnet20.*vgg_small"):
         image_baseline("vgg", 1, 8, (8, 8))
 
 
@@ -154,6 +156,100 @@ def test_lenet_flops_by_hand() -> None:
     # 8x8 digits, width 8: conv1 8x8 map x 8 ch x 25; conv2 4x4 x 16 ch x 8*25; fc 64 x 64.
     macs = 64 * 8 * 25 + 16 * 16 * 8 * 25 + 64 * 64
     assert count_flops(LeNet(1, 8, (8, 8)), torch.randn(1, 1, 8, 8)) == 2 * macs
+
+
+# --------------------------------------------------------------------------- VGG-small
+
+
+def test_vgg_small_structure_is_conv_bn_relu_six_times() -> None:
+    model = VGGSmall(3, 16)
+    layers = [m for m in model.body.modules() if not isinstance(m, nn.Sequential)]
+    kinds = [type(m) for m in layers]
+    block = [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+    # Stage 1, pool, stage 2, pool, stage 3: a BN right after every conv (the place of a gate).
+    assert kinds == 2 * block + [nn.MaxPool2d] + 2 * block + [nn.MaxPool2d] + 2 * block
+    convs = [m for m in layers if isinstance(m, nn.Conv2d)]
+    bns = [m for m in layers if isinstance(m, nn.BatchNorm2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [
+        (3, 16), (16, 16), (16, 32), (32, 32), (32, 64), (64, 64),
+    ]  # fmt: skip
+    assert all(c.kernel_size == (3, 3) and c.padding == (1, 1) and c.bias is None for c in convs)
+    assert all(c.stride == (1, 1) for c in convs)
+    assert all(type(b) is nn.BatchNorm2d and b.affine for b in bns)
+    assert [b.num_features for b in bns] == [c.out_channels for c in convs]
+    assert model.features == 64
+
+
+@pytest.mark.parametrize(
+    ("size", "body_out"),
+    # Two 2x2 pools rounding up: 8 → 4 → 2, 28 → 14 → 7, 32 → 16 → 8, odd 7 → 4 → 2, and a
+    # single pixel stays one (no image is too small).
+    [(8, 2), (28, 7), (32, 8), (7, 2), (1, 1)],
+)
+def test_vgg_small_shapes(size: int, body_out: int) -> None:
+    model = VGGSmall(1, 4)
+    x = torch.randn(2, 1, size, size)
+    assert model.body(x).shape == (2, 16, body_out, body_out)
+    features, extra = model(x)
+    assert features.shape == (2, 16) and extra is None
+
+
+def test_vgg_small_parameters_by_hand() -> None:
+    # Width 4, one input channel: six 3x3 convs without bias (9 · C_in · C_out each) and six
+    # affine BNs (2 · C_out each: weight and bias); pools and global pooling hold nothing.
+    convs = 9 * 1 * 4 + 9 * 4 * 4 + 9 * 4 * 8 + 9 * 8 * 8 + 9 * 8 * 16 + 9 * 16 * 16
+    bns = 2 * 4 + 2 * 4 + 2 * 8 + 2 * 8 + 2 * 16 + 2 * 16
+    assert n_params(VGGSmall(1, 4)) == convs + bns == 4_500 + 112
+    # The literature's width (128-128-256-256-512-512 on RGB): its ~4.6M conv weights.
+    convs = 9 * (3 * 128 + 128 * 128 + 128 * 256 + 256 * 256 + 256 * 512 + 512 * 512)
+    bns = 2 * (128 + 128 + 256 + 256 + 512 + 512)
+    assert n_params(VGGSmall(3, 128)) == convs + bns == 4_578_176
+    # Parameters do not depend on the image size (global pooling).
+    assert n_params(image_baseline("vgg_small", 1, 4, (28, 28))) == 4_612
+
+
+# ------------------------------------------------------------- count_flops against hand counts
+
+
+class _TwoConvs(nn.Module):
+    """A conv without padding, a strided conv with padding, and a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, 3)  # 6x6 → 4x4
+        self.conv2 = nn.Conv2d(3, 4, 3, stride=2, padding=1)  # 4x4 → 2x2
+        self.fc = nn.Linear(4 * 2 * 2, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.conv2(self.conv1(x).relu()).relu().flatten(1))
+
+
+def test_count_flops_small_convs_and_linear_by_hand() -> None:
+    # A conv: 2 · k² · C_in · C_out · H_out · W_out; a linear: 2 · in · out. Biases are free.
+    conv1 = 2 * 3**2 * 2 * 3 * 4 * 4
+    conv2 = 2 * 3**2 * 3 * 4 * 2 * 2
+    fc = 2 * 16 * 5
+    assert count_flops(_TwoConvs(), torch.randn(3, 2, 6, 6)) == conv1 + conv2 + fc == 2_752
+
+
+def test_vgg_small_flops_by_hand() -> None:
+    # Width 2 on an 8x8 digit: stage 1 at 8x8 (2, 2 channels), stage 2 at 4x4 (4, 4), stage 3
+    # at 2x2 (8, 8); every conv 3x3, so 2 · 9 · C_in · C_out · H · W each. BN, ReLU and the
+    # pools count nothing.
+    stage1 = 2 * 9 * 1 * 2 * 8 * 8 + 2 * 9 * 2 * 2 * 8 * 8
+    stage2 = 2 * 9 * 2 * 4 * 4 * 4 + 2 * 9 * 4 * 4 * 4 * 4
+    stage3 = 2 * 9 * 4 * 8 * 2 * 2 + 2 * 9 * 8 * 8 * 2 * 2
+    expected = stage1 + stage2 + stage3
+    assert count_flops(VGGSmall(1, 2), torch.randn(1, 1, 8, 8)) == expected == 20_736
+
+
+def test_lenet_width_2_flops_by_hand() -> None:
+    # Width 2 on 8x8: conv1 5x5, 1 → 2 channels at 8x8; conv2 5x5, 2 → 4 at 4x4 (after a pool);
+    # fc from 4 channels x 2x2 (after the second pool) = 16 to 8 · 2 = 16 units.
+    conv1 = 2 * 5**2 * 1 * 2 * 8 * 8
+    conv2 = 2 * 5**2 * 2 * 4 * 4 * 4
+    fc = 2 * 16 * 16
+    assert count_flops(LeNet(1, 2, (8, 8)), torch.randn(1, 1, 8, 8)) == conv1 + conv2 + fc == 13_312
 
 
 def test_count_flops_restores_training_mode() -> None:

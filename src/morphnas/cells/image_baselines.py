@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-IMAGE_BASELINES: tuple[str, ...] = ("lenet", "resnet20")
+IMAGE_BASELINES: tuple[str, ...] = ("lenet", "resnet20", "vgg_small")
 
 
 class LeNet(nn.Module):
@@ -119,6 +119,55 @@ class ResNet20(nn.Module):
         return self.pool(self.blocks(self.stem(x))).flatten(1), None
 
 
+class VGGSmall(nn.Module):
+    """The "VGG-small" of the quantisation and pruning literature (the CIFAR network of
+    BinaryConnect, Courbariaux et al. 2015, as LQ-Nets, Zhang et al. 2018, named it), scaled down
+    and without its classifier: three stages of two 3x3 convolutions at ``width``, ``2 * width`` and
+    ``4 * width`` channels, each convolution followed by BN and ReLU, a 2x2 max pool after
+    stages 1 and 2, and global average pooling, so ``features = 4 * width``. ``width=128`` gives
+    the literature's six convolutions of 128-128-256-256-512-512 channels.
+
+    Every convolution is exactly conv3x3 (padding 1, no bias: the BN after it has one) → BN
+    (``nn.BatchNorm2d``, affine) → ReLU, with nothing between a convolution and its BN: a channel
+    gate per BN (DNAL-style pruning) goes in right after each BN, where it scales whole output
+    channels. Convolutions start from He (Kaiming) normal initialisation, as in ``ResNet20``.
+
+    Global average pooling after stage 3 stands in for the original's third pool and its fully
+    connected layers: it makes the network indifferent to the image size (an 8x8 digit ends at
+    2x2, a 28x28 one at 7x7, a 32x32 CIFAR image at 8x8) and its parameters independent of it.
+    The two pools round up (``ceil_mode``): on even sizes that is the usual floor pooling, an odd
+    side keeps its last row or column instead of dropping it, and no image is too small (a 1x1
+    map stays 1x1), so unlike ``LeNet`` there is no size to check.
+    """
+
+    def __init__(self, channels: int, width: int) -> None:
+        super().__init__()
+        self.features = 4 * width
+        stages: list[nn.Module] = []
+        c_in = channels
+        for stage, c_out in enumerate((width, 2 * width, 4 * width)):
+            if stage > 0:
+                stages.append(nn.MaxPool2d(2, ceil_mode=True))
+            layers: list[nn.Module] = []
+            for _ in range(2):
+                layers += [
+                    nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(c_out),
+                    nn.ReLU(),
+                ]
+                c_in = c_out
+            stages.append(nn.Sequential(*layers))
+        # body: stage 1, pool, stage 2, pool, stage 3 (each stage conv → BN → ReLU twice).
+        self.body = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        return self.pool(self.body(x)).flatten(1), None
+
+
 def image_baseline(name: str, channels: int, width: int, image_size: tuple[int, int]) -> nn.Module:
     """The baseline body ``name`` (one of ``IMAGE_BASELINES``) for ``channels``-channel images of
     ``image_size`` (height, width); the task adds the classifier head on ``model.features``."""
@@ -126,6 +175,8 @@ def image_baseline(name: str, channels: int, width: int, image_size: tuple[int, 
         return LeNet(channels, width, image_size)
     if name == "resnet20":
         return ResNet20(channels, width)
+    if name == "vgg_small":
+        return VGGSmall(channels, width)
     raise ValueError(f"unknown image baseline {name!r}; expected one of {list(IMAGE_BASELINES)}")
 
 

@@ -6,9 +6,10 @@ or the user's images (``--images``: a folder with one sub-folder per class, or a
 splits are fixed and stratified (``data.images``), so runs of different seeds are scored on the
 same test images, which neither the search nor early stopping ever sees.
 
-Baselines: ``lenet`` and ``resnet20`` (``cells.image_baselines``), each as wide as brings its
-parameters closest to the searched network's (a comparison at equal size), or at ``space.hidden``
-when there is no searched network to match.
+Baselines: ``lenet``, ``resnet20`` and ``vgg_small`` (``cells.image_baselines``'s
+``IMAGE_BASELINES``, all trained by default), each as wide as brings its parameters closest to
+the searched network's (a comparison at equal size), or at ``space.hidden`` when there is no
+searched network to match.
 """
 
 from __future__ import annotations
@@ -98,8 +99,8 @@ def accuracy(logits: Tensor, labels: Tensor) -> float:
 
 
 class Classification(TaskKind):
-    """Image classification: a searched CNN cell (``darts_cnn``) against LeNet and a ResNet-20,
-    scored by accuracy, with parameters and FLOPs beside it."""
+    """Image classification: a searched CNN cell (``darts_cnn``) against LeNet, a ResNet-20 and
+    a VGG-small (``IMAGE_BASELINES``), scored by accuracy, with parameters and FLOPs beside it."""
 
     name = "classify"
     modality = "images"
