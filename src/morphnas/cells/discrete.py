@@ -8,6 +8,7 @@ the DARTS evaluation cell).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +26,9 @@ from morphnas.kernels.blocks import (
 from morphnas.kernels.fused_ops import doubled_tanh_half, kernels_allowed
 from morphnas.ops import ACTIVATIONS, apply_two_input, two_input_weight_shape
 
+if TYPE_CHECKING:
+    from morphnas.channels.gates import ChannelGate
+
 
 class _DerivedCell(nn.Module):
     """What the discrete cells share: a genotype run over ``(T, B, input_size)`` sequences at
@@ -34,6 +38,10 @@ class _DerivedCell(nn.Module):
     A subclass makes its own weights in ``_build``, from ``init_range`` (the bound of their
     uniform init) or, when that is None, from its ``_default_bound``; ``__init__`` calls it
     once, before the residual nodes' ``γ``, so every cell draws its weights in its own order.
+
+    ``unit_gate``: None, or a per-hidden-unit ``ChannelGate`` that ``channels.recurrent``
+    attaches (DNAL unit learning); a gated cell runs its eager loop with the gate applied to every
+    hidden-sized state other units read (that module says which, and why).
     """
 
     def __init__(
@@ -54,6 +62,7 @@ class _DerivedCell(nn.Module):
         self.fused = fused
         self._build(self._default_bound() if init_range is None else init_range)
         self.gammas = residual_gammas(genotype.nodes, hidden_size)
+        self.unit_gate: ChannelGate | None = None
 
     def _default_bound(self) -> float:
         """The init bound when ``init_range`` is None."""
@@ -91,15 +100,21 @@ class DartsRNNCell(_DerivedCell):
         w_x, w_h = self.init_weight[: self.input_size], self.init_weight[self.input_size :]
         x_in = x if mask_x is None else x * mask_x
         h = x.new_zeros(batch, d) if h0 is None else h0
-        if self.fused and kernels_allowed():
+        gate = self.unit_gate
+        if gate is None and self.fused and kernels_allowed():
             return self._fused_forward(x_in, h, mask_h)
+        if gate is not None:
+            h = gate(h)
         x_proj = x_in @ w_x
         acts = [ACTIVATIONS[node.op] for node in self.genotype.nodes]
         squash = ACTIVATIONS[self.genotype.output_activation]
+        gate_h = gate is not None and not _keeps_zero(self.genotype.output_activation)
         outputs = []
         for t in range(steps):
             c0, g0 = (x_proj[t] + (h if mask_h is None else h * mask_h) @ w_h).chunk(2, dim=-1)
             states = [h + torch.sigmoid(c0) * (torch.tanh(g0) - h)]
+            if gate is not None:
+                states[0] = gate(states[0])
             for i, (node, w_node, f) in enumerate(
                 zip(self.genotype.nodes, self.node_weights, acts, strict=True), start=1
             ):
@@ -108,8 +123,10 @@ class DartsRNNCell(_DerivedCell):
                 s = s_prev + torch.sigmoid(c) * (f(g) - s_prev)
                 if node.residual:
                     s = combine_nodes(states[1:], self.genotype.output) + self.gammas[str(i)] * s
-                states.append(s)
+                states.append(s if gate is None else gate(s))
             h = squash(combine_nodes(states[1:], self.genotype.output))
+            if gate_h:
+                h = gate(h)
             outputs.append(h)
         return torch.stack(outputs), h
 
@@ -197,10 +214,15 @@ class TwoInputCell(_DerivedCell):
         u_all = (x if mask_x is None else x * mask_x) @ self.input_weight + self.input_bias
         h = x.new_zeros(batch, self.hidden_size) if h0 is None else h0
         carried = self.genotype.cell_state
-        if carried is None and self.fused and kernels_allowed():
+        gate = self.unit_gate
+        if carried is None and gate is None and self.fused and kernels_allowed():
             return (*self._fused_forward(u_all, h, mask_h), None)
         c = x.new_zeros(batch, self.hidden_size) if carried is not None and c0 is None else c0
+        if gate is not None:
+            u_all, h = gate(u_all), gate(h)
+            c = None if c is None else gate(c)
         squash = ACTIVATIONS[self.genotype.output_activation]
+        gate_h = gate is not None and not _keeps_zero(self.genotype.output_activation)
         outputs = []
         for t in range(steps):
             states = {-1: u_all[t], 0: h if mask_h is None else h * mask_h}
@@ -215,9 +237,13 @@ class TwoInputCell(_DerivedCell):
                         combine_nodes(node_states, self.genotype.output)
                         + self.gammas[str(i + 1)] * s
                     )
+                if gate is not None:
+                    s = gate(s)
                 states[i + 1] = s
                 node_states.append(s)
             h = squash(combine_nodes(node_states, self.genotype.output))
+            if gate_h:
+                h = gate(h)
             if carried is not None:
                 c = states[carried]
             outputs.append(h)
@@ -238,3 +264,8 @@ class TwoInputCell(_DerivedCell):
     def _kernel_weight(op: str, weight: Tensor) -> Tensor:
         """A highway's ``[C, H]`` goes in as ``[C, 2H]``: its ``tanh`` is ``2σ(2g) − 1``."""
         return doubled_tanh_half(weight) if op == "highway" else weight
+
+
+def _keeps_zero(activation: str) -> bool:
+    """Whether ``activation(0) = 0``: then a combination of gated (zero) states stays zero."""
+    return float(ACTIVATIONS[activation](torch.zeros(()))) == 0.0

@@ -1,0 +1,1 @@
+"""DNAL channel learning: channel gates, the three stages, and physical pruning of real networks."""
