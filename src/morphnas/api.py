@@ -191,6 +191,14 @@ def search(
         **kind.summary(data),
     }
     _write_summary(run_dir, genotype, models, results, extra)
+    channels = getattr(strategy, "channel_options", None)
+    if channels is not None:  # DNAL at level=channels: its channel stages on what was retrained
+        from morphnas import prune  # on demand: prune builds on this module
+
+        pruned = prune.prune(
+            run_dir, channels, progress=progress, resume=(run_dir / "prune").exists()
+        )
+        extra["channels"] = pruned.results
     return RunResult(run_dir, genotype, results, extra)
 
 
@@ -455,11 +463,24 @@ def _resumed_model(config: RunConfig) -> tuple[Genotype | None, str | None]:
         ) from None
 
 
-def evaluate(run_dir: Path) -> RunResult:
-    """Re-score a finished run's saved models on its test span (data rebuilt from its config).
+@dataclass
+class TrainedRun:
+    """A finished run's saved models rebuilt from its files, with its config, task kind and data
+    (``evaluate`` re-scores them; ``morphnas prune`` learns their channels)."""
 
-    Every file it reads is checked (``run_files``) before any work: a damaged one is a one-line
-    error naming it."""
+    dir: Path
+    config: RunConfig
+    kind: TaskKind
+    data: Any
+    genotype: Genotype | None
+    summary: dict[str, Any]
+    # (name, saved kind, model with its trained weights, or the row of a model without weights)
+    models: list[tuple[str, str, nn.Module | dict[str, Any]]]
+
+
+def load_trained(run_dir: Path) -> TrainedRun:
+    """Every file it reads is checked (``run_files``) before any work: a damaged one is a
+    one-line error naming it."""
     run_dir = run_files.check_run_dir(run_dir)
     summary = run_files.read_summary(run_dir)
     known = {"genotype", *baseline_names()}
@@ -477,13 +498,13 @@ def evaluate(run_dir: Path) -> RunResult:
     genotype = genotype_mod.load(run_dir / "genotype.json") if summary.get("genotype") else None
     task_kind = tasks.kind_for(config)
     data = task_kind.load()
-    results = []
+    models: list[tuple[str, str, nn.Module | dict[str, Any]]] = []
     for entry in summary["models"]:
         name, kind = entry["name"], entry["kind"]
         architecture: Genotype | str = genotype if kind == "genotype" and genotype else kind
         untrained = task_kind.reference(kind, data)
         if untrained is not None:
-            results.append(untrained[0])
+            models.append((name, kind, untrained[0]))
             continue
         model = _build_model(architecture, config, data, reference=genotype)
         state = load_checkpoint(run_dir / "models" / f"{name}.pt")
@@ -492,12 +513,24 @@ def evaluate(run_dir: Path) -> RunResult:
         except (KeyError, RuntimeError) as err:
             reason = str(err).splitlines()[0]
             raise UserError(f"models/{name}.pt does not match its architecture: {reason}") from None
-        row = {"model": name, "params": _count_params(model), **task_kind.score(model, data)}
+        models.append((name, kind, model))
+    return TrainedRun(run_dir, config, task_kind, data, genotype, summary, models)
+
+
+def evaluate(run_dir: Path) -> RunResult:
+    """Re-score a finished run's saved models on its test span (data rebuilt from its config)."""
+    run = load_trained(run_dir)
+    results = []
+    for name, _, model in run.models:
+        if not isinstance(model, nn.Module):
+            results.append(model)
+            continue
+        row = {"model": name, "params": _count_params(model), **run.kind.score(model, run.data)}
         row["train_seconds"] = next(
-            (r.get("train_seconds") for r in summary["results"] if r["model"] == name), None
+            (r.get("train_seconds") for r in run.summary["results"] if r["model"] == name), None
         )
         results.append(row)
-    return RunResult(run_dir, genotype, results)
+    return RunResult(run.dir, run.genotype, results)
 
 
 COMPARE_METRICS = (

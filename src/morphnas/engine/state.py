@@ -119,6 +119,16 @@ class TrainProgress(LoopProgress):
     elapsed: float = 0.0
 
 
+@dataclass
+class GateProgress(LoopProgress):
+    """Where DNAL's architecture stage stands (``channels.dnal.learn_gates``): it checkpoints at
+    epoch ends only, so ``position`` is None in every checkpoint; ``elapsed`` as in training."""
+
+    epoch: int = _count(1, 1)
+    position: int | None = _count(0, 0)
+    elapsed: float = 0.0
+
+
 _STATE, _TENSOR = dict, torch.Tensor
 _TOTALS = (list, tuple)  # [the epoch's running loss sum (a tensor), its sample count]
 
@@ -184,4 +194,13 @@ TRAIN = Schema(
 MODEL = Schema(  # the final model saved after training (written by ``api``)
     "model", None, after={"state_dict": Rule(_STATE), "outcome": Rule(_STATE)}, versioned=False
 )
-SCHEMAS = {schema.kind: schema for schema in (SEARCH, TRAIN, MODEL)}
+GATES = Schema(  # DNAL's architecture stage on one model at one λ
+    "gates",
+    GateProgress,
+    before={"name": Rule(str)},
+    after={
+        "model": Rule(_STATE), "optimizer": Rule(_STATE), "rng": Rule(_STATE),
+        "generator": Rule(_TENSOR),
+    },
+)  # fmt: skip
+SCHEMAS = {schema.kind: schema for schema in (SEARCH, TRAIN, MODEL, GATES)}

@@ -53,7 +53,7 @@ def build(name: str, space: SearchSpace, **options: Any) -> Strategy:
         )
     for key, value in options.items():
         kinds = set(re.findall(r"\w+", annotations[key]))
-        numeric = bool(kinds & {"int", "float"}) and "str" not in kinds
+        numeric = bool(kinds & {"int", "float"}) and not kinds & {"str", "tuple", "list"}
         if numeric and value is not None and not isinstance(value, int | float):
             raise ValueError(f"{name} option {key} must be a number, got {value!r}")
     return STRATEGIES[name](space, **options)

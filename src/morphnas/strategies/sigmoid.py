@@ -24,11 +24,15 @@ import math
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import Tensor
 
+from morphnas.channels.options import ChannelOptions
 from morphnas.genotype import Genotype
 from morphnas.spaces.base import SearchSpace
 from morphnas.strategies.base import BatchLoss, Objective, Strategy, none_mask
+
+LEVELS = ("ops", "channels")
 
 
 class ScaledSigmoid:
@@ -55,9 +59,31 @@ class Dnal(Strategy):
         sparsity: float = 1e-3,
         threshold: float = 0.9,
         unscaled_penalty: bool = False,
+        level: str = "ops",
+        lambdas: tuple[float, ...] = (1e-4,),
+        arch_epochs: int = 10,
+        finetune_epochs: int | None = None,
+        channel_penalty: str = "unscaled",
         **common: Any,
     ) -> None:
         super().__init__(space, **common)
+        if level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+        # ``level=channels``: after the searched network and the baselines are retrained (DNAL's
+        # weight stage, gates off), DNAL's channel stages run on them (``morphnas.prune``) with
+        # these options; β's range and the threshold are the op search's own.
+        self.channel_options: ChannelOptions | None = None
+        if level == "channels":
+            try:
+                self.channel_options = ChannelOptions(
+                    lambdas=tuple(lambdas), arch_epochs=arch_epochs, beta_start=beta_start,
+                    beta_end=beta_end, threshold=threshold, penalty=channel_penalty,
+                    finetune_epochs=finetune_epochs,
+                )  # fmt: skip
+            except ValidationError as err:
+                first = err.errors()[0]
+                where = ".".join(str(part) for part in first["loc"])
+                raise ValueError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
         if not (beta_start > 0 and beta_end >= beta_start):
             raise ValueError(
                 f"need 0 < beta_start <= beta_end, got {beta_start!r} and {beta_end!r}"
