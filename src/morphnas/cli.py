@@ -809,6 +809,9 @@ def prune(
     finetune_epochs: Annotated[
         int | None, typer.Option(help="fine-tuning epochs (default: the run's train.epochs)")
     ] = None,
+    finetune_lr: Annotated[
+        float | None, typer.Option(help="fine-tuning learning rate (default: the run's lr / 10)")
+    ] = None,
     train_head: Annotated[
         bool, typer.Option(help="train the head with the gates (the authors' VGG code does)")
     ] = False,
@@ -821,10 +824,13 @@ def prune(
         options = ChannelOptions(
             lambdas=tuple(_value(part) for part in _column_list(lambdas)),
             arch_epochs=arch_epochs, threshold=threshold, penalty=penalty, arch_lr=arch_lr,
-            finetune_epochs=finetune_epochs, train_head=train_head,
+            finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, train_head=train_head,
         )  # fmt: skip
     except ValidationError as err:
-        raise UserError(config_mod.one_line(err, "prune")) from None
+        first = err.errors()[0]
+        flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "prune"
+        got = "" if first["type"] == "value_error" else f" (got {first.get('input')!r})"
+        raise UserError(f"{flag}: {first['msg'].removeprefix('Value error, ')}{got}") from None
     chosen = _column_list(models) if models is not None else None
     try:
         result = prune_mod.prune(

@@ -567,7 +567,7 @@ def _check_sections(data: Mapping[Any, Any], origin: str, model: type[BaseModel]
         )
 
 
-def one_line(err: ValidationError, origin: str) -> str:
+def _one_line(err: ValidationError, origin: str) -> str:
     first = err.errors()[0]
     where = ".".join(_printable(str(part)) for part in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
@@ -664,7 +664,7 @@ def resolve(
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise UserError(one_line(err, origin)) from None
+        raise UserError(_one_line(err, origin)) from None
 
 
 def dump(config: RunConfig) -> str:

@@ -201,10 +201,11 @@ def _finetune(
         return TrainOutcome(**saved["outcome"])
     config = trained.config.train
     epochs = config.epochs if options.finetune_epochs is None else options.finetune_epochs
+    lr = config.lr / 10 if options.finetune_lr is None else options.finetune_lr
     checkpoint = out / "checkpoints" / f"finetune_{tag}.pt"
     seed_everything(trained.config.seed)  # as a fresh one, whether the gates ran just now or not
     outcome = train_model(
-        pruned, task, config.model_copy(update={"epochs": epochs}), name=tag,
+        pruned, task, config.model_copy(update={"epochs": epochs, "lr": lr}), name=tag,
         seed=trained.config.seed, log=log, progress=progress, checkpoint_path=checkpoint,
         resume=(
             runs.checked_checkpoint(checkpoint, "train", trained.dir)

@@ -22,6 +22,10 @@ class ChannelOptions(BaseModel):
     arch_lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     finetune_epochs: int | None = Field(None, ge=0)
+    # None: a tenth of the run's own learning rate (Adam from trained weights at the full rate
+    # throws them away in the first epochs; the authors fine-tune at their training rate with
+    # SGD, whose steps are not Adam's).
+    finetune_lr: float | None = Field(None, gt=0)
     train_head: bool = False
 
     @field_validator("lambdas")

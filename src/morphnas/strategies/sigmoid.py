@@ -63,6 +63,7 @@ class Dnal(Strategy):
         lambdas: tuple[float, ...] = (1e-4,),
         arch_epochs: int = 10,
         finetune_epochs: int | None = None,
+        finetune_lr: float | None = None,
         channel_penalty: str = "unscaled",
         **common: Any,
     ) -> None:
@@ -78,7 +79,7 @@ class Dnal(Strategy):
                 self.channel_options = ChannelOptions(
                     lambdas=tuple(lambdas), arch_epochs=arch_epochs, beta_start=beta_start,
                     beta_end=beta_end, threshold=threshold, penalty=channel_penalty,
-                    finetune_epochs=finetune_epochs,
+                    finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
                 )  # fmt: skip
             except ValidationError as err:
                 first = err.errors()[0]
