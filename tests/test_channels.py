@@ -100,8 +100,8 @@ def test_penalty_forms():
     with torch.no_grad():
         gates[0].alpha.copy_(torch.tensor([1.0, -1.0]))
     set_beta(gates, 100.0)
-    unscaled = float(penalty(gates))
-    scaled = float(penalty(gates, scaled=True))
+    with torch.no_grad():
+        unscaled, scaled = float(penalty(gates)), float(penalty(gates, scaled=True))
     assert unscaled == pytest.approx(1.0 + 3 * 0.5)  # σ(1) + σ(−1) = 1
     assert scaled == pytest.approx(torch.sigmoid(torch.tensor(100.0)).item() + 0.0 + 1.5, abs=1e-6)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import assert_user_error, morphnas
+from conftest import assert_user_error, morphnas, without_times
 from morphnas import config as config_mod
 
 IMAGES = ["--task", "classify", "--limit", "300", "--hidden", "4", "--threads", "1"]
@@ -107,6 +107,11 @@ def test_prune_killed_at_any_stage_resumes_to_the_same_masks_and_metrics(
     resumed = morphnas("prune", str(killed), *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert _comparable(_summary(killed)) == _comparable(_summary(whole))
+    logs = [
+        [without_times(json.loads(line)) for line in (r / "prune" / "metrics.jsonl").open()]
+        for r in (whole, killed)
+    ]
+    assert logs[0] == logs[1]  # the rows a crash left after the last checkpoint were dropped
     for run in (whole, killed):
         assert (run / "prune" / "masks" / "vgg_small_0.3.pt").is_file()
     masks = [

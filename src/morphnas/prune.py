@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -81,6 +82,8 @@ def prune(
     out.mkdir(parents=True, exist_ok=True)
     run_files.write_json(out / OPTIONS_FILE, _record(options, models))
     log = run_files.MetricsLog(out / "metrics.jsonl")
+    if log.path.exists():  # a resumed one: the rows after its checkpoints will be written again
+        log.keep(_checkpointed(out, run_dir))
     config, data, kind = trained.config, trained.data, trained.kind
     engine_task = kind.engine_task(data, config.train.batch_size)
     example, timing_batch = engine_task.probe()[0], data.test[0][:256]
@@ -96,11 +99,7 @@ def prune(
                 gates = gate.attach(gated)
                 masks_path = out / "masks" / f"{tag}.pt"
                 if masks_path.is_file():
-                    saved = load_checkpoint(masks_path)
-                    fits(gated, saved["model"], masks_path)
-                    load_masks(gates, saved["masks"])
-                    set_mode(gates.values(), "mask")
-                    masks = {k: v.bool() for k, v in saved["masks"].items()}
+                    masks = _saved_masks(masks_path, gated, gates)
                 else:
                     checkpoint = out / "checkpoints" / f"gates_{tag}.pt"
                     masks = learn_gates(
@@ -125,6 +124,41 @@ def prune(
                "skipped": skipped}  # fmt: skip
     run_files.write_json(out / "summary.json", summary)
     return PruneResult(out, rows, skipped)
+
+
+def _saved_masks(path: Path, gated: nn.Module, gates: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A finished gate stage's read-out and the gated model's state after it, put back."""
+    saved = load_checkpoint(path)
+    try:
+        fits(gated, saved["model"], path)
+        load_masks(gates, saved["masks"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise UserError(
+            f"{path} is damaged ({err}): delete it to learn those gates again, or use --force"
+        ) from None
+    set_mode(gates.values(), "mask")
+    return {name: gate.mask.bool() for name, gate in gates.items()}
+
+
+def _checkpointed(out: Path, run_dir: Path) -> Any:
+    """Which metrics rows of a stopped ``RUN/prune`` its checkpoints account for: every row of a
+    stage that finished, and of one that stopped, the epochs up to its checkpoint."""
+
+    @functools.cache
+    def done(stage: str, tag: str) -> float:
+        finished = out / ("masks" if stage == "gates" else "models") / f"{tag}.pt"
+        if finished.is_file():
+            return float("inf")
+        path = out / "checkpoints" / f"{'gates' if stage == 'gates' else 'finetune'}_{tag}.pt"
+        if not path.is_file():
+            return 0
+        state = runs.checked_checkpoint(path, "gates" if stage == "gates" else "train", run_dir)
+        return state["epoch"] if state["position"] is None else state["epoch"] - 1
+
+    def keep(row: dict[str, Any]) -> bool:
+        return row.get("epoch", 0) <= done(str(row.get("phase")), str(row.get("model")))
+
+    return keep
 
 
 def _check_claim(
