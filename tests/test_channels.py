@@ -23,20 +23,8 @@ from morphnas.channels.gates import (
     set_beta,
     set_mode,
 )
-from morphnas.genotype import Genotype, Node
 from morphnas.tasks.classification import ImageModel
-
-CNN_GENOTYPE = Genotype(
-    "darts_cnn",
-    (
-        Node(("sep_conv_3x3", "skip_connect"), (-1, 0)),
-        Node(("max_pool_3x3", "dil_conv_5x5"), (0, 1)),
-        Node(("skip_connect", "sep_conv_5x5"), (-1, 0)),
-        Node(("avg_pool_3x3", "dil_conv_3x3"), (-1, 1)),
-    ),
-    output="concat",
-)
-
+from test_darts_cnn import GENOTYPE as CNN_GENOTYPE
 
 # --- the gate -----------------------------------------------------------------------------------
 

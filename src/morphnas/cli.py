@@ -84,6 +84,12 @@ def show_warning(
         _python_show_warning(message, category, filename, lineno, file, line)
 
 
+def _interrupted(what: str) -> typer.Exit:
+    """Say on stderr what a stop kept and how to go on; the exit (code 130) to raise."""
+    stderr.print(f"interrupted: {what}", highlight=False, soft_wrap=True)
+    return typer.Exit(130)
+
+
 def _friendly(command: F) -> F:
     """Turn ``UserError`` into ``error: <one line>`` and exit code 2; Ctrl-C into exit 130."""
 
@@ -108,13 +114,10 @@ def _friendly(command: F) -> F:
             raise typer.Exit(2) from None
         except StopRequested as err:
             run_dir = Path(err.checkpoint).parent.parent
-            stderr.print(
-                f"interrupted: progress saved in {err.checkpoint}; continue with "
-                f"`morphnas {command.__name__} --resume {run_dir}`",
-                highlight=False,
-                soft_wrap=True,
-            )
-            raise typer.Exit(130) from None
+            raise _interrupted(
+                f"progress saved in {err.checkpoint}; continue with "
+                f"`morphnas {command.__name__} --resume {run_dir}`"
+            ) from None
         except KeyboardInterrupt:
             stderr.print("interrupted")
             raise typer.Exit(130) from None
@@ -590,13 +593,9 @@ def compare(
             again = _reuse_command(reuse, saved.parent.parent.parent)
         else:
             again = _reuse_command(reuse, Path("COMPARE_DIR"))
-        stderr.print(
-            f"interrupted: finished runs are kept, the stopped one saved in {saved}; continue "
-            f"with `{again}`",
-            highlight=False,
-            soft_wrap=True,
-        )
-        raise typer.Exit(130) from None
+        raise _interrupted(
+            f"finished runs are kept, the stopped one saved in {saved}; continue with `{again}`"
+        ) from None
     if as_json:
         typer.echo(json.dumps(result.to_json(), default=str))
         return
@@ -703,12 +702,9 @@ def benchmark(
             peer_budget=budget,
         )
     except StopRequested:  # the suite goes on with --reuse, not search's --resume
-        stderr.print(
-            f"interrupted: finished runs are kept, the stopped one saved; continue with `{again}`",
-            highlight=False,
-            soft_wrap=True,
-        )
-        raise typer.Exit(130) from None
+        raise _interrupted(
+            f"finished runs are kept, the stopped one saved; continue with `{again}`"
+        ) from None
     if as_json:
         typer.echo(json.dumps(result.to_json(), default=str))
         return
@@ -837,13 +833,10 @@ def prune(
             run_dir, options, models=chosen, progress=BarProgress(), resume=resume, force=force
         )
     except StopRequested as err:
-        stderr.print(
-            f"interrupted: progress saved in {err.checkpoint}; continue with "
-            f"`morphnas prune {run_dir} --resume` and the same options",
-            highlight=False,
-            soft_wrap=True,
-        )
-        raise typer.Exit(130) from None
+        raise _interrupted(
+            f"progress saved in {err.checkpoint}; continue with "
+            f"`morphnas prune {run_dir} --resume` and the same options"
+        ) from None
     if as_json:
         typer.echo(json.dumps(result.to_json(), default=str))
         return
