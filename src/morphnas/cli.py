@@ -791,8 +791,8 @@ def evaluate(
 def prune(
     run_dir: Annotated[Path, typer.Argument(help="a finished classify or forecast run")],
     lambdas: Annotated[
-        str, typer.Option(help="sparsity λ of the gate penalty, one row each: 1e-5,1e-4,5e-4")
-    ] = "1e-4",
+        str, typer.Option(help="sparsity λ of the gate penalty, one row each: 0,0.01,0.03")
+    ] = "0.01",
     models: Annotated[
         str | None, typer.Option(help="the run's models to prune, comma-separated (default: all)")
     ] = None,

@@ -60,7 +60,7 @@ class Dnal(Strategy):
         threshold: float = 0.9,
         unscaled_penalty: bool = False,
         level: str = "ops",
-        lambdas: tuple[float, ...] = (1e-4,),
+        lambdas: tuple[float, ...] = (1e-2,),
         arch_epochs: int = 10,
         finetune_epochs: int | None = None,
         finetune_lr: float | None = None,
