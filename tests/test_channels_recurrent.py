@@ -308,3 +308,14 @@ def test_gate_follows_the_cell_dtype_and_detach_restores_the_fused_kernel(monkey
     detach_unit_gates(model)
     model(windows())
     assert calls  # ungated: the fused kernel again
+
+
+@pytest.mark.parametrize("kind", ["darts_v2", "two_input_gru"])
+def test_flops_see_inside_the_sequence_kernels(kind):
+    """In float32 the derived cells run their hand-written (native) kernels, whose matmuls the
+    counter cannot see; the count is the eager loop's, which computes the same function."""
+    model = ForecastModel(CELLS[kind](N_SERIES, 4), 4, N_SERIES)
+    x = windows().float()
+    fused = recurrent_flops(model, x)
+    model.cell.fused = False
+    assert fused == recurrent_flops(model, x) > 2 * STEPS * N_SERIES * 4 * 4

@@ -47,6 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from morphnas.cells.baselines import RecurrentBaseline
 from morphnas.cells.discrete import DartsRNNCell, TwoInputCell
 from morphnas.channels.gates import ChannelGate
+from morphnas.kernels.fused_ops import eager_kernels
 from morphnas.ops import ADD_OPS
 
 GATE_NAME = "cell"
@@ -124,6 +125,8 @@ def recurrent_flops(model: nn.Module, example: Tensor) -> int:
     call that adds no counted FLOPs is counted analytically: ``steps · 2 · (I·4H + H·4H)`` per
     sequence and layer. ``nn.GRU`` (and a gated, unrolled LSTM) the counter counts itself. A gated
     model counts at its full width: closed units still cost until ``prune_units`` removes them.
+    The derived cells run their eager loops for the count (``eager_kernels``): the counter does
+    not see inside the hand-written sequence kernels, which compute the same function.
     """
     modes = [(m, m.training) for m in model.modules()]
     counter = FlopCounterMode(display=False)
@@ -142,7 +145,7 @@ def recurrent_flops(model: nn.Module, example: Tensor) -> int:
     handles += [m.register_forward_hook(leave) for m in lstms]
     model.eval()
     try:
-        with torch.no_grad(), counter:
+        with torch.no_grad(), eager_kernels(), counter:  # a fused kernel's matmuls are unseen
             model(example[:1])
     finally:
         for handle in handles:
