@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import assert_user_error, morphnas, run_cli, without_times
+from conftest import morphnas, run_cli, without_times
 from morphnas import config as config_mod
 
 IMAGES = ["--task", "classify", "--limit", "300", "--hidden", "4", "--threads", "1"]
@@ -37,6 +37,14 @@ def series_run(tmp_path_factory) -> Path:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     return out
+
+
+def _refused(*args: str, fragments: tuple[str, ...]) -> None:
+    """``morphnas ARGS`` in-process (no interpreter start): exit 2 and one stderr line holding
+    every fragment."""
+    code, lines = run_cli(*args)
+    assert code == 2 and len(lines) == 1, lines
+    assert all(fragment in lines[0] for fragment in fragments), lines[0]
 
 
 def _copy(run: Path, tmp_path: Path, name: str = "run") -> Path:
@@ -140,9 +148,7 @@ def test_prune_killed_at_any_stage_resumes_to_the_same_masks_and_metrics(
     ],
 )
 def test_bad_prune_options_are_one_line_errors(image_run, args, fragments):
-    code, lines = run_cli("prune", str(image_run), *args)  # in-process: no interpreter start
-    assert code == 2 and len(lines) == 1, lines
-    assert all(fragment in lines[0] for fragment in fragments), lines[0]
+    _refused("prune", str(image_run), *args, fragments=fragments)
     assert not (image_run / "prune").exists()  # nothing written for a refused command
 
 
@@ -151,16 +157,16 @@ def test_prune_refuses_runs_it_cannot_prune(tmp_path):
     language.mkdir()
     cfg = config_mod.resolve(overrides={"task": "lm"})
     (language / "config.yaml").write_text(config_mod.dump(cfg))
-    assert_user_error(
-        morphnas("prune", str(language)), "--task lm run", "--task classify and --task forecast"
+    _refused(
+        "prune", str(language), fragments=("--task lm run", "--task classify and --task forecast")
     )
-    assert_user_error(morphnas("prune", str(tmp_path / "nowhere")), "not found")
+    _refused("prune", str(tmp_path / "nowhere"), fragments=("not found",))
     lenet = tmp_path / "lenet"
     trained = morphnas("train", "--baseline", "lenet", *IMAGES, "--retrain-epochs", "1",
                        "--out", str(lenet))  # fmt: skip
     assert trained.returncode == 0, trained.stderr
-    assert_user_error(morphnas("prune", str(lenet)), "no model to prune", "BatchNorm")
-    assert_user_error(morphnas("prune", str(lenet), "--models", "lenet"), "cannot prune lenet")
+    _refused("prune", str(lenet), fragments=("no model to prune", "BatchNorm"))
+    _refused("prune", str(lenet), "--models", "lenet", fragments=("cannot prune lenet",))
     assert not (lenet / "prune").exists()
 
 
@@ -168,10 +174,10 @@ def test_an_existing_prune_directory_needs_resume_or_force(image_run, tmp_path):
     run = _copy(image_run, tmp_path)
     args = ["--lambdas", "0.3", "--arch-epochs", "1", "--finetune-epochs", "0"]
     assert morphnas("prune", str(run), *args).returncode == 0
-    assert_user_error(morphnas("prune", str(run), *args), "--resume", "--force")
-    assert_user_error(
-        morphnas("prune", str(run), "--lambdas", "0.2", "--arch-epochs", "1", "--resume"),
-        "other options", "lambdas",
+    _refused("prune", str(run), *args, fragments=("--resume", "--force"))
+    _refused(
+        "prune", str(run), "--lambdas", "0.2", "--arch-epochs", "1", "--resume",
+        fragments=("other options", "lambdas"),
     )  # fmt: skip
     assert morphnas("prune", str(run), *args, "--resume").returncode == 0  # done: same rows
     again = morphnas("prune", str(run), "--lambdas", "0.2", "--arch-epochs", "1", "--force")
