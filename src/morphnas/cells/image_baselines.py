@@ -10,6 +10,9 @@ a dependency.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -180,6 +183,21 @@ def image_baseline(name: str, channels: int, width: int, image_size: tuple[int, 
     raise ValueError(f"unknown image baseline {name!r}; expected one of {list(IMAGE_BASELINES)}")
 
 
+@contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """``models`` in eval mode inside, every submodule's own training flag put back after (a
+    measurement must not update BatchNorm's running statistics, nor leave a model mid-training
+    in eval mode; a submodule may differ from its parent, so each flag is kept)."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def count_flops(model: nn.Module, example: Tensor) -> int:
     """FLOPs of one forward of one sample (``example[:1]``), by PyTorch's ``FlopCounterMode``.
 
@@ -191,13 +209,7 @@ def count_flops(model: nn.Module, example: Tensor) -> int:
     forward takes the batch as its only positional argument; what it returns is ignored (a tensor
     or a tuple alike).
     """
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            model(example[:1])
-    finally:
-        for m, training in modes:
-            m.training = training
+    counter = FlopCounterMode(display=False)
+    with eval_mode(model), torch.no_grad(), counter:
+        model(example[:1])
     return int(counter.get_total_flops())

@@ -27,6 +27,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from morphnas.cells.image_baselines import eval_mode
 from morphnas.channels.gates import ChannelGate
 
 GATES_ATTR = "channel_gates"
@@ -113,8 +114,14 @@ def prune_channels(model: nn.Module, masks: Mapping[str, Tensor], example: Tenso
             keep = torch.as_tensor(masks[name]).to(bn.weight.device, bn.weight.dtype)
             bn.weight.mul_(keep)
             bn.bias.mul_(keep)
-    training = [(m, m.training) for m in pruned.modules()]
-    pruned.eval()
+    with eval_mode(pruned):  # tracing must not move BatchNorm's statistics
+        _prune_groups(pruned, norms, example)
+    _refresh_features(pruned)
+    return pruned
+
+
+def _prune_groups(pruned: nn.Module, norms: Mapping[str, _BatchNorm], example: Tensor) -> None:
+    """Remove, group by group, every channel closed at all the BNs of its group (in place)."""
     graph = tp.DependencyGraph().build_dependency(pruned, example_inputs=example[:2])
     for bn in norms.values():
         closed = sorted(_closed(bn))
@@ -139,10 +146,6 @@ def prune_channels(model: nn.Module, masks: Mapping[str, Tensor], example: Tenso
             graph.get_pruning_group(
                 bn, tp.prune_batchnorm_out_channels, idxs=sorted(removable)
             ).prune()
-    for module, was_training in training:
-        module.training = was_training
-    _refresh_features(pruned)
-    return pruned
 
 
 def _leaving_every_layer_a_channel(graph: Any, bn: _BatchNorm, removable: set[int]) -> set[int]:

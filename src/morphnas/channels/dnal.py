@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from morphnas.cells.image_baselines import eval_mode
 from morphnas.channels.gates import ChannelGate, beta_at, penalty, read_out, reset, set_beta
 from morphnas.channels.gates import set_mode as set_gate_mode
 from morphnas.channels.options import ChannelOptions
@@ -172,19 +173,12 @@ def latencies(
     """Median milliseconds of one no-grad, eval-mode forward of ``batch`` per model, measured side
     by side (round-robin, after one warm-up each), so a busy host slows them alike."""
     times: dict[str, list[float]] = {name: [] for name in models}
-    modes = [(m, m.training) for model in models.values() for m in model.modules()]
-    for model in models.values():
-        model.eval()
-    try:
-        with torch.no_grad():
-            for model in models.values():
+    with eval_mode(*models.values()), torch.no_grad():
+        for model in models.values():
+            model(batch)
+        for _ in range(repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
                 model(batch)
-            for _ in range(repeats):
-                for name, model in models.items():
-                    start = time.perf_counter()
-                    model(batch)
-                    times[name].append((time.perf_counter() - start) * 1e3)
-    finally:
-        for module, training in modes:
-            module.training = training
+                times[name].append((time.perf_counter() - start) * 1e3)
     return {name: sorted(values)[len(values) // 2] for name, values in times.items()}

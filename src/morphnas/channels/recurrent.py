@@ -46,6 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from morphnas.cells.baselines import RecurrentBaseline
 from morphnas.cells.discrete import DartsRNNCell, TwoInputCell
+from morphnas.cells.image_baselines import eval_mode
 from morphnas.channels.gates import ChannelGate
 from morphnas.kernels.fused_ops import eager_kernels
 from morphnas.ops import ADD_OPS
@@ -128,7 +129,6 @@ def recurrent_flops(model: nn.Module, example: Tensor) -> int:
     The derived cells run their eager loops for the count (``eager_kernels``): the counter does
     not see inside the hand-written sequence kernels, which compute the same function.
     """
-    modes = [(m, m.training) for m in model.modules()]
     counter = FlopCounterMode(display=False)
     uncounted = [0]
     before: dict[int, int] = {}
@@ -143,15 +143,13 @@ def recurrent_flops(model: nn.Module, example: Tensor) -> int:
     lstms = [m for m in model.modules() if isinstance(m, nn.LSTM)]
     handles = [m.register_forward_pre_hook(enter) for m in lstms]
     handles += [m.register_forward_hook(leave) for m in lstms]
-    model.eval()
     try:
-        with torch.no_grad(), eager_kernels(), counter:  # a fused kernel's matmuls are unseen
+        # eager_kernels: the counter does not see a fused kernel's matmuls
+        with eval_mode(model), torch.no_grad(), eager_kernels(), counter:
             model(example[:1])
     finally:
         for handle in handles:
             handle.remove()
-        for m, training in modes:
-            m.training = training
     return int(counter.get_total_flops()) + uncounted[0]
 
 
