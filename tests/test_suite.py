@@ -13,6 +13,7 @@ import pytest
 from morphnas import peers, suite
 from morphnas.errors import UserError
 from morphnas.genotype import Genotype, Node
+from morphnas.tasks.forecasting import Forecasting
 
 
 def _row(dataset: str, seed: int, model: str, **metrics: float) -> dict:
@@ -138,9 +139,10 @@ def test_compact_genotype_is_one_line_of_ops():
 
 def test_every_accepted_baseline_runs_and_the_lm_drops_the_tabular_ones():
     forecast = suite.accepted_baselines(lm=False)
-    assert {"lstm", "gru", "ar", "naive"} <= set(forecast)
+    assert {"lstm", "gru", "ar", "naive", "snaive", "var"} <= set(forecast)
     assert forecast == [b for b in suite.BASELINES if b in forecast]  # table order
-    assert suite.accepted_baselines(lm=True) == [b for b in forecast if b not in ("ar", "naive")]
+    tabular = Forecasting.baselines
+    assert suite.accepted_baselines(lm=True) == [b for b in forecast if b not in tabular]
 
 
 def test_dataset_configs_share_the_user_settings_and_keep_the_lm_budget():

@@ -46,7 +46,7 @@ LM_DATASET = "shakespeare"
 DATASETS = ("births", "exchange", "elecdemand", "synthetic", LM_DATASET)
 # Every baseline, in table order; those the installed config does not accept are left out (the
 # *_genotype cells came later than the others), and ``ar``/``naive`` are not language models.
-BASELINES = ("lstm", "gru", "gru_genotype", "lstm_genotype", "ar", "naive")
+BASELINES = ("lstm", "gru", "gru_genotype", "lstm_genotype", "ar", "naive", "snaive", "var")
 # The smoke budget of ``quick``: a few minutes on two cores for all five datasets, what CI runs.
 # It only shows that every part runs; its numbers mean nothing.
 QUICK: dict[str, Any] = {
@@ -162,7 +162,7 @@ def _datasets(datasets: Sequence[str]) -> list[str]:
 
 def accepted_baselines(lm: bool) -> list[str]:
     """``BASELINES`` that this version's ``TrainConfig`` accepts (checked at run time, so the
-    suite picks up a baseline the moment the config knows it), minus ``ar``/``naive`` for LM."""
+    suite picks up a baseline the moment the config knows it), minus the tabular ones for LM."""
     names = []
     for name in BASELINES:
         try:
