@@ -39,7 +39,9 @@ def test_search_train_evaluate_end_to_end(tmp_path, synthetic_csv):
     out = json.loads(done.stdout)
     assert out["run_dir"] == str(run)
     assert out["genotype"]["format"] == "morphnas.genotype"
-    assert [r["model"] for r in out["results"]] == ["searched", "lstm", "gru", "ar", "naive"]
+    assert [r["model"] for r in out["results"]] == [
+        "searched", "lstm", "gru", "ar", "naive", "snaive", "var"
+    ]  # fmt: skip
     for row in out["results"]:
         assert row.keys() >= RESULT_KEYS
         assert row["test_rse"] > 0 and row["test_rmse"] > 0
@@ -161,14 +163,16 @@ def test_every_flag_sets_a_config_key(name):
     """``FLAGS`` is the one table of flags: each path is a key of the config, and a value
     typed for it (as the command line gives it) lands there."""
     flag, typed = cli.FLAGS[name], {int: 2, float: 0.5, Path: "x.csv"}
-    value = typed.get(flag.kind, "a,b" if name == "columns" else "text")
+    lists = ("columns", "calendar", "targets")
+    value = {"horizon": "3"}.get(name, typed.get(flag.kind, "a,b" if name in lists else "text"))
     [(label, section)] = cli._labelled_flags({**dict.fromkeys(cli.FLAGS), name: value})
     assert label == f"--{name.replace('_', '-')} {value}"
     model: Any = config_mod.RunConfig
     for part in flag.path[:-1]:
         model = model.model_fields[part].annotation
     assert flag.path[-1] in model.model_fields
-    assert config_mod.leaves(section) == [(flag.path, ["a", "b"] if flag.parse else value)]
+    expected = {"horizon": 3}.get(name, ["a", "b"] if flag.parse else value)
+    assert config_mod.leaves(section) == [(flag.path, expected)]
 
 
 @pytest.mark.parametrize(

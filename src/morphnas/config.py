@@ -129,6 +129,20 @@ class DataConfig(_Strict):
         description="multivariate: a window is one sample of all series; global: m samples of "
         "one series each, one model shared by the series (channel independence)",
     )
+    fill: Literal["none", "interpolate", "ffill"] = Field(
+        "none",
+        description="CSV: put rows on their regular grid and fill missing timestamps and empty "
+        "cells (interpolate: linear in time; ffill: last value); none refuses them",
+    )
+    max_fill: float = Field(0.2, ge=0, le=1, description="most share of rows --fill may fill")
+    calendar: list[str] | None = Field(
+        None,
+        description="known-future calendar inputs (sin/cos): auto, or names among minute, hour, "
+        "dayofweek, dayofmonth, dayofyear, weekofyear, month",
+    )
+    targets: list[str] | None = Field(
+        None, description="the series to forecast (default: all); every series stays an input"
+    )
 
 
 class SpaceConfig(_Strict):
@@ -295,8 +309,8 @@ class TrainConfig(_Strict):
     )
     # lstm / gru: torch.nn's; darts_v2, lstm_genotype, gru_genotype: the published cells of
     # genotype.KNOWN (the last two: LSTM and GRU as two_input cells), retrained from scratch;
-    # ar, naive: forecasting's own (options.baseline_names).
-    baselines: list[BaselineName] = ["lstm", "gru", "ar", "naive"]
+    # ar, naive, snaive, var: forecasting's own (options.baseline_names).
+    baselines: list[BaselineName] = ["lstm", "gru", "ar", "naive", "snaive", "var"]
 
 
 class LMConfig(_Strict):
@@ -382,6 +396,11 @@ class RunConfig(_Strict):
     )
     out: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    tensorboard: bool = Field(
+        True,
+        description="write TensorBoard events to RUN/tensorboard/ (needs the track extra; "
+        "without it the run writes none and warns once)",
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     space: SpaceConfig = Field(default_factory=SpaceConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)

@@ -49,7 +49,7 @@ import re
 import stat
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,15 +83,22 @@ def load_csv(
     path: str | os.PathLike[str],
     time_col: str | None = None,
     columns: Sequence[str] | None = None,
+    fill: str = "none",
+    max_fill: float = 0.2,
 ) -> SeriesData:
     """Read, validate and convert a CSV file of one row per time step.
 
     `time_col` names the timestamp column (else one named like a date is used if it parses);
     `columns` picks the value columns (else every numeric column except the time column); a
     single string is read as a comma-separated list, as on the command line ("a,c"), rather
-    than as a sequence of one-letter names. Raises `UserError` naming the file, column and
-    data row of the first problem found.
+    than as a sequence of one-letter names. `fill` ("interpolate" or "ffill"; "none" refuses
+    gaps as described above) puts the rows on their regular grid and fills the missing
+    timestamps and empty cells, refusing a file where more than `max_fill` of the rows need
+    it (see `_fill_gaps`). Raises `UserError` naming the file, column and data row of the
+    first problem found.
     """
+    if fill not in FILL_METHODS:
+        raise ValueError(f"fill must be one of {FILL_METHODS}, got {fill!r}")
     shown = str(path)
     if isinstance(columns, str):
         columns = [c.strip() for c in columns.split(",")]
@@ -132,7 +139,7 @@ def load_csv(
     kept: dict[str, np.ndarray] = {}
     for name in candidates:  # popped: each column's parsed pieces are dropped once joined
         numbers = table.values.pop(name)
-        column = numbers.result(name, shown, required=wanted is not None)
+        column = numbers.result(name, shown, wanted is not None, fill != "none")
         if column is not None:
             kept[name] = column
             report[name] = ColumnNote(name, "used", numbers.note or "numbers", bool(numbers.note))
@@ -154,19 +161,28 @@ def load_csv(
                     f"{shown}: column {time_name!r} holds unix-epoch {unit}, taken as the time "
                     "column, and no other column holds numbers; give at least one value column"
                 )
-    _check_not_constant(kept, shown)
-    dropped = [c for c in candidates if c not in kept and c != time_name]
+    kept_names = tuple(kept)
+    values = np.empty((n_rows, len(kept)), dtype=np.float64)
+    for j, name in enumerate(kept_names):
+        values[:, j] = kept.pop(name)  # free each column once copied: peak stays ~2x the output
+    frequency, gaps, grid = (
+        _check_spacing(index, time_name, shown, fill) if index is not None else (None, "", None)
+    )
+    filled = None
+    if fill != "none" and (grid is not None or np.isnan(values).any()):
+        index, values, filled = _fill_gaps(index, grid, values, fill, max_fill, shown)
+        if index is not None:  # the grid's own name ("D", not the step's "24h")
+            frequency = _infer_frequency(index) or frequency
+        gaps = f"; {filled.line()}"
+        warnings.warn(f"{shown}: {filled.line()}", stacklevel=2)
+    _check_not_constant(dict(zip(kept_names, values.T, strict=True)), shown)
+    dropped = [c for c in candidates if c not in kept_names and c != time_name]
     note = f"; fields separated by {_OTHER_SEPARATORS[sep]}" if sep != "," else ""
     if sep != ",":  # said once, as the columns are: a person should know how the file was read
         warnings.warn(f"{shown}: fields separated by {_OTHER_SEPARATORS[sep]}", stacklevel=2)
     note += f"; left out non-numeric columns {_names(dropped)}" if dropped else ""
     converted = [n for n in report.values() if n.role != "dropped" and n.converted]
     note += "".join(f"; column {n.name!r}: {n.reason}" for n in converted)
-    frequency, gaps = _check_spacing(index, time_name, shown) if index is not None else (None, "")
-    kept_names = tuple(kept)
-    values = np.empty((n_rows, len(kept)), dtype=np.float64)
-    for j, name in enumerate(kept_names):
-        values[:, j] = kept.pop(name)  # free each column once copied: peak stays ~2x the output
     data = SeriesData(
         name=file.stem,
         values=values,
@@ -178,7 +194,36 @@ def load_csv(
     )
     # SeriesData is a frozen dataclass owned elsewhere: the report rides along as an attribute.
     object.__setattr__(data, "columns_report", tuple(report[n] for n in names if n in report))
+    object.__setattr__(data, "fill_report", filled)
     return data
+
+
+FILL_METHODS = ("none", "interpolate", "ffill")
+
+
+@dataclass(frozen=True)
+class FillReport:
+    """What `load_csv(fill=...)` filled: `rows_added` timestamps missing from the grid,
+    `cells_filled` empty cells in rows the file has, and `rows_filled` (rows holding any filled
+    value, added or not) out of `rows` after filling."""
+
+    method: str
+    rows_added: int
+    cells_filled: int
+    rows_filled: int
+    rows: int
+
+    def line(self) -> str:
+        """One line such as `filled 12 of 240 rows (5.0%) by time interpolation: ...`."""
+        how = "time interpolation" if self.method == "interpolate" else "forward fill"
+        return (
+            f"filled {self.rows_filled} of {self.rows} rows ({self.rows_filled / self.rows:.1%}) "
+            f"by {how}: {self.rows_added} missing timestamps, {self.cells_filled} empty cells"
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The counts for a run's summary, with the one-line account."""
+        return {**asdict(self), "note": self.line()}
 
 
 @dataclass(frozen=True)
@@ -533,11 +578,14 @@ class _Numbers:
         self.other_rows, self.other_kinds, self.other_values = [], [], []
         self.first_text, self.n_text = None, 0
 
-    def result(self, name: str, shown: str, required: bool) -> np.ndarray | None:
+    def result(
+        self, name: str, shown: str, required: bool, fillable: bool = False
+    ) -> np.ndarray | None:
         """The column as float64, or None for a text column that was not asked for by name.
 
         A column counts as numeric when most of its non-missing cells are numbers; then any
-        text cell is a typo to report, not a reason to drop the column silently.
+        text cell is a typo to report, not a reason to drop the column silently. A missing cell
+        is an error unless `fillable` (`--fill`): then it stays NaN, for `_fill_gaps`.
         """
         present = self.rows - self.n_missing
         if present == 0:
@@ -555,10 +603,10 @@ class _Numbers:
                 f"{shown}: column {name!r} data row {row + 1} holds {cell}, which is not a "
                 "number; fix the cell or leave the column out with --columns"
             )
-        if self.first_missing is not None:
+        if self.first_missing is not None and not fillable:
             raise UserError(
                 f"{shown}: column {name!r} data row {self.first_missing + 1} is missing (empty "
-                "or NaN); fill it (e.g. interpolate) or delete the row"
+                "or NaN); fill it with --fill interpolate (or ffill), or delete the row"
             )
         if self.first_inf is not None:
             row, cell = self.first_inf
@@ -883,20 +931,24 @@ def _check_chronological(index: pd.DatetimeIndex, column: str, shown: str) -> No
         )
 
 
-def _check_spacing(index: pd.DatetimeIndex, column: str, shown: str) -> tuple[str | None, str]:
-    """The index's frequency and a note on missing steps; an error for mixed frequencies.
+def _check_spacing(
+    index: pd.DatetimeIndex, column: str, shown: str, fill: str = "none"
+) -> tuple[str | None, str, pd.DatetimeIndex | None]:
+    """The index's frequency, a note on missing steps, and (with `fill`, when steps are
+    missing) the whole grid to fill; an error for mixed frequencies.
 
     Forecasting windows count rows, so every row must sit on one grid: a fixed step (the most
-    common spacing) or a calendar frequency (business days, months, quarters, years). Rows
-    missing from the grid are tolerated up to `_MAX_MISSING_FRACTION` of its steps and noted;
-    a row off every grid means two frequencies are mixed, which no window can absorb.
+    common spacing) or a calendar frequency (business days, months, quarters, years). Without
+    `fill`, rows missing from the grid are tolerated up to `_MAX_MISSING_FRACTION` of its steps
+    and noted; a row off every grid means two frequencies are mixed, which no window (and no
+    filling) can absorb.
     """
     stamps = _clock(index)
     if len(index) < 3:
-        return _fixed_frequency(stamps[1] - stamps[0]), ""
+        return _fixed_frequency(stamps[1] - stamps[0]), "", None
     inferred = _infer_frequency(index)
     if inferred is not None:
-        return inferred, ""
+        return inferred, "", None
     values, counts = np.unique(np.diff(stamps), return_counts=True)
     step = values[int(np.argmax(counts))]
     offsets = stamps - stamps[0]
@@ -924,20 +976,66 @@ def _check_spacing(index: pd.DatetimeIndex, column: str, shown: str) -> tuple[st
         )
     missing, freq, positions = min(fits, key=lambda fit: fit[0])
     if missing == 0:
-        return freq, ""
+        return freq, "", None
     total = missing + len(index)
+    if fill != "none":
+        return freq, "", pd.date_range(index[0], periods=total, freq=freq)
     if missing > _MAX_MISSING_FRACTION * total:
         raise UserError(
             f"{shown}: column {column!r} is irregular: {missing} of the {total} {freq} steps "
             f"from {index[0]} to {index[-1]} have no row (at most "
-            f"{_MAX_MISSING_FRACTION:.0%} may); resample the file to one frequency "
-            f"(pandas: df.resample({freq!r}, on={column!r}).mean().interpolate())"
+            f"{_MAX_MISSING_FRACTION:.0%} may); fill them with --fill interpolate (or --fill "
+            f"ffill), or resample the file (pandas: df.resample({freq!r}, on={column!r}).mean())"
         )
     first = int(np.flatnonzero(np.diff(positions) > 1)[0]) + 1
     return (
         freq,
         f"; {missing} of {total} {freq} steps have no row, the first after data row {first}",
+        None,
     )
+
+
+def _fill_gaps(
+    index: pd.DatetimeIndex | None,
+    grid: pd.DatetimeIndex | None,
+    values: np.ndarray,
+    method: str,
+    max_fill: float,
+    shown: str,
+) -> tuple[pd.DatetimeIndex | None, np.ndarray, FillReport]:
+    """The rows put on `grid` (None: the rows as they are) and every hole filled.
+
+    "interpolate" is linear in time between the neighbouring values (pandas' `time` method;
+    linear in the row number without timestamps); "ffill" repeats the last value. A hole
+    before a column's first value takes that first value (there is nothing earlier to use).
+    More than `max_fill` of the rows filled is refused: such a series is mostly invented.
+    """
+    frame = pd.DataFrame(values, index=index)
+    if grid is not None:
+        frame = frame.reindex(grid)
+    holes = frame.isna().to_numpy()
+    rows_added = 0 if grid is None else len(grid) - len(values)
+    report = FillReport(
+        method=method,
+        rows_added=rows_added,
+        cells_filled=int(np.isnan(values).sum()),
+        rows_filled=int(holes.any(axis=1).sum()),
+        rows=len(frame),
+    )
+    share = report.rows_filled / report.rows
+    if share > max_fill:
+        raise UserError(
+            f"{shown}: {report.rows_filled} of {report.rows} rows ({share:.1%}) would be filled "
+            f"({rows_added} missing timestamps, {report.cells_filled} empty cells), more than "
+            f"--max-fill {max_fill:g} allows; raise --max-fill or give a more complete file"
+        )
+    if method == "interpolate":
+        how = "time" if index is not None else "linear"
+        frame = frame.interpolate(method=how, limit_direction="both")
+    else:
+        frame = frame.ffill().bfill()
+    new_index = None if index is None else pd.DatetimeIndex(frame.index, name=index.name, freq=None)
+    return new_index, frame.to_numpy(dtype=np.float64), report
 
 
 def _clock(index: pd.DatetimeIndex) -> np.ndarray:

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from morphnas.data import calendar as calendar_mod
 from morphnas.errors import UserError
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
@@ -245,12 +246,41 @@ def _scaler_class(kind: str) -> type[Scaler]:
     raise UserError(f"unknown scaler '{kind}'; {hint}choose one of: {', '.join(_SCALERS)}")
 
 
+@dataclass(frozen=True)
+class InputLayout:
+    """What each input column of a window holds, and which of them are forecast.
+
+    `inputs` are the series (scaled, in file order) then the calendar features (`calendar`,
+    sin/cos pairs from `data.calendar.calendar_features`, never scaled, never targets);
+    `targets` are the forecast series and `target_positions` their columns among `inputs` (and
+    among the scaler's columns, since the series come first). Calendar features are known
+    ahead: the input row of time step t carries the calendar of step t + `calendar_shift` (the
+    horizon), so the last row of a window carries the calendar of the step it forecasts.
+    `frequency` is the series' step, to extend its timestamps into the future.
+    """
+
+    inputs: tuple[str, ...]
+    targets: tuple[str, ...]
+    target_positions: tuple[int, ...]
+    calendar: tuple[str, ...] = ()
+    calendar_shift: int = 0
+    frequency: str | None = None
+
+    @property
+    def n_series(self) -> int:
+        """The scaled series among the inputs (the columns before the calendar features)."""
+        return len(self.inputs) - 2 * len(self.calendar)
+
+
 @dataclass
 class WindowedSplits:
     """Scaled (input window, target) pairs of each split, as the forecasting task consumes them.
 
-    X has shape (n, window, m) and Y shape (n, m), both float32. `test_index` holds the
-    timestamps of the test targets (for plots), or None when the series has no timestamps.
+    X has shape (n, window, inputs) and Y shape (n, targets), both float32; `columns` names Y's
+    columns (the forecast series) and `layout` every input column. By default every series is
+    both input and target and there is no calendar, so inputs == targets == `columns`.
+    `test_index` holds the timestamps of the test targets (for plots), or None when the series
+    has no timestamps.
     """
 
     train: Tensors
@@ -264,6 +294,37 @@ class WindowedSplits:
     # What the loader did with each column of a user's file (`data.csv.ColumnNote.line()`), for
     # the run's summary: used, the time column, dropped (and why), converted.
     column_notes: tuple[str, ...] = ()
+    layout: InputLayout | None = None  # None: every column is input and target, no calendar
+    # Rows and cells `load_csv(fill=...)` filled in (`data.csv.FillReport.summary()`), or None.
+    filled: dict[str, Any] | None = None
+
+    @property
+    def input_columns(self) -> tuple[str, ...]:
+        """The names of X's last axis: the series, then any calendar features."""
+        return self.columns if self.layout is None else self.layout.inputs
+
+    @property
+    def target_positions(self) -> tuple[int, ...]:
+        """Where each forecast series sits among the inputs (and the scaler's columns)."""
+        if self.layout is None:
+            return tuple(range(len(self.columns)))
+        return self.layout.target_positions
+
+    def scale_targets(self, values: np.ndarray) -> np.ndarray:
+        """Scale values of the targets `(..., len(columns))` as Y is scaled."""
+        mean, scale = self._target_statistics()
+        return (np.asarray(values, dtype=np.float64) - mean) / scale
+
+    def inverse_targets(self, values: np.ndarray) -> np.ndarray:
+        """Undo the scaling of target predictions `(..., len(columns))`, to original units."""
+        mean, scale = self._target_statistics()
+        return np.asarray(values, dtype=np.float64) * scale + mean
+
+    def _target_statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        """The scaler's mean and scale of the targets' columns alone."""
+        self.scaler._check_fitted()
+        at = list(self.target_positions)
+        return self.scaler.mean_[at], self.scaler.scale_[at]
 
 
 def _check_magnitudes(data: SeriesData) -> None:
@@ -289,6 +350,9 @@ def make_windows(
     horizon: int,
     fractions: Sequence[float] = (0.6, 0.2, 0.2),
     scaler: str = "standard",
+    *,
+    targets: Sequence[str] | None = None,
+    calendar: Sequence[str] | None = None,
 ) -> WindowedSplits:
     """Cut a series into scaled forecasting samples, split chronologically by target row.
 
@@ -296,6 +360,10 @@ def make_windows(
     the split holding r, so its window may reach back into the previous split (as in LSTNet)
     while no target is ever seen twice. The scaler is fitted on the train rows only, so
     nothing about the valid/test values leaks into the inputs.
+
+    `targets` (default: every column) are the series forecast, in the order given; every
+    series stays an input. `calendar` names features of `data.calendar.FEATURES` (or
+    `["auto"]`), appended to the inputs as described in `InputLayout`.
     """
     if window < 1 or horizon < 1:
         raise UserError(
@@ -305,10 +373,28 @@ def make_windows(
     split = chronological_split(data.n_steps, fractions)
     fitted = make_scaler(scaler).fit(data.values[split.train])
     scaled = fitted.transform(data.values)
-    targets = {
+    positions = _target_positions(data, targets)
+    names = calendar_mod.resolve(calendar, data.index, f"series '{data.name}'")
+    inputs = scaled
+    if names:  # row t gets the calendar of row t + horizon; rows past T-1-horizon feed no window
+        known = calendar_mod.calendar_features(data.index, names)
+        inputs = np.concatenate([scaled[: data.n_steps - horizon], known[horizon:]], axis=1)
+    target_rows = {
         name: _targets(name, part, window, horizon, data.n_steps) for name, part in split.named()
     }
-    parts = {name: _samples(scaled, rows, window, horizon) for name, rows in targets.items()}
+    values = scaled[:, list(positions)]
+    parts = {
+        name: _samples(inputs, values, rows, window, horizon) for name, rows in target_rows.items()
+    }
+    target_names = tuple(data.columns[p] for p in positions)
+    layout = InputLayout(
+        inputs=data.columns + calendar_mod.feature_columns(names),
+        targets=target_names,
+        target_positions=positions,
+        calendar=names,
+        calendar_shift=horizon if names else 0,
+        frequency=data.frequency,
+    )
     return WindowedSplits(
         train=parts["train"],
         valid=parts["valid"],
@@ -316,9 +402,30 @@ def make_windows(
         scaler=fitted,
         window=window,
         horizon=horizon,
-        columns=data.columns,
-        test_index=None if data.index is None else data.index[targets["test"]],
+        columns=target_names,
+        test_index=None if data.index is None else data.index[target_rows["test"]],
+        layout=layout,
     )
+
+
+def _target_positions(data: SeriesData, targets: Sequence[str] | None) -> tuple[int, ...]:
+    """The columns of `targets` (default: all), refusing an unknown or repeated name."""
+    if targets is None:
+        return tuple(range(data.n_series))
+    if not targets:
+        raise UserError("--targets names no column; give at least one, e.g. --targets a")
+    if len(set(targets)) < len(targets):
+        raise UserError(f"--targets lists a column twice: {','.join(targets)}")
+    for name in targets:
+        if name not in data.columns:
+            close = difflib.get_close_matches(name, list(data.columns), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            shown = ", ".join(data.columns[:20]) + (", ..." if data.n_series > 20 else "")
+            raise UserError(
+                f"--targets names {name!r}, which is not a series of '{data.name}'; {hint}"
+                f"choose from {shown}"
+            )
+    return tuple(data.columns.index(name) for name in targets)
 
 
 def _targets(name: str, part: slice, window: int, horizon: int, n_steps: int) -> np.ndarray:
@@ -334,10 +441,13 @@ def _targets(name: str, part: slice, window: int, horizon: int, n_steps: int) ->
     return np.arange(first, part.stop)
 
 
-def _samples(scaled: np.ndarray, targets: np.ndarray, window: int, horizon: int) -> Tensors:
-    """Gather the (window, m) inputs and the m-vector target of each target row as float32."""
+def _samples(
+    inputs: np.ndarray, values: np.ndarray, targets: np.ndarray, window: int, horizon: int
+) -> Tensors:
+    """Gather the (window, inputs) rows before each target row and its target values as
+    float32; `inputs` may stop before the last rows, which feed no window."""
     starts = targets - horizon - window + 1
-    views = np.lib.stride_tricks.sliding_window_view(scaled, window, axis=0)  # (T-w+1, m, w)
+    views = np.lib.stride_tricks.sliding_window_view(inputs, window, axis=0)  # (T'-w+1, n, w)
     x = np.ascontiguousarray(views[starts].transpose(0, 2, 1), dtype=np.float32)
-    y = np.ascontiguousarray(scaled[targets], dtype=np.float32)
+    y = np.ascontiguousarray(values[targets], dtype=np.float32)
     return torch.from_numpy(x), torch.from_numpy(y)

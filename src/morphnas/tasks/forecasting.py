@@ -8,6 +8,7 @@ with both sums over every sample and series and ``ȳ`` the mean of the whole tar
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,11 @@ class ForecastModel(nn.Module):
     must then read ``1 + series_embedding`` features: ``series_embedding > 0`` appends a learned
     row per series to each step, so the shared cell can still tell the series apart. The
     autoregressive part and ``window_norm`` act per series in either layout.
+
+    ``targets`` (multivariate layout only): the input columns forecast, when the window holds
+    more (other series, calendar features); ``n_series`` is then their number. The
+    autoregressive part and the ``window_norm`` reference act on each target's own column;
+    the other inputs are left as they are (our choice: a calendar feature has no level).
     """
 
     def __init__(
@@ -57,8 +63,14 @@ class ForecastModel(nn.Module):
         *,
         layout: str = "multivariate",
         series_embedding: int = 0,
+        targets: Sequence[int] | None = None,
     ):
         super().__init__()
+        if targets is not None and (layout != "multivariate" or len(targets) != n_series):
+            raise ValueError("targets need layout 'multivariate' and n_series == len(targets)")
+        # Not persistent: saved models keep their keys, and the positions come from the data.
+        index = None if targets is None else torch.tensor(list(targets), dtype=torch.long)
+        self.register_buffer("targets", index, persistent=False)
         if cell is None and ar_window <= 0:
             raise ValueError("a forecaster needs a cell, an autoregressive window, or both")
         if layout not in LAYOUTS:
@@ -82,14 +94,20 @@ class ForecastModel(nn.Module):
         )
 
     def forward(self, window: Tensor, **cell_kwargs: Any) -> Tensor:
-        reference = _window_reference(window, self.window_norm)
+        own = window if self.targets is None else window.index_select(2, self.targets)
+        reference = _window_reference(own, self.window_norm)
         if reference is not None:
-            window = window - reference.unsqueeze(1)
-        forecast = window.new_zeros(window.shape[0], window.shape[2])
+            own = own - reference.unsqueeze(1)
+            if self.targets is None:
+                window = own
+            else:  # each target's column minus its reference, the other inputs as they are
+                shift = window.new_zeros(window.shape[0], window.shape[2])
+                window = window - shift.index_copy(1, self.targets, reference).unsqueeze(1)
+        forecast = own.new_zeros(own.shape[0], own.shape[2])
         if self.cell is not None:
             forecast = self._cell_forecast(window, **cell_kwargs)
         if self.autoregressive is not None:
-            recent = window[:, -self.ar_window :, :].transpose(1, 2)  # (B, m, ar_window)
+            recent = own[:, -self.ar_window :, :].transpose(1, 2)  # (B, k, ar_window)
             forecast = forecast + self.autoregressive(recent).squeeze(-1)
         return forecast if reference is None else forecast + reference
 
@@ -232,20 +250,35 @@ class Forecasting(TaskKind):
     the naive last-value forecast, with the test span's forecasts plotted."""
 
     name = "forecast"
-    baselines = ("ar", "naive")  # the linear part alone; the last observed value
+    # The linear part alone; the last observed value; classical statistics without trained
+    # weights (``tasks.classical``: the seasonal naive forecast, a VAR).
+    baselines = ("ar", "naive", "snaive", "var")
 
     @classmethod
     def check(cls, config: RunConfig) -> None:
         if config.data.dataset in CORPORA and config.data.csv is None:
             raise ValueError(f"{config.data.dataset!r} is a text corpus: add --task lm to model it")
+        if config.data.layout == "global" and (config.data.targets or config.data.calendar):
+            raise ValueError(
+                "--targets and --calendar need data.layout multivariate (a global model reads "
+                "one series at a time); drop data.layout=global or those flags"
+            )
 
     def load(self) -> WindowedSplits:
         cfg = self.config.data
         series = self.series()
         windows = make_windows(
-            series, cfg.window, cfg.horizon, fractions=cfg.split, scaler=cfg.scaler
+            series,
+            cfg.window,
+            cfg.horizon,
+            fractions=cfg.split,
+            scaler=cfg.scaler,
+            targets=cfg.targets,
+            calendar=cfg.calendar,
         )
         windows.column_notes = tuple(note.line() for note in getattr(series, "columns_report", ()))
+        filled = getattr(series, "fill_report", None)
+        windows.filled = None if filled is None else filled.summary()
         device = resolve_device(self.config.device)
         for part in ("train", "valid", "test"):
             x, y = getattr(windows, part)
@@ -258,7 +291,7 @@ class Forecasting(TaskKind):
         cfg = self.config.data
         if cfg.csv is None:
             return load_dataset(cfg.dataset)
-        series = load_csv(cfg.csv, time_col=cfg.time_col, columns=cfg.columns)
+        series = load_csv(cfg.csv, cfg.time_col, cfg.columns, fill=cfg.fill, max_fill=cfg.max_fill)
         for note in getattr(series, "columns_report", ()):
             if note.role == "dropped" or note.converted:
                 warnings.warn(f"{cfg.csv.name}: {note.line()}", stacklevel=3)
@@ -272,13 +305,19 @@ class Forecasting(TaskKind):
 
     def summary(self, data: WindowedSplits) -> dict[str, Any]:
         notes = getattr(data, "column_notes", ())
-        return {"columns": list(notes)} if notes else {}
+        summary: dict[str, Any] = {"columns": list(notes)} if notes else {}
+        if data.layout is not None and data.layout.inputs != data.columns:
+            summary.update(inputs=list(data.input_columns), targets=list(data.columns))
+            summary["calendar"] = list(data.layout.calendar)
+        if data.filled is not None:
+            summary["filled"] = data.filled
+        return summary
 
     def input_size(self, data: WindowedSplits) -> int:
         """The series (global layout: one, plus its id embedding)."""
         if self.config.data.layout == "global":
             return 1 + self.config.train.series_embedding
-        return len(data.columns)
+        return len(data.input_columns)
 
     def wrap(self, cell: nn.Module | None, data: WindowedSplits, hidden: int) -> nn.Module:
         """The same head (and ``data.layout``) for every model of a run, searched or baseline;
@@ -293,6 +332,7 @@ class Forecasting(TaskKind):
             config.train.window_norm,
             layout=config.data.layout,
             series_embedding=config.train.series_embedding,
+            targets=None if data.input_columns == data.columns else data.target_positions,
         )
         return model.to(resolve_device(config.device))
 
@@ -312,18 +352,26 @@ class Forecasting(TaskKind):
         self, name: str, data: WindowedSplits
     ) -> tuple[dict[str, Any], Tensor | None] | None:
         """``naive``: the last observed value of each series, the floor every forecaster must
-        beat."""
+        beat; ``snaive`` and ``var``: the classical forecasts of ``tasks.classical``."""
+        if name in ("snaive", "var"):
+            from morphnas.tasks import classical  # on demand: it imports this module
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # load() has said each column's fate once
+                series = self.series()
+            return classical.reference(name, series, self.config.data.split, data)
         if name != "naive":
             return None
-        scores = score_predictions(data.valid[0][:, -1, :], data.test[0][:, -1, :], data)
-        row = {"model": "naive", "params": 0, **scores, "train_seconds": 0.0}
-        return row, data.test[0][:, -1, :]
+        last = list(data.target_positions)  # each target's own last value
+        valid, test = data.valid[0][:, -1, last], data.test[0][:, -1, last]
+        row = {"model": "naive", "params": 0, **score_predictions(valid, test, data)}
+        return {**row, "train_seconds": 0.0}, test
 
     def test_predictions(self, model: nn.Module, data: WindowedSplits) -> Tensor:
         return predict(model, data.test[0])
 
     def plots(self, run_dir: Path, data: WindowedSplits, predictions: dict[str, Tensor]) -> None:
-        inverse = data.scaler.inverse
+        inverse = data.inverse_targets
         plot_forecasts(
             inverse(_numpy(data.test[1])),
             {name: inverse(_numpy(p)) for name, p in predictions.items()},
@@ -337,7 +385,7 @@ def score_predictions(
     valid_pred: Tensor, test_pred: Tensor, data: WindowedSplits
 ) -> dict[str, float]:
     """Valid RSE and the test metrics, in original units and (suffix ``_scaled``) scaled units."""
-    inverse = data.scaler.inverse
+    inverse = data.inverse_targets
     valid = forecast_metrics(inverse(_numpy(valid_pred)), inverse(_numpy(data.valid[1])))
     test = forecast_metrics(inverse(_numpy(test_pred)), inverse(_numpy(data.test[1])))
     scaled = forecast_metrics(_numpy(test_pred), _numpy(data.test[1]))
