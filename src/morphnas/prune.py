@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from morphnas import api, run_files, runs
+from morphnas import api, run_files, runs, tensorboard
 from morphnas.channels.dnal import ChannelOptions, gating, latencies, learn_gates
 from morphnas.channels.gates import load_masks, set_mode
 from morphnas.engine import TrainOutcome
@@ -84,6 +84,7 @@ def prune(
     log = run_files.MetricsLog(out / "metrics.jsonl")
     if log.path.exists():  # a resumed one: the rows after its checkpoints will be written again
         log.keep(_checkpointed(out, run_dir))
+    tensorboard.attach(log, out, trained.config)  # RUN/prune/tensorboard: the gates' rows
     config, data, kind = trained.config, trained.data, trained.kind
     engine_task = kind.engine_task(data, config.train.batch_size)
     example, timing_batch = engine_task.probe()[0], data.test[0][:256]

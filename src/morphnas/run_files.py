@@ -49,12 +49,16 @@ class MetricsLog:
     the rows written after its checkpoints, rewrite the growth history) run just before its
     first row is written, so a resumed run that fails before then (a checkpoint that does not
     fit, say) leaves every file of the run as it was.
+
+    ``on_append`` (set by ``morphnas.tensorboard.attach``) sees each row once it is in the file,
+    as read back from it: every loop that logs a row feeds it, and only rows the file keeps.
     """
 
     def __init__(self, path: Path, before_first: Callable[[], None] | None = None) -> None:
         self.path = Path(path)
         self._before_first = before_first
         self._opened = False  # no row written yet by this process
+        self.on_append: Callable[[dict[str, Any]], None] | None = None
         if not self.path.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.touch()
@@ -65,6 +69,8 @@ class MetricsLog:
         self._ready()
         with self.path.open("a", encoding="utf-8") as file:
             file.write(line + "\n")
+        if self.on_append is not None:
+            self.on_append(json.loads(line))
 
     def _ready(self) -> None:
         """Before the first row: a partial last line dropped, then the owner's repairs."""
@@ -102,8 +108,12 @@ def write_json(path: Path, data: Any) -> None:
     one file system) with ``os.open`` rather than ``mkstemp``, so the result gets the usual
     umask-based permissions instead of mkstemp's owner-only 0600.
     """
+    write_text(path, json.dumps(data, indent=2, default=_to_builtin) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` atomically (``write_json``'s temporary file and ``os.replace``)."""
     path = Path(path)
-    text = json.dumps(data, indent=2, default=_to_builtin) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
