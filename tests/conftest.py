@@ -32,12 +32,49 @@ def _own_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture
 def synthetic_csv(tmp_path: Path) -> Path:
     """A small synthetic multivariate series as a daily CSV with a ``date`` column."""
+    return _daily_csv(tmp_path / "series.csv")
+
+
+def _daily_csv(path: Path) -> Path:
     series = synthetic_series(n_steps=240, n_series=3, seed=1)
     frame = pd.DataFrame(series.values, columns=series.columns)
     frame.insert(0, "date", pd.date_range("2020-01-01", periods=len(frame), freq="D"))
-    path = tmp_path / "series.csv"
     frame.to_csv(path, index=False, float_format="%.6f")
     return path
+
+
+# A search on `_daily_csv` in seconds: tiny budgets, the default baselines.
+TINY_RUN = [
+    "--epochs", "1", "--retrain-epochs", "2", "--nodes", "2", "--hidden", "8", "--window", "8",
+    "--threads", "1",
+]  # fmt: skip
+
+
+def _finished_run(root: Path, *extra: str) -> Path:
+    out = root / "run"
+    done = CliRunner().invoke(
+        cli.app, ["search", "--csv", str(_daily_csv(root / "series.csv")), *TINY_RUN, *extra,
+                  "--out", str(out)],
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished forecasting run of the two-input space on a daily CSV (``date`` column, three
+    series), with every default baseline (LSTM, GRU, ar, naive, snaive, VAR) beside the searched
+    cell. Shared by the session: copy it
+    (``shutil.copytree``) before writing into it."""
+    return _finished_run(tmp_path_factory.mktemp("finished-two-input"))
+
+
+@pytest.fixture(scope="session")
+def finished_darts_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same run with the DARTS recurrent space and no baselines. Read-only, like
+    ``finished_run``."""
+    root = tmp_path_factory.mktemp("finished-darts-rnn")
+    return _finished_run(root, "--space", "darts_rnn", "--set", "train.baselines=[]")
 
 
 # Helpers for the tests that run the CLI (in a subprocess, or in-process) and compare runs or

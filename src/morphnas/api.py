@@ -33,6 +33,7 @@ from morphnas import (
     spaces,
     strategies,
     tasks,
+    tensorboard,
     warmstart,
 )
 from morphnas import config as config_mod
@@ -139,6 +140,7 @@ def search(
     strategy = _strategy(config, space)  # before the run directory: bad options leave none
     prepared = strategy.prepare(progress)  # E2NAS's VAE: an interrupt here leaves no run
     log, cleared = _open_run(run_dir, config, "search", resume=resume, force=force, saved=saved)
+    board = tensorboard.attach(log, run_dir, config, space.op_names)
     model = kind.wrap(space, data, config.space.hidden)
     task = kind.engine_task(data, config.search.batch_size)
     with stop_on_signals() as stop, cleared:
@@ -190,6 +192,7 @@ def search(
         **prepared,
         **kind.summary(data),
     }
+    tensorboard.finish(board, config, genotype, results, extra)
     _write_summary(run_dir, genotype, models, results, extra)
     channels = getattr(strategy, "channel_options", None)
     if channels is not None:  # DNAL at level=channels: its channel stages on what was retrained
@@ -436,6 +439,7 @@ def train(
     kind = tasks.kind_for(config)
     data = kind.load()
     log, cleared = _open_run(run_dir, config, "train", resume=resume, force=force)
+    board = tensorboard.attach(log, run_dir, config)
     if baseline is not None and not resume:
         run_files.write_json(run_dir / "model.json", {"baseline": baseline})
     if genotype is not None:
@@ -446,6 +450,7 @@ def train(
     )
     with stop_on_signals() as stop, cleared:
         results = _train_and_compare(models, _Run(run_dir, config, data, log, progress, stop))
+    tensorboard.finish(board, config, genotype, results)
     _write_summary(run_dir, genotype, models, results, kind.summary(data))
     return RunResult(run_dir, genotype, results)
 
@@ -647,12 +652,13 @@ def _in_processes(
 
 def _same_run(config: RunConfig) -> bool:
     """Whether ``config.out`` holds a run of this very config (the thread count aside: it only
-    changes the order of float sums); a different one there is an error, not overwritten."""
+    changes the order of float sums; and whether it writes TensorBoard events); a different one
+    there is an error, not overwritten."""
     saved_path = Path(config.out) / "config.yaml"
     if not saved_path.is_file():
         return False
     saved = config_mod.resolve(saved_path, overrides={"out": str(config.out)})
-    saved = saved.model_copy(update={"threads": config.threads})
+    saved = saved.model_copy(update={"threads": config.threads, "tensorboard": config.tensorboard})
     if config_mod.dump(saved) != config_mod.dump(config):
         raise UserError(
             f"{config.out} holds a run with another config than this compare plans; "
@@ -691,6 +697,33 @@ def _aggregate(
             row[key] = mean
             row[f"{key}_std"] = var**0.5 if len(values) > 1 else 0.0
     return row
+
+
+def horizons(
+    config: RunConfig,
+    steps: Sequence[int],
+    *,
+    progress: Progress | None = None,
+    force: bool = False,
+    reuse: bool = False,
+) -> RunResult:
+    """One search (cell and baselines retrained) per forecast horizon, as LSTNet reports: a
+    ``compare`` whose variants are the horizons (runs in ``<out>/h<k>-seed<seed>``, finished
+    ones kept and stopped ones resumed with ``reuse``), and one row per model and horizon with
+    its test figures, also written to ``<out>/horizons.json``."""
+    if len(set(steps)) != len(steps) or any(h < 1 for h in steps):
+        raise UserError(f"--horizon takes distinct positive integers, e.g. 3,6,12,24; got {steps}")
+    variants = [(f"h{h}", {"data": {"horizon": h}}) for h in steps]
+    compared = compare(config, variants, [config.seed], progress=progress, force=force, reuse=reuse)
+    rows = []
+    for run in compared.extra["runs"]:
+        run_dir = compared.run_dir / f"{run['variant']}-seed{config.seed}"
+        summary = run_files.read_summary(run_dir)
+        horizon = int(run["variant"][1:])
+        rows += [{"horizon": horizon, **row} for row in summary["results"]]
+    table = {"horizons": list(steps), "results": rows}
+    run_files.write_json(compared.run_dir / "horizons.json", table)
+    return RunResult(compared.run_dir, None, rows, {"horizons": list(steps)})
 
 
 def plot(run_dir: Path) -> list[Path]:

@@ -330,6 +330,62 @@ def plot_forecasts(
     return _save(fig, path)
 
 
+def plot_future(
+    history: np.ndarray,
+    history_index: pd.DatetimeIndex | None,
+    future: pd.DataFrame,
+    columns: Sequence[str],
+    levels: Sequence[float],
+    path: Path,
+    *,
+    window: int,
+    n_series: int = 3,
+) -> Path:
+    """The series' recent history (black), the forecast beyond it and its intervals (shaded,
+    one band per level), for the ``n_series`` series that vary most over the shown history.
+
+    ``future`` is ``forecast.csv``'s frame: its first column the times, then ``<series>`` and
+    ``<series>-lo|hi-<level>``. The history shown is the last ``max(3K, 2P)`` rows, so the
+    forecast's ``K`` steps sit in enough context to judge them.
+    """
+    steps = len(future)
+    tail = min(len(history), max(3 * steps, 2 * window))
+    past = np.asarray(history, dtype=float)[-tail:]
+    x_past = history_index[-tail:] if history_index is not None else np.arange(len(history))[-tail:]
+    x_future = future.iloc[:, 0].to_numpy()
+    shown = _most_variable(past, n_series)
+    fig = Figure(figsize=(10, 2.2 * len(shown) + 1.3), dpi=DPI, layout="constrained")
+    axes = list(fig.subplots(len(shown), 1, sharex=True, squeeze=False)[:, 0])
+    for ax, j in zip(axes, shown, strict=True):
+        name = str(columns[j])
+        ax.plot(x_past, past[:, j], color="black", linewidth=1.2, label="history")
+        for k, level in enumerate(sorted(levels, reverse=True)):
+            label = f"{level:g}"
+            ax.fill_between(
+                x_future,
+                future[f"{name}-lo-{label}"].to_numpy(),
+                future[f"{name}-hi-{label}"].to_numpy(),
+                color="C0",
+                alpha=0.15 + 0.15 * k,
+                linewidth=0,
+                label=f"{label} % interval",
+            )
+        ax.plot(x_future, future[name].to_numpy(), color="C0", linewidth=1.4, label="forecast")
+        ax.set_title(name, loc="left", fontsize=10)
+        ax.grid(alpha=0.3)
+    if history_index is not None:
+        locator = mdates.AutoDateLocator()
+        axes[-1].xaxis.set_major_locator(locator)
+        axes[-1].xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    axes[-1].set_xlabel("time" if history_index is not None else "step")
+    fig.suptitle(
+        f"Forecast of the next {steps} steps with split-conformal intervals: "
+        f"the {len(shown)} of {len(columns)} series that vary most"
+    )
+    _figure_legend(fig, axes)
+    return _save(fig, path)
+
+
 # --------------------------------------------------------------------------- genotype graph
 
 
@@ -708,6 +764,77 @@ def results_table(results: Sequence[Mapping[str, Any]], title: str = "results") 
         if best is not None and score == best:
             for position in (0, best_position):  # the model's name and its test score
                 cells[position].stylize("bold")
+        table.add_row(*cells)
+    return table
+
+
+def future_table(
+    frame: pd.DataFrame,
+    model: str,
+    coverage: Mapping[str, Any],
+    max_rows: int = 12,
+    max_series: int = 3,
+) -> Table:
+    """The first rows of a forecast: each shown series' value and its widest interval, the
+    intervals' test coverage in the caption (the whole forecast is in ``forecast.csv``)."""
+    levels = coverage.get("levels", {})
+    widest = max(levels, key=float) if levels else None
+    values = [c for c in frame.columns[1:] if "-lo-" not in c and "-hi-" not in c]
+    shown = values[:max_series]
+    notes = [
+        f"{label} % intervals covered {entry['test_coverage']:.1%} of the test span"
+        for label, entry in levels.items()
+        if entry.get("test_coverage") is not None
+    ]
+    hidden = len(frame) - max_rows
+    if hidden > 0 or len(values) > len(shown):
+        notes.append("the rest is in the CSV")
+    table = Table(title=f"forecast by {model}", caption="; ".join(notes) or None)
+    table.add_column(str(frame.columns[0]), no_wrap=True, min_width=10)
+    for name in shown:
+        header = f"{name} [{widest} %]" if widest else name
+        table.add_column(header, justify="right", no_wrap=True)
+    times = frame.iloc[:, 0]
+    if pd.api.types.is_datetime64_any_dtype(times) and (times == times.dt.normalize()).all():
+        times = times.dt.strftime("%Y-%m-%d")  # daily and coarser: no midnight clock
+    for (_, row), time in zip(frame.head(max_rows).iterrows(), times, strict=False):
+        cells = [Text(str(time))]
+        for name in shown:
+            text = f"{row[name]:.4g}"
+            if widest:  # on a second line: three series fit in 80 columns
+                text += f"\n[{row[f'{name}-lo-{widest}']:.3g}, {row[f'{name}-hi-{widest}']:.3g}]"
+            cells.append(Text(text))
+        table.add_row(*cells)
+    return table
+
+
+def horizon_table(rows: Sequence[Mapping[str, Any]]) -> Table:
+    """Each model's test RSE and CORR at each horizon, as LSTNet reports them; the lowest RSE
+    of each horizon in bold."""
+    horizons = sorted({int(row["horizon"]) for row in rows})
+    models = list(dict.fromkeys(str(row["model"]) for row in rows))
+    found = {(str(row["model"]), int(row["horizon"])): row for row in rows}
+    table = Table(title="test RSE and CORR per horizon")
+    table.add_column("model", no_wrap=True)
+    for horizon in horizons:
+        table.add_column(f"RSE h={horizon}", justify="right")
+        table.add_column(f"CORR h={horizon}", justify="right")
+    best = {
+        h: min(
+            (found[m, h].get("test_rse") for m in models if (m, h) in found
+             if isinstance(found[m, h].get("test_rse"), Real)),
+            default=None,
+        )
+        for h in horizons
+    }  # fmt: skip
+    for model in models:
+        cells = [Text(model)]
+        for horizon in horizons:
+            row = found.get((model, horizon), {})
+            rse = Text(_format_cell("test_rse", row.get("test_rse")))
+            if best[horizon] is not None and row.get("test_rse") == best[horizon]:
+                rse.stylize("bold")
+            cells += [rse, Text(_format_cell("test_corr", row.get("test_corr")))]
         table.add_row(*cells)
     return table
 
