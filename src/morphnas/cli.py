@@ -28,8 +28,9 @@ from rich.progress import Progress as RichProgress
 from rich.table import Table
 from rich.text import Text
 
-from morphnas import api, data, native, peers, report, spaces, strategies, suite
+from morphnas import api, data, native, peers, report, run_files, spaces, strategies, suite
 from morphnas import config as config_mod
+from morphnas import forecast as forecast_mod
 from morphnas import genotype as genotype_mod
 from morphnas import prune as prune_mod
 from morphnas.channels.dnal import ChannelOptions
@@ -225,7 +226,9 @@ def _resumed(
     """The saved config of the ``kind`` run (search, train) to resume; other options would
     silently change it: refused. ``--threads`` is taken, for a run that a machine grown busy
     slowed down (``resume_config``)."""
-    extra = sorted(f"--{name.rstrip('_').replace('_', '-')}" for name, v in given.items() if v)
+    extra = sorted(  # a bool flag given as --no-X is False: given all the same
+        f"--{name.rstrip('_').replace('_', '-')}" for name, v in given.items() if v or v is False
+    )
     if extra:
         raise UserError(
             f"--resume continues {run_dir} with its saved config; drop {', '.join(extra)}"
@@ -330,6 +333,22 @@ FLAGS: dict[str, Flag] = {
     "columns": Flag(
         ("data", "columns"), str, "comma-separated CSV columns to use", parse=_column_list
     ),
+    "fill": Flag(
+        ("data", "fill"), str, "none | interpolate | ffill: fill a CSV's missing rows and cells"
+    ),
+    "max_fill": Flag(("data", "max_fill"), float, "most share of rows --fill may fill (0.2)"),
+    "calendar": Flag(
+        ("data", "calendar"),
+        str,
+        "known-future calendar inputs: auto, or e.g. hour,dayofweek,month",
+        parse=_column_list,
+    ),
+    "targets": Flag(
+        ("data", "targets"),
+        str,
+        "comma-separated series to forecast (default all; all stay inputs)",
+        parse=_column_list,
+    ),
     "space": Flag(
         ("space", "name"),
         str,
@@ -376,7 +395,12 @@ FLAGS: dict[str, Flag] = {
     "bptt": Flag(("lm", "bptt"), int, "--task lm: mean BPTT window length"),
     "retrain_epochs": Flag(("train", "epochs"), int, "max training epochs (early stopping)"),
     "window": Flag(("data", "window"), int, "past steps the model sees"),
-    "horizon": Flag(("data", "horizon"), int, "steps ahead to forecast"),
+    "horizon": Flag(
+        ("data", "horizon"),
+        str,
+        "steps ahead to forecast; search: several (3,6,12,24) train one model each",
+        parse=lambda value: _one_horizon(_horizon_list(value)),
+    ),
     "seed": Flag(("seed",), int, "random seed"),
     "out": Flag(("out",), Path, "run directory (default runs/<time>-...)"),
     "threads": Flag(("threads",), int, "torch threads (default: by size and the cores left free)"),
@@ -384,7 +408,28 @@ FLAGS: dict[str, Flag] = {
     "compile": Flag(
         ("train", "compile"), str, "auto | on | off: torch.compile the retrained cell (auto: CUDA)"
     ),
+    "tensorboard": Flag(("tensorboard",), bool, "write TensorBoard events to RUN/tensorboard/"),
 }
+
+
+def _horizon_list(value: str) -> list[int]:
+    """``--horizon``'s integers: one, or several for a search per horizon."""
+    try:
+        steps = [int(part) for part in _column_list(str(value))]
+    except ValueError:
+        raise UserError(f"--horizon takes integers such as 1 or 3,6,12,24; got {value!r}") from None
+    if not steps:
+        raise UserError("--horizon takes integers such as 1 or 3,6,12,24; got nothing")
+    return steps
+
+
+def _one_horizon(steps: list[int]) -> int:
+    if len(steps) > 1:
+        raise UserError(
+            f"--horizon {','.join(map(str, steps))}: several horizons work with `morphnas search` "
+            "(one search each); this command takes one"
+        )
+    return steps[0]
 
 
 def _with_flags(*names: str, **helps: str) -> Callable[[F], F]:
@@ -471,6 +516,19 @@ def search(
     force: ForceOpt = False,
 ) -> None:
     """Search a cell, retrain it beside LSTM, GRU, AR and naive baselines, compare on test."""
+    steps = _horizon_list(flags["horizon"]) if flags.get("horizon") is not None else []
+    if len(steps) > 1:  # one search per horizon, one table (the runs: a compare's)
+        given = {**flags, "horizon": None, **({"out": resume} if resume is not None else {})}
+        result = api.horizons(
+            _resolve(config, set_, given), steps, progress=BarProgress(), force=force,
+            reuse=resume is not None,
+        )  # fmt: skip
+        if as_json:
+            typer.echo(json.dumps(result.to_json(), default=str))
+            return
+        stdout.print(report.horizon_table(result.results))
+        stdout.print(f"runs and horizons.json: {result.run_dir}", highlight=False)
+        return
     if resume is not None:
         cfg = _resumed("search", resume, config=config, set_=set_, force=force or None, **flags)
         result = api.search(cfg, progress=BarProgress(), resume=True)
@@ -482,9 +540,9 @@ def search(
 @app.command()
 @_friendly
 @_with_flags(
-    "dataset", "csv", "images", "limit", "time_col", "columns", "space", "nodes", "hidden",
-    "retrain_epochs", "window", "horizon", "task", "corpus", "level", "bptt", "seed", "out",
-    "threads", "device", "compile",
+    "dataset", "csv", "images", "limit", "time_col", "columns", "fill", "max_fill", "calendar",
+    "targets", "space", "nodes", "hidden", "retrain_epochs", "window", "horizon", "task",
+    "corpus", "level", "bptt", "seed", "out", "threads", "device", "compile", "tensorboard",
 )  # fmt: skip
 def train(
     flags: dict[str, Any],
@@ -519,8 +577,9 @@ def train(
 @app.command()
 @_friendly
 @_with_flags(
-    "dataset", "csv", "images", "limit", "space", "nodes", "hidden", "epochs", "retrain_epochs",
-    "window", "horizon", "task", "out", "threads", "device",
+    "dataset", "csv", "images", "limit", "fill", "max_fill", "calendar", "targets", "space",
+    "nodes", "hidden", "epochs", "retrain_epochs", "window", "horizon", "task", "out",
+    "threads", "device", "tensorboard",
     nodes="maximum nodes of the cell", epochs="search epochs (same for all)",
 )  # fmt: skip
 def compare(
@@ -844,6 +903,112 @@ def prune(
     for name, why in result.skipped.items():
         stdout.print(f"not pruned: {name} ({why})", highlight=False)
     stdout.print(f"results: {result.dir / 'summary.json'}", highlight=False)
+
+
+@app.command("forecast")
+@_friendly
+def forecast_future(
+    run_dir: Annotated[Path, typer.Argument(help="a finished forecasting run")],
+    steps: Annotated[int, typer.Option(help="rows to forecast after the last one")] = 1,
+    model: Annotated[
+        str | None, typer.Option(help="the run's model to use (default: the best on valid)")
+    ] = None,
+    csv: Annotated[
+        Path | None, typer.Option(help="newer data with the run's columns: forecast after it")
+    ] = None,
+    level: Annotated[
+        str, typer.Option(help="interval levels in percent, comma-separated (split-conformal)")
+    ] = "80,95",
+    out: Annotated[
+        Path | None, typer.Option(help="the CSV to write (default RUN/forecast.csv)")
+    ] = None,
+    windows: Annotated[
+        int | None,
+        typer.Option(help="backtest instead: forecast STEPS rows from this many past cutoffs"),
+    ] = None,
+    step_size: Annotated[int, typer.Option(help="rows between the backtest's cutoffs")] = 1,
+    as_json: JsonOpt = False,
+) -> None:
+    """Forecast the future: the next STEPS rows of a run's series with prediction intervals
+    (or, with --windows, a rolling-origin backtest of its last rows: RUN/cross_validation.csv)."""
+    levels = []
+    for part in _column_list(level):
+        try:
+            levels.append(float(part))
+        except ValueError:
+            raise UserError(f"--level takes numbers such as 80,95; got {part!r}") from None
+    if windows is not None:
+        frame = forecast_mod.cross_validation(
+            run_dir, windows, step_size, steps, model=model, csv=csv, levels=levels
+        )
+        path = out or run_dir / "cross_validation.csv"
+        run_files.write_text(path, frame.to_csv(index=False, float_format="%.10g"))
+        if as_json:
+            typer.echo(json.dumps({"file": str(path), "rows": len(frame)}))
+        else:
+            stdout.print(f"{len(frame)} backtest forecasts: {path}", highlight=False)
+        return
+    result = forecast_mod.forecast(run_dir, steps, model=model, csv=csv, levels=levels, out=out)
+    if as_json:
+        frame = result.frame.astype({result.frame.columns[0]: str})
+        typer.echo(json.dumps({"model": result.model, "coverage": result.coverage,
+                               "forecast": frame.to_dict(orient="records"),
+                               "files": [str(p) for p in result.paths]}))  # fmt: skip
+        return
+    stdout.print(report.future_table(result.frame, result.model, result.coverage))
+    for path in result.paths:
+        stdout.print(str(path), highlight=False)
+
+
+@app.command("report")  # not `def report`: that name is the plotting module here
+@_friendly
+def report_page(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    out: Annotated[
+        Path | None, typer.Option(help="the HTML file to write (default: RUN/report.html)")
+    ] = None,
+) -> None:
+    """Write one self-contained HTML page of a run: results, genotype, plots, growth, config."""
+    from morphnas.report_page import write_report  # here: one command's import, kept local
+
+    stdout.print(str(write_report(run_dir, out)), highlight=False)
+
+
+@app.command()
+@_friendly
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a finished forecasting run directory")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx | torchscript")],
+    model: Annotated[
+        str | None,
+        typer.Option(help="the run's model to export (default: best valid_rse with weights)"),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="the file to write (default: RUN/export/<model>.onnx or .pt)"),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a trained forecaster, scaling folded in, checked against the PyTorch model."""
+    from morphnas.export import export_run  # here: one command's import, kept local
+
+    path = export_run(run_dir, fmt, model=model, out=out)
+    interface = run_files.read_json(path.with_suffix(".json"))
+    if as_json:
+        typer.echo(json.dumps({"path": str(path), **interface}, default=str))
+        return
+    window, series = interface["input"]["shape"][1:]
+    stdout.print(f"exported {interface['model']} ({fmt}): {path}", highlight=False)
+    stdout.print(
+        f"interface: {path.with_suffix('.json')} (windows of {window} rows x {series} series "
+        "in, forecasts out, original units: the scaling is inside the file)",
+        highlight=False,
+    )
+    stdout.print(
+        f"checked on {interface['parity_windows']} test windows: max |difference| from the "
+        f"PyTorch model {interface['parity_max_abs_diff']:.2g}",
+        highlight=False,
+    )
 
 
 @app.command()
