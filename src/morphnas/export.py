@@ -26,7 +26,6 @@ become ONNX's own ``LSTM`` / ``GRU`` nodes; the batch dimension is dynamic. Torc
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import uuid
 import warnings
@@ -38,7 +37,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor, nn
 
 from morphnas import api, run_files
@@ -153,13 +151,7 @@ def _require_onnx() -> None:
 
 
 def _check_forecasting(run_dir: Path) -> None:
-    """Refuse another task's run from its config.yaml as written, before the config is resolved
-    (resolving an edited or foreign config fails with messages about its data, not its task)."""
-    try:
-        raw = yaml.safe_load(run_files.read_text(run_dir / "config.yaml"))
-    except yaml.YAMLError:
-        return  # damaged: reading the run says so, with the line
-    task = raw.get("task", "forecast") if isinstance(raw, dict) else "forecast"
+    task = run_files.written_task(run_dir)
     if task != "forecast":
         raise UserError(
             f"{run_dir} is a run of task {task}; export covers forecasting runs "
@@ -174,8 +166,8 @@ def _chosen(trained: api.TrainedRun, model: str | None) -> tuple[str, nn.Module]
     if model is None:
         if not with_weights:
             raise UserError(f"{trained.dir} has no model with weights to export")
-        rse = {row["model"]: row.get("valid_rse") for row in trained.summary["results"]}
-        model = min(with_weights, key=lambda name: _sortable(rse.get(name)))
+        model = run_files.best_on_valid(trained.summary["results"], with_weights)
+        model = model or next(iter(with_weights))
     if model in with_weights:
         return model, with_weights[model]
     if any(name == model for name, _, _ in trained.models):
@@ -184,13 +176,6 @@ def _chosen(trained: api.TrainedRun, model: str | None) -> tuple[str, nn.Module]
             f"export); choose one of: {choices}"
         )
     raise UserError(f"{trained.dir} has no model {model!r}; choose one of: {choices}")
-
-
-def _sortable(value: Any) -> float:
-    """A ``valid_rse`` for ``min``: a missing or non-finite one sorts last."""
-    if isinstance(value, int | float) and math.isfinite(value):
-        return float(value)
-    return math.inf
 
 
 @contextmanager

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from torch import Tensor, nn
 
 from morphnas import api, report, run_files
@@ -146,14 +145,9 @@ def choose_model(run: api.TrainedRun, name: str | None) -> tuple[str, Predictor]
             )
         chosen = name
     else:
-        scores = {
-            row["model"]: row.get("valid_rse")
-            for row in run.summary["results"]
-            if row.get("model") in usable and isinstance(row.get("valid_rse"), int | float)
-        }
-        if not scores:
+        chosen = run_files.best_on_valid(run.summary["results"], usable)
+        if chosen is None:
             raise UserError(f"{run.dir}/summary.json has no valid_rse to choose a model by")
-        chosen = min(scores, key=lambda key: scores[key])
     model = usable[chosen]
     return chosen, model_predictor(model if isinstance(model, nn.Module) else None, chosen)
 
@@ -255,7 +249,7 @@ class _Source:
 
 
 def _source(run_dir: Path, model: str | None, csv: Path | None, steps: int) -> _Source:
-    task = _task(run_dir)
+    task = run_files.written_task(run_dir)
     if task != "forecast":
         raise UserError(
             f"{run_dir} is a {task!r} run; `morphnas forecast` forecasts the series of a "
@@ -402,19 +396,6 @@ def _frame(
         for level in sorted(widths):
             data[f"{column}-hi-{_label(level)}"] = values[:, j] + widths[level][:, j]
     return pd.DataFrame(data)
-
-
-def _task(run_dir: Path) -> str:
-    """The run's task as its config.yaml says, read before the config is validated: another
-    task's run may not validate as a forecasting one, and deserves this command's message."""
-    path = run_files.check_run_dir(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a morphnas run (no config.yaml)")
-    try:
-        raw = yaml.safe_load(run_files.read_text(path))
-    except yaml.YAMLError:
-        raise UserError(f"{path} is not valid YAML; {run_files.DAMAGED}") from None
-    return str(raw.get("task", "forecast")) if isinstance(raw, dict) else "forecast"
 
 
 def _newer_series(run: api.TrainedRun, csv: Path, columns: tuple[str, ...]) -> SeriesData:

@@ -317,17 +317,22 @@ def plot_forecasts(
             ax.plot(x, pred[window, j], color=f"C{k % 10}", linewidth=1.0, alpha=0.9, label=name)
         ax.set_title(str(columns[j]), loc="left", fontsize=10)
         ax.grid(alpha=0.3)
-    if index is not None:
-        locator = mdates.AutoDateLocator()
-        axes[-1].xaxis.set_major_locator(locator)
-        axes[-1].xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
-    axes[-1].set_xlabel("time" if index is not None else "test step")
+    _time_axis(axes[-1], index is not None, "test step")
     fig.suptitle(
         f"Test-set forecasts in original units: last {len(x)} steps, "
         f"the {len(shown)} of {n_cols} series that vary most"
     )
     _figure_legend(fig, axes)
     return _save(fig, path)
+
+
+def _time_axis(ax: Axes, dated: bool, untimed: str) -> None:
+    """Concise date ticks and the label ``time`` on a dated axis, else the label ``untimed``."""
+    if dated:
+        locator = mdates.AutoDateLocator()
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    ax.set_xlabel("time" if dated else untimed)
 
 
 def plot_future(
@@ -373,11 +378,7 @@ def plot_future(
         ax.plot(x_future, future[name].to_numpy(), color="C0", linewidth=1.4, label="forecast")
         ax.set_title(name, loc="left", fontsize=10)
         ax.grid(alpha=0.3)
-    if history_index is not None:
-        locator = mdates.AutoDateLocator()
-        axes[-1].xaxis.set_major_locator(locator)
-        axes[-1].xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
-    axes[-1].set_xlabel("time" if history_index is not None else "step")
+    _time_axis(axes[-1], history_index is not None, "step")
     fig.suptitle(
         f"Forecast of the next {steps} steps with split-conformal intervals: "
         f"the {len(shown)} of {len(columns)} series that vary most"

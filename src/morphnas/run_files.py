@@ -13,9 +13,10 @@ line can be named, the line: never a traceback, and never a silently wrong resul
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -332,6 +333,34 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- config.yaml
+
+
+def written_task(run_dir: Path) -> str:
+    """The task a run's ``config.yaml`` names as written, read before the config is validated
+    (another task's config may not validate as this command's, and deserves the command's own
+    message); ``forecast`` where it names none or cannot be read (reading the config says why).
+    """
+    import yaml  # imported here, as config is
+
+    path = check_run_dir(run_dir) / "config.yaml"
+    try:
+        raw = yaml.safe_load(read_text(path)) if path.is_file() else None
+    except yaml.YAMLError:
+        return "forecast"
+    return str(raw.get("task", "forecast")) if isinstance(raw, dict) else "forecast"
+
+
+def best_on_valid(results: list[dict[str, Any]], names: Collection[str]) -> str | None:
+    """The one of ``names`` whose ``results`` row has the lowest finite ``valid_rse`` (the
+    model a forecast or an export uses by default: chosen on valid, never on test)."""
+    scores = {
+        row["model"]: float(row["valid_rse"])
+        for row in results
+        if row.get("model") in names
+        and isinstance(row.get("valid_rse"), int | float)
+        and math.isfinite(row["valid_rse"])
+    }
+    return min(scores, key=scores.__getitem__) if scores else None
 
 
 def read_config(run_dir: Path) -> RunConfig:
