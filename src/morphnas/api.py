@@ -8,13 +8,12 @@ A run is a directory (DESIGN §5): ``config.yaml`` (the resolved config), ``geno
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
-import multiprocessing
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import nn
 from morphnas import (
     cells,
     degenerate,
+    distributed,
     engine,
     report,
     run_files,
@@ -39,6 +39,7 @@ from morphnas import (
 from morphnas import config as config_mod
 from morphnas import genotype as genotype_mod
 from morphnas.config import RunConfig
+from morphnas.engine import parallel
 from morphnas.engine.checkpoint import load as load_checkpoint
 from morphnas.engine.checkpoint import save_atomic
 from morphnas.engine.compiled import compile_cell, wants_compile
@@ -49,7 +50,6 @@ from morphnas.engine.runtime import (
     busy_cores,
     choose_threads,
     cpu_cores,
-    keep_freed_memory,
     malloc_policy,
     resolve_device,
     seed_everything,
@@ -117,7 +117,11 @@ def search(
     """
     # Everything a person can get wrong is checked before the run directory exists, so a
     # failed start leaves nothing behind that would block the corrected command.
-    run_dir = runs.claim(config, "search", force, resume)
+    group = parallel.join(config)  # None outside torchrun
+    progress = progress if parallel.is_main(group) else None
+    run_dir = parallel.on_main(
+        group, lambda: runs.claim(config, "search", force, resume), share=True
+    )
     kind = tasks.kind_for(config)
     data = kind.load()
     seed_everything(config.seed)
@@ -139,10 +143,17 @@ def search(
         warmstart.warm_start(space, config)
     strategy = _strategy(config, space)  # before the run directory: bad options leave none
     prepared = strategy.prepare(progress)  # E2NAS's VAE: an interrupt here leaves no run
-    log, cleared = _open_run(run_dir, config, "search", resume=resume, force=force, saved=saved)
-    board = tensorboard.attach(log, run_dir, config, space.op_names)
+    opened = parallel.on_main(
+        group, lambda: _open_run(run_dir, config, "search", resume=resume, force=force, saved=saved)
+    )
+    if opened is None:  # another rank of a data-parallel search: rank 0 writes the run
+        _apply_thread_policy(config)
+        opened = parallel.NullLog(), nullcontext()
+    log, cleared = opened
+    main = parallel.is_main(group)
+    board = tensorboard.attach(log, run_dir, config, space.op_names) if main else None
     model = kind.wrap(space, data, config.space.hidden)
-    task = kind.engine_task(data, config.search.batch_size)
+    task = kind.engine_task(data, parallel.global_batch(group, config.search.batch_size))
     with stop_on_signals() as stop, cleared:
         outcome = engine.search(
             model,
@@ -154,12 +165,15 @@ def search(
             checkpoint_dir=run_dir / "checkpoints",
             growth=config.growth,
             nodes_max=config.nodes_max,
-            history_path=run_dir / "history.json",
+            history_path=run_dir / "history.json" if parallel.is_main(group) else None,
             progress=progress,
             resume=saved,
             stamp=runs.stamp(run_dir),
             stop=stop,
+            group=group,
         )
+        if not parallel.is_main(group):  # rank 0 alone retrains, scores and reports
+            return RunResult(run_dir, outcome.genotype, [], {})
         genotype = _with_search_metadata(outcome, space, config)
         one_shot = []
         if config.growth.mode == "grow-and-prune":
@@ -562,8 +576,9 @@ def compare(
     with its own ``search.strategy_options``; every variant's strategy is built once on a tiny
     space first, so a bad option is an error before any run. The runs go to
     ``<out>/<variant>-seed<k>``; the table to ``<out>/compare.json``. ``jobs`` > 1 runs that many
-    searches at once in separate processes, each on its share of the cores unless ``threads``
-    is set; each run seeds itself, so it gives what ``jobs=1`` gives at the same thread count.
+    searches at once as Ray Tune trials (``morphnas.distributed``; the ``ray`` extra), each on
+    its share of the cores unless ``threads`` is set; each run seeds itself, so it gives what
+    ``jobs=1`` gives at the same thread count.
 
     ``reuse``: ``out`` may hold an earlier compare; a run there with the same config (threads
     aside) is kept if finished and resumed if stopped, so a compare can be continued, or extended
@@ -574,6 +589,8 @@ def compare(
         raise UserError(
             "--reuse keeps the runs in --out and --force replaces them: pass only one of the two"
         )
+    if jobs > 1:
+        distributed.require(f"compare --jobs {jobs}")
     for name, overrides in variants:  # a bad strategy option: an error before any run or file
         variant = config_mod.resolve(base=config, overrides=overrides)
         try:
@@ -624,30 +641,26 @@ def _compare_run(
     return {**result.extra, **searched}
 
 
-def _worker_setup(keep_memory: bool, show_warning: Callable[..., None]) -> None:
-    """A compare worker set up as its parent is: the heap policy, and warnings shown its way (the
-    CLI's one line), which a spawned process would otherwise reset."""
-    if keep_memory:
-        keep_freed_memory()
-    warnings.showwarning = show_warning
-
-
 def _in_processes(
     runs: list[tuple[RunConfig, bool]], force: bool, jobs: int, progress: Progress | None
 ) -> list[dict[str, Any]]:
-    """The runs ``jobs`` at a time in fresh (spawned) processes, in the given order."""
-    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
-    setup = (malloc_policy() == "keep", warnings.showwarning)  # the CLI's heap policy, warnings
-    with ProcessPoolExecutor(
-        max_workers=jobs, mp_context=context, initializer=_worker_setup, initargs=setup
-    ) as pool:
-        futures = [pool.submit(_compare_run, cfg, force, resume, None) for cfg, resume in runs]
-        if progress is not None:
-            progress.start(f"compare: {len(runs)} runs, {jobs} at a time", len(runs))
-            for _ in as_completed(futures):
-                progress.advance()
-            progress.stop()
-        return [future.result() for future in futures]
+    """The runs ``jobs`` at a time, each a Ray Tune trial in a worker process of its own on its
+    share of the cores (``morphnas.distributed``, the backend ``morphnas sweep`` uses too), in
+    the given order."""
+    trials = [
+        distributed.Trial(
+            Path(cfg.out).name,
+            functools.partial(_compare_run, cfg, force, resume),
+            Path(cfg.out) / "metrics.jsonl",
+        )
+        for cfg, resume in runs
+    ]
+    plan = distributed.Plan(cpus=cpu_cores() / jobs, concurrent=jobs)
+    with distributed.session():
+        done = distributed.run(
+            trials, plan, keep_memory=malloc_policy() == "keep", progress=progress
+        )
+    return [outcome.row or {} for outcome in done]  # FIFO: every trial ends with its row
 
 
 def _same_run(config: RunConfig) -> bool:

@@ -263,7 +263,7 @@ def _finish(result: api.RunResult, as_json: bool, title: str) -> None:
 # ``FLAGS``, below.
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config; flags override it")]
 JobsOpt = Annotated[
-    int, typer.Option(help="runs at once, in separate processes sharing the cores", min=1)
+    int, typer.Option(help="runs at once, as Ray trials sharing the cores (the ray extra)", min=1)
 ]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="any config key, e.g. space.options.wiring=input")
@@ -1009,6 +1009,51 @@ def export(
         f"PyTorch model {interface['parity_max_abs_diff']:.2g}",
         highlight=False,
     )
+
+
+@app.command()
+@_friendly
+def sweep(
+    spec: Annotated[Path, typer.Argument(help="sweep spec (YAML): base, grid, seeds, metric")],
+    out: Annotated[
+        Path | None, typer.Option(help="sweep directory (default runs/<time>-sweep-...)")
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(help="join a Ray cluster: auto or HOST:PORT (default: Ray on this machine)"),
+    ] = None,
+    cpus_per_trial: Annotated[float, typer.Option(help="CPUs per run (its threads)", min=0.01)] = 1,
+    gpus_per_trial: Annotated[float, typer.Option(help="GPUs per run", min=0)] = 0,
+    scheduler: Annotated[
+        str, typer.Option(help="fifo | asha (stop poor runs early on their search valid loss)")
+    ] = "fifo",
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue the sweep in --out (the same command does)")
+    ] = False,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Search every combination of a grid of config values over seeds, as Ray Tune trials."""
+    from morphnas import sweep as sweep_mod  # its Ray backend loads only for this command
+
+    spec_model, base = sweep_mod.load(spec)
+    result = sweep_mod.sweep(
+        spec_model, base, out=out, address=address, cpus_per_trial=cpus_per_trial,
+        gpus_per_trial=gpus_per_trial, scheduler=scheduler, resume=resume, force=force,
+        progress=BarProgress(),
+    )  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), default=str))
+        return
+    shown = [
+        {**row, "variant": f"{row['variant']} ({row['stopped']} stopped by ASHA)"}
+        if row["stopped"] else row
+        for row in result.results
+    ]  # fmt: skip
+    best = result.extra["best"]
+    title = f"sweep: {len(shown)} variants; best by {result.extra['metric']}: {best}"
+    stdout.print(report.compare_table(shown, title=title))
+    stdout.print(f"runs and sweep.json: {result.run_dir}", highlight=False)
 
 
 @app.command()

@@ -21,6 +21,7 @@ from morphnas.config import GrowthConfig, SearchConfig
 from morphnas.engine.checkpoint import load, save_atomic
 from morphnas.engine.faults import crash_point
 from morphnas.engine.loops import draw_epoch
+from morphnas.engine.parallel import Group
 from morphnas.engine.progress import Progress, Silent
 from morphnas.engine.resume import (
     StopFlag,
@@ -85,6 +86,7 @@ def search(
     resume: dict[str, Any] | None = None,
     stamp: dict[str, Any] | None = None,
     stop: StopFlag | None = None,
+    group: Group | None = None,
 ) -> SearchOutcome:
     """Bilevel search: weights learn on the task's training batches, architecture parameters on
     its validation stream.
@@ -107,6 +109,9 @@ def search(
     and raises ``StopRequested``. A non-finite loss stops the run (``config.nan_policy =
     "stop"``) or restarts from the last checkpoint at half the learning rates (``"retry"``, at
     most three times).
+
+    ``group``: this process's place in a data-parallel search (``engine.parallel``): batches
+    are shared out, gradients and decisions agree on every rank, and only rank 0 writes.
     """
     session = _Session(
         seed=seed,
@@ -118,6 +123,7 @@ def search(
         progress=progress or Silent(),
         stamp=stamp,
         stop=stop,
+        group=group,
     )
     loop = _SearchLoop(model, strategy, task, config, session)
     if resume is not None:
@@ -141,6 +147,7 @@ class _Session:
     progress: Progress
     stamp: dict[str, Any] | None
     stop: StopFlag | None
+    group: Group | None
 
 
 class _SearchLoop:
@@ -159,7 +166,9 @@ class _SearchLoop:
         self.model, self.strategy, self.task, self.config = model, strategy, task, config
         self.space = model.cell
         self.log, self.progress = session.log, session.progress
-        self.stamp, self.stop = session.stamp, session.stop
+        self.stamp, self.stop, self.group = session.stamp, session.stop, session.group
+        if self.group is not None:
+            strategy.reduce_grads = self.group.average_grads
         checkpoint_dir, seed = session.checkpoint_dir, session.seed
         self.checkpoint_dir, self.history_path = checkpoint_dir, session.history_path
         self.last_path = checkpoint_dir / "search_last.pt"
@@ -173,13 +182,15 @@ class _SearchLoop:
             session.nodes_max or self.space.nodes,
             probe=model_input,
             cell_probe=cell_input,
-            valid_loss=lambda: task.valid_loss(model, weights=_mixing(strategy)),
+            valid_loss=lambda: self.agreed(task.valid_loss(model, weights=_mixing(strategy))),
             seed=seed,
         )
         # The strategies' view of the loss: batch_loss, plus a pure function of (weights, α) for
         # the bilevel methods; the weights are read at each step (growth replaces the list).
         self.objective = Objective(model, self.batch_loss, lambda: self.weights)
-        self.objective.full_valid_loss = lambda mixing: task.valid_loss(model, weights=mixing)
+        self.objective.full_valid_loss = lambda mix: self.agreed(
+            task.valid_loss(model, weights=mix)
+        )
         self.weights = _weights(model)
         self.optimizer = torch.optim.Adam(
             self.weights, lr=config.lr, weight_decay=config.weight_decay
@@ -191,7 +202,23 @@ class _SearchLoop:
 
     def batch_loss(self, batch: Any, mixing: list[Tensor]) -> Tensor:
         """The task's loss on one batch under ``mixing``: the weight step's and the strategies'."""
+        if self.group is not None:
+            return self.group.loss(self.task, self.model, batch, mixing)
         return self.task.loss(self.model, batch, weights=mixing)
+
+    def agreed(self, value: float) -> float:
+        """A loss every rank decides from: its mean over the ranks (itself in one process)."""
+        return value if self.group is None else self.group.mean(value)
+
+    def stopping(self) -> bool:
+        """Whether a stop was asked for (on any rank: all stop after the same step)."""
+        requested = self.stop is not None and self.stop.requested
+        return requested if self.group is None else self.group.any(requested)
+
+    def save(self, state: dict[str, Any], path: Path) -> None:
+        """Write a checkpoint: rank 0's job in a data-parallel search."""
+        if self.group is None or self.group.main:
+            save_atomic(state, path)
 
     def seconds(self) -> float:
         """Wall seconds of the whole search, earlier sessions included."""
@@ -267,20 +294,23 @@ class _SearchLoop:
             total, count = self.train_epoch(epoch, warming)
             counters.position = 0
             train_loss = float(total) / count
-            valid_loss = self.task.valid_loss(self.model, weights=_mixing(self.strategy))
+            valid_loss = self.agreed(
+                self.task.valid_loss(self.model, weights=_mixing(self.strategy))
+            )
             if not (math.isfinite(train_loss) and math.isfinite(valid_loss)):
                 self.retry(epoch, train_loss, valid_loss)
                 continue
             counters.valid_loss = valid_loss
             self.log_epoch(epoch, train_loss, valid_loss, count, warming)
+            self.check_replicas(epoch)
             self.grow(epoch, valid_loss)
             improved = valid_loss < counters.best
             counters.best = min(counters.best, valid_loss)
             state = self.checkpoint(None, (total, count))
-            save_atomic(state, self.last_path)
+            self.save(state, self.last_path)
             if improved:
-                save_atomic(state, self.checkpoint_dir / "search_best.pt")
-            if self.stop is not None and self.stop.requested and epoch < config.epochs:
+                self.save(state, self.checkpoint_dir / "search_best.pt")
+            if self.stopping() and epoch < config.epochs:
                 raise StopRequested(str(self.last_path))
             counters.epoch += 1
         return SearchOutcome(
@@ -321,6 +351,8 @@ class _SearchLoop:
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.strategy.weight_loss(self.batch_loss, batch)
             loss.backward()
+            if self.group is not None:
+                self.group.average_grads(self.weights)
             norm = nn.utils.clip_grad_norm_(self.weights, config.clip)
             if torch.isfinite(norm):
                 self.optimizer.step()
@@ -337,9 +369,9 @@ class _SearchLoop:
             self.counters.step += 1
             progress.advance()
             crash_point("step")
-            if self.stop is not None and self.stop.requested and k + 1 < len(epoch_batches):
+            if self.stopping() and k + 1 < len(epoch_batches):
                 progress.stop()
-                save_atomic(self.checkpoint(k + 1, (total, count)), self.last_path)
+                self.save(self.checkpoint(k + 1, (total, count)), self.last_path)
                 raise StopRequested(str(self.last_path))
         progress.stop()
         return total, count
@@ -379,6 +411,16 @@ class _SearchLoop:
                 **self.strategy.epoch_metrics(),
             }
         )
+
+    def check_replicas(self, epoch: int) -> None:
+        """Data-parallel: every rank's checksum of weights and ``α`` into the log; ranks that
+        disagree are a bug (a rank-dependent decision or random draw), stopped here."""
+        if self.group is None:
+            return
+        sums = self.group.checksums(self.model)
+        self.log.append({"phase": "search", "event": "replicas", "epoch": epoch, "checksums": sums})
+        if len(set(sums)) > 1:
+            raise RuntimeError(f"data-parallel ranks diverged at epoch {epoch}: {sums}")
 
     def grow(self, epoch: int, valid_loss: float) -> None:
         """The growth policy's turn after an epoch (and its last word after the last one); a

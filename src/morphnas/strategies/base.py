@@ -153,6 +153,8 @@ class Strategy(ABC):
 
     name: str
     sampling: bool = False  # mixing_weights() draws a new sample at every call
+    # Set by a data-parallel search (``engine.parallel``): averages α's gradients over the ranks.
+    reduce_grads: Callable[[Sequence[Tensor]], None] | None = None
 
     def __init__(
         self,
@@ -282,6 +284,8 @@ class Strategy(ABC):
         params = self.space.arch_parameters()
         for p, g in zip(params, grads, strict=True):
             p.grad = g.detach()
+        if self.reduce_grads is not None:
+            self.reduce_grads(params)
         if self.arch_clip is not None:
             nn.utils.clip_grad_norm_(params, self.arch_clip)
         self.optimizer.step()

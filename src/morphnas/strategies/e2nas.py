@@ -456,6 +456,9 @@ class E2nas(Strategy):
         if extra is not None:
             loss = loss + extra
         (grad,) = torch.autograd.grad(loss, [self.z], allow_unused=True)
+        if grad is not None and self.reduce_grads is not None:  # data-parallel: ranks' mean
+            self.z.grad = grad
+            self.reduce_grads([self.z])
         if grad is not None and not bool(torch.isfinite(grad).all()):
             # A diverged supernet (a NaN loss): a step would make z NaN and the next decode
             # fail. z stays; the engine's nan_policy acts on the epoch's losses.
