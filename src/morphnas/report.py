@@ -865,7 +865,8 @@ _CLASSIFY_COMPARE_COLUMNS = (  # fewer: FLOPs and accuracies need the width
 def compare_table(rows: Sequence[Mapping[str, Any]], title: str = "comparison") -> Table:
     """Variants side by side, each metric as ``mean ± std`` over seeds."""
     table = Table(title=title)
-    table.add_column("variant", no_wrap=True)
+    longest = max((len(str(row["variant"])) for row in rows), default=7)
+    table.add_column("variant", no_wrap=True, min_width=min(longest, 40))  # names are not cut
     table.add_column("seeds", justify="right")
     columns = {
         "test_ppl": _LM_COMPARE_COLUMNS,  # language models: perplexities, not RSE
