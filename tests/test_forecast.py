@@ -246,8 +246,10 @@ def test_forecast_with_targets_and_calendar_inputs(tmp_path):
     from conftest import _finished_run
     from morphnas.data.calendar import calendar_features
 
-    run_dir = _finished_run(tmp_path, "--targets", "s1,s0", "--calendar", "dayofweek",
-                            "--set", "train.baselines=[lstm]", "--no-tensorboard")  # fmt: skip
+    run_dir = _finished_run(
+        tmp_path, "--targets", "s1,s0", "--calendar", "dayofweek",
+        "--set", "train.baselines=[lstm,naive]", "--no-tensorboard",
+    )  # fmt: skip
     got = _forecast(str(run_dir), "--steps", "1", "--model", "lstm", "--level", "90")
     run = api.load_trained(run_dir)
     series = run.kind.series()
@@ -271,3 +273,6 @@ def test_forecast_with_targets_and_calendar_inputs(tmp_path):
     np.testing.assert_allclose([row["s1"], row["s0"]], expected, rtol=1e-5)
     code, lines = run_cli("forecast", str(run_dir), "--steps", "2")
     assert code == 2 and "s2 is an input but not forecast" in lines[0], lines
+    naive = _forecast(str(run_dir), "--steps", "1", "--model", "naive", "--level", "90")
+    last = series.values[-1, [series.columns.index("s1"), series.columns.index("s0")]]
+    np.testing.assert_allclose([naive["forecast"][0][c] for c in ("s1", "s0")], last, rtol=1e-6)

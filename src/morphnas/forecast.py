@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from morphnas import api, report, run_files
 from morphnas.data import SeriesData, load_csv
-from morphnas.data.calendar import calendar_features
+from morphnas.data import calendar as calendar_mod
 from morphnas.data.series import InputLayout, chronological_split
 from morphnas.errors import UserError
 
@@ -120,12 +120,13 @@ def fill_uncalibrated(widths: np.ndarray) -> tuple[np.ndarray, int]:
     return filled, last + 1
 
 
-def model_predictor(model: nn.Module | None, name: str) -> Predictor:
-    """A run's model as a function of scaled windows (``naive``: the last row)."""
+def model_predictor(model: nn.Module | None, name: str, targets: Sequence[int]) -> Predictor:
+    """A run's model as a function of scaled windows (``naive``: the targets' last row)."""
     if model is None:
         if name != "naive":
             raise ValueError(f"{name} has no weights and no forecasting rule")
-        return lambda windows: windows[:, -1, :]
+        last = list(targets)
+        return lambda windows: windows[:, -1, last]
     model.eval()
     return lambda windows: model(windows)
 
@@ -149,7 +150,8 @@ def choose_model(run: api.TrainedRun, name: str | None) -> tuple[str, Predictor]
         if chosen is None:
             raise UserError(f"{run.dir}/summary.json has no valid_rse to choose a model by")
     model = usable[chosen]
-    return chosen, model_predictor(model if isinstance(model, nn.Module) else None, chosen)
+    network = model if isinstance(model, nn.Module) else None
+    return chosen, model_predictor(network, chosen, run.data.target_positions)
 
 
 def future_index(series: SeriesData, steps: int) -> pd.Index:
@@ -158,8 +160,7 @@ def future_index(series: SeriesData, steps: int) -> pd.Index:
     if series.index is None:
         return pd.RangeIndex(series.n_steps, series.n_steps + steps)
     frequency = series.frequency if series.frequency not in (None, "none") else None
-    frequency = frequency or _common_step(series.index)
-    return pd.date_range(series.index[-1], periods=steps + 1, freq=frequency)[1:]
+    return calendar_mod.future_index(series.index, frequency or _common_step(series.index), steps)
 
 
 def _common_step(index: pd.DatetimeIndex) -> pd.Timedelta:
@@ -240,7 +241,9 @@ class _Source:
         ahead = None
         if self.layout.calendar:  # row t carries the calendar of row t + calendar_shift
             times = series.index.append(future_index(series, steps + self.layout.calendar_shift))
-            ahead = calendar_features(times[self.layout.calendar_shift :], self.layout.calendar)
+            ahead = calendar_mod.calendar_features(
+                times[self.layout.calendar_shift :], self.layout.calendar
+            )
         scaled = rollout(
             self.predict, data.scaler.transform(series.values), origins, steps, self.window,
             self.horizon, targets=self.layout.target_positions, ahead=ahead,

@@ -72,7 +72,9 @@ def calendar_features(index: pd.DatetimeIndex, names: Sequence[str]) -> np.ndarr
     return np.stack(columns, axis=1) if columns else np.empty((len(index), 0))
 
 
-def future_index(index: pd.DatetimeIndex, frequency: str, steps: int) -> pd.DatetimeIndex:
+def future_index(
+    index: pd.DatetimeIndex, frequency: str | pd.Timedelta, steps: int
+) -> pd.DatetimeIndex:
     """The `steps` timestamps after `index[-1]` on the series' `frequency` (its next rows)."""
     return pd.date_range(index[-1], periods=steps + 1, freq=frequency)[1:]
 
