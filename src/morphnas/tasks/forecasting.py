@@ -286,8 +286,14 @@ class Forecasting(TaskKind):
         return windows
 
     def series(self) -> SeriesData:
-        """The run's series: its CSV, or the named dataset. A CSV column that was dropped or
-        converted is said once, as a warning (``column_notes`` keeps every column's fate)."""
+        """The run's series: its CSV, or the named dataset, read once per run (``load`` and the
+        classical baselines use it). A CSV column that was dropped or converted is said once, as
+        a warning (``column_notes`` keeps every column's fate)."""
+        if getattr(self, "_series", None) is None:
+            self._series = self._read_series()
+        return self._series
+
+    def _read_series(self) -> SeriesData:
         cfg = self.config.data
         if cfg.csv is None:
             return load_dataset(cfg.dataset)
@@ -356,10 +362,7 @@ class Forecasting(TaskKind):
         if name in ("snaive", "var"):
             from morphnas.tasks import classical  # on demand: it imports this module
 
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # load() has said each column's fate once
-                series = self.series()
-            return classical.reference(name, series, self.config.data.split, data)
+            return classical.reference(name, self.series(), self.config.data.split, data)
         if name != "naive":
             return None
         last = list(data.target_positions)  # each target's own last value
