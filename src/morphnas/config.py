@@ -230,6 +230,11 @@ class SearchConfig(_Strict):
     stream: int = Field(
         1, ge=1, description="feed the training span in this many chronological chunks (online)"
     )
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="replay the supernet's unroll as CUDA graphs (auto: on CUDA, first-order "
+        "strategies)",
+    )
     # Against collapse to parameter-free ops (docs/method.md, "Against collapse").
     warmup_epochs: int = Field(
         0,

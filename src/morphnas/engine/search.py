@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from morphnas.config import GrowthConfig, SearchConfig
 from morphnas.engine.checkpoint import load, save_atomic
 from morphnas.engine.faults import crash_point
+from morphnas.engine.graphs import graphed_search
 from morphnas.engine.loops import draw_epoch
 from morphnas.engine.parallel import Group
 from morphnas.engine.progress import Progress, Silent
@@ -128,7 +129,22 @@ def search(
     loop = _SearchLoop(model, strategy, task, config, session)
     if resume is not None:
         loop.resume(resume)
-    return loop.run()
+    with graphed_search(
+        model.cell, config.cuda_graphs, hypergradient=strategy.hypergradient
+    ) as graphed:
+        outcome = loop.run()
+    if graphed is not None:
+        log.append(
+            {
+                "phase": "search",
+                "event": "cuda-graphs",
+                "epoch": config.epochs,
+                "captures": graphed.captures,
+                "replays": graphed.replays,
+                "failed": graphed.failed,
+            }
+        )
+    return outcome
 
 
 @dataclass(frozen=True)

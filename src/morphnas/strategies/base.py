@@ -153,6 +153,9 @@ class Strategy(ABC):
 
     name: str
     sampling: bool = False  # mixing_weights() draws a new sample at every call
+    # The α step differentiates through swapped-in weights (``Objective.functional``): no CUDA
+    # graph can replay it (``engine.graphs``).
+    hypergradient: bool = False
     # Set by a data-parallel search (``engine.parallel``): averages α's gradients over the ranks.
     reduce_grads: Callable[[Sequence[Tensor]], None] | None = None
 

@@ -57,6 +57,7 @@ class Darts(Strategy):
             raise ValueError(f"order must be 1 or 2, got {order!r}")
         check_hvp_options(hvp, eps)
         self.order, self.hvp, self.eps = order, hvp, eps
+        self.hypergradient = order == 2
         self.perturb_unrolled = perturb_unrolled
 
     def arch_step(

@@ -69,6 +69,7 @@ class IDarts(Strategy):
     """
 
     name = "idarts"
+    hypergradient = True
 
     def __init__(
         self,
