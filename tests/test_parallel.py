@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from conftest import TINY_RUN, run_cli
+from morphnas.engine import faults
 from morphnas.engine.parallel import Group, shard
 
 RANKS = 2
@@ -228,3 +230,20 @@ def test_resume_after_the_launcher_is_killed(synthetic_csv: Path) -> None:
     assert replicas(root / "whole") == replicas(root / "killed")
     genotypes = [json.loads((root / d / "genotype.json").read_text()) for d in ("whole", "killed")]
     assert genotypes[0]["nodes"] == genotypes[1]["nodes"]
+
+
+def test_resume_with_another_process_count_is_refused(synthetic_csv: Path, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = ["search", "--csv", str(synthetic_csv), *TINY_RUN, "--epochs", "2", "--out", str(out)]
+    monkeypatch.setattr(faults, "_passed", Counter())  # the in-process count starts afresh
+    monkeypatch.setenv("MORPHNAS_CRASH_AT", "step:2:TERM")
+    code, _ = run_cli(*args)
+    assert code == 130
+    monkeypatch.delenv("MORPHNAS_CRASH_AT")
+    last = out / "checkpoints" / "search_last.pt"
+    state = torch.load(last, weights_only=False)
+    assert state["processes"] == 1
+    state["processes"] = 2
+    torch.save(state, last)
+    code, lines = run_cli("search", "--resume", str(out))
+    assert code == 2 and "--nproc_per_node 2" in lines[-1], lines

@@ -262,6 +262,7 @@ class _SearchLoop:
             generator=self.generator.get_state(),
             epoch_generator=self.epoch_start,
             valid_stream=self.valid_stream.state_dict(),
+            processes=self.processes,
         )
 
     def restore(self, state: dict[str, Any], lr_scale: float = 1.0) -> None:
@@ -287,8 +288,22 @@ class _SearchLoop:
         self.valid_stream.load_state_dict(state["valid_stream"])
         self.saved_epoch = state if self.counters.resume(state) else None
 
+    @property
+    def processes(self) -> int:
+        """How many processes share each batch (a data-parallel search's ranks)."""
+        return 1 if self.group is None else self.group.size
+
     def resume(self, state: dict[str, Any]) -> None:
-        """Continue from ``state``; one that does not fit this search is a ``UserError``."""
+        """Continue from ``state``; one that does not fit this search is a ``UserError``, as is
+        another process count (each rank's batch is a share of the global batch, so the global
+        batch, and with it the search, would change)."""
+        saved = state.get("processes", 1)
+        if saved != self.processes:
+            launch = "without torchrun" if saved == 1 else f"with torchrun --nproc_per_node {saved}"
+            raise UserError(
+                f"{self.last_path} was written by a search on {saved} process(es), not "
+                f"{self.processes}: another count changes the global batch; resume it {launch}"
+            )
         try:
             self.restore(state)
         except UserError:

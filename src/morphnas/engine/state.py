@@ -179,6 +179,7 @@ SEARCH = Schema(
         "optimizer": Rule(_STATE), "strategy": Rule(_STATE), "growth": Rule(_STATE),
         "task": Rule(_STATE), "rng": Rule(_STATE), "generator": Rule(_TENSOR),
         "epoch_generator": Rule(_TENSOR), "valid_stream": Rule(_STATE),
+        "processes": Rule(int, minimum=1, optional=True),
     },
 )  # fmt: skip
 TRAIN = Schema(
