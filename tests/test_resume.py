@@ -378,6 +378,8 @@ V1_KEYS = {
         "epoch_generator", "task",
     ],
 }  # fmt: skip
+# Keys added since, each optional, so that a version-1 file still resumes.
+ADDED_SINCE_V1 = {"search": ["processes"], "train": []}
 
 
 @pytest.mark.parametrize("kind", ["search", "train"])
@@ -385,7 +387,8 @@ def test_checkpoints_keep_the_version_1_layout(kind):
     schema = SCHEMAS[kind]
     entries = {key: None for key in [*schema.before, *schema.after]}
     built = schema.build({"id": "x"}, schema.progress(), **entries)
-    assert list(built) == V1_KEYS[kind]
+    assert list(built) == V1_KEYS[kind] + ADDED_SINCE_V1[kind]
+    assert all(schema.after[key].optional for key in ADDED_SINCE_V1[kind])
     assert (built["format"], built["version"], built["kind"]) == (
         CHECKPOINT_FORMAT,
         CHECKPOINT_VERSION,
@@ -398,7 +401,7 @@ def test_checkpoints_keep_the_version_1_layout(kind):
 def _valid(kind: str) -> dict:
     """A checkpoint of ``kind`` that passes ``checked``, built from the schema's own rules."""
     schema = SCHEMAS[kind]
-    samples = {dict: {}, torch.Tensor: torch.zeros(1), str: "searched"}
+    samples = {dict: {}, torch.Tensor: torch.zeros(1), str: "searched", int: 1}
     entries = {
         key: [torch.zeros(()), 0] if key == "totals" else samples[rule.types]
         for key, rule in {**schema.before, **schema.after}.items()

@@ -390,7 +390,9 @@ VARIANTS = [(name, SMALL.get(name, {})) for name in strategies.STRATEGIES] + [
 @pytest.mark.parametrize("space_name", list(spaces.SPACES))
 @pytest.mark.parametrize(("name", "options"), VARIANTS)
 def test_arch_step_leaves_the_weights_bit_identical(space_name, name, options):
-    space, _, weights, objective, train, valid = tiny_supernet(space_name)
+    # toponas searches inputs: two_input offers that under its own option (wiring: search)
+    wants = getattr(strategies.STRATEGIES[name], "space_options", {}).get(space_name, {})
+    space, _, weights, objective, train, valid = tiny_supernet(space_name, **wants)
     if name == "e2nas" and space_name in IMAGE_SPACES:  # one choice per node: refused, said why
         with pytest.raises(ValueError, match="two edges"):
             strategies.build(name, space, **options)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -358,7 +359,7 @@ def test_checkpoint_unwritable_directory(tmp_path: Path) -> None:
         (b"", "is empty"),
         ("truncated", "truncated or corrupted"),
         (b"PK\x03\x04" + b"\x00" * 40, "truncated or corrupted"),
-        (os.urandom(64).replace(b"P", b"Q"), "not a PyTorch zip file"),
+        (random.Random(0).randbytes(64).replace(b"P", b"Q"), "not a PyTorch zip file"),
         (b'{"state_dict": {}}', "not a PyTorch zip file"),
         ("object", "Python objects other than tensors"),
         ("list", "holds a list"),

@@ -38,6 +38,8 @@ from morphnas import (
 )
 from morphnas import config as config_mod
 from morphnas import genotype as genotype_mod
+from morphnas.cell_shape import columns as cell_shape_columns
+from morphnas.cell_shape import summary as cell_shape_summary
 from morphnas.config import RunConfig
 from morphnas.engine import parallel
 from morphnas.engine.checkpoint import load as load_checkpoint
@@ -123,6 +125,9 @@ def search(
         group, lambda: runs.claim(config, "search", force, resume), share=True
     )
     kind = tasks.kind_for(config)
+    own_search = getattr(kind, "own_search", None)
+    if own_search is not None:  # a kind with its own loop (rl: PPO on a game, not batches)
+        return own_search(run_dir, progress=progress, force=force, resume=resume)
     data = kind.load()
     seed_everything(config.seed)
     n_series = kind.input_size(data)
@@ -202,6 +207,7 @@ def search(
         "search_valid_loss": outcome.valid_loss,
         "nodes": len(genotype.nodes),
         "growth_events": len(outcome.events),
+        "cell_shape": cell_shape_summary(genotype),
         "selection": chosen,
         **prepared,
         **kind.summary(data),
@@ -232,6 +238,54 @@ def prepare(config: RunConfig, *, progress: Progress | None = None) -> list[dict
     while config.growth.mode != "none" and space.nodes < config.nodes_max:
         space.grow(config.growth.alpha_init)
         records.append({"nodes": space.nodes, **_strategy(config, space).prepare(progress)})
+    return records
+
+
+def prepare_latency(config: RunConfig, *, progress: Progress | None = None) -> list[dict[str, Any]]:
+    """``morphnas latency-model``: fit (or find) now the predictor of every cell size a
+    search of ``config`` visits, on its data's input size, hidden size, device and threads, so
+    the search finds it in the cache. One record per size: nodes, hidden, the figures."""
+    from morphnas.strategies.latency_model import LatencyModelPenalty, Settings
+
+    kind = tasks.kind_for(config)
+    data = kind.load()
+    threads = _apply_thread_policy(config)
+    try:
+        space = spaces.build(
+            config.space.name,
+            kind.input_size(data),
+            config.space.hidden,
+            config.nodes_initial,
+            **config.space.options,
+        )
+    except (TypeError, ValueError) as err:
+        raise UserError(f"space.options: {err}") from None
+    space = space.to(resolve_device(config.device))
+    options = config.search.strategy_options
+    try:
+        settings = Settings(
+            samples=options.get("latency_samples", Settings.samples),
+            repeats=options.get("latency_repeats", Settings.repeats),
+        )
+    except ValueError as err:
+        raise UserError(f"search.strategy_options: {err}") from None
+    penalty = LatencyModelPenalty(space, settings)
+
+    def record() -> dict[str, Any]:
+        penalty.predictor(progress)
+        info = penalty.info[penalty.size()]
+        figures = {k: v for k, v in info.items() if isinstance(v, int | float | str)}
+        return {
+            "nodes": len(space.arch),
+            "hidden": space.hidden_size,
+            "threads": threads,
+            **figures,
+        }
+
+    records = [record()]
+    while config.growth.mode != "none" and space.nodes < config.nodes_max:
+        space.grow(config.growth.alpha_init)
+        records.append(record())
     return records
 
 
@@ -555,7 +609,7 @@ def evaluate(run_dir: Path) -> RunResult:
 COMPARE_METRICS = (
     "search_seconds", "search_cpu_seconds", "search_valid_loss", "nodes", "params",
     "valid_rse", "test_rse", "test_corr", "valid_ppl", "test_ppl", "flops", "valid_accuracy",
-    "test_accuracy",
+    "test_accuracy", "cell_width", "cell_depth",
 )  # fmt: skip
 
 
@@ -594,7 +648,9 @@ def compare(
     for name, overrides in variants:  # a bad strategy option: an error before any run or file
         variant = config_mod.resolve(base=config, overrides=overrides)
         try:
-            _strategy(variant, spaces.build(variant.space.name, 1, 2, 1))
+            # The variant's own space (its options decide, e.g., whether nodes choose inputs).
+            cell = variant.space
+            _strategy(variant, spaces.build(cell.name, 1, cell.hidden, cell.nodes, **cell.options))
         except UserError as err:
             raise UserError(f"compare variant {name!r}: {err}") from None
     base_dir = runs.claim(config, "compare", force, reuse=reuse)
@@ -624,7 +680,7 @@ def compare(
     for i, row in zip(todo, fresh, strict=True):
         rows[i] = row
     each = [
-        {"variant": name, "seed": seed, **row}
+        {"variant": name, "seed": seed, **row, **cell_shape_columns(row.get("cell_shape"))}
         for (name, seed, _), row in zip(planned, rows, strict=True)
     ]
     table = [_aggregate(name, [r for r in each if r["variant"] == name]) for name, _ in variants]

@@ -242,7 +242,7 @@ def _finish(result: api.RunResult, as_json: bool, title: str) -> None:
         return
     if result.genotype is not None:
         stdout.print(str(result.genotype), highlight=False)
-    if "search_seconds" in result.extra:
+    if "search_valid_loss" in result.extra:  # an RL search has returns, not a valid loss
         events = result.extra.get("growth_events", 0)
         growth = f", {events} growth/prune events (history.json)" if events else ""
         stdout.print(
@@ -379,7 +379,9 @@ FLAGS: dict[str, Flag] = {
     ),
     "order": Flag(("search", "order"), int, "DARTS order: 1 or 2 (unrolled)"),
     "penalty": Flag(
-        ("search", "penalty"), str, "none | params | flops | latency: expected-cost penalty"
+        ("search", "penalty"),
+        str,
+        "none | params | flops | latency | latency_mlp: expected-cost penalty",
     ),
     "penalty_weight": Flag(
         ("search", "penalty_weight"), float, "weight of the normalised cost penalty (default 0.1)"
@@ -389,10 +391,13 @@ FLAGS: dict[str, Flag] = {
         str,
         "stop | retry: on a non-finite loss, stop or retry at half the rates",
     ),
-    "task": Flag(("task",), str, "forecast | lm (language modelling) | classify (images)"),
+    "task": Flag(
+        ("task",), str, "forecast | lm (language modelling) | classify (images) | rl (MinAtar)"
+    ),
     "corpus": Flag(("lm", "corpus"), Path, "--task lm: your own UTF-8 text file (split 80/10/10)"),
     "level": Flag(("lm", "level"), str, "--task lm: word | char tokens"),
     "bptt": Flag(("lm", "bptt"), int, "--task lm: mean BPTT window length"),
+    "env": Flag(("rl", "env"), str, "--task rl: the MinAtar game (breakout, asterix, ...)"),
     "retrain_epochs": Flag(("train", "epochs"), int, "max training epochs (early stopping)"),
     "window": Flag(("data", "window"), int, "past steps the model sees"),
     "horizon": Flag(
@@ -534,7 +539,10 @@ def search(
         result = api.search(cfg, progress=BarProgress(), resume=True)
     else:
         result = api.search(_resolve(config, set_, flags), progress=BarProgress(), force=force)
-    _finish(result, as_json, "searched cell vs baselines (test span)")
+    rl = any("eval_return" in row for row in result.results)
+    _finish(
+        result, as_json, f"searched cell vs baselines ({'fresh episodes' if rl else 'test span'})"
+    )
 
 
 @app.command()
@@ -658,7 +666,9 @@ def compare(
     if as_json:
         typer.echo(json.dumps(result.to_json(), default=str))
         return
-    stdout.print(report.compare_table(result.results, title=f"{what} over {seeds} seeds"))
+    stdout.print(
+        report.compare_table(result.results, title=f"{what} over {seeds} seeds", width=stdout.width)
+    )
     stdout.print(f"runs and table: {result.run_dir}", highlight=False)
 
 
@@ -797,6 +807,38 @@ def e2nas_vae(
         measured = "held-out cells" if record.get("e2nas_vae_heldout", 1.0) else "its cells"
         shown = "" if accuracy is None else f", reconstructs {accuracy:.1%} of {measured}"
         stdout.print(f"{record['nodes']} nodes: {done}{shown}", highlight=False)
+
+
+@app.command("latency-model")
+@_friendly
+@_with_flags(
+    "dataset", "csv", "space", "nodes", "hidden", "growth", "nodes_start", "nodes_max", "threads",
+    "device",
+)  # fmt: skip
+def latency_model(
+    flags: dict[str, Any],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Time random cells of a space and train its latency predictor now, for every cell size its
+    search visits (cached: later `--penalty latency_mlp` searches on this machine load it)."""
+    cfg = _resolve(config, [*(set_ or []), "search.penalty=latency_mlp"], flags)
+    records = api.prepare_latency(cfg, progress=BarProgress())
+    if as_json:
+        typer.echo(json.dumps(records))
+        return
+    for r in records:
+        done = "found in the cache" if r.get("cached") else "timed and trained"
+        if not r.get("cached"):
+            done += f" (timing {r['timing_seconds']:.1f} s, training {r['train_seconds']:.1f} s)"
+        if "test_error" in r:
+            done += (
+                f", relative error {r['test_error']:.1%} on {r['test_samples']} held-out of "
+                f"{r['samples']} timed cells (predicting the median: {r['median_error']:.1%})"
+            )
+        where = f"{r['nodes']} nodes, hidden {r['hidden']}, {r['threads']} thread(s)"
+        stdout.print(f"{where}: {done}", highlight=False)
 
 
 @app.command()
@@ -1052,7 +1094,7 @@ def sweep(
     ]  # fmt: skip
     best = result.extra["best"]
     title = f"sweep: {len(shown)} variants; best by {result.extra['metric']}: {best}"
-    stdout.print(report.compare_table(shown, title=title))
+    stdout.print(report.compare_table(shown, title=title, width=stdout.width))
     stdout.print(f"runs and sweep.json: {result.run_dir}", highlight=False)
 
 

@@ -88,6 +88,15 @@ def _takes_numbers(annotation: Any) -> bool:
     return False
 
 
+def _on_off(value: Any) -> Any:
+    """YAML (a config file, ``--set``) reads ``on``/``off`` as booleans: take them back."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
+# ``auto | on | off`` settings (``train.compile``, ``search.cuda_graphs``).
+AutoOnOff = Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)]
+
+
 class _Strict(BaseModel):
     # allow_inf_nan=False: no float key takes inf or nan (``penalty_weight: .inf`` is a slip).
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -193,7 +202,7 @@ class GrowthConfig(_Strict):
 class SearchConfig(_Strict):
     strategy: StrategyName = "darts"
     order: Literal[1, 2] = Field(1, description="DARTS order: 2 = unrolled (darts only)")
-    penalty: Literal["none", "params", "flops", "latency"] = Field(
+    penalty: Literal["none", "params", "flops", "latency", "latency_mlp"] = Field(
         "none", description="expected resource cost added to the architecture loss"
     )
     penalty_weight: float = Field(0.1, ge=0, description="weight of the normalised cost")
@@ -230,7 +239,7 @@ class SearchConfig(_Strict):
     stream: int = Field(
         1, ge=1, description="feed the training span in this many chronological chunks (online)"
     )
-    cuda_graphs: Literal["auto", "on", "off"] = Field(
+    cuda_graphs: AutoOnOff = Field(
         "auto",
         description="replay the supernet's unroll as CUDA graphs (auto: on CUDA, first-order "
         "strategies)",
@@ -309,7 +318,7 @@ class TrainConfig(_Strict):
     series_embedding: int = Field(
         0, ge=0, description="data.layout global: a learned per-series id of this size (0: none)"
     )
-    compile: Literal["auto", "on", "off"] = Field(
+    compile: AutoOnOff = Field(
         "auto", description="torch.compile the retrained cell (auto: on CUDA only)"
     )
     # lstm / gru: torch.nn's; darts_v2, lstm_genotype, gru_genotype: the published cells of
@@ -345,6 +354,42 @@ class LMConfig(_Strict):
     match_params: bool = Field(
         True, description="size each baseline's hidden state to the searched model's parameters"
     )
+
+
+class RLConfig(_Strict):
+    """Reinforcement learning (``task: rl``, RL-DARTS; docs/rl.md): the MinAtar game and PPO's
+    budget and hyperparameters, for the search and for each retrained encoder alike."""
+
+    env: str = Field("breakout", description="the MinAtar game (morphnas.rl.envs.GAMES)")
+    envs: int = Field(8, ge=1, le=1024, description="games played at once")
+    steps: int = Field(64, ge=2, le=100_000, description="rollout steps per game and update")
+    updates: int = Field(40, ge=1, description="PPO updates of the search (the supernet)")
+    retrain_updates: int = Field(40, ge=1, description="PPO updates of each retrained encoder")
+    epochs: int = Field(4, ge=1, description="PPO epochs over each rollout")
+    minibatches: int = Field(4, ge=1, description="minibatches per PPO epoch")
+    lr: float = Field(5e-4, gt=0, description="Adam's rate, for α and the weights alike")
+    gamma: float = Field(0.99, gt=0, le=1, description="discount")
+    gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE λ")
+    clip: float = Field(0.2, gt=0, description="PPO's ratio clip ε")
+    value_clip: float = Field(0.2, ge=0, description="value-loss clip (0: none)")
+    value_coef: float = Field(0.5, ge=0, description="weight of the value loss")
+    entropy: float = Field(0.01, ge=0, description="weight of the entropy bonus")
+    grad_clip: float = Field(0.5, gt=0, description="global gradient-norm clip")
+    features: int = Field(128, ge=1, le=65_536, description="the torso's Linear width")
+    max_steps: int = Field(1000, ge=1, description="an episode is cut after this many steps")
+    eval_episodes: int = Field(16, ge=1, le=1024, description="fresh episodes scoring a model")
+    checkpoint_every: int = Field(10, ge=1, description="updates between checkpoints")
+
+    @field_validator("env")
+    @classmethod
+    def _known_game(cls, value: str) -> str:
+        from morphnas.rl.envs import GAMES  # on demand: the rl package imports torch
+
+        if value not in GAMES:
+            close = difflib.get_close_matches(value, GAMES, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown env {value!r}{hint} (MinAtar games: {', '.join(GAMES)})")
+        return value
 
 
 def _task_kinds() -> Mapping[str, Any]:
@@ -412,9 +457,10 @@ class RunConfig(_Strict):
     growth: GrowthConfig = Field(default_factory=GrowthConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     task: str = Field(
-        "forecast", description="the task's kind (tasks.KINDS): forecast | lm | classify"
+        "forecast", description="the task's kind (tasks.KINDS): forecast | lm | classify | rl"
     )
     lm: LMConfig = Field(default_factory=LMConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -460,6 +506,32 @@ class RunConfig(_Strict):
             raise ValueError(
                 "train.series_embedding tells series apart in one shared model: it needs "
                 "data.layout global"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _partial_channels_fit_the_width(self) -> RunConfig:
+        """darts_cnn's ``partial_channels`` K splits every cell's channels into K groups (C
+        doubles at each reduction, so K must divide C); widening would break the split."""
+        k = self.space.options.get("partial_channels", 1)
+        if self.space.hidden % k:
+            raise ValueError(
+                f"space.options.partial_channels ({k}) must divide space.hidden "
+                f"({self.space.hidden}): change one of them"
+            )
+        if k > 1 and self.growth.width_step > 0:
+            raise ValueError("growth.width_step needs space.options.partial_channels 1")
+        options, strategy = self.space.options, self.search.strategy
+        if strategy == "dnal" and options.get("edge_normalisation", k > 1):
+            raise ValueError(
+                "dnal gates each op by a sigmoid, with no edge normalisation β: set "
+                "space.options.edge_normalisation=false"
+            )
+        order = self.search.strategy_options.get("order", self.search.order)
+        if options.get("recompute") and (strategy == "idarts" or (strategy, order) == ("darts", 2)):
+            raise ValueError(
+                "space.options.recompute cannot recompute the cells inside a hypergradient "
+                "(darts order 2, idarts): drop it, or search with a first-order strategy"
             )
         return self
 

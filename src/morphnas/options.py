@@ -206,7 +206,10 @@ def try_space(name: str, nodes: int, options: Mapping[str, Any]) -> None:
 
     with torch.random.fork_rng(devices=[]):
         try:
-            spaces.build(name, 1, 2, nodes, **options)
+            # two hidden units per channel group (darts_cnn's partial_channels must divide
+            # the width; config checks space.hidden against it)
+            width = 2 * options.get("partial_channels", 1)
+            spaces.build(name, 1, width, nodes, **options)
         except (TypeError, ValueError) as err:
             raise ValueError(str(err).replace("\n", " ")) from None
         except Exception as err:  # e.g. torch's RuntimeError on an init range below zero

@@ -27,9 +27,11 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 from matplotlib.ticker import MaxNLocator
+from rich import box
 from rich.table import Table
 from rich.text import Text
 
+from morphnas.cell_shape import describe as describe_shape
 from morphnas.errors import UserError
 from morphnas.genotype import SPACE_ARITY, SPACE_CELLS, SPACE_STATE_NAMES, Genotype
 
@@ -472,16 +474,19 @@ def _stacked_cells_graph(
 
 
 def _genotype_title(genotype: Genotype) -> str:
+    """The drawing's title: the cell's kind and size, then its width and depth (Shu et al.,
+    ``morphnas.cell_shape``), which tell a wide, shallow cell at a glance."""
     n = len(genotype.nodes)
+    squash = "" if genotype.output_activation == "identity" else f"{genotype.output_activation} of "
+    head = f"{genotype.space} cell: {n} node{'s' * (n != 1)}, output = {squash}{genotype.output}"
     if genotype.space in SPACE_CELLS:
         cells = genotype.cells()
         each = len(cells[0][1])
-        return (
+        head = (
             f"{genotype.space}: {' and '.join(name for name, _ in cells)} cells, {each} "
             f"node{'s' * (each != 1)} each, output = concat"
         )
-    squash = "" if genotype.output_activation == "identity" else f"{genotype.output_activation} of "
-    return f"{genotype.space} cell: {n} node{'s' * (n != 1)}, output = {squash}{genotype.output}"
+    return f"{head}\n{describe_shape(genotype)}"
 
 
 def _render_graphviz(genotype: Genotype) -> bytes:
@@ -491,7 +496,7 @@ def _render_graphviz(genotype: Genotype) -> bytes:
     graph = graphviz.Digraph(
         graph_attr={
             "rankdir": "LR",
-            "label": _genotype_title(genotype),
+            "label": _genotype_title(genotype).replace("\n", r"\n"),
             "labelloc": "t",
             "dpi": str(DPI),
         },
@@ -694,9 +699,21 @@ _CLASSIFY_COLUMNS = (
     ("test_loss", "test loss"),
     ("train_seconds", "train s"),
 )
+# Reinforcement learning (RL-DARTS): returns of fresh episodes, the figure the models are
+# compared on, and the training returns beside them.
+_RL_COLUMNS = (
+    ("model", "model"),
+    ("params", "params"),
+    ("eval_return", "eval return"),
+    ("eval_return_std", "± sd"),
+    ("final_return", "final train return"),
+    ("episodes", "episodes"),
+    ("train_seconds", "train s"),
+)
 # Per kind of result (told by the metric it alone has): its columns, the score that picks the
 # best row, and whether higher is better. Forecasting, the last, is the default.
 _LAYOUTS = (
+    ("eval_return", _RL_COLUMNS, "eval_return", True),
     ("test_ppl", _LM_COLUMNS, "test_ppl", False),
     ("test_accuracy", _CLASSIFY_COLUMNS, "test_accuracy", True),
     ("test_rse", _COLUMNS, "test_rse", False),
@@ -850,8 +867,12 @@ _COMPARE_COLUMNS = (
     ("params", "params"),
     ("test_rse", "test RSE"),
     ("test_corr", "test CORR"),
+    ("cell_shape", "width/ depth"),  # Shu et al.'s (morphnas.cell_shape): means, one column
 )
-_LM_COMPARE_COLUMNS = (*_COMPARE_COLUMNS[:5], ("valid_ppl", "valid ppl"), ("test_ppl", "test ppl"))
+_LM_COMPARE_COLUMNS = (
+    *_COMPARE_COLUMNS[:5], ("valid_ppl", "valid ppl"), ("test_ppl", "test ppl"),
+    _COMPARE_COLUMNS[-1],
+)  # fmt: skip
 _CLASSIFY_COMPARE_COLUMNS = (  # fewer: FLOPs and accuracies need the width
     ("search_seconds", "search s"),
     ("search_valid_loss", "valid loss"),
@@ -859,34 +880,81 @@ _CLASSIFY_COMPARE_COLUMNS = (  # fewer: FLOPs and accuracies need the width
     ("flops", "FLOPs"),
     ("valid_accuracy", "valid acc"),
     ("test_accuracy", "test acc"),
+    _COMPARE_COLUMNS[-1],
 )
 
 
-def compare_table(rows: Sequence[Mapping[str, Any]], title: str = "comparison") -> Table:
-    """Variants side by side, each metric as ``mean ± std`` over seeds."""
-    table = Table(title=title)
+# Left out of a compare table, in this order, while its columns do not fit the terminal
+# (compare.json keeps every one): the metrics a choice between variants rests on go last.
+_COMPARE_DROP_ORDER = (
+    "search_cpu_seconds", "nodes", "flops", "params", "search_seconds", "test_corr",
+    "search_valid_loss",
+)  # fmt: skip
+_COMPARE_COLUMN_WIDTH = 9  # a mean such as 0.09196, or a std such as ±0.0007, and its padding
+
+
+def compare_table(
+    rows: Sequence[Mapping[str, Any]], title: str = "comparison", width: int | None = None
+) -> Table:
+    """Variants side by side, each metric as ``mean ± std`` over seeds (the cell's width and
+    depth as their means, in one column). No vertical rules, and a std wraps under its mean.
+    For a terminal ``width``, columns are left out (``_COMPARE_DROP_ORDER``; the caption names
+    them) until the rest fit whole: variant names and digits are never cut."""
     longest = max((len(str(row["variant"])) for row in rows), default=7)
-    table.add_column("variant", no_wrap=True, min_width=min(longest, 40))  # names are not cut
-    table.add_column("seeds", justify="right")
     columns = {
         "test_ppl": _LM_COMPARE_COLUMNS,  # language models: perplexities, not RSE
         "test_accuracy": _CLASSIFY_COMPARE_COLUMNS,
     }.get(_table_layout(rows)[1], _COMPARE_COLUMNS)
+    dropped: list[str] = []
+    if width is not None:
+        room = width - max(longest, 7) - 7  # the variant and seeds columns with their padding
+        for key in _COMPARE_DROP_ORDER:
+            if len(columns) * _COMPARE_COLUMN_WIDTH <= room:
+                break
+            dropped += [header for k, header in columns if k == key]
+            columns = tuple(c for c in columns if c[0] != key)
+    caption = (
+        f"{', '.join(dropped)}: in compare.json (a wider terminal shows them)" if dropped else None
+    )
+    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("variant", no_wrap=True, min_width=min(longest, 40))  # names are not cut
+    table.add_column("seeds", justify="right")
     for _, header in columns:
-        table.add_column(header, justify="right", no_wrap=True)
+        table.add_column(header, justify="right", min_width=5)
     for row in rows:
         cells = [Text(str(row["variant"])), Text(str(row.get("seeds", "–")))]
         for key, _ in columns:
+            if key == "cell_shape":
+                cells.append(Text(_shape_cell(row)))
+                continue
             mean = row.get(key)
             if mean is None:
                 cells.append(Text("–"))
                 continue
             text = _format_cell(key, mean) if key in ("params", "flops") else f"{mean:.4g}"
-            if row.get(f"{key}_std") is not None and row.get("seeds", 1) > 1:
-                text += f"±{row[f'{key}_std']:.2g}"
+            std = row.get(f"{key}_std")
+            if std is not None and row.get("seeds", 1) > 1:
+                # A space before ±: in a narrow terminal the std wraps under its mean, short
+                # enough (``_std_text``) not to be cut.
+                text += f" ±{_std_text(key, std)}"
             cells.append(Text(text))
         table.add_row(*cells)
     return table
+
+
+def _std_text(key: str, std: float) -> str:
+    """A std in a compare table: counts whole, from 1 up rounded, below 1 one significant digit."""
+    if key in ("params", "flops"):
+        return _format_cell(key, std)
+    return f"{std:,.0f}" if abs(std) >= 1 else f"{std:.1g}"
+
+
+def _shape_cell(row: Mapping[str, Any]) -> str:
+    """``width/depth`` of a compare row (means over seeds), or a dash where none was recorded."""
+    width, depth = row.get("cell_width"), row.get("cell_depth")
+    if width is None or depth is None:
+        return MISSING
+    return f"{width:.3g}/{depth:.3g}"
 
 
 def prune_table(rows: Sequence[Mapping[str, Any]], title: str = "channel pruning") -> Table:

@@ -3,9 +3,10 @@
 ``MORPHNAS_CRASH_AT="point:n[:SIGNAL]"`` sends ``SIGNAL`` (default ``KILL``) to the process the
 ``n``-th time it passes ``point``: ``step`` (after a search weight step), ``growth`` (just after
 the backbone grew, before the epoch's checkpoint), ``checkpoint`` (a checkpoint's temp file is
-written and synced, not yet renamed), ``train-step`` (after a retraining step). Unset, each call
-is one dictionary lookup. Tests use it to prove that a resumed run ends exactly where an
-uninterrupted one does, whatever moment the crash hits.
+written and synced, not yet renamed), ``train-step`` (after a retraining step), ``rl-update``
+(after a PPO update of ``--task rl``). Unset, each call is one dictionary lookup. Tests use it
+to prove that a resumed run ends exactly where an uninterrupted one does, whatever moment the
+crash hits.
 """
 
 from __future__ import annotations

@@ -57,8 +57,11 @@ class SearchOutcome:
 
 
 def _weights(model: nn.Module) -> list[nn.Parameter]:
-    """Every trainable weight of the model: all but the space's architecture parameters."""
-    arch_ids = {id(p) for p in model.cell.arch}
+    """Every trainable weight of the model: all but the space's architecture parameters (its
+    parameters outside ``weight_parameters()``: ``α``, fixed or searched, and darts_cnn's
+    edge-normalisation ``β``)."""
+    own = {id(p) for p in model.cell.weight_parameters()}
+    arch_ids = {id(p) for p in model.cell.parameters()} - own
     return [p for p in model.parameters() if id(p) not in arch_ids]
 
 
@@ -95,7 +98,9 @@ def search(
     Each iteration first lets the strategy update the architecture on a validation batch, then
     takes one weight step on a training batch under the strategy's (detached) mixing weights, as
     the DARTS code does; with ``config.weight_steps`` n > 1 the architecture steps on every n-th
-    batch of an epoch only (the first, the (n+1)-th, …), so n weight steps follow each. The
+    batch of an epoch only (the first, the (n+1)-th, …), so n weight steps follow each; a strategy
+    may schedule its own (``Strategy.wants_arch_step``: DARTS-PRIME's, driven by the weights'
+    gradient norms, which ``observe_weight_grad`` reports after every weight backward). The
     first ``config.warmup_epochs`` epochs take weight steps only: parametric ops learn before
     they compete with parameter-free ones, whose output is useful from the first step. After
     every epoch: the full validation loss, the mixing probabilities (and what the strategy
@@ -377,15 +382,17 @@ class _SearchLoop:
         progress.advance(first)
         for k in range(first, len(epoch_batches)):
             batch = epoch_batches[k]
-            if searching and k % config.weight_steps == 0:
+            if searching and self.strategy.wants_arch_step(k, config.weight_steps):
                 self.strategy.arch_step(self.objective, batch, next(self.valid_stream))
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.strategy.weight_loss(self.batch_loss, batch)
             loss.backward()
             if self.group is not None:
                 self.group.average_grads(self.weights)
+            # The norm before clipping, of the averaged gradients: every rank sees the same.
             norm = nn.utils.clip_grad_norm_(self.weights, config.clip)
             if torch.isfinite(norm):
+                self.strategy.observe_weight_grad(float(norm) ** 2)
                 self.optimizer.step()
             elif torch.isfinite(loss):
                 # One sampled cell's gradient overflowed (a hard sample of an unbounded cell,

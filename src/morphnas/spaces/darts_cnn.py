@@ -26,12 +26,28 @@ Growth (``grow``) appends a normal cell at the end as a residual: ``out = c_L + 
 c_L)`` with ``γ = 0`` per channel, so the network's output is unchanged in train and eval mode
 (the new cell's own BatchNorm statistics move, its output is multiplied by zero). ``widen``
 widens C by Net2WiderNet, also function-preserving in both modes.
+
+Memory-lean search (docs/method.md, "Memory-lean search"): ``partial_channels = K`` sends the
+first ``C/K`` channels of every state through an edge's mixed op and lets the rest bypass it
+(a 2×2 max pool on a strided edge), then concatenates the two and shuffles the channels in ``K``
+groups, as PC-DARTS (Xu et al. 2020) does; its ops are built ``C/K`` wide, so the mixed ops'
+activations shrink ``K``-fold. ``edge_normalisation`` (on by default where ``K > 1``, as PC-DARTS)
+gives every node a ``β`` over its incoming edges: the node is ``Σ_j softmax(β)_j · edge_j``, and a
+derived edge is scored by ``softmax(β)_j · softmax(α_j)_k``. ``recompute`` checkpoints every
+cell (``torch.utils.checkpoint``): only the cells' inputs are kept for backward, the inside is
+recomputed, with the BatchNorm running statistics restored so that they move once per step.
+``K = 1`` without edge normalisation and recompute is exactly the DARTS supernet above.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from morphnas.genotype import CNN_OPS, Node
 from morphnas.ops.cnn import (
@@ -53,10 +69,17 @@ class SearchCell(nn.Module):
     """One cell of the supernet: preprocessing, and per edge the ops with weights (the shared
     parameter-free ops live per state, ``shared``)."""
 
-    def __init__(self, shape: CellShape, steps: int, multiplier: int) -> None:
+    def __init__(self, shape: CellShape, steps: int, multiplier: int, partial: int = 1) -> None:
         super().__init__()
         self.reduction, self.steps, self.multiplier = shape.reduction, steps, multiplier
         channels = self.channels = shape.channels
+        self.partial = partial
+        if channels % partial:
+            raise ValueError(
+                f"partial_channels ({partial}) must divide every cell's channel count "
+                f"({channels} here): pick a hidden size divisible by it"
+            )
+        width = channels // partial  # what an edge's ops see (PC-DARTS: C/K)
         if shape.reduction_prev:
             self.preprocess0: nn.Module = FactorizedReduce(
                 shape.c_prev_prev, channels, affine=False
@@ -73,7 +96,7 @@ class SearchCell(nn.Module):
                 node.append(
                     nn.ModuleDict(
                         {
-                            name: make_op(name, channels, stride, False, relu_first=False)
+                            name: make_op(name, width, stride, False, relu_first=False)
                             for name in CNN_OPS
                             if _has_weights(name, stride)
                         }
@@ -83,10 +106,7 @@ class SearchCell(nn.Module):
         # shared[j]: state j-1's parameter-free ops, at the stride of the edges leaving it.
         self.shared = nn.ModuleList(
             nn.ModuleDict(
-                {
-                    name: make_op(name, channels, self.stride(j), False, pool_bn=True)
-                    for name in POOLS
-                }
+                {name: make_op(name, width, self.stride(j), False, pool_bn=True) for name in POOLS}
             )
             for j in range(steps + 1)
         )
@@ -103,6 +123,22 @@ class SearchCell(nn.Module):
     def inputs(self, s0: Tensor, s1: Tensor) -> list[Tensor]:
         return [self.preprocess0(s0), self.preprocess1(s1)]
 
+    def selected(self, state: Tensor) -> Tensor:
+        """The channels of ``state`` an edge's mixed op sees: the first ``C/K`` (all at K=1)."""
+        return state if self.partial == 1 else state[:, : state.shape[1] // self.partial]
+
+    def bypass(self, j: int, state: Tensor) -> Tensor:
+        """The channels that skip the mixed op of an edge from state row ``j``, downsampled as
+        PC-DARTS does on a strided edge (a 2×2 max pool; ``ceil_mode`` for odd sizes, where the
+        ops' padded stride-2 output is rounded up)."""
+        rest = state[:, state.shape[1] // self.partial :]
+        return F.max_pool2d(rest, 2, 2, ceil_mode=True) if self.stride(j) == 2 else rest
+
+    def join(self, mixed: Tensor, rest: Tensor) -> Tensor:
+        """PC-DARTS's edge output: the mixed op's channels, then the bypass, shuffled in ``K``
+        groups (so that the next edge's first ``C/K`` channels take some of each)."""
+        return channel_shuffle(torch.cat([mixed, rest], dim=1), self.partial)
+
     def op(self, name: str, i: int, j: int, state: Tensor, relu: Tensor | None) -> Tensor:
         """Op ``name`` on node ``i``'s edge from state row ``j`` (``relu``: the state after the
         ReLU, for ops with weights)."""
@@ -118,6 +154,52 @@ class SearchCell(nn.Module):
         return torch.cat(states[-self.multiplier :], dim=1)
 
 
+def channel_shuffle(x: Tensor, groups: int) -> Tensor:
+    """Channel ``g · C/groups + c`` moves to ``c · groups + g`` (ShuffleNet's shuffle)."""
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+@contextmanager
+def _running_stats_kept(module: nn.Module) -> Iterator[None]:
+    """BatchNorm running statistics as they were on entry, when the block exits (a cell's
+    recomputation in backward must not move them a second time)."""
+    norms = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training
+    ]
+    saved = [
+        (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+        for m in norms
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(norms, saved, strict=True):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+
+
+def _recomputable(fn: Callable[..., Tensor], module: nn.Module) -> Callable[..., Tensor]:
+    """``fn`` for ``checkpoint``: its first call is the forward; a later one is the
+    recomputation in backward, which leaves ``module``'s BatchNorm running statistics as it
+    found them (they were updated once, by the forward)."""
+    calls = 0
+
+    def run(*args: object) -> Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return fn(*args)
+        with _running_stats_kept(module):
+            return fn(*args)
+
+    return run
+
+
 def _has_weights(name: str, stride: int) -> bool:
     return name not in ("none", *POOLS) and not (name == "skip_connect" and stride == 1)
 
@@ -129,7 +211,9 @@ def _zero(state: Tensor, stride: int) -> Tensor:
 class DartsCNNSearchNetwork(ArchitectureMixin, nn.Module):
     """The DARTS CNN supernet over ``input_size`` image channels, ``hidden_size`` = C (the first
     cells' channels), ``nodes`` cells of ``steps`` nodes each; a cell's output concatenates its
-    last ``multiplier`` nodes (default: all), the stem has ``stem_multiplier · C`` channels."""
+    last ``multiplier`` nodes (default: all), the stem has ``stem_multiplier · C`` channels.
+    ``partial_channels``, ``edge_normalisation`` and ``recompute``: the memory-lean search (module
+    docstring); ``edge_normalisation=None`` follows PC-DARTS: on exactly when ``K > 1``."""
 
     space = "darts_cnn"
     modality = "images"
@@ -144,8 +228,16 @@ class DartsCNNSearchNetwork(ArchitectureMixin, nn.Module):
         steps: int = 4,
         multiplier: int | None = None,
         stem_multiplier: int = 3,
+        partial_channels: int = 1,
+        edge_normalisation: bool | None = None,
+        recompute: bool = False,
     ) -> None:
         super().__init__()
+        if partial_channels < 1:
+            raise ValueError(
+                f"partial_channels must be at least 1 (1: every channel through the mixed ops), "
+                f"got {partial_channels}"
+            )
         if not 1 <= steps <= 8:
             raise ValueError(f"steps must be in 1..8, got {steps}")
         multiplier = steps if multiplier is None else multiplier
@@ -155,6 +247,9 @@ class DartsCNNSearchNetwork(ArchitectureMixin, nn.Module):
             raise ValueError(f"stem_multiplier must be at least 1, got {stem_multiplier}")
         self.input_size, self.hidden_size = input_size, hidden_size
         self.steps, self.multiplier, self.stem_multiplier = steps, multiplier, stem_multiplier
+        self.partial_channels, self.recompute = partial_channels, recompute
+        if edge_normalisation is None:
+            edge_normalisation = partial_channels > 1
         self.op_names = CNN_OPS
         c_stem = stem_multiplier * hidden_size
         self.stem = nn.Sequential(
@@ -164,10 +259,15 @@ class DartsCNNSearchNetwork(ArchitectureMixin, nn.Module):
         # γ of each grown (residual) cell, keyed by its 0-based position.
         self.cell_gammas = nn.ParameterDict()
         for shape in stack_shapes(nodes, c_stem, hidden_size, multiplier):
-            self.cells.append(SearchCell(shape, steps, multiplier))
+            self.cells.append(SearchCell(shape, steps, multiplier, partial_channels))
         self.features = self.cells[-1].out_channels
         self.arch = nn.ParameterList(
             [new_alpha(i + 2, len(CNN_OPS)) for _ in range(2) for i in range(steps)]
+        )
+        # Edge normalisation's β, one per node of ``arch`` (over its incoming edges); empty
+        # without it, so that the state dict is the plain supernet's.
+        self.betas = nn.ParameterList(
+            [new_alpha(i + 2) for _ in range(2) for i in range(steps)] if edge_normalisation else []
         )
         self.fixed: dict[int, Node] = {}
         self.gammas = nn.ParameterDict()  # no residual nodes: this space grows by cells
@@ -183,6 +283,29 @@ class DartsCNNSearchNetwork(ArchitectureMixin, nn.Module):
         """The 0-based ``arch`` index of node 1 of ``cell``'s type."""
         return self.steps if cell.reduction else 0
 
+    # --- architecture parameters -------------------------------------------------------------
+
+    @property
+    def edge_normalisation(self) -> bool:
+        return len(self.betas) > 0
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        """The searched nodes' ``α``, then (with edge normalisation) their ``β``: both are
+        stepped by the strategy on validation batches, saved and resumed with the space."""
+        searched = super().arch_parameters()
+        return searched + [b for i, b in enumerate(self.betas, start=1) if i not in self.fixed]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        betas = {id(b) for b in self.betas}
+        return [p for p in super().weight_parameters() if id(p) not in betas]
+
+    def edge_weights(self, i: int) -> Tensor | None:
+        """``softmax(β_i)`` over node ``i``'s incoming edges (1-based ``i``), or ``None``: no
+        edge normalisation, or a fixed node (a derived node sums its two edges)."""
+        if not self.edge_normalisation or i in self.fixed:
+            return None
+        return torch.softmax(self.betas[i - 1], dim=-1)
+
     # --- forward -----------------------------------------------------------------------------
 
     def forward(
@@ -194,7 +317,18 @@ class DartsCNNSearchNetwork(ArchitectureMixin, nn.Module):
         sampled = weights.choices if isinstance(weights, SampledMixing) else None
         s0 = s1 = self.stem(x)
         for k, cell in enumerate(self.cells):
-            out = self._cell_forward(cell, s0, s1, weights, sampled)
+            if self.recompute and torch.is_grad_enabled():
+                out = checkpoint(
+                    _recomputable(self._cell_forward, cell),
+                    cell,
+                    s0,
+                    s1,
+                    weights,
+                    sampled,
+                    use_reentrant=False,
+                )
+            else:
+                out = self._cell_forward(cell, s0, s1, weights, sampled)
             gamma = self.cell_gammas.get(str(k))
             if gamma is not None:
                 out = s1 + gamma.view(1, -1, 1, 1) * out
@@ -211,12 +345,16 @@ class DartsCNNSearchNetwork(ArchitectureMixin, nn.Module):
     ) -> Tensor:
         base = self.cell_alpha_index(cell)
         states = cell.inputs(s0, s1)
+        parts = [cell.selected(s) for s in states]  # what the mixed ops read (all at K=1)
         relus: list[Tensor | None] = [None, None]
         shared: list[dict[str, Tensor]] = [{}, {}]
         n_ops = len(self.op_names)
         for i in range(self.steps):
-            w = weights[base + i]
             number = base + i + 1
+            w = weights[base + i]
+            b = self.edge_weights(number)
+            if b is not None:  # edge normalisation: every entry of edge j scaled by β's b_j
+                w = w * b[:, None]
             terms: list[Tensor] = []
             if number in self.fixed:
                 entries = self._node_entries(self.fixed[number])
@@ -234,16 +372,33 @@ class DartsCNNSearchNetwork(ArchitectureMixin, nn.Module):
             for j, k in entries:
                 name = self.op_names[k]
                 if name == "none":
-                    terms.append(w[j, k] * _zero(states[j], cell.stride(j)))
+                    terms.append(w[j, k] * _zero(parts[j], cell.stride(j)))
                     continue
-                terms.append(w[j, k] * self._op_value(cell, i, j, name, states, relus, shared))
+                terms.append(w[j, k] * self._op_value(cell, i, j, name, parts, relus, shared))
             node = torch.stack(terms).sum(0) if len(terms) > 1 else terms[0]
             if constant is not None:
                 node = node + constant
+            if cell.partial > 1:
+                node = cell.join(
+                    node, self._bypass(cell, states, sorted({j for j, _ in entries}), b)
+                )
             states.append(node)
+            parts.append(cell.selected(node))
             relus.append(None)
             shared.append({})
         return cell.output(states)
+
+    @staticmethod
+    def _bypass(
+        cell: SearchCell, states: list[Tensor], edges: list[int], b: Tensor | None
+    ) -> Tensor:
+        """The bypassed channels of a node's ``edges`` summed as the node sums its edges (by
+        ``b_j`` under edge normalisation): the shuffle and the concatenation are linear, so
+        ``Σ_j b_j join(m_j, r_j) = join(Σ_j b_j m_j, Σ_j b_j r_j)``."""
+        rests = [cell.bypass(j, states[j]) for j in edges]
+        if b is not None:
+            rests = [b[j] * r for j, r in zip(edges, rests, strict=True)]
+        return torch.stack(rests).sum(0) if len(rests) > 1 else rests[0]
 
     def _op_value(
         self,
@@ -270,18 +425,28 @@ class DartsCNNSearchNetwork(ArchitectureMixin, nn.Module):
     def reference_forward(self, x: Tensor, weights: list[Tensor] | None = None) -> Tensor:
         """The specification of ``forward`` (dense mixing): every edge computes every op,
         ``none`` included, from its own state, and the node sums ``w · op(s)`` over edges and
-        ops — DARTS's ``MixedOp`` loop. Slow; for tests."""
+        ops — DARTS's ``MixedOp`` loop; with partial channels and edge normalisation, PC-DARTS's
+        (each edge's mixed op on its state's first ``C/K`` channels, the rest bypassing it,
+        concatenated and shuffled; the node sums its edges by ``softmax(β)``; a fixed node, its
+        two edges). Slow; for tests."""
         weights = self.mixing_weights() if weights is None else weights
         s0 = s1 = self.stem(x)
         for k, cell in enumerate(self.cells):
             base = self.cell_alpha_index(cell)
             states = cell.inputs(s0, s1)
             for i in range(self.steps):
-                w = weights[base + i]
+                w, b = weights[base + i], self.edge_weights(base + i + 1)
+                fixed = self.fixed.get(base + i + 1)
                 node = 0.0
-                for j in range(i + 2):
+                for j in range(i + 2) if fixed is None else [j + 1 for j in fixed.inputs]:
+                    edge = 0.0
                     for k_op, name in enumerate(self.op_names):
-                        node = node + w[j, k_op] * cell.op(name, i, j, states[j], None)
+                        edge = edge + w[j, k_op] * cell.op(
+                            name, i, j, cell.selected(states[j]), None
+                        )
+                    if cell.partial > 1:
+                        edge = cell.join(edge, cell.bypass(j, states[j]))
+                    node = node + (1.0 if b is None else b[j]) * edge
                 states.append(node)
             out = cell.output(states)
             if str(k) in self.cell_gammas:
@@ -298,8 +463,11 @@ class DartsCNNSearchNetwork(ArchitectureMixin, nn.Module):
     def node_options(self, i: int, p: Tensor) -> list[tuple[float, Node]]:
         """Node ``i``'s likeliest pairs of edges, best first: each edge (a state row of ``p``)
         with its strongest op other than ``none``, a pair scored by the product of its two
-        weights (DARTS keeps the two strongest edges: the first option)."""
-        best, ops = p.detach()[:, 1:].max(dim=1)
+        weights (DARTS keeps the two strongest edges: the first option). Under edge
+        normalisation an entry's weight is ``softmax(β)_j · p[j, k]`` (PC-DARTS's edge score)."""
+        edges = self.edge_weights(i)
+        p = p.detach() if edges is None else p.detach() * edges.detach()[:, None]
+        best, ops = p[:, 1:].max(dim=1)
         rows = p.shape[0]
         pairs = [(float(best[a] * best[b]), a, b) for a in range(rows) for b in range(a + 1, rows)]
         pairs.sort(key=lambda t: -t[0])
@@ -340,7 +508,8 @@ class DartsCNNSearchNetwork(ArchitectureMixin, nn.Module):
         c_pp = self.cells[-2].out_channels if len(self.cells) > 1 else self.stem[0].out_channels
         ref = self.arch[0]
         shape = CellShape(c_pp, last.out_channels, last.channels, False, last.reduction)
-        cell = SearchCell(shape, self.steps, self.multiplier).to(device=ref.device, dtype=ref.dtype)
+        cell = SearchCell(shape, self.steps, self.multiplier, self.partial_channels)
+        cell = cell.to(device=ref.device, dtype=ref.dtype)
         cell.train(self.training)
         gamma = nn.Parameter(torch.zeros(cell.out_channels, device=ref.device, dtype=ref.dtype))
         self.cell_gammas[str(len(self.cells))] = gamma
@@ -353,6 +522,8 @@ class DartsCNNSearchNetwork(ArchitectureMixin, nn.Module):
         self._entry(i, node)  # refuses a node this supernet cannot hold
         self.fixed[i] = node
         self.arch[i - 1].requires_grad_(False).grad = None
+        if self.edge_normalisation:
+            self.betas[i - 1].requires_grad_(False).grad = None
 
     @torch.no_grad()
     def widen(self, widening: Widening) -> None:
@@ -366,7 +537,11 @@ class DartsCNNSearchNetwork(ArchitectureMixin, nn.Module):
         batch statistics too, so train mode is preserved as well). A factorized reduction
         produces its two halves from two convs; in blocks of C they are whole blocks (it only
         follows a reduction, where ``2^r`` is even), so each conv widens its own blocks.
+        With partial channels the mixed ops read a prefix of the channels that widening would
+        not preserve: refused (``ValueError``).
         """
+        if self.partial_channels > 1:
+            raise ValueError("darts_cnn with partial_channels > 1 cannot widen C")
         stem_blocks = self.stem_multiplier
         _conv(self.stem[0], out=_layout(widening, stem_blocks))
         self.stem[1] = _batchnorm(self.stem[1], _layout(widening, stem_blocks)[0])

@@ -9,6 +9,7 @@ from typing import Any
 from morphnas.spaces.base import SearchSpace
 from morphnas.strategies.base import BatchLoss, Objective, Strategy, detach_mixing
 from morphnas.strategies.darts import Darts, DartsFirstOrder
+from morphnas.strategies.darts_prime import DartsPrime
 from morphnas.strategies.e2nas import E2nas
 from morphnas.strategies.gumbel import Gdas, Snas
 from morphnas.strategies.implicit import IDarts
@@ -16,9 +17,11 @@ from morphnas.strategies.meanshift import MsDarts
 from morphnas.strategies.penalties import PENALTIES, CostPenalty
 from morphnas.strategies.random import RandomSearch
 from morphnas.strategies.sigmoid import Dnal
+from morphnas.strategies.toponas import TopoNas
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Darts, IDarts, Snas, Gdas, Dnal, MsDarts, RandomSearch, E2nas)
+    cls.name: cls
+    for cls in (Darts, IDarts, Snas, Gdas, Dnal, MsDarts, RandomSearch, E2nas, DartsPrime, TopoNas)
 }
 
 

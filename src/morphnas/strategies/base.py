@@ -23,7 +23,7 @@ from torch.func import functional_call
 from morphnas.genotype import Genotype
 from morphnas.optim import rebuild_optimizer
 from morphnas.spaces.base import SampledMixing, SearchSpace
-from morphnas.strategies.penalties import PENALTIES, CostPenalty, proximity
+from morphnas.strategies.penalties import PENALTIES, build_penalty, proximity
 
 if TYPE_CHECKING:
     from morphnas.engine.progress import Progress
@@ -145,10 +145,10 @@ class Strategy(ABC):
     survive a resume goes in ``state_dict``; schedules are functions of the epoch alone.
 
     Options every strategy takes: ``lr``/``weight_decay`` of the Adam on ``α``, ``weight_lr``
-    (DARTS's ξ, iDARTS's γ), ``penalty`` (``none|params|flops|latency``) with ``penalty_weight``
-    (expected cost of the architecture distribution, normalised to [0, 1]), ``proximity`` (ρ of
-    DARTS-PRIME's pull towards the discrete architecture) and ``arch_clip`` (norm clip of the
-    architecture gradient; SNAS uses 10).
+    (DARTS's ξ, iDARTS's γ), ``penalty`` (``none|params|flops|latency|latency_mlp``) with
+    ``penalty_weight`` (expected cost of the architecture distribution, normalised to [0, 1]),
+    ``proximity`` (ρ of DARTS-PRIME's pull towards the discrete architecture) and
+    ``arch_clip`` (norm clip of the architecture gradient; SNAS uses 10).
     """
 
     name: str
@@ -170,6 +170,8 @@ class Strategy(ABC):
         penalty_weight: float = 0.1,
         proximity: float = 0.0,
         arch_clip: float | None = None,
+        latency_samples: int = 300,
+        latency_repeats: int = 7,
     ) -> None:
         for name, value in (("lr", lr), ("weight_lr", weight_lr)):
             if not value > 0:
@@ -187,7 +189,10 @@ class Strategy(ABC):
             raise ValueError(f"arch_clip must be > 0 or None, got {arch_clip!r}")
         self.space = space
         self.weight_lr, self.arch_clip = weight_lr, arch_clip
-        self.penalty = CostPenalty(space, penalty) if penalty != "none" else None
+        # latency_*: how many cells ``latency_mlp`` times, how often (the other kinds ignore them)
+        self.penalty = build_penalty(
+            space, penalty, samples=latency_samples, repeats=latency_repeats
+        )
         self.penalty_weight, self.proximity = penalty_weight, proximity
         self.epoch, self.epochs = 1, 1
         self.optimizer = torch.optim.Adam(space.arch_parameters(), lr=lr, weight_decay=weight_decay)
@@ -264,10 +269,22 @@ class Strategy(ABC):
     ) -> Tensor:
         """Update the architecture parameters; return the (detached) loss they stepped on."""
 
+    def wants_arch_step(self, step: int, weight_steps: int) -> bool:
+        """Whether ``α`` steps before the epoch's weight step ``step`` (0-based): every
+        ``weight_steps``-th batch by default; DARTS-PRIME schedules its own. Asked once per
+        searching weight step, in order, so a schedule may keep state (saved in ``state_dict``)."""
+        return step % weight_steps == 0
+
+    def observe_weight_grad(self, grad_sq_norm: float) -> None:
+        """``Σ‖∇_w L_train‖²`` of the weight step just taken, before clipping (averaged over
+        ranks first in a data-parallel search); DARTS-PRIME's schedule reads it, others don't."""
+        del grad_sq_norm
+
     def regulariser(self) -> Tensor | None:
         """Penalty terms on the live ``α`` (resource cost, DARTS-PRIME proximity), or None."""
         total: Tensor | None = None
-        searched = self.space.arch_parameters()
+        # the searched nodes' α (not darts_cnn's edge-normalisation β, which prices no op)
+        searched = [a for i, a in enumerate(self.space.arch, start=1) if i not in self.space.fixed]
         if self.penalty is not None and self.penalty_weight > 0:
             cost = self.penalty.expected([self.cost_weights(a) for a in searched], searched)
             total = self.penalty_weight * cost

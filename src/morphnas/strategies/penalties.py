@@ -16,7 +16,8 @@ of the run), fit ``latency ≈ b + Σ_op n_op · c_op`` by least squares, and us
 ``c_op`` (clamped at 0) as the cost table. A linear predictor over op counts is differentiable in
 the architecture encoding (expected counts are the probabilities), needs a dozen timings instead
 of LA-DNAS's 100k, and cannot extrapolate wildly; on 2 CPU cores the whole fit takes about a
-second. The table is measured once per hidden size.
+second. The table is measured once per hidden size. ``latency_mlp`` is LA-DNAS's learned
+predictor proper, an MLP over the whole cell's encoding (``latency_model``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from torch import Tensor
 
 from morphnas.spaces.base import SampledMixing
 
-PENALTIES = ("none", "params", "flops", "latency")
+PENALTIES = ("none", "params", "flops", "latency", "latency_mlp")
+TABLE_PENALTIES = ("params", "flops", "latency")  # priced per op by ``CostPenalty``
 
 
 class CostPenalty:
@@ -39,8 +41,8 @@ class CostPenalty:
     def __init__(
         self, space: Any, kind: str, batch_size: int = 64, samples: int = 12, repeats: int = 3
     ) -> None:
-        if kind not in PENALTIES[1:]:
-            raise ValueError(f"penalty must be one of {PENALTIES[1:]}, got {kind!r}")
+        if kind not in TABLE_PENALTIES:
+            raise ValueError(f"penalty must be one of {TABLE_PENALTIES}, got {kind!r}")
         self.space, self.kind = space, kind
         self.batch_size, self.samples, self.repeats = batch_size, samples, repeats
         self._latency: dict[int, list[float]] = {}  # hidden size -> per-op seconds
@@ -76,6 +78,20 @@ class CostPenalty:
             return alphas[0].new_zeros(())
         total = sum((w * costs).sum() for w in weights)
         return total / (top * len(alphas))
+
+
+def build_penalty(space: Any, kind: str, **latency: Any) -> Any:
+    """The resource penalty ``kind`` on ``space`` (None for ``none``): the per-op table, or
+    LA-DNAS's learned latency predictor for ``latency_mlp``, whose ``latency_model.Settings``
+    ``latency`` overrides (the table ignores them)."""
+    if kind == "none":
+        return None
+    if kind == "latency_mlp":
+        from morphnas.strategies import latency_model  # it builds on this module
+
+        settings = latency_model.Settings(**latency)
+        return latency_model.LatencyModelPenalty(space, settings)
+    return CostPenalty(space, kind)
 
 
 def proximity(probabilities: Sequence[Tensor], none: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from morphnas.rl.kind import ReinforcementLearning
 from morphnas.tasks.classification import Classification
 from morphnas.tasks.forecasting import Forecasting
 from morphnas.tasks.kinds import TaskKind
@@ -20,6 +21,7 @@ KINDS: dict[str, type[TaskKind]] = {
     Forecasting.name: Forecasting,
     LanguageModelling.name: LanguageModelling,
     Classification.name: Classification,
+    ReinforcementLearning.name: ReinforcementLearning,
 }
 
 

@@ -40,7 +40,9 @@ def _search_epoch_seconds(
     setup = SEARCH_SETUP
     torch.manual_seed(0)
     n_series = setup["n_series"]
-    space = spaces.build(space_name, n_series, setup["hidden"], setup["nodes"])
+    # A strategy that needs a space option to apply (toponas: two_input's input choice) names it.
+    wants = getattr(strategies.STRATEGIES[strategy_name], "space_options", {}).get(space_name, {})
+    space = spaces.build(space_name, n_series, setup["hidden"], setup["nodes"], **wants)
     model = ForecastModel(space, setup["hidden"], n_series).to(device)
     strategy = strategies.build(strategy_name, space, **(options or {}))
     strategy.prepare()  # once per search, not per epoch (E2NAS's VAE): not timed
