@@ -189,7 +189,7 @@ def test_cuda_without_cuda_is_a_clear_error():
         run_bench(quick=True, device="cuda")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist interleaves modules, which would rebuild it
 def quick_result():
     threads = torch.get_num_threads()
     result = run_bench(quick=True)
