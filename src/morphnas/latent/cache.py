@@ -13,8 +13,6 @@ warning, never used and never fatal.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -23,6 +21,7 @@ from typing import Any
 
 import torch
 
+from morphnas import caches
 from morphnas.latent.codes import ChoiceTable
 from morphnas.latent.vae import GraphVae, TrainConfig, freeze, train_vae
 
@@ -34,9 +33,7 @@ __all__ = ["FORMAT_VERSION", "cache_dir", "cache_path", "load_or_train", "train_
 
 def cache_dir() -> Path:
     """``$MORPHNAS_CACHE/e2nas`` if ``MORPHNAS_CACHE`` is set, else ``~/.cache/morphnas/e2nas``."""
-    root = os.environ.get("MORPHNAS_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "morphnas"
-    return base / "e2nas"
+    return caches.cache_dir("e2nas")
 
 
 def cache_path(table: ChoiceTable, *, nz: int, hs: int, seed: int) -> Path:
@@ -142,7 +139,6 @@ def _save(
     info: dict[str, Any],
 ) -> None:
     """Write the VAE and its metadata atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     blob = {
         **_header(table, nz=nz, hs=hs, seed=seed),
         "accuracy": float(info["accuracy"]),
@@ -151,11 +147,4 @@ def _save(
         "saved": time.time(),
         "state_dict": vae.state_dict(),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(blob, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    caches.save_atomic(blob, path)

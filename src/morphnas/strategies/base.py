@@ -299,9 +299,15 @@ class Strategy(ABC):
         extra = self.regulariser()
         return loss if extra is None else loss + extra
 
+    def searched_parameters(self) -> list[nn.Parameter]:
+        """What the architecture step moves: the space's architecture parameters (TopoNAS adds
+        its topology variables)."""
+        return self.space.arch_parameters()
+
     def _apply(self, grads: Sequence[Tensor]) -> None:
-        """Set ``α.grad`` (never the weights'), clip if asked, take the optimizer step."""
-        params = self.space.arch_parameters()
+        """Set the gradients of ``searched_parameters`` (never the weights'), averaged over the
+        ranks of a data-parallel search, clip if asked, take the optimizer step."""
+        params = self.searched_parameters()
         for p, g in zip(params, grads, strict=True):
             p.grad = g.detach()
         if self.reduce_grads is not None:

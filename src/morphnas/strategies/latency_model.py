@@ -46,9 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 import platform
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -59,6 +57,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from morphnas import caches
 from morphnas.spaces.base import SampledMixing
 from morphnas.strategies.penalties import _random_cell
 
@@ -289,9 +288,8 @@ def fit(space: Any, settings: Settings, progress: Any = None) -> tuple[LatencyMl
 
 def cache_dir() -> Path:
     """``$MORPHNAS_CACHE/latency`` if ``MORPHNAS_CACHE`` is set, else
-    ``~/.cache/morphnas/latency`` (the convention of ``latent.cache``)."""
-    root = os.environ.get("MORPHNAS_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "morphnas") / "latency"
+    ``~/.cache/morphnas/latency``."""
+    return caches.cache_dir("latency")
 
 
 def device_label(device: torch.device) -> str:
@@ -363,8 +361,7 @@ def _default_warn(message: str) -> None:
 
 
 def _save(path: Path, key: str, model: LatencyMlp, info: dict[str, Any]) -> None:
-    """Write the predictor, its key and its figures atomically (temp file + ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the predictor, its key and its figures atomically (``caches.save_atomic``)."""
     blob = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -373,14 +370,7 @@ def _save(path: Path, key: str, model: LatencyMlp, info: dict[str, Any]) -> None
         "info": {k: v for k, v in info.items() if isinstance(v, int | float)},
         "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(blob, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    caches.save_atomic(blob, path)
 
 
 def _load(

@@ -204,17 +204,6 @@ class TopoNas(Strategy):
         )
         return value.detach()
 
-    def _apply(self, grads: Sequence[Tensor]) -> None:
-        """As ``Strategy._apply``, over ``α`` and ``β`` (averaged over ranks alike)."""
-        params = self.searched_parameters()
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g.detach()
-        if self.reduce_grads is not None:
-            self.reduce_grads(params)
-        if self.arch_clip is not None:
-            nn.utils.clip_grad_norm_(params, self.arch_clip)
-        self.optimizer.step()
-
     def regulariser(self) -> Tensor | None:
         total = super().regulariser()
         nodes = self.space.mixed_nodes  # type: ignore[attr-defined]
