@@ -26,11 +26,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/morphnas search
 
-# One worker per core; the tests that start Ray or torchrun share one worker (xdist_group).
+# One worker per core, each test file on one worker (its module fixtures are built once).
 test: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
-	$(BIN)/python -m pytest -n auto --dist loadgroup
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 # The tests marked long (minutes on a 2-core CPU: E2NAS's VAE at 8 nodes, a killed sweep driver,
 # a killed torchrun search); not in `test`.

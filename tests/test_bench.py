@@ -189,7 +189,7 @@ def test_cuda_without_cuda_is_a_clear_error():
         run_bench(quick=True, device="cuda")
 
 
-@pytest.fixture(scope="session")  # session: xdist interleaves modules, which would rebuild it
+@pytest.fixture(scope="session")  # once per process, whichever modules a worker interleaves
 def quick_result():
     threads = torch.get_num_threads()
     result = run_bench(quick=True)
@@ -208,7 +208,6 @@ def _check_impl(entry: dict) -> None:
     assert entry["peak_mb"] is not None and entry["peak_mb"] >= 0
 
 
-@pytest.mark.xdist_group("bench-quick")  # one worker computes quick_result once
 def test_quick_run_has_every_documented_key(quick_result):
     r = quick_result
     assert set(r) == {
@@ -290,7 +289,6 @@ def test_quick_run_has_every_documented_key(quick_result):
     json.dumps(r, allow_nan=False)  # plain JSON, no NaN
 
 
-@pytest.mark.xdist_group("bench-quick")  # one worker computes quick_result once
 def test_quick_threads_part_is_consistent(quick_result):
     part = quick_result["threads"]
     assert set(part) == THREADS_KEYS
@@ -355,7 +353,6 @@ def test_crossover_is_the_smallest_product_with_all_cores_winning_from_there_up(
     assert multithread_crossover(single) is None  # nothing compared, no crossover
 
 
-@pytest.mark.xdist_group("bench-quick")  # one worker computes quick_result once
 def test_bench_table_renders(quick_result):
     console = Console(file=io.StringIO(), width=160)
     tables = bench_table(quick_result)
@@ -371,14 +368,12 @@ def test_bench_table_renders(quick_result):
         assert word in text
 
 
-@pytest.mark.xdist_group("bench-quick")  # one worker computes quick_result once
 def test_bench_table_shows_only_the_parts_run(quick_result):
     dropped = ("supernet", "supernet_two_input", "supernet_cnn", "cell", "threads")
     partial = {k: v for k, v in quick_result.items() if k not in dropped}
     assert len(bench_table(partial)) == 3  # machine, search, wall seconds
 
 
-@pytest.mark.xdist_group("bench-quick")  # one worker computes quick_result once
 def test_without_compile_there_are_no_compiled_keys(quick_result):
     assert sorted(COMPILED) == ["darts_compiled", "two_input_compiled"]
     for entry in quick_result["cell"].values():

@@ -240,7 +240,6 @@ def test_published_darts_cell_as_a_baseline_and_by_name(tmp_path, synthetic_csv)
     ],
     ids=["search", "compare-in-processes"],
 )
-@pytest.mark.xdist_group("cluster")  # Ray starts for the compare: one worker runs them all
 def test_our_warnings_are_one_line_without_source(tmp_path, synthetic_csv, command):
     """A morphnas warning (here iDARTS's curvature check, made to fire by a huge γ) reads
     ``warning: <message>`` on one line, as errors do, with no file path or source line; in

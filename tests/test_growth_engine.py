@@ -160,7 +160,6 @@ def test_compare_runs_every_variant_and_seed(tmp_path):
     assert table["g1"]["seeds"] == 2
 
 
-@pytest.mark.xdist_group("cluster")  # Ray starts: one worker runs the tests that start it
 def test_compare_in_processes_gives_the_sequential_runs(tmp_path, monkeypatch):
     """``jobs=2`` runs the same searches in spawned processes: same figures, planned order.
     The workers get the CLI's heap policy (as if this process ran under the CLI); it changes

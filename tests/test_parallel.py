@@ -26,9 +26,6 @@ from conftest import TINY_RUN, run_cli
 from morphnas.engine import faults
 from morphnas.engine.parallel import Group, shard
 
-# One worker runs the tests that start Ray or torchrun: two clusters on two cores would fight.
-pytestmark = pytest.mark.xdist_group("cluster")
-
 RANKS = 2
 # No dropout before the head: each rank draws its own masks, a one-process run other ones.
 EXACT = ["--set", "train.dropout=0", "--set", "train.baselines=[]", "--retrain-epochs", "1"]

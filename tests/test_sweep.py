@@ -27,9 +27,6 @@ from conftest import run_cli
 from morphnas import api, cli, distributed, run_files
 from morphnas import config as config_mod
 
-# One worker runs the tests that start Ray or torchrun: two clusters on two cores would fight.
-pytestmark = pytest.mark.xdist_group("cluster")
-
 ray = pytest.importorskip("ray")
 
 COMPARED = ("search_valid_loss", "params", "nodes", "valid_rse", "test_rse", "test_corr")
